@@ -1,0 +1,146 @@
+"""Tenants, users and their API keys.
+
+A key reads `mcpf_<prefix>_<secret>`. The prefix is stored in clear to find
+the row; of the secret only a SHA-256 is kept (the secret is 256 random bits,
+so a slow hash would add cost without adding safety) and it is compared in
+constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+import psycopg
+
+ROLES = ("admin", "publisher", "member", "auditor")
+KEY_PREFIX = "mcpf_"
+
+
+class AccountError(Exception):
+    """A request about accounts that cannot be honoured; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user_id: int
+    user: str
+    tenant: str
+    role: str
+
+    @property
+    def principal(self) -> str:
+        return f"{self.tenant}/{self.user}"
+
+
+def _sha256(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(prefix, secret) of a well-formed key, else None."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    prefix, sep, secret = key[len(KEY_PREFIX) :].partition("_")
+    if not sep or len(prefix) != 12 or len(secret) < 32:
+        return None
+    return prefix, secret
+
+
+async def add_user(conn: psycopg.AsyncConnection, name: str, *, tenant: str = "default", role: str = "member") -> Identity:
+    if role not in ROLES:
+        raise AccountError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    async with conn.transaction():
+        try:
+            await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (tenant,))
+        except psycopg.errors.CheckViolation:
+            raise AccountError(f"invalid tenant name {tenant!r}: use lower-case letters, digits, '.', '_' or '-'") from None
+    try:
+        async with conn.transaction():
+            row = await (
+                await conn.execute(
+                    "INSERT INTO users (tenant_id, name, role) SELECT id, %s, %s FROM tenants WHERE name = %s RETURNING id",
+                    (name, role, tenant),
+                )
+            ).fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise AccountError(f"user {name!r} already exists in tenant {tenant!r}") from None
+    except psycopg.errors.CheckViolation:
+        raise AccountError(f"invalid user name {name!r}: use letters, digits, '.', '_', '@' or '-'") from None
+    assert row is not None
+    return Identity(user_id=row[0], user=name, tenant=tenant, role=role)
+
+
+async def find_user(conn: psycopg.AsyncConnection, name: str, *, tenant: str = "default") -> Identity:
+    row = await (
+        await conn.execute(
+            "SELECT u.id, u.role FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.name = %s AND t.name = %s",
+            (name, tenant),
+        )
+    ).fetchone()
+    if row is None:
+        raise AccountError(f"no user {name!r} in tenant {tenant!r}")
+    return Identity(user_id=row[0], user=name, tenant=tenant, role=row[1])
+
+
+async def list_users(conn: psycopg.AsyncConnection) -> list[Identity]:
+    rows = await (
+        await conn.execute(
+            "SELECT u.id, u.name, t.name, u.role FROM users u JOIN tenants t ON t.id = u.tenant_id ORDER BY t.name, u.name"
+        )
+    ).fetchall()
+    return [Identity(user_id=r[0], user=r[1], tenant=r[2], role=r[3]) for r in rows]
+
+
+async def create_key(conn: psycopg.AsyncConnection, user: Identity) -> str:
+    prefix = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    await conn.execute(
+        "INSERT INTO api_keys (user_id, prefix, secret_sha256) VALUES (%s, %s, %s)",
+        (user.user_id, prefix, _sha256(secret)),
+    )
+    return f"{KEY_PREFIX}{prefix}_{secret}"
+
+
+async def revoke_keys(conn: psycopg.AsyncConnection, *, key_or_prefix: str | None = None, user: Identity | None = None) -> int:
+    """Revoke one key (given whole or by its prefix) or every key of a user; returns how many."""
+    if key_or_prefix is not None:
+        parts = split_key(key_or_prefix)
+        prefix = parts[0] if parts else key_or_prefix.removeprefix(KEY_PREFIX)
+        cur = await conn.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE prefix = %s AND revoked_at IS NULL", (prefix,)
+        )
+    elif user is not None:
+        cur = await conn.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE user_id = %s AND revoked_at IS NULL", (user.user_id,)
+        )
+    else:
+        raise AccountError("name a key or a user")
+    if cur.rowcount:
+        # Gateways drop their cache of verified keys on this, so a revocation takes effect at once.
+        await conn.execute("NOTIFY api_keys_revoked")
+    return cur.rowcount
+
+
+async def verify_key(conn: psycopg.AsyncConnection, key: str) -> Identity | None:
+    parts = split_key(key)
+    if parts is None:
+        return None
+    prefix, secret = parts
+    row = await (
+        await conn.execute(
+            """SELECT k.secret_sha256, u.id, u.name, t.name, u.role
+                 FROM api_keys k JOIN users u ON u.id = k.user_id JOIN tenants t ON t.id = u.tenant_id
+                WHERE k.prefix = %s AND k.revoked_at IS NULL""",
+            (prefix,),
+        )
+    ).fetchone()
+    if row is None:
+        # Same work as a hit, so timing does not tell which prefixes exist.
+        hmac.compare_digest(_sha256(secret), b"\0" * 32)
+        return None
+    if not hmac.compare_digest(bytes(row[0]), _sha256(secret)):
+        return None
+    return Identity(user_id=row[1], user=row[2], tenant=row[3], role=row[4])

