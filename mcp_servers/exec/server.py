@@ -1,0 +1,100 @@
+"""The `exec` server: run a shell command in the workspace."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field
+
+from mcp_servers.exec.process import Capture, run_shell
+
+DEFAULT_TIMEOUT_S = 30.0
+MAX_TIMEOUT_S = 300.0
+MAX_OUTPUT_BYTES = 1024 * 1024
+
+
+class RunResult(BaseModel):
+    exit_code: int | None = Field(
+        description="The command's exit status; negative when a signal ended it; null when it timed out"
+    )
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = Field(description=f"stdout went past {MAX_OUTPUT_BYTES} bytes; only the start is kept")
+    stderr_truncated: bool = Field(description=f"stderr went past {MAX_OUTPUT_BYTES} bytes; only the start is kept")
+    timed_out: bool = Field(description="The time limit ran out and the command's processes were killed")
+    duration_s: float
+
+
+def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
+    cwd = os.fspath(root)
+    server: MCPServer[Any] = MCPServer(
+        "exec",
+        version="0.1.0",
+        instructions="Runs shell commands in your workspace, one at a time per call, with a time limit.",
+        log_level="WARNING",
+    )
+
+    @server.tool(
+        description=(
+            "Run a shell command (/bin/sh -c) with the workspace root as working directory and return its "
+            "exit code, stdout and stderr. The command gets no stdin. When the time limit runs out, the command "
+            f"and every process it started are killed. Each stream keeps its first {MAX_OUTPUT_BYTES // 1024} KiB."
+        ),
+        annotations=ToolAnnotations(
+            title="Run command", read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True
+        ),
+    )
+    async def run(
+        command: Annotated[str, Field(min_length=1, description="The shell command line, e.g. 'ls -la && make test'")],
+        timeout_s: Annotated[
+            float,
+            Field(gt=0, le=MAX_TIMEOUT_S, description=f"Time limit in seconds (at most {MAX_TIMEOUT_S:g})"),
+        ] = DEFAULT_TIMEOUT_S,
+    ) -> Annotated[CallToolResult, RunResult]:
+        if not os.path.isdir(cwd):
+            raise ToolError(f"the workspace root {cwd} does not exist in this sandbox")
+        outcome = await run_shell(command, cwd=cwd, timeout_s=timeout_s, output_limit=MAX_OUTPUT_BYTES)
+        result = RunResult(
+            exit_code=outcome.returncode,
+            stdout=outcome.stdout.text(),
+            stderr=outcome.stderr.text(),
+            stdout_truncated=outcome.stdout.truncated,
+            stderr_truncated=outcome.stderr.truncated,
+            timed_out=outcome.timed_out,
+            duration_s=round(outcome.duration_s, 3),
+        )
+        return CallToolResult(
+            content=[TextContent(type="text", text=_report(result, outcome.stdout, outcome.stderr, timeout_s))],
+            structured_content=result.model_dump(mode="json"),
+            is_error=outcome.timed_out,
+        )
+
+    return server
+
+
+def _report(result: RunResult, stdout: Capture, stderr: Capture, timeout_s: float) -> str:
+    if result.timed_out:
+        head = f"timed out after {timeout_s:g} s; the command and the processes it started were killed"
+    elif result.exit_code is not None and result.exit_code < 0:
+        head = f"killed by signal {_signal_name(-result.exit_code)} ({result.duration_s:g} s)"
+    else:
+        head = f"exit code {result.exit_code} ({result.duration_s:g} s)"
+    parts = [head]
+    for name, text, capture in (("stdout", result.stdout, stdout), ("stderr", result.stderr, stderr)):
+        if text:
+            parts.append(f"--- {name} ---\n{text}")
+        if capture.truncated:
+            parts.append(f"[{name} truncated: {capture.total} bytes written, the first {len(capture.data)} kept]")
+    return "\n".join(parts)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
