@@ -33,11 +33,10 @@ def run(
     if args.transport == "stdio":
         server.run("stdio")
         return
+    import uvicorn  # only the HTTP transport needs it
+
     # Bound to a loopback address, the SDK also turns on DNS-rebinding protection.
-    server.run(
-        "streamable-http",
-        host=args.host,
-        port=args.port,
-        event_store=event_store,
-        retry_interval=retry_interval_ms,
-    )
+    app = server.streamable_http_app(event_store=event_store, retry_interval=retry_interval_ms, host=args.host)
+    # h11 strips the optional whitespace around header values (RFC 9110 5.5); httptools
+    # passes it on, and the SDK compares Mcp-Name and Mcp-Param-* headers verbatim.
+    uvicorn.run(app, host=args.host, port=args.port, http="h11", log_level="warning")
