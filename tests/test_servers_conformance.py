@@ -185,3 +185,18 @@ async def test_trigger_tools_change_the_lists() -> None:
         assert text(await client.call_tool("test_trigger_prompt_change", {})) == "test_dynamic_prompt added"
         prompts = {prompt.name for prompt in (await client.list_prompts(cache_mode="refresh")).prompts}
         assert "test_dynamic_prompt" in prompts
+
+
+async def test_handshake_era_announces_list_changes() -> None:
+    notices: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        notices.append(getattr(message, "method", type(message).__name__))
+
+    async with fixture_server(mode="legacy", message_handler=on_message) as client:
+        capabilities = client.session.server_capabilities
+        assert capabilities.tools.list_changed is True and capabilities.prompts.list_changed is True
+        await client.call_tool("test_trigger_tool_change", {})
+        await client.call_tool("test_trigger_prompt_change", {})
+        await client.call_tool("test_simple_text", {})  # the notices travel ahead of this answer
+    assert notices == ["notifications/tools/list_changed", "notifications/prompts/list_changed"]

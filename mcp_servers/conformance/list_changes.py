@@ -12,7 +12,6 @@ from typing import Any
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.prompts.base import Prompt
-from mcp_types import InitializeResult
 
 from mcp_servers.conformance.era import is_stateless
 
@@ -75,12 +74,10 @@ def register(server: MCPServer[Any]) -> None:
 async def _advertise_list_changes(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
     """On the handshake, say that the tool and prompt lists can change (the SDK leaves it unset)."""
     result = await call_next(ctx)
-    if ctx.method == "initialize" and isinstance(result, InitializeResult):
-        capabilities = result.capabilities
-        update: dict[str, Any] = {}
-        if capabilities.tools is not None:
-            update["tools"] = capabilities.tools.model_copy(update={"list_changed": True})
-        if capabilities.prompts is not None:
-            update["prompts"] = capabilities.prompts.model_copy(update={"list_changed": True})
-        result = result.model_copy(update={"capabilities": capabilities.model_copy(update=update)})
+    # Inside the middleware chain a result is already the wire dict.
+    if ctx.method == "initialize" and isinstance(result, dict) and isinstance(result.get("capabilities"), dict):
+        capabilities = result["capabilities"]
+        for kind in ("tools", "prompts"):
+            if isinstance(capabilities.get(kind), dict):
+                capabilities[kind] = {**capabilities[kind], "listChanged": True}
     return result
