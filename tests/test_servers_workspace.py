@@ -153,6 +153,8 @@ async def test_size_limits_and_binary_files(layout: tuple[Path, Path]) -> None:
         too_big = "b" * (MAX_WRITE_BYTES + 1)
         refused(await client.call_tool("write_file", {"path": "huge.txt", "content": too_big}), str(MAX_WRITE_BYTES))
         refused(await client.call_tool("list_dir", {"path": "big.log"}), "not a directory")
+        refused(await client.call_tool("write_file", {"path": "big.log/inner.txt", "content": "x"}), "parents is a file")
+        refused(await client.call_tool("read_file", {"path": "big.log/inner.txt"}), "Not a directory")
     assert not (root / "huge.txt").exists()
 
 

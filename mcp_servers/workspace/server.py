@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 import shutil
 import stat
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -65,6 +67,7 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
         annotations=ToolAnnotations(title="Read file", read_only_hint=True, open_world_hint=False),
         structured_output=False,
     )
+    @_explaining_os_errors
     def read_file(path: RelativePath) -> str:
         real = locate(path)
         st = _stat(real, path)
@@ -95,6 +98,7 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
         ),
         structured_output=False,
     )
+    @_explaining_os_errors
     def write_file(path: RelativePath, content: Annotated[str, Field(description="The full new content")]) -> str:
         data = content.encode("utf-8")
         if len(data) > MAX_WRITE_BYTES:
@@ -102,7 +106,10 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
         real = locate(path)
         if real == workspace.root or real.is_dir():
             raise ToolError(f"{path!r} is a directory")
-        real.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            real.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ToolError(f"{path!r} cannot be created: one of its parents is a file, not a directory") from None
         _write_atomically(real, data)
         return f"Wrote {len(data)} bytes to {path}"
 
@@ -113,6 +120,7 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
         ),
         annotations=ToolAnnotations(title="List directory", read_only_hint=True, open_world_hint=False),
     )
+    @_explaining_os_errors
     def list_dir(path: RelativePath = ".") -> Listing:
         real = locate(path)
         st = _stat(real, path)
@@ -135,6 +143,7 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
         ),
         structured_output=False,
     )
+    @_explaining_os_errors
     def delete(
         path: RelativePath,
         recursive: Annotated[bool, Field(description="Also delete a directory's contents")] = False,
@@ -161,6 +170,24 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
         return f"Deleted {path}"
 
     return server
+
+
+_Tool = TypeVar("_Tool", bound=Callable[..., Any])
+
+
+def _explaining_os_errors(tool: _Tool) -> _Tool:
+    """Report what the file system said (permission denied, not a directory...) as the tool's error."""
+
+    @functools.wraps(tool)
+    def explained(**arguments: Any) -> Any:
+        try:
+            return tool(**arguments)
+        except FileNotFoundError:
+            raise ToolError(f"{arguments['path']!r} does not exist") from None
+        except OSError as exc:
+            raise ToolError(f"{arguments['path']!r}: {exc.strerror or exc}") from None
+
+    return explained  # type: ignore[return-value]
 
 
 def _stat(real: Path, asked: str) -> os.stat_result:
