@@ -1,0 +1,438 @@
+"""The gateway's end of a sandbox channel (see `sandbox.wire` for the messages).
+
+The gateway listens on the socket in the sandbox's channel dir and the
+supervisor inside connects to it, so a new gateway process, or a sandbox
+restored from a checkpoint, simply gets a new connection. Calls are
+multiplexed by id; results come back as the server produced them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandbox import wire
+from sandbox.errors import SandboxRpcError, SandboxUnavailable
+
+log = logging.getLogger(__name__)
+
+NotificationHandler = Callable[[str, "dict[str, Any] | None"], "Awaitable[None] | None"]
+RequestHandler = Callable[[str, "dict[str, Any] | None"], "Awaitable[dict[str, Any]]"]
+
+STATUS_METHOD = "server/status"
+"""Method of the event a listener gets when a server (re)starts or fails; params are its status."""
+
+_LISTS = (
+    ("tools", "tools", "tools/list", "tools"),
+    ("resources", "resources", "resources/list", "resources"),
+    ("resourceTemplates", "resources", "resources/templates/list", "resourceTemplates"),
+    ("prompts", "prompts", "prompts/list", "prompts"),
+)
+"""(catalog key, capability that announces it, list method, result key)."""
+_MAX_PAGES = 1000
+
+
+@dataclass(frozen=True)
+class SandboxEvent:
+    """A server notification not tied to a call (list_changed, resources/updated, ...), or a status change."""
+
+    server: str
+    method: str
+    params: dict[str, Any] | None
+
+
+class _Connection:
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(wire.encode(message))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Call:
+    """One call in flight, with what to do with its notifications and the server's requests."""
+
+    __slots__ = ("future", "connection", "on_notification", "on_request", "_last_note")
+
+    def __init__(self, connection: _Connection, on_notification: NotificationHandler | None, on_request: RequestHandler | None):
+        self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.connection = connection
+        self.on_notification = on_notification
+        self.on_request = on_request
+        self._last_note: asyncio.Task[None] | None = None
+
+    def note(self, method: str, params: dict[str, Any] | None) -> None:
+        """Hand a notification to the caller's handler, in order, without holding up the channel."""
+        if self.on_notification is None:
+            return
+        self._last_note = asyncio.create_task(self._deliver(self._last_note, method, params))
+
+    async def _deliver(self, previous: asyncio.Task[None] | None, method: str, params: dict[str, Any] | None) -> None:
+        if previous is not None:
+            await previous
+        try:
+            outcome = self.on_notification(method, params)  # type: ignore[misc]
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception:
+            log.exception("a notification handler failed on %s", method)
+
+    async def notes_delivered(self) -> None:
+        if self._last_note is not None:
+            await self._last_note
+
+
+class SupervisorClient:
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        socket_owner: tuple[int, int] | None = None,
+        on_request: RequestHandler | None = None,
+    ):
+        """`on_request` answers server requests that belong to no call (or whose call has no handler)."""
+        self.socket_path = Path(socket_path)
+        self._socket_owner = socket_owner
+        self._default_on_request = on_request
+        self._listener: asyncio.AbstractServer | None = None
+        self._connection: _Connection | None = None
+        self._ready = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._disconnected.set()
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._asks: dict[int, asyncio.Task[None]] = {}
+        self.servers: dict[str, dict[str, Any]] = {}
+        self.supervisor: dict[str, Any] = {}
+        self._catalog: dict[str, dict[str, Any]] = {}
+        self._catalog_tasks: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._generation: dict[str, int] = {}
+        self._listeners: list[Callable[[SandboxEvent], Any]] = []
+
+    # -- the socket ---------------------------------------------------------------------
+
+    async def listen(self) -> None:
+        """Start accepting the supervisor's connection (a stale socket file is replaced)."""
+        if self._listener is not None:
+            return
+        if len(os.fsencode(self.socket_path)) >= 108:
+            raise SandboxUnavailable(f"socket path too long for a Unix socket: {self.socket_path}")
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self._listener = await asyncio.start_unix_server(self._accept, path=str(self.socket_path), limit=wire.MAX_LINE)
+        os.chmod(self.socket_path, 0o600)
+        if self._socket_owner is not None:
+            os.chown(self.socket_path, *self._socket_owner)
+
+    async def _stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait for the supervisor's hello (its servers have all started or failed by then)."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise SandboxUnavailable(f"the supervisor did not connect within {timeout:.0f}s") from None
+
+    async def wait_disconnected(self) -> None:
+        await self._disconnected.wait()
+
+    async def detach(self, timeout: float = 10.0) -> None:
+        """Stop listening and have the supervisor close its connection (so the sandbox can be checkpointed).
+
+        The supervisor keeps trying to connect; `listen()` again lets it back in.
+        """
+        await self._stop_listening()
+        connection = self._connection
+        if connection is not None:
+            connection.send({"type": "detach"})
+            try:
+                await asyncio.wait_for(self._disconnected.wait(), timeout)
+            except asyncio.TimeoutError:
+                connection.close()
+                raise SandboxUnavailable("the supervisor did not detach") from None
+
+    async def close(self) -> None:
+        await self._stop_listening()
+        if self._connection is not None:
+            self._connection.close()
+            await self._disconnected.wait()
+        self._fail_calls(None, "the gateway closed the channel")
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        previous = self._connection
+        if previous is not None:
+            previous.close()  # a supervisor that reconnects replaces its old connection
+        connection = _Connection(writer)
+        self._connection = connection
+        self._disconnected.clear()
+        try:
+            while line := await reader.readline():
+                self._dispatch(connection, wire.decode(line))
+        except (ValueError, ConnectionError) as exc:
+            log.warning("dropping the connection from %s: %r", self.socket_path, exc)
+        finally:
+            writer.close()
+            self._fail_calls(connection, "the sandbox's supervisor disconnected")
+            if self._connection is connection:
+                self._connection = None
+                self._ready.clear()
+                self._disconnected.set()
+
+    def _fail_calls(self, connection: _Connection | None, reason: str) -> None:
+        for call_id, call in list(self._calls.items()):
+            if connection is None or call.connection is connection:
+                del self._calls[call_id]
+                if not call.future.done():
+                    call.future.set_exception(SandboxUnavailable(reason))
+        for task in list(self._asks.values()):
+            task.cancel()
+
+    # -- messages from the supervisor ---------------------------------------------------
+
+    def _dispatch(self, connection: _Connection, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "result" or kind == "error":
+            call = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
+            if call is None or call.future.done():
+                return
+            if kind == "result":
+                call.future.set_result(message.get("result") or {})
+            else:
+                call.future.set_exception(SandboxRpcError.from_error(message.get("error") or {}))
+        elif kind == "note":
+            self._on_note(message)
+        elif kind == "ask":
+            key = message["ask"]
+            self._asks[key] = asyncio.create_task(self._answer(connection, key, message))
+        elif kind == "server":
+            name = message["server"]
+            self.servers[name] = {k: message.get(k) for k in ("state", "initialize", "error")}
+            self._invalidate(name)
+            self._emit(SandboxEvent(name, STATUS_METHOD, self.servers[name]))
+        elif kind == "hello":
+            self.servers = dict(message.get("servers") or {})
+            self.supervisor = dict(message.get("supervisor") or {})
+            for name in set(self._generation) | set(self.servers):
+                self._invalidate(name)
+            self._ready.set()
+        elif kind == "pong":
+            call = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
+            if call is not None and not call.future.done():
+                call.future.set_result({})
+
+    def _on_note(self, message: dict[str, Any]) -> None:
+        method, params, server = message.get("method", ""), message.get("params"), message.get("server", "")
+        if method == "notifications/cancelled" and isinstance(params, dict):
+            task = self._asks.get(params.get("requestId"))  # type: ignore[arg-type]
+            if task is not None:
+                task.cancel()  # the server withdrew its request
+            return
+        call = self._calls.get(message.get("id")) if message.get("id") is not None else None  # type: ignore[arg-type]
+        if call is not None:
+            call.note(method, params)
+            return
+        if method.endswith("/list_changed"):
+            self._invalidate(server)
+        self._emit(SandboxEvent(server, method, params))
+
+    async def _answer(self, connection: _Connection, key: int, message: dict[str, Any]) -> None:
+        call = self._calls.get(message.get("id")) if message.get("id") is not None else None  # type: ignore[arg-type]
+        handler = call.on_request if call is not None and call.on_request is not None else self._default_on_request
+        method, params = message.get("method", ""), message.get("params")
+        reply: dict[str, Any] = {"type": "answer", "ask": key}
+        try:
+            if handler is None:
+                raise SandboxRpcError(wire.METHOD_NOT_FOUND, f"no client is connected that can answer {method}")
+            reply["result"] = await handler(method, params)
+        except asyncio.CancelledError:
+            reply["error"] = wire.error_object(wire.REQUEST_CANCELLED, "request cancelled")
+        except SandboxRpcError as exc:
+            reply["error"] = exc.to_error()
+        except Exception as exc:
+            log.exception("answering %s for %s failed", method, message.get("server"))
+            reply["error"] = wire.error_object(wire.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._asks.pop(key, None)
+        connection.send(reply)
+
+    # -- events -------------------------------------------------------------------------
+
+    def add_listener(self, listener: Callable[[SandboxEvent], Any]) -> Callable[[], None]:
+        """Call `listener` for every event (list_changed and other session notifications, status changes).
+
+        Returns a function that removes it. A listener may be async.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _emit(self, event: SandboxEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                outcome = listener(event)
+                if inspect.isawaitable(outcome):
+                    asyncio.ensure_future(outcome)
+            except Exception:
+                log.exception("a sandbox event listener failed")
+
+    # -- calls --------------------------------------------------------------------------
+
+    async def request(
+        self,
+        server: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        on_notification: NotificationHandler | None = None,
+        on_request: RequestHandler | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Send one JSON-RPC request to `server` and return its `result` as the server sent it.
+
+        Notifications the server sends while handling it go to `on_notification`
+        (in order, all delivered before this returns); its requests to the client
+        (sampling, elicitation, roots) go to `on_request`, whose return value is
+        the answer. Raises SandboxRpcError for the server's JSON-RPC errors,
+        SandboxUnavailable if the sandbox is gone or the channel breaks, and
+        TimeoutError after `timeout` seconds (the server is told to cancel).
+        """
+        connection = self._connection
+        if connection is None or not self._ready.is_set():
+            raise SandboxUnavailable("the sandbox's supervisor is not connected")
+        call_id = next(self._ids)
+        call = _Call(connection, on_notification, on_request)
+        self._calls[call_id] = call
+        message: dict[str, Any] = {"type": "call", "id": call_id, "server": server, "method": method}
+        if params is not None:
+            message["params"] = params
+        connection.send(message)
+        try:
+            result = await asyncio.wait_for(call.future, timeout) if timeout is not None else await call.future
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            if self._calls.pop(call_id, None) is not None:
+                connection.send({"type": "cancel", "id": call_id, "reason": "cancelled by the gateway"})
+            raise
+        finally:
+            self._calls.pop(call_id, None)
+        await call.notes_delivered()
+        return result
+
+    async def notify(self, server: str | None, method: str, params: dict[str, Any] | None = None) -> None:
+        """Send a client notification (e.g. roots/list_changed) to one server, or to all with None."""
+        connection = self._connection
+        if connection is None:
+            raise SandboxUnavailable("the sandbox's supervisor is not connected")
+        connection.send({"type": "notify", "server": server, "method": method, "params": params})
+
+    async def ping(self, timeout: float = 5.0) -> None:
+        """A round trip to the supervisor itself (no server involved)."""
+        connection = self._connection
+        if connection is None or not self._ready.is_set():
+            raise SandboxUnavailable("the sandbox's supervisor is not connected")
+        call_id = next(self._ids)
+        call = _Call(connection, None, None)
+        self._calls[call_id] = call
+        connection.send({"type": "ping", "id": call_id})
+        try:
+            await asyncio.wait_for(call.future, timeout)
+        except asyncio.TimeoutError:
+            raise SandboxUnavailable(f"the supervisor did not answer a ping within {timeout:.0f}s") from None
+        finally:
+            self._calls.pop(call_id, None)
+
+    # -- catalog ------------------------------------------------------------------------
+
+    async def catalog(self) -> dict[str, dict[str, Any]]:
+        """Per server: its tools, resources, resourceTemplates, prompts, serverInfo, capabilities, state.
+
+        Lists are fetched (all pages) on first use and cached until the server
+        says they changed or restarts. A server that failed to start has
+        `state` "failed", an `error` and empty lists.
+        """
+        if not self._ready.is_set():
+            raise SandboxUnavailable("the sandbox's supervisor is not connected")
+        names = sorted(self.servers)
+        entries = await asyncio.gather(*(self._server_catalog(name) for name in names))
+        return dict(zip(names, entries))
+
+    def _invalidate(self, server: str) -> None:
+        self._generation[server] = self._generation.get(server, 0) + 1
+        self._catalog.pop(server, None)
+        self._catalog_tasks.pop(server, None)
+
+    async def _server_catalog(self, server: str) -> dict[str, Any]:
+        cached = self._catalog.get(server)
+        if cached is not None:
+            return cached
+        task = self._catalog_tasks.get(server)
+        if task is None:
+            task = asyncio.create_task(self._fetch_catalog(server, self._generation.get(server, 0)))
+            self._catalog_tasks[server] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done() and self._catalog_tasks.get(server) is task:
+                del self._catalog_tasks[server]
+
+    async def _fetch_catalog(self, server: str, generation: int) -> dict[str, Any]:
+        status = self.servers.get(server) or {"state": "failed", "error": "unknown server"}
+        initialize = status.get("initialize") or {}
+        capabilities = initialize.get("capabilities") or {}
+        entry: dict[str, Any] = {
+            "state": status.get("state"),
+            "error": status.get("error"),
+            "serverInfo": initialize.get("serverInfo"),
+            "capabilities": capabilities,
+            "instructions": initialize.get("instructions"),
+            "protocolVersion": initialize.get("protocolVersion"),
+            **{key: [] for key, *_ in _LISTS},
+        }
+        if status.get("state") != "ready":
+            return entry
+        wanted = [(key, method, field) for key, capability, method, field in _LISTS if capability in capabilities]
+        outcomes = await asyncio.gather(
+            *(self._list_all(server, method, field) for _, method, field in wanted), return_exceptions=True
+        )
+        complete = True
+        for (key, method, _), outcome in zip(wanted, outcomes):
+            if isinstance(outcome, SandboxRpcError):
+                entry["error"] = f"{method} failed: {outcome.message}"
+                complete = False
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                entry[key] = outcome
+        if complete and self._generation.get(server, 0) == generation:
+            self._catalog[server] = entry
+        return entry
+
+    async def _list_all(self, server: str, method: str, field: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        cursor = None
+        for _ in range(_MAX_PAGES):
+            result = await self.request(server, method, {"cursor": cursor} if cursor else None)
+            items.extend(result.get(field) or [])
+            cursor = result.get("nextCursor")
+            if not cursor:
+                return items
+        raise SandboxRpcError(wire.INTERNAL_ERROR, f"{method} did not stop paginating after {_MAX_PAGES} pages")

@@ -1,0 +1,33 @@
+"""What the gateway sees when a sandbox call does not return a result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SandboxError(Exception):
+    """Base of the errors this package raises."""
+
+
+class SandboxUnavailable(SandboxError):
+    """The sandbox could not be started, has died, or its channel broke mid-call."""
+
+
+class SandboxRpcError(SandboxError):
+    """A server inside the sandbox answered with a JSON-RPC error; passed on as it came."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(f"{message} (code {code})")
+        self.code = code
+        self.message = message
+        self.data = data
+
+    @classmethod
+    def from_error(cls, error: dict[str, Any]) -> SandboxRpcError:
+        return cls(int(error.get("code", -32603)), str(error.get("message", "")), error.get("data"))
+
+    def to_error(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error

@@ -1,0 +1,5 @@
+import sys
+
+from sandbox.supervisor.main import main
+
+sys.exit(main())

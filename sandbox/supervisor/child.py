@@ -1,0 +1,421 @@
+"""One MCP server, run as a stdio child and spoken to in raw JSON-RPC.
+
+Requests from the gateway get ids of the child's own (so calls from many
+gateway requests never collide) and their results go back untouched. The child
+is restarted when it exits; calls it had in flight fail with a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from sandbox import wire
+from sandbox.supervisor.config import ServerConfig, SupervisorConfig
+
+if TYPE_CHECKING:
+    from sandbox.supervisor.main import Supervisor
+
+RESTART_BACKOFF_FIRST = 0.5
+RESTART_BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0
+"""A child that ran this long before exiting is restarted without delay growth."""
+STOP_GRACE = 2.0
+STDERR_TAIL = 20
+
+# Notifications about the session rather than one request; never tied to a call.
+_SESSION_NOTIFICATIONS = frozenset(
+    {
+        "notifications/tools/list_changed",
+        "notifications/prompts/list_changed",
+        "notifications/resources/list_changed",
+        "notifications/resources/updated",
+    }
+)
+
+
+class Call:
+    """A gateway request the child is working on."""
+
+    __slots__ = ("gateway_id", "progress_token")
+
+    def __init__(self, gateway_id: Any, progress_token: Any):
+        self.gateway_id = gateway_id
+        self.progress_token = progress_token
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "stopped"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class ChildServer:
+    def __init__(self, config: ServerConfig, supervisor_config: SupervisorConfig, supervisor: Supervisor):
+        self.name = config.name
+        self.config = config
+        self._supervisor_config = supervisor_config
+        self._supervisor = supervisor
+        self._env = {**supervisor_config.env, **config.env}
+        self.state = "starting"
+        self.initialize_result: dict[str, Any] | None = None
+        self.error: str | None = None
+        self._ready = asyncio.Event()
+        self._settled = asyncio.Event()  # set whenever state is not "starting"
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stdin: asyncio.StreamWriter | None = None
+        self._next_id = 0
+        self.pending: dict[int, Call] = {}
+        self.asks: dict[int, Any] = {}  # supervisor's ask key -> the child's request id
+        self._own: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+        self._stopping = False
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "initialize": self.initialize_result, "error": self.error}
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        self.state = state
+        self.error = error
+        if state == "ready":
+            self._ready.set()
+        else:
+            self._ready.clear()
+        if state == "starting":
+            self._settled.clear()
+        else:
+            self._settled.set()
+        self._supervisor.emit({"type": "server", "server": self.name, **self.status()})
+
+    async def wait_settled(self) -> None:
+        await self._settled.wait()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep the server running until `stop()`: start, wait for exit, restart with backoff."""
+        backoff = RESTART_BACKOFF_FIRST
+        while not self._stopping:
+            started = time.monotonic()
+            reason = await self._run_once()
+            if self._stopping:
+                break
+            if time.monotonic() - started > STABLE_AFTER:
+                backoff = RESTART_BACKOFF_FIRST
+            self._set_state("failed", reason)
+            log(f"server {self.name} {reason}; restarting in {backoff:.1f}s")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+            if not self._stopping:
+                self._set_state("starting")
+
+    async def _run_once(self) -> str:
+        """Start the child, handshake, serve until it exits; returns why it stopped."""
+        self.initialize_result = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.config.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env,
+                cwd=self.config.cwd,
+                limit=wire.MAX_LINE,
+                start_new_session=True,  # its own process group, so it is killed with its children
+            )
+        except OSError as exc:
+            return f"could not be started: {exc}"
+        self._proc = proc
+        self._stdin = proc.stdin
+        self._stderr_tail.clear()
+        readers = [
+            asyncio.create_task(self._read_stdout(proc.stdout)),
+            asyncio.create_task(self._read_stderr(proc.stderr)),
+        ]
+        try:
+            reason = await self._initialize(proc)
+            if reason is None:
+                self._set_state("ready")
+                await readers[0]
+                await proc.wait()
+                reason = describe_exit(proc.returncode)
+            else:
+                self._kill()
+                await proc.wait()
+        finally:
+            self._stdin = None
+            self._proc = None
+            await asyncio.gather(*readers, return_exceptions=True)
+            self._fail_pending(f"server {self.name!r} {describe_exit(proc.returncode)} while handling the request")
+        tail = self.stderr_tail()
+        return f"{reason} (stderr: {tail})" if tail else reason
+
+    async def _initialize(self, proc: asyncio.subprocess.Process) -> str | None:
+        """The MCP handshake; None when it succeeded, else why not."""
+        cfg = self._supervisor_config
+        params = {
+            "protocolVersion": cfg.protocol_version,
+            "capabilities": cfg.client_capabilities,
+            "clientInfo": {"name": "mcpfleet-supervisor", "version": "1"},
+        }
+        try:
+            response = await asyncio.wait_for(self._own_request("initialize", params), cfg.init_timeout)
+        except asyncio.TimeoutError:
+            return f"did not answer initialize within {cfg.init_timeout:.0f}s"
+        except EOFError:
+            await proc.wait()
+            return f"{describe_exit(proc.returncode)} before answering initialize"
+        if "error" in response:
+            return f"refused initialize: {response['error'].get('message')}"
+        self.initialize_result = response.get("result") or {}
+        self._write({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return None
+
+    async def _own_request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self._next_id += 1
+        request_id = f"supervisor-{self._next_id}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._own[request_id] = future
+        try:
+            self._write({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+            return await future
+        finally:
+            self._own.pop(request_id, None)
+
+    async def stop(self) -> None:
+        """Close stdin (the stdio way to ask a server to exit), then signal, then kill."""
+        self._stopping = True
+        self._settled.set()
+        proc = self._proc
+        if proc is None:
+            return
+        if self._stdin is not None:
+            self._stdin.close()
+        for sig, grace in ((None, STOP_GRACE), (signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, None)):
+            if sig is not None:
+                self._signal(sig)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+                return
+            except asyncio.TimeoutError:
+                continue
+
+    def _kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stderr_tail(self) -> str:
+        return " | ".join(line for line in self._stderr_tail if line)[-2000:]
+
+    # -- gateway -> child ---------------------------------------------------------------
+
+    def call(self, gateway_id: Any, method: str, params: dict[str, Any] | None, entry: list[Any]) -> None:
+        """Send a gateway call on; `entry` is the supervisor's record of it, filled with our id."""
+        if self.state == "ready":
+            entry[1] = self._send_call(gateway_id, method, params)
+        elif self.state == "starting":
+            asyncio.create_task(self._call_when_ready(gateway_id, method, params, entry))
+        else:
+            self._supervisor.reply_error(
+                gateway_id, wire.INTERNAL_ERROR, f"server {self.name!r} is not running: {self.error}", {"server": self.name}
+            )
+
+    async def _call_when_ready(self, gateway_id: Any, method: str, params: dict[str, Any] | None, entry: list[Any]) -> None:
+        await self._settled.wait()
+        if self._supervisor.call_entry(gateway_id) is entry:  # not cancelled, same gateway
+            self.call(gateway_id, method, params, entry)
+
+    def _send_call(self, gateway_id: Any, method: str, params: dict[str, Any] | None) -> int:
+        self._next_id += 1
+        child_id = self._next_id
+        token = None
+        if params is not None:
+            meta = params.get("_meta")
+            if isinstance(meta, dict) and "progressToken" in meta:
+                # Tokens come from many clients and may collide; the child sees ours.
+                token = meta["progressToken"]
+                params = {**params, "_meta": {**meta, "progressToken": child_id}}
+        self.pending[child_id] = Call(gateway_id, token)
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": child_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        self._write(message)
+        return child_id
+
+    def cancel(self, child_id: int, reason: str | None) -> None:
+        if self.pending.pop(child_id, None) is None:
+            return
+        params: dict[str, Any] = {"requestId": child_id}
+        if reason:
+            params["reason"] = reason
+        self._write({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params})
+
+    def answer(self, key: int, message: dict[str, Any]) -> None:
+        request_id = self.asks.pop(key, None)
+        if request_id is None:
+            return
+        reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id}
+        if "error" in message:
+            reply["error"] = message["error"]
+        else:
+            reply["result"] = message.get("result") or {}
+        self._write(reply)
+
+    def notify(self, method: str, params: dict[str, Any] | None) -> None:
+        if self.state != "ready":
+            return
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        self._write(message)
+
+    def drop_gateway_state(self) -> None:
+        """The gateway went away: its calls are cancelled, its pending answers refused."""
+        for child_id in list(self.pending):
+            self.cancel(child_id, "the gateway disconnected")
+        for key in list(self.asks):
+            self.answer(key, {"error": wire.error_object(wire.INTERNAL_ERROR, "the client went away")})
+
+    def _write(self, message: dict[str, Any]) -> None:
+        if self._stdin is None or self._stdin.is_closing():
+            return
+        self._stdin.write(wire.encode(message))
+
+    def _fail_pending(self, message: str) -> None:
+        pending, self.pending = self.pending, {}
+        self.asks.clear()
+        for call in pending.values():
+            self._supervisor.reply_error(
+                call.gateway_id, wire.INTERNAL_ERROR, f"{message}; it is being restarted", {"server": self.name}
+            )
+        for future in self._own.values():
+            if not future.done():
+                future.set_exception(EOFError())
+
+    # -- child -> gateway ---------------------------------------------------------------
+
+    async def _read_stdout(self, stdout: asyncio.StreamReader) -> None:
+        try:
+            while line := await stdout.readline():
+                try:
+                    message = wire.decode(line)
+                except ValueError:
+                    log(f"[{self.name}] not JSON-RPC on stdout: {line[:200]!r}")
+                    continue
+                self._dispatch(message)
+        except (ValueError, ConnectionError) as exc:  # a line over the limit, or a broken pipe
+            log(f"server {self.name}: stdout unreadable ({exc}); stopping it")
+            self._kill()
+        finally:
+            for future in self._own.values():
+                if not future.done():
+                    future.set_exception(EOFError())
+
+    async def _read_stderr(self, stderr: asyncio.StreamReader) -> None:
+        prefix = f"[{self.name}] ".encode()
+        out = sys.stderr.buffer
+        while True:
+            try:
+                line = await stderr.readline()
+            except ValueError:  # one enormous line: keep going with the next
+                continue
+            if not line:
+                return
+            self._stderr_tail.append(line.decode(errors="replace").rstrip())
+            out.write(prefix + line)
+            out.flush()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        method = message.get("method")
+        if method is None:
+            self._on_response(message)
+        elif "id" in message:
+            self._on_request(message)
+        else:
+            self._on_notification(method, message.get("params"))
+
+    def _on_response(self, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        if isinstance(request_id, str):
+            future = self._own.get(request_id)
+            if future is not None and not future.done():
+                future.set_result(message)
+            return
+        call = self.pending.pop(request_id, None)  # type: ignore[arg-type]
+        if call is None:
+            return  # cancelled meanwhile
+        self._supervisor.untrack_call(call.gateway_id)
+        if "error" in message:
+            self._supervisor.emit({"type": "error", "id": call.gateway_id, "error": message["error"]})
+        else:
+            self._supervisor.emit({"type": "result", "id": call.gateway_id, "result": message.get("result")})
+
+    def _sole_call(self) -> Any:
+        """The gateway id of the only call in flight, if there is exactly one.
+
+        Over stdio nothing ties a log message or a sampling request to the
+        request that caused it; with one call in flight it can only be that one.
+        """
+        if len(self.pending) == 1:
+            return next(iter(self.pending.values())).gateway_id
+        return None
+
+    def _on_request(self, message: dict[str, Any]) -> None:
+        if message["method"] == "ping":
+            self._write({"jsonrpc": "2.0", "id": message["id"], "result": {}})
+            return
+        key = self._supervisor.new_ask(self)
+        self.asks[key] = message["id"]
+        self._supervisor.emit(
+            {
+                "type": "ask",
+                "ask": key,
+                "id": self._sole_call(),
+                "server": self.name,
+                "method": message["method"],
+                "params": message.get("params"),
+            }
+        )
+
+    def _on_notification(self, method: str, params: Any) -> None:
+        call_id = None
+        if method == "notifications/progress" and isinstance(params, dict):
+            call = self.pending.get(params.get("progressToken"))  # type: ignore[arg-type]
+            if call is None:
+                return  # progress for a call that is over
+            call_id = call.gateway_id
+            params = {**params, "progressToken": call.progress_token}
+        elif method == "notifications/cancelled" and isinstance(params, dict):
+            # The server withdrew one of its own requests: tell the gateway in its terms.
+            key = next((k for k, rid in self.asks.items() if rid == params.get("requestId")), None)
+            if key is None:
+                return
+            del self.asks[key]
+            params = {**params, "requestId": key}
+            call_id = self._sole_call()
+        elif method not in _SESSION_NOTIFICATIONS:
+            call_id = self._sole_call()
+        self._supervisor.emit({"type": "note", "id": call_id, "server": self.name, "method": method, "params": params})
+
+
+def log(message: str) -> None:
+    print(f"supervisor: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,59 @@
+"""What the supervisor runs: written by the gateway into the channel dir, read inside."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROTOCOL_VERSION = "2025-11-25"
+"""The MCP revision the supervisor offers its servers in the initialize handshake."""
+
+CLIENT_CAPABILITIES: dict[str, Any] = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}}
+"""Offered to servers: the gateway relays these requests to the connected client."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    socket: str
+    """Path of the gateway's socket, as the supervisor sees it."""
+    servers: list[ServerConfig]
+    env: dict[str, str] = field(default_factory=dict)
+    """The environment every server starts from; a server's own `env` is added to it."""
+    protocol_version: str = PROTOCOL_VERSION
+    client_capabilities: dict[str, Any] = field(default_factory=lambda: dict(CLIENT_CAPABILITIES))
+    init_timeout: float = 60.0
+    """Seconds a server has to answer `initialize`."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SupervisorConfig:
+        raw = json.loads(text)
+        servers = [ServerConfig(**s) for s in raw.pop("servers")]
+        return cls(servers=servers, **raw)
+
+    def write(self, path: Path, *, owner: tuple[int, int] | None = None) -> None:
+        """Written 0600 (it carries the servers' environment) and atomically."""
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.to_json())
+        if owner is not None:
+            os.chown(tmp, *owner)
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, path: str | Path) -> SupervisorConfig:
+        return cls.from_json(Path(path).read_text())

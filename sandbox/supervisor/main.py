@@ -1,0 +1,133 @@
+"""The supervisor proper: servers on one side, the gateway on the other, routing between them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from sandbox import wire
+from sandbox.supervisor.child import ChildServer, log
+from sandbox.supervisor.config import SupervisorConfig
+from sandbox.supervisor.init import run_as_init
+from sandbox.supervisor.link import Link
+
+
+class Supervisor:
+    def __init__(self, config: SupervisorConfig):
+        self.config = config
+        self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
+        self.link = Link(config.socket, self)
+        # gateway call id -> [child, the child's request id once sent]
+        self._calls: dict[Any, list[Any]] = {}
+        self._asks: dict[int, ChildServer] = {}
+        self._next_ask = 0
+        self._started_at = time.time()
+
+    # -- for the children ---------------------------------------------------------------
+
+    def emit(self, message: dict[str, Any]) -> None:
+        self.link.send(message)
+
+    def reply_error(self, gateway_id: Any, code: int, message: str, data: Any = None) -> None:
+        self._calls.pop(gateway_id, None)
+        self.emit({"type": "error", "id": gateway_id, "error": wire.error_object(code, message, data)})
+
+    def untrack_call(self, gateway_id: Any) -> None:
+        self._calls.pop(gateway_id, None)
+
+    def call_entry(self, gateway_id: Any) -> list[Any] | None:
+        return self._calls.get(gateway_id)
+
+    def new_ask(self, child: ChildServer) -> int:
+        self._next_ask += 1
+        self._asks[self._next_ask] = child
+        return self._next_ask
+
+    def hello(self) -> dict[str, Any]:
+        return {
+            "type": "hello",
+            "servers": {name: child.status() for name, child in self.children.items()},
+            "supervisor": {"pid": os.getpid(), "started_at": self._started_at},
+        }
+
+    # -- from the gateway ---------------------------------------------------------------
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "call":
+            self._on_call(message)
+        elif kind == "cancel":
+            entry = self._calls.pop(message.get("id"), None)
+            if entry is not None and entry[1] is not None:
+                entry[0].cancel(entry[1], message.get("reason"))
+        elif kind == "answer":
+            key = message.get("ask")
+            child = self._asks.pop(key, None)  # type: ignore[arg-type]
+            if child is not None:
+                child.answer(key, message)  # type: ignore[arg-type]
+        elif kind == "notify":
+            server = message.get("server")
+            for child in self.children.values() if server is None else [self.children.get(server)]:
+                if child is not None:
+                    child.notify(message["method"], message.get("params"))
+        elif kind == "ping":
+            self.emit({"type": "pong", "id": message.get("id")})
+        else:
+            log(f"ignoring a message of unknown type {kind!r}")
+
+    def _on_call(self, message: dict[str, Any]) -> None:
+        gateway_id = message.get("id")
+        server = message.get("server")
+        child = self.children.get(server)  # type: ignore[arg-type]
+        if child is None:
+            self.reply_error(
+                gateway_id,
+                wire.INVALID_PARAMS,
+                f"no server named {server!r} in this sandbox",
+                {"servers": sorted(self.children)},
+            )
+            return
+        entry = [child, None]
+        self._calls[gateway_id] = entry
+        child.call(gateway_id, message.get("method", ""), message.get("params"), entry)
+
+    def on_disconnect(self) -> None:
+        """Calls of a gateway that went away can never be answered: cancel them all."""
+        self._calls.clear()
+        self._asks.clear()
+        for child in self.children.values():
+            child.drop_gateway_state()
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        children = [asyncio.create_task(child.run()) for child in self.children.values()]
+        # The first hello should say how every server fared, so connect once all have settled.
+        await asyncio.gather(*(child.wait_settled() for child in self.children.values()))
+        log(", ".join(f"{name}: {child.state}" for name, child in self.children.items()) or "no servers")
+        link = asyncio.create_task(self.link.run())
+        await stop.wait()
+        log("stopping")
+        link.cancel()
+        await asyncio.gather(*(child.stop() for child in self.children.values()))
+        for task in children:
+            task.cancel()
+        await asyncio.gather(link, *children, return_exceptions=True)
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m sandbox.supervisor CONFIG.json", file=sys.stderr)
+        return 2
+    config = SupervisorConfig.read(argv[0])
+    return run_as_init(lambda: asyncio.run(Supervisor(config).run()))

@@ -1,0 +1,72 @@
+"""The channel between the gateway and a sandbox's supervisor.
+
+One Unix stream socket per sandbox, carrying newline-delimited JSON objects,
+each with a `type`. The gateway listens on `<channel dir>/gateway.sock` and the
+supervisor connects to it from inside (`/run/mcpfleet/gateway.sock`). That way
+round is the one gVisor can checkpoint: a sandbox holding a connected or
+listening host socket cannot be saved, so before a checkpoint the gateway asks
+the supervisor to `detach`, and afterwards (or after a gateway restart) the
+supervisor simply connects again.
+
+gateway -> supervisor
+    call    {"id", "server", "method", "params"}   a JSON-RPC request for one server
+    cancel  {"id", "reason"}                       the gateway gave up on a call
+    answer  {"ask", "result" | "error"}            reply to a server's request (an `ask`)
+    notify  {"server", "method", "params"}         a client notification for a server (null: all)
+    detach  {}                                     close the channel and reconnect later
+    ping    {"id"}
+
+supervisor -> gateway
+    hello   {"servers": {name: status}, "supervisor": {...}}   first message on every connection
+    result  {"id", "result"}                       a call's JSON-RPC result, as the server sent it
+    error   {"id", "error"}                        a call's JSON-RPC error object, as the server sent it
+    note    {"id" | null, "server", "method", "params"}   a server notification; `id` names the call it belongs to
+    ask     {"ask", "id" | null, "server", "method", "params"}  a server's request to the client (sampling, ...)
+    server  {"server", ...status}                  a server was (re)started, or failed
+    pong    {"id"}
+
+A server status is {"state": "starting" | "ready" | "failed", "initialize": <its
+initialize result> | null, "error": str | null}.
+
+This module is imported inside the sandbox: standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+CHANNEL_DIR = "/run/mcpfleet"
+"""Where the channel dir appears inside the sandbox."""
+SOCKET_NAME = "gateway.sock"
+CONFIG_NAME = "supervisor.json"
+
+MAX_LINE = 64 * 1024 * 1024
+"""Longest message either side accepts; a tool result can be large."""
+
+# JSON-RPC error codes the supervisor itself produces.
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+METHOD_NOT_FOUND = -32601
+REQUEST_CANCELLED = -32800
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+_decode = json.JSONDecoder().decode
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return (_encoder.encode(message) + "\n").encode()
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    message = _decode(line.decode())
+    if not isinstance(message, dict):
+        raise ValueError("a message must be a JSON object")
+    return message
+
+
+def error_object(code: int, message: str, data: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return error
