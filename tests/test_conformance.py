@@ -59,7 +59,9 @@ class Verdicts:
 
     def summary(self) -> str:
         bad = sorted(s for s, checks in self.failed.items() if checks)
-        return f"{len(self.failed) - len(bad)} of {len(self.failed)} scenarios passed; failing: {', '.join(bad) or 'none'}"
+        return (
+            f"{len(self.failed) - len(bad)} of {len(self.failed)} scenarios passed; failing: {', '.join(bad) or 'none'}"
+        )
 
 
 def run_suite(url: str, revision: str, out_dir: Path) -> Verdicts:
@@ -120,9 +122,15 @@ def judge(verdicts: Verdicts, expected: dict[str, str], what: str) -> None:
     if unexpected:
         problems.append("failures not listed in expected-failures.json:\n" + "\n".join(unexpected))
     if stale:
-        problems.append("expected failures that no longer fail; remove them from expected-failures.json:\n" + "\n".join(stale))
+        problems.append(
+            "expected failures that no longer fail; remove them from expected-failures.json:\n" + "\n".join(stale)
+        )
     if problems:
-        pytest.fail(f"{what}: {verdicts.summary()}\n" + "\n".join(problems) + f"\n\nsuite output (end):\n{verdicts.output[-4000:]}")
+        pytest.fail(
+            f"{what}: {verdicts.summary()}\n"
+            + "\n".join(problems)
+            + f"\n\nsuite output (end):\n{verdicts.output[-4000:]}"
+        )
 
 
 # -- the fixture server, served directly ---------------------------------------------------------
@@ -213,8 +221,6 @@ def _from_gateway(message: Any) -> Any:
     return message
 
 
-
-
 class GatewayView:
     """ASGI app: forwards every request to the gateway with the user's key, names mapped."""
 
@@ -262,7 +268,9 @@ class GatewayView:
                 await _respond(send, response.status_code, out_headers, data)
                 return
             await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
-            chunks = _rewrite_sse(response.aiter_bytes()) if kind.startswith("text/event-stream") else response.aiter_bytes()
+            chunks = (
+                _rewrite_sse(response.aiter_bytes()) if kind.startswith("text/event-stream") else response.aiter_bytes()
+            )
             async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
@@ -297,7 +305,11 @@ def _rewrite_sse_line(line: bytes) -> bytes:
         return line
     payload = line[5:].strip()
     try:
-        return b"data: " + json.dumps(_from_gateway(json.loads(payload))).encode() + (b"\r" if line.endswith(b"\r") else b"")
+        return (
+            b"data: "
+            + json.dumps(_from_gateway(json.loads(payload))).encode()
+            + (b"\r" if line.endswith(b"\r") else b"")
+        )
     except ValueError:
         return line
 
@@ -338,7 +350,11 @@ def _require_conformance_server(url: str) -> None:
     response = httpx.post(
         url,
         json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": meta}},
-        headers={"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/list", "Accept": "application/json, text/event-stream"},
+        headers={
+            "MCP-Protocol-Version": "2026-07-28",
+            "Mcp-Method": "tools/list",
+            "Accept": "application/json, text/event-stream",
+        },
         timeout=120,
     )
     text = response.text

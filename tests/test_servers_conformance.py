@@ -131,7 +131,9 @@ async def test_stateless_era_asks_through_input_required_results() -> None:
 
 async def test_stateless_era_request_state_is_integrity_protected() -> None:
     async with fixture_server(Peer()) as client:
-        first = await client.session.call_tool("test_input_required_result_tampered_state", {}, allow_input_required=True)
+        first = await client.session.call_tool(
+            "test_input_required_result_tampered_state", {}, allow_input_required=True
+        )
         assert isinstance(first, InputRequiredResult)
         assert list(first.input_requests) == ["confirm"]
         answer = {"confirm": ElicitResult(action="accept", content={"ok": True})}

@@ -93,10 +93,9 @@ async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
 
 async def test_output_is_truncated_per_stream(tmp_path: Path) -> None:
     async with exec_server(tmp_path, mode="legacy") as client:
-        result = await client.call_tool(
-            "run",
-            {"command": f"head -c {3 * MAX_OUTPUT_BYTES} /dev/zero | tr '\\0' o; head -c {MAX_OUTPUT_BYTES + 7} /dev/zero | tr '\\0' e >&2"},
-        )
+        stdout = f"head -c {3 * MAX_OUTPUT_BYTES} /dev/zero | tr '\\0' o"
+        stderr = f"head -c {MAX_OUTPUT_BYTES + 7} /dev/zero | tr '\\0' e >&2"
+        result = await client.call_tool("run", {"command": f"{stdout}; {stderr}"})
     out = result.structured_content
     assert out["exit_code"] == 0
     assert out["stdout_truncated"] is True and out["stderr_truncated"] is True

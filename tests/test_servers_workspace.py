@@ -122,7 +122,9 @@ async def test_symlinks_that_lead_out_are_refused(layout: tuple[Path, Path]) -> 
         refused(await client.call_tool("read_file", {"path": "secret-link"}), "outside the workspace")
         refused(await client.call_tool("read_file", {"path": "out/secret.txt"}), "outside the workspace")
         refused(await client.call_tool("list_dir", {"path": "out"}), "outside the workspace")
-        refused(await client.call_tool("write_file", {"path": "out/planted.txt", "content": "x"}), "outside the workspace")
+        refused(
+            await client.call_tool("write_file", {"path": "out/planted.txt", "content": "x"}), "outside the workspace"
+        )
         refused(await client.call_tool("write_file", {"path": "secret-link", "content": "x"}), "outside the workspace")
         refused(await client.call_tool("delete", {"path": "out/secret.txt"}), "outside the workspace")
 
@@ -153,7 +155,9 @@ async def test_size_limits_and_binary_files(layout: tuple[Path, Path]) -> None:
         too_big = "b" * (MAX_WRITE_BYTES + 1)
         refused(await client.call_tool("write_file", {"path": "huge.txt", "content": too_big}), str(MAX_WRITE_BYTES))
         refused(await client.call_tool("list_dir", {"path": "big.log"}), "not a directory")
-        refused(await client.call_tool("write_file", {"path": "big.log/inner.txt", "content": "x"}), "parents is a file")
+        refused(
+            await client.call_tool("write_file", {"path": "big.log/inner.txt", "content": "x"}), "parents is a file"
+        )
         refused(await client.call_tool("read_file", {"path": "big.log/inner.txt"}), "Not a directory")
     assert not (root / "huge.txt").exists()
 

@@ -53,7 +53,10 @@ def sampling(prompt: str, max_tokens: int) -> CreateMessageRequest:
     return CreateMessageRequest.model_validate(
         {
             "method": "sampling/createMessage",
-            "params": {"messages": [{"role": "user", "content": {"type": "text", "text": prompt}}], "maxTokens": max_tokens},
+            "params": {
+                "messages": [{"role": "user", "content": {"type": "text", "text": prompt}}],
+                "maxTokens": max_tokens,
+            },
         }
     )
 
@@ -109,7 +112,9 @@ class ClientInput:
         missing = {key: question for key, question in questions.items() if key not in self._known}
         if not missing:
             return {key: self._known[key] for key in questions}
-        answered = {key: answer.model_dump(mode="json", by_alias=True, exclude_none=True) for key, answer in self._known.items()}
+        answered = {
+            key: answer.model_dump(mode="json", by_alias=True, exclude_none=True) for key, answer in self._known.items()
+        }
         state = json.dumps({"answers": {**self._recorded, **answered}, "note": note})
         return InputRequiredResult(input_requests=missing, request_state=state)
 
@@ -142,7 +147,11 @@ def _checked(key: str, question: InputRequest, answer: Any) -> BaseModel:
     """A client's answer, if it is one to this question; a -32602 error otherwise."""
     expected = _answer_type(question)
     try:
-        wire = answer.model_dump(mode="json", by_alias=True, exclude_none=True) if isinstance(answer, BaseModel) else answer
+        wire = (
+            answer.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if isinstance(answer, BaseModel)
+            else answer
+        )
         typed = TypeAdapter(expected).validate_python(wire)
     except ValidationError:
         raise MCPError(

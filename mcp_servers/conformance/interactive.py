@@ -11,7 +11,14 @@ import json
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer, UserMessage
-from mcp_types import CallToolResult, CreateMessageResult, ElicitResult, InputRequiredResult, ListRootsResult, TextContent
+from mcp_types import (
+    CallToolResult,
+    CreateMessageResult,
+    ElicitResult,
+    InputRequiredResult,
+    ListRootsResult,
+    TextContent,
+)
 from pydantic import BaseModel, Field
 
 from mcp_servers.conformance.client_input import ClientInput, elicitation, roots, sampling
@@ -143,7 +150,9 @@ def register(server: MCPServer[Any]) -> None:
         if isinstance(answers, InputRequiredResult):
             return answers
         answer = _elicited(answers["user_name"])
-        return _text(f"Hello, {answer.content['name']}!" if answer.action == "accept" and answer.content else "No name given.")
+        return _text(
+            f"Hello, {answer.content['name']}!" if answer.action == "accept" and answer.content else "No name given."
+        )
 
     @server.tool(description="Asks the user's name (key user_name) and greets them.")
     async def test_input_required_result_elicitation(ctx: Context) -> Asked:
@@ -197,11 +206,12 @@ def register(server: MCPServer[Any]) -> None:
         name = _elicited(answers["user_name"])
         who = name.content["name"] if name.action == "accept" and name.content else f"({name.action})"
         return _text(
-            f"name: {who}; greeting: {_sampled_text(answers['greeting'])}; "
-            f"roots: {_root_list(answers['client_roots'])}"
+            f"name: {who}; greeting: {_sampled_text(answers['greeting'])}; roots: {_root_list(answers['client_roots'])}"
         )
 
-    @server.tool(description="Asks two questions in two rounds: the user's name (step1), then their favorite color (step2).")
+    @server.tool(
+        description="Asks two questions in two rounds: the user's name (step1), then their favorite color (step2)."
+    )
     async def test_input_required_result_multi_round(ctx: Context) -> Asked:
         inputs = ClientInput(ctx)
         first = await inputs.ask({"step1": elicitation("Step 1: What is your name?", NAME_SCHEMA)}, note="step1")

@@ -62,13 +62,17 @@ def register(server: MCPServer[Any]) -> None:
     def template_data(id: str) -> str:  # noqa: A002 - the template variable's name
         return json.dumps({"id": id, "templateTest": True, "data": f"Data for ID: {id}"}, separators=(",", ":"))
 
-    @server.resource(WATCHED, name="watched-resource", description="A resource clients can subscribe to", mime_type="text/plain")
+    @server.resource(
+        WATCHED, name="watched-resource", description="A resource clients can subscribe to", mime_type="text/plain"
+    )
     def watched() -> str:
         return "Watched resource content"
 
     @server.completion()
     async def complete(
-        ref: PromptReference | ResourceTemplateReference, argument: CompletionArgument, context: CompletionContext | None
+        ref: PromptReference | ResourceTemplateReference,
+        argument: CompletionArgument,
+        context: CompletionContext | None,
     ) -> Completion:
         candidates = SUGGESTIONS.get(argument.name, [])
         values = [value for value in candidates if value.startswith(argument.value)]

@@ -95,9 +95,7 @@ def register(server: MCPServer[Any], logs: SessionLogLevels) -> None:
             is_error=True,
         )
 
-    @server.tool(
-        description="Sends three info log messages about 50 ms apart while it runs.", structured_output=False
-    )
+    @server.tool(description="Sends three info log messages about 50 ms apart while it runs.", structured_output=False)
     async def test_tool_with_logging(ctx: Context) -> str:
         await logs.log(ctx, "info", "Tool execution started")
         await anyio.sleep(0.05)

@@ -46,7 +46,11 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
             f"and every process it started are killed. Each stream keeps its first {MAX_OUTPUT_BYTES // 1024} KiB."
         ),
         annotations=ToolAnnotations(
-            title="Run command", read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True
+            title="Run command",
+            read_only_hint=False,
+            destructive_hint=True,
+            idempotent_hint=False,
+            open_world_hint=True,
         ),
     )
     async def run(

@@ -8,8 +8,8 @@ import os
 import secrets
 import shutil
 import stat
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server.mcpserver import MCPServer
@@ -47,8 +47,7 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
         "workspace",
         version="0.1.0",
         instructions=(
-            "Files in your workspace. Every path is relative to the workspace root; "
-            "nothing outside it can be reached."
+            "Files in your workspace. Every path is relative to the workspace root; nothing outside it can be reached."
         ),
         log_level="WARNING",
     )
@@ -76,7 +75,9 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
         if not stat.S_ISREG(st.st_mode):
             raise ToolError(f"{path!r} is not a regular file")
         if st.st_size > MAX_READ_BYTES:
-            raise ToolError(f"{path!r} is {st.st_size} bytes; read_file returns files of at most {MAX_READ_BYTES} bytes")
+            raise ToolError(
+                f"{path!r} is {st.st_size} bytes; read_file returns files of at most {MAX_READ_BYTES} bytes"
+            )
         # O_NOFOLLOW: the name was checked above; a link swapped in since is not followed.
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as f:
