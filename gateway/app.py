@@ -47,7 +47,7 @@ SandboxFactory = Callable[[Settings, AsyncConnectionPool], Any]
 def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFactory) -> Starlette:
     """`sandbox_factory(settings, pool)` returns the sandbox manager the gateway routes into."""
     state: dict[str, Any] = {}
-    router = Router(_LateBoundSandboxes(state))
+    router = Router(_LateBoundSandboxes(state), bare_servers=settings.bare_servers)
     mcp_server = router.server()
     sessions = StreamableHTTPSessionManager(
         app=mcp_server,

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mcp_types as types
+from mcp.server.caching import CACHEABLE_METHODS, CacheHint
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 from mcp.shared.uri_template import UriTemplate
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from gateway.accounts import Identity
@@ -57,18 +59,30 @@ class Catalog:
     prompts: list[dict[str, Any]] = field(default_factory=list)
     resources: list[dict[str, Any]] = field(default_factory=list)
     templates: list[dict[str, Any]] = field(default_factory=list)
+    # public name -> (server, the server's own name)
+    tool_owner: dict[str, tuple[str, str]] = field(default_factory=dict)
+    prompt_owner: dict[str, tuple[str, str]] = field(default_factory=dict)
     resource_owner: dict[str, str] = field(default_factory=dict)
     template_owner: list[tuple[UriTemplate, str]] = field(default_factory=list)
 
 
-def build_catalog(per_server: Mapping[str, Mapping[str, Any]]) -> Catalog:
+def public_name(server: str, name: str, bare_servers: frozenset[str]) -> str:
+    return name if server in bare_servers else f"{server}{SEPARATOR}{name}"
+
+
+def build_catalog(per_server: Mapping[str, Mapping[str, Any]], bare_servers: frozenset[str] = frozenset()) -> Catalog:
+    """Merge the servers' offers. Servers are taken in name order, so the result depends only on what they offer."""
     catalog = Catalog()
     for server in sorted(per_server):
         offer = per_server[server]
-        for tool in offer.get("tools") or []:
-            catalog.tools.append({**tool, "name": f"{server}{SEPARATOR}{tool['name']}"})
-        for prompt in offer.get("prompts") or []:
-            catalog.prompts.append({**prompt, "name": f"{server}{SEPARATOR}{prompt['name']}"})
+        for kind, owner, out in (("tools", catalog.tool_owner, catalog.tools), ("prompts", catalog.prompt_owner, catalog.prompts)):
+            for item in offer.get(kind) or []:
+                name = public_name(server, item["name"], bare_servers)
+                if name in owner:
+                    log.warning("%s %r of server %s is hidden by server %s", kind, name, server, owner[name][0])
+                    continue
+                owner[name] = (server, item["name"])
+                out.append({**item, "name": name})
         for resource in offer.get("resources") or []:
             if resource["uri"] in catalog.resource_owner:
                 continue  # the first server (by name) keeps a URI two servers claim
@@ -85,16 +99,11 @@ def build_catalog(per_server: Mapping[str, Mapping[str, Any]]) -> Catalog:
     return catalog
 
 
-def split_name(name: str, kind: str) -> tuple[str, str]:
-    server, sep, inner = name.partition(SEPARATOR)
-    if not sep or not server or not inner:
-        raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown {kind}: {name!r} (names read <server>__<name>)")
-    return server, inner
-
-
 class Router:
-    def __init__(self, sandboxes: SandboxProvider):
+    def __init__(self, sandboxes: SandboxProvider, bare_servers: frozenset[str] = frozenset()):
         self._sandboxes = sandboxes
+        # Servers whose tools and prompts keep their own names, for clients that require fixed names.
+        self._bare_servers = bare_servers
 
     def server(self) -> Server[Any]:
         return Server(
@@ -111,6 +120,9 @@ class Router:
             on_subscribe_resource=self.subscribe_resource,
             on_unsubscribe_resource=self.unsubscribe_resource,
             on_completion=self.complete,
+            # What a user sees depends on who they are and may change with any approval:
+            # results are theirs alone and stale at once.
+            cache_hints={method: CacheHint(ttl_ms=0, scope="private") for method in CACHEABLE_METHODS},
         )
 
     @staticmethod
@@ -137,7 +149,7 @@ class Router:
             per_server = await client.catalog()
         except SandboxUnavailable as exc:
             raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox stopped: {exc}; call again") from None
-        return identity, client, build_catalog(per_server)
+        return identity, client, build_catalog(per_server, self._bare_servers)
 
     async def _forward(
         self, ctx: ServerRequestContext[Any, Any], client: Any, server: str, method: str, params: dict[str, Any]
@@ -163,9 +175,10 @@ class Router:
 
         started = time.perf_counter()
         try:
-            return await client.request(
+            result = await client.request(
                 server, method, params, on_notification=relay_notification, on_request=relay_request
             )
+            return self._result(ctx, result)
         except SandboxRpcError as exc:
             raise MCPError(code=exc.code, message=exc.message, data=exc.data) from None
         except SandboxUnavailable as exc:
@@ -176,33 +189,37 @@ class Router:
         finally:
             log.debug("%s %s/%s took %.1f ms", method, server, params.get("name"), (time.perf_counter() - started) * 1e3)
 
+    @staticmethod
+    def _result(ctx: ServerRequestContext[Any, Any], result: dict[str, Any]) -> dict[str, Any]:
+        """Results from the servers arrive in the handshake era's shape; 2026-07-28 requires `resultType`."""
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
+            result["resultType"] = "complete"
+        return result
+
     # -- tools ------------------------------------------------------------------------------
 
     async def list_tools(self, ctx: ServerRequestContext[Any, Any], params: Any) -> dict[str, Any]:
         _, _, catalog = await self._catalog(ctx)
-        return {"tools": catalog.tools}
+        return self._result(ctx, {"tools": catalog.tools})
 
     async def call_tool(self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> dict[str, Any]:
-        server, tool = split_name(params.name, "tool")
         _, client, catalog = await self._catalog(ctx)
-        if not any(t["name"] == params.name for t in catalog.tools):
-            raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {params.name!r}")
+        server, tool = _owner(catalog.tool_owner, params.name, "tool")
         forwarded: dict[str, Any] = {"name": tool, "arguments": params.arguments or {}}
-        if params.meta is not None:
-            forwarded["_meta"] = params.meta.model_dump(by_alias=True, mode="json", exclude_none=True)
+        meta = _forwarded_meta(params.meta)
+        if meta:
+            forwarded["_meta"] = meta
         return await self._forward(ctx, client, server, "tools/call", forwarded)
 
     # -- prompts ----------------------------------------------------------------------------
 
     async def list_prompts(self, ctx: ServerRequestContext[Any, Any], params: Any) -> dict[str, Any]:
         _, _, catalog = await self._catalog(ctx)
-        return {"prompts": catalog.prompts}
+        return self._result(ctx, {"prompts": catalog.prompts})
 
     async def get_prompt(self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams) -> dict[str, Any]:
-        server, prompt = split_name(params.name, "prompt")
         _, client, catalog = await self._catalog(ctx)
-        if not any(p["name"] == params.name for p in catalog.prompts):
-            raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown prompt: {params.name!r}")
+        server, prompt = _owner(catalog.prompt_owner, params.name, "prompt")
         forwarded = {"name": prompt, "arguments": params.arguments or {}}
         return await self._forward(ctx, client, server, "prompts/get", forwarded)
 
@@ -210,11 +227,11 @@ class Router:
 
     async def list_resources(self, ctx: ServerRequestContext[Any, Any], params: Any) -> dict[str, Any]:
         _, _, catalog = await self._catalog(ctx)
-        return {"resources": catalog.resources}
+        return self._result(ctx, {"resources": catalog.resources})
 
     async def list_resource_templates(self, ctx: ServerRequestContext[Any, Any], params: Any) -> dict[str, Any]:
         _, _, catalog = await self._catalog(ctx)
-        return {"resourceTemplates": catalog.templates}
+        return self._result(ctx, {"resourceTemplates": catalog.templates})
 
     async def _resource_server(self, ctx: ServerRequestContext[Any, Any], uri: str) -> tuple[Any, str]:
         _, client, catalog = await self._catalog(ctx)
@@ -246,11 +263,31 @@ class Router:
         forwarded = params.model_dump(by_alias=True, mode="json", exclude_none=True)
         ref = forwarded["ref"]
         if ref.get("type") == "ref/prompt":
-            server, prompt = split_name(ref["name"], "prompt")
             _, client, catalog = await self._catalog(ctx)
-            if not any(p["name"] == ref["name"] for p in catalog.prompts):
-                raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown prompt: {ref['name']!r}")
+            server, prompt = _owner(catalog.prompt_owner, ref.get("name", ""), "prompt")
             forwarded["ref"] = {**ref, "name": prompt}
         else:
             client, server = await self._resource_server(ctx, ref.get("uri", ""))
         return await self._forward(ctx, client, server, "completion/complete", forwarded)
+
+
+# The 2026-07-28 request envelope describes the client's connection to the gateway, not
+# the gateway's connection to the server, which has its own handshake.
+_ENVELOPE_KEYS = frozenset(
+    {types.PROTOCOL_VERSION_META_KEY, types.CLIENT_INFO_META_KEY, types.CLIENT_CAPABILITIES_META_KEY, types.LOG_LEVEL_META_KEY}
+)
+
+
+def _forwarded_meta(meta: Any) -> dict[str, Any]:
+    """What of a request's `_meta` travels on to the server: progress tokens and the like, which it answers through us."""
+    if meta is None:
+        return {}
+    raw = meta.model_dump(by_alias=True, mode="json", exclude_none=True) if isinstance(meta, BaseModel) else dict(meta)
+    return {k: v for k, v in raw.items() if k not in _ENVELOPE_KEYS}
+
+
+def _owner(owners: dict[str, tuple[str, str]], name: str, kind: str) -> tuple[str, str]:
+    found = owners.get(name)
+    if found is None:
+        raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown {kind}: {name!r}")
+    return found

@@ -21,6 +21,10 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be a whole number, not {raw!r}") from None
 
 
+def _list(name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (os.environ.get(name) or "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -32,6 +36,9 @@ class Settings:
     sandbox_pids: int = 256
     sandbox_cpus: float = 1.0
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    # Servers whose tools and prompts are shown under their own names, not `<server>__<name>`:
+    # for clients that call fixed names (the MCP conformance suite calls `test_simple_text`).
+    bare_servers: frozenset[str] = frozenset()
 
     @property
     def data_dir(self) -> Path:
@@ -53,7 +60,8 @@ def load_settings(**overrides: object) -> Settings:
         "sandbox_memory_mb": _int("MCPFLEET_SANDBOX_MEMORY_MB", 512),
         "sandbox_pids": _int("MCPFLEET_SANDBOX_PIDS", 256),
         "sandbox_cpus": float(os.environ.get("MCPFLEET_SANDBOX_CPUS") or 1.0),
-        "allowed_origins": tuple(o for o in (os.environ.get("MCPFLEET_ALLOWED_ORIGINS") or "").split(",") if o),
+        "allowed_origins": _list("MCPFLEET_ALLOWED_ORIGINS"),
+        "bare_servers": frozenset(_list("MCPFLEET_BARE_TOOL_NAMES")),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)  # type: ignore[arg-type]
