@@ -66,7 +66,12 @@ class _Call:
 
     __slots__ = ("future", "connection", "on_notification", "on_request", "_last_note")
 
-    def __init__(self, connection: _Connection, on_notification: NotificationHandler | None, on_request: RequestHandler | None):
+    def __init__(
+        self,
+        connection: _Connection,
+        on_notification: NotificationHandler | None,
+        on_request: RequestHandler | None,
+    ):
         self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.connection = connection
         self.on_notification = on_notification

@@ -66,7 +66,8 @@ class ChildServer:
         self.config = config
         self._supervisor_config = supervisor_config
         self._supervisor = supervisor
-        self._env = {**supervisor_config.env, **config.env}
+        # Servers inherit the sandbox's environment (PATH, PYTHONPATH, HOME) and add their own.
+        self._env = {**os.environ, **supervisor_config.env, **config.env}
         self.state = "starting"
         self.initialize_result: dict[str, Any] | None = None
         self.error: str | None = None
@@ -235,11 +236,12 @@ class ChildServer:
         elif self.state == "starting":
             asyncio.create_task(self._call_when_ready(gateway_id, method, params, entry))
         else:
-            self._supervisor.reply_error(
-                gateway_id, wire.INTERNAL_ERROR, f"server {self.name!r} is not running: {self.error}", {"server": self.name}
-            )
+            message = f"server {self.name!r} is not running: {self.error}"
+            self._supervisor.reply_error(gateway_id, wire.INTERNAL_ERROR, message, {"server": self.name})
 
-    async def _call_when_ready(self, gateway_id: Any, method: str, params: dict[str, Any] | None, entry: list[Any]) -> None:
+    async def _call_when_ready(
+        self, gateway_id: Any, method: str, params: dict[str, Any] | None, entry: list[Any]
+    ) -> None:
         await self._settled.wait()
         if self._supervisor.call_entry(gateway_id) is entry:  # not cancelled, same gateway
             self.call(gateway_id, method, params, entry)

@@ -29,7 +29,7 @@ class SupervisorConfig:
     """Path of the gateway's socket, as the supervisor sees it."""
     servers: list[ServerConfig]
     env: dict[str, str] = field(default_factory=dict)
-    """The environment every server starts from; a server's own `env` is added to it."""
+    """Added to the supervisor's own environment for every server; a server's `env` comes on top."""
     protocol_version: str = PROTOCOL_VERSION
     client_capabilities: dict[str, Any] = field(default_factory=lambda: dict(CLIENT_CAPABILITIES))
     init_timeout: float = 60.0

@@ -1,0 +1,49 @@
+"""What a sandbox backend does, whatever runs the sandboxes (runsc here; Docker or Kubernetes later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from sandbox.limits import Limits
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a backend needs to start one sandbox."""
+
+    id: str
+    directory: Path
+    """The sandbox's own dir on the host: the backend keeps its files (bundle, logs) here."""
+    workspace: Path
+    """The user's workspace, mounted read-write at /workspace."""
+    channel: Path
+    """The channel dir, mounted at /run/mcpfleet: the supervisor's config and the gateway's socket."""
+    limits: Limits
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class Container:
+    id: str
+    status: str
+    """"running", "created", "paused" or "stopped"."""
+
+
+class SandboxBackend(Protocol):
+    name: str
+    """Recorded with each sandbox in the database."""
+
+    async def start(self, spec: SandboxSpec) -> None:
+        """Start the sandbox with the supervisor as its init; returns once it runs (detached)."""
+
+    async def destroy(self, sandbox_id: str, *, grace: float = 0.0) -> None:
+        """Stop the sandbox if it runs (asking nicely for up to `grace` seconds first) and free
+        everything the backend holds for it. Idempotent."""
+
+    async def is_alive(self, sandbox_id: str) -> bool: ...
+
+    async def list(self) -> list[Container]:
+        """Every sandbox this backend knows of, running or not."""

@@ -1,0 +1,218 @@
+"""Sandboxes as gVisor containers run directly with `runsc`, from OCI bundles.
+
+Containers are started detached, in their own session, so they outlive the
+gateway process: a restarted gateway finds them in `runsc list` and reconnects.
+Every command runs with the same flags: no network at all, and host Unix
+sockets that may be opened (connected to) but not created, which is all the
+supervisor needs to reach the gateway's socket in its channel dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+from sandbox.backend import Container, SandboxSpec
+from sandbox.bundle import build_bundle
+from sandbox.errors import SandboxUnavailable
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT = 60.0
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+class RunscError(SandboxUnavailable):
+    """A runsc command failed."""
+
+
+class RunscBackend:
+    name = "runsc"
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        runsc: str = "runsc",
+        platform: str | None = None,
+        cgroup_parent: str = "/mcpfleet",
+    ):
+        """`root` holds runsc's state; `cgroup_parent` is where each sandbox's cgroup goes (v1 or v2)."""
+        self.root = Path(root)
+        self.runsc = runsc
+        self.platform = platform
+        self.cgroup_parent = cgroup_parent.rstrip("/")
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _flags(self) -> list[str]:
+        flags = ["--root", str(self.root), "--network=none", "--host-uds=open"]
+        if self.platform:
+            flags.append(f"--platform={self.platform}")
+        return flags
+
+    async def _run(self, *args: str, log_file: Path | None = None, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str]:
+        argv = [self.runsc, *self._flags()]
+        if log_file is not None:
+            argv += ["--log", str(log_file)]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RunscError(f"runsc {args[0]} did not finish within {timeout:.0f}s") from None
+        return proc.returncode or 0, out.decode(errors="replace").strip()
+
+    # -- SandboxBackend -----------------------------------------------------------------
+
+    async def start(self, spec: SandboxSpec) -> None:
+        bundle = build_bundle(spec, spec.directory / "bundle", cgroups_path=f"{self.cgroup_parent}/{spec.id}")
+        await self._launch(spec, "run", "--detach", "--bundle", str(bundle), spec.id)
+
+    async def _launch(self, spec: SandboxSpec, *args: str) -> None:
+        """`runsc run` or `restore`, whose sandbox keeps the console log as its stdout and stderr."""
+        console = os.open(spec.directory / "console.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.runsc,
+                *self._flags(),
+                "--log",
+                str(spec.directory / "runsc.log"),
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=console,
+                stderr=console,
+                start_new_session=True,  # not in the gateway's process group: a ^C there must not reach it
+            )
+        finally:
+            os.close(console)
+        try:
+            code = await asyncio.wait_for(proc.wait(), COMMAND_TIMEOUT)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            code = -1
+        if code != 0:
+            await self.destroy(spec.id)
+            raise RunscError(f"runsc {args[0]} failed ({code}): {_tail(spec.directory / 'console.log')}")
+
+    async def destroy(self, sandbox_id: str, *, grace: float = 0.0) -> None:
+        if grace > 0 and (await self._run("kill", sandbox_id, "TERM"))[0] == 0:
+            # The supervisor passes SIGTERM to its servers and exits, which ends the sandbox.
+            deadline = asyncio.get_running_loop().time() + grace
+            while await self.is_alive(sandbox_id) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+        await self._run("kill", sandbox_id, "KILL")
+        code, out = await self._run("delete", "--force", sandbox_id)
+        if code != 0 and "does not exist" not in out:
+            log.warning("runsc delete %s: %s", sandbox_id, out)
+        for pid in self._processes(sandbox_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._remove_cgroups(sandbox_id)
+
+    async def is_alive(self, sandbox_id: str) -> bool:
+        code, out = await self._run("state", sandbox_id)
+        if code != 0:
+            return False
+        try:
+            return json.loads(out).get("status") == "running"
+        except ValueError:
+            return False
+
+    async def list(self) -> list[Container]:
+        code, out = await self._run("list", "--format=json")
+        if code != 0:
+            raise RunscError(f"runsc list failed: {out}")
+        return [Container(id=c["id"], status=c["status"]) for c in json.loads(out) or []]
+
+    # -- beyond the protocol --------------------------------------------------------------
+
+    async def checkpoint(self, sandbox_id: str, image_dir: Path) -> None:
+        """Save the sandbox's whole state (memory included) to `image_dir`; the sandbox stops.
+
+        gVisor refuses (and the sandbox dies) while it holds a host socket: detach
+        the supervisor's channel first (`SupervisorClient.detach()`).
+        """
+        image_dir.mkdir(parents=True, exist_ok=True)
+        code, out = await self._run("checkpoint", "--image-path", str(image_dir), sandbox_id, timeout=300)
+        if code != 0:
+            raise RunscError(f"runsc checkpoint failed ({code}): {out[-2000:]}")
+
+    async def restore(self, spec: SandboxSpec, image_dir: Path) -> None:
+        """Run a checkpointed sandbox again, from its bundle and `image_dir`, under the same id."""
+        await self._run("delete", "--force", spec.id)
+        await self._launch(
+            spec,
+            "restore",
+            "--detach",
+            "--bundle",
+            str(spec.directory / "bundle"),
+            "--image-path",
+            str(image_dir),
+            spec.id,
+        )
+
+    def stray_processes(self, keep: set[str]) -> list[int]:
+        """runsc processes under our root that belong to no sandbox in `keep`."""
+        strays = []
+        for pid, argv in _runsc_processes(self.root):
+            if not any(sandbox_id in arg for arg in argv for sandbox_id in keep):
+                strays.append(pid)
+        return strays
+
+    def kill_strays(self, keep: set[str]) -> int:
+        strays = self.stray_processes(keep)
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return len(strays)
+
+    def _processes(self, sandbox_id: str) -> list[int]:
+        return [pid for pid, argv in _runsc_processes(self.root) if any(sandbox_id in arg for arg in argv)]
+
+    def _remove_cgroups(self, sandbox_id: str) -> None:
+        relative = f"{self.cgroup_parent}/{sandbox_id}".lstrip("/")
+        for controller in [CGROUP_ROOT, *CGROUP_ROOT.glob("*")] if CGROUP_ROOT.is_dir() else []:
+            path = controller / relative
+            if path.is_dir():
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+
+
+def _runsc_processes(root: Path) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of the live runsc processes (gofer, sandbox, commands) that use `root`."""
+    marker = f"--root={root}"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            continue
+        if argv and argv[0].startswith("runsc") and (marker in argv or any(a == str(root) for a in argv)):
+            found.append((int(entry.name), argv))
+    return found
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:].strip() or "(no output)"
+    except OSError:
+        return "(no output)"
