@@ -132,26 +132,27 @@ def hog_memory(mb: int) -> str:
 
 @server.tool()
 def fork_many(n: int) -> str:
+    import subprocess
+
     children, error = [], None
     for _ in range(n):
         try:
-            pid = os.fork()
+            children.append(subprocess.Popen(["sleep", "30"]))
         except OSError as exc:
             error = exc.strerror
             break
-        if pid == 0:
-            time.sleep(5)
-            os._exit(0)
-        children.append(pid)
-    for pid in children:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-    return f"forked {len(children)}" + (f", then: {error}" if error else "")
+    for child in children:
+        child.kill()
+        child.wait()
+    return f"started {len(children)}" + (f", then: {error}" if error else "")
 
 
 if __name__ == "__main__":
     server.run()
 '''
+
+
+BROKEN_SERVER = "import sys; print('no such luck', file=sys.stderr); sys.exit(7)"
 
 
 def write_fixture(directory: Path) -> Path:
@@ -162,6 +163,11 @@ def write_fixture(directory: Path) -> Path:
 
 def text(result: dict) -> str:
     return result["content"][0]["text"]
+
+
+def tool(client: SupervisorClient, name: str, server: str = "fixture", **arguments):
+    """A tools/call through the supervisor (a coroutine)."""
+    return client.request(server, "tools/call", {"name": name, "arguments": arguments})
 
 
 def payload(result: dict) -> dict:
@@ -175,7 +181,8 @@ class RunningSupervisor:
     def __init__(self, directory: Path, servers: list[ServerConfig]):
         self.socket = directory / "gateway.sock"
         self.config_path = directory / "supervisor.json"
-        SupervisorConfig(socket=str(self.socket), servers=servers, env=dict(os.environ), init_timeout=30).write(self.config_path)
+        config = SupervisorConfig(socket=str(self.socket), servers=servers, env=dict(os.environ), init_timeout=30)
+        config.write(self.config_path)
         self.log = open(directory / "supervisor.log", "ab")
         self.process: subprocess.Popen | None = None
 
@@ -209,7 +216,7 @@ async def supervised(workdir: Path):
         [
             ServerConfig(name="fixture", argv=[sys.executable, str(fixture)]),
             ServerConfig(name="other", argv=[sys.executable, str(fixture)]),
-            ServerConfig(name="broken", argv=[sys.executable, "-c", "import sys; print('no such luck', file=sys.stderr); sys.exit(7)"]),
+            ServerConfig(name="broken", argv=[sys.executable, "-c", BROKEN_SERVER]),
         ],
     )
     client = SupervisorClient(supervisor.socket)
@@ -227,6 +234,13 @@ async def wait_for_state(client: SupervisorClient, server: str, state: str, time
         if time.monotonic() > deadline:
             raise AssertionError(f"{server} never became {state}: {client.servers.get(server)}")
         await asyncio.sleep(0.05)
+
+
+PIPE = asyncio.subprocess.PIPE
+
+
+def jsonrpc(message: dict) -> bytes:
+    return (json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode()
 
 
 async def direct_call(fixture: Path, method: str, params: dict) -> dict:
@@ -293,8 +307,9 @@ async def test_result_is_passed_through_raw(supervised, workdir):
     assert through.keys() == direct.keys() == {"content", "isError"}
     assert payload(through).keys() == payload(direct).keys()
     assert through["isError"] is direct["isError"] is False
-    echoed = await client.request("fixture", "tools/call", {"name": "echo", "arguments": {"text": "héllo\nworld"}})
-    assert echoed == (await direct_call(workdir / "fixture_server.py", "tools/call", {"name": "echo", "arguments": {"text": "héllo\nworld"}}))["result"]
+    params = {"name": "echo", "arguments": {"text": "héllo\nworld"}}
+    echoed = await client.request("fixture", "tools/call", params)
+    assert echoed == (await direct_call(workdir / "fixture_server.py", "tools/call", params))["result"]
 
 
 async def test_jsonrpc_errors_keep_code_message_and_data(supervised, workdir):
@@ -386,7 +401,8 @@ async def test_sampling_error_from_the_handler_reaches_the_server(supervised):
 
     # The SDK lets a sampling error escape the tool as the call's JSON-RPC error.
     with pytest.raises(SandboxRpcError) as caught:
-        await client.request("fixture", "tools/call", {"name": "sample", "arguments": {"prompt": "x"}}, on_request=refuse)
+        params = {"name": "sample", "arguments": {"prompt": "x"}}
+        await client.request("fixture", "tools/call", params, on_request=refuse)
     assert (caught.value.code, caught.value.message) == (-1, "user said no")
 
 
@@ -394,7 +410,7 @@ async def test_fifty_concurrent_calls_on_one_channel(supervised):
     _, client = supervised
     words = [f"word-{i}" for i in range(80)]
     results = await asyncio.gather(
-        *(client.request(server, "tools/call", {"name": "echo", "arguments": {"text": w}}) for w in words for server in ("fixture", "other"))
+        *(tool(client, "echo", server=server, text=w) for w in words for server in ("fixture", "other"))
     )
     assert [text(r) for r in results] == [w for w in words for _ in (0, 1)]
 
@@ -403,7 +419,7 @@ async def test_timeout_cancels_the_call(supervised):
     _, client = supervised
     with pytest.raises(TimeoutError):
         await client.request("fixture", "tools/call", {"name": "slow", "arguments": {"seconds": 5}}, timeout=0.2)
-    assert text(await client.request("fixture", "tools/call", {"name": "echo", "arguments": {"text": "still here"}})) == "still here"
+    assert text(await tool(client, "echo", text="still here")) == "still here"
 
 
 async def test_list_changed_reaches_listeners_and_refreshes_the_catalog(supervised):
@@ -430,16 +446,16 @@ async def test_child_crash_fails_its_calls_and_it_is_restarted(supervised):
     events: list[SandboxEvent] = []
     remove = client.add_listener(events.append)
     try:
-        first_pid = payload(await client.request("fixture", "tools/call", {"name": "whoami", "arguments": {}}))["pid"]
-        slow = asyncio.create_task(client.request("fixture", "tools/call", {"name": "slow", "arguments": {"seconds": 3}}))
+        first_pid = payload(await tool(client, "whoami"))["pid"]
+        slow = asyncio.create_task(tool(client, "slow", seconds=3))
         await asyncio.sleep(0.1)
         with pytest.raises(SandboxRpcError) as caught:
-            await client.request("fixture", "tools/call", {"name": "crash", "arguments": {}})
+            await tool(client, "crash")
         assert "exited with code 3" in caught.value.message and "restarted" in caught.value.message
         with pytest.raises(SandboxRpcError, match="exited with code 3"):
             await slow
         await wait_for_state(client, "fixture", "ready")
-        again = await client.request("fixture", "tools/call", {"name": "whoami", "arguments": {}})
+        again = await tool(client, "whoami")
         assert payload(again)["pid"] != first_pid
         states = [e.params["state"] for e in events if e.method == STATUS_METHOD and e.server == "fixture"]
         assert states[0] == "failed" and states[-1] == "ready"
@@ -453,18 +469,18 @@ async def test_detach_then_listen_again_reconnects(supervised):
     assert not client.connected
     assert not supervisor.socket.exists()
     with pytest.raises(SandboxUnavailable):
-        await client.request("fixture", "tools/call", {"name": "echo", "arguments": {"text": "x"}})
+        await tool(client, "echo", text="x")
     await asyncio.sleep(0.3)
     await client.listen()
     await client.wait_ready(5)
-    assert text(await client.request("fixture", "tools/call", {"name": "counter", "arguments": {}})).isdigit()
+    assert text(await tool(client, "counter")).isdigit()
 
 
 async def test_a_new_gateway_gets_the_running_servers(supervised):
     """The gateway process restarts: a new client on the same socket path, the same children."""
     supervisor, client = supervised
-    before = await client.request("fixture", "tools/call", {"name": "counter", "arguments": {}})
-    in_flight = asyncio.create_task(client.request("fixture", "tools/call", {"name": "slow", "arguments": {"seconds": 2}}))
+    before = await tool(client, "counter")
+    in_flight = asyncio.create_task(tool(client, "slow", seconds=2))
     await asyncio.sleep(0.1)
     await client.close()
     with pytest.raises(SandboxUnavailable):
@@ -481,13 +497,14 @@ async def test_a_new_gateway_gets_the_running_servers(supervised):
 async def test_supervisor_death_fails_calls_in_flight(workdir):
     directory = workdir / "dying"
     directory.mkdir()
-    supervisor = RunningSupervisor(directory, [ServerConfig(name="fixture", argv=[sys.executable, str(write_fixture(directory))])])
+    fixture = ServerConfig(name="fixture", argv=[sys.executable, str(write_fixture(directory))])
+    supervisor = RunningSupervisor(directory, [fixture])
     client = SupervisorClient(supervisor.socket)
     await client.listen()
     supervisor.start()
     try:
         await client.wait_ready(60)
-        call = asyncio.create_task(client.request("fixture", "tools/call", {"name": "slow", "arguments": {"seconds": 5}}))
+        call = asyncio.create_task(tool(client, "slow", seconds=5))
         await asyncio.sleep(0.2)
         supervisor.process.send_signal(signal.SIGKILL)
         with pytest.raises(SandboxUnavailable):
@@ -503,20 +520,20 @@ async def test_supervisor_overhead_per_call(supervised, workdir):
     _, client = supervised
     params = {"name": "echo", "arguments": {"text": "x"}}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(workdir / "fixture_server.py"), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        sys.executable, str(workdir / "fixture_server.py"), stdin=PIPE, stdout=PIPE
     )
     through, direct = [], []
     try:
         init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
-        proc.stdin.write((json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}) + "\n").encode())
+        proc.stdin.write(jsonrpc({"id": 0, "method": "initialize", "params": init}))
         await proc.stdout.readline()
-        proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        proc.stdin.write(jsonrpc({"method": "notifications/initialized"}))
         for i in range(1, 301):
             started = time.perf_counter()
             await client.request("fixture", "tools/call", params)
             through.append(time.perf_counter() - started)
             started = time.perf_counter()
-            proc.stdin.write((json.dumps({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": params}) + "\n").encode())
+            proc.stdin.write(jsonrpc({"id": i, "method": "tools/call", "params": params}))
             json.loads(await proc.stdout.readline())
             direct.append(time.perf_counter() - started)
     finally:
