@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from gateway.auth import ApiKeyVerifier
 from gateway.db import open_pool
+from gateway.http_headers import TrimHeaderWhitespace
 from gateway.routing import Router
 from gateway.settings import Settings
 
@@ -96,6 +97,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
             Route("/readyz", readyz),
         ],
         middleware=[
+            Middleware(TrimHeaderWhitespace),
             Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(verifier)),
             Middleware(AuthContextMiddleware),
         ],

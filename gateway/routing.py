@@ -8,14 +8,17 @@ as the servers give them and routed by lookup.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mcp_types as types
 from mcp.server.caching import CACHEABLE_METHODS, CacheHint
+from mcp.server.connection import allowed_log_levels
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.shared.exceptions import MCPError
@@ -106,6 +109,12 @@ class Router:
         self._bare_servers = bare_servers
 
     def server(self) -> Server[Any]:
+        with warnings.catch_warnings():
+            # logging/setLevel is gone at 2026-07-28 but 2025-11-25 clients still send it.
+            warnings.simplefilter("ignore")
+            return self._server()
+
+    def _server(self) -> Server[Any]:
         return Server(
             "mcpfleet",
             version="0.1.0",
@@ -120,6 +129,7 @@ class Router:
             on_subscribe_resource=self.subscribe_resource,
             on_unsubscribe_resource=self.unsubscribe_resource,
             on_completion=self.complete,
+            on_set_logging_level=self.set_logging_level,
             # What a user sees depends on who they are and may change with any approval:
             # results are theirs alone and stale at once.
             cache_hints={method: CacheHint(ttl_ms=0, scope="private") for method in CACHEABLE_METHODS},
@@ -154,7 +164,11 @@ class Router:
     async def _forward(
         self, ctx: ServerRequestContext[Any, Any], client: Any, server: str, method: str, params: dict[str, Any]
     ) -> dict[str, Any]:
+        log_levels = allowed_log_levels(ctx.protocol_version, ctx.meta)
+
         async def relay_notification(n_method: str, n_params: dict[str, Any] | None) -> None:
+            if n_method == "notifications/message" and (n_params or {}).get("level") not in log_levels:
+                return  # a 2026-07-28 request gets log messages only at the level it asked for
             try:
                 notification = _notification_adapter.validate_python(
                     {"method": n_method, **({"params": n_params} if n_params is not None else {})}
@@ -206,7 +220,7 @@ class Router:
         _, client, catalog = await self._catalog(ctx)
         server, tool = _owner(catalog.tool_owner, params.name, "tool")
         forwarded: dict[str, Any] = {"name": tool, "arguments": params.arguments or {}}
-        meta = _forwarded_meta(params.meta)
+        meta = _forwarded_meta(ctx)
         if meta:
             forwarded["_meta"] = meta
         return await self._forward(ctx, client, server, "tools/call", forwarded)
@@ -220,7 +234,9 @@ class Router:
     async def get_prompt(self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams) -> dict[str, Any]:
         _, client, catalog = await self._catalog(ctx)
         server, prompt = _owner(catalog.prompt_owner, params.name, "prompt")
-        forwarded = {"name": prompt, "arguments": params.arguments or {}}
+        forwarded: dict[str, Any] = {"name": prompt, "arguments": params.arguments or {}}
+        if meta := _forwarded_meta(ctx):
+            forwarded["_meta"] = meta
         return await self._forward(ctx, client, server, "prompts/get", forwarded)
 
     # -- resources --------------------------------------------------------------------------
@@ -257,10 +273,33 @@ class Router:
         client, server = await self._resource_server(ctx, uri)
         return await self._forward(ctx, client, server, "resources/unsubscribe", {"uri": uri})
 
+    # -- logging (2025-11-25) ---------------------------------------------------------------
+
+    async def set_logging_level(self, ctx: ServerRequestContext[Any, Any], params: types.SetLevelRequestParams) -> dict[str, Any]:
+        """Passed to every server of the user's sandbox that keeps a log level."""
+        _, client, _ = await self._catalog(ctx)
+        servers = list(await client.catalog())
+
+        async def set_level(server: str) -> None:
+            try:
+                await client.request(server, "logging/setLevel", {"level": params.level})
+            except SandboxRpcError as exc:
+                if exc.code != types.METHOD_NOT_FOUND:
+                    log.info("server %s refused logging/setLevel: %s", server, exc.message)
+
+        try:
+            await asyncio.gather(*(set_level(server) for server in servers))
+        except SandboxUnavailable as exc:
+            raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox stopped: {exc}; call again") from None
+        return {}
+
     # -- completion -------------------------------------------------------------------------
 
     async def complete(self, ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams) -> dict[str, Any]:
         forwarded = params.model_dump(by_alias=True, mode="json", exclude_none=True)
+        forwarded.pop("_meta", None)
+        if meta := _forwarded_meta(ctx):
+            forwarded["_meta"] = meta
         ref = forwarded["ref"]
         if ref.get("type") == "ref/prompt":
             _, client, catalog = await self._catalog(ctx)
@@ -278,11 +317,14 @@ _ENVELOPE_KEYS = frozenset(
 )
 
 
-def _forwarded_meta(meta: Any) -> dict[str, Any]:
-    """What of a request's `_meta` travels on to the server: progress tokens and the like, which it answers through us."""
-    if meta is None:
+def _forwarded_meta(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
+    """What of a request's `_meta` travels on to the server: progress tokens and the like, which it answers through us.
+
+    Read from the request as it came on the wire (`ctx.params`), where keys keep their wire names.
+    """
+    raw = (ctx.params or {}).get("_meta")
+    if not isinstance(raw, Mapping):
         return {}
-    raw = meta.model_dump(by_alias=True, mode="json", exclude_none=True) if isinstance(meta, BaseModel) else dict(meta)
     return {k: v for k, v in raw.items() if k not in _ENVELOPE_KEYS}
 
 

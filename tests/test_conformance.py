@@ -4,12 +4,10 @@ Two targets:
 
 - the fixture server itself, served over Streamable HTTP: it must pass everything;
 - the gateway, where a user's `conformance` server runs in their sandbox. The suite sends no
-  credentials and calls fixtures by their bare names, so a loopback proxy in front of the
-  gateway adds a test user's API key and shows the suite that one server's view of the
-  gateway: it prefixes tool and prompt names with `conformance__` on the way in and strips
-  the prefix (and other servers' entries) from listings on the way out. Everything else,
-  headers and streams included, passes through untouched, except that header values lose
-  the whitespace around them, as HTTP lets any intermediary do.
+  credentials, so a loopback proxy in front of the gateway adds a test user's API key and
+  changes nothing else. The suite calls the fixtures by their bare names (`test_simple_text`),
+  so this gateway runs with `MCPFLEET_BARE_TOOL_NAMES=conformance`, the product's option for
+  clients that call fixed names; the user also sees the other servers' namespaced tools.
 
 A scenario may fail only if `tests/conformance/expected-failures.json` lists it (or the failing
 check, as `scenario:check-id`) with its reason; an entry whose scenario now passes fails the
@@ -18,6 +16,7 @@ test too, so the list never outlives the problem. Needs only loopback networking
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -26,14 +25,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE_DIR = ROOT / "tests" / "conformance"
@@ -41,7 +39,6 @@ SUITE_BIN = SUITE_DIR / "node_modules" / ".bin"
 EXPECTED_FAILURES = SUITE_DIR / "expected-failures.json"
 REVISIONS = ("2025-11-25", "2026-07-28")
 SERVER = "conformance"  # the fixture server's name in a sandbox
-PREFIX = f"{SERVER}__"
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -183,162 +180,99 @@ def test_fixture_server(fixture_url: str, revision: str, tmp_path: Path) -> None
     judge(verdicts, expected_failures("fixture", revision), f"fixture server at {revision}")
 
 
-# -- the gateway, behind a proxy that supplies the key and one server's view ---------------------
+# -- the gateway, behind a proxy that supplies the key -------------------------------------------
 
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"}
-_PREFIXED_METHODS = {"tools/call", "prompts/get"}
+class KeyProxy:
+    """A byte-level loopback proxy: each HTTP/1.1 request goes to the gateway exactly as the suite
+    sent it, with one header more, the test user's `Authorization`; responses come back untouched.
 
+    Byte-level on purpose: an HTTP library in between would normalise what the suite sends
+    (header whitespace, for one) and hide what the gateway does with it."""
 
-def _to_gateway(message: Any) -> Any:
-    """Name the conformance server's tools and prompts as the gateway does."""
-    if isinstance(message, list):
-        return [_to_gateway(m) for m in message]
-    if not isinstance(message, dict) or not isinstance(message.get("params"), dict):
-        return message
-    params = message["params"]
-    if message.get("method") in _PREFIXED_METHODS and isinstance(params.get("name"), str):
-        params["name"] = PREFIX + params["name"]
-    if message.get("method") == "completion/complete":
-        ref = params.get("ref")
-        if isinstance(ref, dict) and ref.get("type") == "ref/prompt" and isinstance(ref.get("name"), str):
-            ref["name"] = PREFIX + ref["name"]
-    return message
+    def __init__(self, upstream_port: int, api_key: str):
+        self.upstream_port = upstream_port
+        self.auth = f"Authorization: Bearer {api_key}\r\n".encode()
 
-
-def _from_gateway(message: Any) -> Any:
-    """Show only the conformance server's tools and prompts, under their own names."""
-    if isinstance(message, list):
-        return [_from_gateway(m) for m in message]
-    result = message.get("result") if isinstance(message, dict) else None
-    if isinstance(result, dict):
-        for key in ("tools", "prompts"):
-            if isinstance(result.get(key), list):
-                result[key] = [
-                    {**entry, "name": entry["name"][len(PREFIX) :]}
-                    for entry in result[key]
-                    if isinstance(entry, dict) and str(entry.get("name", "")).startswith(PREFIX)
-                ]
-    return message
-
-
-class GatewayView:
-    """ASGI app: forwards every request to the gateway with the user's key, names mapped."""
-
-    def __init__(self, upstream: str, api_key: str):
-        self.upstream = upstream
-        self.api_key = api_key
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(30, read=None))
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            event = await receive()
-            body += event.get("body", b"")
-            if not event.get("more_body"):
-                break
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP and k.lower() != "authorization"]
-        if body:
-            body, headers = self._rewrite_request(body, headers)
-        headers.append(("authorization", f"Bearer {self.api_key}"))
-        query = scope.get("query_string", b"").decode("latin-1")
-        request = self.client.build_request(
-            scope["method"], self.upstream + (f"?{query}" if query else ""), headers=headers, content=body
-        )
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        back = asyncio.create_task(self._pipe(up_reader, writer))
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            await _respond(send, 502, [(b"content-type", b"text/plain")], f"gateway unreachable: {exc}".encode())
-            return
-        try:
-            kind = response.headers.get("content-type", "")
-            out_headers = [
-                (k.encode("latin-1"), v.encode("latin-1"))
-                for k, v in response.headers.multi_items()
-                if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"
-            ]
-            if kind.startswith("application/json"):
-                data = await response.aread()
+            while True:
                 try:
-                    data = json.dumps(_from_gateway(json.loads(data))).encode()
-                except ValueError:
-                    pass
-                await _respond(send, response.status_code, out_headers, data)
-                return
-            await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
-            chunks = (
-                _rewrite_sse(response.aiter_bytes()) if kind.startswith("text/event-stream") else response.aiter_bytes()
-            )
-            async for chunk in chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                request_line, _, fields = head.partition(b"\r\n")
+                kept = [f for f in fields.split(b"\r\n") if f and not f.lower().startswith(b"authorization:")]
+                length = next((int(f.split(b":", 1)[1]) for f in kept if f.lower().startswith(b"content-length:")), 0)
+                body = await reader.readexactly(length) if length else b""
+                up_writer.write(request_line + b"\r\n" + b"".join(f + b"\r\n" for f in kept) + self.auth + b"\r\n" + body)
+                await up_writer.drain()
         finally:
-            await response.aclose()
+            up_writer.close()
+            await back
+            writer.close()
 
-    def _rewrite_request(self, body: bytes, headers: list[tuple[str, str]]) -> tuple[bytes, list[tuple[str, str]]]:
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         try:
-            message = json.loads(body)
-        except ValueError:
-            return body, headers
-        method = message.get("method") if isinstance(message, dict) else None
-        if method in _PREFIXED_METHODS:
-            headers = [(k, PREFIX + v if k.lower() == "mcp-name" else v) for k, v in headers]
-        return json.dumps(_to_gateway(message)).encode(), headers
+            while chunk := await source.read(65536):
+                sink.write(chunk)
+                await sink.drain()
+        except ConnectionError:
+            pass
+        finally:
+            sink.close()
 
 
-async def _rewrite_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Rewrite each `data:` line of an event stream as it arrives, keeping everything else."""
-    pending = b""
-    async for chunk in chunks:
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        if lines:
-            yield b"".join(_rewrite_sse_line(line) + b"\n" for line in lines)
-    if pending:
-        yield _rewrite_sse_line(pending)
+def serve_in_thread(proxy: KeyProxy, port: int) -> Callable[[], None]:
+    """Runs the proxy on its own event loop in a thread; returns a function that stops it."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
 
+    async def main() -> None:
+        server = await asyncio.start_server(proxy.handle, "127.0.0.1", port)
+        started.set()
+        async with server:
+            await server.serve_forever()
 
-def _rewrite_sse_line(line: bytes) -> bytes:
-    if not line.startswith(b"data:"):
-        return line
-    payload = line[5:].strip()
-    try:
-        return (
-            b"data: "
-            + json.dumps(_from_gateway(json.loads(payload))).encode()
-            + (b"\r" if line.endswith(b"\r") else b"")
-        )
-    except ValueError:
-        return line
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), name="key-proxy", daemon=True)
+    thread.start()
+    started.wait(10)
 
+    def stop() -> None:
+        for task in asyncio.all_tasks(loop):
+            loop.call_soon_threadsafe(task.cancel)
+        thread.join(timeout=10)
 
-async def _respond(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    headers = [*headers, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    return stop
 
 
 @pytest.fixture(scope="module")
-def gateway_view(fleet: Any) -> Iterator[str]:
-    """The URL the suite talks to: a loopback proxy in front of the gateway, as a conformance user."""
-    api_key = fleet.add_user("conformance-suite")
+def conformance_fleet(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[Any]:
+    """A gateway of its own for the suite, which calls the fixtures by their bare names
+    (`test_simple_text`): this fleet shows the `conformance` server's tools unprefixed."""
+    from tests.conftest import make_fleet
+
+    fleet = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_BARE_TOOL_NAMES=SERVER)
+    fleet.start()
+    yield fleet
+    fleet.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_view(conformance_fleet: Any) -> Iterator[str]:
+    """The URL the suite talks to: the key-adding proxy in front of the gateway."""
+    api_key = conformance_fleet.add_user("conformance-suite")
     port = free_port()
-    app = GatewayView(fleet.mcp_url, api_key)
-    # h11 drops the optional whitespace around header values, as any HTTP intermediary may.
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="gateway-view", daemon=True)
-    thread.start()
+    stop = serve_in_thread(KeyProxy(conformance_fleet.port, api_key), port)
     try:
         wait_for_port(port)
         url = f"http://127.0.0.1:{port}/mcp"
         _require_conformance_server(url)
         yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        stop()
 
 
 def _require_conformance_server(url: str) -> None:
