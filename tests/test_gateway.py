@@ -56,7 +56,7 @@ def test_wrong_and_revoked_keys_are_401(fleet):
     key = fleet.add_user("carol")
     body, headers = modern_call("workspace__list_dir", {})
     forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
-    for bad in (forged, "mcpf_000000000000_" + "x" * 43, "not-a-key", ""):
+    for bad in (forged, "mcpf_000000000000_" + "x" * 43, "not-a-key", "Bearer"):
         response = httpx.post(fleet.mcp_url, json=body, headers={**headers, "Authorization": f"Bearer {bad}"})
         assert response.status_code == 401, bad
     fleet.cli("keys", "revoke", key)
@@ -164,11 +164,11 @@ async def test_sandbox_has_no_network(fleet, alice):
         "    try:\n"
         "        s.connect((host, port)); print('CONNECTED', host)\n"
         "    except OSError as e:\n"
-        "        print('refused', host, e)\n\""
+        "        print('BLOCKED', host, e)\n\""
     )
     out = await sh(fleet, alice, probe)
     assert "CONNECTED" not in out["stdout"], out
-    assert out["stdout"].count("refused") == 3, out
+    assert out["stdout"].count("BLOCKED") == 3, out
 
 
 # -- bad input --------------------------------------------------------------------------------
