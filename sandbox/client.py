@@ -112,6 +112,7 @@ class SupervisorClient:
         self._socket_owner = socket_owner
         self._default_on_request = on_request
         self._listener: asyncio.AbstractServer | None = None
+        self._socket_inode: int | None = None
         self._connection: _Connection | None = None
         self._ready = asyncio.Event()
         self._disconnected = asyncio.Event()
@@ -137,16 +138,20 @@ class SupervisorClient:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self._listener = await asyncio.start_unix_server(self._accept, path=str(self.socket_path), limit=wire.MAX_LINE)
+        self._socket_inode = self.socket_path.stat().st_ino
         os.chmod(self.socket_path, 0o600)
         if self._socket_owner is not None:
             os.chown(self.socket_path, *self._socket_owner)
 
     async def _stop_listening(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        if self._listener is None:
+            return
+        self._listener.close()
+        self._listener = None
+        # Only our own socket file: another gateway may have taken the path over since.
         with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+            if self.socket_path.stat().st_ino == self._socket_inode:
+                self.socket_path.unlink()
 
     @property
     def connected(self) -> bool:

@@ -59,14 +59,17 @@ class RunscBackend:
         argv = [self.runsc, *self._flags()]
         if log_file is not None:
             argv += ["--log", str(log_file)]
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise RunscError(f"runsc is not installed (no {self.runsc!r} on PATH)") from None
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
         except asyncio.TimeoutError:
@@ -96,6 +99,8 @@ class RunscBackend:
                 stderr=console,
                 start_new_session=True,  # not in the gateway's process group: a ^C there must not reach it
             )
+        except FileNotFoundError:
+            raise RunscError(f"runsc is not installed (no {self.runsc!r} on PATH)") from None
         finally:
             os.close(console)
         try:

@@ -211,20 +211,56 @@ async def test_a_sandbox_killed_from_outside_fails_the_call_and_is_replaced(mana
     assert not any(sandbox.id in " ".join(argv) for _, argv in _runsc_argvs(backend))
 
 
-async def test_supervisor_round_trip_in_gvisor(manager, users):
+DIRECT_CALLS = """
+import json, statistics, subprocess, sys, time
+argv = [sys.executable, "-m", "mcp_servers.workspace"]
+server = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+def send(message):
+    server.stdin.write((json.dumps({"jsonrpc": "2.0", **message}) + "\\n").encode())
+    server.stdin.flush()
+init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}
+send({"id": 0, "method": "initialize", "params": init})
+server.stdout.readline()
+send({"method": "notifications/initialized"})
+times = []
+for i in range(1, 221):
+    started = time.perf_counter()
+    send({"id": i, "method": "ping"})
+    server.stdout.readline()
+    times.append(time.perf_counter() - started)
+server.kill()
+print(statistics.median(times[20:]))
+"""
+
+
+async def test_supervisor_overhead_in_gvisor(manager, users):
+    """The same request (an MCP ping, answered by the server: transport costs only) sent to the same kind of
+    server inside the sandbox directly, and from the gateway's side through the supervisor."""
     sandbox = await manager.ensure(*await users("alice"))
-    pings, echoes = [], []
-    for _ in range(100):
-        started = time.perf_counter()
-        await sandbox.client.ping()
-        pings.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        await call(sandbox, "echo", text="x")
-        echoes.append(time.perf_counter() - started)
+    through, pings = [], []
+
+    async def measure() -> None:
+        for _ in range(100):
+            started = time.perf_counter()
+            await sandbox.client.request("workspace", "ping")
+            through.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await sandbox.client.ping()
+            pings.append(time.perf_counter() - started)
+
+    await measure()
+    direct = float(text(await call(sandbox, "run_python", code=DIRECT_CALLS)))
+    await measure()
+    overhead = statistics.median(through[20:]) - direct
     print(
-        f"\nin gVisor, median: supervisor round trip {statistics.median(pings) * 1e3:.2f} ms, "
-        f"echo tool call {statistics.median(echoes) * 1e3:.2f} ms"
+        f"\nin gVisor, median per call: direct {direct * 1e3:.2f} ms, from the gateway's side "
+        f"{statistics.median(through[20:]) * 1e3:.2f} ms, overhead {overhead * 1e3:.2f} ms; "
+        f"supervisor ping {statistics.median(pings[20:]) * 1e3:.2f} ms"
     )
+    # Every syscall is costly under gVisor's ptrace platform and the samples are noisy (the SDK server
+    # alone takes ~5 ms per request here); tests/test_sandbox_supervisor.py holds the supervisor's own
+    # overhead to under 1 ms on the host. This catches a data path that waits or serialises.
+    assert overhead < 0.010
     results = await asyncio.gather(*(call(sandbox, "echo", text=str(i)) for i in range(60)))
     assert [text(r) for r in results] == [str(i) for i in range(60)]
 

@@ -27,6 +27,8 @@ STABLE_AFTER = 60.0
 """A child that ran this long before exiting is restarted without delay growth."""
 STOP_GRACE = 2.0
 STDERR_TAIL = 20
+MIN_SECRET = 6
+"""Environment values this long or longer are masked in a server's stderr."""
 
 # Notifications about the session rather than one request; never tied to a call.
 _SESSION_NOTIFICATIONS = frozenset(
@@ -68,6 +70,12 @@ class ChildServer:
         self._supervisor = supervisor
         # Servers inherit the sandbox's environment (PATH, PYTHONPATH, HOME) and add their own.
         self._env = {**os.environ, **supervisor_config.env, **config.env}
+        # Values given to this server (its secrets among them) never leave through its stderr.
+        self._secrets = sorted(
+            {v.encode() for v in (*supervisor_config.env.values(), *config.env.values()) if len(v) >= MIN_SECRET},
+            key=len,
+            reverse=True,
+        )
         self.state = "starting"
         self.initialize_result: dict[str, Any] | None = None
         self.error: str | None = None
@@ -115,7 +123,6 @@ class ChildServer:
                 break
             if time.monotonic() - started > STABLE_AFTER:
                 backoff = RESTART_BACKOFF_FIRST
-            self._set_state("failed", reason)
             log(f"server {self.name} {reason}; restarting in {backoff:.1f}s")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
@@ -123,7 +130,7 @@ class ChildServer:
                 self._set_state("starting")
 
     async def _run_once(self) -> str:
-        """Start the child, handshake, serve until it exits; returns why it stopped."""
+        """Start the child, handshake, serve until it exits; returns why it stopped, as it is now "failed"."""
         self.initialize_result = None
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -137,7 +144,9 @@ class ChildServer:
                 start_new_session=True,  # its own process group, so it is killed with its children
             )
         except OSError as exc:
-            return f"could not be started: {exc}"
+            reason = f"could not be started: {exc}"
+            self._set_state("failed", reason)
+            return reason
         self._proc = proc
         self._stdin = proc.stdin
         self._stderr_tail.clear()
@@ -159,9 +168,13 @@ class ChildServer:
             self._stdin = None
             self._proc = None
             await asyncio.gather(*readers, return_exceptions=True)
+            tail = self.stderr_tail()
+            if tail:
+                reason = f"{reason} (stderr: {tail})"
+            # The new state goes out before the failed calls, so whoever sees a failure also knows why.
+            self._set_state("failed", reason)
             self._fail_pending(f"server {self.name!r} {describe_exit(proc.returncode)} while handling the request")
-        tail = self.stderr_tail()
-        return f"{reason} (stderr: {tail})" if tail else reason
+        return reason
 
     async def _initialize(self, proc: asyncio.subprocess.Process) -> str | None:
         """The MCP handshake; None when it succeeded, else why not."""
@@ -342,6 +355,8 @@ class ChildServer:
                 continue
             if not line:
                 return
+            for secret in self._secrets:
+                line = line.replace(secret, b"[redacted]")
             self._stderr_tail.append(line.decode(errors="replace").rstrip())
             out.write(prefix + line)
             out.flush()
