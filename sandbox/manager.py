@@ -90,6 +90,7 @@ class SandboxManager:
         self._locks: dict[int, asyncio.Lock] = {}
         self._touched: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- gateway lifecycle ----------------------------------------------------------------
 
@@ -158,6 +159,7 @@ class SandboxManager:
 
     async def close(self) -> None:
         """Graceful gateway stop: every sandbox is stopped and its row Reclaimed; workspaces stay."""
+        self._closing = True
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -179,6 +181,8 @@ class SandboxManager:
         if sandbox is not None and sandbox.client.connected:
             self._touch(sandbox)
             return sandbox
+        if self._closing:
+            raise SandboxUnavailable("the gateway is stopping")
         async with self._lock(user_id):
             sandbox = self._by_user.get(user_id)
             if sandbox is not None:
@@ -250,6 +254,8 @@ class SandboxManager:
             raise SandboxUnavailable(
                 f"{tenant}/{user} already has a live sandbox that this gateway does not manage"
             ) from None
+        except psycopg.Error as exc:
+            raise SandboxUnavailable(f"the sandbox database is unavailable ({type(exc).__name__})") from exc
         client = self._client(channel)
         started = time.monotonic()
         try:

@@ -163,6 +163,21 @@ if __name__ == "__main__":
 
 BROKEN_SERVER = "import sys; print('no such luck', file=sys.stderr); sys.exit(7)"
 
+# A server without the SDK, in raw JSON-RPC: it answers with the notifications it has received.
+LISTENING_SERVER = r'''
+import json, sys
+seen = []
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message:
+        seen.append([message["method"], message.get("params")])
+        continue
+    result = {"protocolVersion": "2025-11-25", "capabilities": {}, "serverInfo": {"name": "raw", "version": "0"}}
+    if message["method"] != "initialize":
+        result = {"seen": seen}
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+'''
+
 
 def write_fixture(directory: Path) -> Path:
     path = directory / "fixture_server.py"
@@ -226,6 +241,7 @@ async def supervised(workdir: Path):
             ServerConfig(name="fixture", argv=[sys.executable, str(fixture)]),
             ServerConfig(name="other", argv=[sys.executable, str(fixture)]),
             ServerConfig(name="broken", argv=[sys.executable, "-c", BROKEN_SERVER]),
+            ServerConfig(name="raw", argv=[sys.executable, "-c", LISTENING_SERVER]),
         ],
     )
     client = SupervisorClient(supervisor.socket)
@@ -422,6 +438,18 @@ async def test_fifty_concurrent_calls_on_one_channel(supervised):
         *(tool(client, "echo", server=server, text=w) for w in words for server in ("fixture", "other"))
     )
     assert [text(r) for r in results] == [w for w in words for _ in (0, 1)]
+
+
+async def test_client_notifications_reach_one_server_or_all(supervised):
+    _, client = supervised
+    await client.notify("raw", "notifications/roots/list_changed")
+    await client.notify(None, "notifications/roots/list_changed", {"why": "everyone"})
+    seen = (await client.request("raw", "anything/at_all"))["seen"]
+    assert seen == [
+        ["notifications/initialized", None],
+        ["notifications/roots/list_changed", None],
+        ["notifications/roots/list_changed", {"why": "everyone"}],
+    ]
 
 
 async def test_large_messages_both_ways(supervised):
