@@ -145,6 +145,9 @@ async def test_root_is_read_only_and_the_project_is_not_visible(manager, users):
     assert "error" in text(await call(sandbox, "read_file", path="/opt/mcpfleet/lib/../../../work/main/pyproject.toml"))
     assert "error" in text(await call(sandbox, "read_file", path=str(manager.home / "runsc" / "x")))
     assert text(await call(sandbox, "write_file", path="/tmp/scratch", text="fine")) == "written"
+    # The servers' environment was in the supervisor's config; it is read once and gone.
+    assert "error" in text(await call(sandbox, "read_file", path="/run/mcpfleet/supervisor.json"))
+    assert not (sandbox.directory / "channel" / "supervisor.json").exists()
 
 
 async def test_two_users_see_only_their_own_workspace(manager, users):

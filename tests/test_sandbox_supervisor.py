@@ -549,6 +549,7 @@ async def test_a_servers_environment_never_leaves_through_its_stderr(workdir):
     supervisor.start()
     try:
         await client.wait_ready(30)
+        assert not supervisor.config_path.exists()  # the supervisor keeps the environment in memory only
         error = client.servers["leaky"]["error"]
         assert "token is [redacted]" in error and secret not in error
         with pytest.raises(SandboxRpcError) as caught:

@@ -57,3 +57,11 @@ class SupervisorConfig:
     @classmethod
     def read(cls, path: str | Path) -> SupervisorConfig:
         return cls.from_json(Path(path).read_text())
+
+    @classmethod
+    def consume(cls, path: str | Path) -> SupervisorConfig:
+        """Read and delete: the servers' environment (secrets) stays only in the supervisor's memory,
+        out of reach of code run in the sandbox later and off the host's disk."""
+        config = cls.read(path)
+        Path(path).unlink()
+        return config

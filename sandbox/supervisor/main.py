@@ -129,5 +129,5 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m sandbox.supervisor CONFIG.json", file=sys.stderr)
         return 2
-    config = SupervisorConfig.read(argv[0])
+    config = SupervisorConfig.consume(argv[0])
     return run_as_init(lambda: asyncio.run(Supervisor(config).run()))
