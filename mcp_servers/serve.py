@@ -10,8 +10,11 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.streamable_http import EventStore
+
+from mcp_servers.stdio import serve_stdio
 
 
 def parse_args(prog: str, description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -31,7 +34,7 @@ def run(
 ) -> None:
     """Serve until the client goes away (stdio) or the process is stopped (HTTP)."""
     if args.transport == "stdio":
-        server.run("stdio")
+        anyio.run(serve_stdio, server)
         return
     import uvicorn  # only the HTTP transport needs it
 

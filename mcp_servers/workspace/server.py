@@ -177,10 +177,14 @@ _Tool = TypeVar("_Tool", bound=Callable[..., Any])
 
 
 def _explaining_os_errors(tool: _Tool) -> _Tool:
-    """Report what the file system said (permission denied, not a directory...) as the tool's error."""
+    """Report what the file system said (permission denied, not a directory...) as the tool's error.
+
+    The wrapper is a coroutine so the SDK runs the tool on the event loop instead of in a worker
+    thread: each file operation is bounded (reads and writes are capped) and in a gVisor sandbox a
+    thread hand-off costs more than the work itself."""
 
     @functools.wraps(tool)
-    def explained(**arguments: Any) -> Any:
+    async def explained(**arguments: Any) -> Any:
         try:
             return tool(**arguments)
         except FileNotFoundError:
