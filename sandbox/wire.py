@@ -65,6 +65,35 @@ def decode(line: bytes) -> dict[str, Any]:
     return message
 
 
+class LineSplitter:
+    """Cuts a byte stream into lines, as it arrives; a line longer than `limit` is an error."""
+
+    def __init__(self, limit: int = MAX_LINE):
+        self.limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The complete lines `data` ends (without their newlines, empty ones dropped)."""
+        if b"\n" not in data:
+            self._parts.append(data)
+            self._size += len(data)
+            if self._size > self.limit:
+                self._parts, self._size = [], 0
+                raise ValueError(f"a line longer than {self.limit} bytes")
+            return []
+        if self._parts:
+            data = b"".join(self._parts) + data
+            self._parts, self._size = [], 0
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        if rest:
+            if len(rest) > self.limit:
+                raise ValueError(f"a line longer than {self.limit} bytes")
+            self._parts, self._size = [rest], len(rest)
+        return [line for line in lines if line]
+
+
 def error_object(code: int, message: str, data: Any = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if data is not None:

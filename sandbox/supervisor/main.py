@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import sys
@@ -130,4 +131,23 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m sandbox.supervisor CONFIG.json", file=sys.stderr)
         return 2
     config = SupervisorConfig.consume(argv[0])
+    keep_read_buffers_off_mmap()
     return run_as_init(lambda: asyncio.run(Supervisor(config).run()))
+
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_read_buffers_off_mmap() -> None:
+    """asyncio reads into fresh 256 KiB buffers; glibc would mmap and munmap each one (or,
+    from the heap, grow and trim it with brk). Raising both thresholds keeps them in the
+    heap: three syscalls fewer per message, which matters under gVisor, where every
+    syscall is expensive.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 16 * 1024 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc: no harm, only slower
