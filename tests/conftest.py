@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,7 +21,6 @@ from gateway.db import migrate, start_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 MCPFLEET = [sys.executable, "-m", "gateway.cli"]
-_database_numbers = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +32,8 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def fresh_database(postgres_url: str, prefix: str = "test") -> str:
     """A new, migrated database on the test server; returns its URL."""
-    name = f"{prefix}_{os.getpid()}_{next(_database_numbers)}"
+    # Random, not counted: test modules that import this file get a second copy of its globals.
+    name = f"{prefix}_{secrets.token_hex(6)}"
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = postgres_url.replace("/postgres?", f"/{name}?")
