@@ -43,6 +43,13 @@ class SandboxBackend(Protocol):
         """Stop the sandbox if it runs (asking nicely for up to `grace` seconds first) and free
         everything the backend holds for it. Idempotent."""
 
+    async def settle(self, sandbox_id: str) -> None:
+        """The sandbox's servers are up: hold it to its limits from now on.
+
+        A backend may let a start use more CPU than the sandbox's share, since
+        starting the servers is the slowest part of a cold start. Idempotent.
+        """
+
     async def is_alive(self, sandbox_id: str) -> bool: ...
 
     async def list(self) -> list[Container]:

@@ -73,10 +73,23 @@ def supervisor_argv() -> list[str]:
     return [f"{BIN}/python", "-m", "sandbox.supervisor", f"{wire.CHANNEL_DIR}/{wire.CONFIG_NAME}"]
 
 
+CPU_QUOTA_ANNOTATION = "dev.mcpfleet.cpu-quota-us"
+"""The sandbox's own CPU quota, when it starts with more (see `start_cpus`)."""
+
+
 def build_bundle(
-    spec: SandboxSpec, bundle: Path, *, cgroups_path: str | None = None, runtime: PythonRuntime | None = None
+    spec: SandboxSpec,
+    bundle: Path,
+    *,
+    cgroups_path: str | None = None,
+    start_cpus: float | None = None,
+    runtime: PythonRuntime | None = None,
 ) -> Path:
-    """Write `bundle/config.json` and `bundle/rootfs`; returns `bundle`."""
+    """Write `bundle/config.json` and `bundle/rootfs`; returns `bundle`.
+
+    With `start_cpus`, the sandbox starts with that CPU quota; its own quota is
+    recorded as an annotation, for the backend to apply once the servers are up.
+    """
     runtime = runtime or current_python()
     rootfs = bundle / "rootfs"
     if rootfs.exists():
@@ -156,7 +169,10 @@ def build_bundle(
                 "cpu": {"quota": spec.limits.cpu_quota_us, "period": spec.limits.cpu_period_us},
             },
         },
+        "annotations": {CPU_QUOTA_ANNOTATION: str(spec.limits.cpu_quota_us)},
     }
+    if start_cpus is not None and start_cpus > spec.limits.cpus:
+        config["linux"]["resources"]["cpu"]["quota"] = int(start_cpus * spec.limits.cpu_period_us)
     if cgroups_path:
         config["linux"]["cgroupsPath"] = cgroups_path
     (bundle / "config.json").write_text(json.dumps(config, indent=2))

@@ -131,6 +131,7 @@ class SandboxManager:
             try:
                 await client.listen()
                 await client.wait_ready(self.adopt_timeout)
+                await self.backend.settle(sandbox_id)  # the previous gateway may have died before it could
             except (SandboxUnavailable, OSError) as exc:
                 await client.close()
                 reason = f"its supervisor did not answer after a gateway restart ({exc})"
@@ -273,6 +274,7 @@ class SandboxManager:
             )
             await self.backend.start(spec)
             await client.wait_ready(self.start_timeout)
+            await self.backend.settle(sandbox_id)
             await self._set_state(sandbox_id, State.RUNNING)
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)

@@ -18,7 +18,7 @@ import signal
 from pathlib import Path
 
 from sandbox.backend import Container, SandboxSpec
-from sandbox.bundle import build_bundle
+from sandbox.bundle import CPU_QUOTA_ANNOTATION, build_bundle
 from sandbox.errors import SandboxUnavailable
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,18 @@ class RunscBackend:
         runsc: str = "runsc",
         platform: str | None = None,
         cgroup_parent: str = "/mcpfleet",
+        start_cpus: float | None = float(os.cpu_count() or 1),
     ):
-        """`root` holds runsc's state; `cgroup_parent` is where each sandbox's cgroup goes (v1 or v2)."""
+        """`root` holds runsc's state; `cgroup_parent` is where each sandbox's cgroup goes (v1 or v2).
+
+        A sandbox starts with `start_cpus` of CPU (None: its own limit), until `settle()`:
+        importing the servers' code is most of a cold start, and it is CPU-bound.
+        """
         self.root = Path(root)
         self.runsc = runsc
         self.platform = platform
         self.cgroup_parent = cgroup_parent.rstrip("/")
+        self.start_cpus = start_cpus
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _flags(self) -> list[str]:
@@ -81,7 +87,9 @@ class RunscBackend:
     # -- SandboxBackend -----------------------------------------------------------------
 
     async def start(self, spec: SandboxSpec) -> None:
-        bundle = build_bundle(spec, spec.directory / "bundle", cgroups_path=f"{self.cgroup_parent}/{spec.id}")
+        bundle = build_bundle(
+            spec, spec.directory / "bundle", cgroups_path=f"{self.cgroup_parent}/{spec.id}", start_cpus=self.start_cpus
+        )
         await self._launch(spec, "run", "--detach", "--bundle", str(bundle), spec.id)
 
     async def _launch(self, spec: SandboxSpec, *args: str) -> None:
@@ -128,14 +136,49 @@ class RunscBackend:
                 os.kill(pid, signal.SIGKILL)
         self._remove_cgroups(sandbox_id)
 
+    async def settle(self, sandbox_id: str) -> None:
+        state = await self._state(sandbox_id)
+        if state is None:
+            raise RunscError(f"no sandbox {sandbox_id}")
+        config = json.loads((Path(state["bundle"]) / "config.json").read_text())
+        quota = int(config.get("annotations", {}).get(CPU_QUOTA_ANNOTATION, 0))
+        cpu = config["linux"]["resources"]["cpu"]
+        if quota <= 0 or quota == cpu["quota"]:
+            return
+        relative = config["linux"]["cgroupsPath"].lstrip("/")
+        v1 = CGROUP_ROOT / "cpu" / relative / "cpu.cfs_quota_us"
+        v2 = CGROUP_ROOT / relative / "cpu.max"
+        if v1.exists():
+            v1.write_text(str(quota))
+        elif v2.exists():
+            v2.write_text(f"{quota} {cpu['period']}")
+        else:
+            raise RunscError(f"no CPU cgroup for sandbox {sandbox_id} under {CGROUP_ROOT}")
+
+    def cpu_quota_us(self, sandbox_id: str) -> int | None:
+        """The CPU quota in force for the sandbox, from its cgroup."""
+        relative = f"{self.cgroup_parent}/{sandbox_id}".lstrip("/")
+        v1 = CGROUP_ROOT / "cpu" / relative / "cpu.cfs_quota_us"
+        v2 = CGROUP_ROOT / relative / "cpu.max"
+        if v1.exists():
+            return int(v1.read_text())
+        if v2.exists():
+            quota = v2.read_text().split()[0]
+            return None if quota == "max" else int(quota)
+        return None
+
     async def is_alive(self, sandbox_id: str) -> bool:
+        state = await self._state(sandbox_id)
+        return state is not None and state.get("status") == "running"
+
+    async def _state(self, sandbox_id: str) -> dict | None:
         code, out = await self._run("state", sandbox_id)
         if code != 0:
-            return False
+            return None
         try:
-            return json.loads(out).get("status") == "running"
+            return json.loads(out)
         except ValueError:
-            return False
+            return None
 
     async def list(self) -> list[Container]:
         code, out = await self._run("list", "--format=json")

@@ -92,7 +92,7 @@ def runsc_processes(backend: RunscBackend) -> list[int]:
     return backend.stray_processes(keep=set())
 
 
-async def test_a_tool_call_runs_in_gvisor_as_an_unprivileged_user(manager, users):
+async def test_a_tool_call_runs_in_gvisor_as_an_unprivileged_user(manager, users, backend):
     alice = await users("alice")
     started = time.perf_counter()
     sandbox = await manager.ensure(*alice)
@@ -103,6 +103,8 @@ async def test_a_tool_call_runs_in_gvisor_as_an_unprivileged_user(manager, users
     assert (who["uid"], who["gid"]) == (SANDBOX_UID, SANDBOX_UID)
     assert who["cwd"] == who["home"] == "/workspace"
     assert sandbox.id.startswith("sbx-")
+    # It started with every CPU of the host; now that its servers are up, it has its own share.
+    assert backend.cpu_quota_us(sandbox.id) == manager.limits.cpu_quota_us
     [row] = [r for r in await manager.list() if r["user_id"] == alice[0]]
     assert (row["id"], row["state"], row["user"], row["tenant"]) == (sandbox.id, "Running", "alice", TENANT)
     assert row["created_at"] <= row["last_used_at"]
