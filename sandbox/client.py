@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import inspect
 import itertools
 import logging
@@ -38,6 +39,8 @@ _LISTS = (
 )
 """(catalog key, capability that announces it, list method, result key)."""
 _MAX_PAGES = 1000
+HELLO_TIMEOUT = 10.0
+"""Seconds a new connection has to say hello before it is dropped."""
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,14 @@ class SupervisorClient:
         self,
         socket_path: Path,
         *,
+        token: str | None = None,
         socket_owner: tuple[int, int] | None = None,
         on_request: RequestHandler | None = None,
     ):
-        """`on_request` answers server requests that belong to no call (or whose call has no handler)."""
+        """`token` is the secret the supervisor's hello must carry (None: any hello will do).
+        `on_request` answers server requests that belong to no call (or whose call has no handler)."""
         self.socket_path = Path(socket_path)
+        self._token = token
         self._socket_owner = socket_owner
         self._default_on_request = on_request
         self._listener: asyncio.AbstractServer | None = None
@@ -190,17 +196,23 @@ class SupervisorClient:
         self._fail_calls(None, "the gateway closed the channel")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        previous = self._connection
-        if previous is not None:
-            previous.close()  # a supervisor that reconnects replaces its old connection
         connection = _Connection(writer)
-        self._connection = connection
-        self._disconnected.clear()
         try:
+            hello = await asyncio.wait_for(reader.readline(), HELLO_TIMEOUT)
+            if not self._is_supervisor(wire.decode(hello)):
+                # Code run in the sandbox can reach this socket too; only the supervisor knows the token.
+                log.warning("refused a connection to %s: not the supervisor", self.socket_path)
+                return
+            previous = self._connection
+            if previous is not None:
+                previous.close()  # a supervisor that reconnects replaces its old connection
+            self._connection = connection
+            self._disconnected.clear()
+            self._dispatch(connection, wire.decode(hello))
             while line := await reader.readline():
                 self._dispatch(connection, wire.decode(line))
-        except (ValueError, ConnectionError) as exc:
-            log.warning("dropping the connection from %s: %r", self.socket_path, exc)
+        except (ValueError, ConnectionError, asyncio.TimeoutError) as exc:
+            log.warning("dropping the connection to %s: %r", self.socket_path, exc)
         finally:
             writer.close()
             self._fail_calls(connection, "the sandbox's supervisor disconnected")
@@ -208,6 +220,13 @@ class SupervisorClient:
                 self._connection = None
                 self._ready.clear()
                 self._disconnected.set()
+
+    def _is_supervisor(self, hello: dict[str, Any]) -> bool:
+        if hello.get("type") != "hello":
+            return False
+        if self._token is None:
+            return True
+        return hmac.compare_digest(str(hello.get("token", "")).encode(), self._token.encode())
 
     def _fail_calls(self, connection: _Connection | None, reason: str) -> None:
         for call_id, call in list(self._calls.items()):

@@ -35,6 +35,7 @@ from sandbox.supervisor.config import ServerConfig, SupervisorConfig
 
 log = logging.getLogger(__name__)
 
+TOKEN_FILE = "token"
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 """Who the servers run as inside (an unprivileged user; also the owner of workspaces on the host)."""
@@ -126,37 +127,47 @@ class SandboxManager:
             await self._set_state(sandbox_id, State.FAILED, "its container was gone when the gateway started")
             return None
         if container.status == "running":
-            directory = self.sandboxes_dir / sandbox_id
-            client = self._client(directory / "channel")
-            try:
-                await client.listen()
-                await client.wait_ready(self.adopt_timeout)
-                await self.backend.settle(sandbox_id)  # the previous gateway may have died before it could
-            except (SandboxUnavailable, OSError) as exc:
-                await client.close()
-                reason = f"its supervisor did not answer after a gateway restart ({exc})"
-            else:
-                sandbox = Sandbox(
-                    id=sandbox_id,
-                    user_id=row["user_id"],
-                    tenant=row["tenant"],
-                    user=row["user"],
-                    client=client,
-                    directory=directory,
-                    workspace=self._workspace(row["user_id"]),
-                    created_at=row["created_at"],
-                    last_used_at=row["last_used_at"],
-                )
-                self._by_user[sandbox.user_id] = sandbox
-                if row["state"] != State.RUNNING:
-                    await self._set_state(sandbox_id, State.RUNNING)
-                log.info("adopted sandbox %s of %s/%s", sandbox_id, sandbox.tenant, sandbox.user)
-                return sandbox
+            adopted = await self._adopt(row)
+            if isinstance(adopted, Sandbox):
+                return adopted
+            reason = adopted
         else:
             reason = f"its container was {container.status} when the gateway started"
         await self.backend.destroy(sandbox_id)
         await self._set_state(sandbox_id, State.FAILED, reason)
         return None
+
+    async def _adopt(self, row: dict[str, Any]) -> Sandbox | str:
+        """The running sandbox of `row` if its supervisor answers, else why not."""
+        directory = self.sandboxes_dir / row["id"]
+        try:
+            token = (directory / TOKEN_FILE).read_text()
+        except OSError as exc:
+            return f"its supervisor's token is unreadable ({exc.strerror})"
+        client = self._client(directory, token)
+        try:
+            await client.listen()
+            await client.wait_ready(self.adopt_timeout)
+            await self.backend.settle(row["id"])  # the previous gateway may have died before it could
+        except (SandboxUnavailable, OSError) as exc:
+            await client.close()
+            return f"its supervisor did not answer after a gateway restart ({exc})"
+        sandbox = Sandbox(
+            id=row["id"],
+            user_id=row["user_id"],
+            tenant=row["tenant"],
+            user=row["user"],
+            client=client,
+            directory=directory,
+            workspace=self._workspace(row["user_id"]),
+            created_at=row["created_at"],
+            last_used_at=row["last_used_at"],
+        )
+        self._by_user[sandbox.user_id] = sandbox
+        if row["state"] != State.RUNNING:
+            await self._set_state(sandbox.id, State.RUNNING)
+        log.info("adopted sandbox %s of %s/%s", sandbox.id, sandbox.tenant, sandbox.user)
+        return sandbox
 
     async def close(self) -> None:
         """Graceful gateway stop: every sandbox is stopped and its row Reclaimed; workspaces stay."""
@@ -257,10 +268,11 @@ class SandboxManager:
             ) from None
         except psycopg.Error as exc:
             raise SandboxUnavailable(f"the sandbox database is unavailable ({type(exc).__name__})") from exc
-        client = self._client(channel)
+        token = secrets.token_urlsafe(32)
+        client = self._client(directory, token)
         started = time.monotonic()
         try:
-            workspace = self._prepare(directory, channel, user_id)
+            workspace = self._prepare(directory, channel, user_id, token)
             await client.listen()
             await self._set_state(sandbox_id, State.STARTING)
             spec = SandboxSpec(
@@ -324,8 +336,12 @@ class SandboxManager:
             _drop_runtime_files(sandbox.directory)  # the logs stay to explain the failure
         await self._set_state(sandbox.id, state, reason)
 
-    def _prepare(self, directory: Path, channel: Path, user_id: int) -> Path:
+    def _prepare(self, directory: Path, channel: Path, user_id: int, token: str) -> Path:
         directory.mkdir(mode=0o711)
+        # Outside the channel dir, so out of the sandbox's sight; a successor gateway reads it.
+        fd = os.open(directory / TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
         channel.mkdir(mode=0o700)
         os.chown(channel, self.uid, self.gid)
         workspace = self._workspace(user_id)
@@ -335,6 +351,7 @@ class SandboxManager:
         config = SupervisorConfig(
             socket=f"{wire.CHANNEL_DIR}/{wire.SOCKET_NAME}",
             servers=[ServerConfig(name=s.name, argv=list(s.argv), env=dict(s.env)) for s in self.servers],
+            token=token,
         )
         config.write(channel / wire.CONFIG_NAME, owner=(self.uid, self.gid))
         return workspace
@@ -342,8 +359,10 @@ class SandboxManager:
     def _workspace(self, user_id: int) -> Path:
         return self.workspaces_dir / str(user_id)
 
-    def _client(self, channel: Path) -> SupervisorClient:
-        return SupervisorClient(channel / wire.SOCKET_NAME, socket_owner=(self.uid, self.gid))
+    def _client(self, directory: Path, token: str) -> SupervisorClient:
+        return SupervisorClient(
+            directory / "channel" / wire.SOCKET_NAME, token=token, socket_owner=(self.uid, self.gid)
+        )
 
     def _lock(self, user_id: int) -> asyncio.Lock:
         lock = self._locks.get(user_id)

@@ -152,6 +152,40 @@ async def test_root_is_read_only_and_the_project_is_not_visible(manager, users):
     assert not (sandbox.directory / "channel" / "supervisor.json").exists()
 
 
+IMPOSTOR = """
+import json, socket
+s = socket.socket(socket.AF_UNIX)
+s.connect("/run/mcpfleet/gateway.sock")
+s.sendall(json.dumps({"type": "hello", "servers": {}, "token": "guess"}).encode() + b"\\n")
+s.settimeout(10)
+print("closed" if s.recv(100) == b"" else "answered")
+"""
+
+
+# Reads another process's memory. It works on a child of its own, so a refusal means something.
+PEEK = """
+import os, subprocess
+pid = PID
+start = int(open(f"/proc/{pid}/maps").readline().split("-")[0], 16)
+with open(f"/proc/{pid}/mem", "rb") as mem:
+    mem.seek(start)
+    print(f"read {len(mem.read(16))} bytes")
+"""
+OWN_CHILD = "subprocess.Popen(['sleep', '30'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid"
+
+
+async def test_code_in_the_sandbox_cannot_pose_as_the_supervisor(manager, users):
+    sandbox = await manager.ensure(*await users("alice"))
+    assert text(await call(sandbox, "run_python", code=IMPOSTOR)).strip() == "closed"
+    assert sandbox.client.connected
+    assert text(await call(sandbox, "echo", text="still mine")) == "still mine"
+    # Nor read the token (or the servers' environment) out of the supervisor's memory.
+    supervisor = sandbox.client.supervisor["pid"]
+    assert "read 16 bytes" in text(await call(sandbox, "run_python", code=PEEK.replace("PID", OWN_CHILD)))
+    outcome = text(await call(sandbox, "run_python", code=PEEK.replace("PID", str(supervisor))))
+    assert "PermissionError" in outcome, outcome
+
+
 async def test_two_users_see_only_their_own_workspace(manager, users):
     alice, bob = await asyncio.gather(manager.ensure(*await users("alice")), manager.ensure(*await users("bob")))
     assert alice.id != bob.id and alice.workspace != bob.workspace

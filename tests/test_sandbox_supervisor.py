@@ -202,10 +202,12 @@ def payload(result: dict) -> dict:
 class RunningSupervisor:
     """`python -m sandbox.supervisor` as a plain host process, for the protocol tests."""
 
-    def __init__(self, directory: Path, servers: list[ServerConfig]):
+    def __init__(self, directory: Path, servers: list[ServerConfig], token: str = ""):
         self.socket = directory / "gateway.sock"
         self.config_path = directory / "supervisor.json"
-        config = SupervisorConfig(socket=str(self.socket), servers=servers, env=dict(os.environ), init_timeout=30)
+        config = SupervisorConfig(
+            socket=str(self.socket), servers=servers, env=dict(os.environ), init_timeout=30, token=token
+        )
         config.write(self.config_path)
         self.log = open(directory / "supervisor.log", "ab")
         self.process: subprocess.Popen | None = None
@@ -223,6 +225,9 @@ class RunningSupervisor:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+TOKEN = "supervisor-token-for-tests"
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +248,9 @@ async def supervised(workdir: Path):
             ServerConfig(name="broken", argv=[sys.executable, "-c", BROKEN_SERVER]),
             ServerConfig(name="raw", argv=[sys.executable, "-c", LISTENING_SERVER]),
         ],
+        token=TOKEN,
     )
-    client = SupervisorClient(supervisor.socket)
+    client = SupervisorClient(supervisor.socket, token=TOKEN)
     await client.listen()
     supervisor.start()
     await client.wait_ready(60)
@@ -452,6 +458,22 @@ async def test_client_notifications_reach_one_server_or_all(supervised):
     ]
 
 
+IMPOSTORS = [{"type": "hello", "servers": {}}, {"type": "hello", "token": "guess"}, {"type": "x"}]
+
+
+@pytest.mark.parametrize("hello", IMPOSTORS)
+async def test_only_the_supervisor_may_take_the_channel(supervised, hello):
+    """Anything in the sandbox can reach the socket; without the token it is refused and changes nothing."""
+    _, client = supervised
+    reader, writer = await asyncio.open_unix_connection(str(client.socket_path))
+    writer.write(jsonrpc(hello))
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed on it
+    writer.close()
+    assert client.connected
+    assert text(await tool(client, "echo", text="undisturbed")) == "undisturbed"
+
+
 async def test_large_messages_both_ways(supervised):
     _, client = supervised
     big = "0123456789abcdef" * (3 * 2**20 // 16)  # 3 MiB, far past asyncio's default line limit
@@ -528,7 +550,7 @@ async def test_a_new_gateway_gets_the_running_servers(supervised):
     await client.close()
     with pytest.raises(SandboxUnavailable):
         await in_flight
-    successor = SupervisorClient(supervisor.socket)
+    successor = SupervisorClient(supervisor.socket, token=TOKEN)
     await successor.listen()
     await successor.wait_ready(5)
     after = await successor.request("fixture", "tools/call", {"name": "counter", "arguments": {}})

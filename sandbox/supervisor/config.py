@@ -34,6 +34,8 @@ class SupervisorConfig:
     client_capabilities: dict[str, Any] = field(default_factory=lambda: dict(CLIENT_CAPABILITIES))
     init_timeout: float = 60.0
     """Seconds a server has to answer `initialize`."""
+    token: str = ""
+    """Proves to the gateway that a connection comes from the supervisor and not from other code in the sandbox."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

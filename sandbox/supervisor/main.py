@@ -51,6 +51,7 @@ class Supervisor:
     def hello(self) -> dict[str, Any]:
         return {
             "type": "hello",
+            "token": self.config.token,
             "servers": {name: child.status() for name, child in self.children.items()},
             "supervisor": {"pid": os.getpid(), "started_at": self._started_at},
         }
@@ -130,13 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m sandbox.supervisor CONFIG.json", file=sys.stderr)
         return 2
+    keep_memory_private()
     config = SupervisorConfig.consume(argv[0])
     keep_read_buffers_off_mmap()
     return run_as_init(lambda: asyncio.run(Supervisor(config).run()))
 
 
+PR_SET_DUMPABLE = 4
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+
+
+def keep_memory_private() -> None:
+    """Servers and code they run share the supervisor's uid; not being dumpable keeps them out of
+    its memory and /proc files (its token, and every server's environment)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def keep_read_buffers_off_mmap() -> None:
