@@ -17,7 +17,8 @@ gateway -> supervisor
     ping    {"id"}
 
 supervisor -> gateway
-    hello   {"servers": {name: status}, "supervisor": {...}}   first message on every connection
+    hello   {"token", "servers": {name: status}, "supervisor": {...}}   first message on every connection;
+                                                   without the sandbox's token the gateway hangs up
     result  {"id", "result"}                       a call's JSON-RPC result, as the server sent it
     error   {"id", "error"}                        a call's JSON-RPC error object, as the server sent it
     note    {"id" | null, "server", "method", "params"}   a server notification; `id` names the call it belongs to
@@ -27,6 +28,12 @@ supervisor -> gateway
 
 A server status is {"state": "starting" | "ready" | "failed", "initialize": <its
 initialize result> | null, "error": str | null}.
+
+Which call a `note` or an `ask` belongs to: progress by its token (the supervisor
+gives each call a token of its own and restores the caller's); anything else is
+tied to a call only while it is the server's only call in flight, since stdio
+carries no link between a request and what the server sends meanwhile. List
+changes and resource updates are never tied to a call.
 
 This module is imported inside the sandbox: standard library only.
 """
