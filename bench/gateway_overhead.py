@@ -104,6 +104,28 @@ def wrk(url: str, tool: str, arguments: dict, key: str | None, connections: int,
             "errors": bad_status + socket_errors}
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time so far of these processes (those still alive)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def sandbox_pids(home: Path) -> list[int]:
+    """The runsc processes (sandbox, gofer) of the fleet at `home`."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if any(str(home) in a for a in (p.info["cmdline"] or []))
+            and "runsc" in " ".join(p.info["cmdline"] or [])]
+
+
 def profile(pid: int, seconds: int, out: Path) -> str:
     if shutil.which("py-spy") is None and not (Path(PYTHON).parent / "py-spy").exists():
         return "(py-spy is not installed: pip install py-spy)"
@@ -113,21 +135,20 @@ def profile(pid: int, seconds: int, out: Path) -> str:
     return summarize_profile(out)
 
 
-def summarize_profile(raw: Path, top: int = 12) -> str:
-    """Inclusive share of samples per top-level area of the code (from py-spy's collapsed stacks)."""
+def summarize_profile(raw: Path, top: int = 15) -> str:
+    """Self time per package (where the sampled frame itself was), from py-spy's collapsed stacks."""
     totals: dict[str, int] = {}
     overall = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
         n = int(count)
         overall += n
-        seen = set()
-        for frame in stack.split(";"):
-            m = re.search(r"\((?:.*/site-packages/|.*/main/)?([^/:]+(?:/[^/:]+)?)", frame)
-            area = m.group(1) if m else frame
-            if area not in seen:
-                seen.add(area)
-                totals[area] = totals.get(area, 0) + n
+        leaf = stack.split(";")[-1]
+        m = re.search(r"\((?:.*/site-packages/|.*/lib/python3\.\d+/|.*/main/)?([^/:()]+)", leaf)
+        area = m.group(1).removesuffix(".py") if m else leaf
+        totals[area] = totals.get(area, 0) + n
     rows = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
     return "\n".join(f"  {100 * n / max(overall, 1):5.1f}%  {area}" for area, n in rows)
 
@@ -179,9 +200,14 @@ def main() -> int:
         check_call(gateway_url, "workspace__read_file", read, key)
 
         rows = []
+        sandbox = sandbox_pids(work / "fleet")
         for connections in (1, args.concurrency):
             a = wrk(direct_url, "read_file", read, None, connections, args.seconds, work)
+            before = (cpu_seconds([direct.pid]), cpu_seconds([gateway.pid]), cpu_seconds(sandbox))
             b = wrk(gateway_url, "workspace__read_file", read, key, connections, args.seconds, work)
+            after = (cpu_seconds([direct.pid]), cpu_seconds([gateway.pid]), cpu_seconds(sandbox))
+            b["gateway_cpu_ms"] = (after[1] - before[1]) * 1e3 / max(b["calls"], 1)
+            b["sandbox_cpu_ms"] = (after[2] - before[2]) * 1e3 / max(b["calls"], 1)
             rows.append((connections, a, b))
 
         print(f"\nGateway overhead: one workspace read_file call, {args.seconds} s per run, wrk, this machine "
@@ -193,6 +219,12 @@ def main() -> int:
             print(f"| {connections} | (b) gateway + sandbox | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | {b['rate']:.0f} | {b['errors']} |")
             print(f"| {connections} | ratio b/a | {b['p50_ms'] / a['p50_ms']:.2f}x | {b['p99_ms'] / a['p99_ms']:.2f}x | "
                   f"{b['rate'] / a['rate']:.2f}x | |")
+
+        print("\nCPU per call through the gateway (ms of CPU time, user + system):\n")
+        print("| clients | gateway process | sandbox (runsc sentry + gofer) |")
+        print("|---:|---:|---:|")
+        for connections, _, b in rows:
+            print(f"| {connections} | {b['gateway_cpu_ms']:.2f} | {b['sandbox_cpu_ms']:.2f} |")
 
         if args.profile:
             print(f"\nWhere the gateway's time goes under {args.concurrency} clients (py-spy, inclusive share of samples):")

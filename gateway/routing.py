@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -107,6 +108,10 @@ class Router:
         self._sandboxes = sandboxes
         # Servers whose tools and prompts keep their own names, for clients that require fixed names.
         self._bare_servers = bare_servers
+        # The merged catalog of each sandbox, rebuilt only when a server's own listing changes.
+        self._merged: weakref.WeakKeyDictionary[Any, tuple[tuple[tuple[str, Any], ...], Catalog]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def server(self) -> Server[Any]:
         with warnings.catch_warnings():
@@ -159,7 +164,14 @@ class Router:
             per_server = await client.catalog()
         except SandboxUnavailable as exc:
             raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox stopped: {exc}; call again") from None
-        return identity, client, build_catalog(per_server, self._bare_servers)
+        # The client hands out the same listing objects until a server's listing changes;
+        # holding them in the key also keeps their ids from being reused.
+        offers = tuple(per_server.items())
+        merged = self._merged.get(client)
+        if merged is None or not _same_offers(merged[0], offers):
+            merged = (offers, build_catalog(per_server, self._bare_servers))
+            self._merged[client] = merged
+        return identity, client, merged[1]
 
     async def _forward(
         self, ctx: ServerRequestContext[Any, Any], client: Any, server: str, method: str, params: dict[str, Any]
@@ -326,6 +338,10 @@ def _forwarded_meta(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         return {}
     return {k: v for k, v in raw.items() if k not in _ENVELOPE_KEYS}
+
+
+def _same_offers(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -> bool:
+    return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] for x, y in zip(a, b))
 
 
 def _owner(owners: dict[str, tuple[str, str]], name: str, kind: str) -> tuple[str, str]:
