@@ -229,13 +229,18 @@ class Router:
         return self._result(ctx, {"tools": catalog.tools})
 
     async def call_tool(self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> dict[str, Any]:
+        return await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments)
+
+    async def _call_named(
+        self, ctx: ServerRequestContext[Any, Any], kind: str, method: str, name: str, arguments: Any
+    ) -> dict[str, Any]:
+        """A tool call or a prompt: find the server by the public name, pass on the server's own name."""
         _, client, catalog = await self._catalog(ctx)
-        server, tool = _owner(catalog.tool_owner, params.name, "tool")
-        forwarded: dict[str, Any] = {"name": tool, "arguments": params.arguments or {}}
-        meta = _forwarded_meta(ctx)
-        if meta:
+        server, inner = _owner(catalog.tool_owner if kind == "tool" else catalog.prompt_owner, name, kind)
+        forwarded: dict[str, Any] = {"name": inner, "arguments": arguments or {}}
+        if meta := _forwarded_meta(ctx):
             forwarded["_meta"] = meta
-        return await self._forward(ctx, client, server, "tools/call", forwarded)
+        return await self._forward(ctx, client, server, method, forwarded)
 
     # -- prompts ----------------------------------------------------------------------------
 
@@ -244,12 +249,7 @@ class Router:
         return self._result(ctx, {"prompts": catalog.prompts})
 
     async def get_prompt(self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams) -> dict[str, Any]:
-        _, client, catalog = await self._catalog(ctx)
-        server, prompt = _owner(catalog.prompt_owner, params.name, "prompt")
-        forwarded: dict[str, Any] = {"name": prompt, "arguments": params.arguments or {}}
-        if meta := _forwarded_meta(ctx):
-            forwarded["_meta"] = meta
-        return await self._forward(ctx, client, server, "prompts/get", forwarded)
+        return await self._call_named(ctx, "prompt", "prompts/get", params.name, params.arguments)
 
     # -- resources --------------------------------------------------------------------------
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-from mcp import Client
+from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
@@ -23,8 +26,24 @@ async def connect(url: str, key: str, mode: str = "legacy", **kw: Any) -> AsyncI
             yield client
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.asynccontextmanager
+async def stdio_server(module: str, workspace_root: Path, mode: str = "auto") -> AsyncIterator[Client]:
+    """One of the built-in servers (`mcp_servers.<module>`) on stdio, outside any sandbox."""
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", f"mcp_servers.{module}"],
+        env={**os.environ, "MCPFLEET_WORKSPACE_ROOT": str(workspace_root)},
+        cwd=str(ROOT),
+    )
+    async with Client(params, mode=mode) as client:
+        yield client
+
+
 def text_of(result: Any) -> str:
-    return "".join(getattr(block, "text", "") for block in result.content)
+    return "\n".join(block.text for block in result.content if getattr(block, "type", None) == "text")
 
 
 def structured(result: Any) -> dict[str, Any]:

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-from mcp import Client, StdioServerParameters
-from mcp_types import CallToolResult
-
 from mcp_servers.exec.server import MAX_OUTPUT_BYTES
+from tests.clients import stdio_server
+from tests.clients import text_of as text
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@asynccontextmanager
-async def exec_server(root: Path, mode: str = "auto"):
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "mcp_servers.exec"],
-        env={**os.environ, "MCPFLEET_WORKSPACE_ROOT": str(root)},
-        cwd=str(ROOT),
-    )
-    async with Client(params, mode=mode) as client:
-        yield client
-
-
-def text(result: CallToolResult) -> str:
-    return "\n".join(block.text for block in result.content if block.type == "text")
+def exec_server(root: Path, mode: str = "auto"):
+    return stdio_server("exec", root, mode)
 
 
 def alive(pid: int) -> bool:

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from mcp import Client, StdioServerParameters
 from mcp_types import CallToolResult
 
 from mcp_servers.workspace.server import MAX_READ_BYTES, MAX_WRITE_BYTES
+from tests.clients import stdio_server
+from tests.clients import text_of as text
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@asynccontextmanager
-async def workspace(root: Path, mode: str = "auto"):
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "mcp_servers.workspace"],
-        env={**os.environ, "MCPFLEET_WORKSPACE_ROOT": str(root)},
-        cwd=str(ROOT),
-    )
-    async with Client(params, mode=mode) as client:
-        yield client
-
-
-def text(result: CallToolResult) -> str:
-    return "\n".join(block.text for block in result.content if block.type == "text")
+def workspace(root: Path, mode: str = "auto"):
+    return stdio_server("workspace", root, mode)
 
 
 def refused(result: CallToolResult, *words: str) -> str:
