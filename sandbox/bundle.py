@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -20,6 +21,8 @@ from typing import Any
 
 from sandbox import wire
 from sandbox.backend import SandboxSpec
+
+log = logging.getLogger(__name__)
 
 PRODUCT_PACKAGES = ("sandbox", "mcp_servers")
 """Packages of the product importable inside: the supervisor and the built-in servers."""
@@ -32,8 +35,15 @@ WORKSPACE = "/workspace"
 HOSTNAME = "sandbox"
 USER_NAME = "mcp"
 
-SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/alternatives")
+"""/etc/alternatives: Debian's names for programs (awk, editor, pager) are symlinks through it."""
 SYSTEM_FILES = ("/etc/ld.so.cache",)
+
+BUSYBOX_APPLETS = ("ls", "stat")
+"""The host's tools that fail inside, replaced by busybox's (first on PATH): coreutils' `ls` and `stat`
+call statx with AT_NO_AUTOMOUNT, which this runsc refuses with EINVAL. The rest of coreutils uses
+fstatat and works (`dir`, `vdir` and psmisc's `fuser` fail too, and busybox has no such applets)."""
+BUSYBOX_PATH = "/usr/bin:/bin"
 
 _RO = ["rbind", "ro", "nosuid", "nodev"]
 _RW = ["rbind", "rw", "nosuid", "nodev"]
@@ -137,6 +147,11 @@ def build_bundle(
     (rootfs / BIN.lstrip("/")).mkdir(parents=True)
     for alias in ("python", "python3"):
         (rootfs / BIN.lstrip("/") / alias).symlink_to(runtime.executable)
+    if (busybox := shutil.which("busybox", path=BUSYBOX_PATH)) is not None:
+        for applet in BUSYBOX_APPLETS:  # busybox runs the applet that argv[0] names
+            (rootfs / BIN.lstrip("/") / applet).symlink_to(busybox)
+    else:
+        log.warning("busybox is not installed: `ls -l` and `stat` fail in sandboxes (scripts/setup.sh installs it)")
     _write_etc(rootfs / "etc", spec.uid, spec.gid)
 
     config = {

@@ -10,6 +10,8 @@ PYTHON=${PYTHON:-python3}
 
 need_apt=()
 command -v runsc >/dev/null 2>&1 || need_apt+=(runsc)
+# Sandboxes take `ls` and `stat` from busybox: this runsc refuses coreutils' statx (sandbox/bundle.py).
+command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
