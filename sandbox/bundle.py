@@ -1,9 +1,9 @@
 """The OCI bundle of a sandbox: an empty read-only root with the host's runtime bound in.
 
-Inside, a sandbox sees the host's system dirs and Python read-only, the
-product's own packages (and nothing else of the project: its dir also holds
-the fleet home with every user's workspace) under /opt/mcpfleet, its user's
-workspace read-write at /workspace, and its channel dir at /run/mcpfleet.
+Inside, a sandbox sees the host's system dirs and a Python (`sandbox.runtime`)
+read-only, the product's own packages (and nothing else of the project: its dir
+also holds the fleet home with every user's workspace) under /opt/mcpfleet, its
+user's workspace read-write at /workspace, and its channel dir at /run/mcpfleet.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ import json
 import logging
 import os
 import shutil
-import sys
-import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sandbox import wire
 from sandbox.backend import SandboxSpec
+from sandbox.runtime import PythonRuntime, current_python
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +45,6 @@ BUSYBOX_PATH = "/usr/bin:/bin"
 
 _RO = ["rbind", "ro", "nosuid", "nodev"]
 _RW = ["rbind", "rw", "nosuid", "nodev"]
-
-
-@dataclass(frozen=True)
-class PythonRuntime:
-    prefix: Path
-    """The interpreter's installation (sys.base_prefix), bound at the same path (its rpath points there)."""
-    executable: Path
-    site_packages: tuple[Path, ...]
-    """The environment's own site-packages, if it is a venv: bound under /opt/mcpfleet/site-packages."""
-
-
-def current_python() -> PythonRuntime:
-    prefix = Path(sys.base_prefix).resolve()
-    executable = Path(os.path.realpath(sys.executable))
-    site: list[Path] = []
-    for key in ("purelib", "platlib"):
-        path = Path(sysconfig.get_paths()[key]).resolve()
-        if path.is_dir() and path not in site and not path.is_relative_to(prefix):
-            site.append(path)
-    return PythonRuntime(prefix=prefix, executable=executable, site_packages=tuple(site))
 
 
 def product_packages() -> dict[str, Path]:

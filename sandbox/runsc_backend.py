@@ -20,6 +20,7 @@ from pathlib import Path
 from sandbox.backend import Container, SandboxSpec
 from sandbox.bundle import CPU_QUOTA_ANNOTATION, build_bundle
 from sandbox.errors import SandboxUnavailable
+from sandbox.runtime import PythonRuntime, current_python
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,20 @@ class RunscBackend:
         platform: str | None = None,
         cgroup_parent: str = "/mcpfleet",
         start_cpus: float | None = float(os.cpu_count() or 1),
+        python: PythonRuntime | None = None,
     ):
         """`root` holds runsc's state; `cgroup_parent` is where each sandbox's cgroup goes (v1 or v2).
 
         A sandbox starts with `start_cpus` of CPU (None: its own limit), until `settle()`:
         importing the servers' code is most of a cold start, and it is CPU-bound.
+        `python` is the runtime bound into every sandbox (default: the gateway's own).
         """
         self.root = Path(root)
         self.runsc = runsc
         self.platform = platform
         self.cgroup_parent = cgroup_parent.rstrip("/")
         self.start_cpus = start_cpus
+        self.python = python or current_python()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _flags(self) -> list[str]:
@@ -88,7 +92,11 @@ class RunscBackend:
 
     async def start(self, spec: SandboxSpec) -> None:
         bundle = build_bundle(
-            spec, spec.directory / "bundle", cgroups_path=f"{self.cgroup_parent}/{spec.id}", start_cpus=self.start_cpus
+            spec,
+            spec.directory / "bundle",
+            cgroups_path=f"{self.cgroup_parent}/{spec.id}",
+            start_cpus=self.start_cpus,
+            runtime=self.python,
         )
         await self._launch(spec, "run", "--detach", "--bundle", str(bundle), spec.id)
 

@@ -28,6 +28,39 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMPS/venv" 2>/dev/null)" != "$want"
   echo "$want" > "$STAMPS/venv"
 fi
 
+# The sandboxes' own Python (sandbox/runtime.py): the newest 3.12 or later on the machine, with only what
+# the code inside imports (the mcp SDK, pinned as in pyproject.toml). Under gVisor every syscall is costly,
+# and 3.11's asyncio makes one per get_running_loop(). Without such a Python, sandboxes run .venv's.
+sandbox_python=
+for minor in 14 13 12; do
+  for candidate in "python3.$minor" $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3."$minor"*/bin/python3."$minor" 2>/dev/null | sort -rV); do
+    # pyenv's shims exist for versions that are not selected, and fail when run: try each one.
+    if "$candidate" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+      sandbox_python=$("$candidate" -c 'import os, sys; print(os.path.realpath(sys.executable))')
+      break 2
+    fi
+  done
+done
+if [ -n "$sandbox_python" ]; then
+  want=$( (cat pyproject.toml; "$sandbox_python" -VV; echo "$sandbox_python") | sha256sum | cut -c1-16)
+  if [ ! -x .venv-sandbox/bin/python ] || [ "$(cat "$STAMPS/venv-sandbox" 2>/dev/null)" != "$want" ]; then
+    echo "setup: preparing .venv-sandbox ($("$sandbox_python" -V))"
+    rm -rf .venv-sandbox
+    "$sandbox_python" -m venv .venv-sandbox
+    mcp=$(.venv-sandbox/bin/python - <<'PY'
+import re, tomllib
+dependencies = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print(next(d for d in dependencies if re.match(r"mcp\s*([\[=<>!~;]|$)", d)))
+PY
+)
+    .venv-sandbox/bin/pip install -q --disable-pip-version-check "$mcp"
+    echo "$want" > "$STAMPS/venv-sandbox"
+  fi
+elif [ -e .venv-sandbox ]; then
+  echo "setup: no Python 3.12 or later any more: sandboxes run .venv's Python"
+  rm -rf .venv-sandbox "$STAMPS/venv-sandbox"
+fi
+
 # Node tooling for the protocol conformance suite (its own Node 22, from the npm registry).
 if [ -f tests/conformance/package-lock.json ]; then
   want=$(sha256sum tests/conformance/package-lock.json | cut -c1-16)

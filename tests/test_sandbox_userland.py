@@ -1,4 +1,4 @@
-"""What a command run by the exec server finds inside a real sandbox."""
+"""What a command run by the exec server finds inside a real sandbox: the tools, and the Python."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.accounts import add_user
+from gateway.sandboxes import SANDBOX_VENV, sandbox_python
 from sandbox.limits import Limits
 from sandbox.manager import SANDBOX_UID, SandboxManager
 from sandbox.runsc_backend import RunscBackend
@@ -25,7 +26,7 @@ EXEC = [s for s in BUILTIN_SERVERS if s.name == "exec"]
 async def sandbox(db_pool):
     # Short: the gateway's socket lives under it and Unix socket paths stop at 107 bytes.
     home = Path(tempfile.mkdtemp(prefix="mf-", dir="/tmp"))
-    backend = RunscBackend(home / "runsc", cgroup_parent="/mcpfleet-test")
+    backend = RunscBackend(home / "runsc", cgroup_parent="/mcpfleet-test", python=sandbox_python())
     manager = SandboxManager(home, db_pool, backend, EXEC, Limits(), start_timeout=120)
     await manager.start()
     async with db_pool.connection() as conn:
@@ -88,3 +89,17 @@ async def test_the_rest_of_coreutils_and_debians_alternatives_work(sandbox):
     assert (out["exit_code"], out["stderr"]) == (0, ""), out
     assert "dst/b.txt" in out["stdout"] and out["stdout"].splitlines()[-1] == "two"
     assert not (sandbox.workspace / "dst").exists()
+
+
+async def test_the_sandbox_runs_its_own_python(sandbox):
+    probe = "import sys, pydantic_core._pydantic_core as c; print(sys.version.split()[0], sys.prefix, c.__file__)"
+    out = await sh(sandbox, f"python -c '{probe}'")
+    assert out["exit_code"] == 0, out
+    version, prefix, extension = out["stdout"].split()
+    runtime = sandbox_python()
+    assert (version, prefix) == (runtime.version, str(runtime.prefix))
+    # The environment's compiled packages are its own, built for that interpreter.
+    major, minor = (int(n) for n in version.split(".")[:2])
+    assert extension.startswith("/opt/mcpfleet/site-packages/") and f"cpython-{major}{minor}" in extension
+    if SANDBOX_VENV.exists() and not os.environ.get("MCPFLEET_SANDBOX_PYTHON"):
+        assert (major, minor) >= (3, 12)
