@@ -4,15 +4,19 @@
 .PHONY: run test setup bench clean
 
 setup:
-	@scripts/setup.sh
+	@scripts/setup.sh test
 
-run: setup
+run:
+	@scripts/setup.sh run
 	.venv/bin/mcpfleet up
 
-test: setup
+test:
+	@scripts/setup.sh test
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
-bench: setup
+bench:
+	@scripts/setup.sh run
+	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
 	.venv/bin/python bench/gateway_overhead.py
 
 clean:

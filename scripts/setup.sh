@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs whatever the fleet needs and is missing: Debian packages, the venv, Node tooling.
+# Installs whatever the fleet needs and is missing: Debian packages, the venvs, and with `test`, Node tooling.
 # Safe to run again; each step is skipped when its inputs have not changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,8 +61,8 @@ elif [ -e .venv-sandbox ]; then
   rm -rf .venv-sandbox "$STAMPS/venv-sandbox"
 fi
 
-# Node tooling for the protocol conformance suite (its own Node 22, from the npm registry).
-if [ -f tests/conformance/package-lock.json ]; then
+# Node tooling for the test suite only: the conformance suite (with its own Node 22) and the MCP Inspector.
+if [ "${1:-}" = "test" ] && [ -f tests/conformance/package-lock.json ]; then
   want=$(sha256sum tests/conformance/package-lock.json | cut -c1-16)
   if [ ! -d tests/conformance/node_modules ] || [ "$(cat "$STAMPS/conformance" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing the conformance suite"

@@ -121,7 +121,10 @@ async def test_alices_file_is_invisible_to_bob_by_every_route(fleet, alice, bob)
     listing = await call(fleet, bob, "workspace__list_dir", path=".")
     assert "secret.txt" not in text_of(listing)
 
-    for command in ("cat /workspace/secret.txt", "ls -la /workspace", f"grep -r {secret} / 2>/dev/null | head -5",
+    listing = await sh(fleet, bob, "ls -la /workspace")
+    assert listing["exit_code"] == 0, listing  # the listing itself works, so its silence means something
+    assert "secret.txt" not in listing["stdout"]
+    for command in ("cat /workspace/secret.txt", f"grep -r {secret} / 2>/dev/null | head -5",
                     "find / -name secret.txt 2>/dev/null"):
         out = await sh(fleet, bob, command)
         assert secret not in json.dumps(out), command
