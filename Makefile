@@ -20,4 +20,4 @@ bench:
 	.venv/bin/python bench/gateway_overhead.py
 
 clean:
-	rm -rf .setup .venv tests/conformance/node_modules
+	rm -rf .setup .venv .venv-sandbox tests/conformance/node_modules
