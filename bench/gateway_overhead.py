@@ -212,8 +212,8 @@ def main() -> int:
 
         print(f"\nGateway overhead: one workspace read_file call, {args.seconds} s per run, wrk, this machine "
               f"({os.cpu_count()} cores). First call through the gateway (cold sandbox start): {cold * 1e3:.0f} ms.\n")
-        print(f"| clients | path | p50 ms | p99 ms | calls/s | errors |")
-        print(f"|---:|---|---:|---:|---:|---:|")
+        print("| clients | path | p50 ms | p99 ms | calls/s | errors |")
+        print("|---:|---|---:|---:|---:|---:|")
         for connections, a, b in rows:
             print(f"| {connections} | (a) direct | {a['p50_ms']:.2f} | {a['p99_ms']:.2f} | {a['rate']:.0f} | {a['errors']} |")
             print(f"| {connections} | (b) gateway + sandbox | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | {b['rate']:.0f} | {b['errors']} |")

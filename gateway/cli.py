@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import psycopg
 

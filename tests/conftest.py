@@ -27,7 +27,7 @@ MCPFLEET = [sys.executable, "-m", "gateway.cli"]
 def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The embedded PostgreSQL server for the whole run (URL of its maintenance database)."""
     url = start_embedded(tmp_path_factory.mktemp("postgres"))
-    return url.replace(f"/mcpfleet?", "/postgres?")
+    return url.replace("/mcpfleet?", "/postgres?")
 
 
 def fresh_database(postgres_url: str, prefix: str = "test") -> str:
