@@ -36,6 +36,10 @@ class SandboxBackend(Protocol):
     name: str
     """Recorded with each sandbox in the database."""
 
+    keeps_memory: bool
+    """True if `checkpoint`/`restore` keep the sandbox's memory (processes, /tmp); False if a
+    hibernated sandbox comes back as a fresh start on the same workspace."""
+
     async def start(self, spec: SandboxSpec) -> None:
         """Start the sandbox with the supervisor as its init; returns once it runs (detached)."""
 
@@ -54,3 +58,18 @@ class SandboxBackend(Protocol):
 
     async def list(self) -> list[Container]:
         """Every sandbox this backend knows of, running or not."""
+
+    async def checkpoint(self, sandbox_id: str, image_dir: Path) -> None:
+        """Save the sandbox to `image_dir` and stop it (hibernation). The supervisor has detached
+        from its channel before this is called. Raises SandboxUnavailable if it could not be saved."""
+
+    async def restore(self, spec: SandboxSpec, image_dir: Path) -> None:
+        """Run a sandbox saved by `checkpoint` again, under the same id and spec; returns once it
+        runs (its supervisor then connects to the channel again)."""
+
+    def kill_strays(self, keep: set[str]) -> int:
+        """Kill what the backend runs for sandboxes other than `keep` and has no record of
+        (left by a gateway that was killed mid-step); returns how many were killed."""
+
+    async def memory_bytes(self, sandbox_id: str) -> int | None:
+        """Host memory the sandbox holds now (resident set of its processes), if known."""

@@ -34,6 +34,7 @@ class RunscError(SandboxUnavailable):
 
 class RunscBackend:
     name = "runsc"
+    keeps_memory = True
 
     def __init__(
         self,
@@ -194,7 +195,13 @@ class RunscBackend:
             raise RunscError(f"runsc list failed: {out}")
         return [Container(id=c["id"], status=c["status"]) for c in json.loads(out) or []]
 
-    # -- beyond the protocol --------------------------------------------------------------
+    async def memory_bytes(self, sandbox_id: str) -> int | None:
+        """Resident memory of the sandbox's runsc processes (sentry, gofer, and on ptrace the
+        stub processes that hold the address spaces inside); None if none runs."""
+        pids = self._processes(sandbox_id)
+        pids += [child for pid in pids for child in _children(pid)]
+        total = sum(_rss_bytes(pid) for pid in set(pids))
+        return total or None
 
     async def checkpoint(self, sandbox_id: str, image_dir: Path) -> None:
         """Save the sandbox's whole state (memory included) to `image_dir`; the sandbox stops.
@@ -265,6 +272,31 @@ def _runsc_processes(root: Path) -> list[tuple[int, list[str]]]:
         if argv and argv[0].startswith("runsc") and (marker in argv or any(a == str(root) for a in argv)):
             found.append((int(entry.name), argv))
     return found
+
+
+def _children(pid: int) -> list[int]:
+    """Descendants of `pid` (the ptrace platform's stubs are children of the sentry)."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        try:
+            tasks = Path(f"/proc/{parent}/task").iterdir()
+            kids = [int(k) for t in tasks for k in (t / "children").read_text().split()]
+        except OSError:
+            continue
+        found += kids
+        queue += kids
+    return found
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _tail(path: Path, limit: int = 2000) -> str:
