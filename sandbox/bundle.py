@@ -13,11 +13,13 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sandbox import wire
 from sandbox.backend import SandboxSpec
+from sandbox.limits import Limits
 from sandbox.runtime import PythonRuntime, current_python
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,88 @@ def supervisor_argv() -> list[str]:
     return [f"{BIN}/python", "-m", "sandbox.supervisor", f"{wire.CHANNEL_DIR}/{wire.CONFIG_NAME}"]
 
 
+OPEN_FILES = 4096
+
+
+def host_pids(limits: Limits) -> int:
+    """The cgroup's pids limit: a backstop well behind RLIMIT_NPROC (`limits.pids`, enforced by gVisor
+    inside the sandbox: a fork bomb gets EAGAIN, nothing dies), since reaching it can kill the whole sandbox.
+
+    It counts host tasks: gVisor's own threads plus, on the ptrace platform, about 8.5 per task
+    inside at rest and up to ~17 while they are being created (measured).
+    """
+    return 512 + 32 * limits.pids
+
+
 CPU_QUOTA_ANNOTATION = "dev.mcpfleet.cpu-quota-us"
 """The sandbox's own CPU quota, when it starts with more (see `start_cpus`)."""
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path the sandbox sees at `destination`."""
+
+    source: Path
+    destination: str
+    writable: bool = False
+
+
+def system_binds(runtime: PythonRuntime) -> list[Bind]:
+    """What every sandbox sees of the host, read-only: system dirs, the Python, the product's packages."""
+    binds: list[Bind] = []
+    for name in SYSTEM_DIRS:
+        host = Path(name)
+        if host.is_dir() and not host.is_symlink():  # merged /usr: /bin -> usr/bin is in the root itself
+            binds.append(Bind(host, name))
+    for name in SYSTEM_FILES:
+        if Path(name).is_file():
+            binds.append(Bind(Path(name), name))
+    if not any(runtime.prefix.is_relative_to(b.source) for b in binds):
+        binds.append(Bind(runtime.prefix, str(runtime.prefix)))
+    for i, path in enumerate(runtime.site_packages):
+        binds.append(Bind(path, _site_inside(i)))
+    for name, path in product_packages().items():
+        binds.append(Bind(path, f"{LIB}/{name}"))
+    return binds
+
+
+def sandbox_binds(spec: SandboxSpec, runtime: PythonRuntime) -> list[Bind]:
+    """Every bind of one sandbox, in mount order: the system's, then its user's workspace and its channel."""
+    return [
+        *system_binds(runtime),
+        Bind(spec.workspace, WORKSPACE, writable=True),
+        Bind(spec.channel, wire.CHANNEL_DIR, writable=True),
+    ]
+
+
+def write_root(rootfs: Path, runtime: PythonRuntime, uid: int, gid: int) -> None:
+    """The sandbox's own root: /etc, /opt/mcpfleet/bin, merged-/usr symlinks and a mountpoint per bind.
+
+    The same for every sandbox of a runtime and a user id, whatever its workspace.
+    """
+    rootfs.mkdir(parents=True, exist_ok=True)
+    for name in SYSTEM_DIRS:
+        host = Path(name)
+        if host.is_symlink():
+            (rootfs / name.lstrip("/")).symlink_to(os.readlink(host))
+    mountpoints = [(b.destination, b.source.is_dir()) for b in system_binds(runtime)]
+    for destination, is_dir in [*mountpoints, (WORKSPACE, True), (wire.CHANNEL_DIR, True)]:
+        target = rootfs / destination.lstrip("/")
+        if is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+
+    (rootfs / BIN.lstrip("/")).mkdir(parents=True)
+    for alias in ("python", "python3"):
+        (rootfs / BIN.lstrip("/") / alias).symlink_to(runtime.executable)
+    if (busybox := shutil.which("busybox", path=BUSYBOX_PATH)) is not None:
+        for applet in BUSYBOX_APPLETS:  # busybox runs the applet that argv[0] names
+            (rootfs / BIN.lstrip("/") / applet).symlink_to(busybox)
+    else:
+        log.warning("busybox is not installed: `ls -l` and `stat` fail in sandboxes (scripts/setup.sh installs it)")
+    _write_etc(rootfs / "etc", uid, gid)
 
 
 def build_bundle(
@@ -82,55 +164,16 @@ def build_bundle(
     rootfs = bundle / "rootfs"
     if rootfs.exists():
         shutil.rmtree(rootfs)
-    rootfs.mkdir(parents=True)
+    write_root(rootfs, runtime, spec.uid, spec.gid)
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
     ]
-
-    def bind(source: Path | str, destination: str, options: list[str]) -> None:
-        target = rootfs / destination.lstrip("/")
-        if Path(source).is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.touch()
-        mounts.append({"destination": destination, "type": "bind", "source": str(source), "options": options})
-
-    bound: list[Path] = []
-    for name in SYSTEM_DIRS:
-        host = Path(name)
-        if host.is_symlink():  # merged /usr: /bin -> usr/bin
-            (rootfs / name.lstrip("/")).symlink_to(os.readlink(host))
-        elif host.is_dir():
-            bind(host, name, _RO)
-            bound.append(host)
-    for name in SYSTEM_FILES:
-        if Path(name).is_file():
-            bind(name, name, _RO)
-    if not any(runtime.prefix.is_relative_to(b) for b in bound):
-        bind(runtime.prefix, str(runtime.prefix), _RO)
-    site_inside = []
-    for i, path in enumerate(runtime.site_packages):
-        inside = SITE_PACKAGES if i == 0 else f"{SITE_PACKAGES}-{i}"
-        bind(path, inside, _RO)
-        site_inside.append(inside)
-    for name, path in product_packages().items():
-        bind(path, f"{LIB}/{name}", _RO)
-    bind(spec.workspace, WORKSPACE, _RW)
-    bind(spec.channel, wire.CHANNEL_DIR, _RW)
-
-    (rootfs / BIN.lstrip("/")).mkdir(parents=True)
-    for alias in ("python", "python3"):
-        (rootfs / BIN.lstrip("/") / alias).symlink_to(runtime.executable)
-    if (busybox := shutil.which("busybox", path=BUSYBOX_PATH)) is not None:
-        for applet in BUSYBOX_APPLETS:  # busybox runs the applet that argv[0] names
-            (rootfs / BIN.lstrip("/") / applet).symlink_to(busybox)
-    else:
-        log.warning("busybox is not installed: `ls -l` and `stat` fail in sandboxes (scripts/setup.sh installs it)")
-    _write_etc(rootfs / "etc", spec.uid, spec.gid)
+    for b in sandbox_binds(spec, runtime):
+        options = _RW if b.writable else _RO
+        mounts.append({"destination": b.destination, "type": "bind", "source": str(b.source), "options": options})
 
     config = {
         "ociVersion": "1.0.2",
@@ -138,12 +181,11 @@ def build_bundle(
             "terminal": False,
             "user": {"uid": spec.uid, "gid": spec.gid},
             "args": supervisor_argv(),
-            "env": [f"{k}={v}" for k, v in _environment(site_inside).items()],
+            "env": [f"{k}={v}" for k, v in environment(runtime).items()],
             "cwd": WORKSPACE,
             "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
             "rlimits": [
-                {"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096},
-                # Enforced by gVisor inside the sandbox: a fork bomb gets EAGAIN, nothing dies.
+                {"type": "RLIMIT_NOFILE", "hard": OPEN_FILES, "soft": OPEN_FILES},
                 {"type": "RLIMIT_NPROC", "hard": spec.limits.pids, "soft": spec.limits.pids},
             ],
             "noNewPrivileges": True,
@@ -155,10 +197,7 @@ def build_bundle(
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
             "resources": {
                 "memory": {"limit": spec.limits.memory_bytes, "swap": spec.limits.memory_bytes},
-                # Host tasks of the sandbox: gVisor's own threads plus, on the ptrace platform, about
-                # 8.5 per task inside at rest and up to ~17 while they are being created (measured).
-                # A backstop well behind RLIMIT_NPROC: reaching it can kill the whole sandbox.
-                "pids": {"limit": 512 + 32 * spec.limits.pids},
+                "pids": {"limit": host_pids(spec.limits)},
                 "cpu": {"quota": spec.limits.cpu_quota_us, "period": spec.limits.cpu_period_us},
             },
         },
@@ -172,7 +211,9 @@ def build_bundle(
     return bundle
 
 
-def _environment(site_inside: list[str]) -> dict[str, str]:
+def environment(runtime: PythonRuntime) -> dict[str, str]:
+    """The supervisor's environment (its servers inherit it)."""
+    site_inside = [_site_inside(i) for i in range(len(runtime.site_packages))]
     return {
         "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
         "PYTHONPATH": ":".join([LIB, *site_inside]),
@@ -184,6 +225,10 @@ def _environment(site_inside: list[str]) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "TMPDIR": "/tmp",
     }
+
+
+def _site_inside(i: int) -> str:
+    return SITE_PACKAGES if i == 0 else f"{SITE_PACKAGES}-{i}"
 
 
 def _write_etc(etc: Path, uid: int, gid: int) -> None:
