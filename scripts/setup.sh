@@ -19,6 +19,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
+# Docker Engine with the runsc runtime, for the Docker sandbox backend and its tests.
+if [ "${1:-}" = "test" ] || [ "${MCPFLEET_SANDBOX_BACKEND:-}" = "docker" ]; then
+  scripts/docker.sh
+fi
+
 # The venv is rebuilt only when pyproject.toml changes.
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMPS/venv" 2>/dev/null)" != "$want" ]; then
