@@ -18,10 +18,10 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sandbox import wire
-from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.errors import SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,13 @@ class SupervisorClient:
         self._catalog_tasks: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._generation: dict[str, int] = {}
         self._listeners: list[Callable[[SandboxEvent], Any]] = []
+        self._detached = False
 
     # -- the socket ---------------------------------------------------------------------
 
     async def listen(self) -> None:
         """Start accepting the supervisor's connection (a stale socket file is replaced)."""
+        self._detached = False
         if self._listener is not None:
             return
         if len(os.fsencode(self.socket_path)) >= 108:
@@ -163,6 +165,11 @@ class SupervisorClient:
     def connected(self) -> bool:
         return self._ready.is_set()
 
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not yet answered."""
+        return len(self._calls)
+
     async def wait_ready(self, timeout: float) -> None:
         """Wait for the supervisor's hello (its servers have all started or failed by then)."""
         try:
@@ -178,6 +185,7 @@ class SupervisorClient:
 
         The supervisor keeps trying to connect; `listen()` again lets it back in.
         """
+        self._detached = True
         await self._stop_listening()
         connection = self._connection
         if connection is not None:
@@ -189,6 +197,7 @@ class SupervisorClient:
                 raise SandboxUnavailable("the supervisor did not detach") from None
 
     async def close(self) -> None:
+        self._detached = True
         await self._stop_listening()
         if self._connection is not None:
             self._connection.close()
@@ -347,7 +356,7 @@ class SupervisorClient:
         """
         connection = self._connection
         if connection is None or not self._ready.is_set():
-            raise SandboxUnavailable("the sandbox's supervisor is not connected")
+            self._raise_unavailable()
         call_id = next(self._ids)
         call = _Call(connection, on_notification, on_request)
         self._calls[call_id] = call
@@ -365,6 +374,11 @@ class SupervisorClient:
             self._calls.pop(call_id, None)
         await call.notes_delivered()
         return result
+
+    def _raise_unavailable(self) -> NoReturn:
+        if self._detached:
+            raise SandboxDetached("the gateway let go of this sandbox (it is hibernating or being reclaimed)")
+        raise SandboxUnavailable("the sandbox's supervisor is not connected")
 
     async def notify(self, server: str | None, method: str, params: dict[str, Any] | None = None) -> None:
         """Send a client notification (e.g. roots/list_changed) to one server, or to all with None."""
@@ -399,7 +413,7 @@ class SupervisorClient:
         `state` "failed", an `error` and empty lists.
         """
         if not self._ready.is_set():
-            raise SandboxUnavailable("the sandbox's supervisor is not connected")
+            self._raise_unavailable()
         names = sorted(self.servers)
         entries = await asyncio.gather(*(self._server_catalog(name) for name in names))
         return dict(zip(names, entries))

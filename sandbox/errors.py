@@ -13,6 +13,15 @@ class SandboxUnavailable(SandboxError):
     """The sandbox could not be started, has died, or its channel broke mid-call."""
 
 
+class SandboxDetached(SandboxUnavailable):
+    """The gateway let go of the sandbox's channel on purpose (it is hibernating or being
+    reclaimed) before the call was sent: asking the sandbox manager again is safe."""
+
+
+class QuotaExceeded(SandboxUnavailable):
+    """The caller may not have a running sandbox now: a tenant's or the node's cap is reached."""
+
+
 class SandboxRpcError(SandboxError):
     """A server inside the sandbox answered with a JSON-RPC error; passed on as it came."""
 

@@ -213,6 +213,9 @@ class RunscBackend:
         code, out = await self._run("checkpoint", "--image-path", str(image_dir), sandbox_id, timeout=300)
         if code != 0:
             raise RunscError(f"runsc checkpoint failed ({code}): {out[-2000:]}")
+        # The saved sandbox is stopped; `restore` builds it anew from the bundle and the image,
+        # so nothing of it needs to stay in runsc's state or in the cgroups meanwhile.
+        await self.destroy(sandbox_id)
 
     async def restore(self, spec: SandboxSpec, image_dir: Path) -> None:
         """Run a checkpointed sandbox again, from its bundle and `image_dir`, under the same id."""

@@ -1,0 +1,130 @@
+"""What the sandbox manager does on its own: hibernate idle sandboxes, reclaim long-unused ones,
+keep the warm pool full, and carry out what the CLI asks (`sandbox.requests`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+
+import psycopg
+from psycopg.rows import dict_row
+
+from sandbox import requests
+from sandbox.errors import SandboxUnavailable
+from sandbox.store import State
+
+if TYPE_CHECKING:
+    from sandbox.manager import SandboxManager
+
+log = logging.getLogger(__name__)
+
+
+class Housekeeper:
+    def __init__(self, manager: SandboxManager, database_url: str | None = None):
+        """With `database_url`, CLI requests are taken at once (LISTEN); else at the next sweep."""
+        self.manager = manager
+        self.database_url = database_url
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._sweep_periodically()))
+        if self.database_url:
+            self._tasks.append(asyncio.create_task(self._listen()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.manager.lifecycle.housekeeping_interval_s)
+            self._wake.clear()
+            try:
+                await self.sweep()
+            except (psycopg.Error, OSError):
+                log.exception("sandbox housekeeping failed; trying again at the next sweep")
+
+    async def sweep(self) -> None:
+        await self.take_requests()
+        await self.hibernate_idle()
+        await self.reclaim_unused()
+        self.manager.refill_pool()
+
+    async def hibernate_idle(self) -> None:
+        idle_s = self.manager.lifecycle.idle_hibernate_s
+        if idle_s <= 0:
+            return
+        for sandbox in self.manager.idle_since(datetime.now(timezone.utc), idle_s):
+            assert sandbox.user_id is not None
+            try:
+                await self.manager.hibernate(sandbox.user_id, f"no call for {idle_s:g} s")
+            except SandboxUnavailable as exc:
+                log.warning("could not hibernate idle sandbox %s: %s", sandbox.id, exc)
+
+    async def reclaim_unused(self) -> None:
+        after = self.manager.lifecycle.reclaim_after_s
+        if after <= 0:
+            return
+        await self.manager._flush_touches()
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=after)
+        async with self.manager.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT user_id FROM sandboxes WHERE backend = %s AND user_id IS NOT NULL"
+                " AND state = ANY(%s) AND last_used_at < %s",
+                (self.manager.backend.name, [State.RUNNING.value, State.HIBERNATED.value], cutoff),
+            )
+            user_ids = [r[0] for r in await cur.fetchall()]
+        for user_id in user_ids:
+            sandbox = self.manager.get(user_id)
+            if sandbox is not None and sandbox.last_used_at >= cutoff:
+                continue  # used since the row was last touched
+            await self.manager.reclaim(user_id, f"unused for {after:g} s")
+
+    async def take_requests(self) -> None:
+        async with self.manager.pool.connection() as conn:
+            pending = await requests.take_pending(conn)
+        for request in pending:
+            outcome, message = await self._carry_out(request)
+            async with self.manager.pool.connection() as conn:
+                await requests.finish(conn, request.id, outcome, message)
+
+    async def _carry_out(self, request: requests.Request) -> tuple[str, str | None]:
+        by = f"requested by {request.requested_by}"
+        try:
+            if request.action == "hibernate":
+                done = await self.manager.hibernate(request.user_id, by)
+                return ("done", None) if done else ("nothing to do", "no running sandbox")
+            if request.action == "reclaim":
+                done = await self.manager.reclaim(request.user_id, f"reclaimed, {by}")
+                return ("done", None) if done else ("nothing to do", "no sandbox")
+            async with self.manager.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(
+                    "SELECT u.name, t.name AS tenant FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = %s",
+                    (request.user_id,),
+                )
+                user = await cur.fetchone()
+            if user is None:
+                return "failed", "no such user"
+            sandbox = await self.manager.ensure(request.user_id, user["tenant"], user["name"])
+            return "done", f"sandbox {sandbox.id} running"
+        except SandboxUnavailable as exc:
+            return "failed", str(exc)
+
+    async def _listen(self) -> None:
+        assert self.database_url is not None
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {requests.CHANNEL}")
+                    self._wake.set()  # requests sent while nobody listened
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except psycopg.Error as exc:
+                log.warning("lost the sandbox request listener (%s); reconnecting", exc)
+                await asyncio.sleep(1.0)
