@@ -103,3 +103,18 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+async def start_background(command: str, *, cwd: str, log_dir: str) -> int:
+    """Start `/bin/sh -c command` detached (own session, no stdin, output to `log_dir/<pid>.log`); its pid.
+
+    An intermediate shell starts it and exits at once, so the command is orphaned to
+    the sandbox's init, which reaps it: this server keeps nothing per background job.
+    """
+    os.makedirs(log_dir, mode=0o700, exist_ok=True)
+    launcher = (
+        'exec 0</dev/null; (setsid /bin/sh -c "$1" >"$2/$$.tmp" 2>&1 & echo $! >"$2/$$.pid"); '
+        'pid=$(cat "$2/$$.pid"); rm "$2/$$.pid"; mv "$2/$$.tmp" "$2/$pid.log"; echo "$pid"'
+    )
+    result = await anyio.run_process(["/bin/sh", "-c", launcher, "sh", command, log_dir], cwd=cwd, check=True)
+    return int(result.stdout.decode().strip())

@@ -11,11 +11,12 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from mcp_servers.exec.process import Capture, run_shell
+from mcp_servers.exec.process import Capture, run_shell, start_background
 
 DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 300.0
 MAX_OUTPUT_BYTES = 1024 * 1024
+BACKGROUND_LOG_DIR = "/tmp/exec"
 
 
 class RunResult(BaseModel):
@@ -59,9 +60,26 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
             float,
             Field(gt=0, le=MAX_TIMEOUT_S, description=f"Time limit in seconds (at most {MAX_TIMEOUT_S:g})"),
         ] = DEFAULT_TIMEOUT_S,
+        background: Annotated[
+            bool,
+            Field(
+                description=(
+                    "Start the command and return at once, leaving it running (a server, a watcher); "
+                    f"its output goes to {BACKGROUND_LOG_DIR}/<pid>.log. It keeps running while the sandbox "
+                    "hibernates and resumes."
+                )
+            ),
+        ] = False,
     ) -> Annotated[CallToolResult, RunResult]:
         if not os.path.isdir(cwd):
             raise ToolError(f"the workspace root {cwd} does not exist in this sandbox")
+        if background:
+            pid = await start_background(command, cwd=cwd, log_dir=BACKGROUND_LOG_DIR)
+            log_path = f"{BACKGROUND_LOG_DIR}/{pid}.log"
+            return CallToolResult(
+                content=[TextContent(type="text", text=f"started in the background: pid {pid}, output in {log_path}")],
+                structured_content={"pid": pid, "log": log_path},
+            )
         outcome = await run_shell(command, cwd=cwd, timeout_s=timeout_s, output_limit=MAX_OUTPUT_BYTES)
         result = RunResult(
             exit_code=outcome.returncode,
