@@ -12,6 +12,8 @@ need_apt=()
 command -v runsc >/dev/null 2>&1 || need_apt+=(runsc)
 # Sandboxes take `ls` and `stat` from busybox: this runsc refuses coreutils' statx (sandbox/bundle.py).
 command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
+# Workspaces with a disk quota are ext4 images (sandbox/workspaces.py); without e2fsprogs they have none.
+command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
