@@ -14,6 +14,7 @@ import psycopg
 from gateway import accounts
 from gateway.accounts import AccountError
 from gateway.db import migrate, resolve_database_url
+from gateway.issuers_cli import add_commands as add_issuer_commands
 from gateway.settings import Settings, load_settings
 
 
@@ -147,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
     sls.add_argument("--json", action="store_true")
     sls.add_argument("--all", action="store_true", help="include reclaimed and failed ones")
     sls.set_defaults(func=cmd_sandboxes_list)
+
+    add_issuer_commands(sub)
 
     db = sub.add_parser("db", help="the fleet's database").add_subparsers(dest="action", required=True)
     url = db.add_parser("url", help="print a libpq URL to the fleet's database")

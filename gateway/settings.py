@@ -39,6 +39,11 @@ class Settings:
     # Servers whose tools and prompts are shown under their own names, not `<server>__<name>`:
     # for clients that call fixed names (the MCP conformance suite calls `test_simple_text`).
     bare_servers: frozenset[str] = frozenset()
+    # Where clients reach `/mcp`, as OAuth tokens must name it in `aud`; None: http://HOST:PORT/mcp.
+    configured_public_url: str | None = None
+    required_scopes: tuple[str, ...] = ("mcp",)
+    # Loopback and private issuers (tests, an IdP on the same network); also allows plain http.
+    allow_private_issuers: bool = False
 
     @property
     def data_dir(self) -> Path:
@@ -46,7 +51,7 @@ class Settings:
 
     @property
     def public_url(self) -> str:
-        return f"http://{self.host}:{self.port}/mcp"
+        return self.configured_public_url or f"http://{self.host}:{self.port}/mcp"
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -62,6 +67,10 @@ def load_settings(**overrides: object) -> Settings:
         "sandbox_cpus": float(os.environ.get("MCPFLEET_SANDBOX_CPUS") or 1.0),
         "allowed_origins": _list("MCPFLEET_ALLOWED_ORIGINS"),
         "bare_servers": frozenset(_list("MCPFLEET_BARE_TOOL_NAMES")),
+        "configured_public_url": os.environ.get("MCPFLEET_PUBLIC_URL") or None,
+        # Unset means "mcp"; set but empty means no scope is required.
+        "required_scopes": tuple(os.environ.get("MCPFLEET_REQUIRED_SCOPES", "mcp").replace(",", " ").split()),
+        "allow_private_issuers": os.environ.get("MCPFLEET_ALLOW_PRIVATE_ISSUERS", "") in ("1", "true", "yes"),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)  # type: ignore[arg-type]
