@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
-from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
+from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from psycopg_pool import AsyncConnectionPool
@@ -19,9 +19,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from gateway.auth import ApiKeyVerifier
+from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.db import open_pool
 from gateway.http_headers import TrimHeaderWhitespace
+from gateway.oauth.resource import RequireBearer, metadata_routes
+from gateway.oauth.tokens import OAuthVerifier
 from gateway.routing import Router
 from gateway.settings import Settings
 
@@ -61,6 +63,8 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         pool = await open_pool(database_url)
         verifier.pool = pool
         verifier.start_listening(database_url)
+        oauth.pool = pool
+        oauth.start_listening(database_url)
         manager = sandbox_factory(settings, pool)
         await manager.start()
         state.update(pool=pool, manager=manager)
@@ -70,6 +74,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         finally:
             await manager.close()
             await verifier.stop_listening()
+            await oauth.close()
             await pool.close()
 
     async def healthz(request: Request) -> JSONResponse:
@@ -89,16 +94,20 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
 
     verifier = ApiKeyVerifier()
-    mcp_endpoint = RequireAuthMiddleware(StreamableHTTPASGIApp(sessions), required_scopes=[])
+    oauth = OAuthVerifier(settings)
+    mcp_endpoint = RequireBearer(
+        StreamableHTTPASGIApp(sessions), public_url=settings.public_url, required_scopes=settings.required_scopes
+    )
     app = Starlette(
         routes=[
             Route("/mcp", endpoint=mcp_endpoint, methods=["GET", "POST", "DELETE"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            *metadata_routes(settings.public_url, settings.required_scopes, lambda: state["pool"]),
         ],
         middleware=[
             Middleware(TrimHeaderWhitespace),
-            Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(verifier)),
+            Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(BearerVerifier(verifier, oauth))),
             Middleware(AuthContextMiddleware),
         ],
         lifespan=lifespan,

@@ -1,8 +1,10 @@
 """Bearer authentication of every request to the gateway.
 
-The SDK's `BearerAuthBackend` calls `ApiKeyVerifier.verify_token`; the
-resulting `AccessToken` names the principal, which the SDK's session manager
-also uses to bind each `Mcp-Session-Id` to the identity that opened it.
+The SDK's `BearerAuthBackend` calls `BearerVerifier.verify_token`: API keys
+go to `ApiKeyVerifier`, anything else to the OAuth verifier (JWTs of trusted
+issuers, gateway/oauth). The resulting `FleetToken` names the principal, which
+the SDK's session manager also uses to bind each `Mcp-Session-Id` to the
+identity that opened it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 
 import psycopg
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
-from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.provider import AccessToken, TokenVerifier
 from psycopg_pool import AsyncConnectionPool
 from starlette.types import Scope
 
@@ -29,6 +31,27 @@ CACHE_SECONDS = 30.0
 ISSUER = "mcpfleet:api-key"
 
 
+class FleetToken(AccessToken):
+    """An access token together with the fleet identity it was verified to belong to."""
+
+    identity: Identity
+
+
+class BearerVerifier:
+    def __init__(self, api_keys: ApiKeyVerifier, oauth: TokenVerifier):
+        self.api_keys = api_keys
+        self.oauth = oauth
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if token.startswith(accounts.KEY_PREFIX):
+            return await self.api_keys.verify_token(token)
+        return await self.oauth.verify_token(token)
+
+
+def is_api_key(token: AccessToken) -> bool:
+    return (token.claims or {}).get("iss") == ISSUER
+
+
 class ApiKeyVerifier:
     def __init__(self, pool: AsyncConnectionPool | None = None):
         # The app's lifespan opens the pool after the middleware holding this verifier is built.
@@ -40,12 +63,13 @@ class ApiKeyVerifier:
         identity = await self.identify(token)
         if identity is None:
             return None
-        return AccessToken(
+        return FleetToken(
             token=token,
             client_id=identity.principal,
             scopes=[identity.role],
             subject=str(identity.user_id),
             claims={"iss": ISSUER, "tenant": identity.tenant, "user": identity.user, "role": identity.role},
+            identity=identity,
         )
 
     async def identify(self, token: str) -> Identity | None:
@@ -99,14 +123,6 @@ def identity_of(scope: Scope | None) -> Identity | None:
     if scope is None:
         return None
     user = scope.get("user")
-    if not isinstance(user, AuthenticatedUser):
+    if not isinstance(user, AuthenticatedUser) or not isinstance(user.access_token, FleetToken):
         return None
-    claims = user.access_token.claims or {}
-    if claims.get("iss") != ISSUER:
-        return None
-    return Identity(
-        user_id=int(user.access_token.subject or 0),
-        user=claims["user"],
-        tenant=claims["tenant"],
-        role=claims["role"],
-    )
+    return user.access_token.identity
