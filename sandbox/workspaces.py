@@ -45,9 +45,12 @@ MKFS_OPTIONS = ("-q", "-F", "-b", str(BLOCK_SIZE), "-m", "0")
 """-m 0: no blocks reserved for root; inside, nobody is root, and the quota is the user's to use."""
 MKFS_EXTENDED = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
 """Nothing is zeroed and nothing discarded: the holes of a new sparse file already read as zeros, so
-mkfs writes only its metadata (a few milliseconds for any size). The journal keeps mke2fs's default
-size (4 MiB at 64 MiB, 16 MiB at 1 GiB, 64 MiB from 2 GiB): a host that crashes leaves images that
-mount without an e2fsck on the sandbox's start path."""
+mkfs writes only its metadata (a few milliseconds for any size)."""
+JOURNAL_MIB = 16
+"""The journal: a host that crashes leaves images that mount without an e2fsck on the start path.
+mke2fs would make it 32 MiB at 1 GiB and 128 MiB at 16 GiB, all of it taken from the user's quota;
+one user's metadata writes of a few seconds fit in 16 MiB. Images under 256 MiB keep mke2fs's
+smaller one (4 MiB under 128 MiB)."""
 RELEASE_TIMEOUT = 2.0
 """How long to wait for a loop device to be let go after its last unmount (see `_released`)."""
 MOUNT_OPTIONS = "loop,nosuid,nodev,noatime,discard,noinit_itable"
@@ -119,7 +122,7 @@ class Workspaces:
         return sorted(k for k in found if _KEY.fullmatch(k))
 
     def create(self, key: str, quota_bytes: int, *, seed_from: Path | None = None) -> bool:
-        """Make the workspace `key` of `quota_bytes` (rounded up to 4 KiB); False if it already existed.
+        """Make the workspace `key` of `quota_bytes` (rounded up to 4 KiB, 16 MiB at least); False if it existed.
 
         Its root is owned by uid:gid, mode 0700, and empty, unless `seed_from`
         names a directory whose contents are copied in with their modes, owners,
@@ -156,7 +159,8 @@ class Workspaces:
             os.close(fd)
         extended = f"{MKFS_EXTENDED},root_owner={self.uid}:{self.gid}"
         seed = ["-d", str(seed_from)] if seed_from is not None else []
-        result = _run("mkfs.ext4", *MKFS_OPTIONS, "-E", extended, *seed, str(image), check=False)
+        journal = ["-J", f"size={JOURNAL_MIB}"] if size >= 256 * 1024 * 1024 else []
+        result = _run("mkfs.ext4", *MKFS_OPTIONS, *journal, "-E", extended, *seed, str(image), check=False)
         if result.returncode != 0:
             detail = result.stderr.strip() or result.stdout.strip()
             if seed_from is not None and ("allocate" in detail or "space" in detail):
@@ -301,12 +305,8 @@ class Workspaces:
             devices = {loop.device for loop in _loops() if loop.backing in images}
             ours = [m.mountpoint for m in mounts if m.device in devices]
         else:
-            directories = {(p.stat().st_dev, p.stat().st_ino) for p in self.root.iterdir() if p.is_dir()}
-            for m in mounts:
-                with contextlib.suppress(OSError):
-                    st = m.mountpoint.stat()
-                    if (st.st_dev, st.st_ino) in directories:
-                        ours.append(m.mountpoint)
+            directories = [p.stat() for p in self.root.iterdir() if p.is_dir()]
+            ours = [m.mountpoint for m in mounts if any(_same_file(m.mountpoint, st) for st in directories)]
         for mountpoint in sorted(set(ours), key=lambda p: len(p.parts), reverse=True):
             log.info("unmounting stray workspace at %s", mountpoint)
             self.unmount(mountpoint)
@@ -348,8 +348,9 @@ class Workspaces:
         size = _round_up(max(quota_bytes, MIN_QUOTA))
         with self._image_lock(target):
             current = target.stat().st_size
+            blocks, _, block_size = _superblock(target)
             loop = self._attached(target)
-            if size == current:
+            if size == current == blocks * block_size:
                 return True
             if size < current and loop is not None:
                 raise WorkspaceInUse(f"cannot shrink workspace {key} while it is mounted; stop its sandbox first")
@@ -368,7 +369,6 @@ class Workspaces:
                 _grow_offline(target)
                 return True
             _check(target)
-            _, _, block_size = _superblock(target)
             minimum = int(_run("resize2fs", "-P", str(target)).stdout.split(":")[-1]) * block_size
             if minimum > size:
                 raise WorkspaceError(f"cannot shrink workspace {key} to {size} bytes: it needs at least {minimum} bytes")
@@ -419,7 +419,7 @@ class Workspaces:
             self._make_image(image, MIN_QUOTA, None)
             at.mkdir()
             _run("mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(at))
-            _run("umount", str(at))
+            self.unmount(at)
         except (WorkspaceError, OSError) as exc:
             return f"a loop mount failed here ({exc})"
         finally:
