@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import psycopg
 
-from gateway import accounts
+from gateway import accounts, audit_cli
 from gateway.accounts import AccountError
 from gateway.db import migrate, resolve_database_url
 from gateway.issuers_cli import add_commands as add_issuer_commands
@@ -154,6 +154,7 @@ def parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="the fleet's database").add_subparsers(dest="action", required=True)
     url = db.add_parser("url", help="print a libpq URL to the fleet's database")
     url.set_defaults(func=cmd_db_url)
+    audit_cli.add_commands(sub)
     return top
 
 

@@ -1,0 +1,75 @@
+"""`mcpfleet audit`: check the audit log's chain and export its entries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import psycopg
+
+from gateway import audit
+from gateway.settings import load_settings
+
+
+def _run(work: Callable[[psycopg.AsyncConnection], Awaitable[int]]) -> int:
+    # gateway.cli imports this module to register the commands; importing it back at the top would be circular.
+    from gateway.cli import _run
+
+    return _run(load_settings(), work)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    async def work(conn: psycopg.AsyncConnection) -> int:
+        # The check and the count must describe the same log, appends going on or not.
+        async with conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            broken = await audit.verify(conn)
+            head = await audit.head(conn)
+        if broken is not None:
+            print(f"audit log broken at entry {broken.id}: {broken.reason}")
+            return 1
+        assert head is not None
+        print(f"audit log intact: {head.last_id} entries")
+        # Kept elsewhere, the head's hash also reveals a rewrite of the whole chain.
+        print(f"head: entry {head.last_id}, sha256 {head.last_hash.hex()}")
+        return 0
+
+    return _run(work)
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    async def work(conn: psycopg.AsyncConnection) -> int:
+        async for entry in audit.entries(conn, tenant=args.tenant, since=args.since):
+            if args.json:
+                print(json.dumps(entry.to_json(), ensure_ascii=False, sort_keys=True))
+            else:
+                print(
+                    f"{entry.id}\t{audit.canonical_time(entry.at)}\t{entry.tenant or '-'}\t{entry.actor or '-'}"
+                    f"\t{entry.action}\t{entry.target or '-'}\t{entry.outcome}"
+                )
+        return 0
+
+    return _run(work)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    commands = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
+    verify = commands.add_parser("verify", help="check the audit log's hash chain; exits 1 at the first broken entry")
+    verify.set_defaults(func=cmd_audit_verify)
+    export = commands.add_parser("export", help="print audit entries in id order")
+    export.add_argument("--json", action="store_true", help="one JSON object per line (JSON Lines), with hashes in hex")
+    export.add_argument("--tenant", help="only this tenant's entries")
+    export.add_argument(
+        "--since", type=_iso_time, help="only entries from this ISO 8601 time on (UTC if no zone is given)"
+    )
+    export.set_defaults(func=cmd_audit_export)
