@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import psycopg
 
+from gateway import audit
+
 ROLES = ("admin", "publisher", "member", "auditor")
 KEY_PREFIX = "mcpf_"
 
@@ -49,7 +51,9 @@ def split_key(key: str) -> tuple[str, str] | None:
     return prefix, secret
 
 
-async def add_user(conn: psycopg.AsyncConnection, name: str, *, tenant: str = "default", role: str = "member") -> Identity:
+async def add_user(
+    conn: psycopg.AsyncConnection, name: str, *, tenant: str = "default", role: str = "member", actor: str | None = None
+) -> Identity:
     if role not in ROLES:
         raise AccountError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
     async with conn.transaction():
@@ -65,11 +69,14 @@ async def add_user(conn: psycopg.AsyncConnection, name: str, *, tenant: str = "d
                     (name, role, tenant),
                 )
             ).fetchone()
+            assert row is not None
+            await audit.append(
+                conn, action="user.add", outcome="ok", tenant=tenant, actor=actor, target=f"{tenant}/{name}", detail={"role": role}
+            )
     except psycopg.errors.UniqueViolation:
         raise AccountError(f"user {name!r} already exists in tenant {tenant!r}") from None
     except psycopg.errors.CheckViolation:
         raise AccountError(f"invalid user name {name!r}: use letters, digits, '.', '_', '@' or '-'") from None
-    assert row is not None
     return Identity(user_id=row[0], user=name, tenant=tenant, role=role)
 
 
@@ -94,34 +101,48 @@ async def list_users(conn: psycopg.AsyncConnection) -> list[Identity]:
     return [Identity(user_id=r[0], user=r[1], tenant=r[2], role=r[3]) for r in rows]
 
 
-async def create_key(conn: psycopg.AsyncConnection, user: Identity) -> str:
+async def create_key(conn: psycopg.AsyncConnection, user: Identity, *, actor: str | None = None) -> str:
     prefix = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
-    await conn.execute(
-        "INSERT INTO api_keys (user_id, prefix, secret_sha256) VALUES (%s, %s, %s)",
-        (user.user_id, prefix, _sha256(secret)),
-    )
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO api_keys (user_id, prefix, secret_sha256) VALUES (%s, %s, %s)",
+            (user.user_id, prefix, _sha256(secret)),
+        )
+        await audit.append(
+            conn, action="key.create", outcome="ok", tenant=user.tenant, actor=actor, target=user.principal,
+            detail={"prefix": prefix},
+        )
     return f"{KEY_PREFIX}{prefix}_{secret}"
 
 
-async def revoke_keys(conn: psycopg.AsyncConnection, *, key_or_prefix: str | None = None, user: Identity | None = None) -> int:
+_REVOKE = """UPDATE api_keys k SET revoked_at = now() FROM users u JOIN tenants t ON t.id = u.tenant_id
+               WHERE u.id = k.user_id AND k.revoked_at IS NULL AND {which}
+           RETURNING k.prefix, t.name, u.name"""
+
+
+async def revoke_keys(
+    conn: psycopg.AsyncConnection, *, key_or_prefix: str | None = None, user: Identity | None = None, actor: str | None = None
+) -> int:
     """Revoke one key (given whole or by its prefix) or every key of a user; returns how many."""
     if key_or_prefix is not None:
         parts = split_key(key_or_prefix)
-        prefix = parts[0] if parts else key_or_prefix.removeprefix(KEY_PREFIX)
-        cur = await conn.execute(
-            "UPDATE api_keys SET revoked_at = now() WHERE prefix = %s AND revoked_at IS NULL", (prefix,)
-        )
+        which, param = "k.prefix = %s", parts[0] if parts else key_or_prefix.removeprefix(KEY_PREFIX)
     elif user is not None:
-        cur = await conn.execute(
-            "UPDATE api_keys SET revoked_at = now() WHERE user_id = %s AND revoked_at IS NULL", (user.user_id,)
-        )
+        which, param = "k.user_id = %s", user.user_id
     else:
         raise AccountError("name a key or a user")
-    if cur.rowcount:
-        # Gateways drop their cache of verified keys on this, so a revocation takes effect at once.
-        await conn.execute("NOTIFY api_keys_revoked")
-    return cur.rowcount
+    async with conn.transaction():
+        revoked = await (await conn.execute(_REVOKE.format(which=which), (param,))).fetchall()
+        if revoked:
+            # Gateways drop their cache of verified keys on this, so a revocation takes effect at once.
+            await conn.execute("NOTIFY api_keys_revoked")
+            tenant, name = revoked[0][1], revoked[0][2]
+            await audit.append(
+                conn, action="key.revoke", outcome="ok", tenant=tenant, actor=actor, target=f"{tenant}/{name}",
+                detail={"prefixes": sorted(r[0] for r in revoked)},
+            )
+    return len(revoked)
 
 
 async def verify_key(conn: psycopg.AsyncConnection, key: str) -> Identity | None:
