@@ -255,7 +255,8 @@ class Workspaces:
         Until then `mount` refuses the image, which is what keeps it safe.
         Unmount only after the sandbox's gofer is gone: runsc bind-mounts the
         workspace into the gofer's own mount namespace, which keeps the image
-        attached as long as the gofer lives.
+        attached (and the sandbox using it) as long as the gofer lives; this then
+        waits RELEASE_TIMEOUT for a loop device that will not be freed.
         """
         at = Path(at).absolute()
         if (mount := _mount_at(at)) is None:
@@ -434,7 +435,7 @@ def _round_up(size: int) -> int:
 
 def _run(*argv: str, check: bool = True, input: str = "") -> subprocess.CompletedProcess[str]:
     try:
-        result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=600, check=False)
     except FileNotFoundError:
         raise WorkspaceError(f"{argv[0]} is not installed") from None
     if check and result.returncode != 0:

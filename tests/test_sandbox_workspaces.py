@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.workspaces import Workspaces, WorkspaceError, WorkspaceInUse
+from sandbox.workspaces import WorkspaceError, WorkspaceInUse, Workspaces
 
 UID = GID = 1000
 MiB = 1024 * 1024
@@ -40,7 +40,7 @@ def tmp():
     finally:
         _unmount_all_under(directory)
         for loop in _loops_under(directory):
-            subprocess.run(["losetup", "-d", loop], capture_output=True)
+            subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
         assert not _mounts_under(directory), "a mount survived the test"
         shutil.rmtree(directory)
 
@@ -59,11 +59,11 @@ def _mounts_under(directory: Path) -> list[str]:
 def _unmount_all_under(directory: Path) -> None:
     for _ in range(3):  # stacked mounts come off one at a time
         for point in sorted(_mounts_under(directory), key=len, reverse=True):
-            subprocess.run(["umount", "--lazy", point], capture_output=True)
+            subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
 
 
 def _loops_under(directory: Path) -> list[str]:
-    out = subprocess.run(["losetup", "--json", "--list"], capture_output=True, text=True).stdout
+    out = subprocess.run(["losetup", "--json", "--list"], capture_output=True, text=True, check=True).stdout
     devices = json.loads(out)["loopdevices"] if out.strip() else []
     return [d["name"] for d in devices if Path(d["back-file"].removesuffix(" (deleted)")).is_relative_to(directory)]
 
@@ -71,7 +71,10 @@ def _loops_under(directory: Path) -> list[str]:
 def as_user(*argv: str) -> subprocess.CompletedProcess[str]:
     """Run a command as the sandbox user, as the servers inside would."""
     return subprocess.run(
-        ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", *argv], capture_output=True, text=True
+        ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -412,20 +415,28 @@ async def test_a_gvisor_sandbox_writes_into_the_image_and_sees_enospc(tmp):
         channel / "supervisor.json", owner=(UID, GID)
     )
     free = free_bytes(workspace)
+
+    def inside(script: str) -> subprocess.CompletedProcess[str]:
+        argv = ["runsc", "--root", str(backend.root), "exec", "--user", f"{UID}:{GID}", sandbox_id, "/bin/sh", "-c"]
+        return subprocess.run([*argv, script], capture_output=True, text=True, timeout=60, check=False)
+
     try:
         await backend.start(SandboxSpec(sandbox_id, directory, workspace, channel, Limits(), UID, GID))
-        script = "echo from-inside > /workspace/note; dd if=/dev/zero of=/workspace/fill bs=1M; df -k /workspace"
-        inside = subprocess.run(
-            ["runsc", "--root", str(backend.root), "exec", "--user", f"{UID}:{GID}", sandbox_id, "/bin/sh", "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert "No space left on device" in inside.stderr, inside.stderr
+        filled = inside("echo from-inside > /workspace/note; dd if=/dev/zero of=/workspace/fill bs=1M")
+        assert "No space left on device" in filled.stderr, filled.stderr
         assert (workspace / "note").read_text() == "from-inside\n"
-        assert free - MiB <= (workspace / "fill").stat().st_size <= free
         assert (workspace / "note").stat().st_uid == UID
+        assert free - MiB <= (workspace / "fill").stat().st_size <= free
+
+        # Unmounted on the host too early, the workspace stays the sandbox's: runsc's gofer holds its own
+        # mount of it, and with it the loop device, which is why a second mount must wait for the gofer.
+        workspaces.unmount(workspace)
+        assert inside("cat /workspace/note").stdout == "from-inside\n"
+        with pytest.raises(WorkspaceInUse, match="a sandbox may still use it"):
+            workspaces.mount("inside", tmp / "again")
     finally:
         await backend.destroy(sandbox_id)
-    workspaces.unmount(workspace)
-    assert _loops_under(tmp) == []  # with its gofer gone, nothing else held the image
+    workspaces.mount("inside", tmp / "again")  # the gofer is gone, and the image with it
+    assert (tmp / "again" / "note").read_text() == "from-inside\n"
+    workspaces.unmount(tmp / "again")
+    assert _loops_under(tmp) == []
