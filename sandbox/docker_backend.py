@@ -9,10 +9,11 @@ network and host Unix sockets that may be opened, as the runsc backend does.
 Hibernation keeps memory: `docker checkpoint create` with this runtime saves
 the whole sandbox (processes, /tmp) and `docker start --checkpoint` resumes it,
 with a counter held in a server's memory intact (tests/test_sandbox_docker.py).
-The engine keeps the image with the container (it refuses to restore from a
-directory of our choosing), so `image_dir` only holds a note naming it, and
-removing the container drops the image too. Checkpoints need the engine's
-experimental mode, which scripts/docker.sh turns on.
+The engine keeps the image with the stopped container, since it refuses to
+restore from a directory of our choosing: `image_dir` only holds a note naming
+it, and the image goes once the sandbox is resumed or its container removed.
+Checkpoints are still an experimental API of the engine; scripts/docker.sh
+turns it on.
 
 Containers are named by sandbox id and labelled with the fleet they belong to
 (its home), so `list()` and `kill_strays()` see only this fleet's.
@@ -351,6 +352,8 @@ class DockerBackend:
         if attrs is None or attrs["Id"] != note["container"]:
             raise DockerError(f"the container that sandbox {sandbox_id} was saved from is gone")
         self._engine("POST", f"/containers/{attrs['Id']}/start", params={"checkpoint": note["checkpoint"]})
+        # The engine would keep the image (as large as the sandbox's memory) until the container goes.
+        self._engine("DELETE", f"/containers/{attrs['Id']}/checkpoints/{note['checkpoint']}")
 
     def _engine(self, method: str, path: str, *, timeout: float = COMMAND_TIMEOUT, **kwargs: Any) -> Any:
         """An Engine API call the SDK has no method for (checkpoints); its JSON answer, if any."""

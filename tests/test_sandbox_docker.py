@@ -216,6 +216,7 @@ async def test_hibernation_keeps_memory_and_the_channel_comes_back(manager, user
     assert int(text(await call(resumed, "counter"))) == first + 1  # the same server process, memory and all
     print(f"\nhibernate {saved - started:.2f} s, resume to first result {time.perf_counter() - saved:.2f} s")
     assert text(await call(resumed, "read_file", path="/tmp/kept")) == "in memory"
+    assert "hi from alice" in text(await call(resumed, "read_file", server="workspace", path="notes/hello.txt"))
     assert backend.cpu_quota_us(sandbox.id) == STANDARD.cpu_quota_us
     assert {r["id"]: r["state"] for r in await rows_of(manager.pool, alice[0])}[sandbox.id] == "Running"
 
