@@ -44,11 +44,11 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
     )
 
 
-SandboxFactory = Callable[[Settings, AsyncConnectionPool], Any]
+SandboxFactory = Callable[[Settings, AsyncConnectionPool, str], Any]
 
 
 def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFactory) -> Starlette:
-    """`sandbox_factory(settings, pool)` returns the sandbox manager the gateway routes into."""
+    """`sandbox_factory(settings, pool, database_url)` returns the sandbox manager the gateway routes into."""
     state: dict[str, Any] = {}
     router = Router(_LateBoundSandboxes(state), bare_servers=settings.bare_servers)
     mcp_server = router.server()
@@ -65,7 +65,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         verifier.start_listening(database_url)
         oauth.pool = pool
         oauth.start_listening(database_url)
-        manager = sandbox_factory(settings, pool)
+        manager = sandbox_factory(settings, pool, database_url)
         await manager.start()
         state.update(pool=pool, manager=manager)
         try:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import psycopg
 
-from gateway import accounts, audit_cli
+from gateway import accounts, audit_cli, sandbox_cli
 from gateway.accounts import AccountError
 from gateway.db import migrate, resolve_database_url
 from gateway.issuers_cli import add_commands as add_issuer_commands
@@ -89,21 +89,6 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return _run(load_settings(), work)
 
 
-def cmd_sandboxes_list(args: argparse.Namespace) -> int:
-    from sandbox.store import list_sandboxes
-
-    async def work(conn: psycopg.AsyncConnection) -> int:
-        rows = await list_sandboxes(conn, include_ended=args.all)
-        if args.json:
-            print(json.dumps(rows, indent=2, default=str))
-        else:
-            for r in rows:
-                print(f"{r['tenant']}/{r['user']}\t{r['state']}\t{r['id']}\tlast used {r['last_used_at']}")
-        return 0
-
-    return _run(load_settings(), work)
-
-
 def cmd_db_url(args: argparse.Namespace) -> int:
     settings = load_settings()
     # The embedded server is left running so that the printed URL can be used.
@@ -143,11 +128,7 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("--tenant", default="default")
     revoke.set_defaults(func=cmd_keys_revoke)
 
-    sandboxes = sub.add_parser("sandboxes", help="inspect sandboxes").add_subparsers(dest="action", required=True)
-    sls = sandboxes.add_parser("list", help="list live sandboxes")
-    sls.add_argument("--json", action="store_true")
-    sls.add_argument("--all", action="store_true", help="include reclaimed and failed ones")
-    sls.set_defaults(func=cmd_sandboxes_list)
+    sandbox_cli.add_commands(sub)
 
     add_issuer_commands(sub)
 

@@ -30,11 +30,14 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from gateway.accounts import Identity
 from gateway.auth import identity_of
-from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
 SEPARATOR = "__"
+QUOTA_EXCEEDED = -32001
+"""JSON-RPC error for a caller whose tenant or node has no room for another running sandbox
+(from the implementation-defined server error range)."""
 _notification_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerNotification)
 _request_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerRequest)
 
@@ -154,6 +157,8 @@ class Router:
             raise MCPError(code=types.INVALID_REQUEST, message="Not authenticated")
         try:
             sandbox = await self._sandboxes.ensure(identity.user_id, identity.tenant, identity.user)
+        except QuotaExceeded as exc:
+            raise MCPError(code=QUOTA_EXCEEDED, message=f"No sandbox for you right now: {exc}") from None
         except SandboxUnavailable as exc:
             raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox could not be started: {exc}") from None
         return identity, sandbox.client
@@ -161,7 +166,11 @@ class Router:
     async def _catalog(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Identity, Any, Catalog]:
         identity, client = await self._client(ctx)
         try:
-            per_server = await client.catalog()
+            try:
+                per_server = await client.catalog()
+            except SandboxDetached:  # it began to hibernate: ensure() waits, then resumes it
+                identity, client = await self._client(ctx)
+                per_server = await client.catalog()
         except SandboxUnavailable as exc:
             raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox stopped: {exc}; call again") from None
         # The client hands out the same listing objects until a server's listing changes;
@@ -201,9 +210,15 @@ class Router:
 
         started = time.perf_counter()
         try:
-            result = await client.request(
-                server, method, params, on_notification=relay_notification, on_request=relay_request
-            )
+            try:
+                result = await client.request(
+                    server, method, params, on_notification=relay_notification, on_request=relay_request
+                )
+            except SandboxDetached:  # not sent: the sandbox began to hibernate since it was looked up
+                _, client = await self._client(ctx)
+                result = await client.request(
+                    server, method, params, on_notification=relay_notification, on_request=relay_request
+                )
             return self._result(ctx, result)
         except SandboxRpcError as exc:
             raise MCPError(code=exc.code, message=exc.message, data=exc.data) from None

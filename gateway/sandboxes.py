@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from gateway import audit
 from gateway.settings import Settings
-from sandbox.limits import Limits, MiB
-from sandbox.manager import SandboxManager
+from sandbox.backend import SandboxBackend
+from sandbox.manager import Lifecycle, SandboxManager
 from sandbox.runsc_backend import RunscBackend
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS
+from sandbox.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +38,66 @@ def sandbox_python() -> PythonRuntime:
         raise RuntimeError(f"the sandboxes' Python: {exc} ({hint})") from None
 
 
-def sandbox_manager(settings: Settings, pool: AsyncConnectionPool) -> SandboxManager:
-    limits = Limits(
-        memory_bytes=settings.sandbox_memory_mb * MiB, pids=settings.sandbox_pids, cpus=settings.sandbox_cpus
+def sandbox_backend(settings: Settings, python: PythonRuntime) -> SandboxBackend:
+    if settings.sandbox_backend == "docker":
+        from sandbox.docker_backend import docker_backend
+
+        return docker_backend(settings.home, python)
+    return RunscBackend(settings.home / "runsc", python=python)
+
+
+def lifecycle(settings: Settings) -> Lifecycle:
+    idle = settings.idle_hibernate_s
+    return Lifecycle(
+        idle_hibernate_s=idle,
+        reclaim_after_s=settings.reclaim_after_s,
+        delete_workspace_on_reclaim=settings.workspace_retention == "delete",
+        warm_pool_size=settings.warm_pool_size,
+        max_running=settings.max_running,
+        # Often enough that an idle sandbox hibernates within a quarter of its idle time.
+        housekeeping_interval_s=max(1.0, min(30.0, idle / 4 if idle > 0 else 30.0)),
     )
+
+
+async def audit_transition(conn: psycopg.AsyncConnection, event: dict[str, Any]) -> None:
+    """Every sandbox state change goes to the audit log, in the transaction that records it."""
+    tenant = user = None
+    if event["user_id"] is not None:
+        cur = await conn.execute(
+            "SELECT t.name, u.name FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = %s",
+            (event["user_id"],),
+        )
+        found = await cur.fetchone()
+        if found is not None:
+            tenant, user = found
+    await audit.append(
+        conn,
+        action=f"sandbox.{event['state'].lower()}",
+        outcome="failed" if event["state"] == "Failed" else "ok",
+        tenant=tenant,
+        actor="mcpfleet",
+        target=event["sandbox"],
+        detail={"user": user, "reason": event["reason"]},
+    )
+
+
+def sandbox_manager(settings: Settings, pool: AsyncConnectionPool, database_url: str | None = None) -> SandboxManager:
     python = sandbox_python()
     log.info("sandboxes run Python %s (%s)", python.version, python.executable)
-    backend = RunscBackend(settings.home / "runsc", python=python)
+    backend = sandbox_backend(settings, python)
+    from sandbox.manager import SANDBOX_GID, SANDBOX_UID
+
+    workspaces = Workspaces(
+        settings.home / "workspaces", uid=SANDBOX_UID, gid=SANDBOX_GID, quotas=settings.workspace_quotas
+    )
     # Every user gets the built-in servers until the registry decides per user.
-    return SandboxManager(settings.home, pool, backend, BUILTIN_SERVERS, limits)
+    return SandboxManager(
+        settings.home,
+        pool,
+        backend,
+        BUILTIN_SERVERS,
+        lifecycle=lifecycle(settings),
+        workspaces=workspaces,
+        on_transition=audit_transition,
+        database_url=database_url,
+    )

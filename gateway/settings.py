@@ -21,6 +21,13 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be a whole number, not {raw!r}") from None
 
 
+def _choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = os.environ.get(name) or default
+    if raw not in choices:
+        raise SystemExit(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    return raw
+
+
 def _list(name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in (os.environ.get(name) or "").split(",") if item.strip())
 
@@ -32,9 +39,16 @@ class Settings:
     port: int = 8080
     database_url: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
-    sandbox_memory_mb: int = 512
-    sandbox_pids: int = 256
-    sandbox_cpus: float = 1.0
+    sandbox_backend: str = "runsc"
+    idle_hibernate_s: int = 600
+    reclaim_after_s: int = 7 * 86400
+    workspace_retention: str = "keep"
+    """On reclaim: "keep" the user's workspace, or "delete" it."""
+    warm_pool_size: int = 2
+    max_running: int = 50
+    """Running sandboxes on this node at once (the warm pool included)."""
+    workspace_quotas: bool | None = None
+    """Disk quotas for workspaces (loop-mounted images): None probes whether this machine can."""
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     # Servers whose tools and prompts are shown under their own names, not `<server>__<name>`:
     # for clients that call fixed names (the MCP conformance suite calls `test_simple_text`).
@@ -62,9 +76,15 @@ def load_settings(**overrides: object) -> Settings:
         "port": _int("MCPFLEET_PORT", 8080),
         "database_url": os.environ.get("DATABASE_URL") or None,
         "max_body_bytes": _int("MCPFLEET_MAX_BODY_BYTES", 4 * 1024 * 1024),
-        "sandbox_memory_mb": _int("MCPFLEET_SANDBOX_MEMORY_MB", 512),
-        "sandbox_pids": _int("MCPFLEET_SANDBOX_PIDS", 256),
-        "sandbox_cpus": float(os.environ.get("MCPFLEET_SANDBOX_CPUS") or 1.0),
+        "sandbox_backend": _choice("MCPFLEET_SANDBOX_BACKEND", ("runsc", "docker"), "runsc"),
+        "idle_hibernate_s": _int("MCPFLEET_IDLE_HIBERNATE_S", 600),
+        "reclaim_after_s": _int("MCPFLEET_RECLAIM_AFTER_S", 7 * 86400),
+        "workspace_retention": _choice("MCPFLEET_WORKSPACE_RETENTION", ("keep", "delete"), "keep"),
+        "warm_pool_size": _int("MCPFLEET_WARM_POOL_SIZE", 2),
+        "max_running": _int("MCPFLEET_MAX_RUNNING", 50),
+        "workspace_quotas": {"auto": None, "on": True, "off": False}[
+            _choice("MCPFLEET_WORKSPACE_QUOTAS", ("auto", "on", "off"), "auto")
+        ],
         "allowed_origins": _list("MCPFLEET_ALLOWED_ORIGINS"),
         "bare_servers": frozenset(_list("MCPFLEET_BARE_TOOL_NAMES")),
         "configured_public_url": os.environ.get("MCPFLEET_PUBLIC_URL") or None,

@@ -352,7 +352,7 @@ class SandboxManager:
         """A warm sandbox made the user's, if one fits: same tier, and a user without a workspace yet
         (a pooled sandbox's workspace is its own fresh one, which becomes the user's)."""
         key = workspace_key(user_id, "")
-        if self.workspaces.exists(key):
+        if self.workspaces.exists(key) or (self.workspaces.root / key).exists():
             return None
         for sandbox in self.warm:
             if sandbox.tier == tier and sandbox.client.connected:
@@ -407,7 +407,7 @@ class SandboxManager:
         )
         started = time.monotonic()
         try:
-            self._prepare(sandbox, token)
+            await asyncio.to_thread(self._prepare, sandbox, token)  # mkfs and mount take a while
             await client.listen()
             await self._set_state(sandbox_id, State.STARTING, user_id=user_id)
             await self.backend.start(self._spec(sandbox))
@@ -459,7 +459,7 @@ class SandboxManager:
         del self._by_user[sandbox.user_id]
         self._touched.discard(sandbox.id)
         await sandbox.client.close()
-        self.workspaces.unmount(sandbox.workspace)
+        await asyncio.to_thread(self.workspaces.unmount, sandbox.workspace)
         _drop_channel(sandbox.directory)
         size = _tree_bytes(image)
         await self._set_state(
@@ -514,7 +514,7 @@ class SandboxManager:
         )
         try:
             await self._set_state(sandbox.id, State.RESUMING, user_id=user_id)
-            self._mount_workspace(sandbox)
+            await asyncio.to_thread(self._mount_workspace, sandbox)
             _make_channel(directory, self.uid, self.gid)
             await sandbox.client.listen()
             await self.backend.restore(self._spec(sandbox), directory / CHECKPOINT_DIR)
@@ -538,7 +538,7 @@ class SandboxManager:
     async def _abandon(self, sandbox: Sandbox, reason: str) -> None:
         await sandbox.client.close()
         await self.backend.destroy(sandbox.id)
-        self.workspaces.unmount(sandbox.workspace)
+        await asyncio.to_thread(self.workspaces.unmount, sandbox.workspace)
         if sandbox.user_id is None:
             self.workspaces.delete(sandbox.workspace_key)
         self._forget_files(sandbox.directory, keep_logs=True)
@@ -555,7 +555,7 @@ class SandboxManager:
         sandbox.state = state
         await sandbox.client.close()
         await self.backend.destroy(sandbox.id, grace=self.stop_grace if graceful else 0.0)
-        self.workspaces.unmount(sandbox.workspace)
+        await asyncio.to_thread(self.workspaces.unmount, sandbox.workspace)
         # A failed sandbox keeps its logs to explain the failure.
         self._forget_files(sandbox.directory, keep_logs=state != State.RECLAIMED)
         await self._set_state(sandbox.id, state, reason, user_id=sandbox.user_id)
@@ -589,7 +589,13 @@ class SandboxManager:
         """The user's workspace (created at the tier's quota, or grown to it) mounted in the sandbox's dir."""
         key = sandbox.workspace_key
         if not self.workspaces.exists(key):
-            self.workspaces.create(key, sandbox.tier.disk_bytes)
+            # A workspace from before quotas is a plain directory where the image's mountpoint goes: move it in.
+            legacy = self.workspaces.root / key
+            seed = legacy if self.workspaces.quotas and legacy.is_dir() and not os.path.ismount(legacy) else None
+            self.workspaces.create(key, sandbox.tier.disk_bytes, seed_from=seed)
+            if seed is not None:
+                shutil.rmtree(seed)
+                log.info("workspace %s moved into an image with a %d MiB quota", key, sandbox.tier.disk_mb)
         else:
             _, quota = self.workspaces.usage(key)
             if quota is not None and quota < sandbox.tier.disk_bytes:

@@ -69,8 +69,19 @@ async def _recover_one(
     """The state the row ends in (None: ended, Failed)."""
     sandbox_id, state = row["id"], State(row["state"])
     directory = manager.sandboxes_dir / sandbox_id
-    complete = (directory / "checkpoint").is_dir()
     running = container is not None and container.status == "running"
+    partial = directory / "checkpoint.partial"
+    if state == State.HIBERNATING and partial.is_dir():
+        # The checkpoint is the sandbox's own work: it goes on after the gateway that asked for it
+        # died. Let it end; if the sandbox then stopped with an image written, the hibernation is
+        # finished here (a restore that finds the image unusable starts the user afresh).
+        running = await _wait_while_checkpointing(manager, sandbox_id) if running else False
+        if not running and any(f.stat().st_size > 0 for f in partial.iterdir() if f.is_file()):
+            shutil.rmtree(directory / "checkpoint", ignore_errors=True)
+            partial.rename(directory / "checkpoint")
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+    complete = (directory / "checkpoint").is_dir()
     tier = tier_by_name.get(row["tier"] or tiers.DEFAULT_TIER) or tier_by_name[tiers.DEFAULT_TIER]
 
     if state == State.HIBERNATED and complete:
@@ -102,6 +113,17 @@ async def _recover_one(
     await manager._set_state(sandbox_id, State.FAILED, reason, user_id=row["user_id"])
     log.warning("sandbox %s failed on recovery: %s", sandbox_id, reason)
     return None
+
+
+async def _wait_while_checkpointing(manager: SandboxManager, sandbox_id: str, timeout: float = 60.0) -> bool:
+    """Whether the sandbox still runs once a checkpoint that may be under way has had its time
+    (a saved sandbox stops; one whose checkpoint failed or never began runs on)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if not await manager.backend.is_alive(sandbox_id):
+            return False
+        await asyncio.sleep(0.25)
+    return True
 
 
 async def _adopt(manager: SandboxManager, row: dict[str, Any], tier: tiers.Tier) -> Sandbox | str:
