@@ -128,7 +128,15 @@ def make_fleet(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, **en
     home = tmp_path_factory.mktemp("fleet")
     url = fresh_database(postgres_url, "fleet")
     port = free_port()
-    environ = {**os.environ, "MCPFLEET_HOME": str(home), "DATABASE_URL": url, "MCPFLEET_PORT": str(port), **env}
+    environ = {
+        **os.environ,
+        "MCPFLEET_HOME": str(home),
+        "DATABASE_URL": url,
+        "MCPFLEET_PORT": str(port),
+        # Pre-started sandboxes cost two cold starts per fleet: only the tests of the pool ask for them.
+        "MCPFLEET_WARM_POOL_SIZE": "0",
+        **env,
+    }
     return Fleet(home=home, database_url=url, port=port, env=environ)
 
 

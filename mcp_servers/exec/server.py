@@ -29,6 +29,8 @@ class RunResult(BaseModel):
     stderr_truncated: bool = Field(description=f"stderr went past {MAX_OUTPUT_BYTES} bytes; only the start is kept")
     timed_out: bool = Field(description="The time limit ran out and the command's processes were killed")
     duration_s: float
+    background_pid: int | None = Field(default=None, description="With background: the pid of the started command")
+    background_log: str | None = Field(default=None, description="With background: where its output goes")
 
 
 def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
@@ -75,10 +77,20 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
             raise ToolError(f"the workspace root {cwd} does not exist in this sandbox")
         if background:
             pid = await start_background(command, cwd=cwd, log_dir=BACKGROUND_LOG_DIR)
-            log_path = f"{BACKGROUND_LOG_DIR}/{pid}.log"
+            started = RunResult(
+                exit_code=None,
+                stdout="",
+                stderr="",
+                stdout_truncated=False,
+                stderr_truncated=False,
+                timed_out=False,
+                duration_s=0.0,
+                background_pid=pid,
+                background_log=f"{BACKGROUND_LOG_DIR}/{pid}.log",
+            )
             return CallToolResult(
-                content=[TextContent(type="text", text=f"started in the background: pid {pid}, output in {log_path}")],
-                structured_content={"pid": pid, "log": log_path},
+                content=[TextContent(type="text", text=f"started in the background: pid {pid}, output in {started.background_log}")],
+                structured_content=started.model_dump(mode="json"),
             )
         outcome = await run_shell(command, cwd=cwd, timeout_s=timeout_s, output_limit=MAX_OUTPUT_BYTES)
         result = RunResult(

@@ -1,0 +1,134 @@
+"""The lifecycle seen from outside: a client's call wakes a hibernated sandbox, the CLI acts through
+the running gateway, the audit log records each step, a gateway killed mid-hibernation recovers,
+and a caller over its tenant's cap gets a clear error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+from mcp.shared.exceptions import MCPError
+
+from tests.clients import connect, structured, text_of
+from tests.conftest import MCPFLEET, make_fleet
+from tests.test_gateway_restart import runsc_containers
+
+
+@pytest.fixture
+def pool_fleet(tmp_path_factory, postgres_url):
+    fleet = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_WARM_POOL_SIZE="1")
+    fleet.start()
+    yield fleet
+    fleet.stop()
+
+
+def sandboxes(fleet) -> list[dict]:
+    return json.loads(fleet.cli("sandboxes", "list", "--json").stdout)
+
+
+async def run(fleet, key: str, command: str, **options) -> dict:
+    async with connect(fleet.mcp_url, key) as client:
+        return structured(await client.call_tool("exec__run", {"command": command, **options}))
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (found := predicate()):
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_call_wakes_a_hibernated_sandbox_with_its_memory(pool_fleet):
+    fleet = pool_fleet
+    [warm] = wait_for(
+        lambda: [r for r in sandboxes(fleet) if r["user_id"] is None and r["state"] == "Running"], what="a warm sandbox"
+    )
+    key = fleet.add_user("alice")
+    await run(fleet, key, "echo only-in-memory > /tmp/note")
+    [mine] = [r for r in sandboxes(fleet) if r["user"] == "alice"]
+    assert mine["id"] == warm["id"] and mine["claimed_at"]  # the first call claimed the warm sandbox
+    ticker = await run(fleet, key, "while :; do date +%s%N > /tmp/tick; sleep 0.2; done", background=True)
+
+    done = fleet.cli("sandboxes", "hibernate", "alice")
+    assert "hibernate default/alice: done" in done.stdout
+    [row] = [r for r in sandboxes(fleet) if r["user"] == "alice"]
+    assert row["state"] == "Hibernated" and row["checkpoint_bytes"] > 0
+    assert mine["id"] not in runsc_containers(fleet)
+
+    started = time.perf_counter()
+    out = await run(fleet, key, f"cat /tmp/note; kill -0 {ticker['background_pid']} && echo ticking")
+    print(f"\nresume through the gateway to first result: {time.perf_counter() - started:.2f} s")
+    assert out["stdout"] == "only-in-memory\nticking\n"
+    [row] = [r for r in sandboxes(fleet) if r["user"] == "alice"]
+    assert (row["id"], row["state"]) == (mine["id"], "Running")
+    assert fleet.cli("sandboxes", "hibernate", "bob", check=False).returncode != 0  # no such user
+
+    # Reclaimed from the CLI: the next call starts afresh, on the same workspace.
+    await run(fleet, key, "echo on-disk > /workspace/kept.txt")
+    assert "reclaim default/alice: done" in fleet.cli("sandboxes", "reclaim", "alice").stdout
+    out = await run(fleet, key, "cat /workspace/kept.txt; cat /tmp/note 2>/dev/null || echo fresh")
+    assert out["stdout"] == "on-disk\nfresh\n"
+
+    audit = [json.loads(line) for line in fleet.cli("audit", "export", "--json").stdout.splitlines()]
+    steps = [e["action"] for e in audit if e["target"] == mine["id"]]
+    order = [steps.index(f"sandbox.{s}") for s in ("hibernating", "hibernated", "resuming", "reclaimed")]
+    assert order == sorted(order), steps
+    # Warm, it was nobody's; from its claim on, every step names alice's tenant.
+    assert [e["tenant"] for e in audit if e["target"] == mine["id"]][steps.index("sandbox.running", 3):] == [
+        "default"
+    ] * (len(steps) - steps.index("sandbox.running", 3))
+    assert fleet.cli("audit", "verify").returncode == 0
+
+
+async def test_a_gateway_killed_while_hibernating_recovers_a_consistent_sandbox(tmp_path_factory, postgres_url):
+    fleet = make_fleet(tmp_path_factory, postgres_url)
+    fleet.start()
+    try:
+        key = fleet.add_user("carol")
+        await run(fleet, key, "echo remembered > /tmp/note")
+        request = subprocess.Popen([*MCPFLEET, "sandboxes", "hibernate", "carol"], env=fleet.env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: any(r["state"] == "Hibernating" for r in sandboxes(fleet)), what="Hibernating")
+        time.sleep(0.5)  # somewhere inside the checkpoint
+        fleet.stop(signal.SIGKILL)
+        request.kill()
+        request.wait()
+        fleet.start()
+        [row] = sandboxes(fleet)
+        assert row["state"] in ("Running", "Hibernated"), row
+        containers = runsc_containers(fleet)
+        assert containers == ({row["id"]: "running"} if row["state"] == "Running" else {}), containers
+        mounts = subprocess.run(["findmnt", "-rno", "TARGET"], capture_output=True, text=True).stdout
+        ours = [m for m in mounts.splitlines() if m.startswith(str(fleet.home))]
+        assert len(ours) == (1 if row["state"] == "Running" else 0), ours
+        # Either way, memory and all: rolled back (still running) or finished (restored on this call).
+        out = await run(fleet, key, "cat /tmp/note")
+        assert out["stdout"] == "remembered\n"
+    finally:
+        fleet.stop()
+
+
+async def test_a_caller_over_the_tenant_cap_gets_a_clear_error(fleet):
+    fleet.cli("tenants", "add", "capped")
+    fleet.cli("sandboxes", "cap", "capped", "--max-running", "1")
+    busy = fleet.add_user("dan", tenant="capped")
+    waiting = fleet.add_user("eve", tenant="capped")
+    await run(fleet, busy, "true")
+    slow = asyncio.create_task(run(fleet, busy, "sleep 4"))
+    await asyncio.sleep(1.0)
+    async with connect(fleet.mcp_url, waiting) as client:
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("exec__run", {"command": "true"})
+    assert refused.value.error.code == -32001
+    assert "tenant 'capped' may run 1 sandbox at once" in refused.value.error.message
+    await slow
+    async with connect(fleet.mcp_url, waiting) as client:  # dan's is idle now: it hibernates for eve's
+        assert "exit code 0" in text_of(await client.call_tool("exec__run", {"command": "true"}))
+    states = {r["user"]: r["state"] for r in sandboxes(fleet) if r["tenant"] == "capped"}
+    assert states == {"dan": "Hibernated", "eve": "Running"}
