@@ -94,7 +94,8 @@ async def _recover_one(
             return State.RUNNING
         reason = adopted
     elif state in (State.HIBERNATING, State.RESUMING) and complete:
-        if container is not None:
+        if container is not None and container.status != "stopped":
+            # A stopped one may hold the checkpoint itself (Docker keeps it with the container).
             await manager.backend.destroy(sandbox_id)
         manager.workspaces.unmount(directory / "workspace")
         shutil.rmtree(directory / "channel", ignore_errors=True)

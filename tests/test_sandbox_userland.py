@@ -12,7 +12,6 @@ import pytest
 
 from gateway.accounts import add_user
 from gateway.sandboxes import SANDBOX_VENV, sandbox_python
-from sandbox.limits import Limits
 from sandbox.manager import SANDBOX_UID, SandboxManager
 from sandbox.runsc_backend import RunscBackend
 from sandbox.servers import BUILTIN_SERVERS
@@ -27,7 +26,7 @@ async def sandbox(db_pool):
     # Short: the gateway's socket lives under it and Unix socket paths stop at 107 bytes.
     home = Path(tempfile.mkdtemp(prefix="mf-", dir="/tmp"))
     backend = RunscBackend(home / "runsc", cgroup_parent="/mcpfleet-test", python=sandbox_python())
-    manager = SandboxManager(home, db_pool, backend, EXEC, Limits(), start_timeout=120)
+    manager = SandboxManager(home, db_pool, backend, EXEC, start_timeout=120)
     await manager.start()
     async with db_pool.connection() as conn:
         user = await add_user(conn, "lena", tenant=f"userland-{os.getpid()}")
