@@ -1,0 +1,511 @@
+"""What a sandbox's life costs on real runsc: cold start, warm-pool claim, hibernate and resume
+(each to the first tool result), the checkpoint's size, an idle sandbox's memory, and how many
+fit on this machine.
+
+Drives the SandboxManager directly (no gateway, no HTTP) with the servers users really get
+(`sandbox.servers.BUILTIN_SERVERS`); the "first tool result" is a `tools/call` of the workspace
+server's `list_dir`. The same call on a sandbox already running is measured in the same run, as
+the baseline the other figures are read against. Everything lives in a temporary home under /tmp
+(short: the channel's Unix socket path must stay within 107 bytes) with its own runsc root,
+cgroup parent and embedded PostgreSQL, and is torn down at the end, on error too.
+
+    .venv/bin/python bench/sandbox_lifecycle.py [--runs 5] [--density 10] [--keep]
+
+p99 is nearest-rank: with fewer than 100 samples it is the slowest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.accounts import add_user
+from gateway.db import migrate, open_pool, start_embedded
+from gateway.sandboxes import sandbox_python
+from sandbox import store
+from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.manager import CHECKPOINT_DIR, Lifecycle, Sandbox, SandboxManager
+from sandbox.runsc_backend import CGROUP_ROOT, RunscBackend, _children
+from sandbox.servers import BUILTIN_SERVERS
+
+MiB = 2**20
+TENANT = "bench"
+FIRST_CALL = ("workspace", "list_dir")
+BASELINE_CALLS = 5
+"""First-tool calls per run on a sandbox already running."""
+IDLE_SETTLE_S = 2.0
+"""How long a sandbox sits idle after its first call before its memory is read."""
+WARM_WAIT_S = 180.0
+
+
+@dataclass
+class Samples:
+    cold_ms: list[float] = field(default_factory=list)
+    warm_ms: list[float] = field(default_factory=list)
+    baseline_ms: list[float] = field(default_factory=list)
+    hibernate_ms: list[float] = field(default_factory=list)
+    resume_ms: list[float] = field(default_factory=list)
+    checkpoint_mib: list[float] = field(default_factory=list)
+    rss_mib: list[float] = field(default_factory=list)
+    pss_mib: list[float] = field(default_factory=list)
+    warm_misses: int = 0
+    """Claims that started cold after all (the pooled sandbox was not the one handed out)."""
+
+
+@dataclass
+class Density:
+    asked: int
+    running: int = 0
+    failed: list[str] = field(default_factory=list)
+    rss_bytes: int = 0
+    pss_bytes: int = 0
+    available_before: int = 0
+    available_after: int = 0
+    hibernated: int = 0
+    checkpoint_disk_bytes: int = 0
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+async def first_result(sandbox: Sandbox) -> dict:
+    server, tool = FIRST_CALL
+    result = await sandbox.client.request(
+        server, "tools/call", {"name": tool, "arguments": {}}, timeout=60
+    )
+    if result.get("isError"):
+        raise RuntimeError(f"{server}/{tool} failed: {result}")
+    return result
+
+
+def ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1e3
+
+
+def sandbox_pids(backend: RunscBackend, sandbox_id: str) -> set[int]:
+    """The processes `RunscBackend.memory_bytes` sums (sentry, gofer, platform stubs); it does not
+    expose them, and PSS needs the same set."""
+    pids = backend._processes(sandbox_id)
+    return set(pids + [child for pid in pids for child in _children(pid)])
+
+
+def pss_bytes(pids: Iterable[int]) -> int:
+    """Proportional set size: a page shared by k processes counts 1/k to each, so summing over the
+    sandbox's processes counts the runsc binary's pages and memory shared among them once, unlike RSS."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
+def mem_info(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def disk_bytes(root: Path) -> int:
+    """Blocks actually allocated under `root` (as du counts them), not the files' apparent size."""
+    total = 0
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += path.lstat().st_blocks * 512
+    return total
+
+
+async def checkpoint_bytes(manager: SandboxManager, user_id: int) -> int | None:
+    async with manager.pool.connection() as conn:
+        row = await store.live_sandbox_of(conn, user_id)
+    return row["checkpoint_bytes"] if row else None
+
+
+async def memory(manager: SandboxManager, sandbox: Sandbox) -> tuple[int, int]:
+    backend = manager.backend
+    assert isinstance(backend, RunscBackend)
+    rss = await backend.memory_bytes(sandbox.id) or 0
+    return rss, pss_bytes(sandbox_pids(backend, sandbox.id))
+
+
+class Users:
+    def __init__(self, manager: SandboxManager):
+        self.manager = manager
+        self.count = 0
+
+    async def new(self, prefix: str) -> tuple[int, str, str]:
+        self.count += 1
+        name = f"{prefix}{self.count}"
+        async with self.manager.pool.connection() as conn:
+            return (await add_user(conn, name, tenant=TENANT)).user_id, TENANT, name
+
+
+# -- the phases ----------------------------------------------------------------------------------
+
+
+async def lifecycle_runs(
+    manager: SandboxManager, users: Users, runs: int, samples: Samples
+) -> None:
+    """Per run: a new user's cold start, the baseline calls, idle memory, hibernate, resume."""
+    for _ in range(runs):
+        user = await users.new("cold")
+        started = time.perf_counter()
+        sandbox = await manager.ensure(*user)
+        await first_result(sandbox)
+        samples.cold_ms.append(ms_since(started))
+
+        for _ in range(BASELINE_CALLS):
+            started = time.perf_counter()
+            await first_result(sandbox)
+            samples.baseline_ms.append(ms_since(started))
+
+        await asyncio.sleep(IDLE_SETTLE_S)
+        rss, pss = await memory(manager, sandbox)
+        samples.rss_mib.append(rss / MiB)
+        samples.pss_mib.append(pss / MiB)
+
+        started = time.perf_counter()
+        if not await manager.hibernate(user[0]):
+            raise RuntimeError(f"sandbox {sandbox.id} did not hibernate")
+        samples.hibernate_ms.append(ms_since(started))
+        size = await checkpoint_bytes(manager, user[0])
+        if size is None:
+            size = disk_bytes(sandbox.directory / CHECKPOINT_DIR)
+        samples.checkpoint_mib.append(size / MiB)
+
+        started = time.perf_counter()
+        resumed = await manager.ensure(*user)
+        await first_result(resumed)
+        samples.resume_ms.append(ms_since(started))
+        await manager.reclaim(user[0])
+
+
+async def warm_claims(
+    manager: SandboxManager, users: Users, runs: int, samples: Samples
+) -> None:
+    """Pool of one: before each claim, wait until it holds a started sandbox."""
+    manager.lifecycle = dataclasses.replace(manager.lifecycle, warm_pool_size=1)
+    manager.refill_pool()
+    for _ in range(runs):
+        deadline = time.monotonic() + WARM_WAIT_S
+        while not manager.warm:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the warm pool stayed empty for {WARM_WAIT_S:.0f} s"
+                )
+            await asyncio.sleep(0.1)
+        pooled = {s.id for s in manager.warm}
+        user = await users.new("warm")
+        started = time.perf_counter()
+        sandbox = await manager.ensure(*user)
+        await first_result(sandbox)
+        samples.warm_ms.append(ms_since(started))
+        samples.warm_misses += sandbox.id not in pooled
+        await manager.reclaim(user[0])
+    manager.lifecycle = dataclasses.replace(manager.lifecycle, warm_pool_size=0)
+
+
+async def density(manager: SandboxManager, users: Users, n: int) -> Density:
+    """Start n sandboxes one after another (each to its first result), read memory, hibernate all."""
+    found = Density(asked=n, available_before=mem_info("MemAvailable"))
+    started: list[tuple[tuple[int, str, str], Sandbox]] = []
+    for _ in range(n):
+        user = await users.new("dense")
+        try:
+            sandbox = await manager.ensure(*user)
+            await first_result(sandbox)
+            started.append((user, sandbox))
+        except (
+            SandboxUnavailable,
+            SandboxRpcError,
+            TimeoutError,
+            RuntimeError,
+        ) as exc:  # a sandbox that does not start is the finding, not the end of the bench
+            found.failed.append(f"{type(exc).__name__}: {exc}")
+    await asyncio.sleep(IDLE_SETTLE_S)
+    found.available_after = mem_info("MemAvailable")
+    live = [
+        s
+        for _, s in started
+        if await manager.backend.is_alive(s.id) and s.client.connected
+    ]
+    found.running = len(live)
+    for sandbox in live:
+        rss, pss = await memory(manager, sandbox)
+        found.rss_bytes += rss
+        found.pss_bytes += pss
+    for user, sandbox in started:
+        if await manager.hibernate(user[0]):
+            found.hibernated += 1
+            found.checkpoint_disk_bytes += disk_bytes(
+                sandbox.directory / CHECKPOINT_DIR
+            )
+    for user, _ in started:
+        await manager.reclaim(user[0])
+    return found
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def row(
+    name: str,
+    values: list[float],
+    unit: str,
+    target: str,
+    baseline: float | None = None,
+) -> str:
+    if not values:
+        return f"| {name} | – | – | 0 | {target} | |"
+    median = statistics.median(values)
+    ratio = f"{median / baseline:.1f}×" if baseline else ""
+    return f"| {name} | {median:,.1f} {unit} | {p99(values):,.1f} {unit} | {len(values)} | {target} | {ratio} |"
+
+
+def report(samples: Samples, dense: Density | None, home: Path) -> None:
+    base = statistics.median(samples.baseline_ms) if samples.baseline_ms else None
+    print("| measure | median | p99 | n | target | × baseline |")
+    print("|---|---|---|---|---|---|")
+    print(
+        row(
+            "baseline: first tool call on a running sandbox",
+            samples.baseline_ms,
+            "ms",
+            "",
+            base,
+        )
+    )
+    print(
+        row(
+            "cold start → first tool result (new user, pool empty)",
+            samples.cold_ms,
+            "ms",
+            "≤ 500 ms",
+            base,
+        )
+    )
+    print(
+        row(
+            "warm-pool claim → first tool result (pool of 1)",
+            samples.warm_ms,
+            "ms",
+            "≤ 100 ms",
+            base,
+        )
+    )
+    print(row("hibernate (`manager.hibernate`)", samples.hibernate_ms, "ms", ""))
+    print(row("resume → first tool result", samples.resume_ms, "ms", "≤ 300 ms", base))
+    print(
+        row(
+            "checkpoint size (row `checkpoint_bytes`)",
+            samples.checkpoint_mib,
+            "MiB",
+            "",
+        )
+    )
+    print(
+        row(
+            "idle running sandbox, RSS sum of its runsc processes",
+            samples.rss_mib,
+            "MiB",
+            "≤ 40 MB (38.1 MiB)",
+        )
+    )
+    print(
+        row(
+            "idle running sandbox, PSS of the same processes",
+            samples.pss_mib,
+            "MiB",
+            "≤ 40 MB (38.1 MiB)",
+        )
+    )
+    if samples.warm_misses:
+        print(
+            f"\n{samples.warm_misses} of {len(samples.warm_ms)} warm claims started cold after all."
+        )
+    print(
+        "\nPSS is the better figure for an idle sandbox: RSS counts every page each process maps, so pages shared "
+        "between the sentry, the gofer and the stubs (the runsc binary, shared memory) count once per process; "
+        "PSS splits a shared page among its sharers, so the sum counts it once."
+    )
+    if dense is None:
+        return
+    n = dense.running
+    total, free_disk = mem_info("MemTotal"), shutil.disk_usage(home).free
+    pss_each = dense.pss_bytes / n if n else 0
+    rss_each = dense.rss_bytes / n if n else 0
+    drop_each = (dense.available_before - dense.available_after) / n if n else 0
+    disk_each = (
+        dense.checkpoint_disk_bytes / dense.hibernated if dense.hibernated else 0
+    )
+    print(f"\n### Density ({dense.asked} started one after another)\n")
+    print("| measure | value | target |")
+    print("|---|---|---|")
+    print(f"| running at once | {n} of {dense.asked} | |")
+    print(
+        f"| total RSS / PSS of the running ones | {dense.rss_bytes / MiB:,.0f} / {dense.pss_bytes / MiB:,.0f} MiB "
+        f"({rss_each / MiB:.1f} / {pss_each / MiB:.1f} MiB each) | |"
+    )
+    print(
+        f"| host MemAvailable before → after | {dense.available_before / MiB:,.0f} → "
+        f"{dense.available_after / MiB:,.0f} MiB (drop {drop_each / MiB:,.1f} MiB per sandbox; "
+        "shared host, so noisy) | |"
+    )
+    print(
+        f"| checkpoints on disk after hibernating them all | {dense.checkpoint_disk_bytes / MiB:,.0f} MiB for "
+        f"{dense.hibernated} ({disk_each / MiB:.1f} MiB each, allocated blocks) | |"
+    )
+    if pss_each:
+        print(
+            f"| **extrapolated**: running in {total / 2**30:.1f} GiB of memory, by PSS | "
+            f"≈ {total / pss_each:,.0f} | 100 running |"
+        )
+    if drop_each > 0:
+        print(
+            f"| **extrapolated**: running in {total / 2**30:.1f} GiB, by MemAvailable drop | "
+            f"≈ {total / drop_each:,.0f} | 100 running |"
+        )
+    if disk_each:
+        print(
+            f"| **extrapolated**: hibernated in the {free_disk / 2**30:,.0f} GiB free on {home}'s disk | "
+            f"≈ {free_disk / disk_each:,.0f} | 1,000 hibernated |"
+        )
+    print(
+        "\nExtrapolations divide the machine's memory (or free disk) by the per-sandbox figure measured above; "
+        "they ignore the gateway, PostgreSQL and the page cache, and were not run."
+    )
+    for failure in dense.failed:
+        print(f"- failed to start: {failure}")
+
+
+# -- setup and teardown ---------------------------------------------------------------------------
+
+
+def remove_cgroup_parent(parent: str) -> None:
+    for controller in (
+        [CGROUP_ROOT, *CGROUP_ROOT.glob("*")] if CGROUP_ROOT.is_dir() else []
+    ):
+        with contextlib.suppress(OSError):
+            (controller / parent.lstrip("/")).rmdir()
+
+
+async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
+    pool = await open_pool(url)
+    cgroup_parent = f"/mcpfleet-bench-{os.getpid()}"
+    backend = RunscBackend(
+        home / "runsc", cgroup_parent=cgroup_parent, python=sandbox_python()
+    )
+    # No housekeeping during the bench: nothing should hibernate or reclaim on its own.
+    lifecycle = Lifecycle(
+        warm_pool_size=0,
+        max_running=max(50, args.density + 2),
+        housekeeping_interval_s=3600.0,
+    )
+    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle)
+    samples, dense = Samples(), None
+    try:
+        await manager.start()
+        users = Users(manager)
+        await lifecycle_runs(manager, users, args.runs, samples)
+        if args.density > 0:
+            dense = await density(manager, users, args.density)
+        await warm_claims(manager, users, args.runs, samples)
+    finally:
+        with contextlib.suppress(Exception):
+            await manager.close()
+        with contextlib.suppress(Exception):
+            for container in await backend.list():
+                await backend.destroy(container.id)
+        backend.kill_strays(keep=set())
+        manager.workspaces.cleanup(home, keep=set())
+        remove_cgroup_parent(cgroup_parent)
+        await pool.close()
+        print(
+            f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
+        )
+        report(samples, dense, home)
+
+
+async def main(home: Path, url: str, args: argparse.Namespace) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await asyncio.wait_for(bench(home, url, args), args.timeout)
+    except TimeoutError:
+        print(
+            f"\nstopped after {args.timeout:.0f} s; the figures above are partial",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument(
+        "--runs", type=int, default=5, help="samples per lifecycle step (default 5)"
+    )
+    cli.add_argument(
+        "--density",
+        type=int,
+        default=10,
+        metavar="N",
+        help="sandboxes started at once (default 10)",
+    )
+    cli.add_argument(
+        "--keep", action="store_true", help="keep the temporary home (logs, database)"
+    )
+    cli.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="give up after this many seconds (default 1800)",
+    )
+    args = cli.parse_args()
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if shutil.which("runsc") is None:
+        raise SystemExit("runsc is not installed")
+
+    home = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+    if not args.keep:
+        # Registered before the embedded PostgreSQL registers its own stop: exit handlers run last
+        # registered first, so the server is down before its data dir goes.
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
+    url = start_embedded(home / "pg")
+    migrate(url)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"# Sandbox lifecycle on runsc ({os.cpu_count()} CPUs, {mem_info('MemTotal') / 2**30:.1f} GiB)\n"
+    )
+    print(
+        f"--runs {args.runs} --density {args.density}; load average before (1, 5, 15 min): {load}; "
+        f"first tool result = `{FIRST_CALL[0]}` `{FIRST_CALL[1]}`; home {home}{' (kept)' if args.keep else ''}"
+    )
+    asyncio.run(main(home, url, args))
