@@ -18,6 +18,7 @@ bench:
 	@scripts/setup.sh run
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
 	.venv/bin/python bench/gateway_overhead.py
+	.venv/bin/python bench/sandbox_lifecycle.py
 
 clean:
 	rm -rf .setup .venv .venv-sandbox tests/conformance/node_modules
