@@ -194,6 +194,11 @@ async def test_a_memory_hog_dies_without_harming_anyone_else(manager, users, bac
         outcome = await call(sandbox, "hog_memory", mb=4 * STANDARD.memory_bytes // 2**20)
         pytest.fail(f"allocating 4x the limit returned {outcome}")
     assert text(await call(await manager.ensure(*bob), "echo", text="bob here")) == "bob here"
+    # The channel breaks as the kill begins; the Engine reports the container exited a moment later.
+    for _ in range(100):
+        if not await backend.is_alive(sandbox.id):
+            break
+        await asyncio.sleep(0.1)
     assert not await backend.is_alive(sandbox.id)
     attrs = ENGINE.api.inspect_container(sandbox.id)["State"]
     assert attrs["OOMKilled"] or attrs["ExitCode"] != 0, attrs
