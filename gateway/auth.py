@@ -14,7 +14,6 @@ import hashlib
 import logging
 import time
 
-import psycopg
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from psycopg_pool import AsyncConnectionPool
@@ -22,6 +21,7 @@ from starlette.types import Scope
 
 from gateway import accounts
 from gateway.accounts import Identity
+from gateway.db import follow_notifications
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +102,7 @@ class ApiKeyVerifier:
                 pass
 
     async def _listen(self, url: str) -> None:
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                    await conn.execute("LISTEN api_keys_revoked")
-                    # Anything revoked while we were not listening must not stay cached.
-                    self._cache.clear()
-                    async for _ in conn.notifies():
-                        self._cache.clear()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database restarted: keep trying, trust nothing cached
-                self._cache.clear()
-                log.warning("lost the revocation listener (%s); reconnecting", exc)
-                await asyncio.sleep(1.0)
+        await follow_notifications(url, "api_keys_revoked", self._cache.clear, "revocation")
 
 
 def identity_of(scope: Scope | None) -> Identity | None:

@@ -7,8 +7,10 @@ fresh machine needs no database server installed by hand.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -102,3 +104,21 @@ async def open_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> Async
     pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True})
     await pool.open(wait=True, timeout=30)
     return pool
+
+
+async def follow_notifications(url: str, channel: str, on_change: Callable[[], None], what: str) -> None:
+    """Call `on_change` on every NOTIFY on `channel`, and whenever the listening connection is
+    (re)made or lost: what changed while nobody listened must not stay trusted. Runs until cancelled."""
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                await conn.execute(f"LISTEN {channel}")
+                on_change()
+                async for _ in conn.notifies():
+                    on_change()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the database restarted: keep trying, trust nothing cached
+            on_change()
+            log.warning("lost the %s listener (%s); reconnecting", what, exc)
+            await asyncio.sleep(1.0)

@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from gateway.accounts import AccountError, Identity
 from gateway.auth import FleetToken
+from gateway.db import follow_notifications
 from gateway.oauth import store
 from gateway.oauth.egress import Egress
 from gateway.oauth.keys import IssuerKeys, NoKey
@@ -124,19 +125,7 @@ class OAuthVerifier:
         await self.egress.aclose()
 
     async def _listen(self, url: str) -> None:
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {store.CHANNEL}")
-                    self._forget()
-                    async for _ in conn.notifies():
-                        self._forget()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database restarted: keep trying, trust nothing cached
-                self._forget()
-                log.warning("lost the issuer-change listener (%s); reconnecting", exc)
-                await asyncio.sleep(1.0)
+        await follow_notifications(url, store.CHANNEL, self._forget, "issuer-change")
 
     def _forget(self) -> None:
         self._cache.clear()
