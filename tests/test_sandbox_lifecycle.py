@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from sandbox.runsc_backend import RunscBackend
 from sandbox.servers import ServerSpec
 from sandbox.store import State
 from sandbox.tiers import Tier
+from tests.test_sandbox_runsc import workspace_of
 from tests.test_sandbox_supervisor import FIXTURE_SERVER, payload, text
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
@@ -106,21 +107,6 @@ async def row_of(pool, sandbox_id: str) -> dict:
 
 def sandbox_processes(backend: RunscBackend, sandbox_id: str) -> list[int]:
     return backend._processes(sandbox_id)
-
-
-@contextlib.contextmanager
-def workspace_of(manager: SandboxManager, user_id: int) -> Iterator[Path]:
-    key = str(user_id)
-    if (mounted := manager.workspaces.mounted(key)) is not None:
-        yield mounted
-        return
-    at = Path(tempfile.mkdtemp(prefix="ws-", dir=manager.home))
-    manager.workspaces.mount(key, at)
-    try:
-        yield at
-    finally:
-        manager.workspaces.unmount(at)
-        at.rmdir()
 
 
 # -- hibernation keeps memory; a call wakes the sandbox -----------------------------------------
