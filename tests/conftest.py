@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -147,3 +149,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterat
     running.start()
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    """A sandbox home for one test module. Short: the gateway's socket lives under it and Unix
+    socket paths stop at 107 bytes."""
+    directory = Path(tempfile.mkdtemp(prefix="mf-", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +15,6 @@ import pytest
 
 from gateway.accounts import add_user
 from gateway.sandboxes import sandbox_python
-from sandbox import store
 from sandbox.backend import SandboxSpec
 from sandbox.docker_backend import FLEET_LABEL, LABEL, DockerBackend, docker_backend
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
@@ -25,6 +22,7 @@ from sandbox.limits import Limits
 from sandbox.manager import SANDBOX_UID, SandboxManager
 from sandbox.servers import ServerSpec
 from sandbox.supervisor.config import SupervisorConfig
+from tests.test_sandbox_runsc import STANDARD, call, rows_of
 from tests.test_sandbox_supervisor import FIXTURE_SERVER, payload, text
 
 
@@ -46,16 +44,6 @@ SERVERS = [
     ServerSpec("exec", ("python", "-m", "mcp_servers.exec")),
 ]
 TENANT = f"docker-{os.getpid()}"
-STANDARD = Limits()
-"""The `standard` tier's limits, every test user's."""
-
-
-@pytest.fixture(scope="module")
-def home():
-    # Short: the gateway's socket lives under it and Unix socket paths stop at 107 bytes.
-    directory = Path(tempfile.mkdtemp(prefix="mf-", dir="/tmp"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +74,8 @@ def users(db_pool):
     return user
 
 
-async def call(sandbox, tool: str, server: str = "fixture", **arguments) -> dict:
-    return await sandbox.client.request(server, "tools/call", {"name": tool, "arguments": arguments}, timeout=60)
-
-
 async def sh(sandbox, command: str) -> dict:
     return (await call(sandbox, "run", server="exec", command=command, timeout_s=30))["structuredContent"]
-
-
-async def rows_of(pool, user_id: int) -> list[dict]:
-    async with pool.connection() as conn:
-        return [r for r in await store.list_sandboxes(conn, include_ended=True) if r["user_id"] == user_id]
 
 
 def runsc_processes_of(container_id: str) -> list[int]:

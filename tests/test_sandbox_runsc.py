@@ -43,14 +43,6 @@ STANDARD = Limits()
 
 
 @pytest.fixture(scope="module")
-def home():
-    # Short: the gateway's socket lives under it and Unix socket paths stop at 107 bytes.
-    directory = Path(tempfile.mkdtemp(prefix="mf-", dir="/tmp"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def backend(home):
     return RunscBackend(home / "runsc", cgroup_parent="/mcpfleet-test")
 
