@@ -32,6 +32,10 @@ LIB = f"{OPT}/lib"
 BIN = f"{OPT}/bin"
 SITE_PACKAGES = f"{OPT}/site-packages"
 WORKSPACE = "/workspace"
+TOOLS = "/opt/tools"
+"""Published servers' installs, those of the sandbox's own servers only (`registry.artifacts`)."""
+TOOLS_DIR = "tools"
+"""Its host side, in the sandbox's dir."""
 HOSTNAME = "sandbox"
 USER_NAME = "mcp"
 
@@ -114,6 +118,7 @@ def sandbox_binds(spec: SandboxSpec, runtime: PythonRuntime) -> list[Bind]:
         *system_binds(runtime),
         Bind(spec.workspace, WORKSPACE, writable=True),
         Bind(spec.channel, wire.CHANNEL_DIR, writable=True),
+        Bind(spec.directory / TOOLS_DIR, TOOLS),
     ]
 
 
@@ -128,7 +133,7 @@ def write_root(rootfs: Path, runtime: PythonRuntime, uid: int, gid: int) -> None
         if host.is_symlink():
             (rootfs / name.lstrip("/")).symlink_to(os.readlink(host))
     mountpoints = [(b.destination, b.source.is_dir()) for b in system_binds(runtime)]
-    for destination, is_dir in [*mountpoints, (WORKSPACE, True), (wire.CHANNEL_DIR, True)]:
+    for destination, is_dir in [*mountpoints, (WORKSPACE, True), (wire.CHANNEL_DIR, True), (TOOLS, True)]:
         target = rootfs / destination.lstrip("/")
         if is_dir:
             target.mkdir(parents=True, exist_ok=True)

@@ -265,7 +265,12 @@ class SupervisorClient:
             self._asks[key] = asyncio.create_task(self._answer(connection, key, message))
         elif kind == "server":
             name = message["server"]
-            self.servers[name] = {k: message.get(k) for k in ("state", "initialize", "error")}
+            if message.get("state") == "removed":
+                self.servers.pop(name, None)
+                self._invalidate(name)
+                self._emit(SandboxEvent(name, STATUS_METHOD, {"state": "removed"}))
+                return
+            self.servers[name] = {k: message.get(k) for k in ("state", "initialize", "error", "revision")}
             self._invalidate(name)
             self._emit(SandboxEvent(name, STATUS_METHOD, self.servers[name]))
         elif kind == "hello":
@@ -386,6 +391,25 @@ class SupervisorClient:
         if connection is None:
             raise SandboxUnavailable("the sandbox's supervisor is not connected")
         connection.send({"type": "notify", "server": server, "method": method, "params": params})
+
+    async def configure(self, servers: list[dict[str, Any]], timeout: float = 120.0) -> dict[str, Any]:
+        """Have the supervisor run exactly these servers (`ServerConfig` fields each); returns once
+        the new ones have started or failed, with every server's status."""
+        connection = self._connection
+        if connection is None or not self._ready.is_set():
+            self._raise_unavailable()
+        call_id = next(self._ids)
+        call = _Call(connection, None, None)
+        self._calls[call_id] = call
+        connection.send({"type": "configure", "id": call_id, "servers": servers})
+        try:
+            result = await asyncio.wait_for(call.future, timeout)
+        except asyncio.TimeoutError:
+            raise SandboxUnavailable(f"the supervisor did not start the servers within {timeout:.0f}s") from None
+        finally:
+            self._calls.pop(call_id, None)
+        self.servers = {name: dict(status) for name, status in (result.get("servers") or {}).items()}
+        return result
 
     async def ping(self, timeout: float = 5.0) -> None:
         """A round trip to the supervisor itself (no server involved)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -35,9 +36,10 @@ from sandbox.backend import SandboxBackend, SandboxSpec
 from sandbox.client import SupervisorClient
 from sandbox.errors import QuotaExceeded, SandboxUnavailable
 from sandbox.housekeeping import Housekeeper
-from sandbox.servers import ServerSpec
+from sandbox.bundle import TOOLS_DIR
+from sandbox.servers import ServerSource, ServerSpec, StaticServers, server_configs
 from sandbox.store import State
-from sandbox.supervisor.config import ServerConfig, SupervisorConfig
+from sandbox.supervisor.config import SupervisorConfig
 from sandbox.tiers import Tier
 from sandbox.workspaces import Workspaces
 
@@ -69,6 +71,8 @@ class Sandbox:
     created_at: datetime
     last_used_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     state: State = State.RUNNING
+    servers: tuple[ServerSpec, ...] | None = None
+    """What its supervisor was last told to run; None when unknown (resumed or adopted)."""
 
     @property
     def workspace(self) -> Path:
@@ -103,7 +107,7 @@ class SandboxManager:
         home: Path,
         pool: AsyncConnectionPool,
         backend: SandboxBackend,
-        servers: Sequence[ServerSpec],
+        servers: Sequence[ServerSpec] | ServerSource,
         *,
         lifecycle: Lifecycle = Lifecycle(),
         workspaces: Workspaces | None = None,
@@ -119,14 +123,13 @@ class SandboxManager:
     ):
         """`home` is the fleet home: sandboxes live in home/sandboxes, workspaces in home/workspaces.
         With `database_url`, requests from the CLI are heard at once (LISTEN), else at the next sweep."""
-        names = [s.name for s in servers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"server names must be unique: {names}")
+        source = servers if hasattr(servers, "servers_for") else StaticServers(servers)  # type: ignore[arg-type]
         self.home = Path(home).absolute()
         self.sandboxes_dir = self.home / "sandboxes"
         self.pool = pool
         self.backend = backend
-        self.servers = list(servers)
+        self.servers: ServerSource = source  # type: ignore[assignment]
+        self._configuring: dict[str, asyncio.Lock] = {}
         self.lifecycle = lifecycle
         self.workspaces = workspaces or Workspaces(self.home / "workspaces", uid=uid, gid=gid)
         self.on_transition = on_transition
@@ -182,11 +185,31 @@ class SandboxManager:
     # -- per user -------------------------------------------------------------------------
 
     async def ensure(self, user_id: int, tenant: str, user: str) -> Sandbox:
-        """The user's running sandbox: resumed, claimed from the pool or started, and waited for."""
+        """The user's running sandbox: resumed, claimed from the pool or started, and waited for;
+        running the servers the user may run now."""
         sandbox = self._by_user.get(user_id)
         if sandbox is not None and sandbox.state is State.RUNNING and sandbox.client.connected:
             self._touch(sandbox)
-            return sandbox
+        else:
+            sandbox = await self._ensure_running(user_id, tenant, user)
+        wanted = await self.servers.servers_for(user_id)
+        if sandbox.servers != wanted:
+            await self._configure(sandbox, wanted)
+        return sandbox
+
+    async def _configure(self, sandbox: Sandbox, wanted: tuple[ServerSpec, ...]) -> None:
+        """Tell a running sandbox's supervisor which servers to run (what the user may run changed
+        since it started, or it was resumed or adopted and what it runs is unknown)."""
+        lock = self._configuring.setdefault(sandbox.id, asyncio.Lock())
+        async with lock:
+            if sandbox.servers == wanted:
+                return
+            await asyncio.to_thread(self.servers.provision, sandbox.directory / TOOLS_DIR, wanted)
+            await sandbox.client.configure([dataclasses.asdict(c) for c in server_configs(wanted)], self.start_timeout)
+            sandbox.servers = wanted
+            log.info("sandbox %s runs %s", sandbox.id, ", ".join(s.name for s in wanted) or "no servers")
+
+    async def _ensure_running(self, user_id: int, tenant: str, user: str) -> Sandbox:
         if self._closing:
             raise SandboxUnavailable("the gateway is stopping")
         async with self._lock(user_id):
@@ -394,6 +417,7 @@ class SandboxManager:
             raise SandboxUnavailable(f"the sandbox database is unavailable ({type(exc).__name__})") from exc
         token = secrets.token_urlsafe(32)
         client = self._client(directory, token)
+        servers = await self.servers.servers_for(user_id)
         sandbox = Sandbox(
             id=sandbox_id,
             user_id=user_id,
@@ -404,6 +428,7 @@ class SandboxManager:
             directory=directory,
             created_at=row["created_at"],
             last_used_at=row["last_used_at"],
+            servers=servers,
         )
         started = time.monotonic()
         try:
@@ -456,6 +481,7 @@ class SandboxManager:
             await self._hibernation_failed(sandbox, exc)
             return
         del self.running[sandbox.id]
+        self._configuring.pop(sandbox.id, None)
         del self._by_user[sandbox.user_id]
         self._touched.discard(sandbox.id)
         await sandbox.client.close()
@@ -547,6 +573,8 @@ class SandboxManager:
     async def _retire(self, sandbox: Sandbox, state: State, reason: str, *, graceful: bool = False) -> None:
         if self.running.get(sandbox.id) is sandbox:
             del self.running[sandbox.id]
+            self._configuring.pop(sandbox.id, None)
+        self._configuring.pop(sandbox.id, None)
         if sandbox.user_id is not None and self._by_user.get(sandbox.user_id) is sandbox:
             del self._by_user[sandbox.user_id]
         if sandbox in self.warm:
@@ -578,9 +606,11 @@ class SandboxManager:
             f.write(token)
         channel = _make_channel(directory, self.uid, self.gid)
         self._mount_workspace(sandbox)
+        servers = sandbox.servers or ()
+        self.servers.provision(directory / TOOLS_DIR, servers)
         config = SupervisorConfig(
             socket=f"{wire.CHANNEL_DIR}/{wire.SOCKET_NAME}",
-            servers=[ServerConfig(name=s.name, argv=list(s.argv), env=dict(s.env)) for s in self.servers],
+            servers=server_configs(servers),
             token=token,
         )
         config.write(channel / wire.CONFIG_NAME, owner=(self.uid, self.gid))

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from sandbox.supervisor.config import ServerConfig
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -16,6 +20,8 @@ class ServerSpec:
     argv: tuple[str, ...]
     """As run inside the sandbox; `python` is the sandbox's Python with the product's packages importable."""
     env: Mapping[str, str] = field(default_factory=dict)
+    revision: str = "builtin"
+    """What of the server runs (a published wheel's digest): a sandbox whose server has another revision restarts it."""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or "__" in self.name:
@@ -30,3 +36,35 @@ BUILTIN_SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("exec", ("python", "-m", "mcp_servers.exec")),
     ServerSpec("conformance", ("python", "-m", "mcp_servers.conformance")),
 )
+
+
+class ServerSource(Protocol):
+    """Which servers a user's sandbox runs (the registry decides, per user and over time)."""
+
+    async def servers_for(self, user_id: int | None) -> tuple[ServerSpec, ...]:
+        """None: a warm-pool sandbox, which belongs to nobody yet."""
+        ...
+
+    def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
+        """Put what `servers` need into the sandbox's tools dir (and nothing else); runs in a thread."""
+        ...
+
+
+class StaticServers:
+    """The same servers for everybody."""
+
+    def __init__(self, servers: Sequence[ServerSpec]):
+        names = [s.name for s in servers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"server names must be unique: {names}")
+        self.servers = tuple(servers)
+
+    async def servers_for(self, user_id: int | None) -> tuple[ServerSpec, ...]:
+        return self.servers
+
+    def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
+        tools_dir.mkdir(mode=0o755, exist_ok=True)
+
+
+def server_configs(servers: Sequence[ServerSpec]) -> list[ServerConfig]:
+    return [ServerConfig(name=s.name, argv=list(s.argv), env=dict(s.env), revision=s.revision) for s in servers]

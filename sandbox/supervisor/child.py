@@ -169,7 +169,7 @@ class ChildServer:
     # -- status -------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state, "initialize": self.initialize_result, "error": self.error}
+        return {"state": self.state, "initialize": self.initialize_result, "error": self.error, "revision": self.config.revision}
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         self.state = state

@@ -21,6 +21,7 @@ class ServerConfig:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    revision: str = "builtin"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 from sandbox import wire
 from sandbox.supervisor.child import ChildServer, log
-from sandbox.supervisor.config import SupervisorConfig
+from sandbox.supervisor.config import ServerConfig, SupervisorConfig
 from sandbox.supervisor.init import run_as_init
 from sandbox.supervisor.link import Link
 
@@ -21,6 +21,7 @@ class Supervisor:
     def __init__(self, config: SupervisorConfig):
         self.config = config
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
+        self._runs: dict[str, asyncio.Task[None]] = {}
         self.link = Link(config.socket, self)
         # gateway call id -> [child, the child's request id once sent]
         self._calls: dict[Any, list[Any]] = {}
@@ -78,6 +79,9 @@ class Supervisor:
                     child.notify(message["method"], message.get("params"))
         elif kind == "ping":
             self.emit({"type": "pong", "id": message.get("id")})
+        elif kind == "configure":
+            servers = [ServerConfig(**s) for s in message.get("servers") or []]
+            asyncio.get_running_loop().create_task(self._configure(message.get("id"), servers))
         else:
             log(f"ignoring a message of unknown type {kind!r}")
 
@@ -97,6 +101,31 @@ class Supervisor:
         self._calls[gateway_id] = entry
         child.call(gateway_id, message.get("method", ""), message.get("params"), entry)
 
+    async def _configure(self, request_id: Any, servers: list[ServerConfig]) -> None:
+        """Run exactly these servers: stop the ones no longer wanted or changed, start the new ones.
+
+        The gateway sends this when what its user may run changed (an approval came or went,
+        or a new revision of a server was approved) while the sandbox was running or hibernated.
+        """
+        wanted = {s.name: s for s in servers}
+        going = [c for name, c in self.children.items() if wanted.get(name) != c.config]
+        for child in going:
+            del self.children[child.name]
+        await asyncio.gather(*(child.stop() for child in going))
+        for child in going:
+            task = self._runs.pop(child.name, None)
+            if task is not None:
+                task.cancel()
+            if child.name not in wanted:
+                self.emit({"type": "server", "server": child.name, "state": "removed"})
+        new = [ChildServer(s, self.config, self) for name, s in wanted.items() if name not in self.children]
+        for child in new:
+            self.children[child.name] = child
+            self._runs[child.name] = asyncio.get_running_loop().create_task(child.run())
+        await asyncio.gather(*(child.wait_settled() for child in new))
+        log(f"configured: {', '.join(f'{n}: {c.state}' for n, c in self.children.items()) or 'no servers'}")
+        self.emit({"type": "result", "id": request_id, "result": {"servers": {n: c.status() for n, c in self.children.items()}}})
+
     def on_disconnect(self) -> None:
         """Calls of a gateway that went away can never be answered: cancel them all."""
         self._calls.clear()
@@ -111,7 +140,7 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        children = [asyncio.create_task(child.run()) for child in self.children.values()]
+        self._runs = {name: asyncio.create_task(child.run()) for name, child in self.children.items()}
         # The first hello should say how every server fared, so connect once all have settled.
         await asyncio.gather(*(child.wait_settled() for child in self.children.values()))
         log(", ".join(f"{name}: {child.state}" for name, child in self.children.items()) or "no servers")
@@ -120,9 +149,9 @@ class Supervisor:
         log("stopping")
         link.cancel()
         await asyncio.gather(*(child.stop() for child in self.children.values()))
-        for task in children:
+        for task in self._runs.values():
             task.cancel()
-        await asyncio.gather(link, *children, return_exceptions=True)
+        await asyncio.gather(link, *self._runs.values(), return_exceptions=True)
         return 0
 
 
