@@ -1,0 +1,1 @@
+"""The tool registry: servers publishers upload, validation, approvals pinning tool definitions, search."""
