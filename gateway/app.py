@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gateway import admin
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.db import open_pool
 from gateway.http_headers import TrimHeaderWhitespace
@@ -95,6 +96,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
 
     verifier = ApiKeyVerifier()
     oauth = OAuthVerifier(settings)
+    admin_sessions = admin.sessions_for(settings, lambda: state["pool"])
     mcp_endpoint = RequireBearer(
         StreamableHTTPASGIApp(sessions), public_url=settings.public_url, required_scopes=settings.required_scopes
     )
@@ -104,11 +106,13 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             *metadata_routes(settings.public_url, settings.required_scopes, lambda: state["pool"]),
+            *admin.routes(admin_sessions),
         ],
         middleware=[
             Middleware(TrimHeaderWhitespace),
             Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(BearerVerifier(verifier, oauth))),
             Middleware(AuthContextMiddleware),
+            Middleware(admin.SessionContext, sessions=admin_sessions),
         ],
         lifespan=lifespan,
     )

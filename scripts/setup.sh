@@ -14,6 +14,8 @@ command -v runsc >/dev/null 2>&1 || need_apt+=(runsc)
 command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
 # Workspaces with a disk quota are ext4 images (sandbox/workspaces.py); without e2fsprogs they have none.
 command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+# The admin page's tests drive Debian's chromium with Playwright (tests/browser.py); no browser of Playwright's own.
+if [ "${1:-}" = "test" ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -1,0 +1,140 @@
+"""The admin page, and signing in and out of it with an API key.
+
+The page itself is static HTML and a script that reads and changes the registry
+through its JSON API (`/registry/v1`) with the session cookie; this module only
+serves it to a live session, and turns a pasted API key into a session. Only
+admins and auditors (read-only) get one.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import logging
+import secrets
+from pathlib import Path
+from string import Template
+
+import psycopg
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from gateway import accounts, audit
+from gateway.admin.session import CSRF_FIELD, ROLES, Sessions, check_csrf
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+# The login form's own CSRF token (there is no session yet): a short-lived cookie the form must echo.
+LOGIN_COOKIE = "__Host-mcpfleet-login"
+LOGIN_COOKIE_S = 900
+# Scripts and styles only from our own origin; nothing may frame the page (clickjacking on Approve).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def render(name: str, status_code: int = 200, **values: str) -> HTMLResponse:
+    """A template of ours with every value HTML-escaped."""
+    text = Template((TEMPLATES / name).read_text()).substitute({k: html.escape(v) for k, v in values.items()})
+    return HTMLResponse(text, status_code=status_code, headers=SECURITY_HEADERS)
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303, headers={"Cache-Control": "no-store"})
+
+
+class Pages:
+    def __init__(self, sessions: Sessions):
+        self.sessions = sessions
+
+    async def admin(self, request: Request) -> Response:
+        session = await self.sessions.current(request)
+        if session is None:
+            return redirect("/admin/login")
+        who = session.identity
+        return render(
+            "admin.html",
+            csrf_token=session.csrf_token,
+            user=who.principal,
+            role=who.role,
+            expires_at=session.expires_at.isoformat(timespec="seconds"),
+        )
+
+    async def login_form(self, request: Request, *, error: str = "", status_code: int = 200) -> Response:
+        token = secrets.token_urlsafe(32)
+        response = render(
+            "login.html",
+            status_code=status_code,
+            csrf_token=token,
+            error=error,
+        )
+        response.set_cookie(
+            LOGIN_COOKIE, token, max_age=LOGIN_COOKIE_S, path="/", secure=True, httponly=True, samesite="strict"
+        )
+        return response
+
+    async def login_page(self, request: Request) -> Response:
+        if await self.sessions.current(request) is not None:
+            return redirect("/admin")
+        return await self.login_form(request, error=request.query_params.get("error", "")[:200])
+
+    async def login(self, request: Request) -> Response:
+        form = await request.form()
+        sent, expected = form.get(CSRF_FIELD), request.cookies.get(LOGIN_COOKIE)
+        if not isinstance(sent, str) or not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
+            return await self.login_form(request, error="The form expired; please try again.", status_code=403)
+        key = form.get("api_key")
+        key = key.strip() if isinstance(key, str) else ""
+        async with self.sessions.pool.connection() as conn:
+            identity = await accounts.verify_key(conn, key)
+            if identity is None:
+                await audit.append(conn, action="admin.login", outcome="denied", detail={"reason": "invalid key"})
+                return await self.login_form(request, error="That key is not valid.", status_code=401)
+            if identity.role not in ROLES:
+                await audit.append(
+                    conn, action="admin.login", outcome="denied", tenant=identity.tenant, actor=identity.principal,
+                    detail={"reason": f"role {identity.role}"},
+                )
+                return await self.login_form(
+                    request, error="Only admins and auditors may use this page.", status_code=403
+                )
+            prefix, key_id = await _key_of(conn, key)
+            cookie = await self.sessions.open(conn, identity, api_key_id=key_id)
+            await audit.append(
+                conn, action="admin.login", outcome="ok", tenant=identity.tenant, actor=identity.principal,
+                detail={"via": "api-key", "prefix": prefix},
+            )
+        response = redirect("/admin")
+        self.sessions.set_cookie(response, cookie)
+        response.delete_cookie(LOGIN_COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        session = await self.sessions.current(request)
+        if session is not None:
+            await check_csrf(request, session)
+            await self.sessions.end(request)
+            async with self.sessions.pool.connection() as conn:
+                await audit.append(
+                    conn, action="admin.logout", outcome="ok", tenant=session.identity.tenant,
+                    actor=session.identity.principal,
+                )
+        response = redirect("/admin/login")
+        self.sessions.clear_cookie(response)
+        return response
+
+
+
+async def _key_of(conn: psycopg.AsyncConnection, key: str) -> tuple[str, int]:
+    """(prefix, row id) of a key `verify_key` accepted: the session is tied to that key's standing."""
+    parts = accounts.split_key(key)
+    assert parts is not None
+    row = await (await conn.execute("SELECT id FROM api_keys WHERE prefix = %s", (parts[0],))).fetchone()
+    assert row is not None
+    return parts[0], row[0]
