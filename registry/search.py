@@ -1,0 +1,117 @@
+"""Semantic search over the tools a caller may use: embeddings in tool_embeddings, ranked by
+pgvector's cosine distance.
+
+The embedding column is an untyped `vector` (models differ in dimensions), so it has no index:
+search scans the embeddings of the caller's entitled versions, which are few.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from registry.embeddings import Embedder, tool_text
+
+
+@dataclass(frozen=True)
+class Hit:
+    name: str  # public name, "<prefix>__<tool>"
+    server: str  # registry server name, e.g. "io.example/weather"
+    version: str
+    description: str
+    score: float  # cosine similarity: 1 is the same meaning
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def vector_literal(vector: Sequence[float]) -> str:
+    """pgvector's text form, cast with ::vector in the query."""
+    return "[" + ",".join(repr(float(x)) for x in vector) + "]"
+
+
+async def index_version(
+    conn: psycopg.AsyncConnection, embedder: Embedder, version_id: int, prefix: str, tools: list[dict]
+) -> int:
+    """(Re)writes the embeddings of a version's tools under the embedder's model; returns how many."""
+    # Embed first: the transaction below must not wait on the model.
+    vectors = await embedder.embed([tool_text(f"{prefix}__{tool['name']}", tool) for tool in tools])
+    async with conn.transaction():
+        await conn.execute(
+            "DELETE FROM tool_embeddings WHERE version_id = %s AND model = %s", (version_id, embedder.model)
+        )
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO tool_embeddings (version_id, tool, model, embedding) VALUES (%s, %s, %s, %s::vector)",
+                [(version_id, tool["name"], embedder.model, vector_literal(v)) for tool, v in zip(tools, vectors)],
+            )
+    return len(tools)
+
+
+# Per server, the version the caller runs: the approval for one of their groups if there is one
+# (the more specific), else the tenant's, as registry.store.approved_for chooses. Only tools still
+# among the version's definitions count, and only vectors of the query's model and dimensions.
+SEARCH_SQL = """
+WITH entitled AS (
+    SELECT DISTINCT ON (s.id) s.name AS server, s.prefix, v.id AS version_id, v.version, v.tools
+      FROM tenants t
+      JOIN registry_servers s ON s.tenant_id = t.id
+      JOIN approvals a ON a.server_id = s.id AND a.revoked_at IS NULL
+      JOIN registry_versions v ON v.id = a.version_id
+     WHERE t.name = %(tenant)s
+       AND (a.group_name IS NULL OR a.group_name = ANY(%(groups)s::text[]))
+     ORDER BY s.id, a.group_name IS NULL, a.approved_at DESC
+), ranked AS (
+    -- Two servers of a tenant may share a prefix: a public name is listed once, at its best.
+    SELECT DISTINCT ON (name) name, server, version, description, distance
+      FROM (
+        SELECT en.prefix || '__' || e.tool AS name, en.server, en.version,
+               coalesce(d.definition->>'description', '') AS description,
+               e.embedding <=> %(query)s::vector AS distance
+          FROM entitled en
+          JOIN tool_embeddings e ON e.version_id = en.version_id
+           AND e.model = %(model)s AND vector_dims(e.embedding) = %(dims)s
+          JOIN LATERAL (
+              SELECT definition FROM jsonb_array_elements(en.tools) AS definition
+               WHERE definition->>'name' = e.tool LIMIT 1
+          ) d ON true
+      ) candidates
+     ORDER BY name, distance
+)
+SELECT name, server, version, description, 1 - distance AS score
+  FROM ranked
+ ORDER BY distance, name
+ LIMIT %(limit)s
+"""
+
+
+async def search(
+    conn: psycopg.AsyncConnection,
+    embedder: Embedder,
+    query: str,
+    *,
+    tenant: str,
+    groups: Sequence[str],
+    limit: int = 10,
+) -> list[Hit]:
+    """The tools approved for `tenant` as a whole or for one of `groups`, nearest `query` in meaning first."""
+    if limit <= 0 or not query.strip():
+        return []
+    [vector] = await embedder.embed([query])
+    cur = await conn.execute(
+        SEARCH_SQL,
+        {
+            "tenant": tenant,
+            "groups": list(groups),
+            "query": vector_literal(vector),
+            "model": embedder.model,
+            "dims": len(vector),
+            "limit": limit,
+        },
+    )
+    return [Hit(name, server, version, description, float(score)) for name, server, version, description, score
+            in await cur.fetchall()]
