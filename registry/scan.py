@@ -1,0 +1,623 @@
+"""A scan of a server's tool definitions for tool poisoning (OWASP MCP Top 10, MCP03).
+
+A client puts every tool definition it lists in front of the model, word for word, while a
+person sees at most a name and the first line. A poisoned definition uses that gap: it speaks
+to the model (hidden instructions), hides text from the person (invisible or look-alike
+characters), asks the model to hand over private data (exfiltration), or redefines another
+server's tools (shadowing). This scan reads every string of every definition (descriptions,
+titles, and the descriptions, defaults, enums and examples nested in the input and output
+schemas, and the keys too) and reports each cue with the tool and the JSON path it was found at.
+
+It judges one listing. A rug pull (a definition that changes after approval) is caught by the
+pins of `registry.definitions`, which the gateway compares at run time.
+
+The patterns are tuned for precision: ordinary descriptions, such as those of the built-in
+servers, give no finding. A finding is a reason for a person to read the definition, not a proof.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from confusable_homoglyphs import categories, confusables
+
+CHECKS: tuple[str, ...] = ("hidden-instructions", "invisible-unicode", "confusable-unicode", "exfiltration", "shadowing")
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    tool: str
+    path: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Text:
+    """One string of a definition: a value, or a key of an object (property names)."""
+
+    path: str
+    text: str
+    is_key: bool
+
+    @property
+    def field(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def is_prose(self) -> bool:
+        """Words written for a reader, as opposed to values (defaults, enums, examples, patterns)."""
+        return not self.is_key and self.field in ("description", "title")
+
+
+def scan_tools(prefix: str, tools: list[dict[str, Any]], others: Mapping[str, str]) -> list[Finding]:
+    """Findings for the tools a server listed.
+
+    `prefix` is the server's own tool prefix; `others` maps the public names
+    (`<prefix>__<tool>`) of other approved servers' tools to those servers' names.
+    """
+    own_names = {str(tool.get("name", "")) for tool in tools}
+    own_parameters = {name for tool in tools for name in _parameter_names(tool)}
+    context = _Context(prefix, own_names, own_parameters, others)
+    findings: list[Finding] = []
+    for tool in tools:
+        findings += _scan_tool(tool, context)
+    return list(dict.fromkeys(findings))
+
+
+class _Context:
+    """What a definition is judged against: the server's own tools and everybody else's."""
+
+    def __init__(self, prefix: str, own_names: set[str], own_parameters: set[str], others: Mapping[str, str]):
+        self.prefix = prefix
+        self.own_names = own_names
+        self.own_public = {f"{prefix}__{name}" for name in own_names}
+        self.own_words = own_names | self.own_public | own_parameters
+        self.taken = dict(others)  # public names already in use, this server's own included
+        # Other servers' tools: a collision with an own name is reported once, as such.
+        self.others = {name: server for name, server in others.items() if name not in self.own_public}
+        self.other_prefixes = {name.split("__", 1)[0] for name in self.others} - {prefix}
+        # Another server's tool by its own name ('send_email'), for orders that leave the prefix out;
+        # only names no English word could be ('search' or 'list' would be everywhere).
+        self.other_bare: dict[str, str] = {}
+        for public, server in self.others.items():
+            bare = public.split("__", 1)[-1]
+            if _looks_like_identifier(bare) and bare not in self.own_words:
+                self.other_bare.setdefault(bare, server)
+
+    def owner(self, word: str) -> str | None:
+        return self.others.get(word) or self.other_bare.get(word)
+
+    def is_other_tool(self, word: str, called_a_tool: bool) -> bool:
+        """Whether `word`, named where a tool would be ("call X", "the X tool"), is a tool other
+        than this server's own: a known one, or a snake_case name that is none of its own words."""
+        if word in self.own_words or word.lower() in _NOT_TOOL_NAMES:
+            return False
+        return self.owner(word) is not None or called_a_tool or _looks_like_identifier(word)
+
+
+def _scan_tool(tool: Mapping[str, Any], context: _Context) -> list[Finding]:
+    name = str(tool.get("name", ""))
+    texts = list(_texts(tool))
+    parameters = _parameter_names(tool)
+    findings: list[Finding] = []
+
+    def found(check: str, text: _Text, message: str) -> None:
+        findings.append(Finding(check, name, text.path, message))
+
+    name_field = _Text("name", name, False)
+    public = f"{context.prefix}__{name}"
+    if public in context.taken:
+        owner = _quote(context.taken[public])
+        found("shadowing", name_field, f"the public name {_quote(public)} already belongs to server {owner}")
+    if not name.isascii():
+        odd = ", ".join(_describe(ch) for ch in dict.fromkeys(name) if not ch.isascii())
+        found("confusable-unicode", name_field, f"the tool name {_quote(name)} must be ASCII but contains {odd}")
+
+    for text in texts:
+        for message in _invisible(text.text):
+            found("invisible-unicode", text, message)
+        if not (text.path == "name" and not text.is_key):  # the name has its own rule above
+            for message in _confusable(text):
+                found("confusable-unicode", text, message)
+        if text.is_key:
+            if _is_property_name(text.path) and SECRET_PARAMETER.search(_snake(text.text)):
+                found("exfiltration", text, f"the parameter {_quote(text.text)} asks for a secret, {SECRETS_BY_ENV}")
+            continue
+        for message in _hidden_instructions(text.text, context):
+            found("hidden-instructions", text, message)
+        for message in _exfiltration(text, parameters):
+            found("exfiltration", text, message)
+        for message in _shadowing(text.text, context):
+            found("shadowing", text, message)
+    return findings
+
+
+# --- walking a definition ----------------------------------------------------------------------
+
+
+def _texts(value: Any, path: str = "") -> Iterator[_Text]:
+    if isinstance(value, str):
+        yield _Text(path, value, False)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            yield _Text(child, str(key), True)
+            yield from _texts(item, child)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _texts(item, f"{path}[{i}]")
+
+
+def _is_property_name(path: str) -> bool:
+    parts = path.split(".")
+    return len(parts) >= 2 and parts[-2] == "properties"
+
+
+def _parameter_names(tool: Mapping[str, Any]) -> set[str]:
+    schema = tool.get("inputSchema")
+    properties = schema.get("properties") if isinstance(schema, Mapping) else None
+    return {str(key) for key in properties} if isinstance(properties, Mapping) else set()
+
+
+# --- hidden instructions -----------------------------------------------------------------------
+
+_I = re.IGNORECASE
+
+# (pattern, what it means); each message quotes what matched.
+HIDDEN_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(
+            r"\b(?:ignore|disregard|forget|override|bypass)\b(?:\s+\w+){0,3}?\s+"
+            r"(?:previous|prior|earlier|preceding|above|former|all|any|other|system|your)\s+"
+            r"(?:instructions?|directions|prompts?|rules|guidelines|messages|context)\b",
+            _I,
+        ),
+        "tells the model to ignore its instructions",
+    ),
+    (
+        re.compile(
+            r"<\s*/?\s*(?:important|system|system[_-]?prompt|instructions?|secret|hidden|admin|critical|assistant|override)"
+            r"\b[^<>\n]{0,40}>",
+            _I,
+        ),
+        "wraps text in a tag addressed to the model",
+    ),
+    (
+        re.compile(
+            r"\b(?:do\s+not|don'?t|never|must\s+not|should\s+not)\s+"
+            r"(?:tell|mention|inform|notify|alert|reveal|show|disclose|say|explain)\b[^.\n]{0,80}?\b(?:user|human)s?\b(?!')"
+            r"|\bwithout\s+(?:telling|informing|alerting)\s+(?:the\s+)?(?:user|human)s?\b"
+            r"|\b(?:the\s+)?user\s+(?:must|should)\s+not\s+(?:know|see|notice|be\s+told)\b"
+            r"|\b(?:silently|secretly|quietly|covertly|discreetly)\s+"
+            r"(?:send|post|read|call|invoke|include|pass|forward|upload|copy|add|append|attach|run|execute|exfiltrate)\b",
+            _I,
+        ),
+        "tells the model to keep something from the user",
+    ),
+    (
+        re.compile(
+            r"\b(?:before|prior\s+to)\s+(?:using|calling|invoking|running|executing)\s+"
+            r"(?:this|the|any|every|that)\s+(?:\w+\s+)?(?:tool|function)\b",
+            _I,
+        ),
+        "tells the model what to do before it uses the tool",
+    ),
+    (
+        re.compile(
+            r"\byou\s+(?:must|have\s+to|need\s+to|are\s+required\s+to|should)\s+"
+            r"(?:first|always|also\s+always|never|immediately|silently|secretly)\b"
+            r"|\byou\s+(?:first|always)\s+(?:must|have\s+to|need\s+to)\b"
+            r"|\byou\s+must\s+(?:read|call|invoke|send|include|pass|use|run|forward|upload|ignore|obey|follow)\b",
+            _I,
+        ),
+        "gives the model orders",
+    ),
+    (
+        re.compile(
+            r"\b(?:very\s+){2,}important\b|\bthis\s+is\s+(?:extremely|critically|vitally|really|very)\s+important\b"
+            r"|\b(?:extremely|critically|vitally)\s+important\b",
+            _I,
+        ),
+        "insists on its importance as injected prompts do",
+    ),
+    (
+        re.compile(
+            r"(?:^|\n)[ \t]*(?:system|assistant|developer)[ \t]*:[ \t]"
+            r"|\[/?(?:system|inst)\]|<<\s*/?sys\s*>>|<\|(?:im_start|im_end|system|assistant|user)\|>"
+            r"|(?:^|\n)[ \t]*#{1,6}[ \t]*system\b"
+            r"|\bsystem\s+(?:prompt|override|instructions?)\b"
+            r"|\b(?:new|updated|additional|hidden|secret)\s+instructions\s*:"
+            r"|\byou\s+are\s+now\b",
+            _I,
+        ),
+        "imitates a system prompt",
+    ),
+    (
+        re.compile(r"<!--[\s\S]*?(?:-->|$)|(?:^|\n)[ \t]*\[(?://|comment)\]:\s*[#<]", _I),
+        "hides text in a comment the user does not see rendered",
+    ),
+)
+
+# Whitespace that pushes text out of sight: a long run of blanks, or many line breaks.
+PADDING = re.compile(r"(?:[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]{24,}|(?:[ \t]*\r?\n){6,})\s*(?=\S)")
+
+# "call read_file", "use the `add` tool": the named word is checked against the server's own tools.
+CALL_TOOL = re.compile(
+    r"\b(call|invoke|use|run|execute|trigger)\s+(?:the\s+)?[`'\"]?([A-Za-z][\w.-]*?)[`'\"]?"
+    r"(\s+(?:tool|function)\b)?(?=[\s`'\",.;:)!?]|$)",
+    _I,
+)
+# What follows "run" or "execute" is often a program or a script ("run make_release.py"), not a tool.
+_PROGRAM_VERBS = {"run", "execute"}
+_FILE_NAME = re.compile(r"\.(?:py|sh|js|ts|json|ya?ml|toml|txt|md|cfg|ini|csv|sql)$", _I)
+_NOT_TOOL_NAMES = {
+    "a", "an", "the", "this", "that", "these", "those", "it", "any", "other", "another", "each", "every",
+    "same", "following", "next", "previous", "right", "appropriate", "relevant", "correct", "given",
+    "corresponding", "specified", "new", "old", "first", "last", "one", "your", "its", "their",
+}
+
+
+def _hidden_instructions(text: str, context: _Context) -> list[str]:
+    messages = []
+    for pattern, meaning in HIDDEN_PATTERNS:
+        if match := pattern.search(text):
+            messages.append(f"{meaning}: {_quote(match.group(0).strip())}")
+    padding = PADDING.search(text)
+    if padding:
+        after = text[padding.end():]
+        messages.append(f"hides text after {len(padding.group(0))} characters of blank space: {_quote(after)}")
+    for match in CALL_TOOL.finditer(text):
+        verb, word, called_a_tool = match.group(1).lower(), match.group(2).rstrip(".-"), bool(match.group(3))
+        if context.owner(word) is None and not called_a_tool and (verb in _PROGRAM_VERBS or _FILE_NAME.search(word)):
+            continue
+        if context.is_other_tool(word, called_a_tool):
+            quoted = _quote(match.group(0))
+            messages.append(f"tells the model to call {_quote(word)}, which is not one of this server's tools: {quoted}")
+    return messages
+
+
+# --- exfiltration ------------------------------------------------------------------------------
+
+URL = re.compile(r"\b(?:https?|ftp|wss?|file)://[^\s'\"<>`)\]]+|\bwww\.[a-z0-9-]+\.[a-z]{2,}[^\s'\"<>`)\]]*", _I)
+EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+
+PRIVATE_FILES = re.compile(
+    r"~/\.ssh\b|\.ssh/|\bid_(?:rsa|dsa|ecdsa|ed25519)\b|\b(?:known_hosts|authorized_keys)\b"
+    r"|(?<![\w.])\.env\b(?![-/]|\.(?:example|sample|template|dist|defaults?)\b)|/etc/(?:passwd|shadow|sudoers)\b"
+    r"|\bmcp\.json\b|\bclaude_desktop_config(?:\.json)?\b|~/\.cursor\b"
+    r"|~/\.(?:aws|kube|docker|gnupg|azure|netrc|npmrc|pypirc|git-credentials|pgpass|bash_history|zsh_history)\b"
+    r"(?:/[\w.-]*\w)?"
+    r"|\.aws/credentials\b|\.git-credentials\b|\.netrc\b|\.pgpass\b|\bwallet\.dat\b",
+    _I,
+)
+
+# Secrets and other private data a tool has no business asking the model for.
+_SECRET = (
+    r"(?:api[ _-]?keys?|secret[ _-]?keys?|private[ _-]?keys?|ssh[ _-]?keys?|passwords?(?![ _-]?reset)|passphrases?"
+    r"|passwd|credentials?|session[ _-]?cookies?|cookies|seed[ _-]?phrases?|secrets"
+    r"|(?:access|auth|authentication|bearer|refresh|session|api|oauth|github|gitlab|slack|personal[ _-]access)[ _-]?tokens?"
+    r"|(?:conversation|chat|message)[ _-]history|system[ _-]prompt"
+    r"|(?:previous|prior|entire|full)\s+(?:conversation|messages))"
+)
+SECRETS_BY_ENV = "which mcpfleet passes to servers only as environment variables"
+SECRET_MENTION = re.compile(rf"\b{_SECRET}\b", _I)
+_TAKE = (
+    r"(?:include|pass|send|sent|append|attach|put|insert|copy|copie|extract|collect|dump|leak|embed|encode|share"
+    r"|reveal|paste|forward|upload|post|exfiltrate|hand)(?:s|es|ed|d|ing)?"
+)
+SECRET_REQUEST = re.compile(
+    rf"\b{_TAKE}\s+"
+    r"(?:(?:the|your|their|its|any|all|every|his|her|my|our|stored|saved|local|user'?s?|current|full|entire)\s+){0,3}"
+    rf"{_SECRET}\b",
+    _I,
+)
+SECRET_PARAMETER = re.compile(
+    r"(?:^|_)(?:password|passwd|passphrase|secret|secret_key|api_?key|access_?token|auth_?token|bearer_?token"
+    r"|refresh_?token|session_?token|private_?key|ssh_?key|credentials?|cookie|session_?cookie)(?:$|_)"
+)
+
+_DESTINATION = (
+    r"(?:(?:https?|ftp)://\S+|[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+    r"|\d{1,3}(?:\.\d{1,3}){3}|\+\d[\d\s().-]{6,}\d"
+    r"|(?:this|that|the\s+following|our|my|an?\s+external|a\s+remote|the\s+attacker'?s?|external|remote)\s+(?:\w+\s+)?"
+    r"(?:url|address|endpoint|server|webhook|host|domain|number|phone|inbox|account|e-?mail|channel))"
+)
+SEND_TO = re.compile(
+    rf"\b(?:send|sent|post|upload|forward|transmit|exfiltrate|leak|copy|cc|bcc|e-?mail|mail|report|deliver|relay)"
+    rf"(?:s|es|ed|ing)?\b[^.\n]{{0,80}}?\bto\s+{_DESTINATION}",
+    _I,
+)
+# "base64 encode X and pass it": an order to encode, then to hand over. A format ("returns a
+# base64-encoded PNG", "a hex-encoded color; add the #") is no order.
+_ENCODING = r"(?:base-?64|hex|rot-?13)"
+_HAND_OVER = r"(?:include|pass|append|attach|embed|hide|smuggle|put|add)\w*"
+ENCODE_AND_PASS = re.compile(
+    rf"\b{_ENCODING}[ -]?encode\b[^.\n]{{0,80}}\b{_HAND_OVER}\b"
+    rf"|\bencode\b[^.\n]{{0,40}}\b(?:in|as|with|using|to)\s+{_ENCODING}\b[^.\n]{{0,80}}\b{_HAND_OVER}\b"
+    rf"|\b(?:include|append|attach|embed|hide|smuggle)\w*\b[^.\n]{{0,80}}\b{_ENCODING}[ -]?encoded\b",
+    _I,
+)
+SENTENCE = re.compile(r"[.!?](?=\s|$)|\n")
+
+
+def _exfiltration(text: _Text, parameters: set[str]) -> list[str]:
+    value = text.text
+    messages: list[str] = []
+    if text.is_prose:
+        if url := URL.search(value):
+            messages.append(f"mentions the address {_quote(url.group(0))}, a place data could be sent to")
+        if email := EMAIL.search(value):
+            messages.append(f"mentions the e-mail address {_quote(email.group(0))}")
+    if private := list(dict.fromkeys(match.group(0) for match in PRIVATE_FILES.finditer(value))):
+        files = ", ".join(_quote(name) for name in private)
+        messages.append(f"refers to private file{'s' if len(private) > 1 else ''} {files}")
+    if request := _affirmed(SECRET_REQUEST, value):
+        messages.append(f"asks the model to hand over a secret: {_quote(request.group(0))}")
+    if send := _affirmed(SEND_TO, value):
+        messages.append(f"tells the model to send data somewhere: {_quote(send.group(0))}")
+    if encode := ENCODE_AND_PASS.search(value):
+        messages.append(f"asks for data to be encoded and passed along: {_quote(encode.group(0))}")
+    if _is_parameter_description(text.path) and (secret := SECRET_MENTION.search(value)):
+        messages.append(f"the parameter asks for {_quote(secret.group(0))}, {SECRETS_BY_ENV}")
+    if text.is_prose:
+        messages += _smuggling_parameter(value, parameters)
+    return messages
+
+
+NEGATION = re.compile(r"\b(?:never|not|don'?t|no)\s+(?:\w+\s+)?$", _I)
+
+
+def _affirmed(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """The first match not negated by the words before it ("never include the API key")."""
+    for match in pattern.finditer(text):
+        if not NEGATION.search(text[: match.start()]):
+            return match
+    return None
+
+
+def _is_parameter_description(path: str) -> bool:
+    parts = path.split(".")
+    return (
+        len(parts) >= 3 and parts[0] == "inputSchema" and parts[-3] == "properties" and parts[-1] in ("description", "title")
+    )
+
+
+def _smuggling_parameter(value: str, parameters: set[str]) -> list[str]:
+    """A sentence that sends private data into one of the tool's own parameters ("... as 'sidenote'")."""
+    messages = []
+    for sentence in SENTENCE.split(value):
+        if not (PRIVATE_FILES.search(sentence) or SECRET_MENTION.search(sentence)):
+            continue
+        for parameter in sorted(parameters):
+            into = rf"\b(?:as|in|into|inside|within|under|to)\s+(?:the\s+)?[`'\"]?{re.escape(parameter)}\b"
+            if re.search(into, sentence, _I):
+                messages.append(f"asks for private data in the parameter {_quote(parameter)}: {_quote(sentence.strip())}")
+    return messages
+
+
+# --- shadowing ---------------------------------------------------------------------------------
+
+PUBLIC_NAME = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*?__[A-Za-z0-9][A-Za-z0-9_.-]*)")
+_TOOL = r"[`'\"]?([A-Za-z][\w.-]*?)[`'\"]?(\s+(?:tool|function))?(?=[\s`'\",.;:)!?]|$)"
+ORDER_PATTERNS: tuple[re.Pattern[str], ...] = (
+    re.compile(
+        rf"\bwhen(?:ever)?\s+(?:the\s+)?{_TOOL}\s+(?:tool\s+)?(?:is|gets|are)\s+"
+        r"(?:called|used|invoked|run|executed|requested)",
+        _I,
+    ),
+    re.compile(rf"\b(?:instead\s+of|rather\s+than)\s+(?:using\s+|calling\s+|invoking\s+)?(?:the\s+)?{_TOOL}", _I),
+    re.compile(rf"\b(?:do\s+not|don'?t|never)\s+(?:use|call|invoke)\s+(?:the\s+)?{_TOOL}", _I),
+    re.compile(rf"\b(?:before|after|while)\s+(?:using|calling|invoking)\s+(?:the\s+)?{_TOOL}", _I),
+    re.compile(rf"\b(?:overrides?|replaces?|supersedes?|takes\s+precedence\s+over)\s+(?:the\s+)?{_TOOL}", _I),
+)
+OTHER_TOOLS = re.compile(
+    r"\b(?:instead\s+of|rather\s+than|overrides?|replaces?|supersedes?|takes\s+precedence\s+over)\s+"
+    r"(?:using\s+|calling\s+)?(?:any|all|every|the)\s+other\s+tools?\b"
+    r"|\b(?:when|whenever|before|after)\s+(?:using|calling|invoking)\s+(?:any|all|every)\s+other\s+tools?\b",
+    _I,
+)
+
+
+def _shadowing(text: str, context: _Context) -> list[str]:
+    messages = []
+    ordered: set[str] = set()
+    for pattern in ORDER_PATTERNS:
+        for match in pattern.finditer(text):
+            word, called_a_tool = match.group(1).rstrip(".-"), bool(match.group(2))
+            if not context.is_other_tool(word, called_a_tool):
+                continue
+            ordered.add(word)
+            owner = context.owner(word)
+            whose = f" of server {_quote(owner)}" if owner else ""
+            messages.append(f"gives orders about another tool, {_quote(word)}{whose}: {_quote(match.group(0))}")
+    if match := OTHER_TOOLS.search(text):
+        messages.append(f"gives orders about other tools: {_quote(match.group(0))}")
+    for match in PUBLIC_NAME.finditer(text):
+        name = match.group(1).rstrip(".-")
+        if name in ordered or name in context.own_public:
+            continue
+        if name in context.others:
+            messages.append(f"mentions {_quote(name)}, a tool of server {_quote(context.others[name])}")
+        elif name.split("__", 1)[0] in context.other_prefixes:
+            messages.append(f"mentions {_quote(name)}, a tool name in another server's namespace")
+    return messages
+
+
+# --- invisible characters ----------------------------------------------------------------------
+
+TAGS = range(0xE0000, 0xE0080)
+TAG_RUN = re.compile("[\U000E0000-\U000E007F]+")
+# Invisible, yet not format characters: fillers and blanks that render as nothing.
+BLANK_LOOKALIKES = {0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800, 0x2028, 0x2029}
+VARIATION_SELECTORS = {*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), *range(0x180B, 0x1810)}
+_JOINERS = {0x200C, 0x200D}
+
+
+def _invisible(text: str) -> list[str]:
+    messages = []
+    hidden_runs = [(match.start(), match.group(0)) for match in TAG_RUN.finditer(text)]
+    odd: dict[str, int] = {}
+    for i, ch in enumerate(text):
+        if ord(ch) not in TAGS and _is_invisible(text, i):
+            odd[ch] = odd.get(ch, 0) + 1
+    for start, tag_run in hidden_runs:
+        if _is_flag_emoji(text, start, tag_run):
+            continue
+        spelled = "".join(chr(ord(ch) - 0xE0000) for ch in tag_run if 0x20 <= ord(ch) - 0xE0000 < 0x7F)
+        messages.append(f"hides the text {_quote(spelled)} in {len(tag_run)} Unicode tag characters")
+    if odd:
+        count = sum(odd.values())
+        listed = ", ".join(_describe(ch) for ch in odd)
+        messages.append(f"contains {count} invisible character{'s' if count != 1 else ''}: {listed}")
+    return messages
+
+
+def _is_invisible(text: str, i: int) -> bool:
+    ch = text[i]
+    cp, category = ord(ch), unicodedata.category(ch)
+    before = text[i - 1] if i > 0 else ""
+    after = text[i + 1] if i + 1 < len(text) else ""
+    if category == "Cc":
+        return not (ch in "\n\t" or (ch == "\r" and after == "\n"))
+    if cp in _JOINERS and _joins_letters_of_a_joining_script(before, after):
+        return False  # ZWNJ/ZWJ are spelling in Persian, Arabic and Indic scripts
+    if cp == 0x200D and _is_symbol(before) and _is_symbol(after):
+        return False  # emoji sequences such as family emoji
+    if cp in (0xFE0E, 0xFE0F) and before and (_is_symbol(before) or before in "0123456789#*"):
+        return False  # one text/emoji presentation selector after a symbol
+    return category == "Cf" or cp in BLANK_LOOKALIKES or cp in VARIATION_SELECTORS
+
+
+def _joins_letters_of_a_joining_script(before: str, after: str) -> bool:
+    def joining_letter(ch: str) -> bool:
+        if not ch or unicodedata.category(ch)[0] not in "LM":
+            return False
+        return categories.alias(ch) not in ("LATIN", "GREEK", "CYRILLIC", "COMMON")
+
+    return joining_letter(before) and joining_letter(after)
+
+
+def _is_symbol(ch: str) -> bool:
+    return bool(ch) and unicodedata.category(ch) in ("So", "Sk")
+
+
+def _is_flag_emoji(text: str, start: int, tag_run: str) -> bool:
+    """🏴 followed by tag letters and CANCEL TAG spells a subdivision flag (England, Scotland, Wales)."""
+    letters = tag_run[:-1]
+    return (
+        start > 0
+        and text[start - 1] == "\U0001F3F4"
+        and tag_run.endswith("\U000E007F")
+        and 2 <= len(letters) <= 6
+        and all(0xE0030 <= ord(ch) <= 0xE0039 or 0xE0061 <= ord(ch) <= 0xE007A for ch in letters)
+    )
+
+
+# --- confusable characters ---------------------------------------------------------------------
+
+WORD = re.compile(r"[^\s!-/:-@\[-`{-~]+")
+_IGNORED_SCRIPTS = {"COMMON", "INHERITED"}
+# Scripts written together as a matter of course (Japanese mixes all three, Korean adds Han).
+_CJK = {"HAN", "HIRAGANA", "KATAKANA", "HANGUL", "BOPOMOFO"}
+
+
+def _dominant_script(text: _Text) -> str:
+    """The script most letters of the string are in: the one look-alikes imitate. A key is one
+    word, so it has none of its own; identifiers are Latin."""
+    counts = Counter(categories.alias(ch) for ch in text.text if ch.isalpha())
+    for script in _IGNORED_SCRIPTS:
+        counts.pop(script, None)
+    return counts.most_common(1)[0][0] if counts and not text.is_key else "LATIN"
+
+
+def _confusable(text: _Text) -> list[str]:
+    dominant = _dominant_script(text)
+    messages = []
+    for word in dict.fromkeys(WORD.findall(text.text)):
+        scripts = Counter(categories.alias(ch) for ch in word if ch.isalpha())
+        for script in _IGNORED_SCRIPTS:
+            scripts.pop(script, None)
+        if len(scripts) > 1 and not set(scripts) <= _CJK:
+            base = dominant if dominant in scripts else scripts.most_common(1)[0][0]
+            found = confusables.is_confusable(word, greedy=True, preferred_aliases=[base])
+            if found:
+                lookalikes = ", ".join(_lookalike(entry, base) for entry in found)
+                what = "the key" if text.is_key else "the word"
+                messages.append(f"{what} {_quote(word)} mixes {base.title()} with look-alike letters: {lookalikes}")
+        elif len(scripts) == 1 and dominant == "LATIN" and (script := next(iter(scripts))) != "LATIN":
+            if _spells_latin(word, script):
+                written = f"is written in {script.title()} letters that all look like Latin ones"
+                messages.append(f"the word {_quote(word)} {written}")
+    return messages
+
+
+def _spells_latin(word: str, script: str) -> bool:
+    """A whole word of another script made of letters that each pass for an ASCII letter."""
+    letters = [ch for ch in word if ch.isalpha()]
+    if len(letters) < 3 or script in _CJK:
+        return False
+    found = confusables.is_confusable(word, greedy=True, preferred_aliases=["latin"]) or []
+    passing = {
+        entry["character"]
+        for entry in found
+        if any(len(glyph["c"]) == 1 and glyph["c"].isascii() and glyph["c"].isalpha() for glyph in entry["homoglyphs"])
+    }
+    return all(ch in passing for ch in letters)
+
+
+def _lookalike(entry: dict[str, Any], base: str) -> str:
+    ch = entry["character"]
+    like = next((g["c"] for g in entry["homoglyphs"] if all(categories.alias(c) == base for c in g["c"])), None)
+    return f"{_describe(ch)}" + (f" (looks like {like!r})" if like else "")
+
+
+# --- small helpers -----------------------------------------------------------------------------
+
+
+def _looks_like_identifier(word: str) -> bool:
+    """snake_case, as tools are named: no English word has an underscore ('JavaScript', 'UTF8',
+    'built-in' and 'e.g.' do have the other marks of identifiers)."""
+    return "_" in word.strip("_")
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().replace("-", "_")
+
+
+def _describe(ch: str) -> str:
+    return f"U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed')}"
+
+
+_UNPRINTABLE = ("Cc", "Cf", "Co", "Cn", "Zl", "Zp")
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    """`text` shortened and with every invisible or control character spelled out."""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    out = []
+    for ch in text:
+        cp = ord(ch)
+        if ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif unicodedata.category(ch) in _UNPRINTABLE or cp in BLANK_LOOKALIKES or cp in VARIATION_SELECTORS:
+            out.append(f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}")
+        else:
+            out.append(ch)
+    body = "".join(out)
+    if "'" in body and '"' not in body:
+        return f'"{body}"'
+    return "'" + body.replace("'", "\\'") + "'"
