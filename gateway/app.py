@@ -106,7 +106,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             *metadata_routes(settings.public_url, settings.required_scopes, lambda: state["pool"]),
-            *admin.routes(admin_sessions),
+            *admin.routes(admin_sessions, settings, oauth),
         ],
         middleware=[
             Middleware(TrimHeaderWhitespace),

@@ -12,8 +12,10 @@ import hmac
 import html
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from string import Template
+from urllib.parse import urlencode
 
 import psycopg
 from starlette.requests import Request
@@ -39,9 +41,9 @@ SECURITY_HEADERS = {
 }
 
 
-def render(name: str, status_code: int = 200, **values: str) -> HTMLResponse:
-    """A template of ours with every value HTML-escaped."""
-    text = Template((TEMPLATES / name).read_text()).substitute({k: html.escape(v) for k, v in values.items()})
+def render(name: str, status_code: int = 200, markup: dict[str, str] | None = None, **values: str) -> HTMLResponse:
+    """A template of ours with every value HTML-escaped (`markup`: HTML we built ourselves from escaped parts)."""
+    text = Template((TEMPLATES / name).read_text()).substitute({**{k: html.escape(v) for k, v in values.items()}, **(markup or {})})
     return HTMLResponse(text, status_code=status_code, headers=SECURITY_HEADERS)
 
 
@@ -52,6 +54,8 @@ def redirect(url: str) -> RedirectResponse:
 class Pages:
     def __init__(self, sessions: Sessions):
         self.sessions = sessions
+        # Identity providers the login page offers besides the key form (set when SSO is on).
+        self.identity_providers: Callable[[], Awaitable[list[str]]] | None = None
 
     async def admin(self, request: Request) -> Response:
         session = await self.sessions.current(request)
@@ -68,9 +72,16 @@ class Pages:
 
     async def login_form(self, request: Request, *, error: str = "", status_code: int = 200) -> Response:
         token = secrets.token_urlsafe(32)
+        providers = await self.identity_providers() if self.identity_providers else []
+        links = "".join(
+            f'<a class="provider" href="/admin/oidc/start?{html.escape(urlencode({"issuer": url}))}">'
+            f"Sign in with {html.escape(url)}</a>"
+            for url in providers
+        )
         response = render(
             "login.html",
             status_code=status_code,
+            markup={"providers": f'<nav class="sso" aria-label="single sign-on">{links}</nav>' if links else ""},
             csrf_token=token,
             error=error,
         )

@@ -9,7 +9,7 @@ demoted below auditor or removed, and a logout all end the session at once.
 
 Every request that changes something (any method but GET, HEAD, OPTIONS) must
 carry the session's CSRF token, in the `X-CSRF-Token` header (the page's
-scripts) or the `csrf_token` form field (its forms). The cookie is also
+scripts) or the `csrf_token` field of a urlencoded form (its forms). The cookie is also
 `SameSite=Strict`, so another site's page cannot make the browser send it at all.
 """
 
@@ -40,7 +40,9 @@ ROLES = ("admin", "auditor")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
-FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+# Only plain forms carry the token as a field: parsing a multipart body here would spend an upload's
+# worth of work before the endpoint that expects it sets its own limits.
+FORM_TYPE = "application/x-www-form-urlencoded"
 # Where the middleware leaves the session store for `session_identity`, and where a request's
 # looked-up session is kept so it is read from the database once per request.
 SCOPE_KEY = "mcpfleet.admin_sessions"
@@ -82,6 +84,7 @@ class Sessions:
     """Opens, finds and ends admin sessions; the pool is late-bound (the app's lifespan opens it)."""
 
     def __init__(self, secret: bytes, pool_of: Callable[[], AsyncConnectionPool], *, lifetime_s: int = LIFETIME_S):
+        self.secret = secret  # also signs the sign-in flows of gateway/admin/oidc.py, under another salt
         self._signer = itsdangerous.TimestampSigner(secret, salt="mcpfleet.admin-session")
         self._pool_of = pool_of
         self.lifetime_s = lifetime_s
@@ -156,7 +159,7 @@ async def check_csrf(request: Request, session: AdminSession) -> None:
     if request.method in SAFE_METHODS:
         return
     sent = request.headers.get(CSRF_HEADER)
-    if sent is None and request.headers.get("content-type", "").startswith(FORM_TYPES):
+    if sent is None and request.headers.get("content-type", "").startswith(FORM_TYPE):
         field = (await request.form()).get(CSRF_FIELD)
         sent = field if isinstance(field, str) else None
     if not sent or not hmac.compare_digest(sent.encode(), session.csrf_token.encode()):
