@@ -1,0 +1,85 @@
+"""A small client of the gateway's HTTP API, for commands run from a developer's or an admin's machine.
+
+`MCPFLEET_URL` (default http://127.0.0.1:8080) says where the gateway is, `MCPFLEET_KEY` is the
+caller's API key. Every answer that is not 2xx becomes a `FleetApiError` with the gateway's
+own message, so commands can print it as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+TIMEOUT_S = 60.0
+
+
+class FleetApiError(Exception):
+    """A non-2xx answer (or none: `status` is None when the gateway could not be reached)."""
+
+    def __init__(self, status: int | None, message: str, problems: list[str] | None = None):
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+        self.problems = problems or []
+
+    def __str__(self) -> str:
+        head = self.message if self.status is None else f"{self.status}: {self.message}"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+def _error_of(response: httpx.Response) -> FleetApiError:
+    """The gateway answers errors as {"error": ..., "problems": [...]}; anything else is shown as it came."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        problems = body.get("problems")
+        listed = [str(p) for p in problems] if isinstance(problems, list) else []
+        return FleetApiError(response.status_code, body["error"], listed)
+    text = response.text.strip()[:500]
+    return FleetApiError(response.status_code, text or response.reason_phrase)
+
+
+class FleetApi:
+    """`with FleetApi.from_env() as api: api.request("GET", "/registry/v1/servers").json()`"""
+
+    def __init__(self, url: str = DEFAULT_URL, key: str | None = None, *, timeout: float = TIMEOUT_S):
+        self.url = url.rstrip("/")
+        self._client = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=timeout,
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> FleetApi:
+        env = os.environ if environ is None else environ
+        return cls(env.get("MCPFLEET_URL") or DEFAULT_URL, env.get("MCPFLEET_KEY") or None)
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """Send one request (httpx's keywords: json, data, files, params, headers); a 2xx answer is returned."""
+        try:
+            response = self._client.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            # The message names the URL but never the key (it travels in a header only).
+            raise FleetApiError(None, f"cannot reach the gateway at {self.url}: {exc}") from None
+        if not response.is_success:
+            raise _error_of(response)
+        return response
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> FleetApi:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
