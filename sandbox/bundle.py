@@ -24,8 +24,8 @@ from sandbox.runtime import PythonRuntime, current_python
 
 log = logging.getLogger(__name__)
 
-PRODUCT_PACKAGES = ("sandbox", "mcp_servers")
-"""Packages of the product importable inside: the supervisor and the built-in servers."""
+PRODUCT_PACKAGES = ("sandbox", "mcp_servers", "mcpfleet_sdk")
+"""Packages of the product importable inside: the supervisor, the built-in servers, and the SDK tool servers import."""
 
 OPT = "/opt/mcpfleet"
 LIB = f"{OPT}/lib"
