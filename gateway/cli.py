@@ -16,6 +16,7 @@ from gateway.accounts import AccountError
 from gateway.db import migrate, resolve_database_url
 from gateway.issuers_cli import add_commands as add_issuer_commands
 from gateway.settings import Settings, load_settings
+from mcpfleet_sdk.cli import add_commands as add_sdk_commands
 
 
 def _database(settings: Settings) -> str:
@@ -136,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     url = db.add_parser("url", help="print a libpq URL to the fleet's database")
     url.set_defaults(func=cmd_db_url)
     audit_cli.add_commands(sub)
+    add_sdk_commands(sub)
     return top
 
 
