@@ -20,11 +20,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gateway import admin
+from gateway import registry_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.db import open_pool
 from gateway.http_headers import TrimHeaderWhitespace
 from gateway.oauth.resource import RequireBearer, metadata_routes
 from gateway.oauth.tokens import OAuthVerifier
+from gateway.registry_setup import open_registry
 from gateway.routing import Router
 from gateway.settings import Settings
 
@@ -51,7 +53,12 @@ SandboxFactory = Callable[[Settings, AsyncConnectionPool, str], Any]
 def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFactory) -> Starlette:
     """`sandbox_factory(settings, pool, database_url)` returns the sandbox manager the gateway routes into."""
     state: dict[str, Any] = {}
-    router = Router(_LateBoundSandboxes(state), bare_servers=settings.bare_servers)
+    router = Router(
+        _LateBoundSandboxes(state),
+        bare_servers=settings.bare_servers,
+        registry=lambda: state.get("registry"),
+        search=lambda: state.get("search"),
+    )
     mcp_server = router.server()
     sessions = StreamableHTTPSessionManager(
         app=mcp_server,
@@ -67,13 +74,15 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         oauth.pool = pool
         oauth.start_listening(database_url)
         manager = sandbox_factory(settings, pool, database_url)
+        registry, search = await open_registry(settings, pool, database_url, manager, router)
         await manager.start()
-        state.update(pool=pool, manager=manager)
+        state.update(pool=pool, manager=manager, registry=registry, search=search)
         try:
             async with sessions.run():
                 yield
         finally:
             await manager.close()
+            await registry.close()
             await verifier.stop_listening()
             await oauth.close()
             await pool.close()
@@ -106,6 +115,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             *metadata_routes(settings.public_url, settings.required_scopes, lambda: state["pool"]),
+            *registry_api.routes(lambda: state["registry"], lambda: state["pool"], lambda: state["search"]),
             *admin.routes(admin_sessions, settings, oauth),
         ],
         middleware=[

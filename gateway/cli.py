@@ -14,6 +14,7 @@ import psycopg
 from gateway import accounts, audit_cli, sandbox_cli
 from gateway.accounts import AccountError
 from gateway.db import migrate, resolve_database_url
+from gateway import registry_cli
 from gateway.issuers_cli import add_commands as add_issuer_commands
 from gateway.settings import Settings, load_settings
 from mcpfleet_sdk.cli import add_commands as add_sdk_commands
@@ -138,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     url.set_defaults(func=cmd_db_url)
     audit_cli.add_commands(sub)
     add_sdk_commands(sub)
+    registry_cli.add_commands(sub)
     return top
 
 

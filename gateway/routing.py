@@ -13,7 +13,7 @@ import logging
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ from mcp.server.caching import CACHEABLE_METHODS, CacheHint
 from mcp.server.connection import allowed_log_levels
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions, Server
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, PromptsListChanged, ToolsListChanged
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 from mcp.shared.uri_template import UriTemplate
@@ -106,9 +107,52 @@ def build_catalog(per_server: Mapping[str, Mapping[str, Any]], bare_servers: fro
     return catalog
 
 
+class ToolRegistry(Protocol):
+    """What the router asks of the registry (`registry.service.Registry`)."""
+
+    async def guard(self, user_id: int, per_server: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]: ...
+
+    async def record_call(self, user_id: int, server: str, tool: str, ok: bool, elapsed_ms: float) -> None: ...
+
+
+SearchTools = Any
+"""async (identity, query, limit) -> list of hits with `as_dict()`."""
+
+SEARCH_TOOL = "fleet__search_tools"
+SEARCH_TOOL_DEFINITION: dict[str, Any] = {
+    "name": SEARCH_TOOL,
+    "title": "Search the tools you may use",
+    "description": (
+        "Find tools approved for you by what they do, best match first. Use it instead of listing every tool: "
+        "describe the task in plain words and call the tools it names."
+    ),
+    "inputSchema": {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string", "description": "What you want to do, in plain words"},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 50, "default": 10},
+        },
+        "required": ["query"],
+    },
+    "annotations": {"readOnlyHint": True, "openWorldHint": False},
+}
+
+
 class Router:
-    def __init__(self, sandboxes: SandboxProvider, bare_servers: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        sandboxes: SandboxProvider,
+        bare_servers: frozenset[str] = frozenset(),
+        registry: Callable[[], ToolRegistry | None] = lambda: None,
+        search: Callable[[], SearchTools | None] = lambda: None,
+    ):
         self._sandboxes = sandboxes
+        self._registry = registry
+        self._search = search
+        # Connected clients per user, to tell them when what they may use changes.
+        self._sessions: dict[int, weakref.WeakSet[Any]] = {}
+        self._buses: dict[int, InMemorySubscriptionBus] = {}
+        self._listen_handlers: dict[int, ListenHandler] = {}
         # Servers whose tools and prompts keep their own names, for clients that require fixed names.
         self._bare_servers = bare_servers
         # The merged catalog of each sandbox, rebuilt only when a server's own listing changes.
@@ -138,6 +182,7 @@ class Router:
             on_unsubscribe_resource=self.unsubscribe_resource,
             on_completion=self.complete,
             on_set_logging_level=self.set_logging_level,
+            on_subscriptions_listen=self.listen,
             # What a user sees depends on who they are and may change with any approval:
             # results are theirs alone and stale at once.
             cache_hints={method: CacheHint(ttl_ms=0, scope="private") for method in CACHEABLE_METHODS},
@@ -155,6 +200,7 @@ class Router:
         if identity is None:
             # The auth middleware refuses unauthenticated requests before they get here.
             raise MCPError(code=types.INVALID_REQUEST, message="Not authenticated")
+        self._remember_session(identity, ctx)
         try:
             sandbox = await self._sandboxes.ensure(identity.user_id, identity.tenant, identity.user)
         except QuotaExceeded as exc:
@@ -173,8 +219,11 @@ class Router:
                 per_server = await client.catalog()
         except SandboxUnavailable as exc:
             raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox stopped: {exc}; call again") from None
-        # The client hands out the same listing objects until a server's listing changes;
-        # holding them in the key also keeps their ids from being reused.
+        registry = self._registry()
+        if registry is not None:  # approved servers only, tools whose definitions match their pins only
+            per_server = await registry.guard(identity.user_id, per_server)
+        # The client (and the guard) hand out the same listing objects until a server's listing
+        # changes; holding them in the key also keeps their ids from being reused.
         offers = tuple(per_server.items())
         merged = self._merged.get(client)
         if merged is None or not _same_offers(merged[0], offers):
@@ -241,10 +290,28 @@ class Router:
 
     async def list_tools(self, ctx: ServerRequestContext[Any, Any], params: Any) -> dict[str, Any]:
         _, _, catalog = await self._catalog(ctx)
-        return self._result(ctx, {"tools": catalog.tools})
+        tools = catalog.tools if self._search() is None else [*catalog.tools, SEARCH_TOOL_DEFINITION]
+        return self._result(ctx, {"tools": tools})
 
     async def call_tool(self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> dict[str, Any]:
+        if params.name == SEARCH_TOOL and self._search() is not None:
+            return await self._search_tools(ctx, params.arguments or {})
         return await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments)
+
+    async def _search_tools(self, ctx: ServerRequestContext[Any, Any], arguments: Mapping[str, Any]) -> dict[str, Any]:
+        identity = identity_of(getattr(ctx.request, "scope", None))
+        if identity is None:
+            raise MCPError(code=types.INVALID_REQUEST, message="Not authenticated")
+        query, limit = arguments.get("query"), arguments.get("limit", 10)
+        if not isinstance(query, str) or not query.strip():
+            raise MCPError(code=types.INVALID_PARAMS, message="query must be a non-empty string")
+        if not isinstance(limit, int) or not 1 <= limit <= 50:
+            raise MCPError(code=types.INVALID_PARAMS, message="limit must be an integer from 1 to 50")
+        hits = [hit.as_dict() for hit in await self._search()(identity, query, limit)]
+        lines = [f"{hit['name']}: {hit['description']}" for hit in hits] or ["no approved tool matches"]
+        return self._result(
+            ctx, {"content": [{"type": "text", "text": "\n".join(lines)}], "structuredContent": {"tools": hits}, "isError": False}
+        )
 
     async def _call_named(
         self, ctx: ServerRequestContext[Any, Any], kind: str, method: str, name: str, arguments: Any
@@ -255,7 +322,54 @@ class Router:
         forwarded: dict[str, Any] = {"name": inner, "arguments": arguments or {}}
         if meta := _forwarded_meta(ctx):
             forwarded["_meta"] = meta
-        return await self._forward(ctx, client, server, method, forwarded)
+        registry = self._registry() if kind == "tool" else None
+        if registry is None:
+            return await self._forward(ctx, client, server, method, forwarded)
+        identity = identity_of(getattr(ctx.request, "scope", None))
+        started, ok = time.perf_counter(), False
+        try:
+            result = await self._forward(ctx, client, server, method, forwarded)
+            ok = not result.get("isError")
+            return result
+        finally:
+            if identity is not None:
+                await registry.record_call(identity.user_id, server, inner, ok, (time.perf_counter() - started) * 1e3)
+
+    # -- telling clients what changed ---------------------------------------------------------
+
+    def _remember_session(self, identity: Identity, ctx: ServerRequestContext[Any, Any]) -> None:
+        # The connection outlives the request (ctx.session is the request's own, over it; the SDK
+        # offers no public way to it). Modern single-exchange connections have no back-channel.
+        connection = getattr(ctx.session, "_connection", None)
+        if connection is not None and connection.has_standalone_channel:
+            self._sessions.setdefault(identity.user_id, weakref.WeakSet()).add(connection)
+
+    async def listen(self, ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams) -> Any:
+        """`subscriptions/listen` (2026-07-28): a stream of the caller's own change events."""
+        identity = identity_of(getattr(ctx.request, "scope", None))
+        if identity is None:
+            raise MCPError(code=types.INVALID_REQUEST, message="Not authenticated")
+        handler = self._listen_handlers.get(identity.user_id)
+        if handler is None:
+            bus = self._buses[identity.user_id] = InMemorySubscriptionBus()
+            handler = self._listen_handlers[identity.user_id] = ListenHandler(bus, max_subscriptions=16)
+        return await handler(ctx, params)
+
+    async def tools_changed(self, user_ids: set[int]) -> None:
+        """What these users may use changed: their connected clients re-list (2025-11-25 sessions
+        get notifications/tools/list_changed, 2026-07-28 listen streams the same event)."""
+        log.info("what %d user(s) may use changed; telling their clients", len(user_ids))
+        for user_id in user_ids:
+            bus = self._buses.get(user_id)
+            if bus is not None:
+                await bus.publish(ToolsListChanged())
+                await bus.publish(PromptsListChanged())
+            for connection in list(self._sessions.get(user_id, ())):
+                try:
+                    await connection.send_tool_list_changed()
+                    await connection.send_prompt_list_changed()
+                except Exception as exc:  # a client that went away
+                    log.debug("could not tell a session of user %s: %s", user_id, exc)
 
     # -- prompts ----------------------------------------------------------------------------
 

@@ -1,0 +1,191 @@
+"""The registry's HTTP API under /registry/v1: publish, read, approve, revoke, drift, usage, search.
+
+Callers authenticate like MCP clients (an API key or an OAuth token as a bearer) or, from the
+admin page, with its session (CSRF-checked). Publishers and admins publish; only admins approve,
+revoke and accept drift; auditors read. Everything is scoped to the caller's tenant.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.accounts import Identity
+from gateway.admin.session import session_identity
+from gateway.auth import identity_of
+from registry import store
+from registry.definitions import definition_sha256
+from registry.service import MAX_WHEEL_BYTES
+from registry.store import RegistryError
+
+PUBLISHERS = ("admin", "publisher")
+READERS = ("admin", "publisher", "auditor")
+ADMINS = ("admin",)
+
+Handler = Callable[[Request, Identity], Awaitable[Response]]
+
+
+def _json(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(json.loads(json.dumps(data, default=_encode)), status_code=status)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _guarded(roles: tuple[str, ...], handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        identity = identity_of(request.scope) or await session_identity(request)
+        if identity is None:
+            return _error(401, "authenticate with an API key or token (Authorization: Bearer ...)")
+        if identity.role not in roles:
+            return _error(403, f"role {identity.role!r} may not do this (needs {' or '.join(roles)})")
+        try:
+            return await handler(request, identity)
+        except RegistryError as exc:
+            return _error(exc.status, exc.message)
+
+    return endpoint
+
+
+def _name(request: Request) -> str:
+    return f"{request.path_params['namespace']}/{request.path_params['server']}"
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    if not (await request.body()).strip():
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RegistryError(400, "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise RegistryError(400, "the body must be a JSON object")
+    return body
+
+
+def _group(body: dict[str, Any]) -> str | None:
+    group = body.get("group")
+    if group is not None and not isinstance(group, str):
+        raise RegistryError(400, "group must be a string or null")
+    return group or None
+
+
+def diff_tools(before: list[dict[str, Any]] | None, after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per tool: added, removed, changed or same, between the approved version and this one."""
+    old = {t["name"]: t for t in before or []}
+    new = {t["name"]: t for t in after}
+    out = []
+    for name in sorted(old.keys() | new.keys()):
+        a, b = old.get(name), new.get(name)
+        change = "added" if a is None else "removed" if b is None else "same" if definition_sha256(a) == definition_sha256(b) else "changed"
+        out.append({"tool": name, "change": change, "before": a, "after": b})
+    return out
+
+
+def routes(registry_of: Callable[[], Any], pool_of: Callable[[], Any], search_of: Callable[[], Any]) -> list[Route]:
+    """`registry_of`, `pool_of`, `search_of`: the gateway's registry, pool and search, once its lifespan opened them."""
+
+    async def publish(request: Request, who: Identity) -> Response:
+        length = int(request.headers.get("content-length") or 0)
+        if length > MAX_WHEEL_BYTES + 1024 * 1024:
+            return _error(413, f"the upload is {length} bytes; at most {MAX_WHEEL_BYTES} are taken")
+        try:
+            form = await request.form(max_files=1, max_fields=4, max_part_size=MAX_WHEEL_BYTES)
+        except Exception as exc:
+            return _error(400, f"expected multipart/form-data with fields manifest and wheel ({exc})")
+        manifest_text, wheel = form.get("manifest"), form.get("wheel")
+        if isinstance(manifest_text, str) is False and manifest_text is not None:
+            manifest_text = (await manifest_text.read()).decode()  # type: ignore[union-attr]
+        if not manifest_text or wheel is None or isinstance(wheel, str):
+            return _error(400, "expected the fields manifest (server.json) and wheel (a file)")
+        try:
+            document = json.loads(manifest_text)
+        except ValueError as exc:
+            return _error(400, f"the manifest is not JSON: {exc}")
+        if not isinstance(document, dict):
+            return _error(400, "the manifest must be a JSON object")
+        data = await wheel.read()
+        result = await registry_of().publish(who, document, data)
+        result["url"] = f"/registry/v1/servers/{result['name']}/versions/{result['version']}"
+        return _json(result, 202)
+
+    async def list_servers(request: Request, who: Identity) -> Response:
+        async with pool_of().connection() as conn:
+            return _json({"servers": await store.servers(conn, who.tenant)})
+
+    async def show_version(request: Request, who: Identity) -> Response:
+        async with pool_of().connection() as conn:
+            row = await store.version(conn, who.tenant, _name(request), request.path_params["version"])
+            servers = await store.servers(conn, who.tenant)
+            approved = next(
+                (v["version"] for s in servers if s["name"] == row["name"] for v in reversed(s["versions"])
+                 if v["approvals"] and v["version"] != row["version"]),
+                None,
+            )
+            before = (await store.version(conn, who.tenant, row["name"], approved))["tools"] if approved else None
+        row.pop("id"), row.pop("server_id")
+        row["diff"] = {"against": approved, "tools": diff_tools(before, row["tools"])}
+        return _json(row)
+
+    async def approve(request: Request, who: Identity) -> Response:
+        body = await _body(request)
+        async with pool_of().connection() as conn:
+            result = await store.approve(
+                conn, who, _name(request), request.path_params["version"], group=_group(body), override=bool(body.get("override"))
+            )
+        return _json({"approved": result})
+
+    async def revoke(request: Request, who: Identity) -> Response:
+        body = await _body(request)
+        async with pool_of().connection() as conn:
+            await store.revoke(conn, who, _name(request), request.path_params["version"], group=_group(body))
+        return _json({"revoked": {"name": _name(request), "version": request.path_params["version"], "group": _group(body)}})
+
+    async def list_drift(request: Request, who: Identity) -> Response:
+        async with pool_of().connection() as conn:
+            return _json({"drift": await store.drift(conn, who.tenant, open_only=request.query_params.get("all") is None)})
+
+    async def accept_drift(request: Request, who: Identity) -> Response:
+        async with pool_of().connection() as conn:
+            return _json({"accepted": await store.accept_drift(conn, who, int(request.path_params["drift_id"]))})
+
+    async def usage(request: Request, who: Identity) -> Response:
+        async with pool_of().connection() as conn:
+            return _json({"usage": await store.usage(conn, who.tenant)})
+
+    async def search(request: Request, who: Identity) -> Response:
+        query = request.query_params.get("q", "").strip()
+        if not query:
+            return _error(400, "give a query: ?q=...")
+        try:
+            limit = max(1, min(50, int(request.query_params.get("limit", "10"))))
+        except ValueError:
+            return _error(400, "limit must be a number")
+        hits = await search_of()(who, query, limit)
+        return _json({"tools": [hit.as_dict() for hit in hits]})
+
+    version_path = "/registry/v1/servers/{namespace}/{server}/versions/{version}"
+    return [
+        Route("/registry/v1/publish", _guarded(PUBLISHERS, publish), methods=["POST"]),
+        Route("/registry/v1/servers", _guarded(READERS, list_servers), methods=["GET"]),
+        Route(version_path, _guarded(READERS, show_version), methods=["GET"]),
+        Route(version_path + "/approve", _guarded(ADMINS, approve), methods=["POST"]),
+        Route(version_path + "/revoke", _guarded(ADMINS, revoke), methods=["POST"]),
+        Route("/registry/v1/drift", _guarded(READERS, list_drift), methods=["GET"]),
+        Route("/registry/v1/drift/{drift_id:int}/accept", _guarded(ADMINS, accept_drift), methods=["POST"]),
+        Route("/registry/v1/usage", _guarded(READERS, usage), methods=["GET"]),
+        Route("/registry/v1/search", _guarded(("admin", "publisher", "member", "auditor"), search), methods=["GET"]),
+    ]

@@ -1,0 +1,219 @@
+"""`mcpfleet registry …`, `mcpfleet tools search` and `mcpfleet groups …`.
+
+Registry commands go through the gateway's API (`MCPFLEET_URL`, `MCPFLEET_KEY`), so the
+caller's role decides as it does for the admin page: publishers cannot approve. Groups are
+an operator's command on the fleet's database, like `mcpfleet users`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from gateway.settings import load_settings
+from mcpfleet_sdk.api import FleetApi, FleetApiError
+from registry import store
+
+
+def _api(work: Callable[[FleetApi], int]) -> int:
+    try:
+        with FleetApi.from_env() as api:
+            return work(api)
+    except FleetApiError as exc:
+        print(f"mcpfleet: {exc}", file=sys.stderr)
+        return 2
+
+
+def _version_path(name: str, version: str) -> str:
+    if name.count("/") != 1:
+        raise SystemExit(f"mcpfleet: {name!r} is not a server name like io.example/weather")
+    return f"/registry/v1/servers/{name}/versions/{version}"
+
+
+def print_validation(version: dict[str, Any]) -> None:
+    print(f"{version['name']} {version['version']}: {version['status']}")
+    for check in version.get("validation") or []:
+        print(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['check']}: {check.get('detail', '')}")
+        for finding in check.get("findings") or []:
+            print(f"         {finding.get('tool')} {finding.get('path')}: {finding.get('message')}")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    def work(api: FleetApi) -> int:
+        servers = api.request("GET", "/registry/v1/servers").json()["servers"]
+        if args.json:
+            print(json.dumps(servers, indent=2))
+            return 0
+        print(f"{'SERVER':32} {'PREFIX':14} {'VERSION':10} {'STATUS':10} APPROVED FOR")
+        for server in servers:
+            for version in server["versions"]:
+                scopes = ", ".join(a["group"] or "tenant" for a in version["approvals"]) or "-"
+                print(f"{server['name']:32} {server['prefix']:14} {version['version']:10} {version['status']:10} {scopes}")
+        return 0
+
+    return _api(work)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    def work(api: FleetApi) -> int:
+        version = api.request("GET", _version_path(args.name, args.version)).json()
+        if args.json:
+            print(json.dumps(version, indent=2))
+            return 0
+        print_validation(version)
+        print(f"  artifact sha256 {version.get('artifact_sha256')}, published by {version.get('published_by')}")
+        if version.get("start_ms") is not None:
+            memory = version.get("memory_bytes")
+            print(f"  trial: started in {version['start_ms']} ms" + (f", {memory / 2**20:.0f} MiB" if memory else ""))
+        for tool in version.get("tools") or []:
+            print(f"  tool {tool['name']}: {(tool.get('description') or '').splitlines()[0] if tool.get('description') else ''}")
+        diff = version.get("diff") or {}
+        changes = [d for d in diff.get("tools") or [] if d["change"] != "same"]
+        if diff.get("against"):
+            print(f"  against approved {diff['against']}: " + (", ".join(f"{d['tool']} {d['change']}" for d in changes) or "no change"))
+        for approval in version.get("approvals") or []:
+            print(f"  approved for {approval['group'] or 'the tenant'} by {approval['approved_by']}"
+                  f"{' (override)' if approval['override'] else ''}")
+        return 0
+
+    return _api(work)
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    def work(api: FleetApi) -> int:
+        body = {"group": args.group, "override": args.override}
+        result = api.request("POST", _version_path(args.name, args.version) + "/approve", json=body).json()["approved"]
+        scope = f"group {result['group']}" if result["group"] else "the tenant"
+        print(f"approved {args.name} {args.version} for {scope}; {len(result['pins'])} tool definition(s) pinned"
+              f"{' (validation overridden)' if result['override'] else ''}")
+        return 0
+
+    return _api(work)
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    def work(api: FleetApi) -> int:
+        api.request("POST", _version_path(args.name, args.version) + "/revoke", json={"group": args.group})
+        print(f"revoked {args.name} {args.version} for {'group ' + args.group if args.group else 'the tenant'}")
+        return 0
+
+    return _api(work)
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    def work(api: FleetApi) -> int:
+        drift = api.request("GET", "/registry/v1/drift").json()["drift"]
+        if not drift:
+            print("no withheld tool definitions")
+        for d in drift:
+            print(f"{d['id']:>5} {d['server']} {d['version']} tool {d['tool']}: live {d['live_sha256'][:12]}"
+                  f" != pinned {(d['pinned_sha256'] or 'none')[:12]} (since {d['first_seen_at']})")
+            print(f"        now: {json.dumps(d['live_definition'].get('description'))}")
+        return 0
+
+    return _api(work)
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    def work(api: FleetApi) -> int:
+        result = api.request("POST", f"/registry/v1/drift/{args.id}/accept").json()["accepted"]
+        print(f"pinned the new definition of {result['tool']} in {result['server']} {result['version']}")
+        return 0
+
+    return _api(work)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    def work(api: FleetApi) -> int:
+        rows = api.request("GET", "/registry/v1/usage").json()["usage"]
+        print(f"{'SERVER':32} {'VERSION':10} {'TOOL':24} {'CALLS':>7} {'ERRORS':>7} {'AVG MS':>8} {'MAX MS':>8}")
+        for r in rows:
+            print(f"{r['server']:32} {r['version']:10} {r['tool']:24} {r['calls']:>7} {r['errors']:>7}"
+                  f" {r['avg_ms'] or 0:>8.1f} {r['max_ms'] or 0:>8.1f}")
+        return 0
+
+    return _api(work)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    def work(api: FleetApi) -> int:
+        hits = api.request("GET", "/registry/v1/search", params={"q": args.query, "limit": args.limit}).json()["tools"]
+        for hit in hits:
+            print(f"{hit['name']}\t{hit['score']:.2f}\t{hit['description']}")
+        return 0
+
+    return _api(work)
+
+
+def cmd_groups_set(args: argparse.Namespace) -> int:
+    from gateway.cli import _run
+
+    async def work(conn: psycopg.AsyncConnection) -> int:
+        cur = await conn.execute(
+            "SELECT u.id FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = %s AND u.name = %s",
+            (args.tenant, args.user),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            print(f"mcpfleet: no user {args.user} in tenant {args.tenant}", file=sys.stderr)
+            return 1
+        groups = sorted({g.strip() for g in args.groups.split(",") if g.strip()})
+        try:
+            await store.set_groups(conn, row[0], groups)
+        except psycopg.errors.CheckViolation:
+            print("mcpfleet: group names are lower-case letters, digits, '.', '_' and '-'", file=sys.stderr)
+            return 1
+        print(f"{args.tenant}/{args.user}: {', '.join(groups) or 'no groups'}")
+        return 0
+
+    return _run(load_settings(), work)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    registry = sub.add_parser("registry", help="the tool registry (via the gateway: MCPFLEET_URL, MCPFLEET_KEY)")
+    actions = registry.add_subparsers(dest="action", required=True)
+    ls = actions.add_parser("list", help="servers, their versions and approvals")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    show = actions.add_parser("show", help="a version: validation, tools, diff against the approved one")
+    show.add_argument("name")
+    show.add_argument("version")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+    approve = actions.add_parser("approve", help="approve a version for the tenant or a group (admins)")
+    approve.add_argument("name")
+    approve.add_argument("version")
+    approve.add_argument("--group")
+    approve.add_argument("--override", action="store_true", help="approve although validation failed (audited)")
+    approve.set_defaults(func=cmd_approve)
+    revoke = actions.add_parser("revoke", help="revoke a version's approval (admins)")
+    revoke.add_argument("name")
+    revoke.add_argument("version")
+    revoke.add_argument("--group")
+    revoke.set_defaults(func=cmd_revoke)
+    drift = actions.add_parser("drift", help="tools withheld because their live definition differs from the pinned one")
+    drift.set_defaults(func=cmd_drift)
+    accept = actions.add_parser("accept", help="pin a withheld tool's new definition (admins)")
+    accept.add_argument("id", type=int)
+    accept.set_defaults(func=cmd_accept)
+    usage = actions.add_parser("usage", help="calls, errors and latency per tool version")
+    usage.set_defaults(func=cmd_usage)
+
+    tools = sub.add_parser("tools", help="tools you may use").add_subparsers(dest="action", required=True)
+    search = tools.add_parser("search", help="find approved tools by meaning, best first")
+    search.add_argument("query")
+    search.add_argument("--limit", type=int, default=10)
+    search.set_defaults(func=cmd_search)
+
+    groups = sub.add_parser("groups", help="users' groups (approvals may be bound to a group)")
+    group_actions = groups.add_subparsers(dest="action", required=True)
+    set_ = group_actions.add_parser("set", help="set a user's groups (comma-separated; empty for none)")
+    set_.add_argument("user")
+    set_.add_argument("groups")
+    set_.add_argument("--tenant", default="default")
+    set_.set_defaults(func=cmd_groups_set)

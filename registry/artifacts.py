@@ -1,0 +1,176 @@
+"""Published wheels: stored by digest, unpacked once, linked into the sandboxes that run them.
+
+A wheel lives at `<home>/registry/artifacts/<sha256>.whl` and is installed (without
+dependencies: the sandbox runtime provides the MCP SDK, and a sandbox has no network
+to fetch anything else) into `<home>/registry/installed/<sha256>/`, owned by root and
+read-only to everyone else. A sandbox sees only the installs of the servers its user
+may run: they are hard-linked into its own `tools` dir, bound read-only at /opt/tools.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import os
+import shutil
+import zipfile
+from email.parser import HeaderParser
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from sandbox.bundle import TOOLS as TOOLS_INSIDE
+from sandbox.servers import ServerSpec
+
+PROVIDED_DISTRIBUTIONS = frozenset({"mcp", "mcpfleet", "mcpfleet-sdk"})
+"""What a tool may require without shipping it: the sandbox runtime's MCP SDK (and what it
+pulls in, found at runtime) and our SDK, importable in every sandbox."""
+
+
+class ArtifactError(ValueError):
+    """A wheel that cannot be stored, installed or run; the message says why."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, home: Path):
+        self.root = Path(home) / "registry"
+        self.artifacts = self.root / "artifacts"
+        self.installed = self.root / "installed"
+
+    def wheel_path(self, sha256: str) -> Path:
+        return self.artifacts / f"{sha256}.whl"
+
+    def install_path(self, sha256: str) -> Path:
+        return self.installed / sha256
+
+    def store(self, data: bytes) -> str:
+        """Keep a wheel under its digest (idempotent); returns the digest."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        target = self.wheel_path(sha256)
+        if not target.exists():
+            partial = target.with_suffix(".partial")
+            partial.write_bytes(data)
+            os.chmod(partial, 0o644)
+            partial.rename(target)
+        return sha256
+
+    def install(self, sha256: str) -> Path:
+        """The wheel unpacked, once; a half-done install is never seen (built aside, then renamed)."""
+        target = self.install_path(sha256)
+        if target.is_dir():
+            return target
+        self.installed.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.installed, 0o755)
+        staging = self.installed / f".{sha256}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        install_wheel(self.wheel_path(sha256), staging)
+        staging.rename(target)
+        return target
+
+    def link_into(self, sandbox_tools: Path, digests: set[str]) -> None:
+        """Make `sandbox_tools` hold exactly these installs (hard links: no copy, and the files
+        stay root's and read-only; the dir is bound read-only anyway)."""
+        sandbox_tools.mkdir(mode=0o755, exist_ok=True)
+        present = {p.name for p in sandbox_tools.iterdir()}
+        for stale in present - digests:
+            shutil.rmtree(sandbox_tools / stale, ignore_errors=True)
+        for sha256 in digests - present:
+            source = self.install(sha256)
+            staging = sandbox_tools / f".{sha256}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging, copy_function=os.link, symlinks=True)
+            staging.rename(sandbox_tools / sha256)
+
+
+def install_wheel(wheel: Path, target: Path) -> None:
+    """Unpack a wheel into `target` as an installer would for a pure-Python package, without its
+    dependencies; `.data/purelib|platlib` is merged in, the rest of `.data` (scripts, headers) left out.
+    A member naming a path outside `target` is refused."""
+    target.mkdir(parents=True)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.infolist():
+                if member.is_dir():
+                    continue
+                parts = Path(member.filename).parts
+                if member.filename.startswith("/") or ".." in parts:
+                    raise ArtifactError(f"the wheel names a path outside itself: {member.filename!r}")
+                if parts[0].endswith(".data"):
+                    if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
+                        continue
+                    parts = parts[2:]
+                destination = target.joinpath(*parts)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as source, open(destination, "wb") as out:
+                    shutil.copyfileobj(source, out)
+    except zipfile.BadZipFile:
+        raise ArtifactError("the upload is not a wheel (not a zip archive)") from None
+    for directory, dirs, files in os.walk(target):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+
+
+def wheel_metadata(wheel: Path) -> tuple[dict[str, str | list[str]], dict[str, str]]:
+    """(the METADATA headers, the console scripts) of a wheel, read without installing it."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+            dist_info = {n.split("/", 1)[0] for n in names if n.split("/", 1)[0].endswith(".dist-info")}
+            if len(dist_info) != 1:
+                raise ArtifactError("the wheel must hold exactly one .dist-info directory")
+            base = dist_info.pop()
+            metadata_text = archive.read(f"{base}/METADATA").decode()
+            entry_points = archive.read(f"{base}/entry_points.txt").decode() if f"{base}/entry_points.txt" in names else ""
+    except zipfile.BadZipFile:
+        raise ArtifactError("the upload is not a wheel (not a zip archive)") from None
+    except KeyError as exc:
+        raise ArtifactError(f"the wheel lacks {exc.args[0]}") from None
+    headers = HeaderParser().parsestr(metadata_text)
+    metadata: dict[str, str | list[str]] = {key: headers[key] for key in ("Name", "Version") if headers[key]}
+    metadata["Requires-Dist"] = headers.get_all("Requires-Dist") or []
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # script names are case-sensitive
+    parser.read_string(entry_points)
+    scripts = dict(parser["console_scripts"]) if parser.has_section("console_scripts") else {}
+    return metadata, scripts
+
+
+def unmet_requirements(requires: list[str], available: set[str]) -> list[str]:
+    """Requirements (without markers that exclude them) that neither the sandbox runtime nor we provide."""
+    unmet = []
+    for line in requires:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            unmet.append(line)
+            continue
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name not in available and name not in PROVIDED_DISTRIBUTIONS:
+            unmet.append(line)
+    return unmet
+
+
+def server_spec(prefix: str, sha256: str, entry_point: str) -> ServerSpec:
+    """How a sandbox runs a published server: its console script's callable, from its install."""
+    module, _, attr = entry_point.partition(":")
+    module, attr = module.strip(), attr.strip()
+    if not module.replace(".", "").replace("_", "").isalnum() or not attr.replace(".", "").replace("_", "").isalnum():
+        raise ArtifactError(f"console script {entry_point!r} is not of the form module:function")
+    head, _, rest = attr.partition(".")
+    path = f"{TOOLS_INSIDE}/{sha256}"
+    # The install goes first on the path: what it ships wins over the runtime's, for this server alone.
+    code = f"import sys; sys.path.insert(0, {path!r}); from {module} import {head} as entry; sys.exit(entry{'.' + rest if rest else ''}())"
+    return ServerSpec(prefix, ("python", "-c", code), revision=sha256)

@@ -1,0 +1,408 @@
+"""The registry as the gateway runs it: publish and validate, what each user may run, the rug-pull guard.
+
+It is the sandbox manager's server source: a user's sandbox runs exactly the server versions
+approved for the user (their tenant's approvals, or their groups'). What a user may run is
+cached and refreshed on every NOTIFY registry_changed (approvals, revocations, accepted drift,
+group changes), after which `on_change` listeners hear which users' sets changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import Any
+
+from packaging.utils import canonicalize_name
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.accounts import Identity
+from gateway.db import follow_notifications
+from registry import store
+from registry.artifacts import ArtifactError, ArtifactStore, server_spec, unmet_requirements, wheel_metadata
+from registry.definitions import definition_sha256
+from registry.manifest import Manifest, ManifestError, parse_manifest
+from registry.store import Approved, RegistryError
+from registry.trial import TrialResult, trial_run
+from sandbox.backend import SandboxBackend
+from sandbox.runtime import PythonRuntime
+from sandbox.servers import BUILTIN_SERVERS, ServerSpec
+
+log = logging.getLogger(__name__)
+
+BUILTIN_NAMESPACE = "io.mcpfleet"
+MAX_WHEEL_BYTES = 50 * 1024 * 1024
+
+
+def product_version() -> str:
+    try:
+        return installed_version("mcpfleet")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def builtin_entries() -> list[tuple[str, str, str]]:
+    """(registry name, prefix, version) of each built-in server."""
+    return [(f"{BUILTIN_NAMESPACE}/{spec.name}", spec.name, product_version()) for spec in BUILTIN_SERVERS]
+
+
+def installed_distributions(python: PythonRuntime) -> set[str]:
+    """Canonical names of what the sandbox runtime has installed (a tool may depend on those)."""
+    names = set()
+    for site in python.site_packages:
+        for dist_info in Path(site).glob("*.dist-info"):
+            names.add(canonicalize_name(dist_info.name[: -len(".dist-info")].rsplit("-", 1)[0]))
+    return names
+
+
+ChangeListener = Callable[[set[int]], Awaitable[None]]
+
+
+class Registry:
+    def __init__(
+        self,
+        home: Path,
+        pool: AsyncConnectionPool,
+        backend: SandboxBackend,
+        python: PythonRuntime,
+        *,
+        scan: Callable[[str, list[dict[str, Any]], Mapping[str, str]], list[Any]] | None = None,
+        indexer: Callable[[int, str, list[dict[str, Any]]], Awaitable[None]] | None = None,
+    ):
+        self.home = Path(home)
+        self.pool = pool
+        self.backend = backend
+        self.python = python
+        self.artifacts = ArtifactStore(self.home)
+        self._scan = scan
+        self._indexer = indexer
+        self._builtin_specs = {spec.name: spec for spec in BUILTIN_SERVERS}
+        self._approved: dict[int, list[Approved]] = {}
+        self._specs: dict[int, ServerSpec] = {}
+        self._guarded: dict[tuple[int, str], tuple[Any, Approved, dict[str, Any]]] = {}
+        self._drift_seen: set[tuple[int, str, str]] = set()
+        self._recorded_builtins: set[int] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._usage: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0.0])
+        self.on_change: list[ChangeListener] = []
+        self._distributions: set[str] | None = None
+
+    # -- gateway lifecycle ----------------------------------------------------------------
+
+    async def start(self, database_url: str | None) -> None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT id FROM tenants")
+            for (tenant_id,) in await cur.fetchall():
+                await store.ensure_builtins(conn, tenant_id, builtin_entries())
+        if database_url is not None:
+            self._listener = asyncio.create_task(
+                follow_notifications(database_url, "registry_changed", self._changed, "registry")
+            )
+        self._spawn(self._flush_usage_periodically())
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *([self._listener] if self._listener else []), return_exceptions=True)
+        await self._flush_usage()
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _changed(self) -> None:
+        previous = self._approved
+        self._approved = {}
+        self._guarded.clear()
+        if previous:
+            self._spawn(self._tell_changed(previous))
+
+    async def _tell_changed(self, previous: dict[int, list[Approved]]) -> None:
+        changed = set()
+        for user_id, before in previous.items():
+            try:
+                if await self.approved(user_id) != before:
+                    changed.add(user_id)
+            except Exception:
+                log.exception("could not recompute what user %s may run", user_id)
+        if changed:
+            for listener in self.on_change:
+                try:
+                    await listener(changed)
+                except Exception:
+                    log.exception("a registry change listener failed")
+
+    # -- what a user may run (the sandbox manager's server source) ------------------------
+
+    async def approved(self, user_id: int) -> list[Approved]:
+        cached = self._approved.get(user_id)
+        if cached is None:
+            async with self.pool.connection() as conn:
+                cached = await store.approved_for(conn, user_id)
+                tenants_missing_builtins = not any(a.builtin for a in cached) and not await _has_builtins(conn, user_id)
+                if tenants_missing_builtins:  # a tenant made after the gateway started
+                    tenant_id = await _tenant_of(conn, user_id)
+                    await store.ensure_builtins(conn, tenant_id, builtin_entries())
+                    cached = await store.approved_for(conn, user_id)
+            self._approved[user_id] = cached
+        return cached
+
+    async def servers_for(self, user_id: int | None) -> tuple[ServerSpec, ...]:
+        if user_id is None:  # the warm pool: the built-in servers until a user claims it
+            return tuple(sorted(BUILTIN_SERVERS, key=lambda s: s.name))
+        specs = []
+        for approved in await self.approved(user_id):
+            spec = await self._spec(approved)
+            if spec is not None:
+                specs.append(spec)
+        return tuple(sorted(specs, key=lambda s: s.name))
+
+    async def _spec(self, approved: Approved) -> ServerSpec | None:
+        if approved.builtin:
+            return self._builtin_specs.get(approved.prefix)
+        spec = self._specs.get(approved.version_id)
+        if spec is None:
+            try:
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute("SELECT manifest FROM registry_versions WHERE id = %s", (approved.version_id,))
+                    (document,) = await cur.fetchone()  # type: ignore[misc]
+                command = parse_manifest(document).command
+                spec = await asyncio.to_thread(self._published_spec, approved, command)
+            except (ArtifactError, ManifestError, OSError) as exc:
+                log.error("approved %s %s cannot run: %s", approved.server, approved.version, exc)
+                return None
+            self._specs[approved.version_id] = spec
+        return spec
+
+    def _published_spec(self, approved: Approved, command: str) -> ServerSpec:
+        assert approved.artifact_sha256 is not None
+        wheel = self.artifacts.wheel_path(approved.artifact_sha256)
+        _, scripts = wheel_metadata(wheel)
+        if command not in scripts:
+            raise ArtifactError(f"the wheel has no console script {command!r}")
+        self.artifacts.install(approved.artifact_sha256)
+        return server_spec(approved.prefix, approved.artifact_sha256, scripts[command])
+
+    def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
+        self.artifacts.link_into(tools_dir, {s.revision for s in servers if s.revision != "builtin"})
+
+    # -- publish and validate ---------------------------------------------------------------
+
+    async def publish(self, who: Identity, document: dict[str, Any], wheel: bytes) -> dict[str, Any]:
+        try:
+            manifest = parse_manifest(document)
+        except ManifestError as exc:
+            raise RegistryError(400, "the manifest is invalid: " + "; ".join(exc.problems)) from None
+        if len(wheel) > MAX_WHEEL_BYTES:
+            raise RegistryError(413, f"the wheel is {len(wheel)} bytes; at most {MAX_WHEEL_BYTES} are taken")
+        sha256 = await asyncio.to_thread(self.artifacts.store, wheel)
+        async with self.pool.connection() as conn:
+            version_id = await store.publish(
+                conn,
+                who,
+                name=manifest.name,
+                prefix=manifest.prefix,
+                version=manifest.version,
+                manifest=document,
+                artifact_sha256=sha256,
+                artifact_bytes=len(wheel),
+            )
+        self._spawn(self._validate(who.tenant, version_id, manifest, sha256))
+        return {"name": manifest.name, "version": manifest.version, "status": "validating", "artifact_sha256": sha256}
+
+    async def _validate(self, tenant: str, version_id: int, manifest: Manifest, sha256: str) -> None:
+        checks: list[dict[str, Any]] = [{"check": "manifest", "ok": True, "detail": "server.json is valid", "findings": []}]
+        trial = TrialResult()
+        try:
+            package = await asyncio.to_thread(self._check_package, manifest, sha256)
+            checks.append(package)
+            if package["ok"]:
+                spec = server_spec(manifest.prefix, sha256, package["entry_point"])
+                install = await asyncio.to_thread(self.artifacts.install, sha256)
+                trial = await trial_run(self.backend, self.home, spec, install)
+            checks.append(_trial_check(trial, manifest, package["ok"]))
+            others = await self._other_tools(tenant, manifest.name)
+            checks.extend(self._scan_checks(manifest.prefix, trial.tools, others))
+        except Exception as exc:  # validation must end in a verdict, whatever broke
+            log.exception("validating %s %s failed", manifest.name, manifest.version)
+            checks.append({"check": "validation", "ok": False, "detail": f"validation could not finish: {exc}", "findings": []})
+        async with self.pool.connection() as conn:
+            status = await store.record_validation(
+                conn, version_id, validation=checks, tools=trial.tools, start_ms=trial.start_ms, memory_bytes=trial.memory_bytes
+            )
+        log.info("%s %s validated: %s", manifest.name, manifest.version, status)
+        if self._indexer is not None and trial.tools:
+            try:
+                await self._indexer(version_id, manifest.prefix, trial.tools)
+            except Exception:
+                log.exception("indexing %s %s for search failed", manifest.name, manifest.version)
+
+    def _check_package(self, manifest: Manifest, sha256: str) -> dict[str, Any]:
+        problems = []
+        entry_point = None
+        try:
+            metadata, scripts = wheel_metadata(self.artifacts.wheel_path(sha256))
+        except ArtifactError as exc:
+            return {"check": "package", "ok": False, "detail": str(exc), "findings": []}
+        if canonicalize_name(str(metadata.get("Name", ""))) != canonicalize_name(manifest.package):
+            problems.append(f"the wheel is {metadata.get('Name')!r}, the manifest's package is {manifest.package!r}")
+        if str(metadata.get("Version")) != manifest.version:
+            problems.append(f"the wheel's version is {metadata.get('Version')}, the manifest's {manifest.version}")
+        entry_point = scripts.get(manifest.command)
+        if entry_point is None:
+            problems.append(f"the wheel has no console script {manifest.command!r} (it has: {', '.join(scripts) or 'none'})")
+        if self._distributions is None:
+            self._distributions = installed_distributions(self.python)
+        unmet = unmet_requirements(list(metadata.get("Requires-Dist") or []), self._distributions)
+        if unmet:
+            problems.append(f"it requires what sandboxes do not have (they have no network to fetch it): {', '.join(unmet)}")
+        return {
+            "check": "package",
+            "ok": not problems,
+            "detail": "; ".join(problems) or f"console script {manifest.command} → {entry_point}",
+            "findings": [],
+            "entry_point": entry_point,
+        }
+
+    def _scan_checks(self, prefix: str, tools: list[dict[str, Any]], others: Mapping[str, str]) -> list[dict[str, Any]]:
+        if self._scan is None:
+            return []
+        from registry.scan import CHECKS
+
+        findings = self._scan(prefix, tools, others)
+        checks = []
+        for check in CHECKS:
+            mine = [f.as_dict() for f in findings if f.check == check]
+            checks.append(
+                {"check": check, "ok": not mine, "detail": f"{len(mine)} finding(s)" if mine else "nothing found", "findings": mine}
+            )
+        return checks
+
+    async def _other_tools(self, tenant: str, name: str) -> dict[str, str]:
+        """Public tool names of the tenant's other approved servers -> their server's name."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT DISTINCT s.name, s.prefix, v.tools FROM approvals a JOIN registry_versions v ON v.id = a.version_id"
+                " JOIN registry_servers s ON s.id = a.server_id JOIN tenants t ON t.id = s.tenant_id"
+                " WHERE t.name = %s AND a.revoked_at IS NULL AND s.name <> %s",
+                (tenant, name),
+            )
+            rows = await cur.fetchall()
+        return {f"{prefix}__{tool['name']}": server for server, prefix, tools in rows for tool in tools}
+
+    # -- the rug-pull guard -------------------------------------------------------------------
+
+    async def guard(self, user_id: int, per_server: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+        """The user's servers' offers with every tool withheld whose live definition is not the
+        pinned one (new tools included), and servers not approved for the user dropped."""
+        approved = {a.prefix: a for a in await self.approved(user_id)}
+        out: dict[str, Mapping[str, Any]] = {}
+        for server, entry in per_server.items():
+            grant = approved.get(server)
+            if grant is None:
+                continue  # still running from before a revocation: the sandbox is being reconfigured
+            if grant.builtin:
+                if grant.version_id not in self._recorded_builtins and entry.get("tools"):
+                    self._recorded_builtins.add(grant.version_id)
+                    self._spawn(self._record_builtin(grant, list(entry["tools"])))
+                out[server] = entry
+                continue
+            cached = self._guarded.get((user_id, server))
+            if cached is not None and cached[0] is entry and cached[1] == grant:
+                out[server] = cached[2]
+                continue
+            kept, withheld = [], []
+            for tool in entry.get("tools") or []:
+                live = definition_sha256(tool)
+                (kept if grant.pins.get(tool["name"]) == live else withheld).append((tool, live))
+            for tool, live in withheld:
+                key = (grant.version_id, tool["name"], live)
+                if key not in self._drift_seen:
+                    self._drift_seen.add(key)
+                    log.warning("%s %s: tool %s differs from its pin; withheld", grant.server, grant.version, tool["name"])
+                    self._spawn(self._record_drift(grant, tool, live, user_id))
+            filtered = {**entry, "tools": [tool for tool, _ in kept]}
+            self._guarded[(user_id, server)] = (entry, grant, filtered)
+            out[server] = filtered
+        return out
+
+    async def _record_drift(self, grant: Approved, tool: dict[str, Any], live: str, user_id: int) -> None:
+        async with self.pool.connection() as conn:
+            await store.record_drift(conn, grant, tool["name"], live, dict(tool), user_id)
+
+    async def _record_builtin(self, grant: Approved, tools: list[dict[str, Any]]) -> None:
+        async with self.pool.connection() as conn:
+            recorded = await store.record_builtin_tools(conn, grant.version_id, tools)
+        if recorded and self._indexer is not None:
+            await self._indexer(grant.version_id, grant.prefix, tools)
+
+    # -- usage ----------------------------------------------------------------------------------
+
+    async def record_call(self, user_id: int, server: str, tool: str, ok: bool, elapsed_ms: float) -> None:
+        """Counted in memory, written every few seconds: a call never waits for it."""
+        grant = next((a for a in self._approved.get(user_id, ()) if a.prefix == server), None)
+        if grant is None:
+            return
+        counters = self._usage[(grant.version_id, tool)]
+        counters[0] += 1
+        counters[1] += 0 if ok else 1
+        counters[2] += elapsed_ms
+        counters[3] = max(counters[3], elapsed_ms)
+
+    async def _flush_usage_periodically(self, interval: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self._flush_usage()
+
+    async def _flush_usage(self) -> None:
+        if not self._usage:
+            return
+        batch, self._usage = self._usage, defaultdict(lambda: [0, 0, 0.0, 0.0])
+        rows = [(vid, tool, int(c[0]), int(c[1]), c[2], c[3]) for (vid, tool), c in batch.items()]
+        try:
+            async with self.pool.connection() as conn:
+                await store.record_usage(conn, rows)
+        except Exception as exc:
+            log.warning("tool usage of %d tools not recorded: %s", len(rows), exc)
+
+
+def _trial_check(trial: TrialResult, manifest: Manifest, ran: bool) -> dict[str, Any]:
+    if not ran:
+        return {"check": "trial", "ok": False, "detail": "not run: the package check failed", "findings": []}
+    if trial.error is not None:
+        return {"check": "trial", "ok": False, "detail": trial.error, "findings": []}
+    if not trial.tools:
+        return {"check": "trial", "ok": False, "detail": "the server lists no tools", "findings": []}
+    detail = f"{len(trial.tools)} tool(s); started in {trial.start_ms} ms"
+    if trial.memory_bytes is not None:
+        detail += f"; sandbox memory {trial.memory_bytes / 2**20:.0f} MiB"
+    limit = manifest.fleet.memory_mb
+    if limit is not None and trial.memory_bytes is not None and trial.memory_bytes > limit * 2**20:
+        return {"check": "trial", "ok": False, "detail": detail + f", over the {limit} MiB it declares", "findings": []}
+    return {"check": "trial", "ok": True, "detail": detail, "findings": []}
+
+
+async def _tenant_of(conn: Any, user_id: int) -> int:
+    cur = await conn.execute("SELECT tenant_id FROM users WHERE id = %s", (user_id,))
+    row = await cur.fetchone()
+    if row is None:
+        raise RegistryError(404, f"no user {user_id}")
+    return row[0]
+
+
+async def _has_builtins(conn: Any, user_id: int) -> bool:
+    cur = await conn.execute(
+        "SELECT 1 FROM registry_servers s JOIN users u ON u.tenant_id = s.tenant_id WHERE u.id = %s AND s.builtin LIMIT 1",
+        (user_id,),
+    )
+    return await cur.fetchone() is not None
+

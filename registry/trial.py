@@ -1,0 +1,126 @@
+"""A trial run: one server alone in a throwaway gVisor sandbox, its tools listed, its cost measured.
+
+Validation runs every published version this way (recording the tool definitions that
+approvals pin), and `mcpfleet dev` runs a developer's project the same way. The sandbox
+has the standard tier's limits, an empty workspace and no network, and is destroyed after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox import wire
+from sandbox.backend import SandboxBackend, SandboxSpec
+from sandbox.bundle import TOOLS_DIR
+from sandbox.client import SupervisorClient
+from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.manager import SANDBOX_GID, SANDBOX_UID
+from sandbox.servers import ServerSpec, server_configs
+from sandbox.supervisor.config import SupervisorConfig
+from sandbox.tiers import Tier
+
+TRIAL_TIER = Tier("standard", cpus=1, memory_mb=512, pids=256, disk_mb=64)
+
+
+@dataclass
+class TrialResult:
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    start_ms: int | None = None
+    """From starting the sandbox to the server answering `initialize`."""
+    memory_bytes: int | None = None
+    """The sandbox's memory once the server is up (supervisor and gVisor included)."""
+    error: str | None = None
+    """Why the server did not start or list its tools; None when it did."""
+    call_result: dict[str, Any] | None = None
+    server_info: dict[str, Any] | None = None
+
+
+async def trial_run(
+    backend: SandboxBackend,
+    home: Path,
+    spec: ServerSpec,
+    install: Path | None,
+    *,
+    call: tuple[str, dict[str, Any]] | None = None,
+    timeout: float = 120.0,
+    uid: int = SANDBOX_UID,
+    gid: int = SANDBOX_GID,
+) -> TrialResult:
+    """Run `spec` (whose code is `install`, linked into the sandbox's tools dir under `spec.revision`)."""
+    directory = Path(home) / "sandboxes" / f"trial-{secrets.token_hex(6)}"
+    sandbox_id = directory.name
+    token = secrets.token_urlsafe(32)
+    result = TrialResult()
+    client: SupervisorClient | None = None
+    started = False
+    try:
+        await asyncio.to_thread(_prepare, directory, spec, install, token, uid, gid)
+        client = SupervisorClient(directory / "channel" / wire.SOCKET_NAME, token=token, socket_owner=(uid, gid))
+        await client.listen()
+        begun = time.perf_counter()
+        started = True
+        await backend.start(
+            SandboxSpec(
+                id=sandbox_id,
+                directory=directory,
+                workspace=directory / "workspace",
+                channel=directory / "channel",
+                limits=TRIAL_TIER.limits,
+                uid=uid,
+                gid=gid,
+            )
+        )
+        await client.wait_ready(timeout)
+        result.start_ms = round((time.perf_counter() - begun) * 1e3)
+        await backend.settle(sandbox_id)
+        result.memory_bytes = await backend.memory_bytes(sandbox_id)
+        entry = (await client.catalog()).get(spec.name) or {}
+        if entry.get("state") != "ready":
+            result.error = f"the server did not start: {entry.get('error') or 'no reason given'}"
+            return result
+        if entry.get("error"):
+            result.error = entry["error"]
+        result.tools = list(entry.get("tools") or [])
+        result.server_info = entry.get("serverInfo")
+        if call is not None:
+            name, arguments = call
+            try:
+                result.call_result = await client.request(
+                    spec.name, "tools/call", {"name": name, "arguments": arguments}, timeout=timeout
+                )
+            except SandboxRpcError as exc:
+                result.call_result = {"isError": True, "error": {"code": exc.code, "message": exc.message}}
+    except (SandboxUnavailable, OSError, asyncio.TimeoutError) as exc:
+        result.error = f"the sandbox did not start: {exc}"
+    finally:
+        if client is not None:
+            await client.close()
+        if started:
+            await backend.destroy(sandbox_id)
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+    return result
+
+
+def _prepare(directory: Path, spec: ServerSpec, install: Path | None, token: str, uid: int, gid: int) -> None:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o711)
+    workspace = directory / "workspace"
+    workspace.mkdir(mode=0o700)
+    os.chown(workspace, uid, gid)
+    tools = directory / TOOLS_DIR
+    tools.mkdir(mode=0o755)
+    if install is not None:
+        shutil.copytree(install, tools / spec.revision, symlinks=True)
+    channel = directory / "channel"
+    channel.mkdir(mode=0o700)
+    os.chown(channel, uid, gid)
+    config = SupervisorConfig(socket=f"{wire.CHANNEL_DIR}/{wire.SOCKET_NAME}", servers=server_configs([spec]), token=token)
+    config.write(channel / wire.CONFIG_NAME, owner=(uid, gid))
+
