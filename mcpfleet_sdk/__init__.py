@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from mcpfleet_sdk.secrets import SecretError, secret
 
 if TYPE_CHECKING:
-    from registry.manifest import Manifest
+    from registry.manifest import FleetMeta, Manifest
 
 
 def manifest(project: str | Path | None = None) -> Manifest:
@@ -23,7 +23,7 @@ def manifest(project: str | Path | None = None) -> Manifest:
     return projects.load(directory)
 
 
-def declared(project: str | Path | None = None):
+def declared(project: str | Path | None = None) -> FleetMeta:
     """What the project asks of the fleet (`_meta["io.mcpfleet"]`): egress hosts, secret names, memory_mb, cpus."""
     return manifest(project).fleet
 

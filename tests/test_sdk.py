@@ -60,7 +60,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def derived_project(tmp_path: Path, server_code: str, test_code: str, secrets_declared: list[str] = ()) -> Path:
+def derived_project(tmp_path: Path, server_code: str, test_code: str, secrets_declared: tuple[str, ...] = ()) -> Path:
     """A fresh `init` project whose server and test are replaced (and which may declare secrets)."""
     directory = tmp_path / "derived"
     create_project(directory, "io.example/derived", "A project changed by a test")
@@ -165,7 +165,7 @@ async def test_undeclared(tool_server):
 
 
 def test_tool_server_passes_declared_secrets_and_fails_clearly_without_them(tmp_path: Path) -> None:
-    project = derived_project(tmp_path, SECRET_SERVER, SECRET_TEST, ["GREETING"])
+    project = derived_project(tmp_path, SECRET_SERVER, SECRET_TEST, ("GREETING",))
 
     without = run_pytest(project, GREETING="ignored: only MCPFLEET_TEST_SECRET_GREETING counts")
     assert without.returncode == 1
@@ -273,6 +273,7 @@ def test_dev_exits_1_when_the_server_does_not_start(tmp_path: Path, dev_env: dic
     done = mcpfleet("dev", str(project), **dev_env)
     assert done.returncode == 1
     assert "did not start" in done.stderr
+    assert "no forecast service configured" in done.stderr  # what the server said on its way out
     assert done.stdout == ""
 
 
