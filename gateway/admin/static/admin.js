@@ -25,7 +25,7 @@
       else if (key in node) node[key] = value;
       else node.setAttribute(key, value === true ? "" : String(value));
     }
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child === undefined || child === null || child === false) continue;
       node.append(child instanceof Node ? child : String(child));
     }
@@ -125,8 +125,11 @@
       { className: "side" },
       el("h5", {}, label),
       el("p", { className: "description" }, description || "(no description)"),
+      el("p", { className: "label" }, "input schema"),
       el("pre", { className: "schema" }, pretty(inputSchema)),
-      Object.keys(rest).length ? el("pre", { className: "other" }, pretty(rest)) : null,
+      Object.keys(rest).length
+        ? el("details", { className: "other" }, el("summary", {}, `other fields: ${Object.keys(rest).join(", ")}`), el("pre", {}, pretty(rest)))
+        : null,
     );
   }
 
@@ -292,14 +295,18 @@
     details.clear();
     const [servers, drift, usage] = await Promise.all([api("GET", "/servers"), api("GET", "/drift"), api("GET", "/usage")]);
 
+    // Pending: not approved, and published after the newest version that is (versions come oldest
+    // first). An older version left behind by a newer approval is superseded, not waiting.
     const pendingVersions = [];
     const approvals = [];
     for (const server of servers.servers || []) {
-      for (const version of server.versions || []) {
+      const versions = server.versions || [];
+      const newestApproved = versions.reduce((last, v, i) => ((v.approvals || []).length ? i : last), -1);
+      versions.forEach((version, i) => {
         const live = version.approvals || [];
-        if (live.length === 0) pendingVersions.push([server, version]);
+        if (live.length === 0 && i > newestApproved) pendingVersions.push([server, version]);
         for (const approval of live) approvals.push(renderApproval(server, version, approval));
-      }
+      });
     }
 
     const pending = document.getElementById("pending");
