@@ -268,6 +268,16 @@ def test_dev_runs_a_generated_project_as_it_is(generated: Path, dev_env: dict[st
 
 
 @needs_runsc
+def test_dev_gives_the_server_its_declared_secrets_and_the_sdk(tmp_path: Path, dev_env: dict[str, str]) -> None:
+    project = derived_project(tmp_path, SECRET_SERVER, "", ("GREETING",))
+    done = mcpfleet(
+        "dev", str(project), "--call", "greet", "--args", '{"name": "Ada"}', MCPFLEET_TEST_SECRET_GREETING="Hej", **dev_env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.rstrip().endswith("Hej, Ada")
+
+
+@needs_runsc
 def test_dev_exits_1_when_the_server_does_not_start(tmp_path: Path, dev_env: dict[str, str]) -> None:
     project = derived_project(tmp_path, "raise SystemExit('no forecast service configured')\n", "")
     done = mcpfleet("dev", str(project), **dev_env)
