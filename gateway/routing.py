@@ -59,7 +59,7 @@ class SandboxProvider(Protocol):
     async def ensure(self, user_id: int, tenant: str, user: str) -> Any: ...
 
 
-@dataclass
+@dataclass(eq=False)  # compared and cached by identity
 class Catalog:
     """What one user's servers offer, under the names the gateway shows."""
 
@@ -153,6 +153,7 @@ class Router:
         self._sessions: dict[int, weakref.WeakSet[Any]] = {}
         self._buses: dict[int, InMemorySubscriptionBus] = {}
         self._listen_handlers: dict[int, ListenHandler] = {}
+        self._listed: weakref.WeakKeyDictionary[Catalog, list[dict[str, Any]]] = weakref.WeakKeyDictionary()
         # Servers whose tools and prompts keep their own names, for clients that require fixed names.
         self._bare_servers = bare_servers
         # The merged catalog of each sandbox, rebuilt only when a server's own listing changes.
@@ -290,7 +291,11 @@ class Router:
 
     async def list_tools(self, ctx: ServerRequestContext[Any, Any], params: Any) -> dict[str, Any]:
         _, _, catalog = await self._catalog(ctx)
-        tools = catalog.tools if self._search() is None else [*catalog.tools, SEARCH_TOOL_DEFINITION]
+        if self._search() is None:
+            return self._result(ctx, {"tools": catalog.tools})
+        tools = self._listed.get(catalog)
+        if tools is None:  # once per catalog: listings stay sorted by name
+            tools = self._listed[catalog] = sorted([*catalog.tools, SEARCH_TOOL_DEFINITION], key=lambda t: t["name"])
         return self._result(ctx, {"tools": tools})
 
     async def call_tool(self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> dict[str, Any]:

@@ -163,7 +163,7 @@ def unmet_requirements(requires: list[str], available: set[str]) -> list[str]:
     return unmet
 
 
-def server_spec(prefix: str, sha256: str, entry_point: str) -> ServerSpec:
+def server_spec(prefix: str, sha256: str, entry_point: str, secrets: tuple[str, ...] = ()) -> ServerSpec:
     """How a sandbox runs a published server: its console script's callable, from its install."""
     module, _, attr = entry_point.partition(":")
     module, attr = module.strip(), attr.strip()
@@ -173,4 +173,6 @@ def server_spec(prefix: str, sha256: str, entry_point: str) -> ServerSpec:
     path = f"{TOOLS_INSIDE}/{sha256}"
     # The install goes first on the path: what it ships wins over the runtime's, for this server alone.
     code = f"import sys; sys.path.insert(0, {path!r}); from {module} import {head} as entry; sys.exit(entry{'.' + rest if rest else ''}())"
-    return ServerSpec(prefix, ("python", "-c", code), revision=sha256)
+    # The names it declares, so `mcpfleet_sdk.secret()` tells "not declared" from "not set".
+    env = {"MCPFLEET_DECLARED_SECRETS": ",".join(secrets)}
+    return ServerSpec(prefix, ("python", "-c", code), env=env, revision=sha256)

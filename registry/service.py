@@ -175,22 +175,22 @@ class Registry:
                 async with self.pool.connection() as conn:
                     cur = await conn.execute("SELECT manifest FROM registry_versions WHERE id = %s", (approved.version_id,))
                     (document,) = await cur.fetchone()  # type: ignore[misc]
-                command = parse_manifest(document).command
-                spec = await asyncio.to_thread(self._published_spec, approved, command)
+                manifest = parse_manifest(document)
+                spec = await asyncio.to_thread(self._published_spec, approved, manifest)
             except (ArtifactError, ManifestError, OSError) as exc:
                 log.error("approved %s %s cannot run: %s", approved.server, approved.version, exc)
                 return None
             self._specs[approved.version_id] = spec
         return spec
 
-    def _published_spec(self, approved: Approved, command: str) -> ServerSpec:
+    def _published_spec(self, approved: Approved, manifest: Manifest) -> ServerSpec:
         assert approved.artifact_sha256 is not None
         wheel = self.artifacts.wheel_path(approved.artifact_sha256)
         _, scripts = wheel_metadata(wheel)
-        if command not in scripts:
-            raise ArtifactError(f"the wheel has no console script {command!r}")
+        if manifest.command not in scripts:
+            raise ArtifactError(f"the wheel has no console script {manifest.command!r}")
         self.artifacts.install(approved.artifact_sha256)
-        return server_spec(approved.prefix, approved.artifact_sha256, scripts[command])
+        return server_spec(approved.prefix, approved.artifact_sha256, scripts[manifest.command], manifest.fleet.secrets)
 
     def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
         self.artifacts.link_into(tools_dir, {s.revision for s in servers if s.revision != "builtin"})
@@ -226,7 +226,7 @@ class Registry:
             package = await asyncio.to_thread(self._check_package, manifest, sha256)
             checks.append(package)
             if package["ok"]:
-                spec = server_spec(manifest.prefix, sha256, package["entry_point"])
+                spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets)
                 install = await asyncio.to_thread(self.artifacts.install, sha256)
                 trial = await trial_run(self.backend, self.home, spec, install)
             checks.append(_trial_check(trial, manifest, package["ok"]))
