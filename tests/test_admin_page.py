@@ -13,7 +13,9 @@ approved only with the explicit override.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import shutil
 import stat
@@ -26,6 +28,7 @@ import psycopg
 import pytest
 from playwright.async_api import BrowserContext, Page, expect
 
+from gateway.admin.secret import session_secret
 from gateway.admin.session import COOKIE, LIFETIME_S
 from tests.browser import chromium
 from tests.clients import connect, structured
@@ -80,15 +83,27 @@ async def session_cookie(context: BrowserContext) -> dict | None:
     return next((c for c in await context.cookies() if c["name"] == COOKIE), None)
 
 
-def get(fleet, path: str, cookie: str | None = None, **kwargs) -> httpx.Response:
+def get(fleet, path: str, cookie: str | None = None, headers_extra: dict | None = None, **kwargs) -> httpx.Response:
     # Sent by hand: httpx, rightly, keeps Secure cookies off plain http.
-    headers = {"Cookie": f"{COOKIE}={cookie}"} if cookie else {}
+    headers = {**({"Cookie": f"{COOKIE}={cookie}"} if cookie else {}), **(headers_extra or {})}
     return httpx.get(f"{fleet.base_url}{path}", headers=headers, timeout=30, **kwargs)
 
 
 def post(fleet, path: str, cookie: str | None = None, **kwargs) -> httpx.Response:
     headers = {**kwargs.pop("headers", {}), **({"Cookie": f"{COOKIE}={cookie}"} if cookie else {})}
     return httpx.post(f"{fleet.base_url}{path}", headers=headers, timeout=30, **kwargs)
+
+
+def cookie_value(answer: httpx.Response, name: str = COOKIE) -> str:
+    return re.search(rf"{re.escape(name)}=([^;]+)", answer.headers["set-cookie"]).group(1)
+
+
+def login_by_hand(fleet, key: str) -> httpx.Response:
+    """The sign-in form, filled in without a browser (its CSRF cookie carried by hand)."""
+    form = get(fleet, "/admin/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    return post(fleet, "/admin/login", headers={"Cookie": f"__Host-mcpfleet-login={cookie_value(form, '__Host-mcpfleet-login')}"},
+                data={"csrf_token": token, "api_key": key}, follow_redirects=False)
 
 
 def signed_in(fleet, cookie: str) -> bool:
@@ -148,6 +163,21 @@ def test_the_session_secret_is_kept_owner_only(fleet):
     assert len(path.read_text().strip()) >= 32
 
 
+def test_the_session_secret_comes_from_the_environment_or_one_file(tmp_path):
+    configured = "c" * 40
+    assert session_secret(tmp_path, {"MCPFLEET_SESSION_SECRET": configured}) == configured.encode()
+    assert not (tmp_path / "session-secret").exists()
+    with pytest.raises(SystemExit, match="at least 32"):
+        session_secret(tmp_path, {"MCPFLEET_SESSION_SECRET": "short"})
+    made = session_secret(tmp_path, {})
+    assert session_secret(tmp_path, {}) == made  # kept across restarts
+    assert stat.S_IMODE((tmp_path / "session-secret").stat().st_mode) == 0o600
+    os.chmod(tmp_path / "session-secret", 0o644)
+    assert session_secret(tmp_path, {}) == made
+    assert stat.S_IMODE((tmp_path / "session-secret").stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["session-secret"]  # no drafts left behind
+
+
 # -- what ends a session -----------------------------------------------------------------------
 
 
@@ -173,8 +203,33 @@ async def test_revoking_the_key_ends_the_session(fleet, context):
     assert signed_in(fleet, value)
     fleet.cli("keys", "revoke", key)
     assert not signed_in(fleet, value)
-    await page.reload()
-    await expect(page).to_have_url(re.compile(r"/admin/login$"))
+
+    # The page, still open, tries to revoke a built-in server: the API answers 401 and the page
+    # goes back to the sign-in form, saying why; nothing was revoked.
+    page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    row = page.locator('#approved tr[data-name="io.mcpfleet/exec"]')
+    await row.locator("button.revoke").click()
+    await expect(page).to_have_url(re.compile(r"/admin/login\?notice=ended$"))
+    await expect(page.locator("#error")).to_have_text("Your session has ended; please sign in again.")
+    with psycopg.connect(fleet.database_url, autocommit=True) as conn:
+        live = conn.execute(
+            """SELECT count(*) FROM approvals a JOIN registry_servers s ON s.id = a.server_id
+                WHERE s.name = 'io.mcpfleet/exec' AND a.revoked_at IS NULL"""
+        ).fetchone()[0]
+    assert live == 1
+
+
+def test_an_expired_session_is_refused(fleet, keys):
+    answer = login_by_hand(fleet, keys["admin"])
+    assert answer.status_code == 303
+    value = cookie_value(answer)
+    assert signed_in(fleet, value)
+    with psycopg.connect(fleet.database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE admin_sessions SET expires_at = now() - interval '1 second' WHERE id = sha256(convert_to(%s, 'UTF8'))",
+            (value.rsplit(".", 2)[0],),
+        )
+    assert not signed_in(fleet, value)
 
 
 async def test_a_demoted_user_loses_the_session(fleet, context):
@@ -236,6 +291,19 @@ def test_the_page_is_not_framable_and_runs_only_its_own_scripts(fleet, keys):
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert answer.headers["x-frame-options"] == "DENY"
     assert get(fleet, "/admin/static/admin.js").status_code == 200
+
+
+def test_the_sign_in_page_says_only_its_own_words(fleet):
+    page = get(fleet, "/admin/login", params={"notice": "Paste your key at evil.example", "error": "<b>hi</b>"}).text
+    assert "evil.example" not in page and "<b>hi</b>" not in page and "&lt;b&gt;" not in page
+    assert "Your session has ended" in get(fleet, "/admin/login", params={"notice": "ended"}).text
+
+
+def test_plain_http_off_loopback_is_warned_about(fleet):
+    # Browsers drop Secure cookies there, so a sign-in could never stick: the form says so.
+    assert "plain http" not in get(fleet, "/admin/login").text
+    elsewhere = get(fleet, "/admin/login", headers_extra={"Host": f"admin.example:{fleet.port}"})
+    assert "plain http from a non-loopback address" in elsewhere.text
 
 
 # -- the registry on the page ------------------------------------------------------------------
@@ -352,21 +420,22 @@ async def test_a_members_calls_show_up_as_usage(fleet, keys, approved, context):
         deadline = time.monotonic() + 120
         while "weather__forecast" not in [t.name for t in (await client.list_tools()).tools]:
             assert time.monotonic() < deadline, "the approved server never reached the member"
-            time.sleep(1)
+            await asyncio.sleep(1)
         for city in ("Oslo", "Lima", "Pune"):
             result = await client.call_tool("weather__forecast", {"city": city})
             assert structured(result)["city"] == city
     page = await admin_page(context, fleet, keys["admin"])
     row = page.locator('#usage tr[data-tool="forecast"]')
-    deadline = time.monotonic() + 60
-    while await row.count() == 0:  # usage is written in batches
-        assert time.monotonic() < deadline, "no usage row appeared"
-        time.sleep(2)
-        await page.reload()
     cells = row.locator("td")
+    deadline = time.monotonic() + 60
+    # Usage is written in batches: reload until all three calls are in.
+    while await row.count() == 0 or await cells.nth(3).inner_text() != "3":
+        assert time.monotonic() < deadline, f"usage did not reach 3 calls: {await row.all_inner_texts()}"
+        await asyncio.sleep(2)
+        await page.reload()
+        await expect(page.locator("body[data-loaded]")).to_have_count(1)
     await expect(cells.nth(0)).to_have_text(NAME)
     await expect(cells.nth(1)).to_have_text(weather)
-    await expect(cells.nth(3)).to_have_text("3")
     await expect(cells.nth(4)).to_have_text("0")
     assert float(await cells.nth(5).inner_text()) > 0
     assert float(await cells.nth(6).inner_text()) >= float(await cells.nth(5).inner_text())
@@ -387,15 +456,16 @@ async def test_drift_is_shown_and_accepted(fleet, keys, approved, context):
         deadline = time.monotonic() + 60
         while "weather__forecast" in [t.name for t in (await client.list_tools()).tools]:
             assert time.monotonic() < deadline, "the drifted tool was not withheld"
-            time.sleep(1)
+            await asyncio.sleep(1)
 
     page = await admin_page(context, fleet, keys["admin"])
     event = page.locator('#drift article.drift-event[data-tool="forecast"]')
     deadline = time.monotonic() + 30
     while await event.count() == 0:
         assert time.monotonic() < deadline, "the drift was not recorded"
-        time.sleep(1)
+        await asyncio.sleep(1)
         await page.reload()
+        await expect(page.locator("body[data-loaded]")).to_have_count(1)
     await expect(event.locator("h3")).to_contain_text(f"of {NAME} {weather}")
     await expect(event.locator(".meta")).to_contain_text("pinned 000000000000")
     await expect(event.locator(".side").nth(1).locator(".description")).to_have_text("Get the weather forecast for a city")
@@ -408,7 +478,7 @@ async def test_drift_is_shown_and_accepted(fleet, keys, approved, context):
         deadline = time.monotonic() + 60
         while "weather__forecast" not in [t.name for t in (await client.list_tools()).tools]:
             assert time.monotonic() < deadline, "the accepted tool did not come back"
-            time.sleep(1)
+            await asyncio.sleep(1)
 
 
 async def test_a_version_that_failed_validation_needs_the_override(fleet, keys, approved, poisoned, context):

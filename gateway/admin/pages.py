@@ -47,6 +47,20 @@ def render(name: str, status_code: int = 200, markup: dict[str, str] | None = No
     return HTMLResponse(text, status_code=status_code, headers=SECURITY_HEADERS)
 
 
+NOTICES = {"ended": "Your session has ended; please sign in again."}
+
+
+def _cookie_warning(request: Request) -> str:
+    """Browsers keep Secure cookies only from https or loopback: say so rather than loop back here."""
+    host = request.url.hostname or ""
+    if request.url.scheme == "https" or host in ("127.0.0.1", "localhost", "::1") or host.endswith(".localhost"):
+        return ""
+    return (
+        "This page is served over plain http from a non-loopback address: browsers will not keep the session "
+        "cookie, so signing in cannot work. Serve the gateway over https (or reach it through loopback)."
+    )
+
+
 def redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303, headers={"Cache-Control": "no-store"})
 
@@ -84,6 +98,7 @@ class Pages:
             markup={"providers": f'<nav class="sso" aria-label="single sign-on">{links}</nav>' if links else ""},
             csrf_token=token,
             error=error,
+            warning=_cookie_warning(request),
         )
         response.set_cookie(
             LOGIN_COOKIE, token, max_age=LOGIN_COOKIE_S, path="/", secure=True, httponly=True, samesite="strict"
@@ -93,7 +108,8 @@ class Pages:
     async def login_page(self, request: Request) -> Response:
         if await self.sessions.current(request) is not None:
             return redirect("/admin")
-        return await self.login_form(request, error=request.query_params.get("error", "")[:200])
+        # Only our own words: a link must not be able to put text of its choosing on this page.
+        return await self.login_form(request, error=NOTICES.get(request.query_params.get("notice", ""), ""))
 
     async def login(self, request: Request) -> Response:
         form = await request.form()

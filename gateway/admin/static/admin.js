@@ -48,7 +48,7 @@
     }
     if (response.status === 401) {
       // The session ended (logout elsewhere, key revoked, role changed): back to the sign-in form.
-      location.assign("/admin/login?error=" + encodeURIComponent("Your session has ended; please sign in again."));
+      location.assign("/admin/login?notice=ended");
       throw new ApiError(401, "signed out");
     }
     if (!response.ok) {
