@@ -114,6 +114,8 @@ def system_binds(runtime: PythonRuntime) -> list[Bind]:
 
 def sandbox_binds(spec: SandboxSpec, runtime: PythonRuntime) -> list[Bind]:
     """Every bind of one sandbox, in mount order: the system's, then its user's workspace and its channel."""
+    # A sandbox started without published servers (or by an older gateway) has no tools dir yet.
+    (spec.directory / TOOLS_DIR).mkdir(mode=0o755, exist_ok=True)
     return [
         *system_binds(runtime),
         Bind(spec.workspace, WORKSPACE, writable=True),
