@@ -92,6 +92,24 @@ async def find_user(conn: psycopg.AsyncConnection, name: str, *, tenant: str = "
     return Identity(user_id=row[0], user=name, tenant=tenant, role=row[1])
 
 
+async def set_role(
+    conn: psycopg.AsyncConnection, name: str, role: str, *, tenant: str = "default", actor: str | None = None
+) -> Identity:
+    """Change a user's role (e.g. promote a user an identity provider brought in as a member).
+    Gateways drop their cached identities at once, so the old role stops working everywhere."""
+    if role not in ROLES:
+        raise AccountError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    async with conn.transaction():
+        user = await find_user(conn, name, tenant=tenant)
+        await conn.execute("UPDATE users SET role = %s WHERE id = %s", (role, user.user_id))
+        await conn.execute("NOTIFY api_keys_revoked")
+        await audit.append(
+            conn, action="user.role", outcome="ok", tenant=tenant, actor=actor, target=name,
+            detail={"from": user.role, "to": role},
+        )
+    return Identity(user.user_id, user.user, user.tenant, role)
+
+
 async def list_users(conn: psycopg.AsyncConnection) -> list[Identity]:
     rows = await (
         await conn.execute(

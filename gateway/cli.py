@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import asyncio
 import json
 import logging
@@ -47,6 +48,15 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     async def work(conn: psycopg.AsyncConnection) -> int:
         user = await accounts.add_user(conn, args.name, tenant=args.tenant, role=args.role)
         print(f"added {user.principal} ({user.role})")
+        return 0
+
+    return _run(load_settings(), work)
+
+
+def cmd_users_role(args: argparse.Namespace) -> int:
+    async def work(conn: psycopg.AsyncConnection) -> int:
+        user = await accounts.set_role(conn, args.name, args.role, tenant=args.tenant, actor=getpass.getuser())
+        print(f"{user.principal} is now {user.role}")
         return 0
 
     return _run(load_settings(), work)
@@ -115,6 +125,11 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--tenant", default="default")
     add.add_argument("--role", default="member", choices=accounts.ROLES)
     add.set_defaults(func=cmd_users_add)
+    role = users.add_parser("role", help="change a user's role")
+    role.add_argument("name")
+    role.add_argument("role", choices=accounts.ROLES)
+    role.add_argument("--tenant", default="default")
+    role.set_defaults(func=cmd_users_role)
     ls = users.add_parser("list", help="list users")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_users_list)

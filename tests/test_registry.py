@@ -257,3 +257,16 @@ def test_usage_is_counted_per_tool_version(registry_fleet):
         time.sleep(0.5)
     assert forecast and forecast[0]["calls"] >= 1 and forecast[0]["errors"] == 0
 
+
+
+def test_a_role_change_takes_effect_at_once_on_every_key(registry_fleet):
+    fleet = registry_fleet
+    key = fleet.add_user("member-3")
+    assert api(fleet, key, "GET", "/registry/v1/servers").status_code == 403
+    assert "is now auditor" in fleet.cli("users", "role", "member-3", "auditor").stdout
+    assert api(fleet, key, "GET", "/registry/v1/servers").status_code == 200
+    # Auditors read; they do not approve.
+    assert api(fleet, key, "POST", "/registry/v1/servers/io.example/weather/versions/1.0.0/approve", json={}).status_code == 403
+    fleet.cli("users", "role", "member-3", "member")
+    assert api(fleet, key, "GET", "/registry/v1/servers").status_code == 403
+    assert any(a == "user.role" and d == {"from": "member", "to": "auditor"} for a, _, d in audit_actions(fleet))
