@@ -19,6 +19,7 @@ bench:
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
 	.venv/bin/python bench/gateway_overhead.py
 	.venv/bin/python bench/sandbox_lifecycle.py
+	.venv/bin/python bench/registry_guard.py
 
 clean:
 	rm -rf .setup .venv .venv-sandbox tests/conformance/node_modules
