@@ -105,7 +105,9 @@ def test_members_cannot_publish(registry_fleet):
 async def test_publish_validate_approve_then_visible_and_callable(registry_fleet):
     fleet = registry_fleet
     member = fleet.keys["member"]
+    started = time.perf_counter()
     published = cli(fleet, fleet.keys["publisher"], "publish", str(WEATHER))
+    print(f"\npublish (build, upload, validation with a trial run) {time.perf_counter() - started:.1f} s")
     assert "passed" in published.stdout, published.stdout
     shown = cli(fleet, fleet.keys["admin"], "registry", "show", "io.example/weather", "1.0.0", "--json")
     version = json.loads(shown.stdout)
@@ -137,10 +139,14 @@ async def test_publish_validate_approve_then_visible_and_callable(registry_fleet
         assert "weather__forecast" not in before
         async with modern.listen(tools_list_changed=True) as events:
             approved = cli(fleet, fleet.keys["admin"], "registry", "approve", "io.example/weather", "1.0.0")
+            approved_at = time.perf_counter()
             assert "2 tool definition(s) pinned" in approved.stdout
             await asyncio.wait_for(changed.wait(), 30)  # 2025-11-25: a notification on the session
             await asyncio.wait_for(events.__anext__(), 30)  # 2026-07-28: an event on the listen stream
+            print(f"approval (command returned) to both clients told {(time.perf_counter() - approved_at) * 1e3:.0f} ms")
+        listed_at = time.perf_counter()
         after = {t.name for t in (await client.list_tools()).tools}
+        print(f"tools/list that starts the new server in the running sandbox {(time.perf_counter() - listed_at):.2f} s")
         assert {"weather__forecast", "weather__alerts"} <= after
         assert {"weather__forecast", "weather__alerts"} <= {t.name for t in (await modern.list_tools()).tools}
         result = await client.call_tool("weather__forecast", {"city": "Oslo"})
