@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
-from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from psycopg_pool import AsyncConnectionPool
@@ -22,6 +21,7 @@ from starlette.routing import Route
 from gateway import admin
 from gateway import registry_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
+from gateway.call_audit import AuditedBearerBackend, CallAudit, missing_scope_hook, note_oauth_refusal
 from gateway.db import open_pool
 from gateway.http_headers import TrimHeaderWhitespace
 from gateway.oauth.resource import RequireBearer, metadata_routes
@@ -53,11 +53,13 @@ SandboxFactory = Callable[[Settings, AsyncConnectionPool, str], Any]
 def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFactory) -> Starlette:
     """`sandbox_factory(settings, pool, database_url)` returns the sandbox manager the gateway routes into."""
     state: dict[str, Any] = {}
+    calls = CallAudit()
     router = Router(
         _LateBoundSandboxes(state),
         bare_servers=settings.bare_servers,
         registry=lambda: state.get("registry"),
         search=lambda: state.get("search"),
+        calls=calls,
     )
     mcp_server = router.server()
     sessions = StreamableHTTPSessionManager(
@@ -73,6 +75,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         verifier.start_listening(database_url)
         oauth.pool = pool
         oauth.start_listening(database_url)
+        calls.start(pool)
         manager = sandbox_factory(settings, pool, database_url)
         registry, search = await open_registry(settings, pool, database_url, manager, router)
         await manager.start()
@@ -83,6 +86,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         finally:
             await manager.close()
             await registry.close()
+            await calls.close()
             await verifier.stop_listening()
             await oauth.close()
             await pool.close()
@@ -105,9 +109,11 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
 
     verifier = ApiKeyVerifier()
     oauth = OAuthVerifier(settings)
+    oauth.on_refused = note_oauth_refusal
     admin_sessions = admin.sessions_for(settings, lambda: state["pool"])
     mcp_endpoint = RequireBearer(
-        StreamableHTTPASGIApp(sessions), public_url=settings.public_url, required_scopes=settings.required_scopes
+        StreamableHTTPASGIApp(sessions), public_url=settings.public_url, required_scopes=settings.required_scopes,
+        on_missing_scope=missing_scope_hook(calls),
     )
     app = Starlette(
         routes=[
@@ -120,7 +126,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         ],
         middleware=[
             Middleware(TrimHeaderWhitespace),
-            Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(BearerVerifier(verifier, oauth))),
+            Middleware(AuthenticationMiddleware, backend=AuditedBearerBackend(BearerVerifier(verifier, oauth), calls)),
             Middleware(AuthContextMiddleware),
             Middleware(admin.SessionContext, sessions=admin_sessions),
         ],

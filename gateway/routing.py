@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from gateway.accounts import Identity
 from gateway.auth import identity_of
+from gateway.call_audit import CallAudit
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ SEPARATOR = "__"
 QUOTA_EXCEEDED = -32001
 """JSON-RPC error for a caller whose tenant or node has no room for another running sandbox
 (from the implementation-defined server error range)."""
+# Codes of errors the gateway raises itself when the sandbox, not the tool, failed.
+_SANDBOX_FAILURES = frozenset({types.INTERNAL_ERROR, QUOTA_EXCEEDED})
 _notification_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerNotification)
 _request_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerRequest)
 
@@ -145,8 +148,10 @@ class Router:
         bare_servers: frozenset[str] = frozenset(),
         registry: Callable[[], ToolRegistry | None] = lambda: None,
         search: Callable[[], SearchTools | None] = lambda: None,
+        calls: CallAudit | None = None,
     ):
         self._sandboxes = sandboxes
+        self._calls = calls  # every tool call goes to the audit log, queued off the call's path
         self._registry = registry
         self._search = search
         # Connected clients per user, to tell them when what they may use changes.
@@ -301,7 +306,21 @@ class Router:
     async def call_tool(self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> dict[str, Any]:
         if params.name == SEARCH_TOOL and self._search() is not None:
             return await self._search_tools(ctx, params.arguments or {})
-        return await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments)
+        if self._calls is None:
+            return await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments)
+        started, outcome, code, where = time.perf_counter(), "sandbox failure", None, {}
+        try:
+            result = await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments, where)
+            outcome = "tool error" if result.get("isError") else "ok"
+            return result
+        except MCPError as exc:
+            outcome, code = ("sandbox failure" if exc.error.code in _SANDBOX_FAILURES else "jsonrpc error"), exc.error.code
+            raise
+        finally:
+            identity = identity_of(getattr(ctx.request, "scope", None))
+            if identity is not None:
+                self._calls.tool_call(identity, tool=params.name, server=where.get("server", ""), arguments=params.arguments,
+                                      outcome=outcome, error_code=code, latency_ms=(time.perf_counter() - started) * 1e3)
 
     async def _search_tools(self, ctx: ServerRequestContext[Any, Any], arguments: Mapping[str, Any]) -> dict[str, Any]:
         identity = identity_of(getattr(ctx.request, "scope", None))
@@ -319,11 +338,14 @@ class Router:
         )
 
     async def _call_named(
-        self, ctx: ServerRequestContext[Any, Any], kind: str, method: str, name: str, arguments: Any
+        self, ctx: ServerRequestContext[Any, Any], kind: str, method: str, name: str, arguments: Any,
+        where: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """A tool call or a prompt: find the server by the public name, pass on the server's own name."""
         _, client, catalog = await self._catalog(ctx)
         server, inner = _owner(catalog.tool_owner if kind == "tool" else catalog.prompt_owner, name, kind)
+        if where is not None:  # tells the audit hook in call_tool which server it went to
+            where["server"] = server
         forwarded: dict[str, Any] = {"name": inner, "arguments": arguments or {}}
         if meta := _forwarded_meta(ctx):
             forwarded["_meta"] = meta

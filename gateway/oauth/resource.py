@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from mcp.server.auth.json_response import PydanticJSONResponse
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.routes import build_resource_metadata_url
 from mcp.shared.auth import ProtectedResourceMetadata
 from psycopg_pool import AsyncConnectionPool
@@ -70,8 +71,10 @@ def metadata_routes(
 class RequireBearer:
     """In front of `/mcp`: only authenticated callers, with the required scopes, get through."""
 
-    def __init__(self, app: ASGIApp, *, public_url: str, required_scopes: tuple[str, ...]):
+    def __init__(self, app: ASGIApp, *, public_url: str, required_scopes: tuple[str, ...],
+                 on_missing_scope: Callable[[Scope, AccessToken, list[str]], None] | None = None):
         self.app = app
+        self.on_missing_scope = on_missing_scope
         self.required_scopes = required_scopes
         self.metadata_url = metadata_url(public_url)
 
@@ -87,6 +90,8 @@ class RequireBearer:
         if not is_api_key(token):
             missing = [s for s in self.required_scopes if s not in token.scopes]
             if missing:
+                if self.on_missing_scope is not None:
+                    self.on_missing_scope(scope, token, missing)
                 await self._challenge(send, 403, ("insufficient_scope", f"Required scope: {' '.join(missing)}"))
                 return
         await self.app(scope, receive, send)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import psycopg
 from joserfc import jws, jwt
@@ -47,6 +48,8 @@ class OAuthVerifier:
         self.keys = IssuerKeys(self.egress)
         self._cache: dict[bytes, tuple[float, FleetToken]] = {}
         self._listener: asyncio.Task[None] | None = None
+        # Told why a token was refused (message, issuer, subject), for the audit log.
+        self.on_refused: Callable[[str, object, object], None] | None = None
 
     async def verify_token(self, token: str) -> FleetToken | None:
         digest = hashlib.sha256(token.encode()).digest()
@@ -58,6 +61,8 @@ class OAuthVerifier:
             verified = await self.verify(token)
         except InvalidToken as exc:
             log.info("refused a bearer token: %s", exc)
+            if self.on_refused is not None:
+                self.on_refused(str(exc), *_issuer_and_subject(token))
             return None
         if len(self._cache) > 10_000:
             self._cache.clear()
@@ -161,3 +166,12 @@ def _names(aud: object, audience: str) -> bool:
     wanted = audience.rstrip("/")
     values = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
     return any(isinstance(v, str) and v.rstrip("/") == wanted for v in values)
+
+
+def _issuer_and_subject(token: str) -> tuple[object, object]:
+    """Who a refused token claims to be, unverified: for the audit log, which never holds the token."""
+    try:
+        claims = json.loads(jws.extract_compact(token.encode()).payload)
+    except (JoseError, ValueError):
+        return None, None
+    return (claims.get("iss"), claims.get("sub")) if isinstance(claims, dict) else (None, None)

@@ -1,0 +1,263 @@
+"""Audit entries for what happens on the request path: authentication decisions and tool calls.
+
+Nothing here writes to the database while a request waits. Entries go into an in-memory queue
+and a background task appends them in batches, one transaction per batch, about once a second;
+the chain's head is locked per insert inside that transaction, so a batch holds it once for all
+its rows. The queue is flushed when the gateway shuts down; a crash loses at most the last second.
+
+Bounds, so that the hot path and a flood of bad credentials cannot fill the log:
+- `auth.accepted` is written for a credential (keyed by the SHA-256 of the bearer string) the
+  first time this process sees it and then at most once per `ACCEPTED_EVERY_S`.
+- `auth.refused` is written at most once per (reason, client IP) per `REFUSED_EVERY_S`; the
+  refusals swallowed in between are counted into the next entry's `detail.suppressed`.
+
+Entries hold identifiers only: a key's public prefix, a token's issuer and subject, the SHA-256 of
+a tool call's canonical JSON arguments. Never a key, a token, or an argument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, BearerAuthBackend
+from mcp.server.auth.provider import TokenVerifier
+from psycopg_pool import AsyncConnectionPool
+from starlette.requests import HTTPConnection
+
+from gateway import accounts, audit
+from gateway.accounts import Identity
+from gateway.auth import FleetToken, is_api_key
+
+log = logging.getLogger(__name__)
+
+FLUSH_EVERY_S = 1.0
+ACCEPTED_EVERY_S = 600.0
+REFUSED_EVERY_S = 10.0
+MAX_QUEUED = 100_000  # beyond this the database is not keeping up: drop and say so, rather than grow without end
+_SEEN_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    action: str
+    outcome: str
+    tenant: str | None
+    actor: str | None
+    target: str | None
+    detail: dict[str, Any]
+
+
+def arguments_hash(arguments: Any) -> str:
+    """SHA-256 of the arguments' canonical JSON (sorted keys, no spaces): equal arguments hash alike."""
+    text = json.dumps(arguments if arguments is not None else {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class CallAudit:
+    """The queue and its writer. `pool` is set by the app's lifespan, like the verifiers'."""
+
+    pool: AsyncConnectionPool | None = None
+    clock: Callable[[], float] = time.monotonic
+    _queue: list[Pending] = field(default_factory=list)
+    _dropped: int = 0
+    _accepted_at: dict[bytes, float] = field(default_factory=dict)
+    _refused: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
+    _task: asyncio.Task[None] | None = None
+
+    # -- what is recorded ---------------------------------------------------------------------
+
+    def record(self, action: str, outcome: str, *, tenant: str | None = None, actor: str | None = None,
+               target: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        if len(self._queue) >= MAX_QUEUED:
+            self._dropped += 1
+            return
+        self._queue.append(Pending(action, outcome, tenant, actor, target, detail or {}))
+
+    def tool_call(self, identity: Identity, *, tool: str, server: str, arguments: Any, outcome: str,
+                  latency_ms: float, version: str | None = None, error_code: int | None = None) -> None:
+        detail: dict[str, Any] = {"server": server, "args_sha256": arguments_hash(arguments), "latency_ms": round(latency_ms, 1)}
+        if version is not None:
+            detail["version"] = version
+        if error_code is not None:
+            detail["code"] = error_code
+        self.record("tool.call", outcome, tenant=identity.tenant, actor=identity.principal, target=tool, detail=detail)
+
+    def accepted(self, token: str, access: FleetToken, ip: str) -> None:
+        digest = hashlib.sha256(token.encode()).digest()
+        now = self.clock()
+        last = self._accepted_at.get(digest)
+        if last is not None and now - last < ACCEPTED_EVERY_S:
+            return
+        if len(self._accepted_at) > _SEEN_LIMIT:
+            self._accepted_at.clear()
+        self._accepted_at[digest] = now
+        identity = access.identity
+        detail: dict[str, Any] = {"ip": ip}
+        if is_api_key(access):
+            detail["key_prefix"] = _key_prefix(token)
+        else:
+            detail |= {"issuer": (access.claims or {}).get("iss"), "sub": (access.claims or {}).get("sub")}
+        self.record("auth.accepted", "ok", tenant=identity.tenant, actor=identity.principal, detail=detail)
+
+    def refused(self, reason: str, ip: str, *, tenant: str | None = None, actor: str | None = None,
+                **who: Any) -> None:
+        """A refusal; written unless one with the same reason and IP was written in the last 10 s."""
+        now = self.clock()
+        key = (reason, ip)
+        last = self._refused.get(key)
+        if last is not None and now - last[0] < REFUSED_EVERY_S:
+            self._refused[key] = (last[0], last[1] + 1)
+            return
+        suppressed = last[1] if last is not None else 0
+        if len(self._refused) > _SEEN_LIMIT:
+            self._refused.clear()
+        self._refused[key] = (now, 0)
+        detail = {"reason": reason, "ip": ip, **{k: v for k, v in who.items() if v is not None}}
+        if suppressed:
+            detail["suppressed"] = suppressed
+        self.record("auth.refused", "refused", tenant=tenant, actor=actor, detail=detail)
+
+    # -- the writer ---------------------------------------------------------------------------
+
+    def start(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+        self._task = asyncio.create_task(self._run(), name="call-audit")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            try:
+                await self.flush()
+            except (psycopg.Error, OSError) as exc:  # kept queued: the next round tries again
+                log.warning("could not write %d audit entries yet: %s", len(self._queue), exc)
+
+    async def flush(self) -> int:
+        """Appends everything queued in one transaction; returns how many entries were written."""
+        if self.pool is None or (not self._queue and not self._dropped):
+            return 0
+        batch, self._queue = self._queue, []
+        if self._dropped:
+            batch.append(Pending("audit.dropped", "error", None, None, None, {"count": self._dropped}))
+            self._dropped = 0
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                for entry in batch:
+                    await audit.append(conn, action=entry.action, outcome=entry.outcome, tenant=entry.tenant,
+                                       actor=entry.actor, target=entry.target, detail=entry.detail)
+        except BaseException:
+            self._queue[:0] = batch  # in order, ahead of whatever came meanwhile
+            raise
+        return len(batch)
+
+
+def _key_prefix(token: str) -> str | None:
+    parts = accounts.split_key(token)
+    return parts[0] if parts else None
+
+
+# Why the OAuth verifier refused the token of the current request (set by its `on_refused`).
+_oauth_refusal: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("oauth_refusal", default=None)
+
+
+def note_oauth_refusal(message: str, issuer: Any, subject: Any) -> None:
+    """Given to `OAuthVerifier.on_refused`: keeps the reason for the backend below to audit."""
+    holder = _oauth_refusal.get()
+    if holder is not None:
+        holder.update(why=message, issuer=issuer if isinstance(issuer, str) else None,
+                      sub=subject if isinstance(subject, str) else None)
+
+
+def oauth_reason(message: str) -> str:
+    """A short, stable reason from the verifier's message (which stays in `detail.why`)."""
+    text = message.lower()
+    for needle, reason in (("expired", "expired token"), ("audience", "wrong audience"), ("signature", "bad signature"),
+                           ("algorithm", "algorithm not accepted"), ("not trusted", "foreign issuer"),
+                           ("no issuer", "no issuer"), ("not a signed jwt", "malformed token"),
+                           ("no key", "unknown signing key"), ("cannot provision", "cannot provision user"),
+                           ("claims", "invalid claims")):
+        if needle in text:
+            return reason
+    return "invalid token"
+
+
+def client_ip(conn: HTTPConnection) -> str:
+    return conn.client.host if conn.client else "unknown"
+
+
+class AuditedBearerBackend(BearerAuthBackend):
+    """The SDK's bearer backend, with every decision it makes handed to the audit queue."""
+
+    def __init__(self, token_verifier: TokenVerifier, calls: CallAudit):
+        super().__init__(token_verifier)
+        self.calls = calls
+
+    async def authenticate(self, conn: HTTPConnection):  # type: ignore[override]
+        header = next((v for k, v in conn.headers.items() if k.lower() == "authorization"), None)
+        holder: dict[str, Any] = {}
+        reset = _oauth_refusal.set(holder)
+        try:
+            result = await super().authenticate(conn)
+        finally:
+            _oauth_refusal.reset(reset)
+        if header is None or not header.lower().startswith("bearer "):
+            return result
+        token = header[7:].strip()
+        ip = client_ip(conn)
+        if result is not None:
+            user = result[1]
+            if isinstance(user, AuthenticatedUser) and isinstance(user.access_token, FleetToken):
+                self.calls.accepted(token, user.access_token, ip)
+            return result
+        if token.startswith(accounts.KEY_PREFIX):
+            await self._refused_key(token, ip)
+        else:
+            why = holder.get("why") or "invalid token"
+            self.calls.refused(oauth_reason(why), ip, issuer=holder.get("issuer"), sub=holder.get("sub"), why=why)
+        return None
+
+    async def _refused_key(self, token: str, ip: str) -> None:
+        prefix = _key_prefix(token)
+        if prefix is None:
+            self.calls.refused("malformed key", ip)
+            return
+        reason = "unknown key"
+        if self.calls.pool is not None:
+            # One indexed lookup by the public prefix, only for refused keys, to tell why.
+            async with self.calls.pool.connection() as db:
+                row = await (await db.execute("SELECT revoked_at IS NOT NULL FROM api_keys WHERE prefix = %s", (prefix,))).fetchone()
+            if row is not None:
+                reason = "revoked key" if row[0] else "wrong key secret"
+        self.calls.refused(reason, ip, key_prefix=prefix)
+
+
+def missing_scope_hook(calls: CallAudit) -> Callable[[Any, Any, list[str]], None]:
+    """For `RequireBearer(on_missing_scope=...)`: a valid token without the scopes `/mcp` requires."""
+
+    def refused(scope: Any, token: Any, missing: list[str]) -> None:
+        identity = getattr(token, "identity", None)
+        claims = getattr(token, "claims", None) or {}
+        client = scope.get("client")
+        calls.refused("missing scope", client[0] if client else "unknown",
+                      tenant=getattr(identity, "tenant", None), actor=getattr(identity, "principal", None),
+                      issuer=claims.get("iss"), sub=claims.get("sub"), missing=missing)
+
+    return refused
