@@ -54,6 +54,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
     """`sandbox_factory(settings, pool, database_url)` returns the sandbox manager the gateway routes into."""
     state: dict[str, Any] = {}
     calls = CallAudit()
+    state["calls"] = calls  # for refusals by role outside /mcp (registry API)
     router = Router(
         _LateBoundSandboxes(state),
         bare_servers=settings.bare_servers,

@@ -127,6 +127,11 @@ class CallAudit:
             detail["suppressed"] = suppressed
         self.record("auth.refused", "refused", tenant=tenant, actor=actor, detail=detail)
 
+    def role_refused(self, identity: Identity, what: str, needs: tuple[str, ...], ip: str) -> None:
+        """An authenticated caller whose role does not allow `what` (e.g. `POST /registry/v1/...`)."""
+        self.refused("insufficient role", ip, tenant=identity.tenant, actor=identity.principal,
+                     role=identity.role, needs=list(needs), request=what)
+
     # -- the writer ---------------------------------------------------------------------------
 
     def start(self, pool: AsyncConnectionPool) -> None:

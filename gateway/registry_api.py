@@ -51,6 +51,8 @@ def _guarded(roles: tuple[str, ...], handler: Handler) -> Callable[[Request], Aw
         if identity is None:
             return _error(401, "authenticate with an API key or token (Authorization: Bearer ...)")
         if identity.role not in roles:
+            if (calls := request.app.state.fleet.get("calls")) is not None:  # audited, bounded like other refusals
+                calls.role_refused(identity, f"{request.method} {request.url.path}", roles, request.client.host if request.client else "unknown")
             return _error(403, f"role {identity.role!r} may not do this (needs {' or '.join(roles)})")
         try:
             return await handler(request, identity)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import httpx
@@ -11,7 +13,9 @@ from mcp.shared.exceptions import MCPError
 
 from gateway.call_audit import REFUSED_EVERY_S, CallAudit, arguments_hash
 from tests.clients import connect, text_of
-from tests.conftest import make_fleet
+from tests.conftest import ROOT, make_fleet
+
+WEATHER = ROOT / "tests" / "tool_projects" / "weather"
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +123,53 @@ def test_refusals_of_a_flood_are_counted_into_the_next_entry():
     assert [d["ip"] for d in details] == ["10.0.0.1", "10.0.0.2", "10.0.0.1"]
     assert "suppressed" not in details[0]
     assert details[2]["suppressed"] == 6
+
+
+# -- roles and tenants ----------------------------------------------------------------------
+
+
+def registry_cli(fleet, key: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**fleet.env, "MCPFLEET_URL": fleet.base_url, "MCPFLEET_KEY": key}
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+def registry_api(fleet, key: str, method: str, path: str) -> httpx.Response:
+    return httpx.request(method, fleet.base_url + path, headers={"Authorization": f"Bearer {key}"}, json={}, timeout=60)
+
+
+async def test_roles_are_refused_clearly_and_audited_and_tenants_stay_apart(audited):
+    keys = {(tenant, role): audited.add_user(f"{role}-{tenant}", tenant=tenant, role=role)
+            for tenant in ("ta", "tb") for role in ("admin", "publisher", "member")}
+    published = registry_cli(audited, keys["tb", "publisher"], "publish", str(WEATHER))
+    assert published.returncode == 0, published.stdout + published.stderr
+    version = "/registry/v1/servers/io.example/weather/versions/1.0.0"
+
+    # A member of tenant B may not approve: a clear 403, and an audit entry saying why.
+    refused = registry_api(audited, keys["tb", "member"], "POST", version + "/approve")
+    assert refused.status_code == 403
+    assert "role 'member' may not do this (needs admin)" in refused.json()["error"]
+    [entry] = wait_for(audited, lambda e: e["action"] == "auth.refused" and e["actor"] == "tb/member-tb")
+    assert entry["detail"]["reason"] == "insufficient role"
+    assert entry["detail"]["needs"] == ["admin"] and entry["detail"]["request"].startswith("POST /registry/v1/")
+
+    # Tenant A's admin neither sees nor approves tenant B's version.
+    assert "io.example/weather" not in registry_api(audited, keys["ta", "admin"], "GET", "/registry/v1/servers").text
+    assert registry_api(audited, keys["ta", "admin"], "GET", version).status_code == 404
+    assert registry_api(audited, keys["ta", "admin"], "POST", version + "/approve").status_code == 404
+
+    approved = registry_api(audited, keys["tb", "admin"], "POST", version + "/approve")
+    assert approved.status_code == 200, approved.text
+    # B's approval is B's: its members get the tools, A's do not, and A's readers do not see it.
+    assert any(n.startswith("weather") for n in await tool_names(audited, keys["tb", "member"]))
+    assert not any(n.startswith("weather") for n in await tool_names(audited, keys["ta", "member"]))
+    for role in ("admin", "publisher"):
+        listing = registry_api(audited, keys["ta", role], "GET", "/registry/v1/servers")
+        assert listing.status_code == 200 and "weather" not in listing.text
+    approvals = [e for e in exported(audited) if e["action"] == "registry.approve"]
+    assert approvals and all(e["tenant"] == "tb" for e in approvals)
+
+
+async def tool_names(fleet, key: str) -> set[str]:
+    async with connect(fleet.mcp_url, key) as client:
+        return {t.name for t in (await client.list_tools()).tools}
