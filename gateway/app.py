@@ -24,6 +24,7 @@ from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.call_audit import AuditedBearerBackend, CallAudit, missing_scope_hook, note_oauth_refusal
 from gateway.db import open_pool
 from gateway.http_headers import TrimHeaderWhitespace
+from gateway.limits import LimitsMiddleware, buckets_for
 from gateway.oauth.resource import RequireBearer, metadata_routes
 from gateway.oauth.tokens import OAuthVerifier
 from gateway.registry_setup import open_registry
@@ -90,6 +91,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
             await calls.close()
             await verifier.stop_listening()
             await oauth.close()
+            await buckets.aclose()
             await pool.close()
 
     async def healthz(request: Request) -> JSONResponse:
@@ -112,8 +114,10 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
     oauth = OAuthVerifier(settings)
     oauth.on_refused = note_oauth_refusal
     admin_sessions = admin.sessions_for(settings, lambda: state["pool"])
+    buckets = buckets_for(settings)
     mcp_endpoint = RequireBearer(
-        StreamableHTTPASGIApp(sessions), public_url=settings.public_url, required_scopes=settings.required_scopes,
+        LimitsMiddleware(StreamableHTTPASGIApp(sessions), settings, buckets, calls),
+        public_url=settings.public_url, required_scopes=settings.required_scopes,
         on_missing_scope=missing_scope_hook(calls),
     )
     app = Starlette(

@@ -58,6 +58,12 @@ class Settings:
     required_scopes: tuple[str, ...] = ("mcp",)
     # Loopback and private issuers (tests, an IdP on the same network); also allows plain http.
     allow_private_issuers: bool = False
+    # Per user (gateway/limits.py): requests per minute, tools/call per tool per minute (0: off), POSTs in flight.
+    rate_limit_per_min: int = 600
+    tool_rate_limit_per_min: int = 0
+    max_concurrent_calls: int = 16
+    # Shares the rate limits' buckets across gateways; None: each gateway counts on its own.
+    redis_url: str | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -91,6 +97,10 @@ def load_settings(**overrides: object) -> Settings:
         # Unset means "mcp"; set but empty means no scope is required.
         "required_scopes": tuple(os.environ.get("MCPFLEET_REQUIRED_SCOPES", "mcp").replace(",", " ").split()),
         "allow_private_issuers": os.environ.get("MCPFLEET_ALLOW_PRIVATE_ISSUERS", "") in ("1", "true", "yes"),
+        "rate_limit_per_min": _int("MCPFLEET_RATE_LIMIT_PER_MIN", 600),
+        "tool_rate_limit_per_min": _int("MCPFLEET_TOOL_RATE_LIMIT_PER_MIN", 0),
+        "max_concurrent_calls": _int("MCPFLEET_MAX_CONCURRENT_CALLS", 16),
+        "redis_url": os.environ.get("REDIS_URL") or None,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)  # type: ignore[arg-type]

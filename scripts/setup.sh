@@ -16,6 +16,8 @@ command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 # The admin page's tests drive Debian's chromium with Playwright (tests/browser.py); no browser of Playwright's own.
 if [ "${1:-}" = "test" ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
+# The rate limits' tests share buckets through a private redis-server (tests/test_limits.py).
+if [ "${1:-}" = "test" ]; then command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
