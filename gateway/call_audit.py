@@ -30,11 +30,10 @@ from typing import Any
 import psycopg
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, BearerAuthBackend
 from mcp.server.auth.provider import TokenVerifier
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import HTTPConnection
 
-from gateway import accounts
+from gateway import accounts, audit
 from gateway.accounts import Identity
 from gateway.auth import FleetToken, is_api_key
 
@@ -165,13 +164,8 @@ class CallAudit:
             batch.append(Pending("audit.dropped", "error", None, None, None, {"count": self._dropped}))
             self._dropped = 0
         try:
-            # One statement per entry, as `audit.append` writes it, sent in a pipeline: the triggers
-            # chain each row under the head's lock, held once for the whole transaction.
-            async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO audit_entries (tenant, actor, action, target, outcome, detail) VALUES (%s, %s, %s, %s, %s, %s)",
-                    [(e.tenant, e.actor, e.action, e.target, e.outcome, Jsonb(e.detail)) for e in batch],
-                )
+            async with self.pool.connection() as conn, conn.transaction():
+                await audit.append_many(conn, [(e.tenant, e.actor, e.action, e.target, e.outcome, e.detail) for e in batch])
         except BaseException:
             self._queue[:0] = batch  # in order, ahead of whatever came meanwhile
             raise
