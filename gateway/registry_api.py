@@ -78,11 +78,18 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _group(body: dict[str, Any]) -> str | None:
-    group = body.get("group")
-    if group is not None and not isinstance(group, str):
-        raise RegistryError(400, "group must be a string or null")
-    return group or None
+def _group(body: dict[str, Any], field: str = "group") -> str | None:
+    value = body.get(field)
+    if value is not None and not isinstance(value, str):
+        raise RegistryError(400, f"{field} must be a string or null")
+    return value or None
+
+
+def _tools(body: dict[str, Any]) -> list[str] | None:
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, str) for t in tools)):
+        raise RegistryError(400, "tools must be a list of the version's tool names, or null for all")
+    return tools
 
 
 def diff_tools(before: list[dict[str, Any]] | None, after: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -146,14 +153,15 @@ def routes(registry_of: Callable[[], Any], pool_of: Callable[[], Any], search_of
         body = await _body(request)
         async with pool_of().connection() as conn:
             result = await store.approve(
-                conn, who, _name(request), request.path_params["version"], group=_group(body), override=bool(body.get("override"))
+                conn, who, _name(request), request.path_params["version"], group=_group(body),
+                override=bool(body.get("override")), tier=_group(body, "tier"), tools=_tools(body),
             )
         return _json({"approved": result})
 
     async def revoke(request: Request, who: Identity) -> Response:
         body = await _body(request)
         async with pool_of().connection() as conn:
-            await store.revoke(conn, who, _name(request), request.path_params["version"], group=_group(body))
+            await store.revoke(conn, who, _name(request), request.path_params["version"], group=_group(body), tier=_group(body, "tier"))
         return _json({"revoked": {"name": _name(request), "version": request.path_params["version"], "group": _group(body)}})
 
     async def list_drift(request: Request, who: Identity) -> Response:

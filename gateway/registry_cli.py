@@ -86,9 +86,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_approve(args: argparse.Namespace) -> int:
     def work(api: FleetApi) -> int:
-        body = {"group": args.group, "override": args.override}
+        tools = [t.strip() for t in args.tools.split(",") if t.strip()] if args.tools else None
+        body = {"group": args.group, "tier": args.tier, "tools": tools, "override": args.override}
         result = api.request("POST", _version_path(args.name, args.version) + "/approve", json=body).json()["approved"]
         scope = f"group {result['group']}" if result["group"] else "the tenant"
+        scope += f", tier {result['tier']}" if result.get("tier") else ""
+        scope += f", tools {', '.join(result['tools'])}" if result.get("tools") else ""
         print(f"approved {args.name} {args.version} for {scope}; {len(result['pins'])} tool definition(s) pinned"
               f"{' (validation overridden)' if result['override'] else ''}")
         return 0
@@ -98,7 +101,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     def work(api: FleetApi) -> int:
-        api.request("POST", _version_path(args.name, args.version) + "/revoke", json={"group": args.group})
+        api.request("POST", _version_path(args.name, args.version) + "/revoke", json={"group": args.group, "tier": args.tier})
         print(f"revoked {args.name} {args.version} for {'group ' + args.group if args.group else 'the tenant'}")
         return 0
 
@@ -188,13 +191,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     approve = actions.add_parser("approve", help="approve a version for the tenant or a group (admins)")
     approve.add_argument("name")
     approve.add_argument("version")
-    approve.add_argument("--group")
+    approve.add_argument("--group", help="only for the members of this group")
+    approve.add_argument("--tier", help="only for the users on this tier")
+    approve.add_argument("--tools", help="only these of its tools (comma-separated own names)")
     approve.add_argument("--override", action="store_true", help="approve although validation failed (audited)")
     approve.set_defaults(func=cmd_approve)
     revoke = actions.add_parser("revoke", help="revoke a version's approval (admins)")
     revoke.add_argument("name")
     revoke.add_argument("version")
     revoke.add_argument("--group")
+    revoke.add_argument("--tier")
     revoke.set_defaults(func=cmd_revoke)
     drift = actions.add_parser("drift", help="tools withheld because their live definition differs from the pinned one")
     drift.set_defaults(func=cmd_drift)

@@ -117,6 +117,8 @@ class ToolRegistry(Protocol):
 
     async def record_call(self, user_id: int, server: str, tool: str, ok: bool, elapsed_ms: float) -> None: ...
 
+    def why_unavailable(self, user_id: int, public_name: str) -> str | None: ...
+
 
 SearchTools = Any
 """async (identity, query, limit) -> list of hits with `as_dict()`."""
@@ -342,25 +344,27 @@ class Router:
         where: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """A tool call or a prompt: find the server by the public name, pass on the server's own name."""
-        _, client, catalog = await self._catalog(ctx)
+        identity, client, catalog = await self._catalog(ctx)
+        registry = self._registry() if kind == "tool" else None
+        if registry is not None and name not in catalog.tool_owner:
+            reason = registry.why_unavailable(identity.user_id, name)
+            if reason is not None:  # a policy or a pin holds it back: say so, not "unknown"
+                raise MCPError(code=types.INVALID_PARAMS, message=reason)
         server, inner = _owner(catalog.tool_owner if kind == "tool" else catalog.prompt_owner, name, kind)
         if where is not None:  # tells the audit hook in call_tool which server it went to
             where["server"] = server
         forwarded: dict[str, Any] = {"name": inner, "arguments": arguments or {}}
         if meta := _forwarded_meta(ctx):
             forwarded["_meta"] = meta
-        registry = self._registry() if kind == "tool" else None
         if registry is None:
             return await self._forward(ctx, client, server, method, forwarded)
-        identity = identity_of(getattr(ctx.request, "scope", None))
         started, ok = time.perf_counter(), False
         try:
             result = await self._forward(ctx, client, server, method, forwarded)
             ok = not result.get("isError")
             return result
         finally:
-            if identity is not None:
-                await registry.record_call(identity.user_id, server, inner, ok, (time.perf_counter() - started) * 1e3)
+            await registry.record_call(identity.user_id, server, inner, ok, (time.perf_counter() - started) * 1e3)
 
     # -- telling clients what changed ---------------------------------------------------------
 

@@ -83,7 +83,9 @@ class Registry:
         self._builtin_specs = {spec.name: spec for spec in BUILTIN_SERVERS}
         self._approved: dict[int, list[Approved]] = {}
         self._specs: dict[int, ServerSpec] = {}
-        self._guarded: dict[tuple[int, str], tuple[Any, Approved, dict[str, Any]]] = {}
+        self._guarded: dict[tuple[int, str], tuple[Any, Approved, dict[str, Any], dict[str, str]]] = {}
+        # Per user: public tool name -> why the guard holds it back (for a clear refusal of a call).
+        self._withheld: dict[int, dict[str, str]] = defaultdict(dict)
         self._drift_seen: set[tuple[int, str, str]] = set()
         self._recorded_builtins: set[int] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -319,11 +321,26 @@ class Registry:
             cached = self._guarded.get((user_id, server))
             if cached is not None and cached[0] is entry and cached[1] == grant:
                 out[server] = cached[2]
+                self._withheld[user_id].update(cached[3])
                 continue
             kept, withheld = [], []
+            reasons = self._withheld[user_id]
+            for name in [n for n in reasons if n.startswith(f"{server}__")]:
+                del reasons[name]
             for tool in entry.get("tools") or []:
+                public = f"{server}__{tool['name']}"
+                if grant.tools is not None and tool["name"] not in grant.tools:
+                    reasons[public] = f"{public} is not approved for you (the approval of {grant.server} {grant.version} allows only some of its tools)"
+                    continue
                 live = definition_sha256(tool)
-                (kept if grant.pins.get(tool["name"]) == live else withheld).append((tool, live))
+                if grant.pins.get(tool["name"]) == live:
+                    kept.append((tool, live))
+                else:
+                    withheld.append((tool, live))
+                    reasons[public] = (
+                        f"{public} is withheld: its definition differs from the one approved for {grant.server} "
+                        f"{grant.version}, until an admin accepts the new one"
+                    )
             for tool, live in withheld:
                 key = (grant.version_id, tool["name"], live)
                 if key not in self._drift_seen:
@@ -331,9 +348,13 @@ class Registry:
                     log.warning("%s %s: tool %s differs from its pin; withheld", grant.server, grant.version, tool["name"])
                     self._spawn(self._record_drift(grant, tool, live, user_id))
             filtered = {**entry, "tools": [tool for tool, _ in kept]}
-            self._guarded[(user_id, server)] = (entry, grant, filtered)
+            self._guarded[(user_id, server)] = (entry, grant, filtered, dict((k, v) for k, v in reasons.items() if k.startswith(f"{server}__")))
             out[server] = filtered
         return out
+
+    def why_unavailable(self, user_id: int, public_name: str) -> str | None:
+        """Why the guard holds back this tool from the user, if it does."""
+        return self._withheld.get(user_id, {}).get(public_name)
 
     async def _record_drift(self, grant: Approved, tool: dict[str, Any], live: str, user_id: int) -> None:
         async with self.pool.connection() as conn:

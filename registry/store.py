@@ -38,6 +38,8 @@ class Approved:
     builtin: bool
     artifact_sha256: str | None
     pins: dict[str, str]
+    tools: frozenset[str] | None = None
+    """The tools of the version the approval allows (None: all)."""
 
 
 async def _tenant_id(conn: psycopg.AsyncConnection, tenant: str) -> int:
@@ -146,7 +148,7 @@ async def version(conn: psycopg.AsyncConnection, tenant: str, name: str, version
 async def approvals_of(conn: psycopg.AsyncConnection, version_id: int, *, live_only: bool = True) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
-        "SELECT group_name AS group, approved_by, approved_at, override, revoked_by, revoked_at FROM approvals"
+        "SELECT group_name AS group, tier, tools, approved_by, approved_at, override, revoked_by, revoked_at FROM approvals"
         f" WHERE version_id = %s {'AND revoked_at IS NULL' if live_only else ''} ORDER BY approved_at",
         (version_id,),
     )
@@ -164,7 +166,7 @@ async def servers(conn: psycopg.AsyncConnection, tenant: str) -> list[dict[str, 
     )
     rows = await cur.fetchall()
     await cur.execute(
-        "SELECT a.version_id, a.group_name AS group, a.approved_by, a.approved_at, a.override FROM approvals a"
+        "SELECT a.version_id, a.group_name AS group, a.tier, a.tools, a.approved_by, a.approved_at, a.override FROM approvals a"
         " JOIN registry_servers s ON s.id = a.server_id JOIN tenants t ON t.id = s.tenant_id"
         " WHERE t.name = %s AND a.revoked_at IS NULL",
         (tenant,),
@@ -188,7 +190,15 @@ async def servers(conn: psycopg.AsyncConnection, tenant: str) -> list[dict[str, 
 
 
 async def approve(
-    conn: psycopg.AsyncConnection, who: Identity, name: str, version_: str, *, group: str | None, override: bool
+    conn: psycopg.AsyncConnection,
+    who: Identity,
+    name: str,
+    version_: str,
+    *,
+    group: str | None,
+    override: bool,
+    tier: str | None = None,
+    tools: list[str] | None = None,
 ) -> dict[str, Any]:
     """Bind the version to the tenant (or a group), pinning every tool definition validation recorded.
     Replaces the server's approval for the same scope. Refused (409) for a version that failed
@@ -211,15 +221,24 @@ async def approve(
         clash = await cur.fetchone()
         if clash is not None:
             raise RegistryError(409, f"prefix {row['prefix']!r} of {name} is taken by the approved server {clash[0]}")
+        if tools is not None:
+            unknown = sorted(set(tools) - {t["name"] for t in row["tools"]})
+            if unknown or not tools:
+                raise RegistryError(400, f"{name} {version_} has no tool(s) {', '.join(unknown)}" if unknown else "name at least one tool")
+        if tier is not None:
+            cur = await conn.execute("SELECT 1 FROM tiers WHERE name = %s", (tier,))
+            if await cur.fetchone() is None:
+                raise RegistryError(400, f"no tier named {tier!r}")
         await conn.execute(
-            "UPDATE approvals SET revoked_at = now(), revoked_by = %s"
-            " WHERE server_id = %s AND coalesce(group_name, '') = coalesce(%s, '') AND revoked_at IS NULL",
-            (who.user, row["server_id"], group),
+            "UPDATE approvals SET revoked_at = now(), revoked_by = %s WHERE server_id = %s"
+            " AND coalesce(group_name, '') = coalesce(%s, '') AND coalesce(tier, '') = coalesce(%s, '') AND revoked_at IS NULL",
+            (who.user, row["server_id"], group, tier),
         )
         pins = pins_of(row["tools"]) if not row["builtin"] else {}
         await conn.execute(
-            "INSERT INTO approvals (version_id, server_id, group_name, pins, override, approved_by) VALUES (%s, %s, %s, %s, %s, %s)",
-            (row["id"], row["server_id"], group, Jsonb(pins), bool(failed) and override, who.user),
+            "INSERT INTO approvals (version_id, server_id, group_name, tier, tools, pins, override, approved_by)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (row["id"], row["server_id"], group, tier, sorted(tools) if tools else None, Jsonb(pins), bool(failed) and override, who.user),
         )
         await audit.append(
             conn,
@@ -228,45 +247,55 @@ async def approve(
             tenant=who.tenant,
             actor=who.user,
             target=f"{name}@{version_}",
-            detail={"group": group, "override": bool(failed) and override, "failed_checks": failed, "pins": pins},
+            detail={"group": group, "tier": tier, "tools": tools, "override": bool(failed) and override,
+                    "failed_checks": failed, "pins": pins},
         )
-    return {"name": name, "version": version_, "group": group, "pins": pins, "override": bool(failed) and override}
+    return {"name": name, "version": version_, "group": group, "tier": tier, "tools": tools, "pins": pins,
+            "override": bool(failed) and override}
 
 
-async def revoke(conn: psycopg.AsyncConnection, who: Identity, name: str, version_: str, *, group: str | None) -> int:
+async def revoke(
+    conn: psycopg.AsyncConnection, who: Identity, name: str, version_: str, *, group: str | None, tier: str | None = None
+) -> int:
     async with conn.transaction():
         row = await version(conn, who.tenant, name, version_)
         cur = await conn.execute(
             "UPDATE approvals SET revoked_at = now(), revoked_by = %s"
-            " WHERE version_id = %s AND coalesce(group_name, '') = coalesce(%s, '') AND revoked_at IS NULL",
-            (who.user, row["id"], group),
+            " WHERE version_id = %s AND coalesce(group_name, '') = coalesce(%s, '') AND coalesce(tier, '') = coalesce(%s, '')"
+            " AND revoked_at IS NULL",
+            (who.user, row["id"], group, tier),
         )
         if cur.rowcount == 0:
-            raise RegistryError(404, f"{name} {version_} has no approval for {'group ' + group if group else 'the tenant'}")
+            scope = ("group " + group if group else "the tenant") + (f" on tier {tier}" if tier else "")
+            raise RegistryError(404, f"{name} {version_} has no approval for {scope}")
         await audit.append(
             conn, action="registry.revoke", outcome="ok", tenant=who.tenant, actor=who.user, target=f"{name}@{version_}",
-            detail={"group": group},
+            detail={"group": group, "tier": tier},
         )
     return cur.rowcount
 
 
 async def approved_for(conn: psycopg.AsyncConnection, user_id: int) -> list[Approved]:
-    """What the user may run: per server, its approval for one of the user's groups if any
-    (the more specific), else its approval for the whole tenant."""
+    """What the user may run: per server, the most specific of its approvals that match the user's
+    attributes (one of their groups before the whole tenant, their tier before any tier)."""
     cur = await conn.execute(
         """
-        SELECT DISTINCT ON (s.id) s.name, s.prefix, v.version, v.id, s.builtin, v.artifact_sha256, a.pins
+        SELECT DISTINCT ON (s.id) s.name, s.prefix, v.version, v.id, s.builtin, v.artifact_sha256, a.pins, a.tools
           FROM users u
           JOIN registry_servers s ON s.tenant_id = u.tenant_id
           JOIN approvals a ON a.server_id = s.id AND a.revoked_at IS NULL
           JOIN registry_versions v ON v.id = a.version_id
          WHERE u.id = %s
            AND (a.group_name IS NULL OR a.group_name IN (SELECT name FROM user_groups WHERE user_id = u.id))
-         ORDER BY s.id, a.group_name IS NULL, a.approved_at DESC
+           AND (a.tier IS NULL OR a.tier = u.tier)
+         ORDER BY s.id, a.group_name IS NULL, a.tier IS NULL, a.approved_at DESC
         """,
         (user_id,),
     )
-    return [Approved(n, p, ver, vid, b, sha, pins) for n, p, ver, vid, b, sha, pins in await cur.fetchall()]
+    return [
+        Approved(n, p, ver, vid, b, sha, pins, frozenset(tools) if tools is not None else None)
+        for n, p, ver, vid, b, sha, pins, tools in await cur.fetchall()
+    ]
 
 
 async def ensure_builtins(conn: psycopg.AsyncConnection, tenant_id: int, builtins: list[tuple[str, str, str]]) -> None:

@@ -209,7 +209,7 @@ async def test_a_server_that_changes_its_definitions_after_approval_is_withheld(
     async with connect(fleet.mcp_url, member) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         assert "units__convert" not in names and "weather__forecast" in names
-        with pytest.raises(MCPError, match="Unknown tool"):
+        with pytest.raises(MCPError, match="units__convert is withheld: its definition differs"):
             await client.call_tool("units__convert", {"celsius": 20})
 
     drift = api(fleet, admin, "GET", "/registry/v1/drift").json()["drift"]
@@ -251,6 +251,29 @@ async def test_search_finds_a_tool_by_meaning(registry_fleet):
         result = await client.call_tool("fleet__search_tools", {"query": "list the files in a folder", "limit": 3})
         assert structured(result)["tools"][0]["name"] == "workspace__list_dir"
         assert "calculator__add" not in text_of(result)  # not approved for this member
+
+
+async def test_approvals_are_policies_on_tier_and_tools(registry_fleet):
+    fleet = registry_fleet
+    key = fleet.add_user("tiered-1")
+    fleet.cli("tiers", "set", "gold", "--cpus", "1", "--memory-mb", "512", "--pids", "256", "--disk-mb", "256")
+    admin = fleet.keys["admin"]
+    # Only the forecast tool, only for the gold tier: the tenant-wide approval of all of it goes.
+    cli(fleet, admin, "registry", "revoke", "io.example/weather", "1.0.0")
+    cli(fleet, admin, "registry", "approve", "io.example/weather", "1.0.0", "--tier", "gold", "--tools", "forecast")
+    assert not {"weather__forecast", "weather__alerts"} & await tool_names(fleet, key)
+    fleet.cli("tiers", "assign", "tiered-1", "gold")
+    async with connect(fleet.mcp_url, key) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert "weather__forecast" in names and "weather__alerts" not in names
+        with pytest.raises(MCPError, match="weather__alerts is not approved for you"):
+            await client.call_tool("weather__alerts", {"region": "north"})
+    refusals = [d for a, o, d in audit_actions(fleet) if a == "tool.call" and o != "ok"]
+    assert refusals, "the refused call is audited"
+    bad = api(fleet, admin, "POST", "/registry/v1/servers/io.example/weather/versions/1.0.0/approve", json={"tools": ["nope"]})
+    assert bad.status_code == 400 and "nope" in bad.json()["error"]
+    cli(fleet, admin, "registry", "revoke", "io.example/weather", "1.0.0", "--tier", "gold")
+    cli(fleet, admin, "registry", "approve", "io.example/weather", "1.0.0")
 
 
 def test_usage_is_counted_per_tool_version(registry_fleet):
