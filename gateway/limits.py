@@ -169,7 +169,7 @@ def _request_facts(scope: Scope, body: bytes) -> tuple[Any, str | None]:
     headers = dict(scope.get("headers") or [])
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # the transport answers it with a JSON-RPC parse error
         payload = None
     if not isinstance(payload, dict):
         return None, None
