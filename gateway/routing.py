@@ -115,7 +115,9 @@ class ToolRegistry(Protocol):
 
     async def guard(self, user_id: int, per_server: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]: ...
 
-    async def record_call(self, user_id: int, server: str, tool: str, ok: bool, elapsed_ms: float) -> None: ...
+    def record_call(self, user_id: int, server: str, tool: str, ok: bool, elapsed_ms: float) -> str | None:
+        """Counts the call; returns the version of the server the user's call went to."""
+        ...
 
     def why_unavailable(self, user_id: int, public_name: str) -> str | None: ...
 
@@ -308,7 +310,8 @@ class Router:
     async def call_tool(self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> dict[str, Any]:
         if params.name == SEARCH_TOOL and self._search() is not None:
             return await self._search_tools(ctx, params.arguments or {})
-        if self._calls is None:
+        registry = self._registry()
+        if self._calls is None and registry is None:
             return await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments)
         started, outcome, code, where = time.perf_counter(), "sandbox failure", None, {}
         try:
@@ -319,10 +322,15 @@ class Router:
             outcome, code = ("sandbox failure" if exc.error.code in _SANDBOX_FAILURES else "jsonrpc error"), exc.error.code
             raise
         finally:
+            # Usage per tool version for the admin page, and an audit entry: both queued, off the call's path.
             identity = identity_of(getattr(ctx.request, "scope", None))
-            if identity is not None:
-                self._calls.tool_call(identity, tool=params.name, server=where.get("server", ""), arguments=params.arguments,
-                                      outcome=outcome, error_code=code, latency_ms=(time.perf_counter() - started) * 1e3)
+            elapsed_ms = (time.perf_counter() - started) * 1e3
+            server, version = where.get("server", ""), None
+            if identity is not None and registry is not None and server:
+                version = registry.record_call(identity.user_id, server, where["tool"], outcome == "ok", elapsed_ms)
+            if identity is not None and self._calls is not None:
+                self._calls.tool_call(identity, tool=params.name, server=server, arguments=params.arguments, version=version,
+                                      outcome=outcome, error_code=code, latency_ms=elapsed_ms)
 
     async def _search_tools(self, ctx: ServerRequestContext[Any, Any], arguments: Mapping[str, Any]) -> dict[str, Any]:
         identity = identity_of(getattr(ctx.request, "scope", None))
@@ -351,20 +359,12 @@ class Router:
             if reason is not None:  # a policy or a pin holds it back: say so, not "unknown"
                 raise MCPError(code=types.INVALID_PARAMS, message=reason)
         server, inner = _owner(catalog.tool_owner if kind == "tool" else catalog.prompt_owner, name, kind)
-        if where is not None:  # tells the audit hook in call_tool which server it went to
-            where["server"] = server
+        if where is not None:  # tells call_tool which server and tool the call went to
+            where.update(server=server, tool=inner)
         forwarded: dict[str, Any] = {"name": inner, "arguments": arguments or {}}
         if meta := _forwarded_meta(ctx):
             forwarded["_meta"] = meta
-        if registry is None:
-            return await self._forward(ctx, client, server, method, forwarded)
-        started, ok = time.perf_counter(), False
-        try:
-            result = await self._forward(ctx, client, server, method, forwarded)
-            ok = not result.get("isError")
-            return result
-        finally:
-            await registry.record_call(identity.user_id, server, inner, ok, (time.perf_counter() - started) * 1e3)
+        return await self._forward(ctx, client, server, method, forwarded)
 
     # -- telling clients what changed ---------------------------------------------------------
 

@@ -368,16 +368,18 @@ class Registry:
 
     # -- usage ----------------------------------------------------------------------------------
 
-    async def record_call(self, user_id: int, server: str, tool: str, ok: bool, elapsed_ms: float) -> None:
-        """Counted in memory, written every few seconds: a call never waits for it."""
+    def record_call(self, user_id: int, server: str, tool: str, ok: bool, elapsed_ms: float) -> str | None:
+        """Counted in memory, written every few seconds: a call never waits for it. Returns the
+        version of the server the call went to (for the audit entry)."""
         grant = next((a for a in self._approved.get(user_id, ()) if a.prefix == server), None)
         if grant is None:
-            return
+            return None
         counters = self._usage[(grant.version_id, tool)]
         counters[0] += 1
         counters[1] += 0 if ok else 1
         counters[2] += elapsed_ms
         counters[3] = max(counters[3], elapsed_ms)
+        return f"{grant.server}@{grant.version}"
 
     async def _flush_usage_periodically(self, interval: float = 5.0) -> None:
         while True:

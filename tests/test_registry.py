@@ -285,6 +285,8 @@ def test_usage_is_counted_per_tool_version(registry_fleet):
             break
         time.sleep(0.5)
     assert forecast and forecast[0]["calls"] >= 1 and forecast[0]["errors"] == 0
+    # Each call's audit entry names the version it went to.
+    assert any(a == "tool.call" and d.get("version") == "io.example/weather@1.0.0" for a, _, d in audit_actions(fleet))
 
 
 
