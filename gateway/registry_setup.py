@@ -39,7 +39,10 @@ async def open_registry(
             groups = [name for (name,) in await cur.fetchall()]
             return await search(conn, embedder, query, tenant=who.tenant, groups=groups, limit=limit)
 
-    registry = Registry(settings.home, pool, manager.backend, sandbox_python(), scan=scan_tools, indexer=index)
+    registry = Registry(
+        settings.home, pool, manager.backend, sandbox_python(), scan=scan_tools, indexer=index,
+        artifacts_s3_url=settings.artifacts_s3_url,
+    )
     registry.on_change.append(router.tools_changed)
     await registry.start(database_url)
     manager.servers = registry

@@ -64,6 +64,8 @@ class Settings:
     max_concurrent_calls: int = 16
     # Shares the rate limits' buckets across gateways; None: each gateway counts on its own.
     redis_url: str | None = None
+    # s3://bucket[/prefix]: published wheels are kept there (each gateway caches them under its home).
+    artifacts_s3_url: str | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -101,6 +103,7 @@ def load_settings(**overrides: object) -> Settings:
         "tool_rate_limit_per_min": _int("MCPFLEET_TOOL_RATE_LIMIT_PER_MIN", 0),
         "max_concurrent_calls": _int("MCPFLEET_MAX_CONCURRENT_CALLS", 16),
         "redis_url": os.environ.get("REDIS_URL") or None,
+        "artifacts_s3_url": os.environ.get("MCPFLEET_ARTIFACTS_S3_URL") or None,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)  # type: ignore[arg-type]

@@ -40,14 +40,52 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+class S3Artifacts:
+    """Wheels in an S3-compatible store (AWS, MinIO, Ceph…), keyed by digest, at `s3://bucket/prefix`.
+
+    The endpoint and credentials come from the usual AWS variables (`AWS_ENDPOINT_URL`,
+    `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), as any S3 client reads them.
+    """
+
+    def __init__(self, url: str):
+        import boto3  # only when configured: the default store needs no S3 client
+
+        if not url.startswith("s3://") or not url[5:].split("/", 1)[0]:
+            raise ArtifactError(f"MCPFLEET_ARTIFACTS_S3_URL must read s3://bucket[/prefix], not {url!r}")
+        bucket, _, prefix = url[5:].partition("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.client = boto3.client("s3")
+
+    def _key(self, sha256: str) -> str:
+        return f"{self.prefix}/{sha256}.whl" if self.prefix else f"{sha256}.whl"
+
+    def put(self, sha256: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(sha256), Body=data, ContentType="application/zip")
+
+    def get(self, sha256: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(sha256))["Body"].read()
+        except Exception as exc:  # botocore's errors: missing key, bucket, credentials, endpoint
+            raise ArtifactError(f"wheel {sha256} could not be fetched from s3://{self.bucket}: {exc}") from None
+
+
 class ArtifactStore:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, remote: S3Artifacts | None = None):
         self.root = Path(home) / "registry"
         self.artifacts = self.root / "artifacts"
         self.installed = self.root / "installed"
+        self.remote = remote
 
     def wheel_path(self, sha256: str) -> Path:
-        return self.artifacts / f"{sha256}.whl"
+        """The wheel on this machine: fetched from the remote store if need be, and checked against
+        its digest, so a changed object in the store is never run."""
+        path = self.artifacts / f"{sha256}.whl"
+        if not path.exists() and self.remote is not None:
+            data = self.remote.get(sha256)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise ArtifactError(f"the stored wheel {sha256} does not match its digest; refusing it")
+            self._keep(sha256, data)
+        return path
 
     def install_path(self, sha256: str) -> Path:
         return self.installed / sha256
@@ -55,14 +93,19 @@ class ArtifactStore:
     def store(self, data: bytes) -> str:
         """Keep a wheel under its digest (idempotent); returns the digest."""
         sha256 = hashlib.sha256(data).hexdigest()
+        if self.remote is not None:
+            self.remote.put(sha256, data)
+        self._keep(sha256, data)
+        return sha256
+
+    def _keep(self, sha256: str, data: bytes) -> None:
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        target = self.wheel_path(sha256)
+        target = self.artifacts / f"{sha256}.whl"
         if not target.exists():
             partial = target.with_suffix(".partial")
             partial.write_bytes(data)
             os.chmod(partial, 0o644)
             partial.rename(target)
-        return sha256
 
     def install(self, sha256: str) -> Path:
         """The wheel unpacked, once; a half-done install is never seen (built aside, then renamed)."""

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from gateway.accounts import Identity
 from gateway.db import follow_notifications
 from registry import store
-from registry.artifacts import ArtifactError, ArtifactStore, server_spec, unmet_requirements, wheel_metadata
+from registry.artifacts import ArtifactError, ArtifactStore, S3Artifacts, server_spec, unmet_requirements, wheel_metadata
 from registry.definitions import definition_sha256
 from registry.manifest import Manifest, ManifestError, parse_manifest
 from registry.store import Approved, RegistryError
@@ -72,12 +72,13 @@ class Registry:
         *,
         scan: Callable[[str, list[dict[str, Any]], Mapping[str, str]], list[Any]] | None = None,
         indexer: Callable[[int, str, list[dict[str, Any]]], Awaitable[None]] | None = None,
+        artifacts_s3_url: str | None = None,
     ):
         self.home = Path(home)
         self.pool = pool
         self.backend = backend
         self.python = python
-        self.artifacts = ArtifactStore(self.home)
+        self.artifacts = ArtifactStore(self.home, S3Artifacts(artifacts_s3_url) if artifacts_s3_url else None)
         self._scan = scan
         self._indexer = indexer
         self._builtin_specs = {spec.name: spec for spec in BUILTIN_SERVERS}
