@@ -24,6 +24,7 @@ from gateway.accounts import Identity
 from gateway.db import follow_notifications
 from registry import store
 from registry.artifacts import ArtifactError, ArtifactStore, S3Artifacts, server_spec, unmet_requirements, wheel_metadata
+from registry.builtins import builtin_tools
 from registry.definitions import definition_sha256
 from registry.manifest import Manifest, ManifestError, parse_manifest
 from registry.store import Approved, RegistryError
@@ -102,6 +103,7 @@ class Registry:
             cur = await conn.execute("SELECT id FROM tenants")
             for (tenant_id,) in await cur.fetchall():
                 await store.ensure_builtins(conn, tenant_id, builtin_entries())
+        self._spawn(self._record_builtins())
         if database_url is not None:
             self._listener = asyncio.create_task(
                 follow_notifications(database_url, "registry_changed", self._changed, "registry")
@@ -360,6 +362,23 @@ class Registry:
     async def _record_drift(self, grant: Approved, tool: dict[str, Any], live: str, user_id: int) -> None:
         async with self.pool.connection() as conn:
             await store.record_drift(conn, grant, tool["name"], live, dict(tool), user_id)
+
+    async def _record_builtins(self) -> None:
+        """Built-in versions not yet described get their definitions (and embeddings) now."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT v.id, s.prefix FROM registry_versions v JOIN registry_servers s ON s.id = v.server_id"
+                " WHERE s.builtin AND v.tools = '[]'::jsonb"
+            )
+            missing = await cur.fetchall()
+        if not missing:
+            return
+        listings = await builtin_tools()
+        for version_id, prefix in missing:
+            if prefix in listings:
+                await self._record_builtin(
+                    Approved("", prefix, "", version_id, True, None, {}), listings[prefix]
+                )
 
     async def _record_builtin(self, grant: Approved, tools: list[dict[str, Any]]) -> None:
         async with self.pool.connection() as conn:

@@ -6,9 +6,7 @@ from typing import Any
 
 import pytest
 
-from mcp_servers.conformance.server import create_server as conformance_server
-from mcp_servers.exec.server import create_server as exec_server
-from mcp_servers.workspace.server import create_server as workspace_server
+from registry.builtins import builtin_tools
 from registry.scan import CHECKS, Finding, scan_tools
 
 OTHERS = {
@@ -59,17 +57,8 @@ def test_finding_as_dict() -> None:
 # --- nothing on ordinary tools -----------------------------------------------------------------
 
 
-async def builtin_listings(tmp_path: Any) -> dict[str, list[dict[str, Any]]]:
-    servers = {"workspace": workspace_server(tmp_path), "exec": exec_server(tmp_path), "conformance": conformance_server()}
-    listings = {}
-    for prefix, server in servers.items():
-        tools = await server.list_tools()
-        listings[prefix] = [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in tools]
-    return listings
-
-
 async def test_builtin_servers_scan_clean(tmp_path: Any) -> None:
-    listings = await builtin_listings(tmp_path)
+    listings = await builtin_tools()
     assert sum(len(tools) for tools in listings.values()) > 20, "the built-in servers' real listings"
     public = {f"{prefix}__{t['name']}": f"io.mcpfleet/{prefix}" for prefix, tools in listings.items() for t in tools}
     for prefix, tools in listings.items():
