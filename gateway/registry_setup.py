@@ -33,7 +33,21 @@ async def open_registry(
         async with pool.connection() as conn:
             await index_version(conn, embedder, version_id, prefix, tools)
 
+    async def index_missing() -> None:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT v.id, s.prefix, v.tools FROM registry_versions v JOIN registry_servers s ON s.id = v.server_id"
+                " WHERE v.tools <> '[]'::jsonb AND NOT EXISTS"
+                " (SELECT 1 FROM tool_embeddings e WHERE e.version_id = v.id AND e.model = %s)",
+                (embedder.model,),
+            )
+            for version_id, prefix, tools in await cur.fetchall():
+                await index_version(conn, embedder, version_id, prefix, tools)
+
     async def search_tools(who: Identity, query: str, limit: int) -> list[Hit]:
+        if registry.unindexed:
+            registry.unindexed = False
+            await index_missing()
         async with pool.connection() as conn:
             cur = await conn.execute("SELECT name FROM user_groups WHERE user_id = %s", (who.user_id,))
             groups = [name for (name,) in await cur.fetchall()]

@@ -95,6 +95,8 @@ class Registry:
         self._usage: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0.0])
         self.on_change: list[ChangeListener] = []
         self._distributions: set[str] | None = None
+        self.unindexed = True
+        """Some recorded definitions may lack embeddings (built-ins): search indexes them first."""
 
     # -- gateway lifecycle ----------------------------------------------------------------
 
@@ -382,9 +384,10 @@ class Registry:
 
     async def _record_builtin(self, grant: Approved, tools: list[dict[str, Any]]) -> None:
         async with self.pool.connection() as conn:
-            recorded = await store.record_builtin_tools(conn, grant.version_id, tools)
-        if recorded and self._indexer is not None:
-            await self._indexer(grant.version_id, grant.prefix, tools)
+            if await store.record_builtin_tools(conn, grant.version_id, tools):
+                # Embedded at the next search, not now: loading the model costs seconds of CPU that
+                # a gateway which never searches should not spend at start.
+                self.unindexed = True
 
     # -- usage ----------------------------------------------------------------------------------
 
