@@ -234,7 +234,10 @@ def serve_in_thread(proxy: KeyProxy, port: int) -> Callable[[], None]:
         server = await asyncio.start_server(proxy.handle, "127.0.0.1", port)
         started.set()
         async with server:
-            await server.serve_forever()
+            try:
+                await server.serve_forever()
+            except asyncio.CancelledError:
+                pass  # stop() cancels it: the proxy's normal end
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), name="key-proxy", daemon=True)
     thread.start()
