@@ -31,15 +31,8 @@ def dev(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
-    from registry.manifest import ManifestError
-
-    try:
-        manifest = projects.load(directory)
-    except ManifestError as exc:
-        print("\n".join([f"mcpfleet: {directory}/server.json is not valid:", *(f"  - {p}" for p in exc.problems)]), file=err)
-        return 1
-    except projects.ProjectError as exc:
-        print(f"mcpfleet: {exc}", file=err)
+    manifest = projects.load_or_report(directory, err)
+    if manifest is None:
         return 1
     env = {DECLARED_ENV: ",".join(manifest.fleet.secrets)}
     for name in manifest.fleet.secrets:

@@ -10,7 +10,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from registry.manifest import Manifest
@@ -53,6 +53,19 @@ def load(project: Path) -> Manifest:
     if not (project / MANIFEST).is_file():
         raise ProjectError(f"{project} has no {MANIFEST}")
     return load_manifest(project)
+
+
+def load_or_report(project: Path, err: TextIO) -> Manifest | None:
+    """The manifest, or None after telling the developer on `err` every problem found (for commands)."""
+    from registry.manifest import ManifestError
+
+    try:
+        return load(project)
+    except ManifestError as exc:
+        print("\n".join([f"mcpfleet: {project}/server.json is not valid:", *(f"  - {p}" for p in exc.problems)]), file=err)
+    except ProjectError as exc:
+        print(f"mcpfleet: {exc}", file=err)
+    return None
 
 
 @dataclass(frozen=True)

@@ -36,15 +36,8 @@ def publish(
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Publish the project in `directory`; `wait_s=None` returns once the registry has the upload."""
-    from registry.manifest import ManifestError
-
-    try:
-        manifest = projects.load(directory)
-    except ManifestError as exc:
-        print("\n".join([f"mcpfleet: {directory}/server.json is not valid:", *(f"  - {p}" for p in exc.problems)]), file=err)
-        return 1
-    except projects.ProjectError as exc:
-        print(f"mcpfleet: {exc}", file=err)
+    manifest = projects.load_or_report(directory, err)
+    if manifest is None:
         return 1
     manifest_text = (directory / projects.MANIFEST).read_text(encoding="utf-8")
 
