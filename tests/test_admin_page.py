@@ -30,7 +30,7 @@ from playwright.async_api import BrowserContext, Page, expect
 
 from gateway.admin.secret import session_secret
 from gateway.admin.session import COOKIE, LIFETIME_S
-from tests.browser import chromium
+from tests.browser import browser, context  # noqa: F401  (fixtures)
 from tests.clients import connect, structured
 from tests.conftest import MCPFLEET, ROOT, make_fleet
 
@@ -55,19 +55,6 @@ def fleet(tmp_path_factory, postgres_url):
 @pytest.fixture(scope="module")
 def keys(fleet) -> dict[str, str]:
     return {role: fleet.add_user(f"page-{role}", role=role) for role in ("admin", "auditor", "member", "publisher")}
-
-
-@pytest.fixture(scope="module")
-async def browser():
-    async with chromium() as running:
-        yield running
-
-
-@pytest.fixture
-async def context(browser):
-    made = await browser.new_context()
-    yield made
-    await made.close()
 
 
 async def sign_in(context: BrowserContext, fleet, key: str) -> Page:

@@ -29,7 +29,7 @@ from playwright.async_api import expect
 
 from gateway.admin.oidc import FLOW_COOKIE
 from gateway.admin.session import COOKIE
-from tests.browser import chromium
+from tests.browser import browser, context  # noqa: F401  (fixtures)
 from tests.conftest import make_fleet
 
 CLIENT_ID = "mcpfleet-admin"
@@ -160,19 +160,6 @@ def fleet(tmp_path_factory, postgres_url, provider):
     running.start()
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-async def browser():
-    async with chromium() as running:
-        yield running
-
-
-@pytest.fixture
-async def context(browser):
-    made = await browser.new_context()
-    yield made
-    await made.close()
 
 
 @pytest.fixture
