@@ -57,11 +57,7 @@ def greeter(revision: str) -> ServerSpec:
 async def test_servers_are_added_replaced_and_removed_in_a_running_sandbox(fleets):
     fleet = await fleets("configure")
     source = ChangingServers()
-    from sandbox.manager import SandboxManager
-
-    manager = SandboxManager(fleet.home, fleet.pool, fleet.backend, source, lifecycle=fleet.lifecycle)
-    await manager.start()
-    fleet.managers.append(manager)
+    manager = await fleet.manager(source)
     alice = await fleet.user("alice")
     sandbox = await manager.ensure(*alice)
     assert set(await sandbox.client.catalog()) == {"fixture", "exec"}
@@ -93,11 +89,7 @@ async def test_servers_are_added_replaced_and_removed_in_a_running_sandbox(fleet
 async def test_a_resumed_sandbox_is_brought_to_what_its_user_may_run_now(fleets):
     fleet = await fleets("configure-resume")
     source = ChangingServers()
-    from sandbox.manager import SandboxManager
-
-    manager = SandboxManager(fleet.home, fleet.pool, fleet.backend, source, lifecycle=fleet.lifecycle)
-    await manager.start()
-    fleet.managers.append(manager)
+    manager = await fleet.manager(source)
     bob = await fleet.user("bob")
     source.extra[bob[0]] = (greeter("r1"),)
     sandbox = await manager.ensure(*bob)

@@ -49,8 +49,8 @@ class Fleet:
         self.lifecycle = Lifecycle(**{"housekeeping_interval_s": 3600.0, **lifecycle})
         self.managers: list[SandboxManager] = []
 
-    async def manager(self) -> SandboxManager:
-        manager = SandboxManager(self.home, self.pool, self.backend, SERVERS, lifecycle=self.lifecycle)
+    async def manager(self, servers=SERVERS) -> SandboxManager:
+        manager = SandboxManager(self.home, self.pool, self.backend, servers, lifecycle=self.lifecycle)
         await manager.start()
         self.managers.append(manager)
         return manager
