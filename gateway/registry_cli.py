@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 
+from gateway import accounts
 from gateway.settings import load_settings
 from mcpfleet_sdk.api import FleetApi, FleetApiError
 from registry import store
@@ -157,17 +158,10 @@ def cmd_groups_set(args: argparse.Namespace) -> int:
     from gateway.cli import _run
 
     async def work(conn: psycopg.AsyncConnection) -> int:
-        cur = await conn.execute(
-            "SELECT u.id FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = %s AND u.name = %s",
-            (args.tenant, args.user),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            print(f"mcpfleet: no user {args.user} in tenant {args.tenant}", file=sys.stderr)
-            return 1
+        user = await accounts.find_user(conn, args.user, tenant=args.tenant)  # AccountError: main() reports it
         groups = sorted({g.strip() for g in args.groups.split(",") if g.strip()})
         try:
-            await store.set_groups(conn, row[0], groups)
+            await store.set_groups(conn, user.user_id, groups)
         except psycopg.errors.CheckViolation:
             print("mcpfleet: group names are lower-case letters, digits, '.', '_' and '-'", file=sys.stderr)
             return 1
