@@ -112,14 +112,17 @@ def routes(registry_of: Callable[[], Any], pool_of: Callable[[], Any], search_of
         if length > MAX_WHEEL_BYTES + 1024 * 1024:
             return _error(413, f"the upload is {length} bytes; at most {MAX_WHEEL_BYTES} are taken")
         try:
-            form = await request.form(max_files=1, max_fields=4, max_part_size=MAX_WHEEL_BYTES)
+            form = await request.form(max_files=2, max_fields=4, max_part_size=MAX_WHEEL_BYTES)
         except Exception as exc:
             return _error(400, f"expected multipart/form-data with fields manifest and wheel ({exc})")
         manifest_text, wheel = form.get("manifest"), form.get("wheel")
-        if isinstance(manifest_text, str) is False and manifest_text is not None:
-            manifest_text = (await manifest_text.read()).decode()  # type: ignore[union-attr]
+        if manifest_text is not None and not isinstance(manifest_text, str):  # sent as a file part
+            try:
+                manifest_text = (await manifest_text.read()).decode()
+            except UnicodeDecodeError:
+                return _error(400, "the manifest is not UTF-8 text")
         if not manifest_text or wheel is None or isinstance(wheel, str):
-            return _error(400, "expected the fields manifest (server.json) and wheel (a file)")
+            return _error(400, "expected multipart/form-data with the fields manifest (server.json) and wheel (a file)")
         try:
             document = json.loads(manifest_text)
         except ValueError as exc:
