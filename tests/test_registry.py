@@ -156,6 +156,25 @@ async def test_publish_validate_approve_then_visible_and_callable(registry_fleet
     assert {"registry.publish", "registry.validate", "registry.approve"} <= set(actions)
 
 
+def test_bad_uploads_get_a_clear_400_and_store_nothing(registry_fleet):
+    fleet = registry_fleet
+    key = fleet.keys["publisher"]
+    artifacts = fleet.home / "registry" / "artifacts"
+    before = sorted(artifacts.iterdir()) if artifacts.exists() else []
+    cases = [
+        ({"content": b"not a form"}, "multipart"),
+        ({"files": {"manifest": ("server.json", b"\xff\xfe"), "wheel": ("w.whl", b"PK")}}, "UTF-8"),
+        ({"files": {"manifest": (None, "{not json"), "wheel": ("w.whl", b"PK")}}, "not JSON"),
+        ({"files": {"manifest": (None, "[]"), "wheel": ("w.whl", b"PK")}}, "JSON object"),
+        ({"files": {"manifest": (None, json.dumps({"name": "nodot/x"}))}}, "wheel"),
+        ({"files": {"manifest": (None, json.dumps({"name": "nodot/x"})), "wheel": ("w.whl", b"PK")}}, "manifest is invalid"),
+    ]
+    for kw, expected in cases:
+        answer = api(fleet, key, "POST", "/registry/v1/publish", **kw)
+        assert answer.status_code == 400 and expected in answer.json()["error"], (expected, answer.text)
+    assert (sorted(artifacts.iterdir()) if artifacts.exists() else []) == before
+
+
 def test_a_published_version_cannot_be_published_again(registry_fleet):
     fleet = registry_fleet
     again = cli(fleet, fleet.keys["publisher"], "publish", str(WEATHER), check=False)
@@ -212,7 +231,11 @@ async def test_a_server_that_changes_its_definitions_after_approval_is_withheld(
         with pytest.raises(MCPError, match="units__convert is withheld: its definition differs"):
             await client.call_tool("units__convert", {"celsius": 20})
 
-    drift = api(fleet, admin, "GET", "/registry/v1/drift").json()["drift"]
+    for _ in range(50):  # the gateway records drift off the listing's path
+        drift = api(fleet, admin, "GET", "/registry/v1/drift").json()["drift"]
+        if [d for d in drift if d["server"] == "io.example/units"]:
+            break
+        time.sleep(0.2)
     [event] = [d for d in drift if d["server"] == "io.example/units"]
     assert event["tool"] == "convert" and "secrets.txt" in event["live_definition"]["description"]
     assert any(a == "registry.drift" and o == "withheld" for a, o, _ in audit_actions(fleet))
