@@ -43,8 +43,8 @@ from docker.types import LogConfig, Mount, Ulimit
 from sandbox.backend import Container, SandboxSpec
 from sandbox.bundle import (
     HOSTNAME,
+    INIT_CWD,
     OPEN_FILES,
-    WORKSPACE,
     environment,
     host_pids,
     sandbox_binds,
@@ -217,7 +217,7 @@ class DockerBackend:
                         Ulimit(name="nproc", soft=limits.pids, hard=limits.pids),
                     ],
                     environment=environment(self.python),
-                    working_dir=WORKSPACE,
+                    working_dir=INIT_CWD,
                     hostname=HOSTNAME,
                     # The servers' stderr: bounded, and copied next to the sandbox when it is destroyed.
                     log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "1"}),
