@@ -20,6 +20,7 @@ import time
 import pytest
 
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.limits import Limits
 from sandbox.servers import BUILTIN_SERVERS, ServerSpec
 from tests.test_sandbox_lifecycle import call, fleets, sh  # noqa: F401  (fleets: the fixture)
 
@@ -95,3 +96,28 @@ async def test_modules_planted_in_the_workspace_never_run_in_the_supervisor_or_t
     # The user's own Python in a shell still finds what they put in the workspace.
     mine = await sh(fresh, "cd /workspace && mkdir -p mine && echo 'print(42)' > mine/__init__.py && python -c 'import mine'")
     assert mine["stdout"] == "42\n", mine
+
+
+async def test_a_start_kept_from_becoming_ready_is_held_to_its_cpu_share(fleets):
+    fleet = await fleets("boost")
+    # A server that answers nothing for 20 s: the supervisor says hello only once every server has settled.
+    stalling = ServerSpec("stall", ("python", "-c", "import time; time.sleep(20)"))
+    manager = await fleet.manager(servers=[stalling])
+    manager.start_boost_s = 2.0
+    assert fleet.backend.start_cpus > Limits().cpus, "a start is boosted only on a machine with more than one CPU"
+    oscar = await fleet.user("oscar")
+    started = time.monotonic()
+    starting = asyncio.create_task(manager.ensure(*oscar))
+    try:
+        quota = None
+        while time.monotonic() - started < 12:
+            running = [c.id for c in await fleet.backend.list() if c.status == "running"]
+            quota = fleet.backend.cpu_quota_us(running[0]) if running else None
+            if quota == Limits().cpu_quota_us:
+                break
+            await asyncio.sleep(0.5)
+        assert not starting.done()
+        assert quota == Limits().cpu_quota_us, f"still {quota} µs per period {time.monotonic() - started:.0f} s into the start"
+    finally:
+        with contextlib.suppress(SandboxUnavailable):
+            await starting
