@@ -54,6 +54,7 @@ SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 """Who the servers run as inside (an unprivileged user; also the owner of workspaces on the host)."""
 
+REASON_CHARS = 200
 START_BOOST_S = 10.0
 """How long a starting or resuming sandbox may use more CPU than its tier's share (`SandboxBackend.settle`):
 enough for its servers' imports, and all that code which delays its readiness can gain by it."""
@@ -682,6 +683,7 @@ class SandboxManager:
         user_id: int | None = None,
         checkpoint_bytes: int | None = None,
     ) -> None:
+        reason = _short_reason(reason)
         async with self.pool.connection() as conn, conn.transaction():
             await store.set_state(conn, sandbox_id, state, reason, checkpoint_bytes=checkpoint_bytes)
             await self._transition(conn, sandbox_id, state, reason, user_id)
@@ -725,6 +727,15 @@ class SandboxManager:
             if s.user_id is not None and s.state is State.RUNNING and s.last_used_at < cutoff and not s.client.in_flight
         ]
         return sorted(idle, key=lambda s: s.last_used_at)
+
+
+def _short_reason(reason: str | None) -> str | None:
+    """What a row (and `sandboxes list`, and the audit log) says of a state: one line, a sentence long.
+    Backends keep their tools' output for the log; this holds if an error brings some anyway."""
+    if reason is None:
+        return None
+    line = reason.strip().splitlines()[0] if reason.strip() else ""
+    return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 1] + "…"
 
 
 async def wait_ready(

@@ -22,7 +22,7 @@ import pytest
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.limits import Limits
 from sandbox.servers import BUILTIN_SERVERS, ServerSpec
-from tests.test_sandbox_lifecycle import call, fleets, sh  # noqa: F401  (fleets: the fixture)
+from tests.test_sandbox_lifecycle import call, fleets, row_of, sh  # noqa: F401  (fleets: the fixture)
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
 
@@ -121,3 +121,28 @@ async def test_a_start_kept_from_becoming_ready_is_held_to_its_cpu_share(fleets)
     finally:
         with contextlib.suppress(SandboxUnavailable):
             await starting
+
+
+HOLD_THE_CHANNEL = (
+    "while :; do python -c \"import socket, time; s = socket.socket(socket.AF_UNIX); "
+    "s.connect('/run/mcpfleet/gateway.sock'); time.sleep(60)\"; sleep 1; done"
+)
+
+
+async def test_a_failed_checkpoint_is_one_sentence_in_the_row_and_the_details_are_in_the_log(fleets, caplog):
+    fleet = await fleets("ckpt")
+    manager = await fleet.manager(servers=[BUILTINS["exec"]])
+    peggy = await fleet.user("peggy")
+    sandbox = await manager.ensure(*peggy)
+    # A process holding a host socket open: gVisor cannot save the sandbox.
+    await sh(sandbox, HOLD_THE_CHANNEL, background=True)
+    await asyncio.sleep(2)
+    with caplog.at_level("WARNING"):
+        hibernated = await manager.hibernate(peggy[0])
+    row = await row_of(fleet.pool, sandbox.id)
+    print(f"\n{row['state']}: {row['reason']}")
+    assert row["state"] in ("Running", "Failed"), (hibernated, row)
+    reason = row["reason"]
+    assert reason.startswith("hibernation failed") and "\n" not in reason and len(reason) <= 200, reason
+    assert "goroutine" not in reason and "/" not in reason, reason
+    assert "runsc checkpoint of sandbox" in caplog.text  # the details went to the gateway's log
