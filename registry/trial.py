@@ -21,7 +21,7 @@ from sandbox.backend import SandboxBackend, SandboxSpec
 from sandbox.bundle import TOOLS_DIR
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
-from sandbox.manager import SANDBOX_GID, SANDBOX_UID
+from sandbox.manager import SANDBOX_GID, SANDBOX_UID, wait_ready
 from sandbox.servers import ServerSpec, server_configs
 from sandbox.supervisor.config import SupervisorConfig
 from sandbox.tiers import Tier
@@ -77,9 +77,8 @@ async def trial_run(
                 gid=gid,
             )
         )
-        await client.wait_ready(timeout)
+        await wait_ready(backend, client, sandbox_id, timeout)
         result.start_ms = round((time.perf_counter() - begun) * 1e3)
-        await backend.settle(sandbox_id)
         result.memory_bytes = await backend.memory_bytes(sandbox_id)
         entry = (await client.catalog()).get(spec.name) or {}
         if entry.get("state") != "ready":

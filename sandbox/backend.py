@@ -51,7 +51,8 @@ class SandboxBackend(Protocol):
         """The sandbox's servers are up: hold it to its limits from now on.
 
         A backend may let a start use more CPU than the sandbox's share, since
-        starting the servers is the slowest part of a cold start. Idempotent.
+        starting the servers is the slowest part of a cold start; the manager calls
+        this once they are up, or after `START_BOOST_S` if they are not yet. Idempotent.
         """
 
     async def is_alive(self, sandbox_id: str) -> bool: ...

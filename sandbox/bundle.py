@@ -21,6 +21,7 @@ from sandbox import wire
 from sandbox.backend import SandboxSpec
 from sandbox.limits import Limits
 from sandbox.runtime import PythonRuntime, current_python
+from sandbox.supervisor.config import PYTHON_FLAGS
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,11 @@ def product_packages() -> dict[str, Path]:
 
 
 def supervisor_argv() -> list[str]:
-    return [f"{BIN}/python", "-m", "sandbox.supervisor", f"{wire.CHANNEL_DIR}/{wire.CONFIG_NAME}"]
+    return [f"{BIN}/python", *PYTHON_FLAGS, "-m", "sandbox.supervisor", f"{wire.CHANNEL_DIR}/{wire.CONFIG_NAME}"]
+
+
+INIT_CWD = "/"
+"""The supervisor's working directory: read-only, unlike /workspace (its servers run in the workspace)."""
 
 
 OPEN_FILES = 4096
@@ -189,7 +194,7 @@ def build_bundle(
             "user": {"uid": spec.uid, "gid": spec.gid},
             "args": supervisor_argv(),
             "env": [f"{k}={v}" for k, v in environment(runtime).items()],
-            "cwd": WORKSPACE,
+            "cwd": INIT_CWD,
             "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
             "rlimits": [
                 {"type": "RLIMIT_NOFILE", "hard": OPEN_FILES, "soft": OPEN_FILES},

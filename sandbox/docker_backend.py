@@ -43,8 +43,8 @@ from docker.types import LogConfig, Mount, Ulimit
 from sandbox.backend import Container, SandboxSpec
 from sandbox.bundle import (
     HOSTNAME,
+    INIT_CWD,
     OPEN_FILES,
-    WORKSPACE,
     environment,
     host_pids,
     sandbox_binds,
@@ -71,7 +71,8 @@ _STATUSES = {"running": "running", "restarting": "running", "created": "created"
 
 
 class DockerError(SandboxUnavailable):
-    """The Docker Engine refused, failed, or did not answer."""
+    """The Docker Engine refused, failed, or did not answer; its message is one sentence, the
+    engine's own (gVisor's stack traces among it) goes to the log."""
 
 
 class DockerBackend:
@@ -217,7 +218,7 @@ class DockerBackend:
                         Ulimit(name="nproc", soft=limits.pids, hard=limits.pids),
                     ],
                     environment=environment(self.python),
-                    working_dir=WORKSPACE,
+                    working_dir=INIT_CWD,
                     hostname=HOSTNAME,
                     # The servers' stderr: bounded, and copied next to the sandbox when it is destroyed.
                     log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "1"}),
@@ -232,7 +233,8 @@ class DockerBackend:
         except docker.errors.NotFound:
             return
         except (docker.errors.DockerException, requests.RequestException) as exc:
-            raise DockerError(f"destroying sandbox {sandbox_id}: {exc}") from exc
+            log.warning("Docker Engine: destroying sandbox %s: %s", sandbox_id, exc)
+            raise DockerError(f"destroying sandbox {sandbox_id}: the Docker Engine failed ({type(exc).__name__})") from exc
         if grace > 0 and container.status == "running":
             # The supervisor passes SIGTERM to its servers and exits, which ends the sandbox.
             with contextlib.suppress(docker.errors.DockerException, requests.RequestException):
@@ -255,9 +257,11 @@ class DockerBackend:
             pass
         except docker.errors.APIError as exc:
             if "already in progress" not in str(exc):
-                raise DockerError(f"removing sandbox {sandbox_id}: {exc}") from exc
+                log.warning("Docker Engine: removing sandbox %s: %s", sandbox_id, exc)
+                raise DockerError(f"removing sandbox {sandbox_id}: the Docker Engine failed ({exc.status_code})") from exc
         except (docker.errors.DockerException, requests.RequestException) as exc:
-            raise DockerError(f"removing sandbox {sandbox_id}: {exc}") from exc
+            log.warning("Docker Engine: removing sandbox %s: %s", sandbox_id, exc)
+            raise DockerError(f"removing sandbox {sandbox_id}: the Docker Engine failed ({type(exc).__name__})") from exc
 
     def _inspect(self, sandbox_id: str) -> dict[str, Any] | None:
         with _engine_errors(f"inspecting sandbox {sandbox_id}"):
@@ -347,7 +351,8 @@ class DockerBackend:
         try:
             note = json.loads((image_dir / CHECKPOINT_NOTE).read_text())
         except (OSError, ValueError) as exc:
-            raise DockerError(f"sandbox {sandbox_id} has no checkpoint in {image_dir}: {exc}") from None
+            log.warning("sandbox %s: no checkpoint note in %s: %s", sandbox_id, image_dir, exc)
+            raise DockerError(f"sandbox {sandbox_id} has no readable checkpoint ({type(exc).__name__})") from None
         attrs = self._inspect(sandbox_id)
         if attrs is None or attrs["Id"] != note["container"]:
             raise DockerError(f"the container that sandbox {sandbox_id} was saved from is gone")
@@ -362,13 +367,15 @@ class DockerBackend:
         try:
             response = api.request(method, url, timeout=timeout, **kwargs)
         except requests.RequestException as exc:
-            raise DockerError(f"{method} {path}: {exc}") from exc
+            log.warning("Docker Engine: %s %s: %s", method, path, exc)
+            raise DockerError(f"the Docker Engine did not answer {method} {path.rsplit('/', 1)[-1]} ({type(exc).__name__})") from exc
         if response.status_code >= 400:
             try:
                 message = response.json().get("message", response.text)
             except ValueError:
                 message = response.text
-            raise DockerError(f"{method} {path} failed ({response.status_code}): {message.strip()[-2000:]}")
+            log.warning("Docker Engine: %s %s failed (%s): %s", method, path, response.status_code, message.strip()[-4000:])
+            raise DockerError(f"the Docker Engine refused {method} {path.rsplit('/', 1)[-1]} ({response.status_code})")
         if response.headers.get("Content-Type", "").startswith("application/json"):
             return response.json()
         return None
@@ -379,7 +386,9 @@ def _engine_errors(doing: str) -> Iterator[None]:
     try:
         yield
     except (docker.errors.DockerException, requests.RequestException) as exc:
-        raise DockerError(f"{doing}: {exc}") from exc
+        log.warning("Docker Engine: %s: %s", doing, exc)
+        status = getattr(exc, "status_code", None)
+        raise DockerError(f"{doing}: the Docker Engine failed ({status or type(exc).__name__})") from exc
 
 
 def _reproducible_tar(root: Path) -> bytes:

@@ -54,6 +54,11 @@ SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 """Who the servers run as inside (an unprivileged user; also the owner of workspaces on the host)."""
 
+REASON_CHARS = 200
+START_BOOST_S = 10.0
+"""How long a starting or resuming sandbox may use more CPU than its tier's share (`SandboxBackend.settle`):
+enough for its servers' imports, and all that code which delays its readiness can gain by it."""
+
 Transition = Callable[[psycopg.AsyncConnection, dict[str, Any]], Awaitable[None]]
 """Told of every state change, in the transaction that records it (the gateway audits them)."""
 
@@ -116,6 +121,7 @@ class SandboxManager:
         uid: int = SANDBOX_UID,
         gid: int = SANDBOX_GID,
         start_timeout: float = 120.0,
+        start_boost_s: float = START_BOOST_S,
         adopt_timeout: float = 5.0,
         stop_grace: float = 3.0,
         drain_timeout: float = 30.0,
@@ -135,6 +141,7 @@ class SandboxManager:
         self.on_transition = on_transition
         self.uid, self.gid = uid, gid
         self.start_timeout = start_timeout
+        self.start_boost_s = start_boost_s
         self.adopt_timeout = adopt_timeout
         self.stop_grace = stop_grace
         self.drain_timeout = drain_timeout
@@ -436,8 +443,7 @@ class SandboxManager:
             await client.listen()
             await self._set_state(sandbox_id, State.STARTING, user_id=user_id)
             await self.backend.start(self._spec(sandbox))
-            await client.wait_ready(self.start_timeout)
-            await self.backend.settle(sandbox_id)
+            await wait_ready(self.backend, client, sandbox_id, self.start_timeout, self.start_boost_s)
             await self._set_state(sandbox_id, State.RUNNING, user_id=user_id)
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
@@ -544,8 +550,7 @@ class SandboxManager:
             _make_channel(directory, self.uid, self.gid)
             await sandbox.client.listen()
             await self.backend.restore(self._spec(sandbox), directory / CHECKPOINT_DIR)
-            await sandbox.client.wait_ready(self.start_timeout)
-            await self.backend.settle(sandbox.id)
+            await wait_ready(self.backend, sandbox.client, sandbox.id, self.start_timeout, self.start_boost_s)
             await self._set_state(sandbox.id, State.RUNNING, "resumed", user_id=user_id)
         except BaseException as exc:
             reason = "its resume was cancelled" if isinstance(exc, asyncio.CancelledError) else f"its resume failed: {exc}"
@@ -678,6 +683,7 @@ class SandboxManager:
         user_id: int | None = None,
         checkpoint_bytes: int | None = None,
     ) -> None:
+        reason = _short_reason(reason)
         async with self.pool.connection() as conn, conn.transaction():
             await store.set_state(conn, sandbox_id, state, reason, checkpoint_bytes=checkpoint_bytes)
             await self._transition(conn, sandbox_id, state, reason, user_id)
@@ -721,6 +727,31 @@ class SandboxManager:
             if s.user_id is not None and s.state is State.RUNNING and s.last_used_at < cutoff and not s.client.in_flight
         ]
         return sorted(idle, key=lambda s: s.last_used_at)
+
+
+def _short_reason(reason: str | None) -> str | None:
+    """What a row (and `sandboxes list`, and the audit log) says of a state: one line, a sentence long.
+    Backends keep their tools' output for the log; this holds if an error brings some anyway."""
+    if reason is None:
+        return None
+    line = reason.strip().splitlines()[0] if reason.strip() else ""
+    return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 1] + "…"
+
+
+async def wait_ready(
+    backend: SandboxBackend, client: SupervisorClient, sandbox_id: str, timeout: float, boost_s: float = START_BOOST_S
+) -> None:
+    """Wait up to `timeout` for the supervisor's hello, then hold the sandbox to its CPU share; after
+    `boost_s` it is held to it anyway, so a start kept from becoming ready gains no CPU by it."""
+    ready = asyncio.ensure_future(client.wait_ready(timeout))
+    try:
+        await asyncio.wait({ready}, timeout=boost_s)
+        if not ready.done():
+            await backend.settle(sandbox_id)
+        await ready
+    finally:
+        ready.cancel()
+    await backend.settle(sandbox_id)
 
 
 def _make_channel(directory: Path, uid: int, gid: int) -> Path:

@@ -29,7 +29,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 class RunscError(SandboxUnavailable):
-    """A runsc command failed."""
+    """A runsc command failed; its message is one sentence, runsc's own output goes to the log."""
 
 
 class RunscBackend:
@@ -127,8 +127,10 @@ class RunscBackend:
             await proc.wait()
             code = -1
         if code != 0:
+            # Its output (gVisor's, and the servers' stderr) stays in this log and the sandbox's dir.
+            log.warning("runsc %s of sandbox %s failed (%s): %s", args[0], spec.id, code, _tail(spec.directory / "console.log"))
             await self.destroy(spec.id)
-            raise RunscError(f"runsc {args[0]} failed ({code}): {_tail(spec.directory / 'console.log')}")
+            raise RunscError(f"gVisor could not {args[0]} the sandbox (runsc exited with {code})")
 
     async def destroy(self, sandbox_id: str, *, grace: float = 0.0) -> None:
         if grace > 0 and (await self._run("kill", sandbox_id, "TERM"))[0] == 0:
@@ -192,7 +194,8 @@ class RunscBackend:
     async def list(self) -> list[Container]:
         code, out = await self._run("list", "--format=json")
         if code != 0:
-            raise RunscError(f"runsc list failed: {out}")
+            log.warning("runsc list failed (%s): %s", code, out[-4000:])
+            raise RunscError(f"gVisor could not list the sandboxes (runsc exited with {code})")
         return [Container(id=c["id"], status=c["status"]) for c in json.loads(out) or []]
 
     async def memory_bytes(self, sandbox_id: str) -> int | None:
@@ -212,7 +215,9 @@ class RunscBackend:
         image_dir.mkdir(parents=True, exist_ok=True)
         code, out = await self._run("checkpoint", "--image-path", str(image_dir), sandbox_id, timeout=300)
         if code != 0:
-            raise RunscError(f"runsc checkpoint failed ({code}): {out[-2000:]}")
+            # gVisor explains with a stack trace: for the log, not for the sandbox's row or the user.
+            log.warning("runsc checkpoint of sandbox %s failed (%s): %s", sandbox_id, code, out[-4000:])
+            raise RunscError(f"gVisor could not checkpoint the sandbox (runsc exited with {code})")
         # The saved sandbox is stopped; `restore` builds it anew from the bundle and the image,
         # so nothing of it needs to stay in runsc's state or in the cgroups meanwhile.
         await self.destroy(sandbox_id)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from sandbox.bundle import WORKSPACE
 from sandbox.supervisor.config import ServerConfig
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -67,4 +68,9 @@ class StaticServers:
 
 
 def server_configs(servers: Sequence[ServerSpec]) -> list[ServerConfig]:
-    return [ServerConfig(name=s.name, argv=list(s.argv), env=dict(s.env), revision=s.revision) for s in servers]
+    """What the supervisor runs: each server in the workspace, where a tool's relative paths lead
+    (the interpreter's flags keep the workspace off its import path: `PYTHON_FLAGS`)."""
+    return [
+        ServerConfig(name=s.name, argv=list(s.argv), env=dict(s.env), cwd=WORKSPACE, revision=s.revision)
+        for s in servers
+    ]

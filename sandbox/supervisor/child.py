@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sandbox import wire
-from sandbox.supervisor.config import ServerConfig, SupervisorConfig
+from sandbox.supervisor.config import ServerConfig, SupervisorConfig, python_argv
 
 if TYPE_CHECKING:
     from sandbox.supervisor.main import Supervisor
@@ -212,7 +212,7 @@ class ChildServer:
         loop = asyncio.get_running_loop()
         try:
             proc = subprocess.Popen(
-                self.config.argv,
+                python_argv(self.config.argv),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

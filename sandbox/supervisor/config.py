@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,23 @@ PROTOCOL_VERSION = "2025-11-25"
 
 CLIENT_CAPABILITIES: dict[str, Any] = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}}
 """Offered to servers: the gateway relays these requests to the connected client."""
+
+PYTHON_FLAGS = ("-s", "-P")
+"""How the product's Python starts in a sandbox, so that nothing of the workspace is ever on its
+import path: `-s`, no user site dir (HOME is /workspace: a `.pth` file or `usercustomize` under
+~/.local would run at every start); `-P`, no working directory, script or `-c`/`-m` dir first on
+sys.path (a planted /workspace/sandbox/ would replace the supervisor, a /workspace/mcp/ the SDK).
+What remains on the path is read-only: PYTHONPATH as the bundle sets it, the stdlib, site-packages."""
+
+_PYTHON = re.compile(r"^python(3(\.[0-9]+)?)?$")
+
+
+def python_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` with PYTHON_FLAGS after the program when it is a Python interpreter."""
+    argv = list(argv)
+    if argv and _PYTHON.match(os.path.basename(argv[0])):
+        return [argv[0], *PYTHON_FLAGS, *argv[1:]]
+    return argv
 
 
 @dataclass(frozen=True)
