@@ -29,6 +29,7 @@ from gateway.oauth.resource import RequireBearer, metadata_routes
 from gateway.oauth.tokens import OAuthVerifier
 from gateway.registry_setup import open_registry
 from gateway.routing import Router
+from gateway.sessions import SessionBook
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         app=mcp_server,
         security_settings=transport_security(settings),
         max_request_body_size=settings.max_body_bytes,
+        session_idle_timeout=settings.session_idle_s,
     )
 
     @contextlib.asynccontextmanager
@@ -116,7 +118,10 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
     admin_sessions = admin.sessions_for(settings, lambda: state["pool"])
     buckets = buckets_for(settings)
     mcp_endpoint = RequireBearer(
-        LimitsMiddleware(StreamableHTTPASGIApp(sessions), settings, buckets, calls),
+        LimitsMiddleware(
+            StreamableHTTPASGIApp(sessions), settings, buckets, calls,
+            SessionBook(sessions, settings.max_sessions_per_user) if settings.max_sessions_per_user > 0 else None,
+        ),
         public_url=settings.public_url, required_scopes=settings.required_scopes,
         on_missing_scope=missing_scope_hook(calls),
     )

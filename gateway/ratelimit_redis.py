@@ -27,27 +27,45 @@ def _refill(tokens: float, elapsed: float, per_min: int) -> float:
 
 
 class LocalBuckets:
-    """Buckets of this process alone: with several gateways, each enforces the limit on its own."""
+    """Buckets of this process alone: with several gateways, each enforces the limit on its own.
 
-    MAX_KEYS = 100_000
+    A bucket left alone for a minute is full again and carries no state worth keeping: such buckets
+    are swept every `SWEEP_EVERY_S`, so memory follows the keys in use, not every key ever sent.
+    Beyond `MAX_KEYS` even so, the least recently used go first.
+    """
+
+    MAX_KEYS = 50_000
+    SWEEP_EVERY_S = 10.0
 
     def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}
+        # key -> (tokens, when, per_min); ordered from least to most recently used
+        self._buckets: dict[str, tuple[float, float, int]] = {}
+        self._swept_at = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     async def take(self, key: str, per_min: int) -> float:
         now = time.monotonic()
-        tokens, at = self._buckets.get(key, (float(per_min), now))
+        if now - self._swept_at >= self.SWEEP_EVERY_S:
+            self._sweep(now)
+        tokens, at, _ = self._buckets.pop(key, (float(per_min), now, per_min))
         tokens = _refill(tokens, now - at, per_min)
+        wait = 0.0
         if tokens >= 1:
-            self._buckets[key] = (tokens - 1, now)
-            return 0.0
-        self._buckets[key] = (tokens, now)
-        if len(self._buckets) > self.MAX_KEYS:
-            # Full buckets carry no state worth keeping; dropping them bounds memory.
-            full = [k for k, (t, a) in self._buckets.items() if _refill(t, now - a, per_min) >= per_min]
-            for k in full:
-                del self._buckets[k]
-        return (1 - tokens) * 60 / per_min
+            tokens -= 1
+        else:
+            wait = (1 - tokens) * 60 / per_min
+        self._buckets[key] = (tokens, now, per_min)
+        while len(self._buckets) > self.MAX_KEYS:
+            del self._buckets[next(iter(self._buckets))]
+        return wait
+
+    def _sweep(self, now: float) -> None:
+        self._swept_at = now
+        full = [k for k, (t, a, per_min) in self._buckets.items() if _refill(t, now - a, per_min) >= per_min]
+        for k in full:
+            del self._buckets[k]
 
     async def aclose(self) -> None:
         pass

@@ -100,4 +100,5 @@ def sandbox_manager(settings: Settings, pool: AsyncConnectionPool, database_url:
         workspaces=workspaces,
         on_transition=audit_transition,
         database_url=database_url,
+        max_result_bytes=settings.max_result_bytes,
     )

@@ -10,6 +10,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.db import migrate, resolve_database_url
+from gateway.http_edge import protocol_for
 from gateway.sandboxes import sandbox_manager
 from gateway.settings import Settings
 
@@ -35,6 +36,8 @@ def serve(settings: Settings) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # Slow clients: deadlines for headers and body, a cap on connections (gateway/http_edge.py).
+        http=protocol_for(settings),
     )
     # uvicorn shuts down on SIGTERM, then raises the signal again under the handler that was there
     # before it: make that an ordinary exit, so the embedded PostgreSQL is stopped on the way out.

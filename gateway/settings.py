@@ -21,6 +21,13 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be a whole number, not {raw!r}") from None
 
 
+def _positive(name: str, default: int) -> int:
+    value = _int(name, default)
+    if value <= 0:
+        raise SystemExit(f"{name} must be a positive whole number, not {value}")
+    return value
+
+
 def _choice(name: str, choices: tuple[str, ...], default: str) -> str:
     raw = os.environ.get(name) or default
     if raw not in choices:
@@ -62,6 +69,19 @@ class Settings:
     rate_limit_per_min: int = 600
     tool_rate_limit_per_min: int = 0
     max_concurrent_calls: int = 16
+    # Per user (gateway/sessions.py): open 2025-11-25 sessions and open GET streams; over the session
+    # limit the user's oldest idle session is closed, and with none idle the new one is refused.
+    max_sessions_per_user: int = 32
+    max_streams_per_user: int = 16
+    session_idle_s: int = 600
+    """A session with no request in flight and no open stream for this long is closed."""
+    # The HTTP edge (gateway/http_edge.py): a request's headers, then its body, must arrive within
+    # these; connections beyond `max_connections` are closed at once.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1000
+    max_result_bytes: int = 16 * 1024 * 1024
+    """Largest result a server may send for one call; the gateway refuses larger ones unread."""
     # Shares the rate limits' buckets across gateways; None: each gateway counts on its own.
     redis_url: str | None = None
     # s3://bucket[/prefix]: published wheels are kept there (each gateway caches them under its home).
@@ -102,6 +122,13 @@ def load_settings(**overrides: object) -> Settings:
         "rate_limit_per_min": _int("MCPFLEET_RATE_LIMIT_PER_MIN", 600),
         "tool_rate_limit_per_min": _int("MCPFLEET_TOOL_RATE_LIMIT_PER_MIN", 0),
         "max_concurrent_calls": _int("MCPFLEET_MAX_CONCURRENT_CALLS", 16),
+        "max_sessions_per_user": _int("MCPFLEET_MAX_SESSIONS_PER_USER", 32),
+        "max_streams_per_user": _int("MCPFLEET_MAX_STREAMS_PER_USER", 16),
+        "session_idle_s": _positive("MCPFLEET_SESSION_IDLE_S", 600),
+        "header_timeout_s": _positive("MCPFLEET_HEADER_TIMEOUT_S", 10),
+        "body_timeout_s": _positive("MCPFLEET_BODY_TIMEOUT_S", 30),
+        "max_connections": _positive("MCPFLEET_MAX_CONNECTIONS", 1000),
+        "max_result_bytes": _positive("MCPFLEET_MAX_RESULT_BYTES", 16 * 1024 * 1024),
         "redis_url": os.environ.get("REDIS_URL") or None,
         "artifacts_s3_url": os.environ.get("MCPFLEET_ARTIFACTS_S3_URL") or None,
     }

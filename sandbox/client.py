@@ -15,6 +15,7 @@ import inspect
 import itertools
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ _LISTS = (
 _MAX_PAGES = 1000
 HELLO_TIMEOUT = 10.0
 """Seconds a new connection has to say hello before it is dropped."""
+READ_CHUNK = 256 * 1024
+"""Bytes read off the channel at a time; the socket's reader buffers at most twice that."""
+_HEAD = 64
+"""Bytes of a message enough to tell a call's answer and its id (the supervisor writes `type` and `id` first)."""
+_ANSWER_HEAD = re.compile(rb'\{"type":"(?:result|error)","id":(\d{1,18})[,}]')
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,57 @@ class _Call:
             await self._last_note
 
 
+class _Lines:
+    """The channel's messages as lines, none held longer than `limit` bytes.
+
+    A longer line is skipped as it arrives, never buffered whole, and `too_long` hears of its start;
+    so is a line whose start shows it answers a call nobody waits for any more (`unwanted`).
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        limit: int,
+        too_long: Callable[[bytes], None],
+        unwanted: Callable[[bytes], bool],
+    ):
+        self._reader = reader
+        self._limit = limit
+        self._too_long = too_long
+        self._unwanted = unwanted
+        self._buffer = bytearray()
+        self._scanned = 0  # no newline in the buffer before this
+        self._skipping = False
+        self._judged = False
+
+    async def next(self) -> bytes | None:
+        """The next non-empty line (without its newline); None once the channel is closed."""
+        while True:
+            end = self._buffer.find(b"\n", self._scanned)
+            self._scanned = len(self._buffer) if end < 0 else 0
+            if not self._skipping:
+                if end > self._limit or (end < 0 and len(self._buffer) > self._limit):
+                    self._too_long(bytes(self._buffer[:_HEAD]))
+                    self._skipping = True
+                elif not self._judged and (end >= 0 or len(self._buffer) >= _HEAD):
+                    self._judged = True
+                    self._skipping = self._unwanted(bytes(self._buffer[:_HEAD]))
+            if end >= 0:
+                line = b"" if self._skipping else bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                self._skipping = self._judged = False
+                if line:
+                    return line
+                continue
+            if self._skipping:
+                self._buffer.clear()
+                self._scanned = 0
+            chunk = await self._reader.read(READ_CHUNK)
+            if not chunk:
+                return None
+            self._buffer += chunk
+
+
 class SupervisorClient:
     def __init__(
         self,
@@ -110,10 +167,14 @@ class SupervisorClient:
         token: str | None = None,
         socket_owner: tuple[int, int] | None = None,
         on_request: RequestHandler | None = None,
+        max_result_bytes: int = wire.MAX_LINE,
     ):
         """`token` is the secret the supervisor's hello must carry (None: any hello will do).
-        `on_request` answers server requests that belong to no call (or whose call has no handler)."""
+        `on_request` answers server requests that belong to no call (or whose call has no handler).
+        A call whose answer is longer than `max_result_bytes` fails with a JSON-RPC error saying so;
+        the answer is skipped as it arrives, never held."""
         self.socket_path = Path(socket_path)
+        self.max_result_bytes = max_result_bytes
         self._token = token
         self._socket_owner = socket_owner
         self._default_on_request = on_request
@@ -145,7 +206,7 @@ class SupervisorClient:
             raise SandboxUnavailable(f"socket path too long for a Unix socket: {self.socket_path}")
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        self._listener = await asyncio.start_unix_server(self._accept, path=str(self.socket_path), limit=wire.MAX_LINE)
+        self._listener = await asyncio.start_unix_server(self._accept, path=str(self.socket_path), limit=READ_CHUNK)
         self._socket_inode = self.socket_path.stat().st_ino
         os.chmod(self.socket_path, 0o600)
         if self._socket_owner is not None:
@@ -206,9 +267,10 @@ class SupervisorClient:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = _Connection(writer)
+        lines = _Lines(reader, self.max_result_bytes, self._too_long, self._unwanted)
         try:
-            hello = await asyncio.wait_for(reader.readline(), HELLO_TIMEOUT)
-            if not self._is_supervisor(wire.decode(hello)):
+            hello = await asyncio.wait_for(lines.next(), HELLO_TIMEOUT)
+            if hello is None or not self._is_supervisor(wire.decode(hello)):
                 # Code run in the sandbox can reach this socket too; only the supervisor knows the token.
                 log.warning("refused a connection to %s: not the supervisor", self.socket_path)
                 return
@@ -218,7 +280,7 @@ class SupervisorClient:
             self._connection = connection
             self._disconnected.clear()
             self._dispatch(connection, wire.decode(hello))
-            while line := await reader.readline():
+            while line := await lines.next():
                 self._dispatch(connection, wire.decode(line))
         except (ValueError, ConnectionError, asyncio.TimeoutError) as exc:
             log.warning("dropping the connection to %s: %r", self.socket_path, exc)
@@ -229,6 +291,23 @@ class SupervisorClient:
                 self._connection = None
                 self._ready.clear()
                 self._disconnected.set()
+
+    def _too_long(self, head: bytes) -> None:
+        """An answer longer than the limit: its call fails (a message of another kind is only dropped)."""
+        match = _ANSWER_HEAD.match(head)
+        call = self._calls.pop(int(match.group(1)), None) if match else None
+        log.warning("skipped a message over %d bytes from %s: %r...", self.max_result_bytes, self.socket_path, head[:48])
+        if call is not None and not call.future.done():
+            call.future.set_exception(SandboxRpcError(
+                wire.INTERNAL_ERROR,
+                f"the result is larger than the gateway's limit of {self.max_result_bytes} bytes per call",
+                {"limit": self.max_result_bytes},
+            ))
+
+    def _unwanted(self, head: bytes) -> bool:
+        """An answer to a call that is no longer in flight (cancelled, timed out): dropped unread."""
+        match = _ANSWER_HEAD.match(head)
+        return match is not None and int(match.group(1)) not in self._calls
 
     def _is_supervisor(self, hello: dict[str, Any]) -> bool:
         if hello.get("type") != "hello":

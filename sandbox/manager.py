@@ -126,11 +126,13 @@ class SandboxManager:
         stop_grace: float = 3.0,
         drain_timeout: float = 30.0,
         touch_interval: float = 10.0,
+        max_result_bytes: int = wire.MAX_LINE,
     ):
         """`home` is the fleet home: sandboxes live in home/sandboxes, workspaces in home/workspaces.
         With `database_url`, requests from the CLI are heard at once (LISTEN), else at the next sweep."""
         source = servers if hasattr(servers, "servers_for") else StaticServers(servers)  # type: ignore[arg-type]
         self.home = Path(home).absolute()
+        self.max_result_bytes = max_result_bytes
         self.sandboxes_dir = self.home / "sandboxes"
         self.pool = pool
         self.backend = backend
@@ -665,7 +667,8 @@ class SandboxManager:
 
     def _client(self, directory: Path, token: str) -> SupervisorClient:
         return SupervisorClient(
-            directory / "channel" / wire.SOCKET_NAME, token=token, socket_owner=(self.uid, self.gid)
+            directory / "channel" / wire.SOCKET_NAME, token=token, socket_owner=(self.uid, self.gid),
+            max_result_bytes=self.max_result_bytes,
         )
 
     def _lock(self, user_id: int) -> asyncio.Lock:

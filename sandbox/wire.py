@@ -49,7 +49,9 @@ SOCKET_NAME = "gateway.sock"
 CONFIG_NAME = "supervisor.json"
 
 MAX_LINE = 64 * 1024 * 1024
-"""Longest message either side accepts; a tool result can be large."""
+"""Longest message either side accepts; a tool result can be large. The gateway sets its own,
+lower limit on answers (`SupervisorClient(max_result_bytes=)`): a longer `result` or `error` fails
+its call and is skipped as it arrives, never held whole."""
 
 # JSON-RPC error codes the supervisor itself produces.
 INVALID_PARAMS = -32602
