@@ -48,6 +48,8 @@ def split_key(key: str) -> tuple[str, str] | None:
     prefix, sep, secret = key[len(KEY_PREFIX) :].partition("_")
     if not sep or len(prefix) != 12 or len(secret) < 32:
         return None
+    if not (prefix.isascii() and prefix.isalnum() and secret.isascii() and secret.isprintable()):
+        return None  # keys are made of these; anything else is never looked up (a NUL could not even be)
     return prefix, secret
 
 

@@ -11,6 +11,11 @@ verify` prints the head's hash for keeping elsewhere.
 An entry is read by admins and auditors and exported to other systems, so it must never hold a
 secret: `detail` is whatever the caller passes, and callers pass identifiers and hashes of
 arguments (`hashlib.sha256(arguments).hexdigest()`), never the arguments, tokens or keys.
+
+Many values come from clients (names, URIs, claims). Every string of an entry, detail included,
+is passed through `text.bounded` on the way in: what PostgreSQL cannot store (NUL, lone
+surrogates) never fails an append, and no client decides how much an entry adds to a log that
+cannot be shrunk.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
+
+from gateway.text import bounded, bounded_json
 
 GENESIS = bytes(32)
 
@@ -91,7 +98,7 @@ async def append(
 
     `detail` must not hold secrets (see the module's docstring).
     """
-    cur = await conn.execute(_INSERT + " RETURNING id", (tenant, actor, action, target, outcome, Jsonb(detail or {})))
+    cur = await conn.execute(_INSERT + " RETURNING id", _row(tenant, actor, action, target, outcome, detail or {}))
     row = await cur.fetchone()
     assert row is not None
     return row[0]
@@ -100,13 +107,23 @@ async def append(
 _INSERT = "INSERT INTO audit_entries (tenant, actor, action, target, outcome, detail) VALUES (%s, %s, %s, %s, %s, %s)"
 
 
+def _row(tenant: str | None, actor: str | None, action: str, target: str | None, outcome: str,
+         detail: dict[str, Any]) -> tuple[Any, ...]:
+    """The insert's parameters, every string bounded (see the module's docstring)."""
+
+    def text(value: str | None) -> str | None:
+        return None if value is None else bounded(value)
+
+    return (text(tenant), text(actor), bounded(action), text(target), bounded(outcome), Jsonb(bounded_json(detail)))
+
+
 async def append_many(
     conn: psycopg.AsyncConnection, entries: list[tuple[str | None, str | None, str, str | None, str, dict[str, Any]]]
 ) -> None:
     """Append (tenant, actor, action, target, outcome, detail) entries in order, in one pipeline:
     the triggers chain each row under the head's lock, taken once for the caller's transaction."""
     async with conn.cursor() as cur:
-        await cur.executemany(_INSERT, [(t, a, act, tg, o, Jsonb(d)) for t, a, act, tg, o, d in entries])
+        await cur.executemany(_INSERT, [_row(*entry) for entry in entries])
 
 
 def canonical_time(at: datetime) -> str:

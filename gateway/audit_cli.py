@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import psycopg
 
 from gateway import audit
+from gateway.text import escaped
 from gateway.settings import load_settings
 
 
@@ -51,15 +52,25 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     async def work(conn: psycopg.AsyncConnection) -> int:
         async for entry in audit.entries(conn, tenant=args.tenant, since=args.since):
             if args.json:
-                print(json.dumps(entry.to_json(), ensure_ascii=False, sort_keys=True))
+                print(_one_line(json.dumps(entry.to_json(), ensure_ascii=False, sort_keys=True)))
             else:
-                print(
-                    f"{entry.id}\t{audit.canonical_time(entry.at)}\t{entry.tenant or '-'}\t{entry.actor or '-'}"
-                    f"\t{entry.action}\t{entry.target or '-'}\t{entry.outcome}"
-                )
+                # Tenants, actors and targets come from clients: escaped, no value can start a field or a line.
+                fields = (entry.tenant, entry.actor, entry.action, entry.target, entry.outcome)
+                print("\t".join([str(entry.id), audit.canonical_time(entry.at), *(_field(f) for f in fields)]))
         return 0
 
     return _run(work)
+
+
+def _one_line(text: str) -> str:
+    """JSON escapes every line break but these three, which many line readers (Python's among them) split at."""
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _field(value: str | None) -> str:
+    if value is None:
+        return "-"
+    return "\\-" if value == "-" else escaped(value)  # a value "-" is not the absent one
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

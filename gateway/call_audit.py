@@ -13,6 +13,12 @@ Bounds, so that the hot path and a flood of bad credentials cannot fill the log:
 
 Entries hold identifiers only: a key's public prefix, a token's issuer and subject, the SHA-256 of
 a tool call's canonical JSON arguments. Never a key, a token, or an argument.
+
+What a client sends is bounded as it is queued (`text.bounded`): a tool name of megabytes or with
+a NUL in it is kept as its first characters and its SHA-256, so neither the queue nor the log
+grows with it. An entry the database still refuses is written as `audit.refused` and the rest of
+its batch goes in: one entry never holds up the others. Only when the database cannot be reached
+is a batch kept to be tried again.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from starlette.requests import HTTPConnection
 from gateway import accounts, audit
 from gateway.accounts import Identity
 from gateway.auth import FleetToken, is_api_key
+from gateway.text import bounded, bounded_json
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,8 @@ FLUSH_EVERY_S = 1.0
 ACCEPTED_EVERY_S = 600.0
 REFUSED_EVERY_S = 10.0
 MAX_QUEUED = 100_000  # beyond this the database is not keeping up: drop and say so, rather than grow without end
+# Failures of the connection, not of an entry: the batch waits for the next round.
+_UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 _SEEN_LIMIT = 10_000
 
 
@@ -81,7 +90,7 @@ class CallAudit:
         if len(self._queue) >= MAX_QUEUED:
             self._dropped += 1
             return
-        self._queue.append(Pending(action, outcome, tenant, actor, target, detail or {}))
+        self._queue.append(Pending(action, outcome, _text(tenant), _text(actor), _text(target), bounded_json(detail or {})))
 
     def tool_call(self, identity: Identity, *, tool: str, server: str, arguments: Any, outcome: str,
                   latency_ms: float, version: str | None = None, error_code: int | None = None) -> None:
@@ -145,15 +154,20 @@ class CallAudit:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        await self.flush()
+        try:
+            await self.flush()
+        except Exception as exc:  # the gateway still stops; what was queued is lost, and said so
+            log.error("could not write %d audit entries before stopping: %s", len(self._queue), exc)
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_EVERY_S)
             try:
                 await self.flush()
-            except (psycopg.Error, OSError) as exc:  # kept queued: the next round tries again
+            except _UNREACHABLE as exc:  # kept queued: the next round tries again
                 log.warning("could not write %d audit entries yet: %s", len(self._queue), exc)
+            except Exception:  # a fault of ours: the writer goes on, or nothing is audited any more
+                log.exception("could not write %d audit entries", len(self._queue))
 
     async def flush(self) -> int:
         """Appends everything queued in one transaction; returns how many entries were written."""
@@ -163,13 +177,47 @@ class CallAudit:
         if self._dropped:
             batch.append(Pending("audit.dropped", "error", None, None, None, {"count": self._dropped}))
             self._dropped = 0
+        rows = [(e.tenant, e.actor, e.action, e.target, e.outcome, e.detail) for e in batch]
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                await audit.append_many(conn, [(e.tenant, e.actor, e.action, e.target, e.outcome, e.detail) for e in batch])
+            async with self.pool.connection() as conn:
+                try:
+                    async with conn.transaction():
+                        await audit.append_many(conn, rows)
+                except _UNREACHABLE:
+                    raise
+                except Exception as exc:
+                    log.warning("an audit batch of %d entries was refused (%s); writing them one by one", len(rows), exc)
+                    await _one_by_one(conn, rows)
         except BaseException:
             self._queue[:0] = batch  # in order, ahead of whatever came meanwhile
             raise
         return len(batch)
+
+
+async def _one_by_one(conn: psycopg.AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+    """Each entry in a savepoint of one transaction; those the database refuses become `audit.refused`
+    entries saying what was refused and why."""
+    async with conn.transaction():
+        for tenant, actor, action, target, outcome, detail in rows:
+            try:
+                async with conn.transaction():
+                    await audit.append_many(conn, [(tenant, actor, action, target, outcome, detail)])
+            except _UNREACHABLE:
+                raise
+            except Exception as exc:
+                log.error("the audit log refused a %s entry: %s", action, exc)
+                try:
+                    async with conn.transaction():
+                        await audit.append(conn, action="audit.refused", outcome="error", tenant=tenant, actor=actor,
+                                           target=target, detail={"action": action, "outcome": outcome, "why": str(exc)})
+                except _UNREACHABLE:
+                    raise
+                except Exception as again:
+                    log.error("could not record the refusal either: %s", again)
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None else bounded(value)
 
 
 def _key_prefix(token: str) -> str | None:

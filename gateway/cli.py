@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except psycopg.OperationalError as exc:
         print(f"mcpfleet: cannot reach the database: {exc}", file=sys.stderr)
         return 1
+    except psycopg.DataError as exc:  # e.g. a NUL in an argument: PostgreSQL text cannot hold one
+        print(f"mcpfleet: the database cannot store that: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -19,6 +20,7 @@ from starlette.routing import Route
 from gateway.accounts import Identity
 from gateway.admin.session import session_identity
 from gateway.auth import identity_of
+from gateway.text import storable
 from registry import store
 from registry.definitions import definition_sha256
 from registry.service import MAX_WHEEL_BYTES
@@ -54,10 +56,14 @@ def _guarded(roles: tuple[str, ...], handler: Handler) -> Callable[[Request], Aw
             if (calls := request.app.state.fleet.get("calls")) is not None:  # audited, bounded like other refusals
                 calls.role_refused(identity, f"{request.method} {request.url.path}", roles, request.client.host if request.client else "unknown")
             return _error(403, f"role {identity.role!r} may not do this (needs {' or '.join(roles)})")
+        if not all(storable(v) for v in request.path_params.values() if isinstance(v, str)):
+            return _error(400, "the path holds a character no name or version may hold (NUL)")
         try:
             return await handler(request, identity)
         except RegistryError as exc:
             return _error(exc.status, exc.message)
+        except psycopg.DataError as exc:  # text from the request that PostgreSQL cannot hold, wherever it was
+            return _error(400, f"the request holds text that cannot be stored: {exc.diag.message_primary or exc}")
 
     return endpoint
 

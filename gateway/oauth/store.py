@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import psycopg
 
 from gateway.accounts import AccountError, Identity
+from gateway.text import storable
 
 # Changes to trusted issuers reach every gateway at once (their token caches are dropped).
 CHANNEL = "issuers_changed"
@@ -32,6 +33,9 @@ class Issuer:
 async def add_issuer(
     conn: psycopg.AsyncConnection, url: str, *, tenant: str, jwks_url: str | None = None, audience: str | None = None
 ) -> Issuer:
+    for what, value in (("issuer", url), ("JWKS URL", jwks_url), ("audience", audience)):
+        if value is not None and not (storable(value) and value.isprintable()):
+            raise AccountError(f"the {what} {value!r} holds control characters")
     row = await (await conn.execute("SELECT id FROM tenants WHERE name = %s", (tenant,))).fetchone()
     if row is None:
         raise AccountError(f"no tenant {tenant!r} (add it with `mcpfleet tenants add {tenant}`)")
@@ -50,6 +54,8 @@ async def add_issuer(
 
 
 async def remove_issuer(conn: psycopg.AsyncConnection, url: str) -> bool:
+    if not storable(url):
+        return False
     async with conn.transaction():
         cur = await conn.execute("DELETE FROM issuers WHERE url = %s", (url,))
         if cur.rowcount:
@@ -68,6 +74,10 @@ async def list_issuers(conn: psycopg.AsyncConnection) -> list[Issuer]:
 
 
 async def find_issuer(conn: psycopg.AsyncConnection, url: str) -> Issuer | None:
+    """The trusted issuer of this URL; None for any other, such as a URL from a token that holds a NUL
+    (which no stored issuer does, and which PostgreSQL would not even take as a parameter)."""
+    if not storable(url):
+        return None
     row = await (
         await conn.execute(
             """SELECT i.url, t.name, t.id, i.jwks_url, i.audience

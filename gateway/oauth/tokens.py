@@ -26,6 +26,7 @@ from gateway.oauth import store
 from gateway.oauth.egress import Egress
 from gateway.oauth.keys import IssuerKeys, NoKey
 from gateway.settings import Settings
+from gateway.text import bounded
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class OAuthVerifier:
         try:
             verified = await self.verify(token)
         except InvalidToken as exc:
-            log.info("refused a bearer token: %s", exc)
+            log.info("refused a bearer token: %s", bounded(str(exc), 1024))  # the message quotes the token's claims
             if self.on_refused is not None:
                 self.on_refused(str(exc), *_issuer_and_subject(token))
             return None
@@ -86,7 +87,7 @@ class OAuthVerifier:
         async with self.pool.connection() as conn:
             issuer = await store.find_issuer(conn, issuer_url)
         if issuer is None:
-            raise InvalidToken(f"issuer {issuer_url!r} is not trusted")
+            raise InvalidToken(f"issuer {bounded(issuer_url)!r} is not trusted")
 
         kid = header.get("kid")
         try:
@@ -114,7 +115,7 @@ class OAuthVerifier:
             async with self.pool.connection() as conn:
                 identity = await store.user_for_subject(conn, issuer, claims["sub"], claims)
         except (AccountError, psycopg.Error) as exc:
-            raise InvalidToken(f"cannot provision {claims['sub']!r} of {issuer.url}: {exc}") from None
+            raise InvalidToken(f"cannot provision {bounded(str(claims['sub']))!r} of {issuer.url}: {exc}") from None
         return token_for(identity, token, issuer.url, claims, self.resource)
 
     def start_listening(self, url: str) -> None:
