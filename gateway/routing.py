@@ -456,11 +456,14 @@ class Router:
         identity, client, catalog = await self._catalog(ctx)
         owner = catalog.resource_owner.get(uri)
         if owner is None:
-            owner = next((server for template, server in catalog.template_owner if template.match(uri) is not None), None)
-        if owner is None:
+            # A resource held back stays so even where an allowed template's pattern covers its URI.
             registry = self._registry()
             reason = registry.why_unavailable(identity.user_id, uri, "resource") if registry is not None else None
-            raise MCPError(code=types.INVALID_PARAMS, message=reason or f"Resource not found: {uri}", data={"uri": uri})
+            if reason is not None:
+                raise MCPError(code=types.INVALID_PARAMS, message=reason, data={"uri": uri})
+            owner = next((server for template, server in catalog.template_owner if template.match(uri) is not None), None)
+        if owner is None:
+            raise MCPError(code=types.INVALID_PARAMS, message=f"Resource not found: {uri}", data={"uri": uri})
         return client, owner
 
     async def read_resource(self, ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams) -> dict[str, Any]:

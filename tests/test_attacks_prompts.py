@@ -149,6 +149,9 @@ async def test_an_approval_of_some_tools_exposes_no_prompt_or_resource(fleet):
         assert read.contents[0].text == "Notes on rust."
         with pytest.raises(MCPError, match="prompt greeter__setup is not approved for you"):
             await client.get_prompt("greeter__setup")
+        # The allowed template's pattern covers the held-back resource's URI: still refused.
+        with pytest.raises(MCPError, match="resource notes://readme is not approved for you"):
+            await client.read_resource("notes://readme")
     unknown = api(fleet, admin, "POST", f"/registry/v1/servers/{NAME}/versions/1.0.0/approve",
                   json={"tools": ["hello"], "prompts": ["nope"], "override": True})
     assert unknown.status_code == 400 and "nope" in unknown.json()["error"]
