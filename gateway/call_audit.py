@@ -93,13 +93,15 @@ class CallAudit:
         self._queue.append(Pending(action, outcome, _text(tenant), _text(actor), _text(target), bounded_json(detail or {})))
 
     def tool_call(self, identity: Identity, *, tool: str, server: str, arguments: Any, outcome: str,
-                  latency_ms: float, version: str | None = None, error_code: int | None = None) -> None:
+                  latency_ms: float, version: str | None = None, error_code: int | None = None,
+                  action: str = "tool.call") -> None:
+        """A tool call, or (`action` "prompt.get", "resource.read") a prompt got or a resource read."""
         detail: dict[str, Any] = {"server": server, "args_sha256": arguments_hash(arguments), "latency_ms": round(latency_ms, 1)}
         if version is not None:
             detail["version"] = version
         if error_code is not None:
             detail["code"] = error_code
-        self.record("tool.call", outcome, tenant=identity.tenant, actor=identity.principal, target=tool, detail=detail)
+        self.record(action, outcome, tenant=identity.tenant, actor=identity.principal, target=tool, detail=detail)
 
     def accepted(self, token: str, access: FleetToken, ip: str) -> None:
         digest = hashlib.sha256(token.encode()).digest()

@@ -22,7 +22,7 @@ from gateway.admin.session import session_identity
 from gateway.auth import identity_of
 from gateway.text import storable
 from registry import store
-from registry.definitions import definition_sha256
+from registry.definitions import KINDS, definition_sha256, instructions_sha256, offering_sha256
 from registry.service import MAX_WHEEL_BYTES
 from registry.store import RegistryError
 
@@ -91,10 +91,10 @@ def _group(body: dict[str, Any], field: str = "group") -> str | None:
     return value or None
 
 
-def _tools(body: dict[str, Any]) -> list[str] | None:
-    tools = body.get("tools")
+def _tools(body: dict[str, Any], field: str = "tools") -> list[str] | None:
+    tools = body.get(field)
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, str) for t in tools)):
-        raise RegistryError(400, "tools must be a list of the version's tool names, or null for all")
+        raise RegistryError(400, f"{field} must be a list of the version's {field[:-1]} names, or null")
     return tools
 
 
@@ -107,6 +107,27 @@ def diff_tools(before: list[dict[str, Any]] | None, after: list[dict[str, Any]])
         a, b = old.get(name), new.get(name)
         change = "added" if a is None else "removed" if b is None else "same" if definition_sha256(a) == definition_sha256(b) else "changed"
         out.append({"tool": name, "change": change, "before": a, "after": b})
+    return out
+
+
+def diff_offerings(before: dict[str, Any] | None, after: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per prompt, resource, resource template and the server's instructions: added, removed,
+    changed or same, between the approved version and this one (`kind`, `name`, `before`, `after`)."""
+    out = []
+    for kind in KINDS:
+        old = {str(item.get(kind.ident)): item for item in (before or {}).get(kind.listing) or []}
+        new = {str(item.get(kind.ident)): item for item in after.get(kind.listing) or []}
+        for name in sorted(old.keys() | new.keys()):
+            a, b = old.get(name), new.get(name)
+            same = a is not None and b is not None and offering_sha256(kind, a) == offering_sha256(kind, b)
+            change = "added" if a is None else "removed" if b is None else "same" if same else "changed"
+            out.append({"kind": kind.pin, "name": name, "change": change, "before": a, "after": b})
+    a, b = (before or {}).get("instructions"), after.get("instructions")
+    if a or b:
+        same = bool(a and b) and instructions_sha256(a) == instructions_sha256(b)
+        change = "added" if not a else "removed" if not b else "same" if same else "changed"
+        out.append({"kind": "instructions", "name": "instructions", "change": change,
+                    "before": {"description": a} if a else None, "after": {"description": b} if b else None})
     return out
 
 
@@ -153,9 +174,13 @@ def routes(registry_of: Callable[[], Any], pool_of: Callable[[], Any], search_of
                  if v["approvals"] and v["version"] != row["version"]),
                 None,
             )
-            before = (await store.version(conn, who.tenant, row["name"], approved))["tools"] if approved else None
+            before = await store.version(conn, who.tenant, row["name"], approved) if approved else None
         row.pop("id"), row.pop("server_id")
-        row["diff"] = {"against": approved, "tools": diff_tools(before, row["tools"])}
+        row["diff"] = {
+            "against": approved,
+            "tools": diff_tools(before["tools"] if before else None, row["tools"]),
+            "offerings": diff_offerings(before["offerings"] if before else None, row["offerings"]),
+        }
         return _json(row)
 
     async def approve(request: Request, who: Identity) -> Response:
@@ -164,6 +189,7 @@ def routes(registry_of: Callable[[], Any], pool_of: Callable[[], Any], search_of
             result = await store.approve(
                 conn, who, _name(request), request.path_params["version"], group=_group(body),
                 override=bool(body.get("override")), tier=_group(body, "tier"), tools=_tools(body),
+                prompts=_tools(body, "prompts"), resources=_tools(body, "resources"),
             )
         return _json({"approved": result})
 

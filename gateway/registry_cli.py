@@ -73,8 +73,16 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  trial: started in {version['start_ms']} ms" + (f", {memory / 2**20:.0f} MiB" if memory else ""))
         for tool in version.get("tools") or []:
             print(f"  tool {tool['name']}: {(tool.get('description') or '').splitlines()[0] if tool.get('description') else ''}")
+        offerings = version.get("offerings") or {}
+        for kind, listing, ident in (("prompt", "prompts", "name"), ("resource", "resources", "uri"),
+                                     ("template", "resourceTemplates", "uriTemplate")):
+            for item in offerings.get(listing) or []:
+                print(f"  {kind} {item.get(ident)}: {((item.get('description') or '').splitlines() or [''])[0]}")
+        if offerings.get("instructions"):
+            print(f"  instructions: {json.dumps(offerings['instructions'])[:200]}")
         diff = version.get("diff") or {}
         changes = [d for d in diff.get("tools") or [] if d["change"] != "same"]
+        changes += [{**d, "tool": f"{d['kind']} {d['name']}"} for d in diff.get("offerings") or [] if d["change"] != "same"]
         if diff.get("against"):
             print(f"  against approved {diff['against']}: " + (", ".join(f"{d['tool']} {d['change']}" for d in changes) or "no change"))
         for approval in version.get("approvals") or []:
@@ -87,13 +95,20 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_approve(args: argparse.Namespace) -> int:
     def work(api: FleetApi) -> int:
-        tools = [t.strip() for t in args.tools.split(",") if t.strip()] if args.tools else None
-        body = {"group": args.group, "tier": args.tier, "tools": tools, "override": args.override}
+        def names(value: str | None) -> list[str] | None:
+            return [t.strip() for t in value.split(",") if t.strip()] if value is not None else None
+
+        body = {"group": args.group, "tier": args.tier, "tools": names(args.tools), "prompts": names(args.prompts),
+                "resources": names(args.resources), "override": args.override}
         result = api.request("POST", _version_path(args.name, args.version) + "/approve", json=body).json()["approved"]
         scope = f"group {result['group']}" if result["group"] else "the tenant"
         scope += f", tier {result['tier']}" if result.get("tier") else ""
-        scope += f", tools {', '.join(result['tools'])}" if result.get("tools") else ""
-        print(f"approved {args.name} {args.version} for {scope}; {len(result['pins'])} tool definition(s) pinned"
+        for what in ("tools", "prompts", "resources"):
+            if result.get(what) is not None:
+                scope += f", {what} {', '.join(result[what]) or 'none'}"
+        others = len(result["pins"]) - result.get("tool_pins", len(result["pins"]))
+        print(f"approved {args.name} {args.version} for {scope}; {result.get('tool_pins', len(result['pins']))} tool definition(s) pinned"
+              f"{f' and {others} prompt, resource or instructions definition(s)' if others else ''}"
               f"{' (validation overridden)' if result['override'] else ''}")
         return 0
 
@@ -187,7 +202,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     approve.add_argument("version")
     approve.add_argument("--group", help="only for the members of this group")
     approve.add_argument("--tier", help="only for the users on this tier")
-    approve.add_argument("--tools", help="only these of its tools (comma-separated own names)")
+    approve.add_argument("--tools", help="only these of its tools (comma-separated own names); then no prompt or resource unless named")
+    approve.add_argument("--prompts", help="only these of its prompts (comma-separated names; empty: none)")
+    approve.add_argument("--resources", help="only these of its resources (comma-separated URIs or URI templates; empty: none)")
     approve.add_argument("--override", action="store_true", help="approve although validation failed (audited)")
     approve.set_defaults(func=cmd_approve)
     revoke = actions.add_parser("revoke", help="revoke a version's approval (admins)")

@@ -13,7 +13,7 @@ import logging
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -119,7 +119,11 @@ class ToolRegistry(Protocol):
         """Counts the call; returns the version of the server the user's call went to."""
         ...
 
-    def why_unavailable(self, user_id: int, public_name: str) -> str | None: ...
+    def why_unavailable(self, user_id: int, public_name: str, kind: str = "tool") -> str | None:
+        """Why a tool, a prompt (`kind` "prompt") or a resource ("resource", by URI) is held back, if it is."""
+        ...
+
+    def version_of(self, user_id: int, server: str) -> str | None: ...
 
 
 SearchTools = Any
@@ -353,12 +357,13 @@ class Router:
     ) -> dict[str, Any]:
         """A tool call or a prompt: find the server by the public name, pass on the server's own name."""
         identity, client, catalog = await self._catalog(ctx)
-        registry = self._registry() if kind == "tool" else None
-        if registry is not None and name not in catalog.tool_owner:
-            reason = registry.why_unavailable(identity.user_id, name)
+        registry = self._registry()
+        owners = catalog.tool_owner if kind == "tool" else catalog.prompt_owner
+        if registry is not None and name not in owners:
+            reason = registry.why_unavailable(identity.user_id, name, kind)
             if reason is not None:  # a policy or a pin holds it back: say so, not "unknown"
                 raise MCPError(code=types.INVALID_PARAMS, message=reason)
-        server, inner = _owner(catalog.tool_owner if kind == "tool" else catalog.prompt_owner, name, kind)
+        server, inner = _owner(owners, name, kind)
         if where is not None:  # tells call_tool which server and tool the call went to
             where.update(server=server, tool=inner)
         forwarded: dict[str, Any] = {"name": inner, "arguments": arguments or {}}
@@ -409,7 +414,33 @@ class Router:
         return self._result(ctx, {"prompts": catalog.prompts})
 
     async def get_prompt(self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams) -> dict[str, Any]:
-        return await self._call_named(ctx, "prompt", "prompts/get", params.name, params.arguments)
+        return await self._audited(
+            ctx, "prompt.get", params.name, params.arguments,
+            lambda where: self._call_named(ctx, "prompt", "prompts/get", params.name, params.arguments, where),
+        )
+
+    async def _audited(
+        self, ctx: ServerRequestContext[Any, Any], action: str, target: str, arguments: Any,
+        run: Callable[[dict[str, str]], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any]:
+        """A prompt got or a resource read, audited as tool calls are (`run` fills in the server it went to)."""
+        if self._calls is None:
+            return await run({})
+        started, outcome, code, where = time.perf_counter(), "sandbox failure", None, {}
+        try:
+            result = await run(where)
+            outcome = "ok"
+            return result
+        except MCPError as exc:
+            outcome, code = ("sandbox failure" if exc.error.code in _SANDBOX_FAILURES else "jsonrpc error"), exc.error.code
+            raise
+        finally:
+            identity = identity_of(getattr(ctx.request, "scope", None))
+            registry, server = self._registry(), where.get("server", "")
+            version = registry.version_of(identity.user_id, server) if identity is not None and registry is not None and server else None
+            if identity is not None:
+                self._calls.tool_call(identity, action=action, tool=target, server=server, arguments=arguments, version=version,
+                                      outcome=outcome, error_code=code, latency_ms=(time.perf_counter() - started) * 1e3)
 
     # -- resources --------------------------------------------------------------------------
 
@@ -422,9 +453,14 @@ class Router:
         return self._result(ctx, {"resourceTemplates": catalog.templates})
 
     async def _resource_server(self, ctx: ServerRequestContext[Any, Any], uri: str) -> tuple[Any, str]:
-        _, client, catalog = await self._catalog(ctx)
+        identity, client, catalog = await self._catalog(ctx)
         owner = catalog.resource_owner.get(uri)
         if owner is None:
+            # A resource held back stays so even where an allowed template's pattern covers its URI.
+            registry = self._registry()
+            reason = registry.why_unavailable(identity.user_id, uri, "resource") if registry is not None else None
+            if reason is not None:
+                raise MCPError(code=types.INVALID_PARAMS, message=reason, data={"uri": uri})
             owner = next((server for template, server in catalog.template_owner if template.match(uri) is not None), None)
         if owner is None:
             raise MCPError(code=types.INVALID_PARAMS, message=f"Resource not found: {uri}", data={"uri": uri})
@@ -432,8 +468,13 @@ class Router:
 
     async def read_resource(self, ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams) -> dict[str, Any]:
         uri = str(params.uri)
-        client, server = await self._resource_server(ctx, uri)
-        return await self._forward(ctx, client, server, "resources/read", {"uri": uri})
+
+        async def read(where: dict[str, str]) -> dict[str, Any]:
+            client, server = await self._resource_server(ctx, uri)
+            where["server"] = server
+            return await self._forward(ctx, client, server, "resources/read", {"uri": uri})
+
+        return await self._audited(ctx, "resource.read", uri, None, read)
 
     async def subscribe_resource(self, ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams) -> dict[str, Any]:
         uri = str(params.uri)

@@ -1,4 +1,5 @@
-"""A scan of a server's tool definitions for tool poisoning (OWASP MCP Top 10, MCP03).
+"""A scan of a server's tool definitions, prompts, resources and instructions for tool poisoning
+(OWASP MCP Top 10, MCP03).
 
 A client puts every tool definition it lists in front of the model, word for word, while a
 person sees at most a name and the first line. A poisoned definition uses that gap: it speaks
@@ -7,6 +8,10 @@ characters), asks the model to hand over private data (exfiltration), or redefin
 server's tools (shadowing). This scan reads every string of every definition (descriptions,
 titles, and the descriptions, defaults, enums and examples nested in the input and output
 schemas, and the keys too) and reports each cue with the tool and the JSON path it was found at.
+The server's other offerings reach the model the same way and are read alike: every string of its
+prompts, resources and resource templates, its `initialize` instructions, and the text its
+argument-free prompts render and its resources hold (the trial run's samples); their findings
+name them as `prompt:<name>`, `resource:<uri>`, `template:<uriTemplate>` or `server:instructions`.
 
 It judges one listing. A rug pull (a definition that changes after approval) is caught by the
 pins of `registry.definitions`, which the gateway compares at run time.
@@ -25,6 +30,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from confusable_homoglyphs import categories, confusables
+
+from registry.definitions import INSTRUCTIONS_PIN, KINDS, pin_key
 
 CHECKS: tuple[str, ...] = ("hidden-instructions", "invisible-unicode", "confusable-unicode", "exfiltration", "shadowing")
 
@@ -55,14 +62,17 @@ class _Text:
     @property
     def is_prose(self) -> bool:
         """Words written for a reader, as opposed to values (defaults, enums, examples, patterns)."""
-        return not self.is_key and self.field in ("description", "title")
+        return not self.is_key and self.field in ("description", "title", "instructions")
 
 
-def scan_tools(prefix: str, tools: list[dict[str, Any]], others: Mapping[str, str]) -> list[Finding]:
-    """Findings for the tools a server listed.
+def scan_tools(
+    prefix: str, tools: list[dict[str, Any]], others: Mapping[str, str], offerings: Mapping[str, Any] | None = None
+) -> list[Finding]:
+    """Findings for the tools a server listed, and for its other offerings.
 
     `prefix` is the server's own tool prefix; `others` maps the public names
-    (`<prefix>__<tool>`) of other approved servers' tools to those servers' names.
+    (`<prefix>__<tool>`) of other approved servers' tools to those servers' names;
+    `offerings` is what the trial run recorded besides tools (`registry.trial.TrialResult.offerings`).
     """
     own_names = {str(tool.get("name", "")) for tool in tools}
     own_parameters = {name for tool in tools for name in _parameter_names(tool)}
@@ -70,6 +80,16 @@ def scan_tools(prefix: str, tools: list[dict[str, Any]], others: Mapping[str, st
     findings: list[Finding] = []
     for tool in tools:
         findings += _scan_tool(tool, context)
+    offerings = offerings or {}
+    for kind in KINDS:
+        for item in offerings.get(kind.listing) or []:
+            if isinstance(item, Mapping):
+                findings += _scan_texts(pin_key(kind, item), list(_texts(item)), set(), context)
+    if isinstance(instructions := offerings.get("instructions"), str):
+        findings += _scan_texts(INSTRUCTIONS_PIN, [_Text("instructions", instructions, False)], set(), context)
+    for key, sample in (offerings.get("samples") or {}).items():
+        if isinstance(sample, str):  # what the model reads; a link in it is no cue by itself
+            findings += _scan_texts(key, [_Text("text", sample, False)], set(), context)
     return list(dict.fromkeys(findings))
 
 
@@ -122,10 +142,22 @@ def _scan_tool(tool: Mapping[str, Any], context: _Context) -> list[Finding]:
         odd = ", ".join(_describe(ch) for ch in dict.fromkeys(name) if not ch.isascii())
         found("confusable-unicode", name_field, f"the tool name {_quote(name)} must be ASCII but contains {odd}")
 
+    return findings + _scan_texts(name, texts, parameters, context, name_has_own_rule=True)
+
+
+def _scan_texts(
+    label: str, texts: list[_Text], parameters: set[str], context: _Context, *, name_has_own_rule: bool = False
+) -> list[Finding]:
+    """Findings in the strings of one definition (or one text), named `label`."""
+    findings: list[Finding] = []
+
+    def found(check: str, text: _Text, message: str) -> None:
+        findings.append(Finding(check, label, text.path, message))
+
     for text in texts:
         for message in _invisible(text.text):
             found("invisible-unicode", text, message)
-        if not (text.path == "name" and not text.is_key):  # the name has its own rule above
+        if not (name_has_own_rule and text.path == "name" and not text.is_key):
             for message in _confusable(text):
                 found("confusable-unicode", text, message)
         if text.is_key:

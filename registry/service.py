@@ -25,7 +25,7 @@ from gateway.db import follow_notifications
 from registry import store
 from registry.artifacts import ArtifactError, ArtifactStore, S3Artifacts, server_spec, unmet_requirements, wheel_metadata
 from registry.builtins import builtin_tools
-from registry.definitions import definition_sha256
+from registry.definitions import INSTRUCTIONS_PIN, KINDS, PROMPTS, definition_sha256, instructions_sha256, offering_sha256, pin_key
 from registry.manifest import Manifest, ManifestError, parse_manifest
 from registry.store import Approved, RegistryError
 from registry.trial import TrialResult, trial_run
@@ -71,7 +71,8 @@ class Registry:
         backend: SandboxBackend,
         python: PythonRuntime,
         *,
-        scan: Callable[[str, list[dict[str, Any]], Mapping[str, str]], list[Any]] | None = None,
+        # (prefix, tools, other servers' tools, offerings=...) -> findings: `registry.scan.scan_tools`
+        scan: Callable[..., list[Any]] | None = None,
         indexer: Callable[[int, str, list[dict[str, Any]]], Awaitable[None]] | None = None,
         artifacts_s3_url: str | None = None,
     ):
@@ -86,8 +87,9 @@ class Registry:
         self._approved: dict[int, list[Approved]] = {}
         self._specs: dict[int, ServerSpec] = {}
         self._guarded: dict[tuple[int, str], tuple[Any, Approved, dict[str, Any], dict[str, str]]] = {}
-        # Per user: public tool name -> why the guard holds it back (for a clear refusal of a call).
-        self._withheld: dict[int, dict[str, str]] = defaultdict(dict)
+        # Per user, per server: what the guard holds back -> why (for a clear refusal of a call).
+        # Tools by public name; other offerings as `prompt:<public name>`, `resource:<uri>`.
+        self._withheld: dict[int, dict[str, dict[str, str]]] = defaultdict(dict)
         self._drift_seen: set[tuple[int, str, str]] = set()
         self._recorded_builtins: set[int] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -238,13 +240,14 @@ class Registry:
                 trial = await trial_run(self.backend, self.home, spec, install)
             checks.append(_trial_check(trial, manifest, package["ok"]))
             others = await self._other_tools(tenant, manifest.name)
-            checks.extend(self._scan_checks(manifest.prefix, trial.tools, others))
+            checks.extend(self._scan_checks(manifest.prefix, trial.tools, others, trial.offerings))
         except Exception as exc:  # validation must end in a verdict, whatever broke
             log.exception("validating %s %s failed", manifest.name, manifest.version)
             checks.append({"check": "validation", "ok": False, "detail": f"validation could not finish: {exc}", "findings": []})
         async with self.pool.connection() as conn:
             status = await store.record_validation(
-                conn, version_id, validation=checks, tools=trial.tools, start_ms=trial.start_ms, memory_bytes=trial.memory_bytes
+                conn, version_id, validation=checks, tools=trial.tools, start_ms=trial.start_ms, memory_bytes=trial.memory_bytes,
+                offerings=trial.offerings,
             )
         log.info("%s %s validated: %s", manifest.name, manifest.version, status)
         if self._indexer is not None and trial.tools:
@@ -280,12 +283,14 @@ class Registry:
             "entry_point": entry_point,
         }
 
-    def _scan_checks(self, prefix: str, tools: list[dict[str, Any]], others: Mapping[str, str]) -> list[dict[str, Any]]:
+    def _scan_checks(
+        self, prefix: str, tools: list[dict[str, Any]], others: Mapping[str, str], offerings: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
         if self._scan is None:
             return []
         from registry.scan import CHECKS
 
-        findings = self._scan(prefix, tools, others)
+        findings = self._scan(prefix, tools, others, offerings=offerings)
         checks = []
         for check in CHECKS:
             mine = [f.as_dict() for f in findings if f.check == check]
@@ -309,13 +314,15 @@ class Registry:
     # -- the rug-pull guard -------------------------------------------------------------------
 
     async def guard(self, user_id: int, per_server: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-        """The user's servers' offers with every tool withheld whose live definition is not the
-        pinned one (new tools included), and servers not approved for the user dropped."""
+        """The user's servers' offers with everything withheld whose live definition is not the
+        pinned one (new ones included) or that the approval does not allow: tools, prompts,
+        resources, resource templates and instructions alike; servers not approved for the user dropped."""
         approved = {a.prefix: a for a in await self.approved(user_id)}
         out: dict[str, Mapping[str, Any]] = {}
         for server, entry in per_server.items():
             grant = approved.get(server)
             if grant is None:
+                self._withheld[user_id].pop(server, None)
                 continue  # still running from before a revocation: the sandbox is being reconfigured
             if grant.builtin:
                 if grant.version_id not in self._recorded_builtins and entry.get("tools"):
@@ -326,44 +333,32 @@ class Registry:
             cached = self._guarded.get((user_id, server))
             if cached is not None and cached[0] is entry and cached[1] == grant:
                 out[server] = cached[2]
-                self._withheld[user_id].update(cached[3])
+                self._withheld[user_id][server] = cached[3]
                 continue
-            kept, withheld = [], []
-            reasons = self._withheld[user_id]
-            for name in [n for n in reasons if n.startswith(f"{server}__")]:
-                del reasons[name]
-            for tool in entry.get("tools") or []:
-                public = f"{server}__{tool['name']}"
-                if grant.tools is not None and tool["name"] not in grant.tools:
-                    reasons[public] = f"{public} is not approved for you (the approval of {grant.server} {grant.version} allows only some of its tools)"
-                    continue
-                live = definition_sha256(tool)
-                if grant.pins.get(tool["name"]) == live:
-                    kept.append((tool, live))
-                else:
-                    withheld.append((tool, live))
-                    reasons[public] = (
-                        f"{public} is withheld: its definition differs from the one approved for {grant.server} "
-                        f"{grant.version}, until an admin accepts the new one"
-                    )
-            for tool, live in withheld:
-                key = (grant.version_id, tool["name"], live)
-                if key not in self._drift_seen:
-                    self._drift_seen.add(key)
-                    log.warning("%s %s: tool %s differs from its pin; withheld", grant.server, grant.version, tool["name"])
-                    self._spawn(self._record_drift(grant, tool, live, user_id))
-            filtered = {**entry, "tools": [tool for tool, _ in kept]}
-            self._guarded[(user_id, server)] = (entry, grant, filtered, dict((k, v) for k, v in reasons.items() if k.startswith(f"{server}__")))
+            filtered, reasons, drifted = _guarded_offer(server, entry, grant)
+            for key, live, definition in drifted:
+                if (grant.version_id, key, live) not in self._drift_seen:
+                    self._drift_seen.add((grant.version_id, key, live))
+                    log.warning("%s %s: %s differs from its pin; withheld", grant.server, grant.version, key)
+                    self._spawn(self._record_drift(grant, key, live, definition, user_id))
+            self._guarded[(user_id, server)] = (entry, grant, filtered, reasons)
+            self._withheld[user_id][server] = reasons
             out[server] = filtered
         return out
 
-    def why_unavailable(self, user_id: int, public_name: str) -> str | None:
-        """Why the guard holds back this tool from the user, if it does."""
-        return self._withheld.get(user_id, {}).get(public_name)
+    def why_unavailable(self, user_id: int, public_name: str, kind: str = "tool") -> str | None:
+        """Why the guard holds back this tool (or `kind` "prompt" by public name, "resource" by URI) from the user, if it does."""
+        key = public_name if kind == "tool" else f"{kind}:{public_name}"
+        return next((r[key] for r in self._withheld.get(user_id, {}).values() if key in r), None)
 
-    async def _record_drift(self, grant: Approved, tool: dict[str, Any], live: str, user_id: int) -> None:
+    def version_of(self, user_id: int, server: str) -> str | None:
+        """`name@version` of the server the user's requests go to (for audit entries)."""
+        grant = next((a for a in self._approved.get(user_id, ()) if a.prefix == server), None)
+        return f"{grant.server}@{grant.version}" if grant is not None else None
+
+    async def _record_drift(self, grant: Approved, key: str, live: str, definition: dict[str, Any], user_id: int) -> None:
         async with self.pool.connection() as conn:
-            await store.record_drift(conn, grant, tool["name"], live, dict(tool), user_id)
+            await store.record_drift(conn, grant, key, live, definition, user_id)
 
     async def _record_builtins(self) -> None:
         """Built-in versions not yet described get their definitions (and embeddings) now."""
@@ -419,6 +414,57 @@ class Registry:
                 await store.record_usage(conn, rows)
         except Exception as exc:
             log.warning("tool usage of %d tools not recorded: %s", len(rows), exc)
+
+
+def _guarded_offer(
+    server: str, entry: Mapping[str, Any], grant: Approved
+) -> tuple[dict[str, Any], dict[str, str], list[tuple[str, str, dict[str, Any]]]]:
+    """What of one server's offer the grant lets through, why the rest is held back (by the keys of
+    `Registry.why_unavailable`), and what drifted: (pin key, live hash, live definition)."""
+    reasons: dict[str, str] = {}
+    drifted: list[tuple[str, str, dict[str, Any]]] = []
+    whose = f"{grant.server} {grant.version}"
+    until = "until an admin accepts the new one"
+    tools = []
+    for tool in entry.get("tools") or []:
+        public = f"{server}__{tool['name']}"
+        if grant.tools is not None and tool["name"] not in grant.tools:
+            reasons[public] = f"{public} is not approved for you (the approval of {whose} allows only some of its tools)"
+            continue
+        live = definition_sha256(tool)
+        if grant.pins.get(tool["name"]) == live:
+            tools.append(tool)
+        else:
+            drifted.append((tool["name"], live, dict(tool)))
+            reasons[public] = f"{public} is withheld: its definition differs from the one approved for {whose}, {until}"
+    filtered: dict[str, Any] = {**entry, "tools": tools}
+    for kind in KINDS:
+        allowed = grant.prompts if kind is PROMPTS else grant.resources
+        kept = []
+        for item in entry.get(kind.listing) or []:
+            ident = item.get(kind.ident)
+            if not isinstance(ident, str):
+                continue
+            public = f"{server}__{ident}" if kind is PROMPTS else ident
+            reason_key = f"prompt:{public}" if kind is PROMPTS else f"resource:{public}"
+            if allowed is not None and ident not in allowed:
+                reasons.setdefault(reason_key, f"{kind.pin} {public} is not approved for you (the approval of {whose} does not allow it)")
+                continue
+            key, live = pin_key(kind, item), offering_sha256(kind, item)
+            if grant.pins.get(key) == live:
+                kept.append(item)
+            else:
+                drifted.append((key, live, dict(item)))
+                reasons.setdefault(reason_key, f"{kind.pin} {public} is withheld: its definition differs from the one approved for {whose}, {until}")
+        filtered[kind.listing] = kept
+    # Instructions go on only as pinned (the gateway's own initialize does not pass any on today).
+    instructions = entry.get("instructions")
+    if instructions:
+        live = instructions_sha256(instructions)
+        if grant.pins.get(INSTRUCTIONS_PIN) != live:
+            filtered["instructions"] = None
+            drifted.append((INSTRUCTIONS_PIN, live, {"instructions": instructions}))
+    return filtered, reasons, drifted
 
 
 def _trial_check(trial: TrialResult, manifest: Manifest, ran: bool) -> dict[str, Any]:

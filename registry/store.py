@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 
 from gateway import audit
 from gateway.accounts import Identity
-from registry.definitions import pins_of
+from registry.definitions import PROMPTS, RESOURCES, TEMPLATES, offering_pins, pins_of, tool_pin_count
 
 
 class RegistryError(Exception):
@@ -40,6 +40,18 @@ class Approved:
     pins: dict[str, str]
     tools: frozenset[str] | None = None
     """The tools of the version the approval allows (None: all)."""
+    prompts: frozenset[str] | None = None
+    """The prompts it allows (None: all); an approval of some tools allows no prompt it does not name."""
+    resources: frozenset[str] | None = None
+    """The resource URIs and URI templates it allows (None: all), as for prompts."""
+
+
+def allowed(listed: list[str] | None, tools: list[str] | None) -> frozenset[str] | None:
+    """What an approval's `prompts` or `resources` column allows: the names it lists; when it lists
+    none, everything for an approval of all tools and nothing for an approval of some."""
+    if listed is not None:
+        return frozenset(listed)
+    return None if tools is None else frozenset()
 
 
 async def _tenant_id(conn: psycopg.AsyncConnection, tenant: str) -> int:
@@ -104,14 +116,15 @@ async def record_validation(
     tools: list[dict[str, Any]],
     start_ms: int | None,
     memory_bytes: int | None,
+    offerings: dict[str, Any] | None = None,
 ) -> str:
     status = "passed" if all(check["ok"] for check in validation) else "failed"
     async with conn.transaction():
         cur = await conn.execute(
             "UPDATE registry_versions SET status = %s, validation = %s, tools = %s, start_ms = %s, memory_bytes = %s,"
-            " validated_at = now() WHERE id = %s RETURNING (SELECT t.name FROM tenants t JOIN registry_servers s"
+            " offerings = %s, validated_at = now() WHERE id = %s RETURNING (SELECT t.name FROM tenants t JOIN registry_servers s"
             " ON s.tenant_id = t.id WHERE s.id = server_id), (SELECT name FROM registry_servers WHERE id = server_id), version",
-            (status, Jsonb(validation), Jsonb(tools), start_ms, memory_bytes, version_id),
+            (status, Jsonb(validation), Jsonb(tools), start_ms, memory_bytes, Jsonb(offerings or {}), version_id),
         )
         tenant, name, version = await cur.fetchone()  # type: ignore[misc]
         await audit.append(
@@ -129,7 +142,7 @@ async def record_validation(
 _VERSION = """
 SELECT v.id, s.id AS server_id, s.name, s.prefix, s.builtin, v.version, v.manifest, v.artifact_sha256,
        v.artifact_bytes, v.published_at, u.name AS published_by, v.status, v.validation, v.tools,
-       v.start_ms, v.memory_bytes, v.validated_at
+       v.start_ms, v.memory_bytes, v.validated_at, v.offerings
   FROM registry_versions v JOIN registry_servers s ON s.id = v.server_id
   JOIN tenants t ON t.id = s.tenant_id LEFT JOIN users u ON u.id = v.published_by
 """
@@ -148,7 +161,7 @@ async def version(conn: psycopg.AsyncConnection, tenant: str, name: str, version
 async def approvals_of(conn: psycopg.AsyncConnection, version_id: int, *, live_only: bool = True) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
-        "SELECT group_name AS group, tier, tools, approved_by, approved_at, override, revoked_by, revoked_at FROM approvals"
+        "SELECT group_name AS group, tier, tools, prompts, resources, approved_by, approved_at, override, revoked_by, revoked_at FROM approvals"
         f" WHERE version_id = %s {'AND revoked_at IS NULL' if live_only else ''} ORDER BY approved_at",
         (version_id,),
     )
@@ -166,7 +179,7 @@ async def servers(conn: psycopg.AsyncConnection, tenant: str) -> list[dict[str, 
     )
     rows = await cur.fetchall()
     await cur.execute(
-        "SELECT a.version_id, a.group_name AS group, a.tier, a.tools, a.approved_by, a.approved_at, a.override FROM approvals a"
+        "SELECT a.version_id, a.group_name AS group, a.tier, a.tools, a.prompts, a.resources, a.approved_by, a.approved_at, a.override FROM approvals a"
         " JOIN registry_servers s ON s.id = a.server_id JOIN tenants t ON t.id = s.tenant_id"
         " WHERE t.name = %s AND a.revoked_at IS NULL",
         (tenant,),
@@ -199,8 +212,12 @@ async def approve(
     override: bool,
     tier: str | None = None,
     tools: list[str] | None = None,
+    prompts: list[str] | None = None,
+    resources: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Bind the version to the tenant (or a group), pinning every tool definition validation recorded.
+    """Bind the version to the tenant (or a group), pinning every definition validation recorded:
+    tools, prompts, resources, resource templates, the server's instructions. `tools`, `prompts`
+    and `resources` (URIs or URI templates) narrow what it allows (see `allowed`).
     Replaces the server's approval for the same scope. Refused (409) for a version that failed
     validation without `override`, or whose prefix another approved server of the tenant has."""
     async with conn.transaction():
@@ -225,6 +242,14 @@ async def approve(
             unknown = sorted(set(tools) - {t["name"] for t in row["tools"]})
             if unknown or not tools:
                 raise RegistryError(400, f"{name} {version_} has no tool(s) {', '.join(unknown)}" if unknown else "name at least one tool")
+        offerings = row["offerings"] or {}
+        for kind, asked, known in (
+            ("prompt", prompts, {p.get(PROMPTS.ident) for p in offerings.get(PROMPTS.listing) or []}),
+            ("resource", resources, {r.get(RESOURCES.ident) for r in offerings.get(RESOURCES.listing) or []}
+             | {t.get(TEMPLATES.ident) for t in offerings.get(TEMPLATES.listing) or []}),
+        ):
+            if unknown := sorted(set(asked or ()) - known):
+                raise RegistryError(400, f"{name} {version_} has no {kind}(s) {', '.join(unknown)}")
         if tier is not None:
             cur = await conn.execute("SELECT 1 FROM tiers WHERE name = %s", (tier,))
             if await cur.fetchone() is None:
@@ -234,11 +259,15 @@ async def approve(
             " AND coalesce(group_name, '') = coalesce(%s, '') AND coalesce(tier, '') = coalesce(%s, '') AND revoked_at IS NULL",
             (who.user, row["server_id"], group, tier),
         )
-        pins = pins_of(row["tools"]) if not row["builtin"] else {}
+        # Offerings' pins after the tools': a tool named like one (against MCP's naming rules) stays withheld.
+        pins = {**pins_of(row["tools"]), **offering_pins(offerings)} if not row["builtin"] else {}
+        prompts = sorted(set(prompts)) if prompts is not None else None
+        resources = sorted(set(resources)) if resources is not None else None
         await conn.execute(
-            "INSERT INTO approvals (version_id, server_id, group_name, tier, tools, pins, override, approved_by)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (row["id"], row["server_id"], group, tier, sorted(tools) if tools else None, Jsonb(pins), bool(failed) and override, who.user),
+            "INSERT INTO approvals (version_id, server_id, group_name, tier, tools, prompts, resources, pins, override, approved_by)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (row["id"], row["server_id"], group, tier, sorted(tools) if tools else None, prompts, resources, Jsonb(pins),
+             bool(failed) and override, who.user),
         )
         await audit.append(
             conn,
@@ -247,11 +276,11 @@ async def approve(
             tenant=who.tenant,
             actor=who.user,
             target=f"{name}@{version_}",
-            detail={"group": group, "tier": tier, "tools": tools, "override": bool(failed) and override,
-                    "failed_checks": failed, "pins": pins},
+            detail={"group": group, "tier": tier, "tools": tools, "prompts": prompts, "resources": resources,
+                    "override": bool(failed) and override, "failed_checks": failed, "pins": pins},
         )
-    return {"name": name, "version": version_, "group": group, "tier": tier, "tools": tools, "pins": pins,
-            "override": bool(failed) and override}
+    return {"name": name, "version": version_, "group": group, "tier": tier, "tools": tools, "prompts": prompts,
+            "resources": resources, "pins": pins, "tool_pins": tool_pin_count(pins), "override": bool(failed) and override}
 
 
 async def revoke(
@@ -280,7 +309,8 @@ async def approved_for(conn: psycopg.AsyncConnection, user_id: int) -> list[Appr
     attributes (one of their groups before the whole tenant, their tier before any tier)."""
     cur = await conn.execute(
         """
-        SELECT DISTINCT ON (s.id) s.name, s.prefix, v.version, v.id, s.builtin, v.artifact_sha256, a.pins, a.tools
+        SELECT DISTINCT ON (s.id) s.name, s.prefix, v.version, v.id, s.builtin, v.artifact_sha256, a.pins, a.tools,
+               a.prompts, a.resources
           FROM users u
           JOIN registry_servers s ON s.tenant_id = u.tenant_id
           JOIN approvals a ON a.server_id = s.id AND a.revoked_at IS NULL
@@ -293,8 +323,9 @@ async def approved_for(conn: psycopg.AsyncConnection, user_id: int) -> list[Appr
         (user_id,),
     )
     return [
-        Approved(n, p, ver, vid, b, sha, pins, frozenset(tools) if tools is not None else None)
-        for n, p, ver, vid, b, sha, pins, tools in await cur.fetchall()
+        Approved(n, p, ver, vid, b, sha, pins, frozenset(tools) if tools is not None else None,
+                 allowed(prompts, tools), allowed(resources, tools))
+        for n, p, ver, vid, b, sha, pins, tools, prompts, resources in await cur.fetchall()
     ]
 
 

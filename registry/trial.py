@@ -1,7 +1,9 @@
-"""A trial run: one server alone in a throwaway gVisor sandbox, its tools listed, its cost measured.
+"""A trial run: one server alone in a throwaway gVisor sandbox, its offerings listed, its cost measured.
 
-Validation runs every published version this way (recording the tool definitions that
-approvals pin), and `mcpfleet dev` runs a developer's project the same way. The sandbox
+Validation runs every published version this way (recording the definitions that approvals
+pin: tools, prompts, resources, resource templates and the server's instructions, and what
+its argument-free prompts and its resources say, for the scan), and `mcpfleet dev` runs a
+developer's project the same way. The sandbox
 has the standard tier's limits, an empty workspace and no network, and is destroyed after.
 """
 
@@ -27,6 +29,10 @@ from sandbox.supervisor.config import SupervisorConfig
 from sandbox.tiers import Tier
 
 TRIAL_TIER = Tier("standard", cpus=1, memory_mb=512, pids=256, disk_mb=64)
+MAX_SAMPLES = 32
+"""Prompts rendered and resources read at most, each: enough for a server's static text."""
+MAX_SAMPLE_CHARS = 64 * 1024
+SAMPLE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -40,6 +46,10 @@ class TrialResult:
     """Why the server did not start or list its tools; None when it did."""
     call_result: dict[str, Any] | None = None
     server_info: dict[str, Any] | None = None
+    offerings: dict[str, Any] = field(default_factory=dict)
+    """prompts, resources, resourceTemplates (lists as the server gave them), instructions (its
+    `initialize` text or None) and samples: pin key -> the text of a prompt rendered without
+    arguments or of a resource read, as the model would get it."""
 
 
 async def trial_run(
@@ -88,6 +98,9 @@ async def trial_run(
             result.error = entry["error"]
         result.tools = list(entry.get("tools") or [])
         result.server_info = entry.get("serverInfo")
+        result.offerings = {key: list(entry.get(key) or []) for key in ("prompts", "resources", "resourceTemplates")}
+        result.offerings["instructions"] = entry.get("instructions") or None
+        result.offerings["samples"] = await _samples(client, spec.name, result.offerings, timeout)
         if call is not None:
             name, arguments = call
             try:
@@ -105,6 +118,37 @@ async def trial_run(
             await backend.destroy(sandbox_id)
         await asyncio.to_thread(shutil.rmtree, directory, True)
     return result
+
+
+async def _samples(client: SupervisorClient, server: str, offerings: dict[str, Any], timeout: float) -> dict[str, str]:
+    """The text of each prompt that needs no argument, and of each listed resource: a prompt's
+    description may be harmless while the messages it renders are not."""
+    samples: dict[str, str] = {}
+    requests = [
+        (f"prompt:{p['name']}", "prompts/get", {"name": p["name"], "arguments": {}})
+        for p in offerings["prompts"][:MAX_SAMPLES]
+        if isinstance(p.get("name"), str) and not any(a.get("required") for a in p.get("arguments") or [] if isinstance(a, dict))
+    ] + [
+        (f"resource:{r['uri']}", "resources/read", {"uri": r["uri"]})
+        for r in offerings["resources"][:MAX_SAMPLES]
+        if isinstance(r.get("uri"), str)
+    ]
+    for key, method, params in requests:
+        try:
+            answer = await client.request(server, method, params, timeout=min(timeout, SAMPLE_TIMEOUT))
+        except (SandboxRpcError, TimeoutError, asyncio.TimeoutError):
+            continue  # a prompt or resource that cannot be had without more context is judged by its definition
+        samples[key] = "\n".join(_strings(answer.get("messages") or answer.get("contents") or []))[:MAX_SAMPLE_CHARS]
+    return samples
+
+
+def _strings(value: Any) -> list[str]:
+    """Every `text` of a prompt's messages or a resource's contents (not blobs, URIs or types)."""
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    if isinstance(value, dict):
+        return [s for key, item in value.items() for s in ([item] if key == "text" and isinstance(item, str) else _strings(item))]
+    return []
 
 
 def _prepare(directory: Path, spec: ServerSpec, install: Path | None, token: str, uid: int, gid: int) -> None:

@@ -493,6 +493,11 @@ async def test_a_version_that_failed_validation_needs_the_override(fleet, keys, 
     await expect(change.locator(".side").nth(0).locator(".description")).to_have_text("Get the weather forecast for a city")
     await expect(change.locator(".side").nth(1).locator(".description")).to_have_text(POISON)
     await expect(card.locator(".unchanged")).to_contain_text("alerts")
+    # Prompts, resources and the server's instructions are compared too (weather has instructions only).
+    await expect(card.locator(".offering-diff h4")).to_have_text(
+        f"Prompts, resources and instructions compared with approved version {weather}"
+    )
+    await expect(card.locator(".offerings-unchanged")).to_contain_text("instructions")
     # The publisher's markup is text on the page, never an element.
     await expect(page.locator("#injected")).to_have_count(0)
     assert dialogs == []

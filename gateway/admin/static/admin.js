@@ -156,6 +156,43 @@
     );
   }
 
+  function offeringSide(label, item) {
+    if (!item) return el("div", { className: "side none" }, el("h5", {}, label), el("p", { className: "hint" }, "—"));
+    const { description, ...rest } = item;
+    return el(
+      "div",
+      { className: "side" },
+      el("h5", {}, label),
+      el("p", { className: "description" }, description || "(no description)"),
+      Object.keys(rest).length ? el("pre", { className: "schema" }, pretty(rest)) : null,
+    );
+  }
+
+  // Prompts, resources, resource templates and the server's instructions reach the model as tools do.
+  function renderOfferingDiff(diff) {
+    const offerings = (diff && diff.offerings) || [];
+    if (!offerings.length) return null;
+    const unchanged = offerings.filter((o) => o.change === "same");
+    const changes = offerings.filter((o) => o.change !== "same");
+    const label = (o) => (o.kind === "instructions" ? "instructions" : `${o.kind} ${o.name}`);
+    return el(
+      "div",
+      { className: "offering-diff" },
+      el("h4", {}, diff.against ? `Prompts, resources and instructions compared with approved version ${diff.against}` : "Prompts, resources and instructions"),
+      changes.map((o) =>
+        el(
+          "details",
+          { className: `offering-change ${o.change}`, open: true, dataset: { kind: o.kind, name: o.name, change: o.change } },
+          el("summary", {}, el("code", {}, label(o)), " ", el("span", { className: `badge ${o.change}` }, o.change)),
+          el("div", { className: "sides" }, offeringSide("before", o.before), offeringSide("after", o.after)),
+        ),
+      ),
+      unchanged.length
+        ? el("p", { className: "offerings-unchanged" }, "Unchanged: ", unchanged.map((o, i) => [i ? ", " : "", el("code", {}, label(o))]))
+        : null,
+    );
+  }
+
   function approveForm(detail) {
     const failed = validationFailed(detail);
     const group = el("input", { type: "text", name: "group", placeholder: "group (empty: whole tenant)", pattern: "[a-z0-9][a-z0-9._\\-]{0,62}" });
@@ -216,6 +253,7 @@
       el("h4", {}, "Validation"),
       renderChecks(detail.validation),
       renderDiff(detail.diff),
+      renderOfferingDiff(detail.diff),
       canChange ? approveForm(detail) : null,
     );
   }
@@ -291,6 +329,17 @@
     return details.get(key);
   }
 
+  // A drift's key: a tool's name, or `prompt:<name>`, `resource:<uri>`, `template:<uriTemplate>`, `server:instructions`.
+  function publishedDefinition(detail, key) {
+    const offerings = detail.offerings || {};
+    const [kind, ...rest] = key.split(":");
+    const name = rest.join(":");
+    const lists = { prompt: ["prompts", "name"], resource: ["resources", "uri"], template: ["resourceTemplates", "uriTemplate"] };
+    if (key === "server:instructions") return offerings.instructions ? { instructions: offerings.instructions } : null;
+    if (rest.length && lists[kind]) return (offerings[lists[kind][0]] || []).find((o) => o[lists[kind][1]] === name) || null;
+    return (detail.tools || []).find((t) => t.name === key) || null;
+  }
+
   async function load() {
     details.clear();
     const [servers, drift, usage] = await Promise.all([api("GET", "/servers"), api("GET", "/drift"), api("GET", "/usage")]);
@@ -324,7 +373,7 @@
       events.map(async (event) => {
         let published = null;
         try {
-          published = ((await detailOf(event.server, event.version)).tools || []).find((t) => t.name === event.tool) || null;
+          published = publishedDefinition(await detailOf(event.server, event.version), event.tool);
         } catch {
           published = null;
         }
