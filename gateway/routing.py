@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 from gateway.accounts import Identity
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
+from gateway.text import bounded
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
@@ -463,7 +464,7 @@ class Router:
                 raise MCPError(code=types.INVALID_PARAMS, message=reason, data={"uri": uri})
             owner = next((server for template, server in catalog.template_owner if template.match(uri) is not None), None)
         if owner is None:
-            raise MCPError(code=types.INVALID_PARAMS, message=f"Resource not found: {uri}", data={"uri": uri})
+            raise MCPError(code=types.INVALID_PARAMS, message=f"Resource not found: {bounded(uri)}", data={"uri": bounded(uri)})
         return client, owner
 
     async def read_resource(self, ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams) -> dict[str, Any]:
@@ -548,5 +549,6 @@ def _same_offers(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...])
 def _owner(owners: dict[str, tuple[str, str]], name: str, kind: str) -> tuple[str, str]:
     found = owners.get(name)
     if found is None:
-        raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown {kind}: {name!r}")
+        # The name is the client's, of any size: the error repeats a bounded form of it.
+        raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown {kind}: {bounded(name)!r}")
     return found

@@ -160,8 +160,9 @@ async def test_tool_names_and_claims_of_megabytes_add_a_bounded_entry(gateway, k
     log_before, table_before = len(gateway.log()), audit_bytes(gateway)
     async with connect(gateway.mcp_url, keys["mallory"]) as client:
         for name in names:
-            with pytest.raises(MCPError):
+            with pytest.raises(MCPError) as refused_call:
                 await client.call_tool(name, {})
+            assert len(str(refused_call.value)) < 1024  # the error names the tool bounded, not its megabytes
     huge_sub = "s" * 6000
     refused = httpx.post(gateway.mcp_url, json={},
                          headers={"Authorization": f"Bearer {forged_jwt({'iss': 'https://big.example', 'sub': huge_sub})}"})
