@@ -4,6 +4,10 @@ Inside, a sandbox sees the host's system dirs and a Python (`sandbox.runtime`)
 read-only, the product's own packages (and nothing else of the project: its dir
 also holds the fleet home with every user's workspace) under /opt/mcpfleet, its
 user's workspace read-write at /workspace, and its channel dir at /run/mcpfleet.
+
+`df` inside shows gVisor's memory at / (`ROOT_OVERLAY`) and the workspace's own quota at
+/workspace; the binds of the host's dirs still show the host's disk, since runsc answers
+statfs on a bind with the host's answer for its source and overlays only writable binds.
 """
 
 from __future__ import annotations
@@ -49,6 +53,15 @@ BUSYBOX_APPLETS = ("ls", "stat")
 call statx with AT_NO_AUTOMOUNT, which this runsc refuses with EINVAL. The rest of coreutils uses
 fstatat and works (`dir`, `vdir` and psmisc's `fuser` fail too, and busybox has no such applets)."""
 BUSYBOX_PATH = "/usr/bin:/bin"
+
+ROOT_OVERLAY = "--overlay2=root:memory"
+"""runsc's flag that puts the root under an overlay in the sandbox's memory, so that statfs (`df /`)
+answers with gVisor's own tmpfs instead of the host disk that holds the bundle. Every backend runs
+runsc with it (the Docker backend through the runtime's flags in scripts/docker.sh)."""
+ROOT_READONLY = False
+"""runsc leaves a read-only root without its overlay (and then `df /` shows the host's disk). The root
+stays read-only all the same for everything inside: all of it belongs to root, and the sandbox's
+processes run as another user without capabilities (EACCES instead of EROFS)."""
 
 _RO = ["rbind", "ro", "nosuid", "nodev"]
 _RW = ["rbind", "rw", "nosuid", "nodev"]
@@ -202,7 +215,7 @@ def build_bundle(
             ],
             "noNewPrivileges": True,
         },
-        "root": {"path": "rootfs", "readonly": True},
+        "root": {"path": "rootfs", "readonly": ROOT_READONLY},
         "hostname": HOSTNAME,
         "mounts": mounts,
         "linux": {

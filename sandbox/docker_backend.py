@@ -45,6 +45,7 @@ from sandbox.bundle import (
     HOSTNAME,
     INIT_CWD,
     OPEN_FILES,
+    ROOT_READONLY,
     environment,
     host_pids,
     sandbox_binds,
@@ -199,7 +200,7 @@ class DockerBackend:
                     detach=True,
                     runtime=self.runtime,
                     network_mode="none",
-                    read_only=True,
+                    read_only=ROOT_READONLY,  # the runtime's flags put the root in memory (scripts/docker.sh)
                     tmpfs={"/tmp": "rw,nosuid,nodev,mode=1777"},
                     mounts=[
                         Mount(b.destination, str(b.source), type="bind", read_only=not b.writable)

@@ -2,9 +2,11 @@
 
 Containers are started detached, in their own session, so they outlive the
 gateway process: a restarted gateway finds them in `runsc list` and reconnects.
-Every command runs with the same flags: no network at all, and host Unix
-sockets that may be opened (connected to) but not created, which is all the
-supervisor needs to reach the gateway's socket in its channel dir.
+Every command runs with the same flags: no network at all, host Unix sockets
+that may be opened (connected to) but not created, which is all the supervisor
+needs to reach the gateway's socket in its channel dir, and the root under an
+overlay in memory (`bundle.ROOT_OVERLAY`), so that `df /` tells nothing of the
+host's disk.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import signal
 from pathlib import Path
 
 from sandbox.backend import Container, SandboxSpec
-from sandbox.bundle import CPU_QUOTA_ANNOTATION, build_bundle
+from sandbox.bundle import CPU_QUOTA_ANNOTATION, ROOT_OVERLAY, build_bundle
 from sandbox.errors import SandboxUnavailable
 from sandbox.runtime import PythonRuntime, current_python
 
@@ -61,7 +63,7 @@ class RunscBackend:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _flags(self) -> list[str]:
-        flags = ["--root", str(self.root), "--network=none", "--host-uds=open"]
+        flags = ["--root", str(self.root), "--network=none", "--host-uds=open", ROOT_OVERLAY]
         if self.platform:
             flags.append(f"--platform={self.platform}")
         return flags

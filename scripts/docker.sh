@@ -19,8 +19,9 @@ runsc=$(command -v runsc) || { echo "docker: runsc is not installed (scripts/set
 if [ -d /run/systemd/system ]; then driver=; else driver=cgroupfs; fi
 
 # Merged into whatever the file holds already. Sandboxes never have a network; --host-uds=open lets
-# the supervisor connect to the gateway's socket in its channel dir. Checkpoints (hibernation) are
-# still an experimental API of the Engine.
+# the supervisor connect to the gateway's socket in its channel dir; --overlay2=root:memory puts the
+# root in memory, so that `df /` inside shows nothing of the host's disk (sandbox/bundle.py,
+# ROOT_OVERLAY). Checkpoints (hibernation) are still an experimental API of the Engine.
 mkdir -p "$(dirname "$CONFIG")"
 changed=$(RUNSC="$runsc" DRIVER="$driver" CONFIG="$CONFIG" python3 - <<'PY'
 import json, os
@@ -33,7 +34,7 @@ except FileNotFoundError:
 before = json.dumps(config, sort_keys=True)
 config.setdefault("runtimes", {})["runsc"] = {
     "path": os.environ["RUNSC"],
-    "runtimeArgs": ["--network=none", "--host-uds=open"],
+    "runtimeArgs": ["--network=none", "--host-uds=open", "--overlay2=root:memory"],
 }
 config["experimental"] = True
 if os.environ["DRIVER"]:

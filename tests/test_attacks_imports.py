@@ -6,6 +6,8 @@
   limit: none of them may ever run in a product process.
 - A start that never becomes ready, to keep the CPU that a starting sandbox may borrow beyond its
   tier's share: the share holds again after a short while, ready or not.
+- `df`: what it shows of the host's disk (the root: nothing; the binds of the host's dirs: the
+  host's size and usage, which runsc passes on) and of the workspace (its quota).
 
 Against real runsc sandboxes.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import time
 
@@ -146,3 +149,48 @@ async def test_a_failed_checkpoint_is_one_sentence_in_the_row_and_the_details_ar
     assert reason.startswith("hibernation failed") and "\n" not in reason and len(reason) <= 200, reason
     assert "goroutine" not in reason and "/" not in reason, reason
     assert "runsc checkpoint of sandbox" in caplog.text  # the details went to the gateway's log
+
+
+
+def df_sizes(stdout: str) -> dict[str, int]:
+    """`df -k -P`'s lines as {mount point: total KiB}."""
+    sizes = {}
+    for line in stdout.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1].isdigit():
+            sizes[fields[-1]] = int(fields[1])
+    return sizes
+
+
+def total_kib(path) -> int:
+    found = os.statvfs(path)
+    return found.f_blocks * found.f_frsize // 1024
+
+
+async def test_df_shows_the_workspace_quota_and_not_the_hosts_disk_at_the_root(fleets):
+    fleet = await fleets("df")
+    manager = await fleet.manager(servers=[BUILTINS["exec"]])
+    trudy = await fleet.user("trudy")
+    sandbox = await manager.ensure(*trudy)
+    host_kib, quota_kib = total_kib(fleet.home), total_kib(sandbox.workspace)
+    assert host_kib != quota_kib
+
+    seen = (await sh(sandbox, "df -k -P 2>&1"))["stdout"]
+    sizes = df_sizes(seen)
+    assert sizes.get("/") not in (None, host_kib), f"the host's disk ({host_kib} KiB) shows at /:\n{seen}"
+    assert sizes.get("/workspace") == quota_kib, seen
+
+    # The root is in memory now, and still nobody's to write to inside.
+    write = "for p in /x /etc/x /opt/mcpfleet/x /opt/mcpfleet/bin/x; do touch $p 2>/dev/null && echo wrote $p; done"
+    tried = await sh(sandbox, f"{write}; rm /etc/passwd 2>/dev/null && echo removed; echo done")
+    assert tried["stdout"] == "done\n", tried
+
+
+@pytest.mark.xfail(strict=True, reason="runsc answers statfs on a bind with the host's statfs of its source")
+async def test_df_shows_nothing_of_the_hosts_disk(fleets):
+    fleet = await fleets("dfbinds")
+    manager = await fleet.manager(servers=[BUILTINS["exec"]])
+    sandbox = await manager.ensure(*await fleet.user("trent"))
+    host_kib = total_kib(fleet.home)
+    seen = (await sh(sandbox, "df -k -P 2>&1"))["stdout"]
+    assert host_kib not in df_sizes(seen).values(), f"the host's disk ({host_kib} KiB) shows in df:\n{seen}"

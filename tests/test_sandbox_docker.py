@@ -109,7 +109,9 @@ async def test_a_workspace_tool_call_runs_in_gvisor_as_an_unprivileged_user(mana
 
     attrs = ENGINE.api.inspect_container(sandbox.id)
     host = attrs["HostConfig"]
-    assert (host["Runtime"], host["NetworkMode"], host["ReadonlyRootfs"]) == ("runsc", "none", True)
+    assert (host["Runtime"], host["NetworkMode"]) == ("runsc", "none")
+    # Not read-only to the engine: runsc keeps the root in memory instead (scripts/docker.sh), and nothing inside may write it.
+    assert "--overlay2=root:memory" in ENGINE.info()["Runtimes"]["runsc"]["runtimeArgs"]
     assert host["CapDrop"] == ["ALL"] and "no-new-privileges" in host["SecurityOpt"]
     assert attrs["Config"]["User"] == f"{SANDBOX_UID}:{SANDBOX_UID}"
     assert host["Memory"] == STANDARD.memory_bytes
@@ -144,6 +146,11 @@ async def test_root_is_read_only_and_the_project_is_not_visible(manager, users):
     assert "error" in text(await call(sandbox, "read_file", path=str(manager.home / "workspaces")))
     assert text(await call(sandbox, "write_file", path="/tmp/scratch", text="fine")) == "written"
     assert "error" in text(await call(sandbox, "read_file", path="/run/mcpfleet/supervisor.json"))
+    # The root is in memory (the runtime's --overlay2=root:memory): `df /` shows nothing of the host's disk.
+    host = os.statvfs(manager.home)
+    root = (await sh(sandbox, "df -k -P / | tail -n 1"))["stdout"].split()
+    assert root[-1] == "/" and int(root[1]) != host.f_blocks * host.f_frsize // 1024, root
+    assert "wrote" not in (await sh(sandbox, "touch /x /etc/x && echo wrote"))["stdout"]
 
 
 async def test_two_users_see_only_their_own_workspace(manager, users):
