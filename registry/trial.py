@@ -5,12 +5,13 @@ pin: tools, prompts, resources, resource templates and the server's instructions
 its argument-free prompts and its resources say, for the scan), and `mcpfleet dev` runs a
 developer's project the same way. The sandbox
 has the standard tier's limits, an empty workspace and no network, and is destroyed after.
+Its workspace is a tmpfs of the tier's disk quota, as its channel is a tiny one: the code on
+trial writes nothing to the host's disk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import shutil
 import time
@@ -18,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox import wire
+from sandbox import tmpfs, wire
 from sandbox.backend import SandboxBackend, SandboxSpec
 from sandbox.bundle import TOOLS_DIR
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
-from sandbox.manager import SANDBOX_GID, SANDBOX_UID, wait_ready
+from sandbox.manager import CHANNEL_DIR, SANDBOX_GID, SANDBOX_UID, drop_channel, make_channel, wait_ready
 from sandbox.servers import ServerSpec, server_configs
 from sandbox.supervisor.config import SupervisorConfig
 from sandbox.tiers import Tier
@@ -33,6 +34,7 @@ MAX_SAMPLES = 32
 """Prompts rendered and resources read at most, each: enough for a server's static text."""
 MAX_SAMPLE_CHARS = 64 * 1024
 SAMPLE_TIMEOUT = 10.0
+TRIAL_INODES = 16384
 
 
 @dataclass
@@ -72,7 +74,7 @@ async def trial_run(
     started = False
     try:
         await asyncio.to_thread(_prepare, directory, spec, install, token, uid, gid)
-        client = SupervisorClient(directory / "channel" / wire.SOCKET_NAME, token=token, socket_owner=(uid, gid))
+        client = SupervisorClient(directory / CHANNEL_DIR / wire.SOCKET_NAME, token=token, socket_owner=(uid, gid))
         await client.listen()
         begun = time.perf_counter()
         started = True
@@ -81,7 +83,7 @@ async def trial_run(
                 id=sandbox_id,
                 directory=directory,
                 workspace=directory / "workspace",
-                channel=directory / "channel",
+                channel=directory / CHANNEL_DIR,
                 limits=TRIAL_TIER.limits,
                 uid=uid,
                 gid=gid,
@@ -116,7 +118,7 @@ async def trial_run(
             await client.close()
         if started:
             await backend.destroy(sandbox_id)
-        await asyncio.to_thread(shutil.rmtree, directory, True)
+        await asyncio.to_thread(_remove, directory)
     return result
 
 
@@ -154,16 +156,17 @@ def _strings(value: Any) -> list[str]:
 def _prepare(directory: Path, spec: ServerSpec, install: Path | None, token: str, uid: int, gid: int) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     directory.mkdir(mode=0o711)
-    workspace = directory / "workspace"
-    workspace.mkdir(mode=0o700)
-    os.chown(workspace, uid, gid)
+    tmpfs.mount(directory / "workspace", size_bytes=TRIAL_TIER.disk_bytes, inodes=TRIAL_INODES, uid=uid, gid=gid)
     tools = directory / TOOLS_DIR
     tools.mkdir(mode=0o755)
     if install is not None:
         shutil.copytree(install, tools / spec.revision, symlinks=True)
-    channel = directory / "channel"
-    channel.mkdir(mode=0o700)
-    os.chown(channel, uid, gid)
+    channel = make_channel(directory, uid, gid)
     config = SupervisorConfig(socket=f"{wire.CHANNEL_DIR}/{wire.SOCKET_NAME}", servers=server_configs([spec]), token=token)
     config.write(channel / wire.CONFIG_NAME, owner=(uid, gid))
 
+
+def _remove(directory: Path) -> None:
+    tmpfs.unmount(directory / "workspace")
+    drop_channel(directory)
+    shutil.rmtree(directory, ignore_errors=True)

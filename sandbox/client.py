@@ -16,6 +16,8 @@ import itertools
 import logging
 import os
 import re
+import socket
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,19 +200,31 @@ class SupervisorClient:
     # -- the socket ---------------------------------------------------------------------
 
     async def listen(self) -> None:
-        """Start accepting the supervisor's connection (a stale socket file is replaced)."""
+        """Start accepting the supervisor's connection (a stale socket file is replaced).
+
+        The channel dir is the sandbox's to write: between any two steps here, code inside may
+        rename a symlink over the socket's name. So no name in it is ever followed: the socket is
+        bound (which fails on a name that exists, a symlink included), and its mode and owner are
+        set through a descriptor opened without following, once it is known to be a socket.
+        """
         self._detached = False
         if self._listener is not None:
             return
         if len(os.fsencode(self.socket_path)) >= 108:
             raise SandboxUnavailable(f"socket path too long for a Unix socket: {self.socket_path}")
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
-        self._listener = await asyncio.start_unix_server(self._accept, path=str(self.socket_path), limit=READ_CHUNK)
-        self._socket_inode = self.socket_path.stat().st_ino
-        os.chmod(self.socket_path, 0o600)
-        if self._socket_owner is not None:
-            os.chown(self.socket_path, *self._socket_owner)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)  # unlink never follows a symlink
+            sock.bind(str(self.socket_path))
+            self._socket_inode = _own_socket(self.socket_path, self._socket_owner)
+            self._listener = await asyncio.start_unix_server(self._accept, sock=sock, limit=READ_CHUNK)
+        except OSError as exc:
+            sock.close()
+            raise SandboxUnavailable(f"cannot listen on {self.socket_path}: {exc}") from None
+        except BaseException:
+            sock.close()
+            raise
 
     async def _stop_listening(self) -> None:
         if self._listener is None:
@@ -219,8 +233,8 @@ class SupervisorClient:
         self._listener = None
         # Only our own socket file: another gateway may have taken the path over since.
         with contextlib.suppress(FileNotFoundError):
-            if self.socket_path.stat().st_ino == self._socket_inode:
-                self.socket_path.unlink()
+            if os.lstat(self.socket_path).st_ino == self._socket_inode:
+                os.unlink(self.socket_path)
 
     @property
     def connected(self) -> bool:
@@ -582,3 +596,23 @@ class SupervisorClient:
             if not cursor:
                 return items
         raise SandboxRpcError(wire.INTERNAL_ERROR, f"{method} did not stop paginating after {_MAX_PAGES} pages")
+
+
+def _own_socket(path: Path, owner: tuple[int, int] | None) -> int:
+    """Make the socket just bound at `path` 0600 (and `owner`'s) without following its name; its inode.
+
+    Refused if the name no longer holds a socket: something in the sandbox replaced it.
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SandboxUnavailable(f"{path} was replaced while the gateway bound it; not following it")
+        # An O_PATH descriptor takes no fchmod; its /proc link reaches the inode it holds, and only that.
+        held = f"/proc/self/fd/{fd}"
+        os.chmod(held, 0o600)
+        if owner is not None:
+            os.chown(held, *owner)
+        return st.st_ino
+    finally:
+        os.close(fd)

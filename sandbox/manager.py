@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from sandbox import recovery, store, tiers, wire
+from sandbox import recovery, store, tiers, tmpfs, wire
 from sandbox.backend import SandboxBackend, SandboxSpec
 from sandbox.client import SupervisorClient
 from sandbox.errors import QuotaExceeded, SandboxUnavailable
@@ -46,6 +46,8 @@ from sandbox.workspaces import Workspaces
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = "token"
+CHANNEL_DIR = "channel"
+"""Where the sandbox's channel (its /run/mcpfleet) is, in the sandbox's dir."""
 CHECKPOINT_DIR = "checkpoint"
 """A complete checkpoint image; written as CHECKPOINT_DIR + '.partial' and renamed when done."""
 WORKSPACE_MOUNT = "workspace"
@@ -494,7 +496,7 @@ class SandboxManager:
         self._touched.discard(sandbox.id)
         await sandbox.client.close()
         await asyncio.to_thread(self.workspaces.unmount, sandbox.workspace)
-        _drop_channel(sandbox.directory)
+        drop_channel(sandbox.directory)
         size = _tree_bytes(image)
         await self._set_state(
             sandbox.id, State.HIBERNATED, reason, user_id=sandbox.user_id, checkpoint_bytes=size
@@ -514,8 +516,8 @@ class SandboxManager:
     async def _hibernation_failed(self, sandbox: Sandbox, exc: Exception) -> None:
         shutil.rmtree(sandbox.directory / f"{CHECKPOINT_DIR}.partial", ignore_errors=True)
         if await self.backend.is_alive(sandbox.id):
-            await sandbox.client.listen()  # the supervisor keeps trying to connect
             with contextlib.suppress(SandboxUnavailable):
+                await sandbox.client.listen()  # the supervisor keeps trying to connect
                 await sandbox.client.wait_ready(self.adopt_timeout)
             if sandbox.client.connected:
                 sandbox.state = State.RUNNING
@@ -549,7 +551,7 @@ class SandboxManager:
         try:
             await self._set_state(sandbox.id, State.RESUMING, user_id=user_id)
             await asyncio.to_thread(self._mount_workspace, sandbox)
-            _make_channel(directory, self.uid, self.gid)
+            make_channel(directory, self.uid, self.gid)
             await sandbox.client.listen()
             await self.backend.restore(self._spec(sandbox), directory / CHECKPOINT_DIR)
             await wait_ready(self.backend, sandbox.client, sandbox.id, self.start_timeout, self.start_boost_s)
@@ -611,7 +613,7 @@ class SandboxManager:
         fd = os.open(directory / TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token)
-        channel = _make_channel(directory, self.uid, self.gid)
+        channel = make_channel(directory, self.uid, self.gid)
         self._mount_workspace(sandbox)
         servers = sandbox.servers or ()
         self.servers.provision(directory / TOOLS_DIR, servers)
@@ -645,7 +647,7 @@ class SandboxManager:
             id=sandbox.id,
             directory=sandbox.directory,
             workspace=sandbox.workspace,
-            channel=sandbox.directory / "channel",
+            channel=sandbox.directory / CHANNEL_DIR,
             limits=sandbox.tier.limits,
             uid=self.uid,
             gid=self.gid,
@@ -654,11 +656,12 @@ class SandboxManager:
     def _forget_files(self, directory: Path, *, keep_logs: bool) -> None:
         """Remove a sandbox's runtime files (all of its dir unless `keep_logs`); never into a mounted workspace."""
         self.workspaces.unmount(directory / WORKSPACE_MOUNT)
+        tmpfs.unmount(directory / CHANNEL_DIR)
         if _has_mounts_below(directory):
             log.error("not removing %s: something is still mounted below it", directory)
             return
         if keep_logs:
-            for name in ("bundle", "channel", CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.partial", WORKSPACE_MOUNT):
+            for name in ("bundle", CHANNEL_DIR, CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.partial", WORKSPACE_MOUNT):
                 path = directory / name
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
@@ -667,7 +670,7 @@ class SandboxManager:
 
     def _client(self, directory: Path, token: str) -> SupervisorClient:
         return SupervisorClient(
-            directory / "channel" / wire.SOCKET_NAME, token=token, socket_owner=(self.uid, self.gid),
+            directory / CHANNEL_DIR / wire.SOCKET_NAME, token=token, socket_owner=(self.uid, self.gid),
             max_result_bytes=self.max_result_bytes,
         )
 
@@ -757,15 +760,18 @@ async def wait_ready(
     await backend.settle(sandbox_id)
 
 
-def _make_channel(directory: Path, uid: int, gid: int) -> Path:
-    channel = directory / "channel"
-    channel.mkdir(mode=0o700, exist_ok=True)
-    os.chown(channel, uid, gid)
+def make_channel(directory: Path, uid: int, gid: int) -> Path:
+    """The sandbox's channel dir, bound in read-write: a tiny tmpfs of its own (`sandbox.tmpfs`),
+    so that nothing written there lands on the host's disk, outside the sandbox's quota."""
+    channel = directory / CHANNEL_DIR
+    tmpfs.mount(channel, size_bytes=tmpfs.CHANNEL_BYTES, inodes=tmpfs.CHANNEL_INODES, uid=uid, gid=gid)
     return channel
 
 
-def _drop_channel(directory: Path) -> None:
-    shutil.rmtree(directory / "channel", ignore_errors=True)
+def drop_channel(directory: Path) -> None:
+    channel = directory / CHANNEL_DIR
+    tmpfs.unmount(channel)
+    shutil.rmtree(channel, ignore_errors=True)
 
 
 def _tree_bytes(path: Path) -> int:

@@ -67,6 +67,8 @@ async def _recover_one(
     manager: SandboxManager, row: dict[str, Any], container: Container | None, tier_by_name: dict[str, tiers.Tier]
 ) -> State | None:
     """The state the row ends in (None: ended, Failed)."""
+    from sandbox.manager import drop_channel
+
     sandbox_id, state = row["id"], State(row["state"])
     directory = manager.sandboxes_dir / sandbox_id
     running = container is not None and container.status == "running"
@@ -98,7 +100,7 @@ async def _recover_one(
             # A stopped one may hold the checkpoint itself (Docker keeps it with the container).
             await manager.backend.destroy(sandbox_id)
         manager.workspaces.unmount(directory / "workspace")
-        shutil.rmtree(directory / "channel", ignore_errors=True)
+        drop_channel(directory)
         what = "hibernation" if state == State.HIBERNATING else "resume"
         await manager._set_state(sandbox_id, State.HIBERNATED, f"its {what} was interrupted by a gateway restart",
                                  user_id=row["user_id"])

@@ -67,13 +67,23 @@ class SupervisorConfig:
         return cls(servers=servers, **raw)
 
     def write(self, path: Path, *, owner: tuple[int, int] | None = None) -> None:
-        """Written 0600 (it carries the servers' environment) and atomically."""
+        """Written 0600 (it carries the servers' environment) and atomically.
+
+        The channel dir is the sandbox's to write, so no name in it is followed: the file is made
+        new (a name taken, by a symlink or anything, is removed first) and chowned by descriptor;
+        the rename replaces whatever holds `path` without following it.
+        """
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:
+            os.unlink(tmp)
+            fd = os.open(tmp, flags, 0o600)
         with os.fdopen(fd, "w") as f:
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
             f.write(self.to_json())
-        if owner is not None:
-            os.chown(tmp, *owner)
         os.replace(tmp, path)
 
     @classmethod
