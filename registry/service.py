@@ -23,7 +23,15 @@ from psycopg_pool import AsyncConnectionPool
 from gateway.accounts import Identity
 from gateway.db import follow_notifications
 from registry import store
-from registry.artifacts import ArtifactError, ArtifactStore, S3Artifacts, server_spec, unmet_requirements, wheel_metadata
+from registry.artifacts import (
+    ArtifactError,
+    ArtifactStore,
+    S3Artifacts,
+    server_spec,
+    unmet_requirements,
+    verify_wheel,
+    wheel_metadata,
+)
 from registry.builtins import builtin_tools
 from registry.definitions import definition_sha256
 from registry.manifest import Manifest, ManifestError, parse_manifest
@@ -180,24 +188,28 @@ class Registry:
         if spec is None:
             try:
                 async with self.pool.connection() as conn:
-                    cur = await conn.execute("SELECT manifest FROM registry_versions WHERE id = %s", (approved.version_id,))
-                    (document,) = await cur.fetchone()  # type: ignore[misc]
+                    cur = await conn.execute(
+                        "SELECT manifest, validation FROM registry_versions WHERE id = %s", (approved.version_id,)
+                    )
+                    document, validation = await cur.fetchone()  # type: ignore[misc]
                 manifest = parse_manifest(document)
-                spec = await asyncio.to_thread(self._published_spec, approved, manifest)
+                spec = await asyncio.to_thread(self._published_spec, approved, manifest, validation)
             except (ArtifactError, ManifestError, OSError) as exc:
                 log.error("approved %s %s cannot run: %s", approved.server, approved.version, exc)
                 return None
             self._specs[approved.version_id] = spec
         return spec
 
-    def _published_spec(self, approved: Approved, manifest: Manifest) -> ServerSpec:
+    def _published_spec(self, approved: Approved, manifest: Manifest, validation: list[dict[str, Any]]) -> ServerSpec:
+        """The console script validation found when it read the wheel's metadata (read once, at
+        publish: neither a gateway's start nor a sandbox's reads it again)."""
         assert approved.artifact_sha256 is not None
-        wheel = self.artifacts.wheel_path(approved.artifact_sha256)
-        _, scripts = wheel_metadata(wheel)
-        if manifest.command not in scripts:
-            raise ArtifactError(f"the wheel has no console script {manifest.command!r}")
+        package = next((c for c in validation if c.get("check") == "package"), {})
+        entry_point = package.get("entry_point")
+        if not entry_point:
+            raise ArtifactError(f"validation found no console script {manifest.command!r} in the wheel")
         self.artifacts.install(approved.artifact_sha256)
-        return server_spec(approved.prefix, approved.artifact_sha256, scripts[manifest.command], manifest.fleet.secrets)
+        return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets)
 
     def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
         self.artifacts.link_into(tools_dir, {s.revision for s in servers if s.revision != "builtin"})
@@ -211,6 +223,10 @@ class Registry:
             raise RegistryError(400, "the manifest is invalid: " + "; ".join(exc.problems)) from None
         if len(wheel) > MAX_WHEEL_BYTES:
             raise RegistryError(413, f"the wheel is {len(wheel)} bytes; at most {MAX_WHEEL_BYTES} are taken")
+        try:  # a zip bomb or a lying header is refused before anything is kept or unpacked
+            await asyncio.to_thread(verify_wheel, wheel)
+        except ArtifactError as exc:
+            raise RegistryError(400, f"the wheel is refused: {exc}") from None
         sha256 = await asyncio.to_thread(self.artifacts.store, wheel)
         async with self.pool.connection() as conn:
             version_id = await store.publish(
