@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 BUILTIN_NAMESPACE = "io.mcpfleet"
 MAX_WHEEL_BYTES = 50 * 1024 * 1024
+DRIFTS_PER_SANDBOX = 5
+"""Distinct drifted definitions of one version that one user's sandbox can have recorded: code in
+a sandbox can make its servers list anything, and must not fill the registry or the audit log."""
 
 
 def product_version() -> str:
@@ -96,7 +99,10 @@ class Registry:
         self._guarded: dict[tuple[int, str], tuple[Any, Approved, dict[str, Any], dict[str, str]]] = {}
         # Per user: public tool name -> why the guard holds it back (for a clear refusal of a call).
         self._withheld: dict[int, dict[str, str]] = defaultdict(dict)
-        self._drift_seen: set[tuple[int, str, str]] = set()
+        # (user, version) -> the (tool, definition) drifts of it that user's sandbox listed, at most
+        # DRIFTS_PER_SANDBOX of them; and the pairs past that bound, already logged.
+        self._drift_seen: dict[tuple[int, int], set[tuple[str, str]]] = defaultdict(set)
+        self._drift_capped: set[tuple[int, int]] = set()
         self._recorded_builtins: set[int] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -354,7 +360,7 @@ class Registry:
                     reasons[public] = f"{public} is not approved for you (the approval of {grant.server} {grant.version} allows only some of its tools)"
                     continue
                 live = definition_sha256(tool)
-                if grant.pins.get(tool["name"]) == live:
+                if grant.allows(tool["name"], live):
                     kept.append((tool, live))
                 else:
                     withheld.append((tool, live))
@@ -363,11 +369,7 @@ class Registry:
                         f"{grant.version}, until an admin accepts the new one"
                     )
             for tool, live in withheld:
-                key = (grant.version_id, tool["name"], live)
-                if key not in self._drift_seen:
-                    self._drift_seen.add(key)
-                    log.warning("%s %s: tool %s differs from its pin; withheld", grant.server, grant.version, tool["name"])
-                    self._spawn(self._record_drift(grant, tool, live, user_id))
+                self._note_drift(user_id, grant, tool, live)
             filtered = {**entry, "tools": [tool for tool, _ in kept]}
             self._guarded[(user_id, server)] = (entry, grant, filtered, dict((k, v) for k, v in reasons.items() if k.startswith(f"{server}__")))
             out[server] = filtered
@@ -377,9 +379,27 @@ class Registry:
         """Why the guard holds back this tool from the user, if it does."""
         return self._withheld.get(user_id, {}).get(public_name)
 
+    def _note_drift(self, user_id: int, grant: Approved, tool: dict[str, Any], live: str) -> None:
+        """Record a drift the user's sandbox listed, once per tool and definition, and no more than
+        DRIFTS_PER_SANDBOX distinct ones per version (the store enforces the same bound across gateways)."""
+        sandbox = (user_id, grant.version_id)
+        seen = self._drift_seen[sandbox]
+        if (tool["name"], live) in seen:
+            return
+        if len(seen) >= DRIFTS_PER_SANDBOX:
+            if sandbox not in self._drift_capped:
+                self._drift_capped.add(sandbox)
+                log.warning("%s %s: the sandbox of user %s lists more than %d drifted definitions; withheld, not recorded",
+                            grant.server, grant.version, user_id, DRIFTS_PER_SANDBOX)
+            return
+        seen.add((tool["name"], live))
+        log.warning("%s %s: tool %s in the sandbox of user %s differs from its pin; withheld",
+                    grant.server, grant.version, tool["name"], user_id)
+        self._spawn(self._record_drift(grant, tool, live, user_id))
+
     async def _record_drift(self, grant: Approved, tool: dict[str, Any], live: str, user_id: int) -> None:
         async with self.pool.connection() as conn:
-            await store.record_drift(conn, grant, tool["name"], live, dict(tool), user_id)
+            await store.record_drift(conn, grant, tool["name"], live, dict(tool), user_id, per_sandbox=DRIFTS_PER_SANDBOX)
 
     async def _record_builtins(self) -> None:
         """Built-in versions not yet described get their definitions (and embeddings) now."""
