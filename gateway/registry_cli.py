@@ -132,6 +132,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
         for d in drift:
             print(f"{d['id']:>5} {d['server']} {d['version']} tool {d['tool']}: live {d['live_sha256'][:12]}"
                   f" != pinned {(d['pinned_sha256'] or 'none')[:12]} (since {d['first_seen_at']})")
+            print(f"        seen in the sandbox of: {', '.join(d.get('seen_in_sandboxes_of') or []) or 'nobody still known'}")
             print(f"        now: {json.dumps(d['live_definition'].get('description'))}")
         return 0
 
@@ -141,7 +142,9 @@ def cmd_drift(args: argparse.Namespace) -> int:
 def cmd_accept(args: argparse.Namespace) -> int:
     def work(api: FleetApi) -> int:
         result = api.request("POST", f"/registry/v1/drift/{args.id}/accept").json()["accepted"]
-        print(f"pinned the new definition of {result['tool']} in {result['server']} {result['version']}")
+        seen = ", ".join(result.get("seen_in_sandboxes_of") or []) or "nobody still known"
+        print(f"accepted the new definition of {result['tool']} in {result['server']} {result['version']}"
+              f" (seen in the sandbox of: {seen}); the approved definition stays allowed too")
         return 0
 
     return _api(work)

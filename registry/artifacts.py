@@ -5,15 +5,26 @@ dependencies: the sandbox runtime provides the MCP SDK, and a sandbox has no net
 to fetch anything else) into `<home>/registry/installed/<sha256>/`, owned by root and
 read-only to everyone else. A sandbox sees only the installs of the servers its user
 may run: they are hard-linked into its own `tools` dir, bound read-only at /opt/tools.
+
+A wheel is a zip, and a zip can be a bomb: a few KiB that unpack to GiBs. Before anything is
+read or unpacked, `check_wheel` holds the central directory to the limits below (members, their
+sizes, their compression ratio), and every read streams in blocks that count what the member
+really yields, since a central directory may lie about sizes: a member that yields more than it
+declares is refused, whatever it says.
 """
 
 from __future__ import annotations
 
 import configparser
+import copy
 import hashlib
+import io
 import os
 import shutil
+import struct
 import zipfile
+import zlib
+from collections.abc import Callable
 from email.parser import HeaderParser
 from pathlib import Path
 
@@ -26,6 +37,23 @@ from sandbox.servers import ServerSpec
 PROVIDED_DISTRIBUTIONS = frozenset({"mcp", "mcpfleet", "mcpfleet-sdk"})
 """What a tool may require without shipping it: the sandbox runtime's MCP SDK (and what it
 pulls in, found at runtime) and our SDK, importable in every sandbox."""
+
+
+MAX_MEMBERS = 10_000
+"""Files in one wheel (each costs memory to list before anything is read)."""
+MAX_DIRECTORY_BYTES = 4 * 2**20
+"""The zip's central directory, which zipfile reads and parses whole."""
+MAX_MEMBER_BYTES = 64 * 2**20
+"""What one member may unpack to."""
+MAX_UNPACKED_BYTES = 256 * 2**20
+"""What a whole wheel may unpack to."""
+MAX_RATIO = 100
+"""How many times its compressed size a member over RATIO_FLOOR_BYTES may unpack to (source
+code compresses 3-10 times; a run of zeros, a thousand)."""
+RATIO_FLOOR_BYTES = 2**20
+MAX_METADATA_BYTES = 2**20
+"""METADATA and entry_points.txt, which are read into memory whole."""
+READ_BLOCK = 64 * 1024
 
 
 class ArtifactError(ValueError):
@@ -135,56 +163,171 @@ class ArtifactStore:
             staging.rename(sandbox_tools / sha256)
 
 
+def _check_end_record(wheel: Path | bytes) -> None:
+    """The zip's end record, read before zipfile lists (and allocates) the whole central directory:
+    the entries it announces, and the directory's size, which is what zipfile actually walks."""
+    if isinstance(wheel, bytes):
+        tail = wheel[-(65536 + 22) :]
+    else:
+        with open(wheel, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - (65536 + 22)))
+            tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        raise ArtifactError("the upload is not a wheel (not a zip archive)")
+    entries, directory_bytes = struct.unpack("<HI", tail[at + 10 : at + 16])
+    if entries == 0xFFFF or directory_bytes == 0xFFFFFFFF or (at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07"):
+        raise ArtifactError("the wheel is a zip64 archive: more members, or larger ones, than a wheel is allowed")
+    if entries > MAX_MEMBERS:
+        raise ArtifactError(f"the wheel has {entries} members; at most {MAX_MEMBERS} are taken")
+    if directory_bytes > MAX_DIRECTORY_BYTES:
+        raise ArtifactError(f"the wheel's list of members is {directory_bytes} bytes; at most {MAX_DIRECTORY_BYTES} are taken")
+
+
+def check_wheel(wheel: Path | bytes) -> list[zipfile.ZipInfo]:
+    """The wheel's members, if its central directory keeps within the limits and names no path
+    outside itself; ArtifactError naming the limit otherwise. Reads the directory only."""
+    _check_end_record(wheel)
+    try:
+        with zipfile.ZipFile(io.BytesIO(wheel) if isinstance(wheel, bytes) else wheel) as archive:
+            members = archive.infolist()
+    except zipfile.BadZipFile:
+        raise ArtifactError("the upload is not a wheel (not a zip archive)") from None
+    if len(members) > MAX_MEMBERS:
+        raise ArtifactError(f"the wheel has {len(members)} members; at most {MAX_MEMBERS} are taken")
+    total = 0
+    for member in members:
+        _inside(member.filename)
+        if member.file_size > MAX_MEMBER_BYTES:
+            raise ArtifactError(
+                f"the wheel's {member.filename!r} unpacks to {member.file_size} bytes; at most {MAX_MEMBER_BYTES} are taken per member"
+            )
+        if member.file_size > RATIO_FLOOR_BYTES and member.file_size > MAX_RATIO * max(member.compress_size, 1):
+            raise ArtifactError(
+                f"the wheel's {member.filename!r} unpacks to {member.file_size // max(member.compress_size, 1)} times its "
+                f"compressed size; at most {MAX_RATIO} times is taken (compression ratio limit)"
+            )
+        if member.filename.endswith((".dist-info/METADATA", ".dist-info/entry_points.txt")) and member.file_size > MAX_METADATA_BYTES:
+            raise ArtifactError(
+                f"the wheel's {member.filename!r} is {member.file_size} bytes; at most {MAX_METADATA_BYTES} are taken for it"
+            )
+        total += member.file_size
+        if total > MAX_UNPACKED_BYTES:
+            raise ArtifactError(f"the wheel unpacks to more than {MAX_UNPACKED_BYTES} bytes (the limit on its unpacked size)")
+    return members
+
+
+def _inside(filename: str) -> None:
+    parts = Path(filename).parts
+    if filename.startswith("/") or ".." in parts:
+        raise ArtifactError(f"the wheel names a path outside itself: {filename!r}")
+
+
+def _stream(archive: zipfile.ZipFile, member: zipfile.ZipInfo, sink: Callable[[bytes], object]) -> int:
+    """Hand the member's bytes to `sink` block by block; returns how many there were. A member that
+    yields more than its header declares is refused as soon as it does (zipfile alone would stop at
+    the declared size without saying so, or decompress the rest in one go), and so is one whose
+    checksum is wrong."""
+    probe = copy.copy(member)
+    probe.file_size = member.file_size + 1  # let zipfile yield one byte more than declared, to see it
+    del probe.CRC  # checked here, once the size is: zipfile would check it at the declared size + 1
+    seen, crc = 0, 0
+    with archive.open(probe) as source:
+        while block := source.read(READ_BLOCK):
+            seen += len(block)
+            if seen > member.file_size:
+                raise ArtifactError(
+                    f"the wheel's {member.filename!r} unpacks to more than the {member.file_size} bytes its header declares"
+                )
+            crc = zlib.crc32(block, crc)
+            sink(block)
+    if seen != member.file_size or crc != member.CRC:
+        raise ArtifactError(f"the wheel's {member.filename!r} is damaged: its size or checksum is not what its header declares")
+    return seen
+
+
+def verify_wheel(wheel: Path | bytes) -> None:
+    """`check_wheel`, then every member read through (to nowhere): a lying header or a bad checksum
+    is refused here, at publish, rather than when a sandbox first needs the wheel."""
+    members = check_wheel(wheel)
+    try:
+        with zipfile.ZipFile(io.BytesIO(wheel) if isinstance(wheel, bytes) else wheel) as archive:
+            for member in members:
+                if not member.is_dir():
+                    _stream(archive, member, lambda block: None)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as exc:
+        raise ArtifactError(f"the wheel is damaged or uses what wheels do not ({exc})") from None
+
+
 def install_wheel(wheel: Path, target: Path) -> None:
     """Unpack a wheel into `target` as an installer would for a pure-Python package, without its
     dependencies; `.data/purelib|platlib` is merged in, the rest of `.data` (scripts, headers) left out.
-    A member naming a path outside `target` is refused."""
+    A member naming a path outside `target` is refused, and so is a wheel over the limits (checked
+    before anything is written, and again while writing)."""
+    members = check_wheel(wheel)
     target.mkdir(parents=True)
     try:
         with zipfile.ZipFile(wheel) as archive:
-            for member in archive.infolist():
+            for member in members:
                 if member.is_dir():
                     continue
                 parts = Path(member.filename).parts
-                if member.filename.startswith("/") or ".." in parts:
-                    raise ArtifactError(f"the wheel names a path outside itself: {member.filename!r}")
                 if parts[0].endswith(".data"):
                     if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
                         continue
                     parts = parts[2:]
                 destination = target.joinpath(*parts)
                 destination.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(member) as source, open(destination, "wb") as out:
-                    shutil.copyfileobj(source, out)
-    except zipfile.BadZipFile:
-        raise ArtifactError("the upload is not a wheel (not a zip archive)") from None
+                with open(destination, "wb") as out:
+                    _stream(archive, member, out.write)
+    except zipfile.BadZipFile as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise ArtifactError(f"the wheel is damaged ({exc})") from None
+    except ArtifactError:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     for directory, dirs, files in os.walk(target):
         os.chmod(directory, 0o755)
         for name in files:
             os.chmod(os.path.join(directory, name), 0o644)
 
 
+def _read_small(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> str:
+    if member.file_size > MAX_METADATA_BYTES:  # check_wheel refuses these; a direct caller may not have
+        raise ArtifactError(f"the wheel's {member.filename!r} is {member.file_size} bytes; at most {MAX_METADATA_BYTES} are taken for it")
+    blocks: list[bytes] = []
+    _stream(archive, member, blocks.append)
+    try:
+        return b"".join(blocks).decode()
+    except UnicodeDecodeError:
+        raise ArtifactError(f"the wheel's {member.filename!r} is not UTF-8") from None
+
+
 def wheel_metadata(wheel: Path) -> tuple[dict[str, str | list[str]], dict[str, str]]:
     """(the METADATA headers, the console scripts) of a wheel, read without installing it."""
+    members = {m.filename: m for m in check_wheel(wheel)}
+    dist_info = {n.split("/", 1)[0] for n in members if n.split("/", 1)[0].endswith(".dist-info")}
+    if len(dist_info) != 1:
+        raise ArtifactError("the wheel must hold exactly one .dist-info directory")
+    base = dist_info.pop()
+    if f"{base}/METADATA" not in members:
+        raise ArtifactError(f"the wheel lacks {base}/METADATA")
     try:
         with zipfile.ZipFile(wheel) as archive:
-            names = archive.namelist()
-            dist_info = {n.split("/", 1)[0] for n in names if n.split("/", 1)[0].endswith(".dist-info")}
-            if len(dist_info) != 1:
-                raise ArtifactError("the wheel must hold exactly one .dist-info directory")
-            base = dist_info.pop()
-            metadata_text = archive.read(f"{base}/METADATA").decode()
-            entry_points = archive.read(f"{base}/entry_points.txt").decode() if f"{base}/entry_points.txt" in names else ""
-    except zipfile.BadZipFile:
-        raise ArtifactError("the upload is not a wheel (not a zip archive)") from None
-    except KeyError as exc:
-        raise ArtifactError(f"the wheel lacks {exc.args[0]}") from None
+            metadata_text = _read_small(archive, members[f"{base}/METADATA"])
+            entry_points = _read_small(archive, members[f"{base}/entry_points.txt"]) if f"{base}/entry_points.txt" in members else ""
+    except zipfile.BadZipFile as exc:
+        raise ArtifactError(f"the wheel is damaged ({exc})") from None
     headers = HeaderParser().parsestr(metadata_text)
     metadata: dict[str, str | list[str]] = {key: headers[key] for key in ("Name", "Version") if headers[key]}
     metadata["Requires-Dist"] = headers.get_all("Requires-Dist") or []
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # script names are case-sensitive
-    parser.read_string(entry_points)
+    try:
+        parser.read_string(entry_points)
+    except configparser.Error as exc:
+        raise ArtifactError(f"the wheel's entry_points.txt is not readable: {exc}") from None
     scripts = dict(parser["console_scripts"]) if parser.has_section("console_scripts") else {}
     return metadata, scripts
 

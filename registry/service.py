@@ -23,7 +23,15 @@ from psycopg_pool import AsyncConnectionPool
 from gateway.accounts import Identity
 from gateway.db import follow_notifications
 from registry import store
-from registry.artifacts import ArtifactError, ArtifactStore, S3Artifacts, server_spec, unmet_requirements, wheel_metadata
+from registry.artifacts import (
+    ArtifactError,
+    ArtifactStore,
+    S3Artifacts,
+    server_spec,
+    unmet_requirements,
+    verify_wheel,
+    wheel_metadata,
+)
 from registry.builtins import builtin_tools
 from registry.definitions import INSTRUCTIONS_PIN, KINDS, PROMPTS, definition_sha256, instructions_sha256, offering_sha256, pin_key
 from registry.manifest import Manifest, ManifestError, parse_manifest
@@ -37,6 +45,9 @@ log = logging.getLogger(__name__)
 
 BUILTIN_NAMESPACE = "io.mcpfleet"
 MAX_WHEEL_BYTES = 50 * 1024 * 1024
+DRIFTS_PER_SANDBOX = 5
+"""Distinct drifted definitions of one version that one user's sandbox can have recorded: code in
+a sandbox can make its servers list anything, and must not fill the registry or the audit log."""
 
 
 def product_version() -> str:
@@ -90,7 +101,10 @@ class Registry:
         # Per user, per server: what the guard holds back -> why (for a clear refusal of a call).
         # Tools by public name; other offerings as `prompt:<public name>`, `resource:<uri>`.
         self._withheld: dict[int, dict[str, dict[str, str]]] = defaultdict(dict)
-        self._drift_seen: set[tuple[int, str, str]] = set()
+        # (user, version) -> the (pin key, definition) drifts of it that user's sandbox listed, at most
+        # DRIFTS_PER_SANDBOX of them; and the pairs past that bound, already logged.
+        self._drift_seen: dict[tuple[int, int], set[tuple[str, str]]] = defaultdict(set)
+        self._drift_capped: set[tuple[int, int]] = set()
         self._recorded_builtins: set[int] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -182,24 +196,28 @@ class Registry:
         if spec is None:
             try:
                 async with self.pool.connection() as conn:
-                    cur = await conn.execute("SELECT manifest FROM registry_versions WHERE id = %s", (approved.version_id,))
-                    (document,) = await cur.fetchone()  # type: ignore[misc]
+                    cur = await conn.execute(
+                        "SELECT manifest, validation FROM registry_versions WHERE id = %s", (approved.version_id,)
+                    )
+                    document, validation = await cur.fetchone()  # type: ignore[misc]
                 manifest = parse_manifest(document)
-                spec = await asyncio.to_thread(self._published_spec, approved, manifest)
+                spec = await asyncio.to_thread(self._published_spec, approved, manifest, validation)
             except (ArtifactError, ManifestError, OSError) as exc:
                 log.error("approved %s %s cannot run: %s", approved.server, approved.version, exc)
                 return None
             self._specs[approved.version_id] = spec
         return spec
 
-    def _published_spec(self, approved: Approved, manifest: Manifest) -> ServerSpec:
+    def _published_spec(self, approved: Approved, manifest: Manifest, validation: list[dict[str, Any]]) -> ServerSpec:
+        """The console script validation found when it read the wheel's metadata (read once, at
+        publish: neither a gateway's start nor a sandbox's reads it again)."""
         assert approved.artifact_sha256 is not None
-        wheel = self.artifacts.wheel_path(approved.artifact_sha256)
-        _, scripts = wheel_metadata(wheel)
-        if manifest.command not in scripts:
-            raise ArtifactError(f"the wheel has no console script {manifest.command!r}")
+        package = next((c for c in validation if c.get("check") == "package"), {})
+        entry_point = package.get("entry_point")
+        if not entry_point:
+            raise ArtifactError(f"validation found no console script {manifest.command!r} in the wheel")
         self.artifacts.install(approved.artifact_sha256)
-        return server_spec(approved.prefix, approved.artifact_sha256, scripts[manifest.command], manifest.fleet.secrets)
+        return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets)
 
     def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
         self.artifacts.link_into(tools_dir, {s.revision for s in servers if s.revision != "builtin"})
@@ -213,6 +231,10 @@ class Registry:
             raise RegistryError(400, "the manifest is invalid: " + "; ".join(exc.problems)) from None
         if len(wheel) > MAX_WHEEL_BYTES:
             raise RegistryError(413, f"the wheel is {len(wheel)} bytes; at most {MAX_WHEEL_BYTES} are taken")
+        try:  # a zip bomb or a lying header is refused before anything is kept or unpacked
+            await asyncio.to_thread(verify_wheel, wheel)
+        except ArtifactError as exc:
+            raise RegistryError(400, f"the wheel is refused: {exc}") from None
         sha256 = await asyncio.to_thread(self.artifacts.store, wheel)
         async with self.pool.connection() as conn:
             version_id = await store.publish(
@@ -337,10 +359,7 @@ class Registry:
                 continue
             filtered, reasons, drifted = _guarded_offer(server, entry, grant)
             for key, live, definition in drifted:
-                if (grant.version_id, key, live) not in self._drift_seen:
-                    self._drift_seen.add((grant.version_id, key, live))
-                    log.warning("%s %s: %s differs from its pin; withheld", grant.server, grant.version, key)
-                    self._spawn(self._record_drift(grant, key, live, definition, user_id))
+                self._note_drift(user_id, grant, key, live, definition)
             self._guarded[(user_id, server)] = (entry, grant, filtered, reasons)
             self._withheld[user_id][server] = reasons
             out[server] = filtered
@@ -356,9 +375,27 @@ class Registry:
         grant = next((a for a in self._approved.get(user_id, ()) if a.prefix == server), None)
         return f"{grant.server}@{grant.version}" if grant is not None else None
 
+    def _note_drift(self, user_id: int, grant: Approved, key: str, live: str, definition: dict[str, Any]) -> None:
+        """Record a drift the user's sandbox listed, once per pin key and definition, and no more than
+        DRIFTS_PER_SANDBOX distinct ones per version (the store enforces the same bound across gateways)."""
+        sandbox = (user_id, grant.version_id)
+        seen = self._drift_seen[sandbox]
+        if (key, live) in seen:
+            return
+        if len(seen) >= DRIFTS_PER_SANDBOX:
+            if sandbox not in self._drift_capped:
+                self._drift_capped.add(sandbox)
+                log.warning("%s %s: the sandbox of user %s lists more than %d drifted definitions; withheld, not recorded",
+                            grant.server, grant.version, user_id, DRIFTS_PER_SANDBOX)
+            return
+        seen.add((key, live))
+        log.warning("%s %s: %s in the sandbox of user %s differs from its pin; withheld",
+                    grant.server, grant.version, key, user_id)
+        self._spawn(self._record_drift(grant, key, live, definition, user_id))
+
     async def _record_drift(self, grant: Approved, key: str, live: str, definition: dict[str, Any], user_id: int) -> None:
         async with self.pool.connection() as conn:
-            await store.record_drift(conn, grant, key, live, definition, user_id)
+            await store.record_drift(conn, grant, key, live, definition, user_id, per_sandbox=DRIFTS_PER_SANDBOX)
 
     async def _record_builtins(self) -> None:
         """Built-in versions not yet described get their definitions (and embeddings) now."""
@@ -432,7 +469,7 @@ def _guarded_offer(
             reasons[public] = f"{public} is not approved for you (the approval of {whose} allows only some of its tools)"
             continue
         live = definition_sha256(tool)
-        if grant.pins.get(tool["name"]) == live:
+        if grant.allows(tool["name"], live):
             tools.append(tool)
         else:
             drifted.append((tool["name"], live, dict(tool)))
@@ -451,7 +488,7 @@ def _guarded_offer(
                 reasons.setdefault(reason_key, f"{kind.pin} {public} is not approved for you (the approval of {whose} does not allow it)")
                 continue
             key, live = pin_key(kind, item), offering_sha256(kind, item)
-            if grant.pins.get(key) == live:
+            if grant.allows(key, live):
                 kept.append(item)
             else:
                 drifted.append((key, live, dict(item)))
@@ -461,7 +498,7 @@ def _guarded_offer(
     instructions = entry.get("instructions")
     if instructions:
         live = instructions_sha256(instructions)
-        if grant.pins.get(INSTRUCTIONS_PIN) != live:
+        if not grant.allows(INSTRUCTIONS_PIN, live):
             filtered["instructions"] = None
             drifted.append((INSTRUCTIONS_PIN, live, {"instructions": instructions}))
     return filtered, reasons, drifted

@@ -6,8 +6,8 @@ is appended to the audit log in the transaction that makes it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import dict_row
@@ -44,6 +44,13 @@ class Approved:
     """The prompts it allows (None: all); an approval of some tools allows no prompt it does not name."""
     resources: frozenset[str] | None = None
     """The resource URIs and URI templates it allows (None: all), as for prompts."""
+    accepted: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Pin key (a tool's own name, `prompt:<name>`, …) -> definitions an admin accepted for the
+    version after approving it."""
+
+    def allows(self, key: str, sha256: str) -> bool:
+        """Whether this definition may be offered: the pinned one, or one accepted since."""
+        return self.pins.get(key) == sha256 or sha256 in self.accepted.get(key, ())
 
 
 def allowed(listed: list[str] | None, tools: list[str] | None) -> frozenset[str] | None:
@@ -322,10 +329,20 @@ async def approved_for(conn: psycopg.AsyncConnection, user_id: int) -> list[Appr
         """,
         (user_id,),
     )
+    rows = await cur.fetchall()
+    cur = await conn.execute(
+        "SELECT version_id, tool, sha256 FROM accepted_definitions WHERE version_id = ANY(%s)", ([row[3] for row in rows],)
+    )
+    accepted: dict[int, dict[str, set[str]]] = {}
+    for version_id, tool, sha256 in await cur.fetchall():
+        accepted.setdefault(version_id, {}).setdefault(tool, set()).add(sha256)
     return [
-        Approved(n, p, ver, vid, b, sha, pins, frozenset(tools) if tools is not None else None,
-                 allowed(prompts, tools), allowed(resources, tools))
-        for n, p, ver, vid, b, sha, pins, tools, prompts, resources in await cur.fetchall()
+        Approved(
+            n, p, ver, vid, b, sha, pins, frozenset(tools) if tools is not None else None,
+            allowed(prompts, tools), allowed(resources, tools),
+            {key: frozenset(hashes) for key, hashes in accepted.get(vid, {}).items()},
+        )
+        for n, p, ver, vid, b, sha, pins, tools, prompts, resources in rows
     ]
 
 
@@ -367,40 +384,74 @@ async def record_builtin_tools(conn: psycopg.AsyncConnection, version_id: int, t
     return cur.rowcount > 0
 
 
+DriftRecorded = Literal["new", "seen", "capped"]
+
+
 async def record_drift(
-    conn: psycopg.AsyncConnection, approved: Approved, tool: str, live_sha256: str, definition: dict[str, Any], user_id: int
-) -> bool:
-    """A live definition differing from its pin; True when it is news (then it is audited)."""
+    conn: psycopg.AsyncConnection,
+    approved: Approved,
+    tool: str,
+    live_sha256: str,
+    definition: dict[str, Any],
+    user_id: int,
+    *,
+    per_sandbox: int,
+) -> DriftRecorded:
+    """A live definition that differs from its pin, as the sandbox of `user_id` listed it.
+
+    One drift per version, tool and definition, and one sighting of it per user; a sighting new
+    for this user is audited, in that user's name. A sandbox that has had `per_sandbox` distinct
+    definitions of this version recorded gets no more ("capped"): what it lists is still withheld.
+    """
     async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE tool_drift_sightings g SET last_seen_at = now() FROM tool_drift d WHERE g.drift_id = d.id"
+            " AND g.user_id = %s AND d.version_id = %s AND d.tool = %s AND d.live_sha256 = %s",
+            (user_id, approved.version_id, tool, live_sha256),
+        )
+        if cur.rowcount:
+            return "seen"
+        cur = await conn.execute(
+            "SELECT count(*) FROM tool_drift_sightings WHERE user_id = %s AND version_id = %s", (user_id, approved.version_id)
+        )
+        if (await cur.fetchone())[0] >= per_sandbox:  # type: ignore[index]
+            return "capped"
         cur = await conn.execute(
             "INSERT INTO tool_drift (version_id, tool, pinned_sha256, live_sha256, live_definition, seen_by)"
             " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (version_id, tool, live_sha256)"
-            " DO UPDATE SET last_seen_at = now() RETURNING (xmax = 0)",
+            " DO UPDATE SET last_seen_at = now() RETURNING id, (xmax = 0)",
             (approved.version_id, tool, approved.pins.get(tool), live_sha256, Jsonb(definition), user_id),
         )
-        new = (await cur.fetchone())[0]  # type: ignore[index]
-        if new:
-            tenant_cur = await conn.execute(
-                "SELECT t.name, u.name FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = %s", (user_id,)
-            )
-            tenant, user = await tenant_cur.fetchone()  # type: ignore[misc]
-            await audit.append(
-                conn,
-                action="registry.drift",
-                outcome="withheld",
-                tenant=tenant,
-                actor="mcpfleet",
-                target=f"{approved.server}@{approved.version}",
-                detail={"tool": tool, "pinned": approved.pins.get(tool), "live": live_sha256, "seen_in_sandbox_of": user},
-            )
-    return bool(new)
+        drift_id, new_drift = await cur.fetchone()  # type: ignore[misc]
+        await conn.execute(
+            "INSERT INTO tool_drift_sightings (drift_id, user_id, version_id) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            (drift_id, user_id, approved.version_id),
+        )
+        tenant_cur = await conn.execute(
+            "SELECT t.name, u.name FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = %s", (user_id,)
+        )
+        tenant, user = await tenant_cur.fetchone()  # type: ignore[misc]
+        await audit.append(
+            conn,
+            action="registry.drift",
+            outcome="withheld",
+            tenant=tenant,
+            actor=user,  # what one sandbox listed: its user's, not the publisher's, until more report it
+            target=f"{approved.server}@{approved.version}",
+            detail={"drift": drift_id, "tool": tool, "pinned": approved.pins.get(tool), "live": live_sha256,
+                    "seen_in_sandbox_of": user, "first_report": bool(new_drift)},
+        )
+    return "new"
 
 
 async def drift(conn: psycopg.AsyncConnection, tenant: str, *, open_only: bool = True) -> list[dict[str, Any]]:
+    """Drifted definitions, each with the users whose sandboxes listed it (first seen first)."""
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         "SELECT d.id, s.name AS server, v.version, d.tool, d.pinned_sha256, d.live_sha256, d.live_definition,"
-        "       d.first_seen_at, d.last_seen_at, d.resolved_by, d.resolved_at"
+        "       d.first_seen_at, d.last_seen_at, d.resolved_by, d.resolved_at,"
+        "       coalesce((SELECT array_agg(u.name ORDER BY g.first_seen_at, u.name) FROM tool_drift_sightings g"
+        "                 JOIN users u ON u.id = g.user_id WHERE g.drift_id = d.id), '{}') AS seen_in_sandboxes_of"
         "  FROM tool_drift d JOIN registry_versions v ON v.id = d.version_id JOIN registry_servers s ON s.id = v.server_id"
         "  JOIN tenants t ON t.id = s.tenant_id"
         f" WHERE t.name = %s {'AND d.resolved_at IS NULL' if open_only else ''} ORDER BY d.first_seen_at",
@@ -410,7 +461,9 @@ async def drift(conn: psycopg.AsyncConnection, tenant: str, *, open_only: bool =
 
 
 async def accept_drift(conn: psycopg.AsyncConnection, who: Identity, drift_id: int) -> dict[str, Any]:
-    """An admin approves the new definition: it replaces the pin in the version's live approvals."""
+    """An admin accepts a drifted definition for its version: it joins the definitions the
+    version's tool may offer. The pin stays: servers still offering the approved definition
+    (the other users' sandboxes, as a rule) keep it, and other drifted definitions stay withheld."""
     async with conn.transaction():
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(
@@ -422,20 +475,25 @@ async def accept_drift(conn: psycopg.AsyncConnection, who: Identity, drift_id: i
         row = await cur.fetchone()
         if row is None:
             raise RegistryError(404, f"no open drift {drift_id} in tenant {who.tenant}")
-        await conn.execute(
-            "UPDATE approvals SET pins = jsonb_set(pins, ARRAY[%s], to_jsonb(%s::text)) WHERE version_id = %s AND revoked_at IS NULL",
-            (row["tool"], row["live_sha256"], row["version_id"]),
+        await cur.execute(
+            "SELECT coalesce(array_agg(u.name ORDER BY g.first_seen_at, u.name), '{}') AS users FROM tool_drift_sightings g"
+            " JOIN users u ON u.id = g.user_id WHERE g.drift_id = %s",
+            (drift_id,),
         )
+        seen_by = (await cur.fetchone())["users"]  # type: ignore[index]
         await conn.execute(
-            "UPDATE tool_drift SET resolved_at = now(), resolved_by = %s WHERE version_id = %s AND tool = %s AND resolved_at IS NULL",
-            (who.user, row["version_id"], row["tool"]),
+            "INSERT INTO accepted_definitions (version_id, tool, sha256, drift_id, accepted_by) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (row["version_id"], row["tool"], row["live_sha256"], drift_id, who.user),
         )
-        # The other drifts of that tool are superseded: only the accepted definition is pinned now.
+        await conn.execute("UPDATE tool_drift SET resolved_at = now(), resolved_by = %s WHERE id = %s", (who.user, drift_id))
         await audit.append(
             conn, action="registry.accept_drift", outcome="ok", tenant=who.tenant, actor=who.user,
-            target=f"{row['server']}@{row['version']}", detail={"tool": row["tool"], "pinned": row["live_sha256"]},
+            target=f"{row['server']}@{row['version']}",
+            detail={"drift": drift_id, "tool": row["tool"], "accepted": row["live_sha256"], "seen_in_sandboxes_of": seen_by},
         )
-    return {"server": row["server"], "version": row["version"], "tool": row["tool"], "pinned": row["live_sha256"]}
+    return {"server": row["server"], "version": row["version"], "tool": row["tool"], "accepted": row["live_sha256"],
+            "seen_in_sandboxes_of": seen_by}
 
 
 async def record_usage(conn: psycopg.AsyncConnection, rows: list[tuple[int, str, int, int, float, float]]) -> None:

@@ -315,6 +315,11 @@
         { className: "meta" },
         `seen ${when(event.first_seen_at)} – ${when(event.last_seen_at)} · pinned ${(event.pinned_sha256 || "none").slice(0, 12)} · live ${(event.live_sha256 || "").slice(0, 12)}`,
       ),
+      el(
+        "p",
+        { className: "seen-in" },
+        `listed in the sandbox of: ${(event.seen_in_sandboxes_of || []).join(", ") || "nobody still known"}`,
+      ),
       el("div", { className: "sides" }, definitionSide("as published", published), definitionSide("live now", event.live_definition)),
       accept,
     );
