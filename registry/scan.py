@@ -23,15 +23,12 @@ servers, give no finding. A finding is a reason for a person to read the definit
 from __future__ import annotations
 
 import re
-import unicodedata
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from confusable_homoglyphs import categories, confusables
-
 from registry.definitions import INSTRUCTIONS_PIN, KINDS, pin_key
+from registry.scan_unicode import confusable, describe, invisible, quote
 
 CHECKS: tuple[str, ...] = ("hidden-instructions", "invisible-unicode", "confusable-unicode", "exfiltration", "shadowing")
 
@@ -136,11 +133,11 @@ def _scan_tool(tool: Mapping[str, Any], context: _Context) -> list[Finding]:
     name_field = _Text("name", name, False)
     public = f"{context.prefix}__{name}"
     if public in context.taken:
-        owner = _quote(context.taken[public])
-        found("shadowing", name_field, f"the public name {_quote(public)} already belongs to server {owner}")
+        owner = quote(context.taken[public])
+        found("shadowing", name_field, f"the public name {quote(public)} already belongs to server {owner}")
     if not name.isascii():
-        odd = ", ".join(_describe(ch) for ch in dict.fromkeys(name) if not ch.isascii())
-        found("confusable-unicode", name_field, f"the tool name {_quote(name)} must be ASCII but contains {odd}")
+        odd = ", ".join(describe(ch) for ch in dict.fromkeys(name) if not ch.isascii())
+        found("confusable-unicode", name_field, f"the tool name {quote(name)} must be ASCII but contains {odd}")
 
     return findings + _scan_texts(name, texts, parameters, context, name_has_own_rule=True)
 
@@ -155,14 +152,14 @@ def _scan_texts(
         findings.append(Finding(check, label, text.path, message))
 
     for text in texts:
-        for message in _invisible(text.text):
+        for message in invisible(text.text):
             found("invisible-unicode", text, message)
         if not (name_has_own_rule and text.path == "name" and not text.is_key):
-            for message in _confusable(text):
+            for message in confusable(text.text, text.is_key):
                 found("confusable-unicode", text, message)
         if text.is_key:
             if _is_property_name(text.path) and SECRET_PARAMETER.search(_snake(text.text)):
-                found("exfiltration", text, f"the parameter {_quote(text.text)} asks for a secret, {SECRETS_BY_ENV}")
+                found("exfiltration", text, f"the parameter {quote(text.text)} asks for a secret, {SECRETS_BY_ENV}")
             continue
         for message in _hidden_instructions(text.text, context):
             found("hidden-instructions", text, message)
@@ -302,18 +299,18 @@ def _hidden_instructions(text: str, context: _Context) -> list[str]:
     messages = []
     for pattern, meaning in HIDDEN_PATTERNS:
         if match := pattern.search(text):
-            messages.append(f"{meaning}: {_quote(match.group(0).strip())}")
+            messages.append(f"{meaning}: {quote(match.group(0).strip())}")
     padding = PADDING.search(text)
     if padding:
         after = text[padding.end():]
-        messages.append(f"hides text after {len(padding.group(0))} characters of blank space: {_quote(after)}")
+        messages.append(f"hides text after {len(padding.group(0))} characters of blank space: {quote(after)}")
     for match in CALL_TOOL.finditer(text):
         verb, word, called_a_tool = match.group(1).lower(), match.group(2).rstrip(".-"), bool(match.group(3))
         if context.owner(word) is None and not called_a_tool and (verb in _PROGRAM_VERBS or _FILE_NAME.search(word)):
             continue
         if context.is_other_tool(word, called_a_tool):
-            quoted = _quote(match.group(0))
-            messages.append(f"tells the model to call {_quote(word)}, which is not one of this server's tools: {quoted}")
+            quoted = quote(match.group(0))
+            messages.append(f"tells the model to call {quote(word)}, which is not one of this server's tools: {quoted}")
     return messages
 
 
@@ -386,20 +383,20 @@ def _exfiltration(text: _Text, parameters: set[str]) -> list[str]:
     messages: list[str] = []
     if text.is_prose:
         if url := URL.search(value):
-            messages.append(f"mentions the address {_quote(url.group(0))}, a place data could be sent to")
+            messages.append(f"mentions the address {quote(url.group(0))}, a place data could be sent to")
         if email := EMAIL.search(value):
-            messages.append(f"mentions the e-mail address {_quote(email.group(0))}")
+            messages.append(f"mentions the e-mail address {quote(email.group(0))}")
     if private := list(dict.fromkeys(match.group(0) for match in PRIVATE_FILES.finditer(value))):
-        files = ", ".join(_quote(name) for name in private)
+        files = ", ".join(quote(name) for name in private)
         messages.append(f"refers to private file{'s' if len(private) > 1 else ''} {files}")
     if request := _affirmed(SECRET_REQUEST, value):
-        messages.append(f"asks the model to hand over a secret: {_quote(request.group(0))}")
+        messages.append(f"asks the model to hand over a secret: {quote(request.group(0))}")
     if send := _affirmed(SEND_TO, value):
-        messages.append(f"tells the model to send data somewhere: {_quote(send.group(0))}")
+        messages.append(f"tells the model to send data somewhere: {quote(send.group(0))}")
     if encode := ENCODE_AND_PASS.search(value):
-        messages.append(f"asks for data to be encoded and passed along: {_quote(encode.group(0))}")
+        messages.append(f"asks for data to be encoded and passed along: {quote(encode.group(0))}")
     if _is_parameter_description(text.path) and (secret := SECRET_MENTION.search(value)):
-        messages.append(f"the parameter asks for {_quote(secret.group(0))}, {SECRETS_BY_ENV}")
+        messages.append(f"the parameter asks for {quote(secret.group(0))}, {SECRETS_BY_ENV}")
     if text.is_prose:
         messages += _smuggling_parameter(value, parameters)
     return messages
@@ -432,7 +429,7 @@ def _smuggling_parameter(value: str, parameters: set[str]) -> list[str]:
         for parameter in sorted(parameters):
             into = rf"\b(?:as|in|into|inside|within|under|to)\s+(?:the\s+)?[`'\"]?{re.escape(parameter)}\b"
             if re.search(into, sentence, _I):
-                messages.append(f"asks for private data in the parameter {_quote(parameter)}: {_quote(sentence.strip())}")
+                messages.append(f"asks for private data in the parameter {quote(parameter)}: {quote(sentence.strip())}")
     return messages
 
 
@@ -469,147 +466,19 @@ def _shadowing(text: str, context: _Context) -> list[str]:
                 continue
             ordered.add(word)
             owner = context.owner(word)
-            whose = f" of server {_quote(owner)}" if owner else ""
-            messages.append(f"gives orders about another tool, {_quote(word)}{whose}: {_quote(match.group(0))}")
+            whose = f" of server {quote(owner)}" if owner else ""
+            messages.append(f"gives orders about another tool, {quote(word)}{whose}: {quote(match.group(0))}")
     if match := OTHER_TOOLS.search(text):
-        messages.append(f"gives orders about other tools: {_quote(match.group(0))}")
+        messages.append(f"gives orders about other tools: {quote(match.group(0))}")
     for match in PUBLIC_NAME.finditer(text):
         name = match.group(1).rstrip(".-")
         if name in ordered or name in context.own_public:
             continue
         if name in context.others:
-            messages.append(f"mentions {_quote(name)}, a tool of server {_quote(context.others[name])}")
+            messages.append(f"mentions {quote(name)}, a tool of server {quote(context.others[name])}")
         elif name.split("__", 1)[0] in context.other_prefixes:
-            messages.append(f"mentions {_quote(name)}, a tool name in another server's namespace")
+            messages.append(f"mentions {quote(name)}, a tool name in another server's namespace")
     return messages
-
-
-# --- invisible characters ----------------------------------------------------------------------
-
-TAGS = range(0xE0000, 0xE0080)
-TAG_RUN = re.compile("[\U000E0000-\U000E007F]+")
-# Invisible, yet not format characters: fillers and blanks that render as nothing.
-BLANK_LOOKALIKES = {0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800, 0x2028, 0x2029}
-VARIATION_SELECTORS = {*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), *range(0x180B, 0x1810)}
-_JOINERS = {0x200C, 0x200D}
-
-
-def _invisible(text: str) -> list[str]:
-    messages = []
-    hidden_runs = [(match.start(), match.group(0)) for match in TAG_RUN.finditer(text)]
-    odd: dict[str, int] = {}
-    for i, ch in enumerate(text):
-        if ord(ch) not in TAGS and _is_invisible(text, i):
-            odd[ch] = odd.get(ch, 0) + 1
-    for start, tag_run in hidden_runs:
-        if _is_flag_emoji(text, start, tag_run):
-            continue
-        spelled = "".join(chr(ord(ch) - 0xE0000) for ch in tag_run if 0x20 <= ord(ch) - 0xE0000 < 0x7F)
-        messages.append(f"hides the text {_quote(spelled)} in {len(tag_run)} Unicode tag characters")
-    if odd:
-        count = sum(odd.values())
-        listed = ", ".join(_describe(ch) for ch in odd)
-        messages.append(f"contains {count} invisible character{'s' if count != 1 else ''}: {listed}")
-    return messages
-
-
-def _is_invisible(text: str, i: int) -> bool:
-    ch = text[i]
-    cp, category = ord(ch), unicodedata.category(ch)
-    before = text[i - 1] if i > 0 else ""
-    after = text[i + 1] if i + 1 < len(text) else ""
-    if category == "Cc":
-        return not (ch in "\n\t" or (ch == "\r" and after == "\n"))
-    if cp in _JOINERS and _joins_letters_of_a_joining_script(before, after):
-        return False  # ZWNJ/ZWJ are spelling in Persian, Arabic and Indic scripts
-    if cp == 0x200D and _is_symbol(before) and _is_symbol(after):
-        return False  # emoji sequences such as family emoji
-    if cp in (0xFE0E, 0xFE0F) and before and (_is_symbol(before) or before in "0123456789#*"):
-        return False  # one text/emoji presentation selector after a symbol
-    return category == "Cf" or cp in BLANK_LOOKALIKES or cp in VARIATION_SELECTORS
-
-
-def _joins_letters_of_a_joining_script(before: str, after: str) -> bool:
-    def joining_letter(ch: str) -> bool:
-        if not ch or unicodedata.category(ch)[0] not in "LM":
-            return False
-        return categories.alias(ch) not in ("LATIN", "GREEK", "CYRILLIC", "COMMON")
-
-    return joining_letter(before) and joining_letter(after)
-
-
-def _is_symbol(ch: str) -> bool:
-    return bool(ch) and unicodedata.category(ch) in ("So", "Sk")
-
-
-def _is_flag_emoji(text: str, start: int, tag_run: str) -> bool:
-    """🏴 followed by tag letters and CANCEL TAG spells a subdivision flag (England, Scotland, Wales)."""
-    letters = tag_run[:-1]
-    return (
-        start > 0
-        and text[start - 1] == "\U0001F3F4"
-        and tag_run.endswith("\U000E007F")
-        and 2 <= len(letters) <= 6
-        and all(0xE0030 <= ord(ch) <= 0xE0039 or 0xE0061 <= ord(ch) <= 0xE007A for ch in letters)
-    )
-
-
-# --- confusable characters ---------------------------------------------------------------------
-
-WORD = re.compile(r"[^\s!-/:-@\[-`{-~]+")
-_IGNORED_SCRIPTS = {"COMMON", "INHERITED"}
-# Scripts written together as a matter of course (Japanese mixes all three, Korean adds Han).
-_CJK = {"HAN", "HIRAGANA", "KATAKANA", "HANGUL", "BOPOMOFO"}
-
-
-def _dominant_script(text: _Text) -> str:
-    """The script most letters of the string are in: the one look-alikes imitate. A key is one
-    word, so it has none of its own; identifiers are Latin."""
-    counts = Counter(categories.alias(ch) for ch in text.text if ch.isalpha())
-    for script in _IGNORED_SCRIPTS:
-        counts.pop(script, None)
-    return counts.most_common(1)[0][0] if counts and not text.is_key else "LATIN"
-
-
-def _confusable(text: _Text) -> list[str]:
-    dominant = _dominant_script(text)
-    messages = []
-    for word in dict.fromkeys(WORD.findall(text.text)):
-        scripts = Counter(categories.alias(ch) for ch in word if ch.isalpha())
-        for script in _IGNORED_SCRIPTS:
-            scripts.pop(script, None)
-        if len(scripts) > 1 and not set(scripts) <= _CJK:
-            base = dominant if dominant in scripts else scripts.most_common(1)[0][0]
-            found = confusables.is_confusable(word, greedy=True, preferred_aliases=[base])
-            if found:
-                lookalikes = ", ".join(_lookalike(entry, base) for entry in found)
-                what = "the key" if text.is_key else "the word"
-                messages.append(f"{what} {_quote(word)} mixes {base.title()} with look-alike letters: {lookalikes}")
-        elif len(scripts) == 1 and dominant == "LATIN" and (script := next(iter(scripts))) != "LATIN":
-            if _spells_latin(word, script):
-                written = f"is written in {script.title()} letters that all look like Latin ones"
-                messages.append(f"the word {_quote(word)} {written}")
-    return messages
-
-
-def _spells_latin(word: str, script: str) -> bool:
-    """A whole word of another script made of letters that each pass for an ASCII letter."""
-    letters = [ch for ch in word if ch.isalpha()]
-    if len(letters) < 3 or script in _CJK:
-        return False
-    found = confusables.is_confusable(word, greedy=True, preferred_aliases=["latin"]) or []
-    passing = {
-        entry["character"]
-        for entry in found
-        if any(len(glyph["c"]) == 1 and glyph["c"].isascii() and glyph["c"].isalpha() for glyph in entry["homoglyphs"])
-    }
-    return all(ch in passing for ch in letters)
-
-
-def _lookalike(entry: dict[str, Any], base: str) -> str:
-    ch = entry["character"]
-    like = next((g["c"] for g in entry["homoglyphs"] if all(categories.alias(c) == base for c in g["c"])), None)
-    return f"{_describe(ch)}" + (f" (looks like {like!r})" if like else "")
 
 
 # --- small helpers -----------------------------------------------------------------------------
@@ -623,33 +492,3 @@ def _looks_like_identifier(word: str) -> bool:
 
 def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().replace("-", "_")
-
-
-def _describe(ch: str) -> str:
-    return f"U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed')}"
-
-
-_UNPRINTABLE = ("Cc", "Cf", "Co", "Cn", "Zl", "Zp")
-
-
-def _quote(text: str, limit: int = 80) -> str:
-    """`text` shortened and with every invisible or control character spelled out."""
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    out = []
-    for ch in text:
-        cp = ord(ch)
-        if ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\\":
-            out.append("\\\\")
-        elif unicodedata.category(ch) in _UNPRINTABLE or cp in BLANK_LOOKALIKES or cp in VARIATION_SELECTORS:
-            out.append(f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}")
-        else:
-            out.append(ch)
-    body = "".join(out)
-    if "'" in body and '"' not in body:
-        return f'"{body}"'
-    return "'" + body.replace("'", "\\'") + "'"
