@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.accounts import add_user
-from gateway.db import migrate, open_pool, start_embedded
+from core.accounts import add_user
+from core.db import migrate, open_pool, start_embedded
 from gateway.sandboxes import sandbox_python
 from sandbox import store
 from sandbox.errors import SandboxRpcError, SandboxUnavailable

@@ -18,11 +18,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from core.db import open_pool
+from core.settings import Settings
 from gateway import admin
 from gateway import registry_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.call_audit import AuditedBearerBackend, CallAudit, missing_scope_hook, note_oauth_refusal
-from gateway.db import open_pool
 from gateway.http_headers import TrimHeaderWhitespace
 from gateway.limits import LimitsMiddleware, buckets_for
 from gateway.oauth.resource import RequireBearer, metadata_routes
@@ -30,7 +31,6 @@ from gateway.oauth.tokens import OAuthVerifier
 from gateway.registry_setup import open_registry
 from gateway.routing import Router
 from gateway.sessions import SessionBook
-from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 

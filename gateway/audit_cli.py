@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from gateway import audit
-from gateway.text import escaped
-from gateway.settings import load_settings
+from core import audit
+from core.settings import load_settings
+from core.text import escaped
 
 
 def _run(work: Callable[[psycopg.AsyncConnection], Awaitable[int]]) -> int:

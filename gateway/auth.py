@@ -19,9 +19,9 @@ from mcp.server.auth.provider import AccessToken, TokenVerifier
 from psycopg_pool import AsyncConnectionPool
 from starlette.types import Scope
 
-from gateway import accounts
-from gateway.accounts import Identity
-from gateway.db import follow_notifications
+from core import accounts
+from core.accounts import Identity
+from core.db import follow_notifications
 
 log = logging.getLogger(__name__)
 

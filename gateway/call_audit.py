@@ -39,10 +39,10 @@ from mcp.server.auth.provider import TokenVerifier
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import HTTPConnection
 
-from gateway import accounts, audit
-from gateway.accounts import Identity
+from core import accounts, audit
+from core.accounts import Identity
+from core.text import bounded, bounded_json
 from gateway.auth import FleetToken, is_api_key
-from gateway.text import bounded, bounded_json
 
 log = logging.getLogger(__name__)
 

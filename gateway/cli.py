@@ -12,12 +12,13 @@ from collections.abc import Awaitable, Callable
 
 import psycopg
 
-from gateway import accounts, audit_cli, sandbox_cli
-from gateway.accounts import AccountError
-from gateway.db import migrate, resolve_database_url
+from core import accounts
+from core.accounts import AccountError
+from core.db import migrate, resolve_database_url
+from core.settings import Settings, load_settings
+from gateway import audit_cli, sandbox_cli
 from gateway import registry_cli
 from gateway.issuers_cli import add_commands as add_issuer_commands
-from gateway.settings import Settings, load_settings
 from mcpfleet_sdk.cli import add_commands as add_sdk_commands
 
 

@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable
 
 import psycopg
 
-from gateway.accounts import AccountError
-from gateway.db import migrate, resolve_database_url
+from core.accounts import AccountError
+from core.db import migrate, resolve_database_url
+from core.settings import load_settings
 from gateway.oauth import store
-from gateway.settings import load_settings
 
 
 def _run(work: Callable[[psycopg.AsyncConnection], Awaitable[int]]) -> int:

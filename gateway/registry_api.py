@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.accounts import Identity
+from core.accounts import Identity
+from core.text import storable
 from gateway.admin.session import session_identity
 from gateway.auth import identity_of
-from gateway.text import storable
 from registry import store
 from registry.definitions import KINDS, definition_sha256, instructions_sha256, offering_sha256
 from registry.service import MAX_WHEEL_BYTES

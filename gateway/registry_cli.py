@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
-from gateway import accounts
-from gateway.settings import load_settings
+from core import accounts
+from core.settings import load_settings
 from mcpfleet_sdk.api import FleetApi, FleetApiError
 from registry import store
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.accounts import Identity
+from core.accounts import Identity
+from core.settings import Settings
 from gateway.routing import Router
 from gateway.sandboxes import sandbox_python
-from gateway.settings import Settings
 from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
 from registry.search import Hit, index_version, search

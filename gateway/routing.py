@@ -29,10 +29,10 @@ from mcp.shared.uri_template import UriTemplate
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
-from gateway.accounts import Identity
+from core.accounts import Identity
+from core.text import bounded
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
-from gateway.text import bounded
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 
 import psycopg
 
-from gateway import accounts
-from gateway.settings import load_settings
+from core import accounts
+from core.settings import load_settings
 from sandbox import requests, tiers
 from sandbox.store import list_sandboxes
 from sandbox.tiers import Tier, TierError

@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from gateway import audit
-from gateway.settings import Settings
+from core import audit
+from core.settings import Settings
 from sandbox.backend import SandboxBackend
 from sandbox.manager import Lifecycle, SandboxManager
 from sandbox.runsc_backend import RunscBackend

@@ -8,11 +8,11 @@ import sys
 
 import uvicorn
 
+from core.db import migrate, resolve_database_url
+from core.settings import Settings
 from gateway.app import create_app
-from gateway.db import migrate, resolve_database_url
 from gateway.http_edge import protocol_for
 from gateway.sandboxes import sandbox_manager
-from gateway.settings import Settings
 
 log = logging.getLogger("mcpfleet")
 

@@ -20,8 +20,8 @@ from typing import Any
 from packaging.utils import canonicalize_name
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.accounts import Identity
-from gateway.db import follow_notifications
+from core.accounts import Identity
+from core.db import follow_notifications
 from registry import store
 from registry.artifacts import ArtifactError, ArtifactStore, S3Artifacts, server_spec, unmet_requirements, wheel_metadata
 from registry.builtins import builtin_tools

@@ -13,8 +13,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from gateway import audit
-from gateway.accounts import Identity
+from core import audit
+from core.accounts import Identity
 from registry.definitions import PROMPTS, RESOURCES, TEMPLATES, offering_pins, pins_of, tool_pin_count
 
 

@@ -14,7 +14,7 @@ from itertools import pairwise
 import psycopg
 import pytest
 
-from gateway import accounts, audit
+from core import accounts, audit
 from tests.conftest import ROOT, fresh_database
 
 

@@ -179,9 +179,9 @@ async def tool_names(fleet, key: str) -> set[str]:
 
 
 async def test_a_batch_is_one_transaction_and_keeps_the_chain(postgres_url):
-    from gateway import audit
-    from gateway.accounts import Identity
-    from gateway.db import open_pool
+    from core import audit
+    from core.accounts import Identity
+    from core.db import open_pool
     from tests.conftest import fresh_database
 
     pool = await open_pool(fresh_database(postgres_url, "calls"))

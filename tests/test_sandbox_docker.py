@@ -13,7 +13,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from gateway.accounts import add_user
+from core.accounts import add_user
 from gateway.sandboxes import sandbox_python
 from sandbox.backend import SandboxSpec
 from sandbox.docker_backend import FLEET_LABEL, LABEL, DockerBackend, docker_backend

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.accounts import add_user
+from core.accounts import add_user
 from sandbox import requests, store, tiers
 from sandbox.errors import QuotaExceeded
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager

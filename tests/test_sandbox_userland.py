@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.accounts import add_user
+from core.accounts import add_user
 from gateway.sandboxes import SANDBOX_VENV, sandbox_python
 from sandbox.manager import SANDBOX_UID, SandboxManager
 from sandbox.runsc_backend import RunscBackend

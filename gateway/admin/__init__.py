@@ -15,12 +15,12 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from core.settings import Settings
 from gateway.admin.oidc import CALLBACK_PATH, Clients, OidcSignIn
 from gateway.admin.pages import Pages
 from gateway.admin.secret import session_secret
 from gateway.admin.session import SessionContext, Sessions, session_identity
 from gateway.oauth.tokens import OAuthVerifier
-from gateway.settings import Settings
 
 __all__ = ["SessionContext", "Sessions", "routes", "session_identity", "sessions_for"]
 

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.accounts import Identity
+from core.accounts import Identity
 
 # `__Host-`: the browser takes this cookie only with Secure, Path=/ and no Domain, so no other
 # host (a sibling subdomain) can set or shadow it. Loopback http counts as secure in Chromium.

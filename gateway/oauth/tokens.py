@@ -19,14 +19,14 @@ from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.accounts import AccountError, Identity
+from core.accounts import AccountError, Identity
+from core.db import follow_notifications
+from core.settings import Settings
+from core.text import bounded
 from gateway.auth import FleetToken
-from gateway.db import follow_notifications
 from gateway.oauth import store
 from gateway.oauth.egress import Egress
 from gateway.oauth.keys import IssuerKeys, NoKey
-from gateway.settings import Settings
-from gateway.text import bounded
 
 log = logging.getLogger(__name__)
 

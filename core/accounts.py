@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from gateway import audit
+from core import audit
 
 ROLES = ("admin", "publisher", "member", "auditor")
 KEY_PREFIX = "mcpf_"
