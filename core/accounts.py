@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import psycopg
 
 from core import audit
+from core.errors import FleetError
 
 ROLES = ("admin", "publisher", "member", "auditor")
 KEY_PREFIX = "mcpf_"
 
 
-class AccountError(Exception):
+class AccountError(FleetError):
     """A request about accounts that cannot be honoured; the message says why."""
 
 

@@ -9,7 +9,6 @@ identity that opened it.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -22,6 +21,7 @@ from starlette.types import Scope
 from core import accounts
 from core.accounts import Identity
 from core.db import follow_notifications
+from core.tasks import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ApiKeyVerifier:
         # The app's lifespan opens the pool after the middleware holding this verifier is built.
         self.pool = pool
         self._cache: dict[bytes, tuple[float, Identity]] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks = Tasks()
 
     async def verify_token(self, token: str) -> AccessToken | None:
         identity = await self.identify(token)
@@ -91,18 +91,11 @@ class ApiKeyVerifier:
         return identity
 
     def start_listening(self, url: str) -> None:
-        self._listener = asyncio.create_task(self._listen(url), name="api-key-revocations")
+        listen = follow_notifications(url, "api_keys_revoked", self._cache.clear, "revocation")
+        self._tasks.spawn(listen, name="api-key-revocations")
 
     async def stop_listening(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            try:
-                await self._listener
-            except (asyncio.CancelledError, Exception):
-                pass
-
-    async def _listen(self, url: str) -> None:
-        await follow_notifications(url, "api_keys_revoked", self._cache.clear, "revocation")
+        await self._tasks.close()
 
 
 def identity_of(scope: Scope | None) -> Identity | None:

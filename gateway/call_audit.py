@@ -41,6 +41,7 @@ from starlette.requests import HTTPConnection
 
 from core import accounts, audit
 from core.accounts import Identity
+from core.tasks import Tasks
 from core.text import bounded, bounded_json
 from gateway.auth import FleetToken, is_api_key
 
@@ -81,7 +82,7 @@ class CallAudit:
     _dropped: int = 0
     _accepted_at: dict[bytes, float] = field(default_factory=dict)
     _refused: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
-    _task: asyncio.Task[None] | None = None
+    _tasks: Tasks = field(default_factory=Tasks)
 
     # -- what is recorded ---------------------------------------------------------------------
 
@@ -147,15 +148,10 @@ class CallAudit:
 
     def start(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
-        self._task = asyncio.create_task(self._run(), name="call-audit")
+        self._tasks.spawn(self._run(), name="call-audit")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._tasks.close()
         try:
             await self.flush()
         except Exception as exc:  # the gateway still stops; what was queued is lost, and said so

@@ -7,7 +7,6 @@ maps to is chosen by the issuer's tenant, never by anything in the token.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -22,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from core.accounts import AccountError, Identity
 from core.db import follow_notifications
 from core.settings import Settings
+from core.tasks import Tasks
 from core.text import bounded
 from gateway.auth import FleetToken
 from gateway.oauth import store
@@ -48,7 +48,7 @@ class OAuthVerifier:
         self.egress = Egress(allow_private=settings.allow_private_issuers)
         self.keys = IssuerKeys(self.egress)
         self._cache: dict[bytes, tuple[float, FleetToken]] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks = Tasks()
         # Told why a token was refused (message, issuer, subject), for the audit log.
         self.on_refused: Callable[[str, object, object], None] | None = None
 
@@ -119,19 +119,11 @@ class OAuthVerifier:
         return token_for(identity, token, issuer.url, claims, self.resource)
 
     def start_listening(self, url: str) -> None:
-        self._listener = asyncio.create_task(self._listen(url), name="issuer-changes")
+        self._tasks.spawn(follow_notifications(url, store.CHANNEL, self._forget, "issuer-change"), name="issuer-changes")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            try:
-                await self._listener
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._tasks.close()
         await self.egress.aclose()
-
-    async def _listen(self, url: str) -> None:
-        await follow_notifications(url, store.CHANNEL, self._forget, "issuer-change")
 
     def _forget(self) -> None:
         self._cache.clear()
