@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.accounts import add_user
 from core.db import migrate, open_pool, start_embedded
-from gateway.sandboxes import sandbox_python
 from sandbox import store
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.factory import sandbox_python
 from sandbox.manager import CHECKPOINT_DIR, Lifecycle, Sandbox, SandboxManager
 from sandbox.runsc_backend import CGROUP_ROOT, RunscBackend, _children
 from sandbox.servers import BUILTIN_SERVERS

@@ -113,6 +113,14 @@ async def set_role(
     return Identity(user.user_id, user.user, user.tenant, role)
 
 
+async def principal_of(conn: psycopg.AsyncConnection, user_id: int) -> tuple[str, str] | None:
+    """(tenant, user) of a user id, or None if there is no such user (any more)."""
+    cur = await conn.execute(
+        "SELECT t.name, u.name FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = %s", (user_id,)
+    )
+    return await cur.fetchone()
+
+
 async def list_users(conn: psycopg.AsyncConnection) -> list[Identity]:
     rows = await (
         await conn.execute(

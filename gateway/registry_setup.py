@@ -12,11 +12,11 @@ from psycopg_pool import AsyncConnectionPool
 from core.accounts import Identity
 from core.settings import Settings
 from gateway.routing import Router
-from gateway.sandboxes import sandbox_python
 from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
 from registry.search import Hit, index_version, search
 from registry.service import Registry
+from sandbox.factory import sandbox_python
 
 log = logging.getLogger(__name__)
 

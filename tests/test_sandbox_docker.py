@@ -14,10 +14,10 @@ import docker
 import pytest
 
 from core.accounts import add_user
-from gateway.sandboxes import sandbox_python
 from sandbox.backend import SandboxSpec
 from sandbox.docker_backend import FLEET_LABEL, LABEL, DockerBackend, docker_backend
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.factory import sandbox_python
 from sandbox.limits import Limits
 from sandbox.manager import SANDBOX_UID, SandboxManager
 from sandbox.servers import ServerSpec
