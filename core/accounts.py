@@ -54,6 +54,19 @@ def split_key(key: str) -> tuple[str, str] | None:
     return prefix, secret
 
 
+async def add_tenant(conn: psycopg.AsyncConnection, name: str) -> None:
+    try:
+        cur = await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
+    except psycopg.errors.CheckViolation:
+        raise AccountError(f"invalid tenant name {name!r}: use lower-case letters, digits, '.', '_' or '-'") from None
+    if cur.rowcount == 0:
+        raise AccountError(f"tenant {name!r} already exists")
+
+
+async def list_tenants(conn: psycopg.AsyncConnection) -> list[str]:
+    return [name for (name,) in await (await conn.execute("SELECT name FROM tenants ORDER BY name")).fetchall()]
+
+
 async def add_user(
     conn: psycopg.AsyncConnection, name: str, *, tenant: str = "default", role: str = "member", actor: str | None = None
 ) -> Identity:
@@ -119,6 +132,23 @@ async def principal_of(conn: psycopg.AsyncConnection, user_id: int) -> tuple[str
         "SELECT t.name, u.name FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = %s", (user_id,)
     )
     return await cur.fetchone()
+
+
+async def groups_of(conn: psycopg.AsyncConnection, user_id: int) -> list[str]:
+    """The groups a user belongs to (approvals may be bound to one)."""
+    cur = await conn.execute("SELECT name FROM user_groups WHERE user_id = %s ORDER BY name", (user_id,))
+    return [name for (name,) in await cur.fetchall()]
+
+
+async def set_groups(conn: psycopg.AsyncConnection, user: Identity, groups: list[str]) -> None:
+    """Replace a user's groups."""
+    try:
+        async with conn.transaction():
+            await conn.execute("DELETE FROM user_groups WHERE user_id = %s", (user.user_id,))
+            for group in groups:
+                await conn.execute("INSERT INTO user_groups (user_id, name) VALUES (%s, %s)", (user.user_id, group))
+    except psycopg.errors.CheckViolation:
+        raise AccountError("group names are lower-case letters, digits, '.', '_' and '-'") from None
 
 
 async def list_users(conn: psycopg.AsyncConnection) -> list[Identity]:

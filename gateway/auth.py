@@ -12,16 +12,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken, TokenVerifier
-from psycopg_pool import AsyncConnectionPool
 from starlette.types import Scope
 
 from core import accounts
 from core.accounts import Identity
 from core.db import follow_notifications
 from core.tasks import Tasks
+
+if TYPE_CHECKING:
+    from gateway.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +56,8 @@ def is_api_key(token: AccessToken) -> bool:
 
 
 class ApiKeyVerifier:
-    def __init__(self, pool: AsyncConnectionPool | None = None):
-        # The app's lifespan opens the pool after the middleware holding this verifier is built.
-        self.pool = pool
+    def __init__(self, fleet: Fleet):
+        self.fleet = fleet
         self._cache: dict[bytes, tuple[float, Identity]] = {}
         self._tasks = Tasks()
 
@@ -78,9 +80,7 @@ class ApiKeyVerifier:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
-        if self.pool is None:
-            return None
-        async with self.pool.connection() as conn:
+        async with self.fleet.pool.connection() as conn:
             identity = await accounts.verify_key(conn, token)
         if identity is None:
             self._cache.pop(digest, None)

@@ -74,7 +74,7 @@ def arguments_hash(arguments: Any) -> str:
 
 @dataclass
 class CallAudit:
-    """The queue and its writer. `pool` is set by the app's lifespan, like the verifiers'."""
+    """The queue and its writer, which writes once `start` gives it the pool."""
 
     pool: AsyncConnectionPool | None = None
     clock: Callable[[], float] = time.monotonic

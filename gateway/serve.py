@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from typing import Any
 
 import uvicorn
 
 from core.db import migrate, resolve_database_url
 from core.settings import Settings
 from gateway.app import create_app
+from gateway.fleet import Fleet
 from gateway.http_edge import protocol_for
-from sandbox.factory import sandbox_backend, sandbox_manager, sandbox_python
 
 log = logging.getLogger("mcpfleet")
 
@@ -27,10 +26,7 @@ def serve(settings: Settings) -> int:
     applied = migrate(url)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
-    def sandboxes(settings: Settings, pool: Any, url: str) -> Any:
-        return sandbox_manager(settings, pool, sandbox_backend(settings, sandbox_python()), database_url=url)
-
-    app = create_app(settings, url, sandboxes)
+    app = create_app(Fleet(settings, url))
     log.info("fleet home %s; MCP at %s", settings.home, settings.public_url)
     config = uvicorn.Config(
         app,

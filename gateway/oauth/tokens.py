@@ -12,11 +12,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import psycopg
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
-from psycopg_pool import AsyncConnectionPool
 
 from core.accounts import AccountError, Identity
 from core.db import follow_notifications
@@ -27,6 +27,9 @@ from gateway.auth import FleetToken
 from gateway.oauth import store
 from gateway.oauth.egress import Egress
 from gateway.oauth.keys import IssuerKeys, NoKey
+
+if TYPE_CHECKING:
+    from gateway.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +45,17 @@ class InvalidToken(Exception):
 
 
 class OAuthVerifier:
-    def __init__(self, settings: Settings, pool: AsyncConnectionPool | None = None):
-        self.pool = pool
+    def __init__(
+        self, settings: Settings, fleet: Fleet, *, on_refused: Callable[[str, object, object], None] | None = None
+    ):
+        self.fleet = fleet
         self.resource = settings.public_url
         self.egress = Egress(allow_private=settings.allow_private_issuers)
         self.keys = IssuerKeys(self.egress)
         self._cache: dict[bytes, tuple[float, FleetToken]] = {}
         self._tasks = Tasks()
         # Told why a token was refused (message, issuer, subject), for the audit log.
-        self.on_refused: Callable[[str, object, object], None] | None = None
+        self.on_refused = on_refused
 
     async def verify_token(self, token: str) -> FleetToken | None:
         digest = hashlib.sha256(token.encode()).digest()
@@ -82,9 +87,7 @@ class OAuthVerifier:
             raise InvalidToken("no issuer")
         if header.get("alg") not in ALGORITHMS:
             raise InvalidToken(f"algorithm {header.get('alg')!r} is not accepted")
-        if self.pool is None:
-            raise InvalidToken("the gateway is starting")
-        async with self.pool.connection() as conn:
+        async with self.fleet.pool.connection() as conn:
             issuer = await store.find_issuer(conn, issuer_url)
         if issuer is None:
             raise InvalidToken(f"issuer {bounded(issuer_url)!r} is not trusted")
@@ -112,7 +115,7 @@ class OAuthVerifier:
             raise InvalidToken(f"audience {claims.get('aud')!r} does not include {audience}")
 
         try:
-            async with self.pool.connection() as conn:
+            async with self.fleet.pool.connection() as conn:
                 identity = await store.user_for_subject(conn, issuer, claims["sub"], claims)
         except (AccountError, psycopg.Error) as exc:
             raise InvalidToken(f"cannot provision {bounded(str(claims['sub']))!r} of {issuer.url}: {exc}") from None
