@@ -461,10 +461,3 @@ async def usage(conn: psycopg.AsyncConnection, tenant: str) -> list[dict[str, An
         (tenant,),
     )
     return await cur.fetchall()
-
-
-async def set_groups(conn: psycopg.AsyncConnection, user_id: int, groups: list[str]) -> None:
-    async with conn.transaction():
-        await conn.execute("DELETE FROM user_groups WHERE user_id = %s", (user_id,))
-        for group in groups:
-            await conn.execute("INSERT INTO user_groups (user_id, name) VALUES (%s, %s)", (user_id, group))

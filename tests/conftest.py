@@ -22,7 +22,7 @@ import pytest
 from core.db import migrate, start_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
-MCPFLEET = [sys.executable, "-m", "gateway.cli"]
+MCPFLEET = [sys.executable, "-m", "cli"]
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,7 @@ def test_a_nul_in_a_registry_url_an_issuer_or_a_key_is_refused_clearly(gateway, 
     assert httpx.get(gateway.base_url + "/admin/oidc/start?issuer=https://x%00").status_code < 500
 
     # `mcpfleet issuers add` (argv cannot carry a NUL; a program calling the command can).
-    from gateway import cli
+    from cli import main as cli
 
     for name, value in gateway.env.items():
         monkeypatch.setenv(name, value)

@@ -130,7 +130,7 @@ def test_refusals_of_a_flood_are_counted_into_the_next_entry():
 
 def registry_cli(fleet, key: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**fleet.env, "MCPFLEET_URL": fleet.base_url, "MCPFLEET_KEY": key}
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
 
 
