@@ -22,8 +22,8 @@ from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway import audit
-from gateway.db import migrate, start_embedded
+from core import audit
+from core.db import migrate, start_embedded
 
 DETAIL = {"arguments_sha256": "ab" * 32, "ms": 12.5}
 PLAIN_INSERT = """INSERT INTO plain_entries (tenant, actor, action, target, outcome, detail)

@@ -182,7 +182,7 @@ def main() -> int:
         gateway_port = free_port()
         env = {**os.environ, "MCPFLEET_HOME": str(work / "fleet"), "MCPFLEET_PORT": str(gateway_port)}
         env.pop("DATABASE_URL", None)
-        cli = [PYTHON, "-m", "gateway.cli"]
+        cli = [PYTHON, "-m", "cli"]
         gateway = subprocess.Popen([*cli, "up"], cwd=ROOT, env=env, stdout=open(work / "gateway.log", "wb"),
                                    stderr=subprocess.STDOUT)
         processes.append(gateway)

@@ -36,11 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.accounts import add_user
-from gateway.db import migrate, open_pool, start_embedded
-from gateway.sandboxes import sandbox_python
+from core.accounts import add_user
+from core.db import migrate, open_pool, start_embedded
 from sandbox import store
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.factory import sandbox_python
 from sandbox.manager import CHECKPOINT_DIR, Lifecycle, Sandbox, SandboxManager
 from sandbox.runsc_backend import CGROUP_ROOT, RunscBackend, _children
 from sandbox.servers import BUILTIN_SERVERS

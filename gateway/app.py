@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
-from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
@@ -18,19 +16,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from core.settings import Settings
 from gateway import admin
 from gateway import registry_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
-from gateway.call_audit import AuditedBearerBackend, CallAudit, missing_scope_hook, note_oauth_refusal
-from gateway.db import open_pool
+from gateway.call_audit import AuditedBearerBackend, missing_scope_hook, note_oauth_refusal
+from gateway.fleet import Fleet
 from gateway.http_headers import TrimHeaderWhitespace
 from gateway.limits import LimitsMiddleware, buckets_for
 from gateway.oauth.resource import RequireBearer, metadata_routes
 from gateway.oauth.tokens import OAuthVerifier
-from gateway.registry_setup import open_registry
 from gateway.routing import Router
 from gateway.sessions import SessionBook
-from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +46,11 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
     )
 
 
-SandboxFactory = Callable[[Settings, AsyncConnectionPool, str], Any]
-
-
-def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFactory) -> Starlette:
-    """`sandbox_factory(settings, pool, database_url)` returns the sandbox manager the gateway routes into."""
-    state: dict[str, Any] = {}
-    calls = CallAudit()
-    state["calls"] = calls  # for refusals by role outside /mcp (registry API)
-    router = Router(
-        _LateBoundSandboxes(state),
-        bare_servers=settings.bare_servers,
-        registry=lambda: state.get("registry"),
-        search=lambda: state.get("search"),
-        calls=calls,
-    )
+def create_app(fleet: Fleet) -> Starlette:
+    """The gateway over `fleet`, which the app's lifespan opens and closes."""
+    settings = fleet.settings
+    router = Router(fleet, bare_servers=settings.bare_servers)
+    fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()
     sessions = StreamableHTTPSessionManager(
         app=mcp_server,
@@ -74,37 +61,24 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pool = await open_pool(database_url)
-        verifier.pool = pool
-        verifier.start_listening(database_url)
-        oauth.pool = pool
-        oauth.start_listening(database_url)
-        calls.start(pool)
-        manager = sandbox_factory(settings, pool, database_url)
-        registry, search = await open_registry(settings, pool, database_url, manager, router)
-        await manager.start()
-        state.update(pool=pool, manager=manager, registry=registry, search=search)
-        try:
-            async with sessions.run():
-                yield
-        finally:
-            await manager.close()
-            await registry.close()
-            await calls.close()
-            await verifier.stop_listening()
-            await oauth.close()
-            await buckets.aclose()
-            await pool.close()
+        async with fleet:
+            verifier.start_listening(fleet.database_url)
+            oauth.start_listening(fleet.database_url)
+            try:
+                async with sessions.run():
+                    yield
+            finally:
+                await verifier.stop_listening()
+                await oauth.close()
+                await buckets.aclose()
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> JSONResponse:
-        pool: AsyncConnectionPool | None = state.get("pool")
         checks: dict[str, str] = {}
         try:
-            assert pool is not None
-            async with pool.connection(timeout=2) as conn:
+            async with fleet.pool.connection(timeout=2) as conn:
                 await conn.execute("SELECT 1")
             checks["database"] = "ok"
         except Exception as exc:
@@ -112,10 +86,10 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
 
-    verifier = ApiKeyVerifier()
-    oauth = OAuthVerifier(settings)
-    oauth.on_refused = note_oauth_refusal
-    admin_sessions = admin.sessions_for(settings, lambda: state["pool"])
+    calls = fleet.calls
+    verifier = ApiKeyVerifier(fleet)
+    oauth = OAuthVerifier(settings, fleet, on_refused=note_oauth_refusal)
+    admin_sessions = admin.sessions_for(fleet)
     buckets = buckets_for(settings)
     mcp_endpoint = RequireBearer(
         LimitsMiddleware(
@@ -130,8 +104,8 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
             Route("/mcp", endpoint=mcp_endpoint, methods=["GET", "POST", "DELETE"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            *metadata_routes(settings.public_url, settings.required_scopes, lambda: state["pool"]),
-            *registry_api.routes(lambda: state["registry"], lambda: state["pool"], lambda: state["search"]),
+            *metadata_routes(settings.public_url, settings.required_scopes, fleet),
+            *registry_api.routes(fleet),
             *admin.routes(admin_sessions, settings, oauth),
         ],
         middleware=[
@@ -142,15 +116,4 @@ def create_app(settings: Settings, database_url: str, sandbox_factory: SandboxFa
         ],
         lifespan=lifespan,
     )
-    app.state.fleet = state
     return app
-
-
-class _LateBoundSandboxes:
-    """The router is built before the lifespan opens the sandbox manager."""
-
-    def __init__(self, state: dict[str, Any]):
-        self._state = state
-
-    async def ensure(self, user_id: int, tenant: str, user: str) -> Any:
-        return await self._state["manager"].ensure(user_id, tenant, user)

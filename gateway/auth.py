@@ -9,19 +9,22 @@ identity that opened it.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken, TokenVerifier
-from psycopg_pool import AsyncConnectionPool
 from starlette.types import Scope
 
-from gateway import accounts
-from gateway.accounts import Identity
-from gateway.db import follow_notifications
+from core import accounts
+from core.accounts import Identity
+from core.db import follow_notifications
+from core.tasks import Tasks
+
+if TYPE_CHECKING:
+    from gateway.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +56,10 @@ def is_api_key(token: AccessToken) -> bool:
 
 
 class ApiKeyVerifier:
-    def __init__(self, pool: AsyncConnectionPool | None = None):
-        # The app's lifespan opens the pool after the middleware holding this verifier is built.
-        self.pool = pool
+    def __init__(self, fleet: Fleet):
+        self.fleet = fleet
         self._cache: dict[bytes, tuple[float, Identity]] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks = Tasks()
 
     async def verify_token(self, token: str) -> AccessToken | None:
         identity = await self.identify(token)
@@ -78,9 +80,7 @@ class ApiKeyVerifier:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
-        if self.pool is None:
-            return None
-        async with self.pool.connection() as conn:
+        async with self.fleet.pool.connection() as conn:
             identity = await accounts.verify_key(conn, token)
         if identity is None:
             self._cache.pop(digest, None)
@@ -91,18 +91,11 @@ class ApiKeyVerifier:
         return identity
 
     def start_listening(self, url: str) -> None:
-        self._listener = asyncio.create_task(self._listen(url), name="api-key-revocations")
+        listen = follow_notifications(url, "api_keys_revoked", self._cache.clear, "revocation")
+        self._tasks.spawn(listen, name="api-key-revocations")
 
     async def stop_listening(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            try:
-                await self._listener
-            except (asyncio.CancelledError, Exception):
-                pass
-
-    async def _listen(self, url: str) -> None:
-        await follow_notifications(url, "api_keys_revoked", self._cache.clear, "revocation")
+        await self._tasks.close()
 
 
 def identity_of(scope: Scope | None) -> Identity | None:

@@ -39,10 +39,11 @@ from mcp.server.auth.provider import TokenVerifier
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import HTTPConnection
 
-from gateway import accounts, audit
-from gateway.accounts import Identity
+from core import accounts, audit
+from core.accounts import Identity
+from core.tasks import Tasks
+from core.text import bounded, bounded_json
 from gateway.auth import FleetToken, is_api_key
-from gateway.text import bounded, bounded_json
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def arguments_hash(arguments: Any) -> str:
 
 @dataclass
 class CallAudit:
-    """The queue and its writer. `pool` is set by the app's lifespan, like the verifiers'."""
+    """The queue and its writer, which writes once `start` gives it the pool."""
 
     pool: AsyncConnectionPool | None = None
     clock: Callable[[], float] = time.monotonic
@@ -81,7 +82,7 @@ class CallAudit:
     _dropped: int = 0
     _accepted_at: dict[bytes, float] = field(default_factory=dict)
     _refused: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
-    _task: asyncio.Task[None] | None = None
+    _tasks: Tasks = field(default_factory=Tasks)
 
     # -- what is recorded ---------------------------------------------------------------------
 
@@ -147,15 +148,10 @@ class CallAudit:
 
     def start(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
-        self._task = asyncio.create_task(self._run(), name="call-audit")
+        self._tasks.spawn(self._run(), name="call-audit")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._tasks.close()
         try:
             await self.flush()
         except Exception as exc:  # the gateway still stops; what was queued is lost, and said so

@@ -25,11 +25,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.settings import Settings
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
 from gateway.ratelimit_redis import Buckets, LocalBuckets, RedisBuckets
 from gateway.sessions import SessionBook, opens_session, session_id_of
-from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 

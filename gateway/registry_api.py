@@ -10,21 +10,24 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.accounts import Identity
+from core.accounts import Identity
+from core.text import storable
 from gateway.admin.session import session_identity
 from gateway.auth import identity_of
-from gateway.text import storable
 from registry import store
 from registry.definitions import KINDS, definition_sha256, instructions_sha256, offering_sha256
 from registry.service import MAX_WHEEL_BYTES
 from registry.store import RegistryError
+
+if TYPE_CHECKING:
+    from gateway.fleet import Fleet
 
 PUBLISHERS = ("admin", "publisher")
 READERS = ("admin", "publisher", "auditor")
@@ -47,14 +50,14 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-def _guarded(roles: tuple[str, ...], handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+def _guarded(fleet: Fleet, roles: tuple[str, ...], handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         identity = identity_of(request.scope) or await session_identity(request)
         if identity is None:
             return _error(401, "authenticate with an API key or token (Authorization: Bearer ...)")
         if identity.role not in roles:
-            if (calls := request.app.state.fleet.get("calls")) is not None:  # audited, bounded like other refusals
-                calls.role_refused(identity, f"{request.method} {request.url.path}", roles, request.client.host if request.client else "unknown")
+            ip = request.client.host if request.client else "unknown"  # audited, bounded like other refusals
+            fleet.calls.role_refused(identity, f"{request.method} {request.url.path}", roles, ip)
             return _error(403, f"role {identity.role!r} may not do this (needs {' or '.join(roles)})")
         if not all(storable(v) for v in request.path_params.values() if isinstance(v, str)):
             return _error(400, "the path holds a character no name or version may hold (NUL)")
@@ -131,8 +134,8 @@ def diff_offerings(before: dict[str, Any] | None, after: dict[str, Any]) -> list
     return out
 
 
-def routes(registry_of: Callable[[], Any], pool_of: Callable[[], Any], search_of: Callable[[], Any]) -> list[Route]:
-    """`registry_of`, `pool_of`, `search_of`: the gateway's registry, pool and search, once its lifespan opened them."""
+def routes(fleet: Fleet) -> list[Route]:
+    """The API over the fleet's registry, database and search (open while the app serves)."""
 
     async def publish(request: Request, who: Identity) -> Response:
         length = int(request.headers.get("content-length") or 0)
@@ -157,16 +160,16 @@ def routes(registry_of: Callable[[], Any], pool_of: Callable[[], Any], search_of
         if not isinstance(document, dict):
             return _error(400, "the manifest must be a JSON object")
         data = await wheel.read()
-        result = await registry_of().publish(who, document, data)
+        result = await fleet.registry.publish(who, document, data)
         result["url"] = f"/registry/v1/servers/{result['name']}/versions/{result['version']}"
         return _json(result, 202)
 
     async def list_servers(request: Request, who: Identity) -> Response:
-        async with pool_of().connection() as conn:
+        async with fleet.pool.connection() as conn:
             return _json({"servers": await store.servers(conn, who.tenant)})
 
     async def show_version(request: Request, who: Identity) -> Response:
-        async with pool_of().connection() as conn:
+        async with fleet.pool.connection() as conn:
             row = await store.version(conn, who.tenant, _name(request), request.path_params["version"])
             servers = await store.servers(conn, who.tenant)
             approved = next(
@@ -185,7 +188,7 @@ def routes(registry_of: Callable[[], Any], pool_of: Callable[[], Any], search_of
 
     async def approve(request: Request, who: Identity) -> Response:
         body = await _body(request)
-        async with pool_of().connection() as conn:
+        async with fleet.pool.connection() as conn:
             result = await store.approve(
                 conn, who, _name(request), request.path_params["version"], group=_group(body),
                 override=bool(body.get("override")), tier=_group(body, "tier"), tools=_tools(body),
@@ -195,20 +198,20 @@ def routes(registry_of: Callable[[], Any], pool_of: Callable[[], Any], search_of
 
     async def revoke(request: Request, who: Identity) -> Response:
         body = await _body(request)
-        async with pool_of().connection() as conn:
+        async with fleet.pool.connection() as conn:
             await store.revoke(conn, who, _name(request), request.path_params["version"], group=_group(body), tier=_group(body, "tier"))
         return _json({"revoked": {"name": _name(request), "version": request.path_params["version"], "group": _group(body)}})
 
     async def list_drift(request: Request, who: Identity) -> Response:
-        async with pool_of().connection() as conn:
+        async with fleet.pool.connection() as conn:
             return _json({"drift": await store.drift(conn, who.tenant, open_only=request.query_params.get("all") is None)})
 
     async def accept_drift(request: Request, who: Identity) -> Response:
-        async with pool_of().connection() as conn:
+        async with fleet.pool.connection() as conn:
             return _json({"accepted": await store.accept_drift(conn, who, int(request.path_params["drift_id"]))})
 
     async def usage(request: Request, who: Identity) -> Response:
-        async with pool_of().connection() as conn:
+        async with fleet.pool.connection() as conn:
             return _json({"usage": await store.usage(conn, who.tenant)})
 
     async def search(request: Request, who: Identity) -> Response:
@@ -219,18 +222,18 @@ def routes(registry_of: Callable[[], Any], pool_of: Callable[[], Any], search_of
             limit = max(1, min(50, int(request.query_params.get("limit", "10"))))
         except ValueError:
             return _error(400, "limit must be a number")
-        hits = await search_of()(who, query, limit)
+        hits = await fleet.search(who, query, limit)
         return _json({"tools": [hit.as_dict() for hit in hits]})
 
     version_path = "/registry/v1/servers/{namespace}/{server}/versions/{version}"
     return [
-        Route("/registry/v1/publish", _guarded(PUBLISHERS, publish), methods=["POST"]),
-        Route("/registry/v1/servers", _guarded(READERS, list_servers), methods=["GET"]),
-        Route(version_path, _guarded(READERS, show_version), methods=["GET"]),
-        Route(version_path + "/approve", _guarded(ADMINS, approve), methods=["POST"]),
-        Route(version_path + "/revoke", _guarded(ADMINS, revoke), methods=["POST"]),
-        Route("/registry/v1/drift", _guarded(READERS, list_drift), methods=["GET"]),
-        Route("/registry/v1/drift/{drift_id:int}/accept", _guarded(ADMINS, accept_drift), methods=["POST"]),
-        Route("/registry/v1/usage", _guarded(READERS, usage), methods=["GET"]),
-        Route("/registry/v1/search", _guarded(("admin", "publisher", "member", "auditor"), search), methods=["GET"]),
+        Route("/registry/v1/publish", _guarded(fleet, PUBLISHERS, publish), methods=["POST"]),
+        Route("/registry/v1/servers", _guarded(fleet, READERS, list_servers), methods=["GET"]),
+        Route(version_path, _guarded(fleet, READERS, show_version), methods=["GET"]),
+        Route(version_path + "/approve", _guarded(fleet, ADMINS, approve), methods=["POST"]),
+        Route(version_path + "/revoke", _guarded(fleet, ADMINS, revoke), methods=["POST"]),
+        Route("/registry/v1/drift", _guarded(fleet, READERS, list_drift), methods=["GET"]),
+        Route("/registry/v1/drift/{drift_id:int}/accept", _guarded(fleet, ADMINS, accept_drift), methods=["POST"]),
+        Route("/registry/v1/usage", _guarded(fleet, READERS, usage), methods=["GET"]),
+        Route("/registry/v1/search", _guarded(fleet, ("admin", "publisher", "member", "auditor"), search), methods=["GET"]),
     ]

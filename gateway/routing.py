@@ -29,10 +29,10 @@ from mcp.shared.uri_template import UriTemplate
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
-from gateway.accounts import Identity
+from core.accounts import Identity
+from core.text import bounded
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
-from gateway.text import bounded
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,21 @@ class ToolRegistry(Protocol):
 SearchTools = Any
 """async (identity, query, limit) -> list of hits with `as_dict()`."""
 
+class Services(Protocol):
+    """What the router routes with: `gateway.fleet.Fleet`, open while the app serves."""
+
+    calls: CallAudit
+
+    @property
+    def manager(self) -> SandboxProvider: ...
+
+    @property
+    def registry(self) -> ToolRegistry | None: ...
+
+    @property
+    def search(self) -> SearchTools | None: ...
+
+
 SEARCH_TOOL = "fleet__search_tools"
 SEARCH_TOOL_DEFINITION: dict[str, Any] = {
     "name": SEARCH_TOOL,
@@ -151,18 +166,9 @@ SEARCH_TOOL_DEFINITION: dict[str, Any] = {
 
 
 class Router:
-    def __init__(
-        self,
-        sandboxes: SandboxProvider,
-        bare_servers: frozenset[str] = frozenset(),
-        registry: Callable[[], ToolRegistry | None] = lambda: None,
-        search: Callable[[], SearchTools | None] = lambda: None,
-        calls: CallAudit | None = None,
-    ):
-        self._sandboxes = sandboxes
-        self._calls = calls  # every tool call goes to the audit log, queued off the call's path
-        self._registry = registry
-        self._search = search
+    def __init__(self, fleet: Services, bare_servers: frozenset[str] = frozenset()):
+        self._fleet = fleet
+        self._calls = fleet.calls  # every tool call goes to the audit log, queued off the call's path
         # Connected clients per user, to tell them when what they may use changes.
         self._sessions: dict[int, weakref.WeakSet[Any]] = {}
         self._buses: dict[int, InMemorySubscriptionBus] = {}
@@ -217,7 +223,7 @@ class Router:
             raise MCPError(code=types.INVALID_REQUEST, message="Not authenticated")
         self._remember_session(identity, ctx)
         try:
-            sandbox = await self._sandboxes.ensure(identity.user_id, identity.tenant, identity.user)
+            sandbox = await self._fleet.manager.ensure(identity.user_id, identity.tenant, identity.user)
         except QuotaExceeded as exc:
             raise MCPError(code=QUOTA_EXCEEDED, message=f"No sandbox for you right now: {exc}") from None
         except SandboxUnavailable as exc:
@@ -234,7 +240,7 @@ class Router:
                 per_server = await client.catalog()
         except SandboxUnavailable as exc:
             raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox stopped: {exc}; call again") from None
-        registry = self._registry()
+        registry = self._fleet.registry
         if registry is not None:  # approved servers only, tools whose definitions match their pins only
             per_server = await registry.guard(identity.user_id, per_server)
         # The client (and the guard) hand out the same listing objects until a server's listing
@@ -305,7 +311,7 @@ class Router:
 
     async def list_tools(self, ctx: ServerRequestContext[Any, Any], params: Any) -> dict[str, Any]:
         _, _, catalog = await self._catalog(ctx)
-        if self._search() is None:
+        if self._fleet.search is None:
             return self._result(ctx, {"tools": catalog.tools})
         tools = self._listed.get(catalog)
         if tools is None:  # once per catalog: listings stay sorted by name
@@ -313,9 +319,9 @@ class Router:
         return self._result(ctx, {"tools": tools})
 
     async def call_tool(self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> dict[str, Any]:
-        if params.name == SEARCH_TOOL and self._search() is not None:
+        if params.name == SEARCH_TOOL and self._fleet.search is not None:
             return await self._search_tools(ctx, params.arguments or {})
-        registry = self._registry()
+        registry = self._fleet.registry
         if self._calls is None and registry is None:
             return await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments)
         started, outcome, code, where = time.perf_counter(), "sandbox failure", None, {}
@@ -346,7 +352,7 @@ class Router:
             raise MCPError(code=types.INVALID_PARAMS, message="query must be a non-empty string")
         if not isinstance(limit, int) or not 1 <= limit <= 50:
             raise MCPError(code=types.INVALID_PARAMS, message="limit must be an integer from 1 to 50")
-        hits = [hit.as_dict() for hit in await self._search()(identity, query, limit)]
+        hits = [hit.as_dict() for hit in await self._fleet.search(identity, query, limit)]
         lines = [f"{hit['name']}: {hit['description']}" for hit in hits] or ["no approved tool matches"]
         return self._result(
             ctx, {"content": [{"type": "text", "text": "\n".join(lines)}], "structuredContent": {"tools": hits}, "isError": False}
@@ -358,7 +364,7 @@ class Router:
     ) -> dict[str, Any]:
         """A tool call or a prompt: find the server by the public name, pass on the server's own name."""
         identity, client, catalog = await self._catalog(ctx)
-        registry = self._registry()
+        registry = self._fleet.registry
         owners = catalog.tool_owner if kind == "tool" else catalog.prompt_owner
         if registry is not None and name not in owners:
             reason = registry.why_unavailable(identity.user_id, name, kind)
@@ -437,7 +443,7 @@ class Router:
             raise
         finally:
             identity = identity_of(getattr(ctx.request, "scope", None))
-            registry, server = self._registry(), where.get("server", "")
+            registry, server = self._fleet.registry, where.get("server", "")
             version = registry.version_of(identity.user_id, server) if identity is not None and registry is not None and server else None
             if identity is not None:
                 self._calls.tool_call(identity, action=action, tool=target, server=server, arguments=arguments, version=version,
@@ -458,7 +464,7 @@ class Router:
         owner = catalog.resource_owner.get(uri)
         if owner is None:
             # A resource held back stays so even where an allowed template's pattern covers its URI.
-            registry = self._registry()
+            registry = self._fleet.registry
             reason = registry.why_unavailable(identity.user_id, uri, "resource") if registry is not None else None
             if reason is not None:
                 raise MCPError(code=types.INVALID_PARAMS, message=reason, data={"uri": uri})

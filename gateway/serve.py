@@ -8,11 +8,11 @@ import sys
 
 import uvicorn
 
+from core.db import migrate, resolve_database_url
+from core.settings import Settings
 from gateway.app import create_app
-from gateway.db import migrate, resolve_database_url
+from gateway.fleet import Fleet
 from gateway.http_edge import protocol_for
-from gateway.sandboxes import sandbox_manager
-from gateway.settings import Settings
 
 log = logging.getLogger("mcpfleet")
 
@@ -26,7 +26,7 @@ def serve(settings: Settings) -> int:
     applied = migrate(url)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
-    app = create_app(settings, url, sandbox_manager)
+    app = create_app(Fleet(settings, url))
     log.info("fleet home %s; MCP at %s", settings.home, settings.public_url)
     config = uvicorn.Config(
         app,

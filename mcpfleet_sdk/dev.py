@@ -70,10 +70,10 @@ async def _trial(manifest: Any, wheel: Path, install: Path, env: dict[str, str],
     # The fleet's own parts, imported only here: `mcpfleet dev` runs on a machine with the fleet installed.
     from dataclasses import replace
 
-    from gateway.sandboxes import sandbox_backend, sandbox_python
-    from gateway.settings import load_settings
+    from core.settings import load_settings
     from registry.artifacts import ArtifactError, install_wheel, server_spec, sha256_of, wheel_metadata
     from registry.trial import TrialResult, trial_run
+    from sandbox.factory import sandbox_backend, sandbox_python
 
     try:
         _, scripts = await asyncio.to_thread(wheel_metadata, wheel)

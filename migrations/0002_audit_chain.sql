@@ -1,7 +1,7 @@
 -- The audit log becomes a hash chain: each entry carries its predecessor's hash and a hash over
 -- that and its own canonical form, so a changed, inserted or removed entry breaks the chain at
 -- that point. A one-row head holds the last id and hash, so removing entries from the end is
--- seen too. `mcpfleet audit verify` (gateway/audit.py) recomputes everything independently.
+-- seen too. `mcpfleet audit verify` (core/audit.py) recomputes everything independently.
 -- depends: 0001_initial
 
 -- Ids come from the head, under its lock, not from a sequence: a rolled-back append would leave
@@ -19,7 +19,7 @@ INSERT INTO audit_head (last_id, last_hash) VALUES (0, decode(repeat('00', 32), 
 
 -- The canonical form is jsonb's own text of an array, a deterministic function of the values:
 -- strings escaped as JSON, the time in UTC with microseconds, and the detail as jsonb prints it
--- (keys in jsonb's order, numbers as stored). gateway/audit.py builds the same text from a row.
+-- (keys in jsonb's order, numbers as stored). core/audit.py builds the same text from a row.
 CREATE FUNCTION audit_canonical(id bigint, at timestamptz, tenant text, actor text, action text,
                                 target text, outcome text, detail jsonb) RETURNS text
 LANGUAGE sql STABLE AS $$

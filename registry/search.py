@@ -10,11 +10,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
+from core import accounts
+from core.accounts import Identity
 from registry.embeddings import Embedder, tool_text
+
+if TYPE_CHECKING:
+    from registry.service import Registry
 
 
 @dataclass(frozen=True)
@@ -115,3 +121,51 @@ async def search(
     )
     return [Hit(name, server, version, description, float(score)) for name, server, version, description, score
             in await cur.fetchall()]
+
+
+async def unindexed_versions(conn: psycopg.AsyncConnection, model: str) -> list[tuple[int, str, list[dict]]]:
+    """(version id, prefix, tools) of every version with tools but no embeddings under `model`."""
+    cur = await conn.execute(
+        "SELECT v.id, s.prefix, v.tools FROM registry_versions v JOIN registry_servers s ON s.id = v.server_id"
+        " WHERE v.tools <> '[]'::jsonb AND NOT EXISTS"
+        " (SELECT 1 FROM tool_embeddings e WHERE e.version_id = v.id AND e.model = %s)",
+        (model,),
+    )
+    return await cur.fetchall()
+
+
+class Index:
+    """The embeddings of tool definitions, written through the fleet's pool with one embedder."""
+
+    def __init__(self, pool: AsyncConnectionPool, embedder: Embedder):
+        self.pool = pool
+        self.embedder = embedder
+
+    async def version(self, version_id: int, prefix: str, tools: list[dict[str, Any]]) -> None:
+        """The registry's `indexer`: called with a version's tools once its trial run listed them."""
+        async with self.pool.connection() as conn:
+            await index_version(conn, self.embedder, version_id, prefix, tools)
+
+    async def missing(self) -> None:
+        async with self.pool.connection() as conn:
+            for version_id, prefix, tools in await unindexed_versions(conn, self.embedder.model):
+                await index_version(conn, self.embedder, version_id, prefix, tools)
+
+
+class ToolSearch:
+    """Search as the gateway offers it (`fleet__search_tools`, `/registry/v1/search`): the tools
+    approved for the caller, nearest the query first. Definitions the registry recorded without
+    embeddings (the built-ins') are indexed at the first search, not at start-up: the model is
+    loaded only when someone searches."""
+
+    def __init__(self, index: Index, registry: Registry):
+        self.index = index
+        self.registry = registry
+
+    async def __call__(self, who: Identity, query: str, limit: int) -> list[Hit]:
+        if self.registry.unindexed:
+            self.registry.unindexed = False
+            await self.index.missing()
+        async with self.index.pool.connection() as conn:
+            groups = await accounts.groups_of(conn, who.user_id)
+            return await search(conn, self.index.embedder, query, tenant=who.tenant, groups=groups, limit=limit)

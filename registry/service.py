@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -20,8 +20,9 @@ from typing import Any
 from packaging.utils import canonicalize_name
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.accounts import Identity
-from gateway.db import follow_notifications
+from core.accounts import Identity
+from core.db import follow_notifications
+from core.tasks import Tasks
 from registry import store
 from registry.artifacts import (
     ArtifactError,
@@ -106,8 +107,7 @@ class Registry:
         self._drift_seen: dict[tuple[int, int], set[tuple[str, str]]] = defaultdict(set)
         self._drift_capped: set[tuple[int, int]] = set()
         self._recorded_builtins: set[int] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks = Tasks()
         self._usage: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0.0])
         self.on_change: list[ChangeListener] = []
         self._distributions: set[str] | None = None
@@ -123,24 +123,15 @@ class Registry:
                 await store.ensure_builtins(conn, tenant_id, builtin_entries())
         self._spawn(self._record_builtins())
         if database_url is not None:
-            self._listener = asyncio.create_task(
-                follow_notifications(database_url, "registry_changed", self._changed, "registry")
-            )
+            self._spawn(follow_notifications(database_url, "registry_changed", self._changed, "registry"))
         self._spawn(self._flush_usage_periodically())
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, *([self._listener] if self._listener else []), return_exceptions=True)
+        await self._tasks.close()
         await self._flush_usage()
 
-    def _spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self._tasks.spawn(coroutine)
 
     def _changed(self) -> None:
         previous = self._approved

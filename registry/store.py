@@ -13,8 +13,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from gateway import audit
-from gateway.accounts import Identity
+from core import audit
+from core.accounts import Identity
 from registry.definitions import PROMPTS, RESOURCES, TEMPLATES, offering_pins, pins_of, tool_pin_count
 
 
@@ -519,10 +519,3 @@ async def usage(conn: psycopg.AsyncConnection, tenant: str) -> list[dict[str, An
         (tenant,),
     )
     return await cur.fetchall()
-
-
-async def set_groups(conn: psycopg.AsyncConnection, user_id: int, groups: list[str]) -> None:
-    async with conn.transaction():
-        await conn.execute("DELETE FROM user_groups WHERE user_id = %s", (user_id,))
-        for group in groups:
-            await conn.execute("INSERT INTO user_groups (user_id, name) VALUES (%s, %s)", (user_id, group))

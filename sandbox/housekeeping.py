@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg.rows import dict_row
 
+from core.tasks import Tasks
 from sandbox import requests
 from sandbox.errors import SandboxUnavailable
 from sandbox.store import State
@@ -28,17 +29,15 @@ class Housekeeper:
         self.manager = manager
         self.database_url = database_url
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Tasks()
 
     def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._sweep_periodically()))
+        self._tasks.spawn(self._sweep_periodically(), name="housekeeping")
         if self.database_url:
-            self._tasks.append(asyncio.create_task(self._listen()))
+            self._tasks.spawn(self._listen(), name="sandbox-requests")
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     async def _sweep_periodically(self) -> None:
         while True:

@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from core.tasks import Tasks
 from sandbox import recovery, store, tiers, tmpfs, wire
 from sandbox.backend import SandboxBackend, SandboxSpec
 from sandbox.client import SupervisorClient
@@ -162,7 +163,7 @@ class SandboxManager:
         self._locks: dict[int, asyncio.Lock] = {}
         self._capacity = asyncio.Lock()
         self._touched: set[str] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Tasks()
         self._closing = False
         self.housekeeper = Housekeeper(self, database_url)
 
@@ -173,7 +174,7 @@ class SandboxManager:
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.sandboxes_dir, 0o711)
         await recovery.recover(self)
-        self._tasks.append(asyncio.create_task(self._flush_touches_periodically()))
+        self._tasks.spawn(self._flush_touches_periodically())
         self.housekeeper.start()
         self.refill_pool()
 
@@ -182,9 +183,7 @@ class SandboxManager:
         hibernated ones stay hibernated for the next gateway."""
         self._closing = True
         await self.housekeeper.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         for task in list(self._bringing_up.values()):
             task.cancel()
         await asyncio.gather(*self._bringing_up.values(), return_exceptions=True)
@@ -361,13 +360,12 @@ class SandboxManager:
         """Start sandboxes in the background until the pool is full (as far as the node has room)."""
         if self._closing:
             return
-        self._tasks = [t for t in self._tasks if not t.done()]
         missing = self.lifecycle.warm_pool_size - len(self.warm) - self._warming
         room = self.lifecycle.max_running - len(self.running) - self._reserved.total()
         for _ in range(max(0, min(missing, room))):
             self._warming += 1
             self._reserved[None] += 1
-            self._tasks.append(asyncio.create_task(self._warm_one()))
+            self._tasks.spawn(self._warm_one())
 
     async def _warm_one(self) -> None:
         try:

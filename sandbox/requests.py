@@ -16,6 +16,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from core.errors import FleetError
+
 CHANNEL = "sandbox_requests"
 ACTIONS = ("hibernate", "resume", "reclaim")
 
@@ -28,7 +30,7 @@ class Request:
     requested_by: str
 
 
-class RequestNotTaken(RuntimeError):
+class RequestNotTaken(FleetError, RuntimeError):
     """No gateway took the request in time."""
 
 

@@ -13,12 +13,14 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from core.errors import FleetError
+
 from sandbox.limits import Limits, MiB
 
 DEFAULT_TIER = "standard"
 
 
-class TierError(ValueError):
+class TierError(FleetError, ValueError):
     """A tier request that cannot be carried out; the message says why."""
 
 

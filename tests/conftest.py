@@ -19,10 +19,10 @@ import httpx
 import psycopg
 import pytest
 
-from gateway.db import migrate, start_embedded
+from core.db import migrate, start_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
-MCPFLEET = [sys.executable, "-m", "gateway.cli"]
+MCPFLEET = [sys.executable, "-m", "cli"]
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def database_url(postgres_url: str) -> str:
 
 @pytest.fixture(scope="session")
 async def db_pool(database_url: str):
-    from gateway.db import open_pool
+    from core.db import open_pool
 
     pool = await open_pool(database_url)
     yield pool

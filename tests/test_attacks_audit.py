@@ -110,7 +110,7 @@ def test_a_nul_in_a_registry_url_an_issuer_or_a_key_is_refused_clearly(gateway, 
     assert httpx.get(gateway.base_url + "/admin/oidc/start?issuer=https://x%00").status_code < 500
 
     # `mcpfleet issuers add` (argv cannot carry a NUL; a program calling the command can).
-    from gateway import cli
+    from cli import main as cli
 
     for name, value in gateway.env.items():
         monkeypatch.setenv(name, value)
@@ -122,8 +122,8 @@ def test_a_nul_in_a_registry_url_an_issuer_or_a_key_is_refused_clearly(gateway, 
 
 
 async def test_an_entry_the_database_refuses_is_recorded_as_refused_and_the_rest_are_written(postgres_url):
-    from gateway import audit
-    from gateway.db import open_pool
+    from core import audit
+    from core.db import open_pool
     from tests.conftest import fresh_database
 
     pool = await open_pool(fresh_database(postgres_url, "refused"))

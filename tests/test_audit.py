@@ -14,7 +14,7 @@ from itertools import pairwise
 import psycopg
 import pytest
 
-from gateway import accounts, audit
+from core import accounts, audit
 from tests.conftest import ROOT, fresh_database
 
 
@@ -32,7 +32,7 @@ async def conn(url: str):
 def mcpfleet(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": url}
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         check=False,
         cwd=ROOT,
         env=env,

@@ -130,7 +130,7 @@ def test_refusals_of_a_flood_are_counted_into_the_next_entry():
 
 def registry_cli(fleet, key: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**fleet.env, "MCPFLEET_URL": fleet.base_url, "MCPFLEET_KEY": key}
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
 
 
@@ -179,9 +179,9 @@ async def tool_names(fleet, key: str) -> set[str]:
 
 
 async def test_a_batch_is_one_transaction_and_keeps_the_chain(postgres_url):
-    from gateway import audit
-    from gateway.accounts import Identity
-    from gateway.db import open_pool
+    from core import audit
+    from core.accounts import Identity
+    from core.db import open_pool
     from tests.conftest import fresh_database
 
     pool = await open_pool(fresh_database(postgres_url, "calls"))

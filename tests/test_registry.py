@@ -25,7 +25,7 @@ from tests.conftest import Fleet, make_fleet
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
-MCPFLEET = [sys.executable, "-m", "gateway.cli"]
+MCPFLEET = [sys.executable, "-m", "cli"]
 WEATHER = ROOT / "tests" / "tool_projects" / "weather"
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import docker
 import pytest
 
-from gateway.accounts import add_user
-from gateway.sandboxes import sandbox_python
+from core.accounts import add_user
 from sandbox.backend import SandboxSpec
 from sandbox.docker_backend import FLEET_LABEL, LABEL, DockerBackend, docker_backend
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.factory import sandbox_python
 from sandbox.limits import Limits
 from sandbox.manager import SANDBOX_UID, SandboxManager
 from sandbox.servers import ServerSpec

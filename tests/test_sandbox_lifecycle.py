@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.accounts import add_user
+from core.accounts import add_user
 from sandbox import requests, store, tiers
 from sandbox.errors import QuotaExceeded
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
@@ -335,8 +335,7 @@ async def _gateway_dies(manager: SandboxManager) -> None:
     """What SIGKILL leaves: nothing of the manager runs any more (its sockets close with the process)."""
     manager._closing = True
     await manager.housekeeper.stop()
-    for task in manager._tasks:
-        task.cancel()
+    await manager._tasks.close()
     for sandbox in manager.running.values():
         await sandbox.client.close()
     manager.running.clear()

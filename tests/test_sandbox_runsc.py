@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.accounts import add_user
+from core.accounts import add_user
 from sandbox import store
 from sandbox.backend import SandboxSpec
 from sandbox.errors import SandboxRpcError, SandboxUnavailable

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import sandboxes
-from gateway.sandboxes import SANDBOX_VENV, sandbox_python
+from sandbox import factory
+from sandbox.factory import SANDBOX_VENV, sandbox_python
 from sandbox.runtime import current_python, venv_python
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,9 +54,9 @@ def test_the_gateway_chooses_the_configured_venv_then_its_own_then_itself(bare_v
     with pytest.raises(RuntimeError, match="MCPFLEET_SANDBOX_PYTHON must name a venv"):
         sandbox_python()
     monkeypatch.delenv("MCPFLEET_SANDBOX_PYTHON")
-    monkeypatch.setattr(sandboxes, "SANDBOX_VENV", bare_venv)
+    monkeypatch.setattr(factory, "SANDBOX_VENV", bare_venv)
     assert sandbox_python() == venv_python(bare_venv)
-    monkeypatch.setattr(sandboxes, "SANDBOX_VENV", tmp_path / "absent")
+    monkeypatch.setattr(factory, "SANDBOX_VENV", tmp_path / "absent")
     assert sandbox_python() == current_python()
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.accounts import add_user
-from gateway.sandboxes import SANDBOX_VENV, sandbox_python
+from core.accounts import add_user
+from sandbox.factory import SANDBOX_VENV, sandbox_python
 from sandbox.manager import SANDBOX_UID, SandboxManager
 from sandbox.runsc_backend import RunscBackend
 from sandbox.servers import BUILTIN_SERVERS

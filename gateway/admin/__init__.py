@@ -8,27 +8,29 @@ the registry's JSON API accepts the page's requests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from psycopg_pool import AsyncConnectionPool
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from core.settings import Settings
 from gateway.admin.oidc import CALLBACK_PATH, Clients, OidcSignIn
 from gateway.admin.pages import Pages
 from gateway.admin.secret import session_secret
 from gateway.admin.session import SessionContext, Sessions, session_identity
 from gateway.oauth.tokens import OAuthVerifier
-from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.fleet import Fleet
 
 __all__ = ["SessionContext", "Sessions", "routes", "session_identity", "sessions_for"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 
 
-def sessions_for(settings: Settings, pool_of: Callable[[], AsyncConnectionPool]) -> Sessions:
-    return Sessions(session_secret(settings.home), pool_of)
+def sessions_for(fleet: Fleet) -> Sessions:
+    return Sessions(session_secret(fleet.settings.home), fleet)
 
 
 def routes(sessions: Sessions, settings: Settings, oauth: OAuthVerifier) -> list[BaseRoute]:

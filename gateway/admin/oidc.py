@@ -40,8 +40,8 @@ from joserfc.errors import BadSignatureError, JoseError
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from gateway import audit
-from gateway.accounts import AccountError
+from core import audit
+from core.accounts import AccountError
 from gateway.admin.pages import Pages, render
 from gateway.admin.session import ROLES, Sessions
 from gateway.oauth import store

@@ -21,7 +21,7 @@ import psycopg
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from gateway import accounts, audit
+from core import accounts, audit
 from gateway.admin.session import CSRF_FIELD, ROLES, Sessions, check_csrf
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import itsdangerous
 import psycopg
@@ -30,7 +30,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.accounts import Identity
+from core.accounts import Identity
+
+if TYPE_CHECKING:
+    from gateway.fleet import Fleet
 
 # `__Host-`: the browser takes this cookie only with Secure, Path=/ and no Domain, so no other
 # host (a sibling subdomain) can set or shadow it. Loopback http counts as secure in Chromium.
@@ -81,17 +84,17 @@ SELECT u.id, u.name, t.name, u.role, s.csrf_token, s.expires_at, coalesce(s.issu
 
 
 class Sessions:
-    """Opens, finds and ends admin sessions; the pool is late-bound (the app's lifespan opens it)."""
+    """Opens, finds and ends admin sessions, in the fleet's database (open while the app serves)."""
 
-    def __init__(self, secret: bytes, pool_of: Callable[[], AsyncConnectionPool], *, lifetime_s: int = LIFETIME_S):
+    def __init__(self, secret: bytes, fleet: Fleet, *, lifetime_s: int = LIFETIME_S):
         self.secret = secret  # also signs the sign-in flows of gateway/admin/oidc.py, under another salt
         self._signer = itsdangerous.TimestampSigner(secret, salt="mcpfleet.admin-session")
-        self._pool_of = pool_of
+        self.fleet = fleet
         self.lifetime_s = lifetime_s
 
     @property
     def pool(self) -> AsyncConnectionPool:
-        return self._pool_of()
+        return self.fleet.pool
 
     async def open(
         self, conn: psycopg.AsyncConnection, identity: Identity, *, api_key_id: int | None = None, issuer: str | None = None

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mcp.server.auth.json_response import PydanticJSONResponse
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.routes import build_resource_metadata_url
 from mcp.shared.auth import ProtectedResourceMetadata
-from psycopg_pool import AsyncConnectionPool
 from pydantic import AnyHttpUrl
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -27,6 +27,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import is_api_key
 from gateway.oauth import store
+
+if TYPE_CHECKING:
+    from gateway.fleet import Fleet
 
 # The issuer list is read from the database at most this often for unauthenticated callers.
 METADATA_CACHE_S = 5.0
@@ -37,7 +40,7 @@ def metadata_url(public_url: str) -> str:
 
 
 def metadata_routes(
-    public_url: str, scopes: tuple[str, ...], pool_of: Callable[[], AsyncConnectionPool]
+    public_url: str, scopes: tuple[str, ...], fleet: Fleet
 ) -> list[Route]:
     """The metadata at the path RFC 9728 derives from `/mcp`, and at the bare well-known path
     for clients that look there first."""
@@ -47,7 +50,7 @@ def metadata_routes(
     async def metadata(request: Request) -> Response:
         nonlocal issuers, fresh_until
         if time.monotonic() >= fresh_until:
-            async with pool_of().connection() as conn:
+            async with fleet.pool.connection() as conn:
                 issuers = sorted({i.url for i in await store.list_issuers(conn)})
             fresh_until = time.monotonic() + METADATA_CACHE_S
         if not issuers:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import psycopg
 
-from gateway.accounts import AccountError, Identity
-from gateway.text import storable
+from core.accounts import AccountError, Identity
+from core.text import storable
 
 # Changes to trusted issuers reach every gateway at once (their token caches are dropped).
 CHANNEL = "issuers_changed"

@@ -7,26 +7,29 @@ maps to is chosen by the issuer's tenant, never by anything in the token.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import psycopg
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
-from psycopg_pool import AsyncConnectionPool
 
-from gateway.accounts import AccountError, Identity
+from core.accounts import AccountError, Identity
+from core.db import follow_notifications
+from core.settings import Settings
+from core.tasks import Tasks
+from core.text import bounded
 from gateway.auth import FleetToken
-from gateway.db import follow_notifications
 from gateway.oauth import store
 from gateway.oauth.egress import Egress
 from gateway.oauth.keys import IssuerKeys, NoKey
-from gateway.settings import Settings
-from gateway.text import bounded
+
+if TYPE_CHECKING:
+    from gateway.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +45,17 @@ class InvalidToken(Exception):
 
 
 class OAuthVerifier:
-    def __init__(self, settings: Settings, pool: AsyncConnectionPool | None = None):
-        self.pool = pool
+    def __init__(
+        self, settings: Settings, fleet: Fleet, *, on_refused: Callable[[str, object, object], None] | None = None
+    ):
+        self.fleet = fleet
         self.resource = settings.public_url
         self.egress = Egress(allow_private=settings.allow_private_issuers)
         self.keys = IssuerKeys(self.egress)
         self._cache: dict[bytes, tuple[float, FleetToken]] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks = Tasks()
         # Told why a token was refused (message, issuer, subject), for the audit log.
-        self.on_refused: Callable[[str, object, object], None] | None = None
+        self.on_refused = on_refused
 
     async def verify_token(self, token: str) -> FleetToken | None:
         digest = hashlib.sha256(token.encode()).digest()
@@ -82,9 +87,7 @@ class OAuthVerifier:
             raise InvalidToken("no issuer")
         if header.get("alg") not in ALGORITHMS:
             raise InvalidToken(f"algorithm {header.get('alg')!r} is not accepted")
-        if self.pool is None:
-            raise InvalidToken("the gateway is starting")
-        async with self.pool.connection() as conn:
+        async with self.fleet.pool.connection() as conn:
             issuer = await store.find_issuer(conn, issuer_url)
         if issuer is None:
             raise InvalidToken(f"issuer {bounded(issuer_url)!r} is not trusted")
@@ -112,26 +115,18 @@ class OAuthVerifier:
             raise InvalidToken(f"audience {claims.get('aud')!r} does not include {audience}")
 
         try:
-            async with self.pool.connection() as conn:
+            async with self.fleet.pool.connection() as conn:
                 identity = await store.user_for_subject(conn, issuer, claims["sub"], claims)
         except (AccountError, psycopg.Error) as exc:
             raise InvalidToken(f"cannot provision {bounded(str(claims['sub']))!r} of {issuer.url}: {exc}") from None
         return token_for(identity, token, issuer.url, claims, self.resource)
 
     def start_listening(self, url: str) -> None:
-        self._listener = asyncio.create_task(self._listen(url), name="issuer-changes")
+        self._tasks.spawn(follow_notifications(url, store.CHANNEL, self._forget, "issuer-change"), name="issuer-changes")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            try:
-                await self._listener
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._tasks.close()
         await self.egress.aclose()
-
-    async def _listen(self, url: str) -> None:
-        await follow_notifications(url, store.CHANNEL, self._forget, "issuer-change")
 
     def _forget(self) -> None:
         self._cache.clear()

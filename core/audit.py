@@ -31,7 +31,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
-from gateway.text import bounded, bounded_json
+from core.text import bounded, bounded_json
 
 GENESIS = bytes(32)
 

@@ -1,22 +1,23 @@
-"""The sandbox manager the gateway routes into, built from the fleet's settings."""
+"""The sandboxes as the fleet's settings choose them: their Python, the backend, the lifecycle and the manager."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from gateway import audit
-from gateway.settings import Settings
+from core import accounts, audit
+from core.settings import Settings
 from sandbox.backend import SandboxBackend
-from sandbox.manager import Lifecycle, SandboxManager
+from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
 from sandbox.runsc_backend import RunscBackend
 from sandbox.runtime import PythonRuntime, current_python, venv_python
-from sandbox.servers import BUILTIN_SERVERS
+from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
 from sandbox.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def sandbox_python() -> PythonRuntime:
 
 
 def sandbox_backend(settings: Settings, python: PythonRuntime) -> SandboxBackend:
+    log.info("sandboxes run Python %s (%s)", python.version, python.executable)
     if settings.sandbox_backend == "docker":
         from sandbox.docker_backend import docker_backend
 
@@ -61,15 +63,8 @@ def lifecycle(settings: Settings) -> Lifecycle:
 
 async def audit_transition(conn: psycopg.AsyncConnection, event: dict[str, Any]) -> None:
     """Every sandbox state change goes to the audit log, in the transaction that records it."""
-    tenant = user = None
-    if event["user_id"] is not None:
-        cur = await conn.execute(
-            "SELECT t.name, u.name FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = %s",
-            (event["user_id"],),
-        )
-        found = await cur.fetchone()
-        if found is not None:
-            tenant, user = found
+    found = await accounts.principal_of(conn, event["user_id"]) if event["user_id"] is not None else None
+    tenant, user = found if found is not None else (None, None)
     await audit.append(
         conn,
         action=f"sandbox.{event['state'].lower()}",
@@ -81,21 +76,23 @@ async def audit_transition(conn: psycopg.AsyncConnection, event: dict[str, Any])
     )
 
 
-def sandbox_manager(settings: Settings, pool: AsyncConnectionPool, database_url: str | None = None) -> SandboxManager:
-    python = sandbox_python()
-    log.info("sandboxes run Python %s (%s)", python.version, python.executable)
-    backend = sandbox_backend(settings, python)
-    from sandbox.manager import SANDBOX_GID, SANDBOX_UID
-
+def sandbox_manager(
+    settings: Settings,
+    pool: AsyncConnectionPool,
+    backend: SandboxBackend,
+    servers: ServerSource | Sequence[ServerSpec] = BUILTIN_SERVERS,
+    *,
+    database_url: str | None = None,
+) -> SandboxManager:
+    """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list."""
     workspaces = Workspaces(
         settings.home / "workspaces", uid=SANDBOX_UID, gid=SANDBOX_GID, quotas=settings.workspace_quotas
     )
-    # Every user gets the built-in servers until the registry decides per user.
     return SandboxManager(
         settings.home,
         pool,
         backend,
-        BUILTIN_SERVERS,
+        servers,
         lifecycle=lifecycle(settings),
         workspaces=workspaces,
         on_transition=audit_transition,

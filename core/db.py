@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

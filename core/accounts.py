@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 import psycopg
 
-from gateway import audit
+from core import audit
+from core.errors import FleetError
 
 ROLES = ("admin", "publisher", "member", "auditor")
 KEY_PREFIX = "mcpf_"
 
 
-class AccountError(Exception):
+class AccountError(FleetError):
     """A request about accounts that cannot be honoured; the message says why."""
 
 
@@ -51,6 +52,19 @@ def split_key(key: str) -> tuple[str, str] | None:
     if not (prefix.isascii() and prefix.isalnum() and secret.isascii() and secret.isprintable()):
         return None  # keys are made of these; anything else is never looked up (a NUL could not even be)
     return prefix, secret
+
+
+async def add_tenant(conn: psycopg.AsyncConnection, name: str) -> None:
+    try:
+        cur = await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
+    except psycopg.errors.CheckViolation:
+        raise AccountError(f"invalid tenant name {name!r}: use lower-case letters, digits, '.', '_' or '-'") from None
+    if cur.rowcount == 0:
+        raise AccountError(f"tenant {name!r} already exists")
+
+
+async def list_tenants(conn: psycopg.AsyncConnection) -> list[str]:
+    return [name for (name,) in await (await conn.execute("SELECT name FROM tenants ORDER BY name")).fetchall()]
 
 
 async def add_user(
@@ -110,6 +124,31 @@ async def set_role(
             detail={"from": user.role, "to": role},
         )
     return Identity(user.user_id, user.user, user.tenant, role)
+
+
+async def principal_of(conn: psycopg.AsyncConnection, user_id: int) -> tuple[str, str] | None:
+    """(tenant, user) of a user id, or None if there is no such user (any more)."""
+    cur = await conn.execute(
+        "SELECT t.name, u.name FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = %s", (user_id,)
+    )
+    return await cur.fetchone()
+
+
+async def groups_of(conn: psycopg.AsyncConnection, user_id: int) -> list[str]:
+    """The groups a user belongs to (approvals may be bound to one)."""
+    cur = await conn.execute("SELECT name FROM user_groups WHERE user_id = %s ORDER BY name", (user_id,))
+    return [name for (name,) in await cur.fetchall()]
+
+
+async def set_groups(conn: psycopg.AsyncConnection, user: Identity, groups: list[str]) -> None:
+    """Replace a user's groups."""
+    try:
+        async with conn.transaction():
+            await conn.execute("DELETE FROM user_groups WHERE user_id = %s", (user.user_id,))
+            for group in groups:
+                await conn.execute("INSERT INTO user_groups (user_id, name) VALUES (%s, %s)", (user.user_id, group))
+    except psycopg.errors.CheckViolation:
+        raise AccountError("group names are lower-case letters, digits, '.', '_' and '-'") from None
 
 
 async def list_users(conn: psycopg.AsyncConnection) -> list[Identity]:

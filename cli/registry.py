@@ -1,0 +1,159 @@
+"""`mcpfleet registry`: the tool registry, through the gateway's API (`MCPFLEET_URL`, `MCPFLEET_KEY`),
+so the caller's role decides as it does for the admin page: publishers cannot approve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from cli.run import on_api
+from mcpfleet_sdk.api import FleetApi
+
+
+def _version_path(name: str, version: str) -> str:
+    if name.count("/") != 1:
+        raise SystemExit(f"mcpfleet: {name!r} is not a server name like io.example/weather")
+    return f"/registry/v1/servers/{name}/versions/{version}"
+
+
+def print_validation(version: dict[str, Any]) -> None:
+    print(f"{version['name']} {version['version']}: {version['status']}")
+    for check in version.get("validation") or []:
+        print(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['check']}: {check.get('detail', '')}")
+        for finding in check.get("findings") or []:
+            print(f"         {finding.get('tool')} {finding.get('path')}: {finding.get('message')}")
+
+
+def list_(args: argparse.Namespace, api: FleetApi) -> int:
+    servers = api.request("GET", "/registry/v1/servers").json()["servers"]
+    if args.json:
+        print(json.dumps(servers, indent=2))
+        return 0
+    print(f"{'SERVER':32} {'PREFIX':14} {'VERSION':10} {'STATUS':10} APPROVED FOR")
+    for server in servers:
+        for version in server["versions"]:
+            scopes = ", ".join(a["group"] or "tenant" for a in version["approvals"]) or "-"
+            print(f"{server['name']:32} {server['prefix']:14} {version['version']:10} {version['status']:10} {scopes}")
+    return 0
+
+
+def show(args: argparse.Namespace, api: FleetApi) -> int:
+    version = api.request("GET", _version_path(args.name, args.version)).json()
+    if args.json:
+        print(json.dumps(version, indent=2))
+        return 0
+    print_validation(version)
+    print(f"  artifact sha256 {version.get('artifact_sha256')}, published by {version.get('published_by')}")
+    if version.get("start_ms") is not None:
+        memory = version.get("memory_bytes")
+        print(f"  trial: started in {version['start_ms']} ms" + (f", {memory / 2**20:.0f} MiB" if memory else ""))
+    for tool in version.get("tools") or []:
+        print(f"  tool {tool['name']}: {(tool.get('description') or '').splitlines()[0] if tool.get('description') else ''}")
+    offerings = version.get("offerings") or {}
+    for kind, listing, ident in (("prompt", "prompts", "name"), ("resource", "resources", "uri"),
+                                 ("template", "resourceTemplates", "uriTemplate")):
+        for item in offerings.get(listing) or []:
+            print(f"  {kind} {item.get(ident)}: {((item.get('description') or '').splitlines() or [''])[0]}")
+    if offerings.get("instructions"):
+        print(f"  instructions: {json.dumps(offerings['instructions'])[:200]}")
+    diff = version.get("diff") or {}
+    changes = [d for d in diff.get("tools") or [] if d["change"] != "same"]
+    changes += [{**d, "tool": f"{d['kind']} {d['name']}"} for d in diff.get("offerings") or [] if d["change"] != "same"]
+    if diff.get("against"):
+        print(f"  against approved {diff['against']}: " + (", ".join(f"{d['tool']} {d['change']}" for d in changes) or "no change"))
+    for approval in version.get("approvals") or []:
+        print(f"  approved for {approval['group'] or 'the tenant'} by {approval['approved_by']}"
+              f"{' (override)' if approval['override'] else ''}")
+    return 0
+
+
+def approve(args: argparse.Namespace, api: FleetApi) -> int:
+    def names(value: str | None) -> list[str] | None:
+        return [t.strip() for t in value.split(",") if t.strip()] if value is not None else None
+
+    body = {"group": args.group, "tier": args.tier, "tools": names(args.tools), "prompts": names(args.prompts),
+            "resources": names(args.resources), "override": args.override}
+    result = api.request("POST", _version_path(args.name, args.version) + "/approve", json=body).json()["approved"]
+    scope = f"group {result['group']}" if result["group"] else "the tenant"
+    scope += f", tier {result['tier']}" if result.get("tier") else ""
+    for what in ("tools", "prompts", "resources"):
+        if result.get(what) is not None:
+            scope += f", {what} {', '.join(result[what]) or 'none'}"
+    others = len(result["pins"]) - result.get("tool_pins", len(result["pins"]))
+    print(f"approved {args.name} {args.version} for {scope}; {result.get('tool_pins', len(result['pins']))} tool definition(s) pinned"
+          f"{f' and {others} prompt, resource or instructions definition(s)' if others else ''}"
+          f"{' (validation overridden)' if result['override'] else ''}")
+    return 0
+
+
+def revoke(args: argparse.Namespace, api: FleetApi) -> int:
+    api.request("POST", _version_path(args.name, args.version) + "/revoke", json={"group": args.group, "tier": args.tier})
+    print(f"revoked {args.name} {args.version} for {'group ' + args.group if args.group else 'the tenant'}")
+    return 0
+
+
+def drift(args: argparse.Namespace, api: FleetApi) -> int:
+    drift = api.request("GET", "/registry/v1/drift").json()["drift"]
+    if not drift:
+        print("no withheld tool definitions")
+    for d in drift:
+        print(f"{d['id']:>5} {d['server']} {d['version']} tool {d['tool']}: live {d['live_sha256'][:12]}"
+              f" != pinned {(d['pinned_sha256'] or 'none')[:12]} (since {d['first_seen_at']})")
+        print(f"        seen in the sandbox of: {', '.join(d.get('seen_in_sandboxes_of') or []) or 'nobody still known'}")
+        print(f"        now: {json.dumps(d['live_definition'].get('description'))}")
+    return 0
+
+
+def accept(args: argparse.Namespace, api: FleetApi) -> int:
+    result = api.request("POST", f"/registry/v1/drift/{args.id}/accept").json()["accepted"]
+    seen = ", ".join(result.get("seen_in_sandboxes_of") or []) or "nobody still known"
+    print(f"accepted the new definition of {result['tool']} in {result['server']} {result['version']}"
+          f" (seen in the sandbox of: {seen}); the approved definition stays allowed too")
+    return 0
+
+
+def usage(args: argparse.Namespace, api: FleetApi) -> int:
+    rows = api.request("GET", "/registry/v1/usage").json()["usage"]
+    print(f"{'SERVER':32} {'VERSION':10} {'TOOL':24} {'CALLS':>7} {'ERRORS':>7} {'AVG MS':>8} {'MAX MS':>8}")
+    for r in rows:
+        print(f"{r['server']:32} {r['version']:10} {r['tool']:24} {r['calls']:>7} {r['errors']:>7}"
+              f" {r['avg_ms'] or 0:>8.1f} {r['max_ms'] or 0:>8.1f}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    registry = sub.add_parser("registry", help="the tool registry (via the gateway: MCPFLEET_URL, MCPFLEET_KEY)")
+    actions = registry.add_subparsers(dest="action", required=True)
+    ls = actions.add_parser("list", help="servers, their versions and approvals")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=on_api(list_))
+    show_ = actions.add_parser("show", help="a version: validation, tools, diff against the approved one")
+    show_.add_argument("name")
+    show_.add_argument("version")
+    show_.add_argument("--json", action="store_true")
+    show_.set_defaults(func=on_api(show))
+    approve_ = actions.add_parser("approve", help="approve a version for the tenant or a group (admins)")
+    approve_.add_argument("name")
+    approve_.add_argument("version")
+    approve_.add_argument("--group", help="only for the members of this group")
+    approve_.add_argument("--tier", help="only for the users on this tier")
+    approve_.add_argument("--tools", help="only these of its tools (comma-separated own names); then no prompt or resource unless named")
+    approve_.add_argument("--prompts", help="only these of its prompts (comma-separated names; empty: none)")
+    approve_.add_argument("--resources", help="only these of its resources (comma-separated URIs or URI templates; empty: none)")
+    approve_.add_argument("--override", action="store_true", help="approve although validation failed (audited)")
+    approve_.set_defaults(func=on_api(approve))
+    revoke_ = actions.add_parser("revoke", help="revoke a version's approval (admins)")
+    revoke_.add_argument("name")
+    revoke_.add_argument("version")
+    revoke_.add_argument("--group")
+    revoke_.add_argument("--tier")
+    revoke_.set_defaults(func=on_api(revoke))
+    drift_ = actions.add_parser("drift", help="tools withheld because their live definition differs from the pinned one")
+    drift_.set_defaults(func=on_api(drift))
+    accept_ = actions.add_parser("accept", help="pin a withheld tool's new definition (admins)")
+    accept_.add_argument("id", type=int)
+    accept_.set_defaults(func=on_api(accept))
+    usage_ = actions.add_parser("usage", help="calls, errors and latency per tool version")
+    usage_.set_defaults(func=on_api(usage))

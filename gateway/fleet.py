@@ -1,0 +1,112 @@
+"""The fleet's services, opened together with `async with Fleet(...)` and closed in reverse.
+
+    pool      the database (core.db)
+    calls     the audit writer: tool calls and auth decisions, queued off the request's path
+    registry  what each user may run (registry.service), the sandbox manager's server source
+    search    tool search over embeddings (registry.search)
+    manager   the users' sandboxes (sandbox.manager)
+
+Secrets, the model router and telemetry open here the same way as they come. The app is built
+before it is opened (its routes and middleware hold the fleet from the start) and the lifespan
+opens it: nothing is wired afterwards. A service asked for while the fleet is closed is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from core.db import open_pool
+from core.settings import Settings
+from gateway.call_audit import CallAudit
+from registry.embeddings import embedder_from_env
+from registry.scan import scan_tools
+from registry.search import Index, ToolSearch
+from registry.service import ChangeListener, Registry
+from sandbox.factory import sandbox_backend, sandbox_manager, sandbox_python
+from sandbox.manager import SandboxManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Services:
+    pool: AsyncConnectionPool
+    registry: Registry
+    search: ToolSearch
+    manager: SandboxManager
+
+
+class FleetClosed(RuntimeError):
+    """A service was asked for outside `async with fleet`: a fault of the caller's code."""
+
+
+class Fleet:
+    def __init__(self, settings: Settings, database_url: str):
+        """`database_url`: migrated already (`mcpfleet up` does it before serving)."""
+        self.settings = settings
+        self.database_url = database_url
+        # Made now, written from once open: the middleware queues refusals into it from the start.
+        self.calls = CallAudit()
+        self.on_tools_changed: list[ChangeListener] = []
+        """Told the ids of users whose tools changed (approvals, pins): the router tells their clients."""
+        self._services: _Services | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    async def __aenter__(self) -> Fleet:
+        async with contextlib.AsyncExitStack() as stack:
+            pool = await open_pool(self.database_url)
+            stack.push_async_callback(pool.close)
+            self.calls.start(pool)
+            stack.push_async_callback(self.calls.close)
+            python = sandbox_python()
+            backend = sandbox_backend(self.settings, python)
+            index = Index(pool, embedder_from_env())
+            # Opened before the manager, so its first sandboxes already run what the registry approves.
+            registry = Registry(
+                self.settings.home, pool, backend, python, scan=scan_tools, indexer=index.version,
+                artifacts_s3_url=self.settings.artifacts_s3_url,
+            )
+            registry.on_change.append(self._tools_changed)
+            await registry.start(self.database_url)
+            stack.push_async_callback(registry.close)
+            manager = sandbox_manager(self.settings, pool, backend, registry, database_url=self.database_url)
+            await manager.start()
+            stack.push_async_callback(manager.close)
+            self._services = _Services(pool, registry, ToolSearch(index, registry), manager)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        stack, self._stack, self._services = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _tools_changed(self, user_ids: set[int]) -> None:
+        for listener in self.on_tools_changed:
+            await listener(user_ids)
+
+    def _open(self) -> _Services:
+        if self._services is None:
+            raise FleetClosed("the fleet is not open")
+        return self._services
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        return self._open().pool
+
+    @property
+    def registry(self) -> Registry:
+        return self._open().registry
+
+    @property
+    def search(self) -> ToolSearch:
+        return self._open().search
+
+    @property
+    def manager(self) -> SandboxManager:
+        return self._open().manager
