@@ -10,8 +10,8 @@ import logging
 import time
 from typing import Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from core.optional import require
+
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,10 @@ class RedisBuckets:
     PREFIX = "mcpfleet:bucket:"
 
     def __init__(self, url: str) -> None:
+        feature = "REDIS_URL (rate limits shared by the gateways)"
+        aioredis = require("redis.asyncio", extra="redis", feature=feature)
+        redis_errors = require("redis.exceptions", extra="redis", feature=feature)
+        self._errors: tuple[type[BaseException], ...] = (redis_errors.RedisError, OSError)
         # Short timeouts: every request waits on this, and an unreachable Redis must cost little.
         self._redis = aioredis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         self._take = self._redis.register_script(TAKE)  # EVALSHA, loading the script when Redis lacks it
@@ -114,7 +118,7 @@ class RedisBuckets:
     async def take(self, key: str, per_min: int) -> float:
         try:
             return float(await self._take(keys=[self.PREFIX + key], args=[per_min]))
-        except (RedisError, OSError) as exc:
+        except self._errors as exc:
             now = time.monotonic()
             if now - self._warned_at >= WARN_EVERY_S:
                 self._warned_at = now

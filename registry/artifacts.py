@@ -31,6 +31,7 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from core.optional import require
 from sandbox.bundle import TOOLS as TOOLS_INSIDE
 from sandbox.servers import ServerSpec
 
@@ -76,7 +77,7 @@ class S3Artifacts:
     """
 
     def __init__(self, url: str):
-        import boto3  # only when configured: the default store needs no S3 client
+        boto3 = require("boto3", extra="s3", feature="MCPFLEET_ARTIFACTS_S3_URL (wheels in an S3-compatible store)")
 
         if not url.startswith("s3://") or not url[5:].split("/", 1)[0]:
             raise ArtifactError(f"MCPFLEET_ARTIFACTS_S3_URL must read s3://bucket[/prefix], not {url!r}")

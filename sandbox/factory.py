@@ -12,6 +12,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from core import accounts, audit
+from core.optional import require
 from core.settings import Settings
 from sandbox.backend import SandboxBackend
 from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
@@ -42,6 +43,7 @@ def sandbox_python() -> PythonRuntime:
 def sandbox_backend(settings: Settings, python: PythonRuntime) -> SandboxBackend:
     log.info("sandboxes run Python %s (%s)", python.version, python.executable)
     if settings.sandbox_backend == "docker":
+        require("docker", extra="docker", feature="MCPFLEET_SANDBOX_BACKEND=docker")
         from sandbox.docker_backend import docker_backend
 
         return docker_backend(settings.home, python)
