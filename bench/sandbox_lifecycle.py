@@ -42,7 +42,7 @@ from gateway.sandboxes import sandbox_python
 from sandbox import store
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.manager import CHECKPOINT_DIR, Lifecycle, Sandbox, SandboxManager
-from sandbox.runsc_backend import CGROUP_ROOT, RunscBackend, _children
+from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend, _children
 from sandbox.servers import BUILTIN_SERVERS
 
 MiB = 2**20

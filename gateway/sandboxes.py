@@ -12,9 +12,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from gateway import audit
 from gateway.settings import Settings
-from sandbox.backend import SandboxBackend
+from sandbox.backends.base import SandboxBackend
 from sandbox.manager import Lifecycle, SandboxManager
-from sandbox.runsc_backend import RunscBackend
+from sandbox.backends.runsc import RunscBackend
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS
 from sandbox.workspaces import Workspaces
@@ -40,7 +40,7 @@ def sandbox_python() -> PythonRuntime:
 
 def sandbox_backend(settings: Settings, python: PythonRuntime) -> SandboxBackend:
     if settings.sandbox_backend == "docker":
-        from sandbox.docker_backend import docker_backend
+        from sandbox.backends.docker import docker_backend
 
         return docker_backend(settings.home, python)
     return RunscBackend(settings.home / "runsc", python=python)

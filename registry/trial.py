@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox import tmpfs, wire
-from sandbox.backend import SandboxBackend, SandboxSpec
+from sandbox.backends.base import SandboxBackend, SandboxSpec
 from sandbox.bundle import TOOLS_DIR
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxRpcError, SandboxUnavailable

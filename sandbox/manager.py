@@ -32,7 +32,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sandbox import recovery, store, tiers, tmpfs, wire
-from sandbox.backend import SandboxBackend, SandboxSpec
+from sandbox.backends.base import SandboxBackend, SandboxSpec
 from sandbox.client import SupervisorClient
 from sandbox.errors import QuotaExceeded, SandboxUnavailable
 from sandbox.housekeeping import Housekeeper

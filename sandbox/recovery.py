@@ -23,7 +23,7 @@ import shutil
 from typing import TYPE_CHECKING, Any
 
 from sandbox import store, tiers
-from sandbox.backend import Container
+from sandbox.backends.base import Container
 from sandbox.errors import SandboxUnavailable
 from sandbox.store import State
 

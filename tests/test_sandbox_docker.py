@@ -15,8 +15,8 @@ import pytest
 
 from gateway.accounts import add_user
 from gateway.sandboxes import sandbox_python
-from sandbox.backend import SandboxSpec
-from sandbox.docker_backend import FLEET_LABEL, LABEL, DockerBackend, docker_backend
+from sandbox.backends.base import SandboxSpec
+from sandbox.backends.docker import FLEET_LABEL, LABEL, DockerBackend, docker_backend
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.limits import Limits
 from sandbox.manager import SANDBOX_UID, SandboxManager

@@ -22,7 +22,7 @@ from gateway.accounts import add_user
 from sandbox import requests, store, tiers
 from sandbox.errors import QuotaExceeded
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
-from sandbox.runsc_backend import RunscBackend
+from sandbox.backends.runsc import RunscBackend
 from sandbox.servers import ServerSpec
 from sandbox.store import State
 from sandbox.tiers import Tier

@@ -22,11 +22,11 @@ import pytest
 
 from gateway.accounts import add_user
 from sandbox import store
-from sandbox.backend import SandboxSpec
+from sandbox.backends.base import SandboxSpec
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.limits import Limits
 from sandbox.manager import SANDBOX_UID, SandboxManager
-from sandbox.runsc_backend import RunscBackend
+from sandbox.backends.runsc import RunscBackend
 from sandbox.servers import ServerSpec
 from sandbox.store import State
 from tests.test_sandbox_supervisor import FIXTURE_SERVER, payload, text
@@ -375,7 +375,7 @@ async def test_reclaim_stops_one_users_sandbox(manager, users, backend):
 
 
 def _runsc_argvs(backend: RunscBackend) -> list[tuple[int, list[str]]]:
-    from sandbox.runsc_backend import _runsc_processes
+    from sandbox.backends.runsc import _runsc_processes
 
     return _runsc_processes(backend.root)
 
