@@ -219,7 +219,7 @@ async def test_a_new_manager_adopts_running_sandboxes_and_cleans_up_the_rest(hom
     counted = int(text(await call(alice, "counter")))
     await backend.destroy(bob.id)  # a row whose container vanished
     orphan = await _start_bare_sandbox(backend, home, "sbx-orphan0000")  # a container with no row
-    for sandbox in list(manager._by_user.values()):
+    for sandbox in manager.running:
         await sandbox.client.close()
 
     successor = SandboxManager(home, db_pool, backend, SERVERS)
@@ -229,14 +229,13 @@ async def test_a_new_manager_adopts_running_sandboxes_and_cleans_up_the_rest(hom
         assert adopted.id == alice.id
         assert int(text(await call(adopted, "counter"))) == counted + 1
         assert (adopted.workspace / "alice-secret.txt").read_text() == "for alice only"
-        assert {c.id for c in await backend.list()} == {s.id for s in successor._by_user.values()}
+        assert {c.id for c in await backend.list()} == {s.id for s in successor.running.users()}
         assert orphan not in {c.name for c in ENGINE.containers.list(all=True)}
         states = {r["id"]: r["state"] for r in await successor.list(include_ended=True)}
         assert states[bob.id] == "Failed" and states[alice.id] == "Running"
     finally:
         await successor.close()
-    manager._by_user.clear()  # all of it now belongs to (and was closed by) the successor
-    manager.running.clear()
+    manager.running.clear()  # all of it now belongs to (and was closed by) the successor
 
     assert await backend.list() == []
     assert {r["state"] for r in await rows_of(db_pool, (await users("alice"))[0])} <= {"Reclaimed", "Failed"}

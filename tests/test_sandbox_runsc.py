@@ -329,7 +329,7 @@ async def test_a_new_manager_adopts_running_sandboxes_and_cleans_up_the_rest(hom
         await store.insert(conn, "sbx-vanished00", frank[0], backend.name, State.RUNNING, "standard")
     orphan = await _start_bare_sandbox(backend, home, "sbx-orphan0000")
     # The old gateway process is gone: its sockets close, nothing else happens.
-    for sandbox in list(manager._by_user.values()):
+    for sandbox in manager.running:
         await sandbox.client.close()
 
     successor = SandboxManager(home, db_pool, backend, SERVERS)
@@ -347,11 +347,10 @@ async def test_a_new_manager_adopts_running_sandboxes_and_cleans_up_the_rest(hom
         assert states[dave.id][0] == "Failed"
         assert states[alice.id][0] == "Running"
         live = {r["id"] for r in await successor.list()}
-        assert live == {s.id for s in successor._by_user.values()}
+        assert live == {s.id for s in successor.running.users()}
     finally:
         await successor.close()
-    manager._by_user.clear()  # all of it now belongs to (and was closed by) the successor
-    manager.running.clear()
+    manager.running.clear()  # all of it now belongs to (and was closed by) the successor
 
     assert await backend.list() == []
     assert runsc_processes(backend) == []
