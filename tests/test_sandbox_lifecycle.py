@@ -26,7 +26,7 @@ from sandbox.backends.runsc import RunscBackend
 from sandbox.servers import ServerSpec
 from sandbox.store import State
 from sandbox.tiers import Tier
-from tests.test_sandbox_runsc import workspace_of
+from tests.test_sandbox_backends import workspace_of
 from tests.test_sandbox_supervisor import FIXTURE_SERVER, payload, text
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
