@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import atexit
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -40,9 +39,9 @@ from core.accounts import add_user
 from core.db import migrate, open_pool, start_embedded
 from sandbox import store
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend, _children
 from sandbox.factory import sandbox_python
-from sandbox.manager import CHECKPOINT_DIR, Lifecycle, Sandbox, SandboxManager
-from sandbox.runsc_backend import CGROUP_ROOT, RunscBackend, _children
+from sandbox.manager import Lifecycle, Sandbox, SandboxManager
 from sandbox.servers import BUILTIN_SERVERS
 
 MiB = 2**20
@@ -190,7 +189,7 @@ async def lifecycle_runs(
         samples.hibernate_ms.append(ms_since(started))
         size = await checkpoint_bytes(manager, user[0])
         if size is None:
-            size = disk_bytes(sandbox.directory / CHECKPOINT_DIR)
+            size = disk_bytes(sandbox.layout.checkpoint)
         samples.checkpoint_mib.append(size / MiB)
 
         started = time.perf_counter()
@@ -204,17 +203,17 @@ async def warm_claims(
     manager: SandboxManager, users: Users, runs: int, samples: Samples
 ) -> None:
     """Pool of one: before each claim, wait until it holds a started sandbox."""
-    manager.lifecycle = dataclasses.replace(manager.lifecycle, warm_pool_size=1)
+    manager.capacity.warm_pool_size = 1
     manager.refill_pool()
     for _ in range(runs):
         deadline = time.monotonic() + WARM_WAIT_S
-        while not manager.warm:
+        while not manager.running.warm:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"the warm pool stayed empty for {WARM_WAIT_S:.0f} s"
                 )
             await asyncio.sleep(0.1)
-        pooled = {s.id for s in manager.warm}
+        pooled = {s.id for s in manager.running.warm}
         user = await users.new("warm")
         started = time.perf_counter()
         sandbox = await manager.ensure(*user)
@@ -222,7 +221,7 @@ async def warm_claims(
         samples.warm_ms.append(ms_since(started))
         samples.warm_misses += sandbox.id not in pooled
         await manager.reclaim(user[0])
-    manager.lifecycle = dataclasses.replace(manager.lifecycle, warm_pool_size=0)
+    manager.capacity.warm_pool_size = 0
 
 
 async def density(manager: SandboxManager, users: Users, n: int) -> Density:
@@ -258,7 +257,7 @@ async def density(manager: SandboxManager, users: Users, n: int) -> Density:
         if await manager.hibernate(user[0]):
             found.hibernated += 1
             found.checkpoint_disk_bytes += disk_bytes(
-                sandbox.directory / CHECKPOINT_DIR
+                sandbox.layout.checkpoint
             )
     for user, _ in started:
         await manager.reclaim(user[0])

@@ -38,7 +38,7 @@ from registry.definitions import INSTRUCTIONS_PIN, KINDS, PROMPTS, definition_sh
 from registry.manifest import Manifest, ManifestError, parse_manifest
 from registry.store import Approved, RegistryError
 from registry.trial import TrialResult, trial_run
-from sandbox.backend import SandboxBackend
+from sandbox.backends.base import SandboxBackend
 from sandbox.runtime import PythonRuntime
 from sandbox.servers import BUILTIN_SERVERS, ServerSpec
 

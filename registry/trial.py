@@ -3,30 +3,25 @@
 Validation runs every published version this way (recording the definitions that approvals
 pin: tools, prompts, resources, resource templates and the server's instructions, and what
 its argument-free prompts and its resources say, for the scan), and `mcpfleet dev` runs a
-developer's project the same way. The sandbox
-has the standard tier's limits, an empty workspace and no network, and is destroyed after.
-Its workspace is a tmpfs of the tier's disk quota, as its channel is a tiny one: the code on
-trial writes nothing to the host's disk.
+developer's project the same way. The sandbox is a one-shot one (`sandbox.oneshot`, started
+as the manager starts a user's): the standard tier's limits, no network, an empty workspace
+that is a tmpfs of the tier's disk quota (the code on trial writes nothing to the host's disk),
+all of it destroyed after.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox import tmpfs, wire
-from sandbox.backend import SandboxBackend, SandboxSpec
-from sandbox.bundle import TOOLS_DIR
+from sandbox.backends.base import SandboxBackend
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
-from sandbox.manager import CHANNEL_DIR, SANDBOX_GID, SANDBOX_UID, drop_channel, make_channel, wait_ready
-from sandbox.servers import ServerSpec, server_configs
-from sandbox.supervisor.config import SupervisorConfig
+from sandbox.manager import SANDBOX_GID, SANDBOX_UID
+from sandbox.oneshot import one_shot
+from sandbox.servers import ServerSpec
 from sandbox.tiers import Tier
 
 TRIAL_TIER = Tier("standard", cpus=1, memory_mb=512, pids=256, disk_mb=64)
@@ -34,7 +29,6 @@ MAX_SAMPLES = 32
 """Prompts rendered and resources read at most, each: enough for a server's static text."""
 MAX_SAMPLE_CHARS = 64 * 1024
 SAMPLE_TIMEOUT = 10.0
-TRIAL_INODES = 16384
 
 
 @dataclass
@@ -66,60 +60,44 @@ async def trial_run(
     gid: int = SANDBOX_GID,
 ) -> TrialResult:
     """Run `spec` (whose code is `install`, linked into the sandbox's tools dir under `spec.revision`)."""
-    directory = Path(home) / "sandboxes" / f"trial-{secrets.token_hex(6)}"
-    sandbox_id = directory.name
-    token = secrets.token_urlsafe(32)
     result = TrialResult()
-    client: SupervisorClient | None = None
-    started = False
+    tools = {spec.revision: install} if install is not None else {}
     try:
-        await asyncio.to_thread(_prepare, directory, spec, install, token, uid, gid)
-        client = SupervisorClient(directory / CHANNEL_DIR / wire.SOCKET_NAME, token=token, socket_owner=(uid, gid))
-        await client.listen()
-        begun = time.perf_counter()
-        started = True
-        await backend.start(
-            SandboxSpec(
-                id=sandbox_id,
-                directory=directory,
-                workspace=directory / "workspace",
-                channel=directory / CHANNEL_DIR,
-                limits=TRIAL_TIER.limits,
-                uid=uid,
-                gid=gid,
-            )
-        )
-        await wait_ready(backend, client, sandbox_id, timeout)
-        result.start_ms = round((time.perf_counter() - begun) * 1e3)
-        result.memory_bytes = await backend.memory_bytes(sandbox_id)
-        entry = (await client.catalog()).get(spec.name) or {}
-        if entry.get("state") != "ready":
-            result.error = f"the server did not start: {entry.get('error') or 'no reason given'}"
-            return result
-        if entry.get("error"):
-            result.error = entry["error"]
-        result.tools = list(entry.get("tools") or [])
-        result.server_info = entry.get("serverInfo")
-        result.offerings = {key: list(entry.get(key) or []) for key in ("prompts", "resources", "resourceTemplates")}
-        result.offerings["instructions"] = entry.get("instructions") or None
-        result.offerings["samples"] = await _samples(client, spec.name, result.offerings, timeout)
-        if call is not None:
-            name, arguments = call
-            try:
-                result.call_result = await client.request(
-                    spec.name, "tools/call", {"name": name, "arguments": arguments}, timeout=timeout
-                )
-            except SandboxRpcError as exc:
-                result.call_result = {"isError": True, "error": {"code": exc.code, "message": exc.message}}
+        async with one_shot(
+            backend, home, [spec], tools,
+            limits=TRIAL_TIER.limits, workspace_bytes=TRIAL_TIER.disk_bytes, uid=uid, gid=gid, timeout=timeout,
+        ) as sandbox:  # fmt: skip
+            result.start_ms = round(sandbox.start_s * 1e3)
+            result.memory_bytes = await backend.memory_bytes(sandbox.id)
+            await _inspect(sandbox.client, spec, result, call, timeout)
     except (SandboxUnavailable, OSError, asyncio.TimeoutError) as exc:
         result.error = f"the sandbox did not start: {exc}"
-    finally:
-        if client is not None:
-            await client.close()
-        if started:
-            await backend.destroy(sandbox_id)
-        await asyncio.to_thread(_remove, directory)
     return result
+
+
+async def _inspect(
+    client: SupervisorClient, spec: ServerSpec, result: TrialResult, call: tuple[str, dict[str, Any]] | None, timeout: float
+) -> None:
+    """What the server offers, and what it answers to `call`, into `result`."""
+    entry = (await client.catalog()).get(spec.name) or {}
+    if entry.get("state") != "ready":
+        result.error = f"the server did not start: {entry.get('error') or 'no reason given'}"
+        return
+    if entry.get("error"):
+        result.error = entry["error"]
+    result.tools = list(entry.get("tools") or [])
+    result.server_info = entry.get("serverInfo")
+    result.offerings = {key: list(entry.get(key) or []) for key in ("prompts", "resources", "resourceTemplates")}
+    result.offerings["instructions"] = entry.get("instructions") or None
+    result.offerings["samples"] = await _samples(client, spec.name, result.offerings, timeout)
+    if call is not None:
+        name, arguments = call
+        try:
+            result.call_result = await client.request(
+                spec.name, "tools/call", {"name": name, "arguments": arguments}, timeout=timeout
+            )
+        except SandboxRpcError as exc:
+            result.call_result = {"isError": True, "error": {"code": exc.code, "message": exc.message}}
 
 
 async def _samples(client: SupervisorClient, server: str, offerings: dict[str, Any], timeout: float) -> dict[str, str]:
@@ -151,22 +129,3 @@ def _strings(value: Any) -> list[str]:
     if isinstance(value, dict):
         return [s for key, item in value.items() for s in ([item] if key == "text" and isinstance(item, str) else _strings(item))]
     return []
-
-
-def _prepare(directory: Path, spec: ServerSpec, install: Path | None, token: str, uid: int, gid: int) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    directory.mkdir(mode=0o711)
-    tmpfs.mount(directory / "workspace", size_bytes=TRIAL_TIER.disk_bytes, inodes=TRIAL_INODES, uid=uid, gid=gid)
-    tools = directory / TOOLS_DIR
-    tools.mkdir(mode=0o755)
-    if install is not None:
-        shutil.copytree(install, tools / spec.revision, symlinks=True)
-    channel = make_channel(directory, uid, gid)
-    config = SupervisorConfig(socket=f"{wire.CHANNEL_DIR}/{wire.SOCKET_NAME}", servers=server_configs([spec]), token=token)
-    config.write(channel / wire.CONFIG_NAME, owner=(uid, gid))
-
-
-def _remove(directory: Path) -> None:
-    tmpfs.unmount(directory / "workspace")
-    drop_channel(directory)
-    shutil.rmtree(directory, ignore_errors=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox import wire
-from sandbox.backend import SandboxSpec
+from sandbox.backends.base import SandboxSpec
 from sandbox.limits import Limits
 from sandbox.runtime import PythonRuntime, current_python
 from sandbox.supervisor.config import PYTHON_FLAGS

@@ -14,9 +14,9 @@ from psycopg_pool import AsyncConnectionPool
 from core import accounts, audit
 from core.optional import require
 from core.settings import Settings
-from sandbox.backend import SandboxBackend
+from sandbox.backends.base import SandboxBackend
+from sandbox.backends.runsc import RunscBackend
 from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
-from sandbox.runsc_backend import RunscBackend
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
 from sandbox.workspaces import Workspaces
@@ -44,7 +44,7 @@ def sandbox_backend(settings: Settings, python: PythonRuntime) -> SandboxBackend
     log.info("sandboxes run Python %s (%s)", python.version, python.executable)
     if settings.sandbox_backend == "docker":
         require("docker", extra="docker", feature="MCPFLEET_SANDBOX_BACKEND=docker")
-        from sandbox.docker_backend import docker_backend
+        from sandbox.backends.docker import docker_backend
 
         return docker_backend(settings.home, python)
     return RunscBackend(settings.home / "runsc", python=python)

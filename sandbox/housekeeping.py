@@ -7,24 +7,39 @@ import asyncio
 import contextlib
 import logging
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
 from core.tasks import Tasks
 from sandbox import requests
 from sandbox.errors import SandboxUnavailable
+from sandbox.running import Sandbox
 from sandbox.store import State
-
-if TYPE_CHECKING:
-    from sandbox.manager import SandboxManager
 
 log = logging.getLogger(__name__)
 
 
+class Managed(Protocol):
+    """What housekeeping needs of the manager (`sandbox.manager.SandboxManager`): its public face."""
+
+    pool: AsyncConnectionPool
+    backend: Any
+    lifecycle: Any
+
+    async def ensure(self, user_id: int, tenant: str, user: str) -> Sandbox: ...
+    async def hibernate(self, user_id: int, reason: str = ...) -> bool: ...
+    async def reclaim(self, user_id: int, reason: str = ...) -> bool: ...
+    def get(self, user_id: int) -> Sandbox | None: ...
+    def idle_since(self, now: datetime, seconds: float) -> list[Sandbox]: ...
+    async def flush_usage(self) -> None: ...
+    def refill_pool(self) -> None: ...
+
+
 class Housekeeper:
-    def __init__(self, manager: SandboxManager, database_url: str | None = None):
+    def __init__(self, manager: Managed, database_url: str | None = None):
         """With `database_url`, CLI requests are taken at once (LISTEN); else at the next sweep."""
         self.manager = manager
         self.database_url = database_url
@@ -70,7 +85,7 @@ class Housekeeper:
         after = self.manager.lifecycle.reclaim_after_s
         if after <= 0:
             return
-        await self.manager._flush_touches()
+        await self.manager.flush_usage()  # the rows must say when each was last used
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=after)
         async with self.manager.pool.connection() as conn:
             cur = await conn.execute(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Docker Engine with gVisor registered as the `runsc` runtime, for the Docker sandbox backend
-# (sandbox/docker_backend.py): installs Debian's docker.io if need be, registers the runtime,
+# (sandbox/backends/docker.py): installs Debian's docker.io if need be, registers the runtime,
 # starts dockerd when no daemon answers. Safe to run again; quiet when all is there.
 set -euo pipefail
 

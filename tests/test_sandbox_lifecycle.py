@@ -22,11 +22,11 @@ from core.accounts import add_user
 from sandbox import requests, store, tiers
 from sandbox.errors import QuotaExceeded
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
-from sandbox.runsc_backend import RunscBackend
+from sandbox.backends.runsc import RunscBackend
 from sandbox.servers import ServerSpec
 from sandbox.store import State
 from sandbox.tiers import Tier
-from tests.test_sandbox_runsc import workspace_of
+from tests.test_sandbox_backends import workspace_of
 from tests.test_sandbox_supervisor import FIXTURE_SERVER, payload, text
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
@@ -244,9 +244,9 @@ async def test_a_new_user_claims_a_warm_sandbox_and_the_pool_refills(fleets):
     fleet = await fleets("pool", warm_pool_size=1)
     manager = await fleet.manager()
     deadline = time.monotonic() + 90
-    while not manager.warm and time.monotonic() < deadline:
+    while not manager.running.warm and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    [warm] = manager.warm
+    [warm] = manager.running.warm
     assert (await row_of(fleet.pool, warm.id))["user_id"] is None
     gina = await fleet.user("gina")
     started = time.perf_counter()
@@ -260,14 +260,14 @@ async def test_a_new_user_claims_a_warm_sandbox_and_the_pool_refills(fleets):
     await call(sandbox, "write_file", path="/workspace/mine.txt", text="gina's")
     with workspace_of(manager, gina[0]) as workspace:  # the pooled workspace became gina's
         assert (workspace / "mine.txt").read_text() == "gina's"
-    while not manager.warm and time.monotonic() < deadline + 60:
+    while not manager.running.warm and time.monotonic() < deadline + 60:
         await asyncio.sleep(0.2)
-    assert len(manager.warm) == 1 and manager.warm[0].id != sandbox.id  # refilled in the background
+    assert len(manager.running.warm) == 1 and manager.running.warm[0].id != sandbox.id  # refilled in the background
 
     # A user with a workspace already (here: after a reclaim) starts cold: a pooled sandbox's is empty.
     await manager.reclaim(gina[0])
     again = await manager.ensure(*gina)
-    assert again.id not in (sandbox.id, warm.id) and manager.warm
+    assert again.id not in (sandbox.id, warm.id) and manager.running.warm
     assert "gina's" in text(await call(again, "read_file", path="/workspace/mine.txt"))
 
 
@@ -333,14 +333,10 @@ async def test_a_full_node_hibernates_the_least_recently_used(fleets):
 
 async def _gateway_dies(manager: SandboxManager) -> None:
     """What SIGKILL leaves: nothing of the manager runs any more (its sockets close with the process)."""
-    manager._closing = True
-    await manager.housekeeper.stop()
-    await manager._tasks.close()
-    for sandbox in manager.running.values():
+    await manager.stop_background()
+    for sandbox in manager.running:
         await sandbox.client.close()
     manager.running.clear()
-    manager._by_user.clear()
-    manager.warm.clear()
 
 
 async def test_recovery_finishes_or_rolls_back_half_done_transitions(fleets):

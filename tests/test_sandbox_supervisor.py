@@ -1,7 +1,7 @@
 """The supervisor and its client, run on the host: real processes, a real MCP server, a real socket.
 
 The supervisor is plain Python; running it outside gVisor keeps these protocol
-tests fast. tests/test_sandbox_runsc.py runs the same supervisor as a sandbox's init.
+tests fast. tests/test_sandbox_backends.py runs the same supervisor as a sandbox's init.
 """
 
 from __future__ import annotations

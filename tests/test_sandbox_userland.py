@@ -13,7 +13,7 @@ import pytest
 from core.accounts import add_user
 from sandbox.factory import SANDBOX_VENV, sandbox_python
 from sandbox.manager import SANDBOX_UID, SandboxManager
-from sandbox.runsc_backend import RunscBackend
+from sandbox.backends.runsc import RunscBackend
 from sandbox.servers import BUILTIN_SERVERS
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")

@@ -40,7 +40,7 @@ import docker.errors
 import requests
 from docker.types import LogConfig, Mount, Ulimit
 
-from sandbox.backend import Container, SandboxSpec
+from sandbox.backends.base import Container, SandboxSpec
 from sandbox.bundle import (
     HOSTNAME,
     INIT_CWD,

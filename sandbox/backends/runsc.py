@@ -19,7 +19,7 @@ import os
 import signal
 from pathlib import Path
 
-from sandbox.backend import Container, SandboxSpec
+from sandbox.backends.base import Container, SandboxSpec
 from sandbox.bundle import CPU_QUOTA_ANNOTATION, ROOT_OVERLAY, build_bundle
 from sandbox.errors import SandboxUnavailable
 from sandbox.runtime import PythonRuntime, current_python

@@ -1,4 +1,7 @@
-"""What a sandbox backend does, whatever runs the sandboxes (runsc here; Docker or Kubernetes later)."""
+"""What a sandbox backend does, whatever runs the sandboxes (runsc, Docker; Kubernetes next).
+
+Every backend passes the one contract suite, tests/test_sandbox_backends.py.
+"""
 
 from __future__ import annotations
 
