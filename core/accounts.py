@@ -184,6 +184,7 @@ async def revoke_keys(
     conn: psycopg.AsyncConnection, *, key_or_prefix: str | None = None, user: Identity | None = None, actor: str | None = None
 ) -> int:
     """Revoke one key (given whole or by its prefix) or every key of a user; returns how many."""
+    param: str | int
     if key_or_prefix is not None:
         parts = split_key(key_or_prefix)
         which, param = "k.prefix = %s", parts[0] if parts else key_or_prefix.removeprefix(KEY_PREFIX)

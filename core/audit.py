@@ -222,7 +222,8 @@ async def entries(
 ) -> AsyncIterator[Entry]:
     """Entries in id order, optionally of one tenant and from a time on; fetched in batches so that
     an export of a long log streams."""
-    conditions, params = ["id >= %s"], []
+    conditions: list[str] = ["id >= %s"]
+    params: list[Any] = []
     if tenant is not None:
         conditions.append("tenant = %s")
         params.append(tenant)

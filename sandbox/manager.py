@@ -24,6 +24,7 @@ caller that gives up does not abort it for the others.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import logging
 import os
@@ -99,7 +100,7 @@ class SandboxManager:
     ):
         """`home` is the fleet home: sandboxes live in home/sandboxes, workspaces in home/workspaces.
         With `database_url`, requests from the CLI are heard at once (LISTEN), else at the next sweep."""
-        source = servers if hasattr(servers, "servers_for") else StaticServers(servers)  # type: ignore[arg-type]
+        source = servers if hasattr(servers, "servers_for") else StaticServers(servers)
         self.home = Path(home).absolute()
         self.sandboxes_dir = SandboxLayout.root(self.home)
         self.pool = pool
@@ -272,7 +273,7 @@ class SandboxManager:
     def get(self, user_id: int) -> Sandbox | None:
         return self.running.of_user(user_id)
 
-    def idle_since(self, now: datetime, seconds: float) -> list[Sandbox]:
+    def idle_since(self, now: datetime, seconds: float) -> builtins.list[Sandbox]:
         """Users' running sandboxes without a call for `seconds`, least recently used first."""
         return self.running.idle_since(now, seconds)
 

@@ -83,12 +83,12 @@ async def wait(
             return row
         waited = time.monotonic() - started
         if row["picked_at"] is None and waited > pickup_timeout:
-            cur = await conn.execute(
+            cancelled = await conn.execute(
                 "UPDATE sandbox_requests SET done_at = now(), outcome = 'cancelled',"
                 " message = 'no gateway took it' WHERE id = %s AND picked_at IS NULL",
                 (request_id,),
             )
-            if cur.rowcount:
+            if cancelled.rowcount:
                 raise RequestNotTaken(f"no gateway took the request within {pickup_timeout:.0f}s")
         if waited > timeout:
             raise TimeoutError(f"the gateway did not finish the request within {timeout:.0f}s")

@@ -52,9 +52,9 @@ def unmount(at: Path) -> bool:
 
 def is_mounted(at: Path) -> bool:
     """Whether something is mounted at `at`, from mountinfo (os.path.ismount misses bind mounts)."""
-    at = os.fsencode(Path(at).absolute())
+    target = os.fsencode(Path(at).absolute())
     with open("/proc/self/mountinfo", "rb") as f:
-        return any(_unescape(line.split()[4]) == at for line in f)
+        return any(_unescape(line.split()[4]) == target for line in f)
 
 
 def _unescape(field: bytes) -> bytes:

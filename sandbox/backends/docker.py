@@ -22,6 +22,7 @@ Containers are named by sandbox id and labelled with the fleet they belong to
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import io
@@ -271,13 +272,13 @@ class DockerBackend:
             except docker.errors.NotFound:
                 return None
 
-    def _containers(self) -> list[Any]:
+    def _containers(self) -> builtins.list[Any]:
         with _engine_errors("listing sandboxes"):
             return self._client().containers.list(
                 all=True, filters={"label": [LABEL, f"{FLEET_LABEL}={self.fleet}"]}, ignore_removed=True
             )
 
-    def _list(self) -> list[Container]:
+    def _list(self) -> builtins.list[Container]:
         return [Container(id=c.name, status=_STATUSES.get(c.status, "stopped")) for c in self._containers()]
 
     def _settle(self, sandbox_id: str) -> None:

@@ -12,6 +12,7 @@ host's disk.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -238,7 +239,7 @@ class RunscBackend:
             spec.id,
         )
 
-    def stray_processes(self, keep: set[str]) -> list[int]:
+    def stray_processes(self, keep: set[str]) -> builtins.list[int]:
         """runsc processes under our root that belong to no sandbox in `keep`."""
         strays = []
         for pid, argv in _runsc_processes(self.root):
@@ -253,7 +254,7 @@ class RunscBackend:
                 os.kill(pid, signal.SIGKILL)
         return len(strays)
 
-    def _processes(self, sandbox_id: str) -> list[int]:
+    def _processes(self, sandbox_id: str) -> builtins.list[int]:
         return [pid for pid, argv in _runsc_processes(self.root) if any(sandbox_id in arg for arg in argv)]
 
     def _remove_cgroups(self, sandbox_id: str) -> None:

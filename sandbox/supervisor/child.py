@@ -221,9 +221,9 @@ class ChildServer:
                 start_new_session=True,  # its own process group, so it is killed with its children
             )
         except OSError as exc:
-            reason = f"could not be started: {exc}"
-            self._set_state("failed", reason)
-            return reason
+            failure = f"could not be started: {exc}"
+            self._set_state("failed", failure)
+            return failure
         pipes = _Pipes(self)
         transports = [
             (await loop.connect_read_pipe(lambda: _PipeReader(pipes, 1), proc.stdout))[0],
