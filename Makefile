@@ -1,7 +1,7 @@
 # The two commands: `make run` serves the fleet, `make test` runs the whole suite.
 # Both first install whatever is missing (scripts/setup.sh is idempotent and fast when all is there).
 
-.PHONY: run test setup bench clean
+.PHONY: run test lint setup bench clean
 
 setup:
 	@scripts/setup.sh test
@@ -12,7 +12,15 @@ run:
 
 test:
 	@scripts/setup.sh test
+	@$(MAKE) --no-print-directory lint
 	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+# Style and likely bugs (ruff), the layers' import contracts (import-linter), types of core and sandbox (mypy).
+lint:
+	@scripts/setup.sh test
+	.venv/bin/ruff check .
+	.venv/bin/lint-imports
+	.venv/bin/mypy
 
 bench:
 	@scripts/setup.sh run

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.accounts import add_user
 from core.db import migrate, open_pool, start_embedded
 from sandbox import store
-from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend, _children
+from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.factory import sandbox_python
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
 from sandbox.servers import BUILTIN_SERVERS

@@ -17,8 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from core.settings import Settings
-from gateway import admin
-from gateway import registry_api
+from gateway import admin, registry_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.call_audit import AuditedBearerBackend, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet

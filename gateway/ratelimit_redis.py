@@ -12,7 +12,6 @@ from typing import Protocol
 
 from core.optional import require
 
-
 log = logging.getLogger(__name__)
 
 

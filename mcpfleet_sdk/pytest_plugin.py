@@ -46,9 +46,8 @@ def tool_project(request: pytest.FixtureRequest) -> Path:
 @contextlib.asynccontextmanager
 async def _serve(directory: Path) -> AsyncIterator[object]:
     # Imported here: the plugin loads in every pytest run of the environment, most of which never use it.
-    from registry.manifest import ManifestError
-
     from mcpfleet_sdk.local import ServerStartError, connect
+    from registry.manifest import ManifestError
 
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
     done = asyncio.Event()

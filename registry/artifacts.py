@@ -288,7 +288,7 @@ def install_wheel(wheel: Path, target: Path) -> None:
     except ArtifactError:
         shutil.rmtree(target, ignore_errors=True)
         raise
-    for directory, dirs, files in os.walk(target):
+    for directory, _dirs, files in os.walk(target):
         os.chmod(directory, 0o755)
         for name in files:
             os.chmod(os.path.join(directory, name), 0o644)

@@ -17,7 +17,6 @@ from typing import Any
 
 from confusable_homoglyphs import categories, confusables
 
-
 # --- invisible characters ----------------------------------------------------------------------
 
 TAGS = range(0xE0000, 0xE0080)

@@ -14,7 +14,6 @@ import psycopg
 from psycopg.rows import dict_row
 
 from core.errors import FleetError
-
 from sandbox.limits import Limits, MiB
 
 DEFAULT_TIER = "standard"

@@ -23,8 +23,8 @@ from mcp.shared.exceptions import MCPError
 
 from gateway.call_audit import CallAudit
 from tests.clients import connect, text_of
-from tests.test_admin_page import login_by_hand
 from tests.conftest import make_fleet
+from tests.test_admin_page import login_by_hand
 
 
 @pytest.fixture(scope="module")

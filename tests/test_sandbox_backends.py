@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from core.accounts import add_user
-from sandbox.factory import sandbox_python
 from sandbox import store
 from sandbox.backends.base import SandboxBackend, SandboxSpec
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
+from sandbox.factory import sandbox_python
 from sandbox.limits import Limits
 from sandbox.manager import SANDBOX_UID, SandboxManager
 from sandbox.servers import ServerSpec

@@ -20,9 +20,9 @@ import pytest
 
 from core.accounts import add_user
 from sandbox import requests, store, tiers
+from sandbox.backends.runsc import RunscBackend
 from sandbox.errors import QuotaExceeded
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
-from sandbox.backends.runsc import RunscBackend
 from sandbox.servers import ServerSpec
 from sandbox.store import State
 from sandbox.tiers import Tier

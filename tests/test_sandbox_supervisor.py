@@ -624,7 +624,7 @@ async def test_supervisor_overhead_per_call(supervised, workdir):
         ids = iter(range(1, 10**6))
         for _ in range(3):
             differences = []
-            for i in range(150):
+            for _ in range(150):
                 started = time.perf_counter()
                 await client.request("fixture", "tools/call", params)
                 through = time.perf_counter() - started

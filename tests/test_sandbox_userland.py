@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from core.accounts import add_user
+from sandbox.backends.runsc import RunscBackend
 from sandbox.factory import SANDBOX_VENV, sandbox_python
 from sandbox.manager import SANDBOX_UID, SandboxManager
-from sandbox.backends.runsc import RunscBackend
 from sandbox.servers import BUILTIN_SERVERS
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")

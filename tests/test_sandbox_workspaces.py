@@ -397,8 +397,8 @@ def test_create_and_mount_are_fast_enough_for_a_sandbox_start(workspaces, tmp):
 @pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
 async def test_a_gvisor_sandbox_writes_into_the_image_and_sees_enospc(tmp):
     from sandbox.backends.base import SandboxSpec
-    from sandbox.limits import Limits
     from sandbox.backends.runsc import RunscBackend
+    from sandbox.limits import Limits
     from sandbox.supervisor.config import SupervisorConfig
 
     workspaces = Workspaces(tmp / "images", uid=UID, gid=GID, quotas=True)
