@@ -33,6 +33,7 @@ from core.accounts import Identity
 from core.text import bounded
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
+from sandbox.client import NotificationHandler, RequestHandler
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,31 @@ class _AnyResult(BaseModel):
 
 
 class SandboxClient(Protocol):
+    """What the router needs of a sandbox's channel (`sandbox.client.SupervisorClient`)."""
+
     async def catalog(self) -> Mapping[str, Mapping[str, Any]]: ...
 
-    async def request(self, server: str, method: str, params: dict[str, Any] | None, **kw: Any) -> dict[str, Any]: ...
+    async def request(
+        self,
+        server: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        on_notification: NotificationHandler | None = None,
+        on_request: RequestHandler | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]: ...
+
+
+class RunningSandbox(Protocol):
+    @property
+    def client(self) -> SandboxClient: ...
 
 
 class SandboxProvider(Protocol):
-    async def ensure(self, user_id: int, tenant: str, user: str) -> Any: ...
+    """What the router needs of the sandbox manager: the caller's sandbox, running."""
+
+    async def ensure(self, user_id: int, tenant: str, user: str) -> RunningSandbox: ...
 
 
 @dataclass(eq=False)  # compared and cached by identity
@@ -215,7 +234,7 @@ class Router:
 
     # -- who is calling, and their sandbox ------------------------------------------------
 
-    async def _client(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Identity, Any]:
+    async def _client(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Identity, SandboxClient]:
         request = ctx.request
         identity = identity_of(getattr(request, "scope", None))
         if identity is None:
@@ -230,7 +249,7 @@ class Router:
             raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox could not be started: {exc}") from None
         return identity, sandbox.client
 
-    async def _catalog(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Identity, Any, Catalog]:
+    async def _catalog(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Identity, SandboxClient, Catalog]:
         identity, client = await self._client(ctx)
         try:
             try:
@@ -253,7 +272,7 @@ class Router:
         return identity, client, merged[1]
 
     async def _forward(
-        self, ctx: ServerRequestContext[Any, Any], client: Any, server: str, method: str, params: dict[str, Any]
+        self, ctx: ServerRequestContext[Any, Any], client: SandboxClient, server: str, method: str, params: dict[str, Any]
     ) -> dict[str, Any]:
         log_levels = allowed_log_levels(ctx.protocol_version, ctx.meta)
 

@@ -64,7 +64,7 @@ class _Connection:
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: wire.GatewayMessage) -> None:
         if not self.writer.is_closing():
             self.writer.write(wire.encode(message))
 
@@ -396,7 +396,7 @@ class SupervisorClient:
         call = self._calls.get(message.get("id")) if message.get("id") is not None else None  # type: ignore[arg-type]
         handler = call.on_request if call is not None and call.on_request is not None else self._default_on_request
         method, params = message.get("method", ""), message.get("params")
-        reply: dict[str, Any] = {"type": "answer", "ask": key}
+        reply: wire.Answer = {"type": "answer", "ask": key}
         try:
             if handler is None:
                 raise SandboxRpcError(wire.METHOD_NOT_FOUND, f"no client is connected that can answer {method}")
@@ -458,7 +458,7 @@ class SupervisorClient:
         call_id = next(self._ids)
         call = _Call(connection, on_notification, on_request)
         self._calls[call_id] = call
-        message: dict[str, Any] = {"type": "call", "id": call_id, "server": server, "method": method}
+        message: wire.Call = {"type": "call", "id": call_id, "server": server, "method": method}
         if params is not None:
             message["params"] = params
         connection.send(message)

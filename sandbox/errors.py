@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sandbox import wire
+
 
 class SandboxError(Exception):
     """Base of the errors this package raises."""
@@ -35,8 +37,5 @@ class SandboxRpcError(SandboxError):
     def from_error(cls, error: dict[str, Any]) -> SandboxRpcError:
         return cls(int(error.get("code", -32603)), str(error.get("message", "")), error.get("data"))
 
-    def to_error(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            error["data"] = self.data
-        return error
+    def to_error(self) -> wire.ErrorObject:
+        return wire.error_object(self.code, self.message, self.data)

@@ -13,6 +13,9 @@ gateway -> supervisor
     cancel  {"id", "reason"}                       the gateway gave up on a call
     answer  {"ask", "result" | "error"}            reply to a server's request (an `ask`)
     notify  {"server", "method", "params"}         a client notification for a server (null: all)
+    configure {"id", "servers": [ServerConfig]}    run exactly these servers: stop the ones gone or
+                                                   changed, start the new ones; answered by a
+                                                   `result` {"servers": {name: status}} once they settled
     detach  {}                                     close the channel and reconnect later
     ping    {"id"}
 
@@ -23,11 +26,15 @@ supervisor -> gateway
     error   {"id", "error"}                        a call's JSON-RPC error object, as the server sent it
     note    {"id" | null, "server", "method", "params"}   a server notification; `id` names the call it belongs to
     ask     {"ask", "id" | null, "server", "method", "params"}  a server's request to the client (sampling, ...)
-    server  {"server", ...status}                  a server was (re)started, or failed
+    server  {"server", ...status}                  a server was (re)started, failed, or removed
+                                                   by a `configure` (state "removed")
     pong    {"id"}
 
 A server status is {"state": "starting" | "ready" | "failed", "initialize": <its
-initialize result> | null, "error": str | null}.
+initialize result> | null, "error": str | null, "revision": str | null}.
+
+Each message is typed below (`GatewayMessage`, `SupervisorMessage`): both ends build them as
+these TypedDicts, so the type checker holds them to this table.
 
 Which call a `note` or an `ask` belongs to: progress by its token (the supervisor
 gives each call a token of its own and restores the caller's); anything else is
@@ -41,7 +48,7 @@ This module is imported inside the sandbox: standard library only.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
 CHANNEL_DIR = "/run/mcpfleet"
 """Where the channel dir appears inside the sandbox."""
@@ -59,11 +66,122 @@ INTERNAL_ERROR = -32603
 METHOD_NOT_FOUND = -32601
 REQUEST_CANCELLED = -32800
 
+# -- the messages, typed as the table above --------------------------------------------------
+
+
+class ErrorObject(TypedDict):
+    code: int
+    message: str
+    data: NotRequired[Any]
+
+
+class ServerStatus(TypedDict):
+    state: str
+    initialize: NotRequired[dict[str, Any] | None]
+    error: NotRequired[str | None]
+    revision: NotRequired[str | None]
+
+
+class Call(TypedDict):
+    type: Literal["call"]
+    id: int
+    server: str
+    method: str
+    params: NotRequired[dict[str, Any] | None]
+
+
+class Cancel(TypedDict):
+    type: Literal["cancel"]
+    id: int
+    reason: str
+
+
+class Answer(TypedDict):
+    type: Literal["answer"]
+    ask: int
+    result: NotRequired[dict[str, Any]]
+    error: NotRequired[ErrorObject]
+
+
+class Notify(TypedDict):
+    type: Literal["notify"]
+    server: str | None
+    method: str
+    params: dict[str, Any] | None
+
+
+class Configure(TypedDict):
+    type: Literal["configure"]
+    id: int
+    servers: list[dict[str, Any]]
+
+
+class Detach(TypedDict):
+    type: Literal["detach"]
+
+
+class Ping(TypedDict):
+    type: Literal["ping"]
+    id: int
+
+
+GatewayMessage = Call | Cancel | Answer | Notify | Configure | Detach | Ping
+
+
+class Hello(TypedDict):
+    type: Literal["hello"]
+    token: str
+    servers: dict[str, ServerStatus]
+    supervisor: dict[str, Any]
+
+
+class Result(TypedDict):
+    type: Literal["result"]
+    id: Any
+    result: Any
+
+
+class Error(TypedDict):
+    type: Literal["error"]
+    id: Any
+    error: ErrorObject
+
+
+class Note(TypedDict):
+    type: Literal["note"]
+    id: int | None
+    server: str
+    method: str
+    params: dict[str, Any] | None
+
+
+class Ask(TypedDict):
+    type: Literal["ask"]
+    ask: int
+    id: int | None
+    server: str
+    method: str
+    params: dict[str, Any] | None
+
+
+class Server(ServerStatus):
+    type: Literal["server"]
+    server: str
+
+
+class Pong(TypedDict):
+    type: Literal["pong"]
+    id: Any
+
+
+SupervisorMessage = Hello | Result | Error | Note | Ask | Server | Pong
+
+
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 _decode = json.JSONDecoder().decode
 
 
-def encode(message: dict[str, Any]) -> bytes:
+def encode(message: GatewayMessage | SupervisorMessage | dict[str, Any]) -> bytes:
     return (_encoder.encode(message) + "\n").encode()
 
 
@@ -103,8 +221,8 @@ class LineSplitter:
         return [line for line in lines if line]
 
 
-def error_object(code: int, message: str, data: Any = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message}
+def error_object(code: int, message: str, data: Any = None) -> ErrorObject:
+    error: ErrorObject = {"code": code, "message": message}
     if data is not None:
         error["data"] = data
     return error

@@ -168,7 +168,7 @@ class ChildServer:
 
     # -- status -------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> wire.ServerStatus:
         return {"state": self.state, "initialize": self.initialize_result, "error": self.error, "revision": self.config.revision}
 
     def _set_state(self, state: str, error: str | None = None) -> None:

@@ -8,7 +8,7 @@ sandbox that holds a listening or connected host socket: the gateway asks it to
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sandbox import wire
 from sandbox.supervisor.child import log
@@ -65,7 +65,7 @@ class Link:
     def connected(self) -> bool:
         return self._transport is not None
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: wire.SupervisorMessage) -> None:
         """Queue a message for the gateway; dropped while disconnected (the next hello resyncs)."""
         transport = self._transport
         if transport is not None and not transport.is_closing():

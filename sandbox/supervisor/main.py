@@ -31,7 +31,7 @@ class Supervisor:
 
     # -- for the children ---------------------------------------------------------------
 
-    def emit(self, message: dict[str, Any]) -> None:
+    def emit(self, message: wire.SupervisorMessage) -> None:
         self.link.send(message)
 
     def reply_error(self, gateway_id: Any, code: int, message: str, data: Any = None) -> None:
@@ -49,7 +49,7 @@ class Supervisor:
         self._asks[self._next_ask] = child
         return self._next_ask
 
-    def hello(self) -> dict[str, Any]:
+    def hello(self) -> wire.Hello:
         return {
             "type": "hello",
             "token": self.config.token,
