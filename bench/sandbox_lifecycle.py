@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.accounts import add_user
 from core.db import migrate, open_pool, start_embedded
 from sandbox import store
-from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend, _children
+from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend, descendant_pids
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.factory import sandbox_python
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
@@ -102,7 +102,7 @@ def sandbox_pids(backend: RunscBackend, sandbox_id: str) -> set[int]:
     """The processes `RunscBackend.memory_bytes` sums (sentry, gofer, platform stubs); it does not
     expose them, and PSS needs the same set."""
     pids = backend._processes(sandbox_id)
-    return set(pids + [child for pid in pids for child in _children(pid)])
+    return set(pids + [child for pid in pids for child in descendant_pids(pid)])
 
 
 def pss_bytes(pids: Iterable[int]) -> int:

@@ -205,7 +205,7 @@ class RunscBackend:
         """Resident memory of the sandbox's runsc processes (sentry, gofer, and on ptrace the
         stub processes that hold the address spaces inside); None if none runs."""
         pids = self._processes(sandbox_id)
-        pids += [child for pid in pids for child in _children(pid)]
+        pids += [child for pid in pids for child in descendant_pids(pid)]
         total = sum(_rss_bytes(pid) for pid in set(pids))
         return total or None
 
@@ -285,7 +285,7 @@ def _runsc_processes(root: Path) -> list[tuple[int, list[str]]]:
     return found
 
 
-def _children(pid: int) -> list[int]:
+def descendant_pids(pid: int) -> list[int]:
     """Descendants of `pid` (the ptrace platform's stubs are children of the sentry)."""
     found, queue = [], [pid]
     while queue:
