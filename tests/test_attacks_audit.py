@@ -25,6 +25,7 @@ from gateway.call_audit import CallAudit
 from tests.clients import connect, text_of
 from tests.conftest import make_fleet
 from tests.test_admin_page import login_by_hand
+from tests.test_audit_calls import exported, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +40,6 @@ def gateway(tmp_path_factory, postgres_url):
 def keys(gateway) -> dict[str, str]:
     return {name: gateway.add_user(name, tenant="acme", role=role)
             for name, role in (("mallory", "member"), ("bob", "member"), ("root", "admin"))}
-
-
-def exported(fleet) -> list[dict]:
-    return [json.loads(line) for line in fleet.cli("audit", "export", "--json").stdout.splitlines()]
-
-
-def wait_for(fleet, match, timeout: float = 15) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in exported(fleet) if match(e)]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.3)
 
 
 def forged_jwt(claims: dict) -> str:

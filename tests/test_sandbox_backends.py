@@ -86,14 +86,23 @@ def backend(request, fleet_home):
     return make_backend(fleet_home.name, fleet_home)
 
 
+@contextlib.asynccontextmanager
+async def managed(home: Path, db_pool, backend: SandboxBackend, servers=None):
+    """A started SandboxManager on `backend`; closed after, and every container it left removed."""
+    manager = SandboxManager(home, db_pool, backend, SERVERS if servers is None else servers, start_timeout=120)
+    await manager.start()
+    try:
+        yield manager
+    finally:
+        await manager.close()
+        for container in await backend.list():
+            await backend.destroy(container.id)
+
+
 @pytest.fixture(scope="module")
 async def manager(fleet_home, db_pool, backend):
-    manager = SandboxManager(fleet_home, db_pool, backend, SERVERS, start_timeout=120)
-    await manager.start()
-    yield manager
-    await manager.close()
-    for container in await backend.list():
-        await backend.destroy(container.id)
+    async with managed(fleet_home, db_pool, backend) as manager:
+        yield manager
 
 
 @pytest.fixture(scope="module")

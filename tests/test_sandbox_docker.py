@@ -18,7 +18,7 @@ from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.factory import sandbox_python
 from sandbox.manager import SANDBOX_UID, SandboxManager
 from sandbox.servers import ServerSpec
-from tests.test_sandbox_backends import STANDARD, call, start_bare_sandbox
+from tests.test_sandbox_backends import STANDARD, call, managed, start_bare_sandbox
 from tests.test_sandbox_supervisor import FIXTURE_SERVER, text
 
 
@@ -49,12 +49,8 @@ def backend(home):
 
 @pytest.fixture(scope="module")
 async def manager(home, db_pool, backend):
-    manager = SandboxManager(home, db_pool, backend, SERVERS, start_timeout=120)
-    await manager.start()
-    yield manager
-    await manager.close()
-    for container in await backend.list():
-        await backend.destroy(container.id)
+    async with managed(home, db_pool, backend, SERVERS) as manager:
+        yield manager
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from core.accounts import add_user
 from sandbox.backends.runsc import RunscBackend
 from sandbox.errors import SandboxUnavailable
 from sandbox.manager import SandboxManager
-from tests.test_sandbox_backends import SERVERS, call, rows_of
+from tests.test_sandbox_backends import call, managed, rows_of
 from tests.test_sandbox_supervisor import text
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
@@ -33,12 +33,8 @@ def backend(home):
 
 @pytest.fixture(scope="module")
 async def manager(home, db_pool, backend):
-    manager = SandboxManager(home, db_pool, backend, SERVERS, start_timeout=120)
-    await manager.start()
-    yield manager
-    await manager.close()
-    for container in await backend.list():
-        await backend.destroy(container.id)
+    async with managed(home, db_pool, backend) as manager:
+        yield manager
 
 
 class Users:
