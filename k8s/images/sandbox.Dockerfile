@@ -1,0 +1,16 @@
+# A sandbox pod: the supervisor in TCP mode and the built-in servers, with only what runs inside a sandbox
+# (the standard library, the mcp SDK, sandbox.wire and sandbox.supervisor: pyproject.toml's import contracts).
+# The operator starts it as `python -s -P -m sandbox.supervisor --listen 0.0.0.0:7070 <config>` (SPEC.md).
+ARG BASE=mcpfleet-base:local
+FROM ${BASE}
+ARG MCP=mcp==2.3.0
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/sandbox/bin:/usr/bin:/bin PYTHONPATH=/opt/mcpfleet
+RUN python3 -m venv /opt/sandbox && /opt/sandbox/bin/pip install --no-cache-dir --disable-pip-version-check "$MCP"
+COPY sandbox/__init__.py sandbox/wire.py /opt/mcpfleet/sandbox/
+COPY sandbox/supervisor /opt/mcpfleet/sandbox/supervisor
+COPY mcp_servers /opt/mcpfleet/mcp_servers
+USER 1000:1000
+WORKDIR /workspace
+EXPOSE 7070
+# No entrypoint: the operator gives the whole command line as the pod's args.
+CMD ["python", "-s", "-P", "-m", "sandbox.supervisor", "--help"]
