@@ -81,6 +81,7 @@ class KubeStandin(KubernetesEmulator):
     """kmock's emulator plus identity, versions, concurrency and the status subresource (see the module's table)."""
 
     _rv: int = attrs.field(default=0, init=False)
+    _interleaved: set[tuple[Any, ...]] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -125,6 +126,7 @@ class KubeStandin(KubernetesEmulator):
         meta = body.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
+            request.data.setdefault("metadata", {})["name"] = meta["name"]  # kmock's reply finds the object by it
         if request.namespace:
             meta["namespace"] = request.namespace
         key = (request.resource, meta.get("namespace"), meta["name"])
@@ -147,6 +149,9 @@ class KubeStandin(KubernetesEmulator):
         key = (request.resource, request.namespace, request.name)
         if key not in self._objects or self._objects[key].deleted:
             raise KubernetesObjectNotFoundError()
+        if key in self._interleaved:  # another writer got there first: the object moved on
+            self._interleaved.discard(key)
+            self._objects[key].patch({"metadata": {"resourceVersion": self._next_rv()}})
         old = copy.deepcopy(self._objects[key].raw)
         patch = request.data
         if isinstance(patch, dict):
@@ -222,6 +227,10 @@ class KubeStandin(KubernetesEmulator):
             obj.patch({**changes, "metadata": {**changes.get("metadata", {}), "resourceVersion": self._next_rv()}})
             await self._buses[res].put({"type": "MODIFIED", "object": obj.raw})
             return obj.raw
+
+    def interleave_write(self, res: resource, namespace: str | None, name: str) -> None:
+        """Before the next patch of this object, another writer changes it (its resourceVersion moves on)."""
+        self._interleaved.add((res, namespace, name))
 
     def get(self, res: resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         key = (res, namespace, name)

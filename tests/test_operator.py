@@ -25,7 +25,7 @@ import pytest
 _TMP = Path(tempfile.mkdtemp(prefix="mcpfleet-operator-"))
 os.environ["KUBECONFIG"] = str(_TMP / "kubeconfig")
 os.environ["MCPFLEET_SANDBOX_KEY_FILE"] = str(_TMP / "fleet.key")
-os.environ.setdefault("MCPFLEET_IDLE_HIBERNATE_S", "3")
+os.environ.setdefault("MCPFLEET_IDLE_HIBERNATE_S", "600")  # the idle test lowers it
 os.environ.setdefault("MCPFLEET_IDLE_CHECK_S", "0.5")
 os.environ.setdefault("MCPFLEET_POOL_CHECK_S", "1")
 (_TMP / "fleet.key").write_bytes(b"test-fleet-key")
@@ -164,3 +164,156 @@ def test_create_makes_the_four_objects_hardened(cluster: Cluster) -> None:
     assert condition(sb, "WorkspaceReady") == "True" and condition(sb, "Ready") == "False"
     assert "mcpfleet.dev/cleanup" in sb["metadata"]["finalizers"]
     print(f"create: {time.monotonic() - t0:.2f}s")
+
+
+def events_for(cluster: Cluster, name: str) -> list[str]:
+    return [e.get("reason") for n in cluster.api.names(EVENTS, NS) for e in [cluster.api.get(EVENTS, NS, n)]
+            if (e.get("involvedObject") or {}).get("name") == name]
+
+
+def start_ready(cluster: Cluster, name: str, **spec: Any) -> dict[str, Any]:
+    created = cluster.create_sandbox(name, **spec)
+    wait_for(lambda: cluster.api.get(PODS, NS, name), what="the pod")
+    wait_for(lambda: state(cluster, name) == "Starting", what="Starting")
+    cluster.run_pod(name)
+    wait_for(lambda: state(cluster, name) == "Running", what="Running")
+    return created
+
+
+def test_ready_when_the_pod_runs(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    with operator():
+        start_ready(cluster, "acme-bob")
+        wait_for(lambda: "Running" in events_for(cluster, "acme-bob"), what="the Running event")
+    sb = cluster.sandbox("acme-bob")
+    assert sb["status"]["endpoint"] == f"10.0.0.7:{objects.PORT}" and sb["status"]["podName"] == "acme-bob"
+    assert condition(sb, "Ready") == "True" and condition(sb, "Hibernated") == "False"
+    assert {"Starting", "Running"} <= set(events_for(cluster, "acme-bob"))
+    print(f"ready: {time.monotonic() - t0:.2f}s")
+
+
+def test_hibernate_keeps_the_workspace_and_wake_recreates_the_pod(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    with operator():
+        start_ready(cluster, "acme-carol")
+        first_uid = cluster.api.get(PODS, NS, "acme-carol")["metadata"]["uid"]
+        cluster.patch_sandbox("acme-carol", {"spec": {"operatingMode": "Hibernated"}})
+        wait_for(lambda: state(cluster, "acme-carol") == "Hibernated", what="Hibernated")
+        assert cluster.api.get(PODS, NS, "acme-carol") is None
+        assert cluster.api.get(PVCS, NS, "acme-carol-workspace") is not None
+        sb = cluster.sandbox("acme-carol")
+        assert condition(sb, "Hibernated") == "True" and condition(sb, "Ready") == "False" and not sb["status"].get("endpoint")
+
+        cluster.patch_sandbox("acme-carol", {"spec": {"operatingMode": "Running"}})
+        wait_for(lambda: state(cluster, "acme-carol") == "Resuming", what="Resuming")
+        pod = wait_for(lambda: cluster.api.get(PODS, NS, "acme-carol"), what="the new pod")
+        assert pod["metadata"]["uid"] != first_uid
+        assert pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "acme-carol-workspace"
+        cluster.run_pod("acme-carol", ip="10.0.0.9")
+        wait_for(lambda: state(cluster, "acme-carol") == "Running", what="Running again")
+    sb = cluster.sandbox("acme-carol")
+    assert sb["status"]["endpoint"] == "10.0.0.9:7070" and condition(sb, "Hibernated") == "False"
+    assert {"Hibernated", "Resuming"} <= set(events_for(cluster, "acme-carol"))
+    print(f"hibernate+wake: {time.monotonic() - t0:.2f}s")
+
+
+def test_idle_timer_hibernates_and_activity_is_mirrored(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+    import datetime
+    monkeypatch.setattr(handlers, "CONFIG", dataclasses.replace(handlers.CONFIG, idle_hibernate_s=2.0))
+    t0 = time.monotonic()
+    with operator():
+        start_ready(cluster, "acme-dave")
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        cluster.patch_sandbox("acme-dave", {"metadata": {"annotations": {objects.LAST_ACTIVITY: now}}})
+        wait_for(lambda: (cluster.sandbox("acme-dave").get("status") or {}).get("lastActivity") == now, what="the mirror")
+        wait_for(lambda: state(cluster, "acme-dave") == "Hibernated", what="idle hibernation")
+    elapsed = time.monotonic() - t0
+    assert cluster.sandbox("acme-dave")["spec"]["operatingMode"] == "Hibernated"
+    assert "IdleHibernate" in events_for(cluster, "acme-dave")
+    print(f"idle: {elapsed:.2f}s")
+
+
+@pytest.mark.parametrize("retention", ["Keep", "Delete"])
+def test_delete_cleans_up_by_retention(cluster: Cluster, retention: str) -> None:
+    t0 = time.monotonic()
+    with operator():
+        start_ready(cluster, "acme-erin", workspace={"size": "2Gi", "retention": retention})
+        r = cluster.http("DELETE", f"/apis/mcpfleet.dev/v1alpha1/namespaces/{NS}/mcpsandboxes/acme-erin")
+        assert r.status_code == 200, r.text
+        wait_for(lambda: cluster.api.get(SANDBOXES, NS, "acme-erin") is None, what="the finalizer released")
+    assert cluster.api.get(PODS, NS, "acme-erin") is None
+    assert cluster.api.get(SECRETS, NS, "acme-erin-token") is None
+    assert cluster.api.get(NETPOLS, NS, "acme-erin") is None
+    assert (cluster.api.get(PVCS, NS, "acme-erin-workspace") is not None) == (retention == "Keep")
+    print(f"delete {retention}: {time.monotonic() - t0:.2f}s")
+
+
+def _pool_pods(cluster: Cluster, pool: str, claimed: str = "false") -> list[str]:
+    return [n for n in cluster.api.names(PODS, NS)
+            if (cluster.api.get(PODS, NS, n)["metadata"].get("labels") or {}).get(objects.POOL_LABEL) == pool
+            and cluster.api.get(PODS, NS, n)["metadata"]["labels"].get(objects.CLAIMED_LABEL) == claimed]
+
+
+def _create_pool(cluster: Cluster, name: str, replicas: int) -> None:
+    body = {"apiVersion": "mcpfleet.dev/v1alpha1", "kind": "McpSandboxPool", "metadata": {"name": name},
+            "spec": {"replicas": replicas, "tier": {"name": "standard", "cpus": 1, "memoryMb": 512}}}
+    r = cluster.http("POST", f"/apis/mcpfleet.dev/v1alpha1/namespaces/{NS}/mcpsandboxpools", body, "application/json")
+    assert r.status_code in (200, 201), r.text
+
+
+def test_pool_fills_a_claim_takes_a_ready_pod_and_the_pool_refills(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    with operator():
+        _create_pool(cluster, "warm", 2)
+        pods = wait_for(lambda: len(_pool_pods(cluster, "warm")) == 2 and _pool_pods(cluster, "warm"), what="two warm pods")
+        for i, pod in enumerate(pods):
+            cluster.run_pod(pod, ip=f"10.0.1.{i + 1}")
+        wait_for(lambda: ((cluster.api.get(POOLS, NS, "warm") or {}).get("status") or {}).get("replicas") == 2, what="2 ready")
+        assert cluster.api.get(POOLS, NS, "warm")["status"]["selector"] == "mcpfleet.dev/pool=warm,mcpfleet.dev/claimed=false"
+        filled = time.monotonic() - t0
+
+        created = cluster.create_sandbox("acme-frank", poolRef="warm")
+        wait_for(lambda: state(cluster, "acme-frank") == "Running", what="claimed and Running")
+        sb = cluster.sandbox("acme-frank")
+        claimed = sb["status"]["podName"]
+        assert claimed in pods and sb["status"]["endpoint"].endswith(":7070") and condition(sb, "Ready") == "True"
+        labels = cluster.api.get(PODS, NS, claimed)["metadata"]["labels"]
+        assert labels[objects.CLAIMED_LABEL] == "true" and labels[objects.SANDBOX_LABEL] == "acme-frank"
+        import base64
+        token = base64.b64decode(cluster.api.get(SECRETS, NS, f"{claimed}-token")["data"]["token"]).decode()
+        assert token == objects.token(KEY, NS, "acme-frank", created["metadata"]["uid"])
+        # The pool refills: two unclaimed pods again, the new one not yet ready.
+        wait_for(lambda: len(_pool_pods(cluster, "warm")) == 2, what="the refill")
+        assert cluster.api.get(PVCS, NS, f"{claimed}-workspace")["metadata"]["labels"][objects.SANDBOX_LABEL] == "acme-frank"
+        assert cluster.api.get(PVCS, NS, "acme-frank-workspace") is None  # the warm volume is the user's
+    print(f"pool: filled {filled:.2f}s, total {time.monotonic() - t0:.2f}s")
+
+
+def test_a_claim_that_meets_a_409_rereads_and_retries(cluster: Cluster) -> None:
+    with operator():
+        _create_pool(cluster, "warm", 1)
+        (pod,) = wait_for(lambda: _pool_pods(cluster, "warm"), what="a warm pod")
+        cluster.run_pod(pod)
+        wait_for(lambda: ((cluster.api.get(POOLS, NS, "warm") or {}).get("status") or {}).get("replicas") == 1, what="ready")
+        cluster.api.interleave_write(PODS, NS, pod)
+        cluster.create_sandbox("acme-gina", poolRef="warm")
+        wait_for(lambda: state(cluster, "acme-gina") == "Running", what="claimed after the conflict")
+    patches = [r for r in cluster.api._requests if str(r.method).endswith("PATCH") and r.url.path.endswith(f"/pods/{pod}")]
+    assert len(patches) >= 2  # the first answered 409, the re-read one succeeded
+    assert cluster.sandbox("acme-gina")["status"]["podName"] == pod
+
+
+def test_a_restarted_operator_adopts_without_duplicates(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    with operator():
+        cluster.create_sandbox("acme-hal")
+        wait_for(lambda: state(cluster, "acme-hal") == "Starting", what="Starting")
+    pod_uid = cluster.api.get(PODS, NS, "acme-hal")["metadata"]["uid"]
+    cluster.run_pod("acme-hal")  # became ready while no operator ran
+    with operator():
+        wait_for(lambda: state(cluster, "acme-hal") == "Running", what="Running after the restart")
+        wait_for(lambda: "Adopted" in events_for(cluster, "acme-hal"), what="the Adopted event")
+    assert [n for n in cluster.api.names(PODS, NS) if n.startswith("acme-hal")] == ["acme-hal"]
+    assert cluster.api.get(PODS, NS, "acme-hal")["metadata"]["uid"] == pod_uid
+    print(f"restart: {time.monotonic() - t0:.2f}s")

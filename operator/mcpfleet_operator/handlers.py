@@ -204,9 +204,10 @@ def sandbox_adopted(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch
 
 
 @kopf.on.field(GROUP, VERSION, SANDBOXES, field="spec.operatingMode")
-def operating_mode_changed(body: kopf.Body, old: Any, new: Any, status: kopf.Status, patch: kopf.Patch,
+def operating_mode_changed(body: kopf.Body, old: Any, new: Any, reason: kopf.Reason, status: kopf.Status, patch: kopf.Patch,
                            logger: logging.Logger, **_: Any) -> None:
-    if old is None:  # the creation, handled above
+    old, new = old or "Running", new or "Running"  # unset is the CRD's default, Running
+    if reason == kopf.Reason.CREATE or old == new:  # the creation is sandbox_created's
         return
     body = dict(body)
     ns = body["metadata"]["namespace"]
