@@ -300,7 +300,7 @@ def test_a_claim_that_meets_a_409_rereads_and_retries(cluster: Cluster) -> None:
         cluster.create_sandbox("acme-gina", poolRef="warm")
         wait_for(lambda: state(cluster, "acme-gina") == "Running", what="claimed after the conflict")
     patches = [r for r in cluster.api._requests if str(r.method).endswith("PATCH") and r.url.path.endswith(f"/pods/{pod}")]
-    assert len(patches) >= 2  # the first answered 409, the re-read one succeeded
+    assert len(patches) >= 2 and not cluster.api._interleaved  # the first answered 409, the re-read one succeeded
     assert cluster.sandbox("acme-gina")["status"]["podName"] == pod
 
 
@@ -317,3 +317,127 @@ def test_a_restarted_operator_adopts_without_duplicates(cluster: Cluster) -> Non
     assert [n for n in cluster.api.names(PODS, NS) if n.startswith("acme-hal")] == ["acme-hal"]
     assert cluster.api.get(PODS, NS, "acme-hal")["metadata"]["uid"] == pod_uid
     print(f"restart: {time.monotonic() - t0:.2f}s")
+
+
+def test_two_peered_replicas_do_not_fight(cluster: Cluster) -> None:
+    """kopf's peering: the lower-priority replica pauses while the higher one runs; one pod, one creation."""
+    peering = ("--peering", "mcpfleet")
+    with operator(*peering, "--priority", "100"), operator(*peering, "--priority", "50"):
+        wait_for(lambda: len((cluster.api.get(PEERINGS, NS, "mcpfleet") or {}).get("status") or {}) == 2, what="both peers")
+        cluster.create_sandbox("acme-ivy")
+        wait_for(lambda: state(cluster, "acme-ivy") == "Starting", what="Starting")
+        time.sleep(1)
+    pod_posts = [r for r in cluster.api._requests if str(r.method).endswith("POST") and r.url.path.endswith("/pods")]
+    assert len(pod_posts) == 1
+    assert events_for(cluster, "acme-ivy").count("Starting") == 1
+
+
+# --- the stand-in's own semantics (tests/kube_standin.py's table) --------------------------------------
+
+def _pod_body(name: str, **meta: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, **meta}, "spec": {"containers": []}}
+
+
+def test_standin_assigns_uid_resource_version_generation_and_namespace(cluster: Cluster) -> None:
+    r = cluster.http("POST", f"/api/v1/namespaces/{NS}/pods", _pod_body("p1"), "application/json")
+    meta = r.json()["metadata"]
+    assert meta["uid"] and meta["resourceVersion"].isdigit() and meta["generation"] == 1 and meta["namespace"] == NS
+    r2 = cluster.http("PATCH", f"/api/v1/namespaces/{NS}/pods/p1", {"metadata": {"labels": {"a": "b"}}})
+    assert r2.json()["metadata"]["generation"] == 1 and int(r2.json()["metadata"]["resourceVersion"]) > int(meta["resourceVersion"])
+    r3 = cluster.http("PATCH", f"/api/v1/namespaces/{NS}/pods/p1", {"spec": {"nodeName": "n1"}})
+    assert r3.json()["metadata"]["generation"] == 2 and r3.json()["metadata"]["uid"] == meta["uid"]
+    assert cluster.http("POST", f"/api/v1/namespaces/{NS}/pods", _pod_body("p1"), "application/json").status_code == 409
+
+
+def test_standin_conflicts_on_a_stale_resource_version_and_fails_a_json_patch_test(cluster: Cluster) -> None:
+    meta = cluster.http("POST", f"/api/v1/namespaces/{NS}/pods", _pod_body("p2"), "application/json").json()["metadata"]
+    cluster.http("PATCH", f"/api/v1/namespaces/{NS}/pods/p2", {"metadata": {"labels": {"x": "1"}}})
+    stale = cluster.http("PATCH", f"/api/v1/namespaces/{NS}/pods/p2", {"metadata": {"resourceVersion": meta["resourceVersion"], "labels": {"x": "2"}}})
+    assert stale.status_code == 409 and cluster.api.get(PODS, NS, "p2")["metadata"]["labels"]["x"] == "1"
+    failed = cluster.http("PATCH", f"/api/v1/namespaces/{NS}/pods/p2",
+                          [{"op": "test", "path": "/metadata/resourceVersion", "value": meta["resourceVersion"]}], "application/json-patch+json")
+    assert failed.status_code == 422
+
+
+def test_standin_generate_name_lists_and_namespaces(cluster: Cluster) -> None:
+    names = {cluster.http("POST", f"/api/v1/namespaces/{NS}/events", {"metadata": {"generateName": "ev-"}}, "application/json").json()
+             ["metadata"]["name"] for _ in range(3)}
+    assert len(names) == 3 and all(n.startswith("ev-") for n in names)
+    listing = cluster.http("GET", f"/api/v1/namespaces/{NS}/events").json()
+    assert listing["kind"] == "EventList" and listing["metadata"]["resourceVersion"].isdigit() and len(listing["items"]) == 3
+    assert [n["metadata"]["name"] for n in cluster.http("GET", "/api/v1/namespaces").json()["items"]] == [NS]
+
+
+def test_standin_separates_the_status_subresource(cluster: Cluster) -> None:
+    cluster.create_sandbox("acme-st")
+    base = f"/apis/mcpfleet.dev/v1alpha1/namespaces/{NS}/mcpsandboxes/acme-st"
+    cluster.http("PATCH", base, {"status": {"state": "Running"}, "spec": {"operatingMode": "Hibernated"}})
+    assert "status" not in cluster.sandbox("acme-st") and cluster.sandbox("acme-st")["spec"]["operatingMode"] == "Hibernated"
+    cluster.http("PATCH", base + "/status", {"status": {"state": "Running"}, "spec": {"operatingMode": "Running"}})
+    assert cluster.sandbox("acme-st")["status"] == {"state": "Running"} and cluster.sandbox("acme-st")["spec"]["operatingMode"] == "Hibernated"
+
+
+# --- objects.py: pure -------------------------------------------------------------------------------------
+
+SANDBOX = {"apiVersion": "mcpfleet.dev/v1alpha1", "kind": "McpSandbox",
+           "metadata": {"name": "acme-alice", "namespace": NS, "uid": "u-1"},
+           "spec": {"user": "alice", "tenant": "acme", "tier": {"cpus": 2, "memoryMb": 1024, "pids": 128, "diskMb": 2048},
+                    "servers": [{"name": "fetch", "egress": ["example.com"]}]}}
+
+
+def test_token_is_the_contracts_hmac() -> None:
+    import base64
+    import hashlib
+    import hmac
+    expected = base64.urlsafe_b64encode(hmac.new(KEY, b"mcpsandbox/mcpfleet/acme-alice/u-1", hashlib.sha256).digest()).decode()
+    assert objects.token(KEY, NS, "acme-alice", "u-1") == expected
+    assert objects.token(KEY, NS, "acme-alice", "u-2") != expected
+
+
+def test_pod_is_hardened_and_sized_by_the_tier() -> None:
+    pod = objects.sandbox_pod(SANDBOX, "img:1")
+    spec, c = pod["spec"], pod["spec"]["containers"][0]
+    assert spec["runtimeClassName"] == "gvisor" and spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["args"][:5] == ["python", "-s", "-P", "-m", "sandbox.supervisor"] and "0.0.0.0:7070" in c["args"]
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "1024Mi", "ephemeral-storage": "2048Mi"}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["workspace"]["persistentVolumeClaim"]["claimName"] == "acme-alice-workspace"
+    assert vols["token"]["secret"]["secretName"] == "acme-alice-token" and vols["tmp"]["emptyDir"] == {"medium": "Memory"}
+    assert pod["metadata"]["labels"] == {"app.kubernetes.io/part-of": "mcpfleet", "mcpfleet.dev/sandbox": "acme-alice",
+                                         "app.kubernetes.io/component": "sandbox"}
+    claimed = {**SANDBOX, "metadata": {**SANDBOX["metadata"], "annotations": {objects.WORKSPACE_CLAIM: "warm-abc-workspace"}}}
+    assert objects.sandbox_pod(claimed, "img")["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "warm-abc-workspace"
+
+
+def test_network_policy_admits_the_gateway_and_egress_only_when_declared() -> None:
+    with_egress = objects.network_policy("n", {"mcpfleet.dev/sandbox": "n"}, SANDBOX["spec"]["servers"])
+    ingress = with_egress["spec"]["ingress"][0]
+    assert ingress["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "gateway"}
+    assert ingress["ports"] == [{"protocol": "TCP", "port": 7070}]
+    assert with_egress["spec"]["egress"][0]["to"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "egress-proxy"}
+    assert objects.network_policy("n", {}, [{"name": "x", "egress": []}])["spec"]["egress"] == []
+    assert set(with_egress["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def test_pvc_secret_and_conditions() -> None:
+    pvc = objects.pvc("a-workspace", {"size": "5Gi", "storageClassName": "fast"}, {"k": "v"})
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi" and pvc["spec"]["storageClassName"] == "fast"
+    assert "storageClassName" not in objects.pvc("a", {}, {})["spec"]
+    import base64
+    assert base64.b64decode(objects.secret("a-token", "tok", {})["data"]["token"]) == b"tok"
+    conds = objects.condition(None, "Ready", "False", "Starting", "m", now="t1", generation=1)
+    same = objects.condition(conds, "Ready", "False", "Still", "m", now="t2", generation=2)
+    moved = objects.condition(same, "Ready", "True", "PodReady", "m", now="t3", generation=2)
+    assert same[0]["lastTransitionTime"] == "t1" and moved[0]["lastTransitionTime"] == "t3" and len(moved) == 1
+    ready = {"status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}}
+    assert objects.pod_ready(ready) and not objects.pod_ready({"status": {"phase": "Pending"}})
+
+
+def test_the_operator_folder_does_not_shadow_the_standard_librarys_operator() -> None:
+    import operator
+    import sysconfig
+    assert operator.__file__ and operator.__file__.startswith(sysconfig.get_paths()["stdlib"]) and operator.itemgetter
