@@ -287,6 +287,13 @@ def test_pool_fills_a_claim_takes_a_ready_pod_and_the_pool_refills(cluster: Clus
         wait_for(lambda: len(_pool_pods(cluster, "warm")) == 2, what="the refill")
         assert cluster.api.get(PVCS, NS, f"{claimed}-workspace")["metadata"]["labels"][objects.SANDBOX_LABEL] == "acme-frank"
         assert cluster.api.get(PVCS, NS, "acme-frank-workspace") is None  # the warm volume is the user's
+        # Hibernated and woken, the claimed sandbox gets a pod of its own name on the warm pod's volume.
+        cluster.patch_sandbox("acme-frank", {"spec": {"operatingMode": "Hibernated"}})
+        wait_for(lambda: state(cluster, "acme-frank") == "Hibernated", what="Hibernated")
+        assert cluster.api.get(PODS, NS, claimed) is None
+        cluster.patch_sandbox("acme-frank", {"spec": {"operatingMode": "Running"}})
+        woken = wait_for(lambda: cluster.api.get(PODS, NS, "acme-frank"), what="the woken pod")
+        assert woken["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == f"{claimed}-workspace"
     print(f"pool: filled {filled:.2f}s, total {time.monotonic() - t0:.2f}s")
 
 
