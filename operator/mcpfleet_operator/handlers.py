@@ -314,7 +314,9 @@ def _fill(pool: dict[str, Any], logger: logging.Logger) -> dict[str, Any]:
         for _ in range(wanted - len(pods)):
             pod_name = f"{name}-{secrets.token_hex(3)}"
             labels = objects.pool_labels(name)
-            for child in (objects.pvc(objects.workspace_name(pod_name), {"size": "1Gi"}, labels),
+            disk_mb = ((pool.get("spec") or {}).get("tier") or {}).get("diskMb")
+            size = f"{int(disk_mb)}Mi" if disk_mb else "1Gi"  # the pool has no workspace spec: the tier's disk quota sizes it
+            for child in (objects.pvc(objects.workspace_name(pod_name), {"size": size}, labels),
                           objects.secret(objects.secret_name(pod_name), secrets.token_urlsafe(32), labels),
                           objects.pool_pod(pool, pod_name, CONFIG.image)):
                 if child["kind"] != "PersistentVolumeClaim":
