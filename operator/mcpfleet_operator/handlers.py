@@ -1,0 +1,359 @@
+"""The McpSandbox and McpSandboxPool lifecycle, as kopf handlers (read top to bottom as the state machine).
+
+States (`status.state`) and what an SRE sees:
+
+| From          | Trigger                                              | To          | Conditions                         | Event (reason)      |
+|---------------|------------------------------------------------------|-------------|------------------------------------|---------------------|
+| (new)         | McpSandbox created, operatingMode Running            | Starting    | WorkspaceReady True, Ready False   | Starting            |
+| (new)         | created with poolRef, a ready pool pod relabelled    | Running     | Ready True                         | Claimed             |
+| (new)         | created with operatingMode Hibernated                | Hibernated  | Hibernated True, Ready False       | Hibernated          |
+| Starting      | the pod is Running and Ready                         | Running     | Ready True (endpoint podIP:7070)   | Ready               |
+| Resuming      | the pod is Running and Ready                         | Running     | Ready True, Hibernated False       | Ready               |
+| Running       | operatingMode → Hibernated (gateway, or idle timer)  | Hibernated  | Hibernated True, Ready False       | Hibernated          |
+| Hibernated    | operatingMode → Running (the gateway wakes it)       | Resuming    | Hibernated False, Ready False      | Resuming            |
+| Running       | the pod vanished (node lost, evicted)                | Starting    | Ready False                        | PodLost             |
+| Running       | no activity for MCPFLEET_IDLE_HIBERNATE_S            | (patches operatingMode Hibernated)        | IdleHibernate       |
+| any           | McpSandbox deleted (finalizer)                       | (gone)      | pod, Secret, NetworkPolicy deleted; PVC too if retention Delete | Deleted (log) |
+| any           | the operator restarts                                | (unchanged) | objects re-ensured (adopted), pods not duplicated  | Adopted |
+
+The pool keeps `spec.replicas` unclaimed pods (labels `mcpfleet.dev/pool: NAME`, `mcpfleet.dev/claimed: "false"`)
+and reports `status.replicas` (ready unclaimed pods) and `status.selector` (for `kubectl scale`).
+
+Every handler is idempotent: creating what exists (409) is done, deleting what is gone (404) is done, and a
+claim that loses a race (409 on the pod's resourceVersion) re-reads and takes the next pod. Two operator
+replicas don't fight: kopf's peering (a KopfPeering object, MCPFLEET_OPERATOR_PEERING) lets one act.
+The gateway patches the annotation `mcpfleet.dev/last-activity`; it is mirrored into `status.lastActivity`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import secrets
+import threading
+from typing import Any
+
+import kopf
+
+from mcpfleet_operator import kube, objects
+from mcpfleet_operator.objects import GROUP, VERSION
+from mcpfleet_operator.settings import Settings
+
+SANDBOXES = "mcpsandboxes"
+POOLS = "mcpsandboxpools"
+CONFIG = Settings.from_env()  # timers' intervals are fixed when the handlers are registered
+_pool_locks: dict[str, threading.Lock] = {}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _status(current: dict[str, Any] | None, generation: int | None, state: str, reason: str,
+            **conditions: tuple[str, str]) -> dict[str, Any]:
+    """A status patch: the state, its one-sentence reason, and the conditions given as type=(status, reason)."""
+    conds = list((current or {}).get("conditions") or [])
+    for type_, (value, why) in conditions.items():
+        conds = objects.condition(conds, type_, value, why, reason, now=_now(), generation=generation)
+    return {"state": state, "reason": reason, "conditions": conds, "observedGeneration": generation}
+
+
+def _transition(body: dict[str, Any], patch: kopf.Patch | None, state: str, reason: str, **conditions: tuple[str, str]) -> None:
+    """Record a transition: the status (through kopf's patch, or directly when outside the object's handler) and an Event."""
+    new = _status(body.get("status"), body["metadata"].get("generation"), state, reason, **conditions)
+    if patch is not None:
+        patch.status.update(new)
+    else:
+        kube.patch_cr_status(SANDBOXES, body["metadata"]["namespace"], body["metadata"]["name"], {"status": new})
+    kopf.info(body, reason=state, message=reason)
+
+
+# --- operator start -------------------------------------------------------------------------------
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = "mcpfleet.dev/cleanup"
+    # Progress and the last-handled state in annotations: the CRDs' status schema is the contract's, not kopf's.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.mcpfleet.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.mcpfleet.dev")
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+
+
+# --- McpSandbox: create, adopt, hibernate, wake ---------------------------------------------------
+
+def _ensure_support(body: dict[str, Any], logger: logging.Logger) -> None:
+    """The workspace PVC (unless a claimed pool volume serves), the token Secret, the NetworkPolicy."""
+    meta, spec = body["metadata"], body.get("spec") or {}
+    ns, name = meta["namespace"], meta["name"]
+    labels = objects.sandbox_labels(name)
+    if not (meta.get("annotations") or {}).get(objects.WORKSPACE_CLAIM):
+        # Not owned: the retention policy, not the garbage collector, decides the workspace's fate.
+        kube.create("PersistentVolumeClaim", ns, objects.pvc(objects.workspace_name(name), spec.get("workspace") or {}, labels))
+    token = objects.token(CONFIG.fleet_key(), ns, name, meta["uid"])
+    secret = objects.secret(objects.secret_name(name), token, labels)
+    kopf.adopt(secret, owner=body)
+    kube.create("Secret", ns, secret)
+    policy = objects.network_policy(name, {objects.SANDBOX_LABEL: name}, spec.get("servers"))
+    policy["metadata"]["labels"].update(labels)
+    kopf.adopt(policy, owner=body)
+    kube.create("NetworkPolicy", ns, policy)
+
+
+def _ensure_pod(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The sandbox's pod, created when absent; returns the existing pod when there is one (never a second)."""
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    current = (body.get("status") or {}).get("podName") or name
+    existing = kube.read("Pod", ns, current)
+    if existing is not None and not existing["metadata"].get("deletionTimestamp"):
+        return existing
+    pod = objects.sandbox_pod(body, CONFIG.image)
+    kopf.adopt(pod, owner=body)
+    kube.create("Pod", ns, pod)
+    return None
+
+
+def _claim(body: dict[str, Any], logger: logging.Logger) -> dict[str, Any] | None:
+    """Relabel one ready, unclaimed pod of spec.poolRef as this sandbox's; None when the pool has none ready."""
+    meta = body["metadata"]
+    ns, name, pool = meta["namespace"], meta["name"], body["spec"]["poolRef"]
+    for _attempt in range(5):
+        ready = [p for p in kube.list_("Pod", ns, objects.pool_labels(pool)) if objects.pod_ready(p)
+                 and not p["metadata"].get("deletionTimestamp")]
+        if not ready:
+            return None
+        pod = sorted(ready, key=lambda p: p["metadata"]["name"])[0]
+        owner = {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": name, "uid": meta["uid"],
+                 "controller": True, "blockOwnerDeletion": True}
+        try:
+            # Conditional on the pod's resourceVersion: two claims racing for one pod, one wins (the other gets 409).
+            kube.patch("Pod", ns, pod["metadata"]["name"], {"metadata": {
+                "resourceVersion": pod["metadata"]["resourceVersion"],
+                "labels": {objects.CLAIMED_LABEL: "true", objects.SANDBOX_LABEL: name},
+                "ownerReferences": [owner],
+            }})
+        except kube.ApiException as e:
+            if e.status in (409, 404):
+                logger.info(f"Pool pod {pod['metadata']['name']} was taken meanwhile; re-reading the pool.")
+                continue
+            raise
+        pod_name = pod["metadata"]["name"]
+        token = objects.token(CONFIG.fleet_key(), ns, name, meta["uid"])
+        # Identity is bound late: the pool pod's Secret now carries this user's token, its volume is the user's.
+        kube.patch("Secret", ns, objects.secret_name(pod_name), {
+            "metadata": {"labels": {objects.SANDBOX_LABEL: name}, "ownerReferences": [owner]},
+            "data": objects.secret(pod_name, token, {})["data"]})
+        kube.patch("PersistentVolumeClaim", ns, objects.workspace_name(pod_name), {
+            "metadata": {"labels": {objects.SANDBOX_LABEL: name, objects.CLAIMED_LABEL: "true"}}})
+        return pod
+    raise kopf.TemporaryError("every claim on the pool lost a race", delay=1)
+
+
+@kopf.on.create(GROUP, VERSION, SANDBOXES)
+def sandbox_created(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    body = dict(body)
+    name = body["metadata"]["name"]
+    if spec.get("operatingMode", "Running") == "Hibernated":
+        _ensure_support(body, logger)
+        _transition(body, patch, "Hibernated", "Created hibernated: no pod until it is woken.",
+                    Hibernated=("True", "Created"), Ready=("False", "Hibernated"), WorkspaceReady=("True", "Created"))
+        return
+    if spec.get("poolRef"):
+        pod = _claim(body, logger)
+        if pod is not None:
+            pod_name = pod["metadata"]["name"]
+            ns = body["metadata"]["namespace"]
+            kube.patch_cr(SANDBOXES, ns, name, {"metadata": {"annotations": {objects.WORKSPACE_CLAIM: objects.workspace_name(pod_name)}}})
+            body["metadata"].setdefault("annotations", {})[objects.WORKSPACE_CLAIM] = objects.workspace_name(pod_name)
+            _ensure_support(body, logger)
+            patch.status.update({"podName": pod_name, "endpoint": f"{pod['status']['podIP']}:{objects.PORT}",
+                                 "tokenSecret": objects.secret_name(name)})
+            _transition(body, patch, "Running", f"Claimed the warm pod {pod_name} from pool {spec['poolRef']}.",
+                        Ready=("True", "Claimed"), Hibernated=("False", "Claimed"), WorkspaceReady=("True", "Claimed"))
+            return
+        logger.info(f"Pool {spec['poolRef']} has no ready pod; starting cold.")
+    _ensure_support(body, logger)
+    _ensure_pod(body)
+    patch.status.update({"podName": name, "tokenSecret": objects.secret_name(name)})
+    _transition(body, patch, "Starting", "Created its workspace, token and network policy, and its pod.",
+                WorkspaceReady=("True", "Created"), Ready=("False", "PodStarting"), Hibernated=("False", "Created"))
+
+
+@kopf.on.resume(GROUP, VERSION, SANDBOXES)
+def sandbox_adopted(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch,
+                    logger: logging.Logger, **_: Any) -> None:
+    """After an operator restart: re-ensure what the sandbox should have; an existing pod is kept, never doubled."""
+    body = dict(body)
+    _ensure_support(body, logger)
+    if spec.get("operatingMode", "Running") == "Hibernated":
+        return
+    pod = _ensure_pod(body)
+    if pod is not None and objects.pod_ready(pod) and status.get("state") != "Running":
+        _mark_ready(body, pod, patch)
+    kopf.info(body, reason="Adopted", message="The operator resumed handling this sandbox.")
+
+
+@kopf.on.field(GROUP, VERSION, SANDBOXES, field="spec.operatingMode")
+def operating_mode_changed(body: kopf.Body, old: Any, new: Any, reason: kopf.Reason, status: kopf.Status, patch: kopf.Patch,
+                           logger: logging.Logger, **_: Any) -> None:
+    old, new = old or "Running", new or "Running"  # unset is the CRD's default, Running
+    if reason == kopf.Reason.CREATE or old == new:  # the creation is sandbox_created's
+        return
+    body = dict(body)
+    ns = body["metadata"]["namespace"]
+    if new == "Hibernated":
+        kube.delete("Pod", ns, status.get("podName") or body["metadata"]["name"])
+        patch.status.update({"endpoint": None})
+        _transition(body, patch, "Hibernated", "The pod was deleted; the workspace volume is kept.",
+                    Hibernated=("True", "OperatingMode"), Ready=("False", "Hibernated"))
+    elif new == "Running":
+        _ensure_support(body, logger)
+        # A woken sandbox gets its own pod name back, on the same workspace volume.
+        body.setdefault("status", {})["podName"] = body["metadata"]["name"]
+        _ensure_pod(body)
+        patch.status.update({"podName": body["metadata"]["name"]})
+        _transition(body, patch, "Resuming", "Recreating the pod on the same workspace volume.",
+                    Hibernated=("False", "OperatingMode"), Ready=("False", "PodStarting"))
+
+
+def _mark_ready(sandbox: dict[str, Any], pod: dict[str, Any], patch: kopf.Patch | None) -> None:
+    endpoint = f"{pod['status']['podIP']}:{objects.PORT}"
+    extra = {"endpoint": endpoint, "podName": pod["metadata"]["name"]}
+    if patch is not None:
+        patch.status.update(extra)
+    else:
+        kube.patch_cr_status(SANDBOXES, sandbox["metadata"]["namespace"], sandbox["metadata"]["name"], {"status": extra})
+    _transition(sandbox, patch, "Running", f"The pod is ready at {endpoint}.", Ready=("True", "PodReady"), Hibernated=("False", "PodReady"))
+
+
+@kopf.on.event("", "v1", "pods", labels={objects.SANDBOX_LABEL: kopf.PRESENT})
+def sandbox_pod_changed(type: str, body: kopf.Body, namespace: str, logger: logging.Logger, **_: Any) -> None:
+    """Pod Running+Ready → sandbox Running; pod gone while it should run → recreate it (Starting)."""
+    name = body["metadata"]["labels"][objects.SANDBOX_LABEL]
+    sandbox = kube.read_cr(SANDBOXES, namespace, name)
+    if sandbox is None or sandbox["metadata"].get("deletionTimestamp"):
+        return
+    status = sandbox.get("status") or {}
+    if status.get("podName") and status["podName"] != body["metadata"]["name"]:
+        return  # an older pod of this sandbox
+    mode = (sandbox.get("spec") or {}).get("operatingMode", "Running")
+    if type == "DELETED":
+        if mode == "Running" and status.get("state") in ("Running", "Starting", "Resuming"):
+            sandbox.setdefault("status", {})["podName"] = name
+            _ensure_pod(sandbox)
+            kube.patch_cr_status(SANDBOXES, namespace, name, {"status": {"podName": name, "endpoint": None}})
+            _transition(sandbox, None, "Starting", "The pod was lost; a new one is starting on the same workspace.",
+                        Ready=("False", "PodLost"))
+        return
+    if mode == "Running" and objects.pod_ready(dict(body)) and status.get("state") != "Running":
+        _mark_ready(sandbox, dict(body), None)
+
+
+@kopf.on.field(GROUP, VERSION, SANDBOXES, field=["metadata", "annotations", objects.LAST_ACTIVITY])
+def last_activity_mirrored(new: Any, patch: kopf.Patch, **_: Any) -> None:
+    if new:
+        patch.status["lastActivity"] = new
+
+
+@kopf.timer(GROUP, VERSION, SANDBOXES, interval=CONFIG.idle_check_s, initial_delay=CONFIG.idle_check_s)
+def idle_hibernate(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, logger: logging.Logger, **_: Any) -> None:
+    """Hibernate a sandbox nobody used for MCPFLEET_IDLE_HIBERNATE_S (by patching its operatingMode, as the gateway would)."""
+    if CONFIG.idle_hibernate_s <= 0 or status.get("state") != "Running" or body.get("spec", {}).get("operatingMode") == "Hibernated":
+        return
+    last = (_parse_time((meta.get("annotations") or {}).get(objects.LAST_ACTIVITY)) or _parse_time(status.get("lastActivity"))
+            or _parse_time(meta.get("creationTimestamp")))
+    if last is None:
+        return
+    idle = (datetime.datetime.now(datetime.UTC) - last).total_seconds()
+    if idle >= CONFIG.idle_hibernate_s:
+        kube.patch_cr(SANDBOXES, meta["namespace"], meta["name"], {"spec": {"operatingMode": "Hibernated"}})
+        kopf.info(dict(body), reason="IdleHibernate", message=f"No activity for {int(idle)} s; hibernating.")
+
+
+@kopf.on.delete(GROUP, VERSION, SANDBOXES)
+def sandbox_deleted(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, logger: logging.Logger, **_: Any) -> None:
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    pod_name = status.get("podName") or name
+    kube.delete("Pod", ns, pod_name)
+    if pod_name != name:
+        kube.delete("Pod", ns, name)
+        kube.delete("Secret", ns, objects.secret_name(pod_name))
+    kube.delete("Secret", ns, objects.secret_name(name))
+    kube.delete("NetworkPolicy", ns, name)
+    workspace = (meta.get("annotations") or {}).get(objects.WORKSPACE_CLAIM) or objects.workspace_name(name)
+    if ((spec.get("workspace") or {}).get("retention") or "Keep") == "Delete":
+        kube.delete("PersistentVolumeClaim", ns, workspace)
+        logger.info(f"Deleted the pod, token, network policy and workspace {workspace} (retention Delete).")
+    else:
+        logger.info(f"Deleted the pod, token and network policy; kept the workspace {workspace} (retention Keep).")
+
+
+# --- McpSandboxPool: keep spec.replicas warm pods --------------------------------------------------
+
+def _fill(pool: dict[str, Any], logger: logging.Logger) -> dict[str, Any]:
+    meta = pool["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    lock = _pool_locks.setdefault(f"{ns}/{name}", threading.Lock())
+    with lock:
+        wanted = int((pool.get("spec") or {}).get("replicas") or 0)
+        pods = [p for p in kube.list_("Pod", ns, objects.pool_labels(name)) if not p["metadata"].get("deletionTimestamp")]
+        policy = objects.network_policy(f"{name}-pool", objects.pool_labels(name), None)
+        kopf.adopt(policy, owner=pool)
+        kube.create("NetworkPolicy", ns, policy)
+        for _ in range(wanted - len(pods)):
+            pod_name = f"{name}-{secrets.token_hex(3)}"
+            labels = objects.pool_labels(name)
+            disk_mb = ((pool.get("spec") or {}).get("tier") or {}).get("diskMb")
+            size = f"{int(disk_mb)}Mi" if disk_mb else "1Gi"  # the pool has no workspace spec: the tier's disk quota sizes it
+            for child in (objects.pvc(objects.workspace_name(pod_name), {"size": size}, labels),
+                          objects.secret(objects.secret_name(pod_name), secrets.token_urlsafe(32), labels),
+                          objects.pool_pod(pool, pod_name, CONFIG.image)):
+                if child["kind"] != "PersistentVolumeClaim":
+                    kopf.adopt(child, owner=pool)
+                kube.create(child["kind"], ns, child)
+            logger.info(f"Started warm pod {pod_name}.")
+        # Too many: the not-ready ones go first.
+        for extra in sorted(pods, key=objects.pod_ready)[:max(0, len(pods) - wanted)]:
+            pod_name = extra["metadata"]["name"]
+            for kind, child in (("Pod", pod_name), ("Secret", objects.secret_name(pod_name)),
+                                ("PersistentVolumeClaim", objects.workspace_name(pod_name))):
+                kube.delete(kind, ns, child)
+        ready = sum(1 for p in pods if objects.pod_ready(p))
+    return {"replicas": min(ready, wanted),
+            "selector": f"{objects.POOL_LABEL}={name},{objects.CLAIMED_LABEL}=false"}
+
+
+@kopf.on.create(GROUP, VERSION, POOLS)
+@kopf.on.resume(GROUP, VERSION, POOLS)
+@kopf.on.field(GROUP, VERSION, POOLS, field="spec.replicas")
+def pool_reconciled(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    patch.status.update(_fill(dict(body), logger))
+
+
+@kopf.timer(GROUP, VERSION, POOLS, interval=CONFIG.pool_check_s, initial_delay=CONFIG.pool_check_s)
+def pool_refilled(body: kopf.Body, patch: kopf.Patch, status: kopf.Status, logger: logging.Logger, **_: Any) -> None:
+    new = _fill(dict(body), logger)
+    if new.get("replicas") != status.get("replicas") or new.get("selector") != status.get("selector"):
+        patch.status.update(new)
+
+
+@kopf.on.event("", "v1", "pods", labels={objects.POOL_LABEL: kopf.PRESENT})
+def pool_pod_changed(body: kopf.Body, namespace: str, logger: logging.Logger, **_: Any) -> None:
+    """A pool pod became ready, was claimed or vanished: refill the pool and report its ready count."""
+    pool = kube.read_cr(POOLS, namespace, body["metadata"]["labels"][objects.POOL_LABEL])
+    if pool is None or pool["metadata"].get("deletionTimestamp"):
+        return
+    new = _fill(pool, logger)
+    if new != {k: (pool.get("status") or {}).get(k) for k in new}:
+        kube.patch_cr_status(POOLS, namespace, pool["metadata"]["name"], {"status": new})

@@ -1,0 +1,204 @@
+"""The bodies of the objects the operator owns, built from a McpSandbox or McpSandboxPool (pure functions).
+
+For McpSandbox NAME (all labelled `app.kubernetes.io/part-of: mcpfleet`, `mcpfleet.dev/sandbox: NAME`):
+
+| Object         | Name             | Owned by the McpSandbox? | What                                                  |
+|----------------|------------------|--------------------------|-------------------------------------------------------|
+| PVC            | NAME-workspace   | no: `workspace.retention`| the user's /workspace, kept across hibernation        |
+| Secret         | NAME-token       | yes                      | key `token`: HMAC of the fleet key (SPEC.md)          |
+| NetworkPolicy  | NAME             | yes                      | ingress from the gateway on 7070; egress only to the  |
+|                |                  |                          | egress proxy when a server declares egress, else none |
+| Pod            | NAME             | yes                      | gVisor, non-root, read-only root, no capabilities     |
+
+A warm pool's pods are named POOL-XXXXX and carry their own PVC (POOL-XXXXX-workspace) and Secret
+(POOL-XXXXX-token); a claim relabels them to the McpSandbox, which records the PVC's name in the
+annotation `mcpfleet.dev/workspace-claim` so that a woken sandbox mounts the same volume.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping
+from typing import Any
+
+GROUP = "mcpfleet.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+PORT = 7070
+SUPERVISOR_CONFIG = "/etc/mcpfleet/sandbox.json"
+
+PART_OF = {"app.kubernetes.io/part-of": "mcpfleet"}
+SANDBOX_LABEL = "mcpfleet.dev/sandbox"
+POOL_LABEL = "mcpfleet.dev/pool"
+CLAIMED_LABEL = "mcpfleet.dev/claimed"
+LAST_ACTIVITY = "mcpfleet.dev/last-activity"
+WORKSPACE_CLAIM = "mcpfleet.dev/workspace-claim"
+
+Body = dict[str, Any]
+
+
+def token(key: bytes, namespace: str, name: str, uid: str) -> str:
+    """The sandbox's token as SPEC.md derives it; the gateway computes the same without reading the Secret."""
+    digest = hmac.new(key, f"mcpsandbox/{namespace}/{name}/{uid}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
+
+def sandbox_labels(name: str) -> dict[str, str]:
+    return {**PART_OF, SANDBOX_LABEL: name}
+
+
+def pool_labels(pool: str, claimed: bool = False) -> dict[str, str]:
+    return {**PART_OF, POOL_LABEL: pool, CLAIMED_LABEL: "true" if claimed else "false"}
+
+
+def workspace_name(name: str) -> str:
+    return f"{name}-workspace"
+
+
+def secret_name(name: str) -> str:
+    return f"{name}-token"
+
+
+def pvc(name: str, workspace: Mapping[str, Any], labels: Mapping[str, str]) -> Body:
+    spec: Body = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": str(workspace.get("size") or "1Gi")}},
+    }
+    if workspace.get("storageClassName"):
+        spec["storageClassName"] = workspace["storageClassName"]
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "labels": dict(labels)}, "spec": spec}
+
+
+def secret(name: str, token_value: str, labels: Mapping[str, str]) -> Body:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": name, "labels": dict(labels)},
+        "data": {"token": base64.b64encode(token_value.encode()).decode()},
+    }
+
+
+def network_policy(name: str, selector: Mapping[str, str], servers: list[Mapping[str, Any]] | None) -> Body:
+    """Ingress only from the gateway on the supervisor's port; egress only to the egress proxy, and only if asked."""
+    wants_egress = any(s.get("egress") for s in servers or [])
+    egress = [{"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "egress-proxy"}}}]}] if wants_egress else []
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "labels": {**PART_OF}},
+        "spec": {
+            "podSelector": {"matchLabels": dict(selector)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}],
+                "ports": [{"protocol": "TCP", "port": PORT}],
+            }],
+            "egress": egress,
+        },
+    }
+
+
+def resources(tier: Mapping[str, Any] | None) -> Body:
+    tier = tier or {}
+    limits: Body = {}
+    if tier.get("cpus"):
+        limits["cpu"] = str(tier["cpus"])
+    if tier.get("memoryMb"):
+        limits["memory"] = f"{int(tier['memoryMb'])}Mi"
+    if tier.get("diskMb"):
+        limits["ephemeral-storage"] = f"{int(tier['diskMb'])}Mi"
+    return {"limits": limits, "requests": dict(limits)}
+
+
+def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_claim: str, token_secret: str,
+        labels: Mapping[str, str]) -> Body:
+    """The sandbox pod: the supervisor in TCP mode under gVisor, nothing writable but /workspace and /tmp."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {**labels, "app.kubernetes.io/component": "sandbox"}},
+        "spec": {
+            "runtimeClassName": "gvisor",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "restartPolicy": "Always",
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "runAsGroup": 1000,
+                "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [{
+                "name": "supervisor",
+                "image": image,
+                "args": ["python", "-s", "-P", "-m", "sandbox.supervisor", "--listen", f"0.0.0.0:{PORT}", SUPERVISOR_CONFIG],
+                "ports": [{"name": "supervisor", "containerPort": PORT, "protocol": "TCP"}],
+                "readinessProbe": {"tcpSocket": {"port": PORT}, "periodSeconds": 2},
+                "resources": resources(tier),
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 1000,
+                    "readOnlyRootFilesystem": True,
+                    "allowPrivilegeEscalation": False,
+                    "privileged": False,
+                    "capabilities": {"drop": ["ALL"]},
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "volumeMounts": [
+                    {"name": "workspace", "mountPath": "/workspace"},
+                    {"name": "token", "mountPath": "/var/run/mcpfleet", "readOnly": True},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+            }],
+            "volumes": [
+                {"name": "workspace", "persistentVolumeClaim": {"claimName": workspace_claim}},
+                {"name": "token", "secret": {"secretName": token_secret, "defaultMode": 0o440}},
+                {"name": "tmp", "emptyDir": {"medium": "Memory"}},
+            ],
+        },
+    }
+
+
+def sandbox_pod(sandbox: Mapping[str, Any], image: str) -> Body:
+    name = sandbox["metadata"]["name"]
+    claim = (sandbox["metadata"].get("annotations") or {}).get(WORKSPACE_CLAIM) or workspace_name(name)
+    return pod(name, image=image, tier=sandbox.get("spec", {}).get("tier"), workspace_claim=claim,
+               token_secret=secret_name(name), labels=sandbox_labels(name))
+
+
+def pool_pod(pool: Mapping[str, Any], name: str, image: str) -> Body:
+    pool_name = pool["metadata"]["name"]
+    image = (pool.get("spec", {}).get("template") or {}).get("image") or image
+    return pod(name, image=image, tier=pool.get("spec", {}).get("tier"), workspace_claim=workspace_name(name),
+               token_secret=secret_name(name), labels=pool_labels(pool_name))
+
+
+def pod_ready(pod_body: Mapping[str, Any]) -> bool:
+    status = pod_body.get("status") or {}
+    if status.get("phase") != "Running" or not status.get("podIP"):
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def condition(conditions: list[Mapping[str, Any]] | None, type_: str, status: str, reason: str, message: str,
+              *, now: str, generation: int | None) -> list[Body]:
+    """The conditions list with `type_` set; lastTransitionTime moves only when the status changes."""
+    out: list[Body] = []
+    found = False
+    for c in conditions or []:
+        if c.get("type") != type_:
+            out.append(dict(c))
+            continue
+        found = True
+        changed = c.get("status") != status
+        out.append({"type": type_, "status": status, "reason": reason, "message": message,
+                    "lastTransitionTime": now if changed else c.get("lastTransitionTime", now),
+                    "observedGeneration": generation})
+    if not found:
+        out.append({"type": type_, "status": status, "reason": reason, "message": message,
+                    "lastTransitionTime": now, "observedGeneration": generation})
+    return out
