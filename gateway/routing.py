@@ -33,7 +33,7 @@ from core.accounts import Identity
 from core.text import bounded
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
-from sandbox.client import NotificationHandler, RequestHandler
+from sandbox.channel import NotificationHandler, RequestHandler
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)

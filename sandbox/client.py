@@ -19,19 +19,24 @@ import logging
 import os
 import re
 import socket
-import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from sandbox import wire
+from sandbox.channel import (
+    READ_CHUNK,
+    Connection,
+    LineReader,
+    NotificationHandler,
+    PendingCall,
+    RequestHandler,
+    own_socket,
+)
 from sandbox.errors import SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
-
-NotificationHandler = Callable[[str, "dict[str, Any] | None"], "Awaitable[None] | None"]
-RequestHandler = Callable[[str, "dict[str, Any] | None"], "Awaitable[dict[str, Any]]"]
 
 STATUS_METHOD = "server/status"
 """Method of the event a listener gets when a server (re)starts or fails; params are its status."""
@@ -46,10 +51,6 @@ _LISTS = (
 _MAX_PAGES = 1000
 HELLO_TIMEOUT = 10.0
 """Seconds a new connection has to say hello before it is dropped."""
-READ_CHUNK = 256 * 1024
-"""Bytes read off the channel at a time; the socket's reader buffers at most twice that."""
-_HEAD = 64
-"""Bytes of a message enough to tell a call's answer and its id (the supervisor writes `type` and `id` first)."""
 _ANSWER_HEAD = re.compile(rb'\{"type":"(?:result|error)","id":(\d{1,18})[,}]')
 
 
@@ -60,107 +61,6 @@ class SandboxEvent:
     server: str
     method: str
     params: dict[str, Any] | None
-
-
-class _Connection:
-    def __init__(self, writer: asyncio.StreamWriter):
-        self.writer = writer
-
-    def send(self, message: wire.GatewayMessage) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(wire.encode(message))
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class _Call:
-    """One call in flight, with what to do with its notifications and the server's requests."""
-
-    __slots__ = ("future", "connection", "on_notification", "on_request", "_last_note")
-
-    def __init__(
-        self,
-        connection: _Connection,
-        on_notification: NotificationHandler | None,
-        on_request: RequestHandler | None,
-    ):
-        self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.connection = connection
-        self.on_notification = on_notification
-        self.on_request = on_request
-        self._last_note: asyncio.Task[None] | None = None
-
-    def note(self, method: str, params: dict[str, Any] | None) -> None:
-        """Hand a notification to the caller's handler, in order, without holding up the channel."""
-        if self.on_notification is None:
-            return
-        self._last_note = asyncio.create_task(self._deliver(self._last_note, method, params))
-
-    async def _deliver(self, previous: asyncio.Task[None] | None, method: str, params: dict[str, Any] | None) -> None:
-        if previous is not None:
-            await previous
-        try:
-            outcome = self.on_notification(method, params)  # type: ignore[misc]
-            if inspect.isawaitable(outcome):
-                await outcome
-        except Exception:
-            log.exception("a notification handler failed on %s", method)
-
-    async def notes_delivered(self) -> None:
-        if self._last_note is not None:
-            await self._last_note
-
-
-class _Lines:
-    """The channel's messages as lines, none held longer than `limit` bytes.
-
-    A longer line is skipped as it arrives, never buffered whole, and `too_long` hears of its start;
-    so is a line whose start shows it answers a call nobody waits for any more (`unwanted`).
-    """
-
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        limit: int,
-        too_long: Callable[[bytes], None],
-        unwanted: Callable[[bytes], bool],
-    ):
-        self._reader = reader
-        self._limit = limit
-        self._too_long = too_long
-        self._unwanted = unwanted
-        self._buffer = bytearray()
-        self._scanned = 0  # no newline in the buffer before this
-        self._skipping = False
-        self._judged = False
-
-    async def next(self) -> bytes | None:
-        """The next non-empty line (without its newline); None once the channel is closed."""
-        while True:
-            end = self._buffer.find(b"\n", self._scanned)
-            self._scanned = len(self._buffer) if end < 0 else 0
-            if not self._skipping:
-                if end > self._limit or (end < 0 and len(self._buffer) > self._limit):
-                    self._too_long(bytes(self._buffer[:_HEAD]))
-                    self._skipping = True
-                elif not self._judged and (end >= 0 or len(self._buffer) >= _HEAD):
-                    self._judged = True
-                    self._skipping = self._unwanted(bytes(self._buffer[:_HEAD]))
-            if end >= 0:
-                line = b"" if self._skipping else bytes(self._buffer[:end])
-                del self._buffer[: end + 1]
-                self._skipping = self._judged = False
-                if line:
-                    return line
-                continue
-            if self._skipping:
-                self._buffer.clear()
-                self._scanned = 0
-            chunk = await self._reader.read(READ_CHUNK)
-            if not chunk:
-                return None
-            self._buffer += chunk
 
 
 class SupervisorClient:
@@ -187,12 +87,12 @@ class SupervisorClient:
         self._default_on_request = on_request
         self._listener: asyncio.AbstractServer | None = None
         self._socket_inode: int | None = None
-        self._connection: _Connection | None = None
+        self._connection: Connection | None = None
         self._ready = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._disconnected.set()
         self._ids = itertools.count(1)
-        self._calls: dict[int, _Call] = {}
+        self._calls: dict[int, PendingCall] = {}
         self._asks: dict[int, asyncio.Task[None]] = {}
         self.servers: dict[str, dict[str, Any]] = {}
         self.supervisor: dict[str, Any] = {}
@@ -226,7 +126,7 @@ class SupervisorClient:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # unlink never follows a symlink
             sock.bind(str(path))
-            self._socket_inode = _own_socket(path, self._socket_owner)
+            self._socket_inode = own_socket(path, self._socket_owner)
             self._listener = await asyncio.start_unix_server(self._accept, sock=sock, limit=READ_CHUNK)
         except OSError as exc:
             sock.close()
@@ -329,8 +229,8 @@ class SupervisorClient:
         self._fail_calls(None, "the gateway closed the channel")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = _Connection(writer)
-        lines = _Lines(reader, self.max_result_bytes, self._too_long, self._unwanted)
+        connection = Connection(writer)
+        lines = LineReader(reader, self.max_result_bytes, self._too_long, self._unwanted)
         try:
             hello = await asyncio.wait_for(lines.next(), HELLO_TIMEOUT)
             if hello is None or not self._is_supervisor(wire.decode(hello)):
@@ -379,7 +279,7 @@ class SupervisorClient:
             return True
         return hmac.compare_digest(str(hello.get("token", "")).encode(), self._token.encode())
 
-    def _fail_calls(self, connection: _Connection | None, reason: str) -> None:
+    def _fail_calls(self, connection: Connection | None, reason: str) -> None:
         for call_id, call in list(self._calls.items()):
             if connection is None or call.connection is connection:
                 del self._calls[call_id]
@@ -390,7 +290,7 @@ class SupervisorClient:
 
     # -- messages from the supervisor ---------------------------------------------------
 
-    def _dispatch(self, connection: _Connection, message: dict[str, Any]) -> None:
+    def _dispatch(self, connection: Connection, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "result" or kind == "error":
             call = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
@@ -441,7 +341,7 @@ class SupervisorClient:
             self._invalidate(server)
         self._emit(SandboxEvent(server, method, params))
 
-    async def _answer(self, connection: _Connection, key: int, message: dict[str, Any]) -> None:
+    async def _answer(self, connection: Connection, key: int, message: dict[str, Any]) -> None:
         call = self._calls.get(message.get("id")) if message.get("id") is not None else None  # type: ignore[arg-type]
         handler = call.on_request if call is not None and call.on_request is not None else self._default_on_request
         method, params = message.get("method", ""), message.get("params")
@@ -505,7 +405,7 @@ class SupervisorClient:
         if connection is None or not self._ready.is_set():
             self._raise_unavailable()
         call_id = next(self._ids)
-        call = _Call(connection, on_notification, on_request)
+        call = PendingCall(connection, on_notification, on_request)
         self._calls[call_id] = call
         message: wire.Call = {"type": "call", "id": call_id, "server": server, "method": method}
         if params is not None:
@@ -541,7 +441,7 @@ class SupervisorClient:
         if connection is None or not self._ready.is_set():
             self._raise_unavailable()
         call_id = next(self._ids)
-        call = _Call(connection, None, None)
+        call = PendingCall(connection, None, None)
         self._calls[call_id] = call
         connection.send({"type": "configure", "id": call_id, "servers": servers})
         try:
@@ -559,7 +459,7 @@ class SupervisorClient:
         if connection is None or not self._ready.is_set():
             raise SandboxUnavailable("the sandbox's supervisor is not connected")
         call_id = next(self._ids)
-        call = _Call(connection, None, None)
+        call = PendingCall(connection, None, None)
         self._calls[call_id] = call
         connection.send({"type": "ping", "id": call_id})
         try:
@@ -645,23 +545,3 @@ class SupervisorClient:
             if not cursor:
                 return items
         raise SandboxRpcError(wire.INTERNAL_ERROR, f"{method} did not stop paginating after {_MAX_PAGES} pages")
-
-
-def _own_socket(path: Path, owner: tuple[int, int] | None) -> int:
-    """Make the socket just bound at `path` 0600 (and `owner`'s) without following its name; its inode.
-
-    Refused if the name no longer holds a socket: something in the sandbox replaced it.
-    """
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SandboxUnavailable(f"{path} was replaced while the gateway bound it; not following it")
-        # An O_PATH descriptor takes no fchmod; its /proc link reaches the inode it holds, and only that.
-        held = f"/proc/self/fd/{fd}"
-        os.chmod(held, 0o600)
-        if owner is not None:
-            os.chown(held, *owner)
-        return st.st_ino
-    finally:
-        os.close(fd)
