@@ -14,7 +14,6 @@ import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mcp_types as types
@@ -25,7 +24,6 @@ from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, PromptsListChanged, ToolsListChanged
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
-from mcp.shared.uri_template import UriTemplate
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
@@ -33,12 +31,12 @@ from core.accounts import Identity
 from core.text import bounded
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
+from gateway.catalog import Catalog, build_catalog
 from sandbox.channel import NotificationHandler, RequestHandler
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
-SEPARATOR = "__"
 QUOTA_EXCEEDED = -32001
 """JSON-RPC error for a caller whose tenant or node has no room for another running sandbox
 (from the implementation-defined server error range)."""
@@ -80,54 +78,6 @@ class SandboxProvider(Protocol):
     """What the router needs of the sandbox manager: the caller's sandbox, running."""
 
     async def ensure(self, user_id: int, tenant: str, user: str) -> RunningSandbox: ...
-
-
-@dataclass(eq=False)  # compared and cached by identity
-class Catalog:
-    """What one user's servers offer, under the names the gateway shows."""
-
-    tools: list[dict[str, Any]] = field(default_factory=list)
-    prompts: list[dict[str, Any]] = field(default_factory=list)
-    resources: list[dict[str, Any]] = field(default_factory=list)
-    templates: list[dict[str, Any]] = field(default_factory=list)
-    # public name -> (server, the server's own name)
-    tool_owner: dict[str, tuple[str, str]] = field(default_factory=dict)
-    prompt_owner: dict[str, tuple[str, str]] = field(default_factory=dict)
-    resource_owner: dict[str, str] = field(default_factory=dict)
-    template_owner: list[tuple[UriTemplate, str]] = field(default_factory=list)
-
-
-def public_name(server: str, name: str, bare_servers: frozenset[str]) -> str:
-    return name if server in bare_servers else f"{server}{SEPARATOR}{name}"
-
-
-def build_catalog(per_server: Mapping[str, Mapping[str, Any]], bare_servers: frozenset[str] = frozenset()) -> Catalog:
-    """Merge the servers' offers. Servers are taken in name order, so the result depends only on what they offer."""
-    catalog = Catalog()
-    for server in sorted(per_server):
-        offer = per_server[server]
-        for kind, owner, out in (("tools", catalog.tool_owner, catalog.tools), ("prompts", catalog.prompt_owner, catalog.prompts)):
-            for item in offer.get(kind) or []:
-                name = public_name(server, item["name"], bare_servers)
-                if name in owner:
-                    log.warning("%s %r of server %s is hidden by server %s", kind, name, server, owner[name][0])
-                    continue
-                owner[name] = (server, item["name"])
-                out.append({**item, "name": name})
-        for resource in offer.get("resources") or []:
-            if resource["uri"] in catalog.resource_owner:
-                continue  # the first server (by name) keeps a URI two servers claim
-            catalog.resource_owner[resource["uri"]] = server
-            catalog.resources.append(dict(resource))
-        for template in offer.get("resourceTemplates") or []:
-            catalog.templates.append(dict(template))
-            try:
-                catalog.template_owner.append((UriTemplate.parse(template["uriTemplate"]), server))
-            except Exception:
-                log.warning("server %s offers an unparseable URI template %r", server, template.get("uriTemplate"))
-    catalog.tools.sort(key=lambda t: t["name"])
-    catalog.prompts.sort(key=lambda p: p["name"])
-    return catalog
 
 
 class ToolRegistry(Protocol):
