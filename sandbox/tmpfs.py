@@ -14,9 +14,10 @@ crash finds them still there for the sandboxes it adopts, and unmounts the other
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 from pathlib import Path
+
+from sandbox.mounts import is_mounted
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +49,6 @@ def unmount(at: Path) -> bool:
         log.warning("unmounting %s lazily: it is busy", at)
         _run("umount", "--lazy", str(at))
     return True
-
-
-def is_mounted(at: Path) -> bool:
-    """Whether something is mounted at `at`, from mountinfo (os.path.ismount misses bind mounts)."""
-    target = os.fsencode(Path(at).absolute())
-    with open("/proc/self/mountinfo", "rb") as f:
-        return any(_unescape(line.split()[4]) == target for line in f)
-
-
-def _unescape(field: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
-    out, i = bytearray(), 0
-    while i < len(field):
-        if field[i : i + 1] == b"\\" and field[i + 1 : i + 4].isdigit():
-            out.append(int(field[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return bytes(out)
 
 
 def _run(*argv: str) -> None:

@@ -31,8 +31,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from sandbox import mounts as hostmounts
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,6 @@ class WorkspaceError(RuntimeError):
 
 class WorkspaceInUse(WorkspaceError):
     """The workspace is mounted (or still attached to a loop device) where it must not be."""
-
-
-@dataclass(frozen=True)
-class _Mount:
-    device: str  # "major:minor" of the mounted filesystem
-    mountpoint: Path
-    source: str
-
-
-@dataclass(frozen=True)
-class _Loop:
-    name: str  # /dev/loopN
-    device: str  # its own "major:minor"
-    backing: tuple[str, int]  # ("major:minor", inode) of the image file
 
 
 class Workspaces:
@@ -227,12 +214,12 @@ class Workspaces:
         at.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._image_lock(target):
             if self.quotas and (loop := self._attached(target)) is not None:
-                where = next((m.mountpoint for m in _mounts() if m.device == loop.device), None)
+                where = next((m.mountpoint for m in hostmounts.mounts() if m.device == loop.device), None)
                 elsewhere = f"{loop.name}, a sandbox may still use it" if where is None else f"mounted at {where}"
                 raise WorkspaceInUse(f"workspace {key} is in use ({elsewhere})")
             if not self.quotas and (where := self.mounted(key)) is not None:
                 raise WorkspaceInUse(f"workspace {key} is in use (mounted at {where})")
-            if _mount_at(at) is not None:
+            if hostmounts.mount_at(at) is not None:
                 raise WorkspaceInUse(f"{at} is a mountpoint already")
             if any(at.iterdir()):
                 raise WorkspaceError(f"cannot mount workspace {key} at {at}: that directory is not empty")
@@ -258,13 +245,13 @@ class Workspaces:
         waits RELEASE_TIMEOUT for a loop device that will not be freed.
         """
         at = Path(at).absolute()
-        if (mount := _mount_at(at)) is None:
+        if (mount := hostmounts.mount_at(at)) is None:
             return False
         result = _run("umount", str(at), check=False)
-        if result.returncode != 0 and _mount_at(at) is not None:
+        if result.returncode != 0 and hostmounts.mount_at(at) is not None:
             log.warning("unmounting %s lazily: %s", at, result.stderr.strip())
             _run("umount", "--lazy", str(at))
-        elif mount.source.startswith("/dev/loop") and not any(m.source == mount.source for m in _mounts()):
+        elif mount.source.startswith("/dev/loop") and not any(m.source == mount.source for m in hostmounts.mounts()):
             _released(mount.source)  # so that a `mount` right after this one finds the image free
         return True
 
@@ -275,11 +262,11 @@ class Workspaces:
             st = target.stat()
         except FileNotFoundError:
             return None
-        mounts = _mounts()
+        mounts = hostmounts.mounts()
         if self.quotas:
             loop = self._loop_of(target, st)
             return next((m.mountpoint for m in mounts if loop and m.device == loop.device), None)
-        device = _majmin(st.st_dev)
+        device = hostmounts.majmin(st.st_dev)
         for m in mounts:
             if m.device == device and m.mountpoint != target and _same_file(m.mountpoint, st):
                 return m.mountpoint
@@ -294,15 +281,15 @@ class Workspaces:
         """
         under = Path(under).absolute()
         keep = {Path(p).absolute() for p in keep}
-        mounts = [m for m in _mounts() if m.mountpoint.is_relative_to(under) and m.mountpoint not in keep]
+        mounts = [m for m in hostmounts.mounts() if m.mountpoint.is_relative_to(under) and m.mountpoint not in keep]
         ours: list[Path] = []
         if self.quotas:
             images = set()
             for image in self.root.glob("*.img"):
                 with contextlib.suppress(FileNotFoundError):
                     st = image.stat()
-                    images.add((_majmin(st.st_dev), st.st_ino))
-            devices = {loop.device for loop in _loops() if loop.backing in images}
+                    images.add((hostmounts.majmin(st.st_dev), st.st_ino))
+            devices = {loop.device for loop in hostmounts.loops() if loop.backing in images}
             ours = [m.mountpoint for m in mounts if m.device in devices]
         else:
             directories = [p.stat() for p in self.root.iterdir() if p.is_dir()]
@@ -379,16 +366,16 @@ class Workspaces:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _loop_of(self, image: Path, st: os.stat_result | None = None) -> _Loop | None:
+    def _loop_of(self, image: Path, st: os.stat_result | None = None) -> hostmounts.Loop | None:
         """The loop device the image is attached to, found by inode: it survives renames."""
         st = st or image.stat()
-        backing = (_majmin(st.st_dev), st.st_ino)
-        return next((loop for loop in _loops() if loop.backing == backing), None)
+        backing = (hostmounts.majmin(st.st_dev), st.st_ino)
+        return next((loop for loop in hostmounts.loops() if loop.backing == backing), None)
 
-    def _attached(self, image: Path) -> _Loop | None:
+    def _attached(self, image: Path) -> hostmounts.Loop | None:
         """The image's loop device, unless it is only lingering after its last unmount (waited for)."""
         loop = self._loop_of(image)
-        if loop is None or any(m.device == loop.device for m in _mounts()) or not _released(loop.name):
+        if loop is None or any(m.device == loop.device for m in hostmounts.mounts()) or not _released(loop.name):
             return loop
         return self._loop_of(image)
 
@@ -423,7 +410,7 @@ class Workspaces:
         except (WorkspaceError, OSError) as exc:
             return f"a loop mount failed here ({exc})"
         finally:
-            if _mount_at(probe / "mnt") is None:
+            if hostmounts.mount_at(probe / "mnt") is None:
                 shutil.rmtree(probe, ignore_errors=True)
         return None
 
@@ -501,10 +488,6 @@ def _superblock(image: Path) -> tuple[int, int, int]:
     return blocks, free, 1024 << log_size
 
 
-def _majmin(dev: int) -> str:
-    return f"{os.major(dev)}:{os.minor(dev)}"
-
-
 def _same_file(path: Path, st: os.stat_result) -> bool:
     try:
         other = path.stat()
@@ -522,37 +505,3 @@ def _flock(path: Path, *, create: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _mounts() -> list[_Mount]:
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            tail = fields[fields.index("-") + 1 :]
-            mounts.append(_Mount(fields[2], Path(_unescape(fields[4])), _unescape(tail[1])))
-    return mounts
-
-
-def _mount_at(at: Path) -> _Mount | None:
-    """The mount on top at `at`, if `at` is a mountpoint (os.path.ismount misses bind mounts of a directory)."""
-    return next((m for m in reversed(_mounts()) if m.mountpoint == at), None)
-
-
-def _loops() -> list[_Loop]:
-    """The bound loop devices, read from sysfs: `losetup --list` reads the same, for a process more."""
-    loops = []
-    for sysfs in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (sysfs / "loop" / "backing_file").read_text().removesuffix("\n")
-            device = (sysfs / "dev").read_text().strip()
-            st = os.stat(backing)  # the kernel gives the file's name now: a rename is followed
-        except OSError:
-            continue  # unbound, or its file deleted
-        loops.append(_Loop(f"/dev/{sysfs.name}", device, (_majmin(st.st_dev), st.st_ino)))
-    return loops
