@@ -2,7 +2,9 @@
 
 The gateway listens on the socket in the sandbox's channel dir and the
 supervisor inside connects to it, so a new gateway process, or a sandbox
-restored from a checkpoint, simply gets a new connection. Calls are
+restored from a checkpoint, simply gets a new connection. In a Kubernetes pod
+the supervisor listens on TCP instead and the gateway connects (`connect`),
+attaching with the token; from the hello on, both ways are the same. Calls are
 multiplexed by id; results come back as the server produced them.
 """
 
@@ -164,7 +166,7 @@ class _Lines:
 class SupervisorClient:
     def __init__(
         self,
-        socket_path: Path,
+        socket_path: Path | None = None,
         *,
         token: str | None = None,
         socket_owner: tuple[int, int] | None = None,
@@ -174,8 +176,11 @@ class SupervisorClient:
         """`token` is the secret the supervisor's hello must carry (None: any hello will do).
         `on_request` answers server requests that belong to no call (or whose call has no handler).
         A call whose answer is longer than `max_result_bytes` fails with a JSON-RPC error saying so;
-        the answer is skipped as it arrives, never held."""
-        self.socket_path = Path(socket_path)
+        the answer is skipped as it arrives, never held.
+        Without `socket_path`, the client only `connect`s (to a supervisor listening on TCP)."""
+        self.socket_path = Path(socket_path) if socket_path is not None else None
+        self.address = str(socket_path)
+        """Where the supervisor is, for messages: the socket, or host:port once connected."""
         self.max_result_bytes = max_result_bytes
         self._token = token
         self._socket_owner = socket_owner
@@ -196,6 +201,7 @@ class SupervisorClient:
         self._generation: dict[str, int] = {}
         self._listeners: list[Callable[[SandboxEvent], Any]] = []
         self._detached = False
+        self._reading: asyncio.Task[None] | None = None
 
     # -- the socket ---------------------------------------------------------------------
 
@@ -210,18 +216,21 @@ class SupervisorClient:
         self._detached = False
         if self._listener is not None:
             return
-        if len(os.fsencode(self.socket_path)) >= 108:
-            raise SandboxUnavailable(f"socket path too long for a Unix socket: {self.socket_path}")
+        path = self.socket_path
+        if path is None:
+            raise SandboxUnavailable("this channel connects to its supervisor over TCP; it has no socket to listen on")
+        if len(os.fsencode(path)) >= 108:
+            raise SandboxUnavailable(f"socket path too long for a Unix socket: {path}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)  # unlink never follows a symlink
-            sock.bind(str(self.socket_path))
-            self._socket_inode = _own_socket(self.socket_path, self._socket_owner)
+                os.unlink(path)  # unlink never follows a symlink
+            sock.bind(str(path))
+            self._socket_inode = _own_socket(path, self._socket_owner)
             self._listener = await asyncio.start_unix_server(self._accept, sock=sock, limit=READ_CHUNK)
         except OSError as exc:
             sock.close()
-            raise SandboxUnavailable(f"cannot listen on {self.socket_path}: {exc}") from None
+            raise SandboxUnavailable(f"cannot listen on {path}: {exc}") from None
         except BaseException:
             sock.close()
             raise
@@ -232,9 +241,49 @@ class SupervisorClient:
         self._listener.close()
         self._listener = None
         # Only our own socket file: another gateway may have taken the path over since.
+        path = self.socket_path
         with contextlib.suppress(FileNotFoundError):
-            if os.lstat(self.socket_path).st_ino == self._socket_inode:
-                os.unlink(self.socket_path)
+            if path is not None and os.lstat(path).st_ino == self._socket_inode:
+                os.unlink(path)
+
+    async def connect(self, host: str, port: int, timeout: float) -> None:
+        """Connect to a supervisor listening on TCP (a pod), attach with the token and wait for its
+        hello, trying again until `timeout` while nothing listens yet. A connection this client
+        holds is closed first; the supervisor keeps only the gateway that attached last.
+        Raises SandboxUnavailable if there is no hello in time (a wrong token: the supervisor hangs up)."""
+        if self._token is None:
+            raise ValueError("connecting over TCP needs the sandbox's token")
+        self._detached = False
+        if self._connection is not None:
+            self._connection.close()
+            await self._disconnected.wait()
+        self.address = f"{host}:{port}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.02
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, limit=READ_CHUNK), max(0.01, deadline - loop.time())
+                )
+                break
+            except (OSError, asyncio.TimeoutError) as exc:
+                if loop.time() + delay >= deadline:
+                    raise SandboxUnavailable(f"cannot connect to the supervisor at {self.address}: {exc!r}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        attach: wire.Attach = {"type": "attach", "token": self._token}
+        writer.write(wire.encode(attach))
+        reading = asyncio.create_task(self._accept(reader, writer))
+        ready = asyncio.create_task(self._ready.wait())
+        try:
+            await asyncio.wait({reading, ready}, timeout=max(0.01, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self._ready.is_set():
+            writer.close()
+            raise SandboxUnavailable(f"the supervisor at {self.address} did not say hello (was the token right?)")
+        self._reading = reading
 
     @property
     def connected(self) -> bool:
@@ -286,7 +335,7 @@ class SupervisorClient:
             hello = await asyncio.wait_for(lines.next(), HELLO_TIMEOUT)
             if hello is None or not self._is_supervisor(wire.decode(hello)):
                 # Code run in the sandbox can reach this socket too; only the supervisor knows the token.
-                log.warning("refused a connection to %s: not the supervisor", self.socket_path)
+                log.warning("refused a connection to %s: not the supervisor", self.address)
                 return
             previous = self._connection
             if previous is not None:
@@ -297,7 +346,7 @@ class SupervisorClient:
             while line := await lines.next():
                 self._dispatch(connection, wire.decode(line))
         except (ValueError, ConnectionError, asyncio.TimeoutError) as exc:
-            log.warning("dropping the connection to %s: %r", self.socket_path, exc)
+            log.warning("dropping the connection to %s: %r", self.address, exc)
         finally:
             writer.close()
             self._fail_calls(connection, "the sandbox's supervisor disconnected")
@@ -310,7 +359,7 @@ class SupervisorClient:
         """An answer longer than the limit: its call fails (a message of another kind is only dropped)."""
         match = _ANSWER_HEAD.match(head)
         call = self._calls.pop(int(match.group(1)), None) if match else None
-        log.warning("skipped a message over %d bytes from %s: %r...", self.max_result_bytes, self.socket_path, head[:48])
+        log.warning("skipped a message over %d bytes from %s: %r...", self.max_result_bytes, self.address, head[:48])
         if call is not None and not call.future.done():
             call.future.set_exception(SandboxRpcError(
                 wire.INTERNAL_ERROR,

@@ -8,7 +8,15 @@ listening host socket cannot be saved, so before a checkpoint the gateway asks
 the supervisor to `detach`, and afterwards (or after a gateway restart) the
 supervisor simply connects again.
 
+In a Kubernetes pod it is the other way round (`python -m sandbox.supervisor --listen HOST:PORT`):
+the supervisor listens on TCP and a gateway replica connects; its first message must be an
+`attach` with the sandbox's token (else the supervisor hangs up unanswered), and only then does
+the supervisor say `hello`. The last gateway to attach has the channel; the one before is
+dropped. Everything else is the same either way.
+
 gateway -> supervisor
+    attach  {"token"}                              TCP only, first on every connection: the sandbox's
+                                                   token, compared in constant time
     call    {"id", "server", "method", "params"}   a JSON-RPC request for one server
     cancel  {"id", "reason"}                       the gateway gave up on a call
     answer  {"ask", "result" | "error"}            reply to a server's request (an `ask`)
@@ -116,6 +124,11 @@ class Configure(TypedDict):
     servers: list[dict[str, Any]]
 
 
+class Attach(TypedDict):
+    type: Literal["attach"]
+    token: str
+
+
 class Detach(TypedDict):
     type: Literal["detach"]
 
@@ -125,7 +138,7 @@ class Ping(TypedDict):
     id: int
 
 
-GatewayMessage = Call | Cancel | Answer | Notify | Configure | Detach | Ping
+GatewayMessage = Attach | Call | Cancel | Answer | Notify | Configure | Detach | Ping
 
 
 class Hello(TypedDict):

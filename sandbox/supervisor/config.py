@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -45,9 +46,9 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class SupervisorConfig:
-    socket: str
-    """Path of the gateway's socket, as the supervisor sees it."""
-    servers: list[ServerConfig]
+    socket: str = ""
+    """Path of the gateway's socket, as the supervisor sees it (unused when it listens on TCP)."""
+    servers: list[ServerConfig] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     """Added to the supervisor's own environment for every server; a server's `env` comes on top."""
     protocol_version: str = PROTOCOL_VERSION
@@ -63,7 +64,7 @@ class SupervisorConfig:
     @classmethod
     def from_json(cls, text: str) -> SupervisorConfig:
         raw = json.loads(text)
-        servers = [ServerConfig(**s) for s in raw.pop("servers")]
+        servers = [ServerConfig(**s) for s in raw.pop("servers", [])]
         return cls(servers=servers, **raw)
 
     def write(self, path: Path, *, owner: tuple[int, int] | None = None) -> None:
@@ -95,5 +96,10 @@ class SupervisorConfig:
         """Read and delete: the servers' environment (secrets) stays only in the supervisor's memory,
         out of reach of code run in the sandbox later and off the host's disk."""
         config = cls.read(path)
-        Path(path).unlink()
+        try:
+            Path(path).unlink()
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # A pod's config comes on a read-only volume (no secrets in it: those come at `configure`).
         return config

@@ -1,14 +1,21 @@
-"""The supervisor's end of the channel: connect to the gateway, and again whenever it drops.
+"""The supervisor's end of the channel, either way round.
 
-The supervisor is the side that connects, because gVisor cannot checkpoint a
-sandbox that holds a listening or connected host socket: the gateway asks it to
-`detach` first, and after a restore (or a gateway restart) it connects again.
+`Link` (runsc, Docker): the supervisor connects to the gateway's Unix socket, and again whenever
+it drops. The supervisor is the side that connects there, because gVisor cannot checkpoint a
+sandbox that holds a listening or connected host socket: the gateway asks it to `detach` first,
+and after a restore (or a gateway restart) it connects again.
+
+`Listener` (a Kubernetes pod): the supervisor listens on TCP and a gateway replica connects. The
+pod is reachable by every gateway replica (and, were the NetworkPolicy wrong, by more), so a
+connection counts only once its first message is an `attach` with the sandbox's token; one
+gateway at a time, the last to attach.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import hmac
+from typing import TYPE_CHECKING, Any
 
 from sandbox import wire
 from sandbox.supervisor.child import log
@@ -19,13 +26,18 @@ if TYPE_CHECKING:
 RETRY_FIRST = 0.02
 RETRY_MAX = 0.5
 """Worst-case delay before a returning gateway is reconnected to."""
+ATTACH_TIMEOUT = 10.0
+"""Seconds a TCP connection has to attach before it is closed."""
 
 
 class _Channel(asyncio.Protocol):
     """One connection: lines in, dispatched as they arrive."""
 
-    def __init__(self, supervisor: Supervisor):
+    def __init__(self, supervisor: Supervisor, on_attach: Any = None):
+        """`on_attach(channel, message)`: the first message is an attach, given to it and not dispatched;
+        it returns whether the connection may stay (None: no attach expected, as over the Unix socket)."""
         self._supervisor = supervisor
+        self._on_attach = on_attach
         self._lines = wire.LineSplitter()
         self._transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
@@ -33,10 +45,20 @@ class _Channel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
     def data_received(self, data: bytes) -> None:
         try:
             for line in self._lines.feed(data):
                 message = wire.decode(line)
+                if self._on_attach is not None:
+                    on_attach, self._on_attach = self._on_attach, None
+                    if not on_attach(self, message):
+                        self._drop()
+                        return
+                    continue
                 if message.get("type") == "detach":
                     log("detaching from the gateway")
                     self._drop()
@@ -45,6 +67,9 @@ class _Channel(asyncio.Protocol):
         except ValueError as exc:
             log(f"dropping the gateway connection: {exc}")
             self._drop()
+
+    def drop(self) -> None:
+        self._drop()
 
     def _drop(self) -> None:
         if self._transport is not None:
@@ -90,3 +115,69 @@ class Link:
                 self._transport = None
                 transport.close()
                 self._supervisor.on_disconnect()
+
+
+class Listener:
+    """The channel over TCP: the gateway connects and attaches with the token (`sandbox.wire`)."""
+
+    def __init__(self, host: str, port: int, supervisor: Supervisor):
+        self.host, self.port = host, port
+        self._supervisor = supervisor
+        self._token = supervisor.config.token.encode()
+        self._transport: asyncio.Transport | None = None
+        self._channel: _Channel | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
+    def send(self, message: wire.SupervisorMessage) -> None:
+        """Queue a message for the gateway; dropped while none is attached (the next hello resyncs)."""
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(wire.encode(message))
+
+    async def run(self) -> None:
+        if not self._token:
+            raise RuntimeError("listening on TCP needs a token to check gateways by")
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._new_channel, self.host, self.port, reuse_address=True)
+        log(f"listening on {self.host}:{self.port}")
+        try:
+            await server.serve_forever()
+        finally:
+            server.close()
+            if self._channel is not None:
+                self._channel.drop()
+
+    def _new_channel(self) -> _Channel:
+        channel = _Channel(self._supervisor, on_attach=self._attach)
+        timeout = asyncio.get_running_loop().call_later(ATTACH_TIMEOUT, self._unless_attached, channel)
+        channel.closed.add_done_callback(lambda _: self._closed(channel, timeout))
+        return channel
+
+    def _unless_attached(self, channel: _Channel) -> None:
+        if channel is not self._channel:
+            channel.drop()
+
+    def _attach(self, channel: _Channel, message: dict[str, Any]) -> bool:
+        token = message.get("token") if message.get("type") == "attach" else None
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
+            log("refused a connection: no attach with the sandbox's token")
+            return False
+        previous = self._channel
+        if previous is not None:
+            # Another gateway replica took over: the calls of the previous one can no longer be answered.
+            log("a gateway attached; dropping the previous one")
+            self._channel = self._transport = None
+            previous.drop()
+            self._supervisor.on_disconnect()
+        self._channel, self._transport = channel, channel.transport
+        self.send(self._supervisor.hello())
+        return True
+
+    def _closed(self, channel: _Channel, timeout: asyncio.TimerHandle) -> None:
+        timeout.cancel()
+        if channel is self._channel:
+            self._channel = self._transport = None
+            self._supervisor.on_disconnect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import os
 import signal
 import sys
@@ -14,15 +15,16 @@ from sandbox import wire
 from sandbox.supervisor.child import ChildServer, log
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig
 from sandbox.supervisor.init import run_as_init
-from sandbox.supervisor.link import Link
+from sandbox.supervisor.link import Link, Listener
 
 
 class Supervisor:
-    def __init__(self, config: SupervisorConfig):
+    def __init__(self, config: SupervisorConfig, listen: tuple[str, int] | None = None):
+        """`listen`: (host, port) to listen on TCP for the gateway (a pod), else connect to `config.socket`."""
         self.config = config
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
         self._runs: dict[str, asyncio.Task[None]] = {}
-        self.link = Link(config.socket, self)
+        self.link: Link | Listener = Listener(*listen, self) if listen else Link(config.socket, self)
         # gateway call id -> [child, the child's request id once sent]
         self._calls: dict[Any, list[Any]] = {}
         self._asks: dict[int, ChildServer] = {}
@@ -155,15 +157,47 @@ class Supervisor:
         return 0
 
 
+USAGE = "usage: python -m sandbox.supervisor [--listen HOST:PORT [--token-file PATH]] CONFIG.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m sandbox.supervisor CONFIG.json", file=sys.stderr)
+    try:
+        options, config_path = _parse(argv)
+        listen = _address(options["--listen"]) if "--listen" in options else None
+    except ValueError as exc:
+        print(f"{exc}\n{USAGE}", file=sys.stderr)
         return 2
     keep_memory_private()
-    config = SupervisorConfig.consume(argv[0])
+    config = SupervisorConfig.consume(config_path)
+    if "--token-file" in options:
+        # A pod has its token from its Secret's volume rather than from the config.
+        with open(options["--token-file"]) as f:
+            config = dataclasses.replace(config, token=f.read().strip())
     keep_read_buffers_off_mmap()
-    return run_as_init(lambda: asyncio.run(Supervisor(config).run()))
+    return run_as_init(lambda: asyncio.run(Supervisor(config, listen).run()))
+
+
+def _parse(argv: list[str]) -> tuple[dict[str, str], str]:
+    """Options (each with a value) and the one config path; argparse is more than this needs
+    and prints to stdout, which the sandbox's log takes."""
+    options: dict[str, str] = {}
+    rest = list(argv)
+    while rest and rest[0].startswith("--"):
+        name = rest.pop(0)
+        if name not in ("--listen", "--token-file") or not rest:
+            raise ValueError(f"unknown option or missing value: {name}")
+        options[name] = rest.pop(0)
+    if len(rest) != 1:
+        raise ValueError("one CONFIG.json expected")
+    return options, rest[0]
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen wants HOST:PORT, not {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 PR_SET_DUMPABLE = 4
