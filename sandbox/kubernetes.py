@@ -5,7 +5,7 @@ user it keeps one `McpSandbox` (the contract: the operator's CRD), and on a call
 
     no McpSandbox          create it (its spec: the user's tier and approved servers)
     operatingMode Hibernated   patch it Running (the operator starts a pod on the same workspace)
-    then                   watch it until its Ready condition is True and it has an endpoint,
+    then                   read it until its Ready condition is True and it has an endpoint,
                            connect to the supervisor there over TCP, attach with the token
                            derived from the object's uid (`sandbox_token`), and hand the
                            router the client, as `SandboxManager.ensure` does
@@ -34,7 +34,6 @@ from typing import Any
 
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
-from kubernetes_asyncio import watch as k8s_watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from core.tasks import Tasks
@@ -151,6 +150,7 @@ class KubernetesSandboxes:
         start_timeout: float = 300.0,
         connect_timeout: float = 30.0,
         activity_interval: float = 30.0,
+        poll_interval: float = 0.3,
         max_result_bytes: int = wire.MAX_LINE,
     ):
         self.api = api
@@ -161,6 +161,7 @@ class KubernetesSandboxes:
         self.start_timeout = start_timeout
         self.connect_timeout = connect_timeout
         self.activity_interval = activity_interval
+        self.poll_interval = poll_interval
         self.max_result_bytes = max_result_bytes
         self._key = key
         self._sandboxes: dict[int, KubeSandbox] = {}
@@ -321,33 +322,23 @@ class KubernetesSandboxes:
         sandbox.servers = wanted
 
     async def _wait_ready(self, name: str) -> dict[str, Any]:
-        """Watch the object until it is ready; SandboxUnavailable if it does not come in time,
-        fails or goes away."""
-        selector = f"metadata.name={name}"
+        """Read the object every `poll_interval` until it is ready; SandboxUnavailable if it does not
+        come in time, fails or goes away. (Polling, not a watch: every API server answers a GET
+        the same way, and a start takes seconds, so a few reads cost nothing.)"""
         try:
             async with asyncio.timeout(self.start_timeout):
                 while True:
-                    watcher = k8s_watch.Watch()
-                    async with watcher.stream(
-                        self.objects.list_namespaced_custom_object,
-                        GROUP, VERSION, self.namespace, PLURAL,
-                        field_selector=selector, timeout_seconds=60,
-                    ) as events:  # fmt: skip
-                        async for event in events:
-                            obj = event["object"]
-                            if obj.get("metadata", {}).get("name") != name:
-                                continue  # a server that ignores the field selector
-                            if event["type"] == "DELETED":
-                                raise SandboxUnavailable(f"sandbox {name} was deleted while starting")
-                            status = obj.get("status") or {}
-                            if status.get("state") == "Failed":
-                                raise SandboxUnavailable(f"sandbox {name} failed: {status.get('reason') or 'no reason given'}")
-                            if is_ready(obj):
-                                return obj
+                    obj = await self._get(name)
+                    if obj is None:
+                        raise SandboxUnavailable(f"sandbox {name} was deleted while starting")
+                    status = obj.get("status") or {}
+                    if status.get("state") == "Failed":
+                        raise SandboxUnavailable(f"sandbox {name} failed: {status.get('reason') or 'no reason given'}")
+                    if is_ready(obj):
+                        return obj
+                    await asyncio.sleep(self.poll_interval)
         except TimeoutError:
             raise SandboxUnavailable(f"sandbox {name} was not ready within {self.start_timeout:.0f}s") from None
-        except ApiException as exc:
-            raise _unavailable("watch", name, exc) from None
 
     # -- the API ----------------------------------------------------------------------------
 
@@ -439,4 +430,3 @@ def read_key(path: str | Path) -> bytes:
     if len(key) < 16:
         raise ValueError(f"the sandbox key in {path} is too short (at least 16 bytes)")
     return key
-

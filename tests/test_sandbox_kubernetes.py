@@ -1,12 +1,16 @@
 """The kubernetes backend's manager (sandbox/kubernetes.py) against a stand-in API server.
 
-Stands in for: the Kubernetes API server, by kmock's KubernetesEmulator (the mock server kopf's
-docs recommend; no API server can run here), serving McpSandbox objects at their real paths
-(/apis/mcpfleet.dev/v1alpha1/namespaces/NS/mcpsandboxes[/NAME]) with watch streams, and giving
-each created object a uid as the API server would. The test plays the operator: when an
-McpSandbox wants to run, it starts a real supervisor listening on loopback TCP with the token
-derived from the object's uid, and sets status Ready with that endpoint. The supervisor, the
-channel and the fixture MCP server are real.
+No Kubernetes API server can run here: kmock's KubernetesEmulator stands in for one. It serves
+McpSandbox objects at their real paths (/apis/mcpfleet.dev/v1alpha1/namespaces/NS/mcpsandboxes
+[/NAME][/status]), keeps them in memory and applies merge patches; the subclass below adds what
+the API server does that the client relies on (a uid and 201 on create). What kmock does not
+prove: the CRD's schema and validation, resourceVersion conflicts, RBAC, label selectors. The
+gateway waits for Ready by reading the object (GET), which kmock answers as the API server does.
+
+The test plays the operator: for each McpSandbox that wants to run it starts a real supervisor
+listening on loopback TCP with the token derived from the object's uid, and sets status Ready
+with that endpoint. The supervisor, the channel and the fixture MCP server are real. Every test
+runs under `asyncio.timeout(WITHIN)`, so a wait that never ends fails the test.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class McpSandboxApi(kmock.KubernetesEmulator):
 @pytest.fixture
 async def api():
     async with McpSandboxApi() as emulator, kmock.Server(emulator):
+        # Declared, as the CRD declares it to an API server: listing none is an empty list, not 404.
+        emulator.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = {}
         yield emulator
 
 
@@ -131,8 +137,7 @@ class Operator:
                 await self.set_status(name, {"state": "Hibernated", "endpoint": None, "conditions": [ready("False")]})
             return
         if name not in self.pods:
-            directory = self.workdir / f"pod-{self.started}"
-            directory.mkdir()
+            directory = Path(tempfile.mkdtemp(prefix=f"pod-{name}-", dir=self.workdir))
             self.started += 1
             pod = ListeningSupervisor(
                 directory,
@@ -156,9 +161,11 @@ def ready(status: str) -> dict:
 
 
 def manager(emulator, workdir: Path, **options) -> KubernetesSandboxes:
-    return KubernetesSandboxes(
-        api_client(emulator), StaticServers([fixture_spec(workdir)]), tier_of, KEY, namespace=NS, **options
-    )
+    return KubernetesSandboxes(api_client(emulator), StaticServers([fixture_spec(workdir)]), tier_of, KEY, namespace=NS, **options)
+
+
+WITHIN = 15.0
+"""Each test's bound: a test that waits longer fails instead of hanging."""
 
 
 def stored(emulator, name: str) -> dict:
@@ -166,104 +173,130 @@ def stored(emulator, name: str) -> dict:
 
 
 def patches(emulator, name: str) -> list:
-    return [r for r in emulator.requests if r.method == kmock.method.PATCH and r.url.path.endswith(f"/{PLURAL}/{name}")]
+    return [r for r in list(emulator) if r.method == kmock.method.PATCH and r.url.path.endswith(f"/{PLURAL}/{name}")]
 
 
 async def test_first_call_creates_the_sandbox_and_is_answered_once_ready(api, workdir):
-    sandboxes = manager(api, workdir)
-    async with Operator(api, workdir):
-        sandbox = await sandboxes.ensure(7, "acme", "alice")
-        assert text(await tool(sandbox.client, "echo", text="in a pod")) == "in a pod"
-    obj = stored(api, "acme-alice")
-    assert obj["metadata"]["labels"]["mcpfleet.dev/user-id"] == "7"
-    spec = obj["spec"]
-    assert spec["user"] == "alice" and spec["tenant"] == "acme" and spec["userId"] == 7
-    assert spec["tier"] == {"name": "standard", "cpus": 1.0, "memoryMb": 512, "pids": 128, "diskMb": 1024}
-    assert spec["operatingMode"] == "Running"
-    assert [s["name"] for s in spec["servers"]] == ["fixture"]
-    assert spec["servers"][0]["command"][0] == sys.executable
-    creates = [r for r in api.requests if r.method == kmock.method.POST]
-    assert [r.url.path for r in creates] == [f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}"]
-    await sandboxes.close()
+    async with asyncio.timeout(WITHIN):
+        sandboxes = manager(api, workdir)
+        async with Operator(api, workdir):
+            sandbox = await sandboxes.ensure(7, "acme", "alice")
+            assert text(await tool(sandbox.client, "echo", text="in a pod")) == "in a pod"
+        obj = stored(api, "acme-alice")
+        assert obj["metadata"]["labels"]["mcpfleet.dev/user-id"] == "7"
+        spec = obj["spec"]
+        assert spec["user"] == "alice" and spec["tenant"] == "acme" and spec["userId"] == 7
+        assert spec["tier"] == {"name": "standard", "cpus": 1.0, "memoryMb": 512, "pids": 128, "diskMb": 1024}
+        assert spec["operatingMode"] == "Running"
+        assert [s["name"] for s in spec["servers"]] == ["fixture"]
+        assert spec["servers"][0]["command"][0] == sys.executable
+        creates = [r for r in list(api) if r.method == kmock.method.POST]
+        assert [r.url.path for r in creates] == [f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}"]
+        await sandboxes.close()
 
 
 async def test_a_hibernated_sandbox_is_woken_and_the_call_waits(api, workdir):
-    sandboxes = manager(api, workdir)
-    async with Operator(api, workdir) as operator:
-        first = await sandboxes.ensure(8, "acme", "bob")
-        assert await sandboxes.hibernate(8)
-        for _ in range(100):
-            if stored(api, "acme-bob").get("status", {}).get("state") == "Hibernated":
-                break
-            await asyncio.sleep(0.05)
-        assert not first.client.connected and "acme-bob" not in operator.pods
-        again = await sandboxes.ensure(8, "acme", "bob")
-        assert text(await tool(again.client, "echo", text="awake")) == "awake"
-        assert operator.started == 2  # a new pod, on the same object
-    modes = [r.data["spec"]["operatingMode"] for r in patches(api, "acme-bob") if "spec" in (r.data or {})]
-    assert modes == ["Hibernated", "Running"]
-    assert all(r.headers["Content-Type"] == MERGE_PATCH for r in patches(api, "acme-bob"))
-    await sandboxes.close()
+    async with asyncio.timeout(WITHIN):
+        sandboxes = manager(api, workdir)
+        async with Operator(api, workdir) as operator:
+            first = await sandboxes.ensure(8, "acme", "bob")
+            assert await sandboxes.hibernate(8)
+            for _ in range(100):
+                if stored(api, "acme-bob").get("status", {}).get("state") == "Hibernated":
+                    break
+                await asyncio.sleep(0.05)
+            assert not first.client.connected and "acme-bob" not in operator.pods
+            again = await sandboxes.ensure(8, "acme", "bob")
+            assert text(await tool(again.client, "echo", text="awake")) == "awake"
+            assert operator.started == 2  # a new pod, on the same object
+        modes = [r.data["spec"]["operatingMode"] for r in patches(api, "acme-bob") if "spec" in (r.data or {})]
+        assert modes == ["Hibernated", "Running"]
+        assert all(r.headers["Content-Type"] == MERGE_PATCH for r in patches(api, "acme-bob"))
+        await sandboxes.close()
 
 
 async def test_activity_is_stamped_in_batches(api, workdir):
-    sandboxes = manager(api, workdir, activity_interval=0.5)
-    await sandboxes.start()
-    async with Operator(api, workdir):
-        for _ in range(20):
-            sandbox = await sandboxes.ensure(9, "acme", "carol")
-            await tool(sandbox.client, "echo", text="busy")
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.6)
-    stamps = [r for r in patches(api, "acme-carol") if "metadata" in (r.data or {})]
-    assert 1 <= len(stamps) <= 3, stamps  # ~1.6 s of calls: a stamp per 0.5 s, not one per call
-    assert stored(api, "acme-carol")["metadata"]["annotations"][ACTIVITY_ANNOTATION].endswith("Z")
-    await sandboxes.close()
+    async with asyncio.timeout(WITHIN):
+        sandboxes = manager(api, workdir, activity_interval=0.5)
+        await sandboxes.start()
+        async with Operator(api, workdir):
+            for _ in range(20):
+                sandbox = await sandboxes.ensure(9, "acme", "carol")
+                await tool(sandbox.client, "echo", text="busy")
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.6)
+        stamps = [r for r in patches(api, "acme-carol") if "metadata" in (r.data or {})]
+        assert 1 <= len(stamps) <= 3, stamps  # ~1.6 s of calls: a stamp per 0.5 s, not one per call
+        assert stored(api, "acme-carol")["metadata"]["annotations"][ACTIVITY_ANNOTATION].endswith("Z")
+        await sandboxes.close()
 
 
 async def test_two_replicas_reach_the_same_sandbox(api, workdir):
-    one, two = manager(api, workdir), manager(api, workdir)
-    async with Operator(api, workdir) as operator:
-        a = await one.ensure(10, "acme", "dave")
-        assert text(await tool(a.client, "echo", text="one")) == "one"
-        b = await two.ensure(10, "acme", "dave")
-        assert text(await tool(b.client, "echo", text="two")) == "two"
-        # The supervisor keeps the last to attach; the first replica attaches again on its next call.
-        for _ in range(100):
-            if not a.client.connected:
-                break
-            await asyncio.sleep(0.02)
-        a = await one.ensure(10, "acme", "dave")
-        assert text(await tool(a.client, "echo", text="one again")) == "one again"
-        assert operator.started == 1
-    assert len([r for r in api.requests if r.method == kmock.method.POST]) == 1
-    await one.close()
-    await two.close()
+    async with asyncio.timeout(WITHIN):
+        one, two = manager(api, workdir), manager(api, workdir)
+        async with Operator(api, workdir) as operator:
+            a = await one.ensure(10, "acme", "dave")
+            assert text(await tool(a.client, "echo", text="one")) == "one"
+            b = await two.ensure(10, "acme", "dave")
+            assert text(await tool(b.client, "echo", text="two")) == "two"
+            # The supervisor keeps the last to attach; the first replica attaches again on its next call.
+            for _ in range(100):
+                if not a.client.connected:
+                    break
+                await asyncio.sleep(0.02)
+            a = await one.ensure(10, "acme", "dave")
+            assert text(await tool(a.client, "echo", text="one again")) == "one again"
+            assert operator.started == 1
+        assert len([r for r in list(api) if r.method == kmock.method.POST]) == 1
+        await one.close()
+        await two.close()
 
 
 async def test_a_conflict_on_create_takes_the_existing_sandbox(api, workdir):
-    sandboxes = manager(api, workdir)
-    created_elsewhere = asyncio.Event()
+    async with asyncio.timeout(WITHIN):
+        sandboxes, other = manager(api, workdir), manager(api, workdir)
+        async with Operator(api, workdir) as operator:
+            # The other replica creates the object between this one's read (none yet) and its create.
+            read = sandboxes._get
 
-    # Another replica creates the object between this one's read (404) and its create (409).
-    api[kmock.action.FETCH, kmock.name("acme-erin")] << (lambda: created_elsewhere.set()) << 404
-    async with Operator(api, workdir):
-        other = manager(api, workdir)
-        ensure = asyncio.create_task(sandboxes.ensure(11, "acme", "erin"))
-        await other.ensure(11, "acme", "erin")
-        sandbox = await ensure
-        assert text(await tool(sandbox.client, "echo", text="same")) == "same"
+            async def read_then_lose_the_race(name):
+                found = await read(name)
+                if found is None:
+                    await other.ensure(11, "acme", "erin")
+                return found
+
+            sandboxes._get = read_then_lose_the_race  # type: ignore[method-assign]
+            sandbox = await sandboxes.ensure(11, "acme", "erin")
+            assert text(await tool(sandbox.client, "echo", text="same")) == "same"
+            assert operator.started == 1
+        creates = [r for r in list(api) if r.method == kmock.method.POST]
+        assert len(creates) == 2  # both tried; the second got 409 and took the first's
+        assert stored(api, "acme-erin")["metadata"]["uid"] == sandbox.uid
         await other.close()
-    statuses = [r for r in api.requests if r.method == kmock.method.POST]
-    assert len(statuses) == 2  # both tried; one got 409 and took the other's
-    await sandboxes.close()
+        await sandboxes.close()
 
 
 async def test_no_ready_in_time_is_unavailable(api, workdir):
-    sandboxes = manager(api, workdir, start_timeout=0.5)
-    with pytest.raises(SandboxUnavailable, match="not ready within"):
-        await sandboxes.ensure(12, "acme", "frank")
-    await sandboxes.close()
+    async with asyncio.timeout(WITHIN):
+        sandboxes = manager(api, workdir, start_timeout=0.5)
+        with pytest.raises(SandboxUnavailable, match="not ready within"):
+            await sandboxes.ensure(12, "acme", "frank")
+        await sandboxes.close()
+
+
+async def test_a_failed_sandbox_is_unavailable_at_once(api, workdir):
+    async with asyncio.timeout(WITHIN):
+        sandboxes = manager(api, workdir)
+        ensure = asyncio.create_task(sandboxes.ensure(13, "acme", "gina"))
+        operator = Operator(api, workdir)
+        while ("acme-gina" not in {o["metadata"]["name"] for o in
+               (await operator.objects.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL))["items"]}):  # fmt: skip
+            await asyncio.sleep(0.02)
+        await operator.set_status("acme-gina", {"state": "Failed", "reason": "the image cannot be pulled"})
+        with pytest.raises(SandboxUnavailable, match="failed: the image cannot be pulled"):
+            await ensure
+        await operator.api.close()
+        await sandboxes.close()
 
 
 def test_names_follow_the_contract():
