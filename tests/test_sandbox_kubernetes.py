@@ -25,7 +25,9 @@ import kmock
 import pytest
 from kubernetes_asyncio import client as k8s
 
+from core.settings import load_settings
 from sandbox.errors import SandboxUnavailable
+from sandbox.factory import kubernetes_sandboxes, sandbox_manager
 from sandbox.kubernetes import (
     ACTIVITY_ANNOTATION,
     GROUP,
@@ -297,6 +299,37 @@ async def test_a_failed_sandbox_is_unavailable_at_once(api, workdir):
             await ensure
         await operator.api.close()
         await sandboxes.close()
+
+
+async def test_the_settings_choose_the_kubernetes_manager(api, workdir, tmp_path, monkeypatch):
+    async with asyncio.timeout(WITHIN):
+        key_file = tmp_path / "key"
+        key_file.write_bytes(KEY + b"\n")
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: kmock\n"
+            f"clusters: [{{name: kmock, cluster: {{server: '{str(api.url).rstrip('/')}'}}}}]\n"
+            "users: [{name: kmock, user: {token: t}}]\n"
+            "contexts: [{name: kmock, context: {cluster: kmock, user: kmock, namespace: elsewhere}}]\n"
+        )
+        monkeypatch.setenv("MCPFLEET_SANDBOX_BACKEND", "kubernetes")
+        monkeypatch.setenv("MCPFLEET_K8S_NAMESPACE", NS)
+        monkeypatch.setenv("MCPFLEET_SANDBOX_KEY_FILE", str(key_file))
+        settings = load_settings(home=tmp_path)
+        assert (settings.sandbox_backend, settings.k8s_namespace, settings.sandbox_key_file) == ("kubernetes", NS, key_file)
+        with pytest.raises(RuntimeError, match="not served by the gateway yet"):
+            sandbox_manager(settings, None, None)  # type: ignore[arg-type]
+
+        sandboxes = await kubernetes_sandboxes(settings, StaticServers([fixture_spec(workdir)]), tier_of, kubeconfig=str(kubeconfig))
+        async with Operator(api, workdir):
+            sandbox = await sandboxes.ensure(14, "acme", "hana")
+            assert text(await tool(sandbox.client, "echo", text="configured")) == "configured"
+        assert stored(api, "acme-hana")["spec"]["userId"] == 14
+        await sandboxes.close()
+
+        monkeypatch.delenv("MCPFLEET_SANDBOX_KEY_FILE")
+        with pytest.raises(RuntimeError, match="needs MCPFLEET_SANDBOX_KEY_FILE"):
+            await kubernetes_sandboxes(load_settings(home=tmp_path), StaticServers([]), tier_of)
 
 
 def test_names_follow_the_contract():
