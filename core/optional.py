@@ -6,6 +6,7 @@ deployments use comes with an extra (`make run` and `make test` install them all
 | extra              | brings                              | for                                          |
 |--------------------|-------------------------------------|----------------------------------------------|
 | `docker`           | the Docker SDK                      | `MCPFLEET_SANDBOX_BACKEND=docker`            |
+| `kubernetes`       | kubernetes_asyncio                  | `MCPFLEET_SANDBOX_BACKEND=kubernetes`        |
 | `s3`               | boto3                               | `MCPFLEET_ARTIFACTS_S3_URL`                  |
 | `redis`            | redis-py                            | `REDIS_URL` (limits shared across gateways)  |
 | `local-embeddings` | torch and the all-MiniLM-L6-v2 model | tool search without `OLLAMA_HOST`            |

@@ -47,6 +47,11 @@ class Settings:
     database_url: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     sandbox_backend: str = "runsc"
+    """runsc or docker: sandboxes on this node; kubernetes: McpSandbox objects, pods run by the operator."""
+    k8s_namespace: str = "mcpfleet"
+    """kubernetes: the namespace of the McpSandbox objects."""
+    sandbox_key_file: Path | None = None
+    """kubernetes: the fleet's sandbox key (the Secret `mcpfleet-sandbox-key` mounted), for the pods' tokens."""
     idle_hibernate_s: int = 600
     reclaim_after_s: int = 7 * 86400
     workspace_retention: str = "keep"
@@ -104,7 +109,9 @@ def load_settings(**overrides: object) -> Settings:
         "port": _int("MCPFLEET_PORT", 8080),
         "database_url": os.environ.get("DATABASE_URL") or None,
         "max_body_bytes": _int("MCPFLEET_MAX_BODY_BYTES", 4 * 1024 * 1024),
-        "sandbox_backend": _choice("MCPFLEET_SANDBOX_BACKEND", ("runsc", "docker"), "runsc"),
+        "sandbox_backend": _choice("MCPFLEET_SANDBOX_BACKEND", ("runsc", "docker", "kubernetes"), "runsc"),
+        "k8s_namespace": os.environ.get("MCPFLEET_K8S_NAMESPACE") or "mcpfleet",
+        "sandbox_key_file": Path(os.environ["MCPFLEET_SANDBOX_KEY_FILE"]) if os.environ.get("MCPFLEET_SANDBOX_KEY_FILE") else None,
         "idle_hibernate_s": _int("MCPFLEET_IDLE_HIBERNATE_S", 600),
         "reclaim_after_s": _int("MCPFLEET_RECLAIM_AFTER_S", 7 * 86400),
         "workspace_retention": _choice("MCPFLEET_WORKSPACE_RETENTION", ("keep", "delete"), "keep"),

