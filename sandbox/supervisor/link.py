@@ -80,21 +80,29 @@ class _Channel(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-class Link:
-    def __init__(self, path: str, supervisor: Supervisor):
-        self.path = path
-        self._supervisor = supervisor
-        self._transport: asyncio.Transport | None = None
+class _Outbound:
+    """The supervisor's way to the gateway, whichever end connected: one transport, or none."""
+
+    _transport: asyncio.Transport | None = None
 
     @property
     def connected(self) -> bool:
         return self._transport is not None
 
     def send(self, message: wire.SupervisorMessage) -> None:
-        """Queue a message for the gateway; dropped while disconnected (the next hello resyncs)."""
+        """Queue a message for the gateway; dropped while none is there (the next hello resyncs)."""
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(wire.encode(message))
+
+
+class Link(_Outbound):
+    """The channel over the Unix socket in the channel dir: the supervisor connects, and reconnects."""
+
+    def __init__(self, path: str, supervisor: Supervisor):
+        self.path = path
+        self._supervisor = supervisor
+        self._transport = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,25 +125,15 @@ class Link:
                 self._supervisor.on_disconnect()
 
 
-class Listener:
+class Listener(_Outbound):
     """The channel over TCP: the gateway connects and attaches with the token (`sandbox.wire`)."""
 
     def __init__(self, host: str, port: int, supervisor: Supervisor):
         self.host, self.port = host, port
         self._supervisor = supervisor
         self._token = supervisor.config.token.encode()
-        self._transport: asyncio.Transport | None = None
+        self._transport = None
         self._channel: _Channel | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self._transport is not None
-
-    def send(self, message: wire.SupervisorMessage) -> None:
-        """Queue a message for the gateway; dropped while none is attached (the next hello resyncs)."""
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(wire.encode(message))
 
     async def run(self) -> None:
         if not self._token:
