@@ -39,26 +39,31 @@ def _plain(obj: Any) -> Body:
     return kubernetes.client.ApiClient().sanitize_for_serialization(obj)
 
 
+_SETTLED = object()
+"""What `_unless` returns when the API says the object already is as asked (there, or gone)."""
+
+
+def _unless(status: int, call: Any, *args: Any) -> Any:
+    """`call(*args)`, or _SETTLED when the API answers `status` (409 on a create, 404 on a read or delete):
+    handlers run again after any failure, so finding the work done is their normal case."""
+    try:
+        return call(*args)
+    except ApiException as e:
+        if e.status == status:
+            return _SETTLED
+        raise
+
+
 def create(kind: str, namespace: str, body: Body) -> bool:
     """Create; True when created now, False when it already existed."""
     api, suffix = _api(kind)
-    try:
-        getattr(api, f"create_namespaced_{suffix}")(namespace, body)
-        return True
-    except ApiException as e:
-        if e.status == 409:
-            return False
-        raise
+    return _unless(409, getattr(api, f"create_namespaced_{suffix}"), namespace, body) is not _SETTLED
 
 
 def read(kind: str, namespace: str, name: str) -> Body | None:
     api, suffix = _api(kind)
-    try:
-        return _plain(getattr(api, f"read_namespaced_{suffix}")(name, namespace))
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
+    found = _unless(404, getattr(api, f"read_namespaced_{suffix}"), name, namespace)
+    return None if found is _SETTLED else _plain(found)
 
 
 def list_(kind: str, namespace: str, labels: dict[str, str]) -> list[Body]:
@@ -77,22 +82,12 @@ def patch(kind: str, namespace: str, name: str, body: Body) -> Body:
 def delete(kind: str, namespace: str, name: str) -> bool:
     """Delete; True when a deletion was asked now, False when it was already gone."""
     api, suffix = _api(kind)
-    try:
-        getattr(api, f"delete_namespaced_{suffix}")(name, namespace)
-        return True
-    except ApiException as e:
-        if e.status == 404:
-            return False
-        raise
+    return _unless(404, getattr(api, f"delete_namespaced_{suffix}"), name, namespace) is not _SETTLED
 
 
 def read_cr(plural: str, namespace: str, name: str) -> Body | None:
-    try:
-        return kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
+    found = _unless(404, kubernetes.client.CustomObjectsApi().get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name)
+    return None if found is _SETTLED else found
 
 
 def patch_cr(plural: str, namespace: str, name: str, body: Body) -> Body:
