@@ -11,6 +11,7 @@ contract as the stand-in implements it, not a cluster's behaviour.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import tempfile
 import threading
@@ -37,7 +38,18 @@ from kmock._internal.apps import Server  # noqa: E402
 from kopf.testing import KopfRunner  # noqa: E402
 
 from mcpfleet_operator import handlers, objects  # noqa: E402,F401
-from tests.kube_standin import EVENTS, NETPOLS, PEERINGS, PODS, POOLS, PVCS, SANDBOXES, SECRETS, KubeStandin  # noqa: E402
+from tests.kube_standin import (  # noqa: E402
+    CONFIGMAPS,
+    EVENTS,
+    NETPOLS,
+    PEERINGS,
+    PODS,
+    POOLS,
+    PVCS,
+    SANDBOXES,
+    SECRETS,
+    KubeStandin,
+)
 
 NS = "mcpfleet"
 KEY = b"test-fleet-key"
@@ -234,6 +246,48 @@ def test_idle_timer_hibernates_and_activity_is_mirrored(cluster: Cluster, monkey
     print(f"idle: {elapsed:.2f}s")
 
 
+BUILTIN = {"name": "workspace", "prefix": "workspace", "version": "builtin", "artifactSha256": "",
+           "command": ["python", "-m", "mcp_servers.workspace"], "egress": []}
+
+
+def _servers_in(cluster: Cluster, config_map: str) -> list[str]:
+    import json
+    return [s["name"] for s in json.loads(cluster.api.get(CONFIGMAPS, NS, config_map)["data"]["sandbox.json"])["servers"]]
+
+
+def test_the_supervisor_config_is_a_config_map_that_follows_spec_servers(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    with operator():
+        created = cluster.create_sandbox("acme-cora", servers=[BUILTIN])
+        pod = wait_for(lambda: cluster.api.get(PODS, NS, "acme-cora"), what="the pod")
+        config = wait_for(lambda: cluster.api.get(CONFIGMAPS, NS, "acme-cora-config"), what="the config map")
+        assert config["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+        assert _servers_in(cluster, "acme-cora-config") == ["workspace"]
+        mounts = {m["name"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts["config"] == {"name": "config", "mountPath": "/etc/mcpfleet", "readOnly": True}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["config"]["configMap"]["name"] == "acme-cora-config"
+        args = pod["spec"]["containers"][0]["args"]
+        assert args[-1] == objects.SUPERVISOR_CONFIG and args[args.index("--token-file") + 1] == "/var/run/mcpfleet/token"
+
+        fetch = {"name": "io.example.fetch", "prefix": "fetch", "version": "1.0.0", "artifactSha256": "b" * 64,
+                 "command": ["python", "-c", "import fetch"], "egress": ["example.com"]}
+        cluster.patch_sandbox("acme-cora", {"spec": {"servers": [BUILTIN, fetch]}})
+        wait_for(lambda: _servers_in(cluster, "acme-cora-config") == ["workspace", "fetch"], what="the config map updated")
+        wait_for(lambda: cluster.api.get(NETPOLS, NS, "acme-cora")["spec"]["egress"], what="egress opened for fetch")
+        assert "ServersChanged" in events_for(cluster, "acme-cora")
+        # The running pod is not restarted by it (the gateway reconfigures its supervisor over the channel).
+        assert cluster.api.get(PODS, NS, "acme-cora")["metadata"]["uid"] == pod["metadata"]["uid"]
+        cluster.patch_sandbox("acme-cora", {"spec": {"servers": [BUILTIN]}})
+        wait_for(lambda: cluster.api.get(NETPOLS, NS, "acme-cora")["spec"]["egress"] == [], what="egress closed again")
+        assert _servers_in(cluster, "acme-cora-config") == ["workspace"]
+
+        assert cluster.http("DELETE", f"/apis/mcpfleet.dev/v1alpha1/namespaces/{NS}/mcpsandboxes/acme-cora").status_code == 200
+        wait_for(lambda: cluster.api.get(SANDBOXES, NS, "acme-cora") is None, what="the finalizer released")
+    assert cluster.api.get(CONFIGMAPS, NS, "acme-cora-config") is None
+    print(f"config map: {time.monotonic() - t0:.2f}s")
+
+
 @pytest.mark.parametrize("retention", ["Keep", "Delete"])
 def test_delete_cleans_up_by_retention(cluster: Cluster, retention: str) -> None:
     t0 = time.monotonic()
@@ -272,6 +326,9 @@ def test_pool_fills_a_claim_takes_a_ready_pod_and_the_pool_refills(cluster: Clus
         wait_for(lambda: ((cluster.api.get(POOLS, NS, "warm") or {}).get("status") or {}).get("replicas") == 2, what="2 ready")
         assert cluster.api.get(POOLS, NS, "warm")["status"]["selector"] == "mcpfleet.dev/pool=warm,mcpfleet.dev/claimed=false"
         filled = time.monotonic() - t0
+        # Warm pods run no servers until claimed (the gateway configures a claimed pod's over the channel).
+        assert _servers_in(cluster, "warm-pool-config") == []
+        assert {v["name"]: v for v in cluster.api.get(PODS, NS, pods[0])["spec"]["volumes"]}["config"]["configMap"]["name"] == "warm-pool-config"
 
         created = cluster.create_sandbox("acme-frank", poolRef="warm")
         wait_for(lambda: state(cluster, "acme-frank") == "Running", what="claimed and Running")
@@ -442,6 +499,29 @@ def test_pvc_secret_and_conditions() -> None:
     assert same[0]["lastTransitionTime"] == "t1" and moved[0]["lastTransitionTime"] == "t3" and len(moved) == 1
     ready = {"status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}}
     assert objects.pod_ready(ready) and not objects.pod_ready({"status": {"phase": "Pending"}})
+
+
+def test_the_config_map_is_what_the_supervisor_reads_and_what_the_gateway_would_configure() -> None:
+    """The operator renders the supervisor's config from the spec the gateway writes (sandbox.kubernetes
+    .sandbox_spec); the supervisor's own parser reads it to the servers the gateway's server_configs
+    gives for the same servers (bar the environment, which never goes into an object), so a pod
+    started from it already runs what the gateway wants."""
+    from sandbox.kubernetes import sandbox_spec
+    from sandbox.servers import BUILTIN_SERVERS, ServerSpec, server_configs
+    from sandbox.supervisor.config import SupervisorConfig
+    from sandbox.tiers import Tier
+
+    published = ServerSpec("weather", ("python", "-c", "import weather"), env={"MCPFLEET_DECLARED_SECRETS": "KEY"}, revision="a" * 64)
+    servers = (*BUILTIN_SERVERS, published)
+    spec = sandbox_spec(7, "acme", "alice", Tier("standard", 1, 512, 256, 1024), servers)
+    spec["servers"].append({"name": "io.example.nothing-to-run", "version": "1"})  # no command: left out
+    config = SupervisorConfig.from_json(objects.supervisor_config(spec["servers"]))
+    expected = [dataclasses.replace(c, env={}) for c in server_configs(servers)]
+    assert config.servers == expected and config.token == "" and config.env == {}
+    assert [s.revision for s in config.servers] == ["builtin", "builtin", "builtin", "a" * 64]
+    cm = objects.config_map("acme-alice-config", spec["servers"], {"k": "v"})
+    assert cm["kind"] == "ConfigMap" and set(cm["data"]) == {"sandbox.json"}
+    assert "KEY" not in cm["data"]["sandbox.json"]
 
 
 def test_the_operator_folder_does_not_shadow_the_standard_librarys_operator() -> None:

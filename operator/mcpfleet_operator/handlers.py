@@ -92,7 +92,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 # --- McpSandbox: create, adopt, hibernate, wake ---------------------------------------------------
 
 def _ensure_support(body: dict[str, Any], logger: logging.Logger) -> None:
-    """The workspace PVC (unless a claimed pool volume serves), the token Secret, the NetworkPolicy."""
+    """The workspace PVC (unless a claimed pool volume serves), the token Secret, the supervisor's
+    ConfigMap, the NetworkPolicy."""
     meta, spec = body["metadata"], body.get("spec") or {}
     ns, name = meta["namespace"], meta["name"]
     labels = objects.sandbox_labels(name)
@@ -103,10 +104,25 @@ def _ensure_support(body: dict[str, Any], logger: logging.Logger) -> None:
     secret = objects.secret(objects.secret_name(name), token, labels)
     kopf.adopt(secret, owner=body)
     kube.create("Secret", ns, secret)
+    _ensure_servers(body)
+
+
+def _ensure_servers(body: dict[str, Any]) -> None:
+    """What follows from spec.servers, created or brought up to date: the supervisor's ConfigMap and
+    the NetworkPolicy (egress only if a server declares hosts). Patched as a whole when they exist,
+    so an operator that was down while the servers changed catches up on resume."""
+    meta, spec = body["metadata"], body.get("spec") or {}
+    ns, name = meta["namespace"], meta["name"]
+    labels = objects.sandbox_labels(name)
+    config = objects.config_map(objects.config_map_name(name), spec.get("servers"), labels)
+    kopf.adopt(config, owner=body)
+    if not kube.create("ConfigMap", ns, config):
+        kube.patch("ConfigMap", ns, config["metadata"]["name"], {"data": config["data"]})
     policy = objects.network_policy(name, {objects.SANDBOX_LABEL: name}, spec.get("servers"))
     policy["metadata"]["labels"].update(labels)
     kopf.adopt(policy, owner=body)
-    kube.create("NetworkPolicy", ns, policy)
+    if not kube.create("NetworkPolicy", ns, policy):
+        kube.patch("NetworkPolicy", ns, name, {"spec": {"egress": policy["spec"]["egress"]}})
 
 
 def _ensure_pod(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -226,6 +242,18 @@ def operating_mode_changed(body: kopf.Body, old: Any, new: Any, reason: kopf.Rea
                     Hibernated=("False", "OperatingMode"), Ready=("False", "PodStarting"))
 
 
+@kopf.on.field(GROUP, VERSION, SANDBOXES, field="spec.servers")
+def servers_changed(body: kopf.Body, reason: kopf.Reason, logger: logging.Logger, **_: Any) -> None:
+    """The approved servers changed: the ConfigMap and the NetworkPolicy follow. The running pod is not
+    restarted (that would end its user's work): the gateway reconfigures its supervisor over the
+    channel, as it must anyway to hand over the servers' secrets, and every later pod (a wake, a
+    lost pod) starts from the new ConfigMap."""
+    if reason == kopf.Reason.CREATE:  # the creation is sandbox_created's
+        return
+    _ensure_servers(dict(body))
+    kopf.info(dict(body), reason="ServersChanged", message="The supervisor's config and network policy follow spec.servers.")
+
+
 def _mark_ready(sandbox: dict[str, Any], pod: dict[str, Any], patch: kopf.Patch | None) -> None:
     endpoint = f"{pod['status']['podIP']}:{objects.PORT}"
     extra = {"endpoint": endpoint, "podName": pod["metadata"]["name"]}
@@ -290,6 +318,7 @@ def sandbox_deleted(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, logge
         kube.delete("Pod", ns, name)
         kube.delete("Secret", ns, objects.secret_name(pod_name))
     kube.delete("Secret", ns, objects.secret_name(name))
+    kube.delete("ConfigMap", ns, objects.config_map_name(name))
     kube.delete("NetworkPolicy", ns, name)
     workspace = (meta.get("annotations") or {}).get(objects.WORKSPACE_CLAIM) or objects.workspace_name(name)
     if ((spec.get("workspace") or {}).get("retention") or "Keep") == "Delete":
@@ -309,8 +338,10 @@ def _fill(pool: dict[str, Any], logger: logging.Logger) -> dict[str, Any]:
         wanted = int((pool.get("spec") or {}).get("replicas") or 0)
         pods = [p for p in kube.list_("Pod", ns, objects.pool_labels(name)) if not p["metadata"].get("deletionTimestamp")]
         policy = objects.network_policy(f"{name}-pool", objects.pool_labels(name), None)
-        kopf.adopt(policy, owner=pool)
-        kube.create("NetworkPolicy", ns, policy)
+        config = objects.config_map(objects.pool_config_name(name), [], objects.pool_labels(name))
+        for shared in (policy, config):
+            kopf.adopt(shared, owner=pool)
+            kube.create(shared["kind"], ns, shared)
         for _ in range(wanted - len(pods)):
             pod_name = f"{name}-{secrets.token_hex(3)}"
             labels = objects.pool_labels(name)

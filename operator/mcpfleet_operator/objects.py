@@ -8,11 +8,15 @@ For McpSandbox NAME (all labelled `app.kubernetes.io/part-of: mcpfleet`, `mcpfle
 | Secret         | NAME-token       | yes                      | key `token`: HMAC of the fleet key (SPEC.md)          |
 | NetworkPolicy  | NAME             | yes                      | ingress from the gateway on 7070; egress only to the  |
 |                |                  |                          | egress proxy when a server declares egress, else none |
+| ConfigMap      | NAME-config      | yes                      | key `sandbox.json`: the supervisor's config, rendered |
+|                |                  |                          | from spec.servers (`supervisor_config`)               |
 | Pod            | NAME             | yes                      | gVisor, non-root, read-only root, no capabilities     |
 
 A warm pool's pods are named POOL-XXXXX and carry their own PVC (POOL-XXXXX-workspace) and Secret
 (POOL-XXXXX-token); a claim relabels them to the McpSandbox, which records the PVC's name in the
-annotation `mcpfleet.dev/workspace-claim` so that a woken sandbox mounts the same volume.
+annotation `mcpfleet.dev/workspace-claim` so that a woken sandbox mounts the same volume. They all
+mount the pool's ConfigMap (POOL-pool-config: no servers, since nobody's servers are known before a
+claim); the gateway configures a claimed pod's servers over the channel.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +32,11 @@ GROUP = "mcpfleet.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 PORT = 7070
-SUPERVISOR_CONFIG = "/etc/mcpfleet/sandbox.json"
+CONFIG_DIR = "/etc/mcpfleet"
+CONFIG_KEY = "sandbox.json"
+SUPERVISOR_CONFIG = f"{CONFIG_DIR}/{CONFIG_KEY}"
+TOKEN_DIR = "/var/run/mcpfleet"
+WORKSPACE = "/workspace"
 
 PART_OF = {"app.kubernetes.io/part-of": "mcpfleet"}
 SANDBOX_LABEL = "mcpfleet.dev/sandbox"
@@ -69,6 +78,43 @@ def pvc(name: str, workspace: Mapping[str, Any], labels: Mapping[str, str]) -> B
     if workspace.get("storageClassName"):
         spec["storageClassName"] = workspace["storageClassName"]
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "labels": dict(labels)}, "spec": spec}
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def supervisor_config(servers: list[Mapping[str, Any]] | None) -> str:
+    """The supervisor's config (sandbox/supervisor/config.py, `SupervisorConfig.from_json`) for `spec.servers`.
+
+    As the gateway's `sandbox.servers.server_configs` builds it: each server by its tool prefix, its
+    command, run in /workspace, and its revision (the wheel's digest, else the version, else
+    "builtin") so that the gateway sees the pod already runs what it wants and need not restart it.
+    No environment: a server's secrets reach it only over the channel (`configure`), never through
+    an object anyone with read access to ConfigMaps could see. A server without a command has
+    nothing to run and is left out. The token is the Secret volume's (`--token-file`), not here.
+    """
+    rendered = []
+    for s in servers or []:
+        if not s.get("command"):
+            continue
+        rendered.append({
+            "name": s.get("prefix") or s["name"],
+            "argv": [str(a) for a in s["command"]],
+            "env": {},
+            "cwd": WORKSPACE,
+            "revision": s.get("artifactSha256") or s.get("version") or "builtin",
+        })
+    return json.dumps({"socket": "", "servers": rendered, "env": {}}, indent=2, sort_keys=True)
+
+
+def config_map(name: str, servers: list[Mapping[str, Any]] | None, labels: Mapping[str, str]) -> Body:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": dict(labels)},
+        "data": {CONFIG_KEY: supervisor_config(servers)},
+    }
 
 
 def secret(name: str, token_value: str, labels: Mapping[str, str]) -> Body:
@@ -114,7 +160,7 @@ def resources(tier: Mapping[str, Any] | None) -> Body:
 
 
 def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_claim: str, token_secret: str,
-        labels: Mapping[str, str]) -> Body:
+        config: str, labels: Mapping[str, str]) -> Body:
     """The sandbox pod: the supervisor in TCP mode under gVisor, nothing writable but /workspace and /tmp."""
     return {
         "apiVersion": "v1",
@@ -135,7 +181,9 @@ def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_clai
             "containers": [{
                 "name": "supervisor",
                 "image": image,
-                "args": ["python", "-s", "-P", "-m", "sandbox.supervisor", "--listen", f"0.0.0.0:{PORT}", SUPERVISOR_CONFIG],
+                # The token file is read at every attach: a claim swaps a pool pod's Secret in place.
+                "args": ["python", "-s", "-P", "-m", "sandbox.supervisor", "--listen", f"0.0.0.0:{PORT}",
+                         "--token-file", f"{TOKEN_DIR}/token", SUPERVISOR_CONFIG],
                 "ports": [{"name": "supervisor", "containerPort": PORT, "protocol": "TCP"}],
                 "readinessProbe": {"tcpSocket": {"port": PORT}, "periodSeconds": 2},
                 "resources": resources(tier),
@@ -149,14 +197,16 @@ def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_clai
                     "seccompProfile": {"type": "RuntimeDefault"},
                 },
                 "volumeMounts": [
-                    {"name": "workspace", "mountPath": "/workspace"},
-                    {"name": "token", "mountPath": "/var/run/mcpfleet", "readOnly": True},
+                    {"name": "workspace", "mountPath": WORKSPACE},
+                    {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+                    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                     {"name": "tmp", "mountPath": "/tmp"},
                 ],
             }],
             "volumes": [
                 {"name": "workspace", "persistentVolumeClaim": {"claimName": workspace_claim}},
                 {"name": "token", "secret": {"secretName": token_secret, "defaultMode": 0o440}},
+                {"name": "config", "configMap": {"name": config, "defaultMode": 0o444}},
                 {"name": "tmp", "emptyDir": {"medium": "Memory"}},
             ],
         },
@@ -167,14 +217,18 @@ def sandbox_pod(sandbox: Mapping[str, Any], image: str) -> Body:
     name = sandbox["metadata"]["name"]
     claim = (sandbox["metadata"].get("annotations") or {}).get(WORKSPACE_CLAIM) or workspace_name(name)
     return pod(name, image=image, tier=sandbox.get("spec", {}).get("tier"), workspace_claim=claim,
-               token_secret=secret_name(name), labels=sandbox_labels(name))
+               token_secret=secret_name(name), config=config_map_name(name), labels=sandbox_labels(name))
 
 
 def pool_pod(pool: Mapping[str, Any], name: str, image: str) -> Body:
     pool_name = pool["metadata"]["name"]
     image = (pool.get("spec", {}).get("template") or {}).get("image") or image
     return pod(name, image=image, tier=pool.get("spec", {}).get("tier"), workspace_claim=workspace_name(name),
-               token_secret=secret_name(name), labels=pool_labels(pool_name))
+               token_secret=secret_name(name), config=pool_config_name(pool_name), labels=pool_labels(pool_name))
+
+
+def pool_config_name(pool: str) -> str:
+    return f"{pool}-pool-config"
 
 
 def pod_ready(pod_body: Mapping[str, Any]) -> bool:
