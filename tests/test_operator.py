@@ -105,7 +105,16 @@ class Cluster:
     def run_pod(self, name: str, ip: str = "10.0.0.7") -> None:
         """Play the kubelet: the pod runs, has an IP and passes its readiness probe."""
         self.call(self.api.kubelet(PODS, NS, name, {"status": {
-            "phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}}))
+            "phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "supervisor", "image": "mcpfleet-sandbox:dev", "imageID": "", "ready": True,
+                                   "restartCount": 0, "state": {"running": {}}}]}}))
+
+    def stall_pod(self, name: str, waiting: str, phase: str = "Running") -> None:
+        """Play the kubelet: the supervisor container waits for `waiting` (CrashLoopBackOff, ImagePullBackOff, …)."""
+        self.call(self.api.kubelet(PODS, NS, name, {"status": {
+            "phase": phase, "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "supervisor", "image": "mcpfleet-sandbox:dev", "imageID": "", "ready": False, "restartCount": 3,
+                                   "state": {"waiting": {"reason": waiting, "message": f"the kubelet says {waiting}"}}}]}}))
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 15, what: str = "") -> Any:
@@ -178,6 +187,11 @@ def test_create_makes_the_four_objects_hardened(cluster: Cluster) -> None:
     print(f"create: {time.monotonic() - t0:.2f}s")
 
 
+def creation_handled(cluster: Cluster, name: str) -> bool:
+    """kopf has run every creation handler (it records the handled spec then)."""
+    return "kopf.mcpfleet.dev/last-handled-configuration" in (cluster.sandbox(name).get("metadata", {}).get("annotations") or {})
+
+
 def events_for(cluster: Cluster, name: str) -> list[str]:
     return [e.get("reason") for n in cluster.api.names(EVENTS, NS) for e in [cluster.api.get(EVENTS, NS, n)]
             if (e.get("involvedObject") or {}).get("name") == name]
@@ -246,6 +260,115 @@ def test_idle_timer_hibernates_and_activity_is_mirrored(cluster: Cluster, monkey
     print(f"idle: {elapsed:.2f}s")
 
 
+def ready_reason(sandbox: dict[str, Any]) -> str | None:
+    return next((c.get("reason") for c in (sandbox.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"), None)
+
+
+def warnings_for(cluster: Cluster, name: str) -> list[str]:
+    return [e.get("reason") for n in cluster.api.names(EVENTS, NS) for e in [cluster.api.get(EVENTS, NS, n)]
+            if (e.get("involvedObject") or {}).get("name") == name and e.get("type") == "Warning"]
+
+
+def test_a_crash_looping_pod_fails_the_sandbox_and_its_recovery_runs_it_again(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    with operator():
+        start_ready(cluster, "acme-kim")
+        cluster.stall_pod("acme-kim", "CrashLoopBackOff")
+        wait_for(lambda: state(cluster, "acme-kim") == "Failed", what="Failed")
+        sb = cluster.sandbox("acme-kim")
+        assert condition(sb, "Ready") == "False" and ready_reason(sb) == "CrashLoopBackOff"
+        assert not sb["status"].get("endpoint") and "CrashLoopBackOff" in sb["status"]["reason"]
+        failed = time.monotonic() - t0
+        wait_for(lambda: warnings_for(cluster, "acme-kim") == ["Failed"], what="a Warning event")
+        # Another crash of the same kind is not another transition (nor another Event).
+        cluster.stall_pod("acme-kim", "CrashLoopBackOff")
+        time.sleep(0.5)
+        assert warnings_for(cluster, "acme-kim") == ["Failed"]
+        cluster.run_pod("acme-kim", ip="10.0.0.8")  # the back-off ended and it came up
+        wait_for(lambda: state(cluster, "acme-kim") == "Running", what="Running again")
+    sb = cluster.sandbox("acme-kim")
+    assert condition(sb, "Ready") == "True" and sb["status"]["endpoint"] == "10.0.0.8:7070"
+    print(f"crash loop: Failed after {failed:.2f}s, total {time.monotonic() - t0:.2f}s")
+
+
+def test_an_image_pull_failure_fails_and_a_retry_annotation_starts_a_new_pod(cluster: Cluster) -> None:
+    with operator():
+        cluster.create_sandbox("acme-lou")
+        first = wait_for(lambda: cluster.api.get(PODS, NS, "acme-lou"), what="the pod")["metadata"]["uid"]
+        wait_for(lambda: state(cluster, "acme-lou") == "Starting", what="Starting")
+        cluster.stall_pod("acme-lou", "ImagePullBackOff", phase="Pending")
+        wait_for(lambda: state(cluster, "acme-lou") == "Failed", what="Failed")
+        assert ready_reason(cluster.sandbox("acme-lou")) == "ImagePullBackOff"
+        # The status of a Failed sandbox changing (its own transition) retries nothing: only the spec or the annotation.
+        time.sleep(0.5)
+        assert cluster.api.get(PODS, NS, "acme-lou")["metadata"]["uid"] == first
+        cluster.patch_sandbox("acme-lou", {"metadata": {"annotations": {objects.RETRY: "1"}}})
+        wait_for(lambda: state(cluster, "acme-lou") == "Starting", what="Starting again")
+        second = wait_for(lambda: (cluster.api.get(PODS, NS, "acme-lou") or {}).get("metadata", {}).get("uid") not in (None, first)
+                          and cluster.api.get(PODS, NS, "acme-lou"), what="a new pod")
+        assert second["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "acme-lou-workspace"
+        cluster.run_pod("acme-lou")
+        wait_for(lambda: state(cluster, "acme-lou") == "Running", what="Running after the retry")
+    assert warnings_for(cluster, "acme-lou") == ["Failed"]
+
+
+def test_a_failed_pod_phase_fails_and_a_spec_change_retries(cluster: Cluster) -> None:
+    with operator():
+        start_ready(cluster, "acme-max")
+        first = cluster.api.get(PODS, NS, "acme-max")["metadata"]["uid"]
+        cluster.call(cluster.api.kubelet(PODS, NS, "acme-max", {"status": {"phase": "Failed", "reason": "Evicted"}}))
+        wait_for(lambda: state(cluster, "acme-max") == "Failed", what="Failed")
+        sb = cluster.sandbox("acme-max")
+        assert ready_reason(sb) == "PodFailed" and "Evicted" in sb["status"]["reason"]
+        cluster.patch_sandbox("acme-max", {"spec": {"tier": {"name": "large", "cpus": 2, "memoryMb": 1024, "pids": 256}}})
+        pod = wait_for(lambda: (cluster.api.get(PODS, NS, "acme-max") or {}).get("metadata", {}).get("uid") not in (None, first)
+                       and cluster.api.get(PODS, NS, "acme-max"), what="a new pod")
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "2"  # from the changed spec
+        cluster.run_pod("acme-max")
+        wait_for(lambda: state(cluster, "acme-max") == "Running", what="Running after the retry")
+
+
+def test_a_pod_not_ready_by_the_start_deadline_fails(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handlers, "CONFIG", dataclasses.replace(handlers.CONFIG, start_deadline_s=2.0))
+    t0 = time.monotonic()
+    with operator():
+        cluster.create_sandbox("acme-ned")
+        wait_for(lambda: state(cluster, "acme-ned") == "Starting", what="Starting")
+        wait_for(lambda: state(cluster, "acme-ned") == "Failed", what="Failed by the deadline")
+        elapsed = time.monotonic() - t0
+        sb = cluster.sandbox("acme-ned")
+        assert ready_reason(sb) == "StartDeadlineExceeded" and "MCPFLEET_START_DEADLINE_S" in sb["status"]["reason"]
+        # A pod that is ready in time is never failed by it.
+        start_ready(cluster, "acme-ola")
+        time.sleep(3)
+        assert state(cluster, "acme-ola") == "Running"
+    assert elapsed >= 1.0  # 2 s less the creationTimestamp's resolution, a whole second
+    print(f"start deadline (2 s): Failed after {elapsed:.2f}s")
+
+
+def test_delete_says_reclaimed_before_the_finalizer_lets_go(cluster: Cluster) -> None:
+    with operator():
+        start_ready(cluster, "acme-pia")
+        seen: list[str | None] = []
+        done = threading.Event()
+
+        def watch() -> None:  # what `kubectl get -w` would show
+            while not done.is_set():
+                seen.append(state(cluster, "acme-pia"))
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        assert cluster.http("DELETE", f"/apis/mcpfleet.dev/v1alpha1/namespaces/{NS}/mcpsandboxes/acme-pia").status_code == 200
+        wait_for(lambda: cluster.api.get(SANDBOXES, NS, "acme-pia") is None, what="the finalizer released")
+        done.set()
+        watcher.join()
+    assert "Reclaimed" in seen and seen[-1] is None
+    assert seen.index("Reclaimed") < len(seen) - 1 and "Reclaimed" in events_for(cluster, "acme-pia")
+    status_writes = [r for r in cluster.api._requests if str(r.method).endswith("PATCH") and r.url.path.endswith("/acme-pia/status")]
+    assert status_writes  # written through the status subresource, before the object went
+
+
 BUILTIN = {"name": "workspace", "prefix": "workspace", "version": "builtin", "artifactSha256": "",
            "command": ["python", "-m", "mcp_servers.workspace"], "egress": []}
 
@@ -270,12 +393,14 @@ def test_the_supervisor_config_is_a_config_map_that_follows_spec_servers(cluster
         args = pod["spec"]["containers"][0]["args"]
         assert args[-1] == objects.SUPERVISOR_CONFIG and args[args.index("--token-file") + 1] == "/var/run/mcpfleet/token"
 
+        # Once the creation is handled (kopf records the handled spec): a change before it is part of the creation.
+        wait_for(lambda: creation_handled(cluster, "acme-cora"), what="the creation handled")
         fetch = {"name": "io.example.fetch", "prefix": "fetch", "version": "1.0.0", "artifactSha256": "b" * 64,
                  "command": ["python", "-c", "import fetch"], "egress": ["example.com"]}
         cluster.patch_sandbox("acme-cora", {"spec": {"servers": [BUILTIN, fetch]}})
         wait_for(lambda: _servers_in(cluster, "acme-cora-config") == ["workspace", "fetch"], what="the config map updated")
         wait_for(lambda: cluster.api.get(NETPOLS, NS, "acme-cora")["spec"]["egress"], what="egress opened for fetch")
-        assert "ServersChanged" in events_for(cluster, "acme-cora")
+        wait_for(lambda: "ServersChanged" in events_for(cluster, "acme-cora"), what="the ServersChanged event")
         # The running pod is not restarted by it (the gateway reconfigures its supervisor over the channel).
         assert cluster.api.get(PODS, NS, "acme-cora")["metadata"]["uid"] == pod["metadata"]["uid"]
         cluster.patch_sandbox("acme-cora", {"spec": {"servers": [BUILTIN]}})
@@ -373,6 +498,8 @@ def test_a_restarted_operator_adopts_without_duplicates(cluster: Cluster) -> Non
     with operator():
         cluster.create_sandbox("acme-hal")
         wait_for(lambda: state(cluster, "acme-hal") == "Starting", what="Starting")
+        # Stopped once the creation is handled (an operator stopped amid it finishes the creation instead of adopting).
+        wait_for(lambda: creation_handled(cluster, "acme-hal"), what="the creation handled")
     pod_uid = cluster.api.get(PODS, NS, "acme-hal")["metadata"]["uid"]
     cluster.run_pod("acme-hal")  # became ready while no operator ran
     with operator():

@@ -44,6 +44,8 @@ POOL_LABEL = "mcpfleet.dev/pool"
 CLAIMED_LABEL = "mcpfleet.dev/claimed"
 LAST_ACTIVITY = "mcpfleet.dev/last-activity"
 WORKSPACE_CLAIM = "mcpfleet.dev/workspace-claim"
+RETRY = "mcpfleet.dev/retry"
+"""Any new value retries a Failed sandbox (as a change of its spec does)."""
 
 Body = dict[str, Any]
 
@@ -236,6 +238,27 @@ def pod_ready(pod_body: Mapping[str, Any]) -> bool:
     if status.get("phase") != "Running" or not status.get("podIP"):
         return False
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+FAILING_WAITING_REASONS = frozenset({
+    "CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+"""A container waiting for one of these will not start without someone's help (or a long back-off)."""
+
+
+def pod_failure(pod_body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) when the pod has failed or cannot start: phase Failed, or a container (init
+    containers too) waiting for a reason in FAILING_WAITING_REASONS; None while it may yet come up."""
+    status = pod_body.get("status") or {}
+    if status.get("phase") == "Failed":
+        return "PodFailed", f"The pod failed: {status.get('reason') or status.get('message') or 'no reason given'}."
+    for c in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (c.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in FAILING_WAITING_REASONS:
+            detail = f": {waiting['message']}" if waiting.get("message") else ""
+            return waiting["reason"], f"Container {c.get('name')} is in {waiting['reason']}{detail}."
+    return None
 
 
 def condition(conditions: list[Mapping[str, Any]] | None, type_: str, status: str, reason: str, message: str,
