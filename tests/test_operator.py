@@ -401,11 +401,23 @@ def test_the_supervisor_config_is_a_config_map_that_follows_spec_servers(cluster
         wait_for(lambda: _servers_in(cluster, "acme-cora-config") == ["workspace", "fetch"], what="the config map updated")
         wait_for(lambda: cluster.api.get(NETPOLS, NS, "acme-cora")["spec"]["egress"], what="egress opened for fetch")
         wait_for(lambda: "ServersChanged" in events_for(cluster, "acme-cora"), what="the ServersChanged event")
-        # The running pod is not restarted by it (the gateway reconfigures its supervisor over the channel).
-        assert cluster.api.get(PODS, NS, "acme-cora")["metadata"]["uid"] == pod["metadata"]["uid"]
+        # A newly approved published wheel: a new pod, whose init container fetches it into /opt/tools.
+        fetching = wait_for(lambda: (cluster.api.get(PODS, NS, "acme-cora") or {}).get("spec", {}).get("initContainers")
+                            and cluster.api.get(PODS, NS, "acme-cora"), what="a pod that fetches")
+        assert fetching["metadata"]["uid"] != pod["metadata"]["uid"]
+        (init,) = fetching["spec"]["initContainers"]
+        assert init["args"][-1] == "b" * 64 and init["args"][init["args"].index("--sandbox") + 1] == f"{NS}/acme-cora"
+        assert {"name": "tools", "mountPath": "/opt/tools"} in init["volumeMounts"]
+        wait_for(lambda: state(cluster, "acme-cora") == "Starting", what="Starting the new pod")
+        cluster.run_pod("acme-cora")
+        wait_for(lambda: state(cluster, "acme-cora") == "Running", what="Running")
+        running = cluster.api.get(PODS, NS, "acme-cora")["metadata"]["uid"]
+        # Servers going away (or built-in ones changing) restart nothing: the gateway reconfigures the supervisor.
         cluster.patch_sandbox("acme-cora", {"spec": {"servers": [BUILTIN]}})
         wait_for(lambda: cluster.api.get(NETPOLS, NS, "acme-cora")["spec"]["egress"] == [], what="egress closed again")
         assert _servers_in(cluster, "acme-cora-config") == ["workspace"]
+        time.sleep(0.5)
+        assert cluster.api.get(PODS, NS, "acme-cora")["metadata"]["uid"] == running and state(cluster, "acme-cora") == "Running"
 
         assert cluster.http("DELETE", f"/apis/mcpfleet.dev/v1alpha1/namespaces/{NS}/mcpsandboxes/acme-cora").status_code == 200
         wait_for(lambda: cluster.api.get(SANDBOXES, NS, "acme-cora") is None, what="the finalizer released")
@@ -600,8 +612,26 @@ def test_pod_is_hardened_and_sized_by_the_tier() -> None:
     assert vols["token"]["secret"]["secretName"] == "acme-alice-token" and vols["tmp"]["emptyDir"] == {"medium": "Memory"}
     assert pod["metadata"]["labels"] == {"app.kubernetes.io/part-of": "mcpfleet", "mcpfleet.dev/sandbox": "acme-alice",
                                          "app.kubernetes.io/component": "sandbox"}
+    assert {"name": "tools", "mountPath": "/opt/tools", "readOnly": True} in c["volumeMounts"] and vols["tools"]["emptyDir"] == {}
+    assert "initContainers" not in spec  # built-in servers only: nothing to fetch
     claimed = {**SANDBOX, "metadata": {**SANDBOX["metadata"], "annotations": {objects.WORKSPACE_CLAIM: "warm-abc-workspace"}}}
     assert objects.sandbox_pod(claimed, "img")["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "warm-abc-workspace"
+
+
+def test_published_servers_are_fetched_by_a_hardened_init_container_through_a_narrow_egress() -> None:
+    digest = "c" * 64
+    servers = [{"name": "io.example.weather", "prefix": "weather", "artifactSha256": digest, "command": ["python", "-c", "x"]},
+               {"name": "workspace", "command": ["python", "-m", "mcp_servers.workspace"]}]
+    sandbox = {**SANDBOX, "spec": {**SANDBOX["spec"], "servers": servers}}
+    pod = objects.sandbox_pod(sandbox, "img:1", tools_image="gw:1", gateway_url="http://gw:8080")
+    (init,) = pod["spec"]["initContainers"]
+    assert init["image"] == "gw:1" and init["args"][:3] == ["python", "-m", "registry.fetch"] and init["args"][-1] == digest
+    assert init["args"][init["args"].index("--gateway") + 1] == "http://gw:8080"
+    assert init["securityContext"] == pod["spec"]["containers"][0]["securityContext"]  # as hardened as the supervisor
+    policy = objects.network_policy("n", {}, servers)
+    to_gateway = [r for r in policy["spec"]["egress"] if r["to"][0].get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/component": "gateway"}]
+    assert to_gateway and to_gateway[0]["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert objects.network_policy("n", {}, servers[1:])["spec"]["egress"] == []
 
 
 def test_network_policy_admits_the_gateway_and_egress_only_when_declared() -> None:

@@ -153,7 +153,7 @@ def _ensure_pod(body: dict[str, Any]) -> dict[str, Any] | None:
     existing = kube.read("Pod", ns, current)
     if existing is not None and not existing["metadata"].get("deletionTimestamp"):
         return existing
-    pod = objects.sandbox_pod(body, CONFIG.image)
+    pod = objects.sandbox_pod(body, CONFIG.image, tools_image=CONFIG.tools_image, gateway_url=CONFIG.gateway_url)
     kopf.adopt(pod, owner=body)
     kube.create("Pod", ns, pod)
     return None
@@ -263,16 +263,30 @@ def operating_mode_changed(body: kopf.Body, old: Any, new: Any, reason: kopf.Rea
 
 
 @kopf.on.field(GROUP, VERSION, SANDBOXES, field="spec.servers")
-def servers_changed(body: kopf.Body, reason: kopf.Reason, logger: logging.Logger, **_: Any) -> None:
+def servers_changed(body: kopf.Body, old: Any, new: Any, reason: kopf.Reason, status: kopf.Status, patch: kopf.Patch,
+                    logger: logging.Logger, **_: Any) -> None:
     """The approved servers changed: the ConfigMap and the NetworkPolicy follow. The running pod is not
-    restarted (that would end its user's work): the gateway reconfigures its supervisor over the
+    restarted for it (that would end its user's work): the gateway reconfigures its supervisor over the
     channel, as it must anyway to hand over the servers' secrets, and every later pod (a wake, a
-    lost pod) starts from the new ConfigMap."""
+    lost pod) starts from the new ConfigMap. Except when published wheels came that the pod has not
+    fetched: their code is only ever put in at a pod's start, so a new pod fetches them."""
     # Also at creation: kopf runs this after sandbox_created, possibly on a newer body (the servers changed
     # meanwhile), and that change is then part of what it counts as created, never reported as an update.
-    _ensure_servers(dict(body))
-    if reason != kopf.Reason.CREATE:
-        kopf.info(dict(body), reason="ServersChanged", message="The supervisor's config and network policy follow spec.servers.")
+    body = dict(body)
+    _ensure_servers(body)
+    if reason == kopf.Reason.CREATE:
+        return
+    kopf.info(body, reason="ServersChanged", message="The supervisor's config and network policy follow spec.servers.")
+    added = set(objects.published_digests(new)) - set(objects.published_digests(old))
+    mode = (body.get("spec") or {}).get("operatingMode", "Running")
+    if added and mode == "Running" and status.get("state") in ("Starting", "Resuming", "Running"):
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        kube.delete("Pod", ns, status.get("podName") or name)
+        body.setdefault("status", {})["podName"] = name
+        _ensure_pod(body)  # where the old pod is still terminating, its DELETED event recreates it
+        patch.status.update({"podName": name, "endpoint": None})
+        _transition(body, patch, "Starting", f"A new pod fetches {len(added)} newly approved published server(s).",
+                    Ready=("False", "PodStarting"))
 
 
 def _mark_ready(sandbox: dict[str, Any], pod: dict[str, Any], patch: kopf.Patch | None) -> None:

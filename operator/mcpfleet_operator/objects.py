@@ -37,6 +37,9 @@ CONFIG_KEY = "sandbox.json"
 SUPERVISOR_CONFIG = f"{CONFIG_DIR}/{CONFIG_KEY}"
 TOKEN_DIR = "/var/run/mcpfleet"
 WORKSPACE = "/workspace"
+TOOLS = "/opt/tools"
+"""Where published servers' installs are, one dir per wheel digest (their command lines name it)."""
+GATEWAY_PORT = 8080
 
 PART_OF = {"app.kubernetes.io/part-of": "mcpfleet"}
 SANDBOX_LABEL = "mcpfleet.dev/sandbox"
@@ -129,10 +132,25 @@ def secret(name: str, token_value: str, labels: Mapping[str, str]) -> Body:
     }
 
 
+def published_digests(servers: list[Mapping[str, Any]] | None) -> list[str]:
+    """The wheels a sandbox's published servers run (built-in servers ship with the image: none)."""
+    return sorted({s["artifactSha256"] for s in servers or [] if s.get("artifactSha256")})
+
+
 def network_policy(name: str, selector: Mapping[str, str], servers: list[Mapping[str, Any]] | None) -> Body:
-    """Ingress only from the gateway on the supervisor's port; egress only to the egress proxy, and only if asked."""
+    """Ingress only from the gateway on the supervisor's port; egress only to the egress proxy, and only if asked;
+    and, when published servers are to be fetched, to the gateway's HTTP port (and DNS, to find it)."""
     wants_egress = any(s.get("egress") for s in servers or [])
-    egress = [{"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "egress-proxy"}}}]}] if wants_egress else []
+    egress: list[Body] = []
+    if wants_egress:
+        egress.append({"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "egress-proxy"}}}]})
+    if published_digests(servers):
+        # A policy is per pod, not per container: the supervisor's container may reach the gateway's HTTP
+        # port too (where every request is authenticated), not only the init container that fetches.
+        egress.append({"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}],
+                       "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]})
+        egress.append({"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+                       "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -161,10 +179,41 @@ def resources(tier: Mapping[str, Any] | None) -> Body:
     return {"limits": limits, "requests": dict(limits)}
 
 
-def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_claim: str, token_secret: str,
-        config: str, labels: Mapping[str, str]) -> Body:
-    """The sandbox pod: the supervisor in TCP mode under gVisor, nothing writable but /workspace and /tmp."""
+def _hardened() -> Body:
     return {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def fetch_container(sandbox: str, namespace: str, digests: list[str], *, image: str, gateway_url: str) -> Body:
+    """The init container that fetches the published servers' wheels by digest into the tools volume
+    (`registry.fetch`, in the gateway's image, which has the installer and its limits)."""
+    return {
+        "name": "fetch-tools",
+        "image": image,
+        "args": ["python", "-m", "registry.fetch", "--gateway", gateway_url, "--sandbox", f"{namespace}/{sandbox}",
+                 "--token-file", f"{TOKEN_DIR}/token", "--into", TOOLS, *digests],
+        "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
+        "securityContext": _hardened(),
+        "volumeMounts": [
+            {"name": "tools", "mountPath": TOOLS},
+            {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_claim: str, token_secret: str,
+        config: str, labels: Mapping[str, str], fetch: Body | None = None) -> Body:
+    """The sandbox pod: the supervisor in TCP mode under gVisor, nothing writable but /workspace and /tmp;
+    `fetch`, an init container that fills /opt/tools (read-only to the supervisor), else it stays empty."""
+    body: Body = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "labels": {**labels, "app.kubernetes.io/component": "sandbox"}},
@@ -189,19 +238,12 @@ def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_clai
                 "ports": [{"name": "supervisor", "containerPort": PORT, "protocol": "TCP"}],
                 "readinessProbe": {"tcpSocket": {"port": PORT}, "periodSeconds": 2},
                 "resources": resources(tier),
-                "securityContext": {
-                    "runAsNonRoot": True,
-                    "runAsUser": 1000,
-                    "readOnlyRootFilesystem": True,
-                    "allowPrivilegeEscalation": False,
-                    "privileged": False,
-                    "capabilities": {"drop": ["ALL"]},
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
+                "securityContext": _hardened(),
                 "volumeMounts": [
                     {"name": "workspace", "mountPath": WORKSPACE},
                     {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
                     {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                    {"name": "tools", "mountPath": TOOLS, "readOnly": True},
                     {"name": "tmp", "mountPath": "/tmp"},
                 ],
             }],
@@ -209,17 +251,24 @@ def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_clai
                 {"name": "workspace", "persistentVolumeClaim": {"claimName": workspace_claim}},
                 {"name": "token", "secret": {"secretName": token_secret, "defaultMode": 0o440}},
                 {"name": "config", "configMap": {"name": config, "defaultMode": 0o444}},
+                {"name": "tools", "emptyDir": {}},
                 {"name": "tmp", "emptyDir": {"medium": "Memory"}},
             ],
         },
     }
+    if fetch is not None:
+        body["spec"]["initContainers"] = [fetch]
+    return body
 
 
-def sandbox_pod(sandbox: Mapping[str, Any], image: str) -> Body:
+def sandbox_pod(sandbox: Mapping[str, Any], image: str, *, tools_image: str = "mcpfleet-gateway:dev",
+                gateway_url: str = "http://mcpfleet-gateway:8080") -> Body:
     name = sandbox["metadata"]["name"]
     claim = (sandbox["metadata"].get("annotations") or {}).get(WORKSPACE_CLAIM) or workspace_name(name)
+    digests = published_digests(sandbox.get("spec", {}).get("servers"))
+    fetch = fetch_container(name, sandbox["metadata"]["namespace"], digests, image=tools_image, gateway_url=gateway_url) if digests else None
     return pod(name, image=image, tier=sandbox.get("spec", {}).get("tier"), workspace_claim=claim,
-               token_secret=secret_name(name), config=config_map_name(name), labels=sandbox_labels(name))
+               token_secret=secret_name(name), config=config_map_name(name), labels=sandbox_labels(name), fetch=fetch)
 
 
 def pool_pod(pool: Mapping[str, Any], name: str, image: str) -> Body:
