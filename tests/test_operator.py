@@ -491,6 +491,20 @@ def test_pool_fills_a_claim_takes_a_ready_pod_and_the_pool_refills(cluster: Clus
     print(f"pool: filled {filled:.2f}s, total {time.monotonic() - t0:.2f}s")
 
 
+def test_a_sandbox_with_published_servers_starts_cold_rather_than_claim_a_pod_without_them(cluster: Cluster) -> None:
+    published = {"name": "io.example.w", "prefix": "w", "artifactSha256": "d" * 64, "command": ["python", "-c", "x"]}
+    with operator():
+        _create_pool(cluster, "warm", 1)
+        (pod,) = wait_for(lambda: _pool_pods(cluster, "warm"), what="a warm pod")
+        cluster.run_pod(pod)
+        wait_for(lambda: ((cluster.api.get(POOLS, NS, "warm") or {}).get("status") or {}).get("replicas") == 1, what="ready")
+        cluster.create_sandbox("acme-quin", poolRef="warm", servers=[published])
+        own = wait_for(lambda: cluster.api.get(PODS, NS, "acme-quin"), what="a pod of its own")
+        assert own["spec"]["initContainers"][0]["args"][-1] == "d" * 64
+        assert _pool_pods(cluster, "warm") == [pod]  # the warm pod is still unclaimed
+        wait_for(lambda: state(cluster, "acme-quin") == "Starting", what="Starting cold")
+
+
 def test_a_claim_that_meets_a_409_rereads_and_retries(cluster: Cluster) -> None:
     with operator():
         _create_pool(cluster, "warm", 1)

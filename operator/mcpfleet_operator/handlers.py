@@ -5,7 +5,7 @@ States (`status.state`) and what an SRE sees:
 | From          | Trigger                                              | To          | Conditions                         | Event (reason)      |
 |---------------|------------------------------------------------------|-------------|------------------------------------|---------------------|
 | (new)         | McpSandbox created, operatingMode Running            | Starting    | WorkspaceReady True, Ready False   | Starting            |
-| (new)         | created with poolRef, a ready pool pod relabelled    | Running     | Ready True                         | Claimed             |
+| (new)         | created with poolRef, a ready pool pod relabelled (none ready, or published servers to fetch: cold, as above) | Running | Ready True | Claimed |
 | (new)         | created with operatingMode Hibernated                | Hibernated  | Hibernated True, Ready False       | Hibernated          |
 | Starting      | the pod is Running and Ready                         | Running     | Ready True (endpoint podIP:7070)   | Ready               |
 | Resuming      | the pod is Running and Ready                         | Running     | Ready True, Hibernated False       | Ready               |
@@ -204,7 +204,10 @@ def sandbox_created(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, logger:
         _transition(body, patch, "Hibernated", "Created hibernated: no pod until it is woken.",
                     Hibernated=("True", "Created"), Ready=("False", "Hibernated"), WorkspaceReady=("True", "Created"))
         return
-    if spec.get("poolRef"):
+    if spec.get("poolRef") and objects.published_digests(spec.get("servers")):
+        # A warm pod was started before anyone's servers were known, so it fetched no published wheels.
+        logger.info(f"Not claiming from pool {spec['poolRef']}: published servers are fetched only at a pod's start.")
+    elif spec.get("poolRef"):
         pod = _claim(body, logger)
         if pod is not None:
             pod_name = pod["metadata"]["name"]
