@@ -41,6 +41,7 @@ POOLS = resource("mcpfleet.dev", "v1alpha1", "mcpsandboxpools")
 PODS = resource("", "v1", "pods")
 PVCS = resource("", "v1", "persistentvolumeclaims")
 SECRETS = resource("", "v1", "secrets")
+CONFIGMAPS = resource("", "v1", "configmaps")
 EVENTS = resource("", "v1", "events")
 NAMESPACES = resource("", "v1", "namespaces")
 NETPOLS = resource("networking.k8s.io", "v1", "networkpolicies")
@@ -52,6 +53,7 @@ RESOURCES: dict[resource, dict[str, Any]] = {
     PODS: dict(kind="Pod", singular="pod", namespaced=True, subresources={"status"}),
     PVCS: dict(kind="PersistentVolumeClaim", singular="persistentvolumeclaim", namespaced=True, subresources={"status"}),
     SECRETS: dict(kind="Secret", singular="secret", namespaced=True),
+    CONFIGMAPS: dict(kind="ConfigMap", singular="configmap", namespaced=True),
     EVENTS: dict(kind="Event", singular="event", namespaced=True),
     NETPOLS: dict(kind="NetworkPolicy", singular="networkpolicy", namespaced=True),
     PEERINGS: dict(kind="KopfPeering", singular="kopfpeering", namespaced=True),

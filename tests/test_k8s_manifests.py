@@ -383,6 +383,7 @@ def test_operator_rbac_is_limited_to_its_resources(objects: list[dict[str, Any]]
         ("", "pods"): owned,
         ("", "persistentvolumeclaims"): owned,
         ("", "secrets"): owned,
+        ("", "configmaps"): owned,
         ("networking.k8s.io", "networkpolicies"): owned,
         ("", "events"): {"create", "patch"},
         ("mcpfleet.dev", "mcpsandboxes"): {"get", "list", "watch", "patch", "update"},

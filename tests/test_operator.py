@@ -11,6 +11,7 @@ contract as the stand-in implements it, not a cluster's behaviour.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import tempfile
 import threading
@@ -37,7 +38,18 @@ from kmock._internal.apps import Server  # noqa: E402
 from kopf.testing import KopfRunner  # noqa: E402
 
 from mcpfleet_operator import handlers, objects  # noqa: E402,F401
-from tests.kube_standin import EVENTS, NETPOLS, PEERINGS, PODS, POOLS, PVCS, SANDBOXES, SECRETS, KubeStandin  # noqa: E402
+from tests.kube_standin import (  # noqa: E402
+    CONFIGMAPS,
+    EVENTS,
+    NETPOLS,
+    PEERINGS,
+    PODS,
+    POOLS,
+    PVCS,
+    SANDBOXES,
+    SECRETS,
+    KubeStandin,
+)
 
 NS = "mcpfleet"
 KEY = b"test-fleet-key"
@@ -93,7 +105,16 @@ class Cluster:
     def run_pod(self, name: str, ip: str = "10.0.0.7") -> None:
         """Play the kubelet: the pod runs, has an IP and passes its readiness probe."""
         self.call(self.api.kubelet(PODS, NS, name, {"status": {
-            "phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}}))
+            "phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "supervisor", "image": "mcpfleet-sandbox:dev", "imageID": "", "ready": True,
+                                   "restartCount": 0, "state": {"running": {}}}]}}))
+
+    def stall_pod(self, name: str, waiting: str, phase: str = "Running") -> None:
+        """Play the kubelet: the supervisor container waits for `waiting` (CrashLoopBackOff, ImagePullBackOff, …)."""
+        self.call(self.api.kubelet(PODS, NS, name, {"status": {
+            "phase": phase, "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "supervisor", "image": "mcpfleet-sandbox:dev", "imageID": "", "ready": False, "restartCount": 3,
+                                   "state": {"waiting": {"reason": waiting, "message": f"the kubelet says {waiting}"}}}]}}))
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 15, what: str = "") -> Any:
@@ -166,6 +187,11 @@ def test_create_makes_the_four_objects_hardened(cluster: Cluster) -> None:
     print(f"create: {time.monotonic() - t0:.2f}s")
 
 
+def creation_handled(cluster: Cluster, name: str) -> bool:
+    """kopf has run every creation handler (it records the handled spec then)."""
+    return "kopf.mcpfleet.dev/last-handled-configuration" in (cluster.sandbox(name).get("metadata", {}).get("annotations") or {})
+
+
 def events_for(cluster: Cluster, name: str) -> list[str]:
     return [e.get("reason") for n in cluster.api.names(EVENTS, NS) for e in [cluster.api.get(EVENTS, NS, n)]
             if (e.get("involvedObject") or {}).get("name") == name]
@@ -234,6 +260,171 @@ def test_idle_timer_hibernates_and_activity_is_mirrored(cluster: Cluster, monkey
     print(f"idle: {elapsed:.2f}s")
 
 
+def ready_reason(sandbox: dict[str, Any]) -> str | None:
+    return next((c.get("reason") for c in (sandbox.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"), None)
+
+
+def warnings_for(cluster: Cluster, name: str) -> list[str]:
+    return [e.get("reason") for n in cluster.api.names(EVENTS, NS) for e in [cluster.api.get(EVENTS, NS, n)]
+            if (e.get("involvedObject") or {}).get("name") == name and e.get("type") == "Warning"]
+
+
+def test_a_crash_looping_pod_fails_the_sandbox_and_its_recovery_runs_it_again(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    with operator():
+        start_ready(cluster, "acme-kim")
+        cluster.stall_pod("acme-kim", "CrashLoopBackOff")
+        wait_for(lambda: state(cluster, "acme-kim") == "Failed", what="Failed")
+        sb = cluster.sandbox("acme-kim")
+        assert condition(sb, "Ready") == "False" and ready_reason(sb) == "CrashLoopBackOff"
+        assert not sb["status"].get("endpoint") and "CrashLoopBackOff" in sb["status"]["reason"]
+        failed = time.monotonic() - t0
+        wait_for(lambda: warnings_for(cluster, "acme-kim") == ["Failed"], what="a Warning event")
+        # Another crash of the same kind is not another transition (nor another Event).
+        cluster.stall_pod("acme-kim", "CrashLoopBackOff")
+        time.sleep(0.5)
+        assert warnings_for(cluster, "acme-kim") == ["Failed"]
+        cluster.run_pod("acme-kim", ip="10.0.0.8")  # the back-off ended and it came up
+        wait_for(lambda: state(cluster, "acme-kim") == "Running", what="Running again")
+    sb = cluster.sandbox("acme-kim")
+    assert condition(sb, "Ready") == "True" and sb["status"]["endpoint"] == "10.0.0.8:7070"
+    print(f"crash loop: Failed after {failed:.2f}s, total {time.monotonic() - t0:.2f}s")
+
+
+def test_an_image_pull_failure_fails_and_a_retry_annotation_starts_a_new_pod(cluster: Cluster) -> None:
+    with operator():
+        cluster.create_sandbox("acme-lou")
+        first = wait_for(lambda: cluster.api.get(PODS, NS, "acme-lou"), what="the pod")["metadata"]["uid"]
+        wait_for(lambda: state(cluster, "acme-lou") == "Starting", what="Starting")
+        cluster.stall_pod("acme-lou", "ImagePullBackOff", phase="Pending")
+        wait_for(lambda: state(cluster, "acme-lou") == "Failed", what="Failed")
+        assert ready_reason(cluster.sandbox("acme-lou")) == "ImagePullBackOff"
+        # The status of a Failed sandbox changing (its own transition) retries nothing: only the spec or the annotation.
+        time.sleep(0.5)
+        assert cluster.api.get(PODS, NS, "acme-lou")["metadata"]["uid"] == first
+        cluster.patch_sandbox("acme-lou", {"metadata": {"annotations": {objects.RETRY: "1"}}})
+        wait_for(lambda: state(cluster, "acme-lou") == "Starting", what="Starting again")
+        second = wait_for(lambda: (cluster.api.get(PODS, NS, "acme-lou") or {}).get("metadata", {}).get("uid") not in (None, first)
+                          and cluster.api.get(PODS, NS, "acme-lou"), what="a new pod")
+        assert second["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "acme-lou-workspace"
+        cluster.run_pod("acme-lou")
+        wait_for(lambda: state(cluster, "acme-lou") == "Running", what="Running after the retry")
+    assert warnings_for(cluster, "acme-lou") == ["Failed"]
+
+
+def test_a_failed_pod_phase_fails_and_a_spec_change_retries(cluster: Cluster) -> None:
+    with operator():
+        start_ready(cluster, "acme-max")
+        first = cluster.api.get(PODS, NS, "acme-max")["metadata"]["uid"]
+        cluster.call(cluster.api.kubelet(PODS, NS, "acme-max", {"status": {"phase": "Failed", "reason": "Evicted"}}))
+        wait_for(lambda: state(cluster, "acme-max") == "Failed", what="Failed")
+        sb = cluster.sandbox("acme-max")
+        assert ready_reason(sb) == "PodFailed" and "Evicted" in sb["status"]["reason"]
+        cluster.patch_sandbox("acme-max", {"spec": {"tier": {"name": "large", "cpus": 2, "memoryMb": 1024, "pids": 256}}})
+        pod = wait_for(lambda: (cluster.api.get(PODS, NS, "acme-max") or {}).get("metadata", {}).get("uid") not in (None, first)
+                       and cluster.api.get(PODS, NS, "acme-max"), what="a new pod")
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "2"  # from the changed spec
+        cluster.run_pod("acme-max")
+        wait_for(lambda: state(cluster, "acme-max") == "Running", what="Running after the retry")
+
+
+def test_a_pod_not_ready_by_the_start_deadline_fails(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handlers, "CONFIG", dataclasses.replace(handlers.CONFIG, start_deadline_s=2.0))
+    t0 = time.monotonic()
+    with operator():
+        cluster.create_sandbox("acme-ned")
+        wait_for(lambda: state(cluster, "acme-ned") == "Starting", what="Starting")
+        wait_for(lambda: state(cluster, "acme-ned") == "Failed", what="Failed by the deadline")
+        elapsed = time.monotonic() - t0
+        sb = cluster.sandbox("acme-ned")
+        assert ready_reason(sb) == "StartDeadlineExceeded" and "MCPFLEET_START_DEADLINE_S" in sb["status"]["reason"]
+        # A pod that is ready in time is never failed by it.
+        start_ready(cluster, "acme-ola")
+        time.sleep(3)
+        assert state(cluster, "acme-ola") == "Running"
+    assert elapsed >= 1.0  # 2 s less the creationTimestamp's resolution, a whole second
+    print(f"start deadline (2 s): Failed after {elapsed:.2f}s")
+
+
+def test_delete_says_reclaimed_before_the_finalizer_lets_go(cluster: Cluster) -> None:
+    with operator():
+        start_ready(cluster, "acme-pia")
+        seen: list[str | None] = []
+        done = threading.Event()
+
+        def watch() -> None:  # what `kubectl get -w` would show
+            while not done.is_set():
+                seen.append(state(cluster, "acme-pia"))
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        assert cluster.http("DELETE", f"/apis/mcpfleet.dev/v1alpha1/namespaces/{NS}/mcpsandboxes/acme-pia").status_code == 200
+        wait_for(lambda: cluster.api.get(SANDBOXES, NS, "acme-pia") is None, what="the finalizer released")
+        done.set()
+        watcher.join()
+    assert "Reclaimed" in seen and seen[-1] is None
+    assert seen.index("Reclaimed") < len(seen) - 1 and "Reclaimed" in events_for(cluster, "acme-pia")
+    status_writes = [r for r in cluster.api._requests if str(r.method).endswith("PATCH") and r.url.path.endswith("/acme-pia/status")]
+    assert status_writes  # written through the status subresource, before the object went
+
+
+BUILTIN = {"name": "workspace", "prefix": "workspace", "version": "builtin", "artifactSha256": "",
+           "command": ["python", "-m", "mcp_servers.workspace"], "egress": []}
+
+
+def _servers_in(cluster: Cluster, config_map: str) -> list[str]:
+    import json
+    return [s["name"] for s in json.loads(cluster.api.get(CONFIGMAPS, NS, config_map)["data"]["sandbox.json"])["servers"]]
+
+
+def test_the_supervisor_config_is_a_config_map_that_follows_spec_servers(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    with operator():
+        created = cluster.create_sandbox("acme-cora", servers=[BUILTIN])
+        pod = wait_for(lambda: cluster.api.get(PODS, NS, "acme-cora"), what="the pod")
+        config = wait_for(lambda: cluster.api.get(CONFIGMAPS, NS, "acme-cora-config"), what="the config map")
+        assert config["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+        assert _servers_in(cluster, "acme-cora-config") == ["workspace"]
+        mounts = {m["name"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts["config"] == {"name": "config", "mountPath": "/etc/mcpfleet", "readOnly": True}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["config"]["configMap"]["name"] == "acme-cora-config"
+        args = pod["spec"]["containers"][0]["args"]
+        assert args[-1] == objects.SUPERVISOR_CONFIG and args[args.index("--token-file") + 1] == "/var/run/mcpfleet/token"
+
+        # Once the creation is handled (kopf records the handled spec): a change before it is part of the creation.
+        wait_for(lambda: creation_handled(cluster, "acme-cora"), what="the creation handled")
+        fetch = {"name": "io.example.fetch", "prefix": "fetch", "version": "1.0.0", "artifactSha256": "b" * 64,
+                 "command": ["python", "-c", "import fetch"], "egress": ["example.com"]}
+        cluster.patch_sandbox("acme-cora", {"spec": {"servers": [BUILTIN, fetch]}})
+        wait_for(lambda: _servers_in(cluster, "acme-cora-config") == ["workspace", "fetch"], what="the config map updated")
+        wait_for(lambda: cluster.api.get(NETPOLS, NS, "acme-cora")["spec"]["egress"], what="egress opened for fetch")
+        wait_for(lambda: "ServersChanged" in events_for(cluster, "acme-cora"), what="the ServersChanged event")
+        # A newly approved published wheel: a new pod, whose init container fetches it into /opt/tools.
+        fetching = wait_for(lambda: (cluster.api.get(PODS, NS, "acme-cora") or {}).get("spec", {}).get("initContainers")
+                            and cluster.api.get(PODS, NS, "acme-cora"), what="a pod that fetches")
+        assert fetching["metadata"]["uid"] != pod["metadata"]["uid"]
+        (init,) = fetching["spec"]["initContainers"]
+        assert init["args"][-1] == "b" * 64 and init["args"][init["args"].index("--sandbox") + 1] == f"{NS}/acme-cora"
+        assert {"name": "tools", "mountPath": "/opt/tools"} in init["volumeMounts"]
+        wait_for(lambda: state(cluster, "acme-cora") == "Starting", what="Starting the new pod")
+        cluster.run_pod("acme-cora")
+        wait_for(lambda: state(cluster, "acme-cora") == "Running", what="Running")
+        running = cluster.api.get(PODS, NS, "acme-cora")["metadata"]["uid"]
+        # Servers going away (or built-in ones changing) restart nothing: the gateway reconfigures the supervisor.
+        cluster.patch_sandbox("acme-cora", {"spec": {"servers": [BUILTIN]}})
+        wait_for(lambda: cluster.api.get(NETPOLS, NS, "acme-cora")["spec"]["egress"] == [], what="egress closed again")
+        assert _servers_in(cluster, "acme-cora-config") == ["workspace"]
+        time.sleep(0.5)
+        assert cluster.api.get(PODS, NS, "acme-cora")["metadata"]["uid"] == running and state(cluster, "acme-cora") == "Running"
+
+        assert cluster.http("DELETE", f"/apis/mcpfleet.dev/v1alpha1/namespaces/{NS}/mcpsandboxes/acme-cora").status_code == 200
+        wait_for(lambda: cluster.api.get(SANDBOXES, NS, "acme-cora") is None, what="the finalizer released")
+    assert cluster.api.get(CONFIGMAPS, NS, "acme-cora-config") is None
+    print(f"config map: {time.monotonic() - t0:.2f}s")
+
+
 @pytest.mark.parametrize("retention", ["Keep", "Delete"])
 def test_delete_cleans_up_by_retention(cluster: Cluster, retention: str) -> None:
     t0 = time.monotonic()
@@ -272,6 +463,9 @@ def test_pool_fills_a_claim_takes_a_ready_pod_and_the_pool_refills(cluster: Clus
         wait_for(lambda: ((cluster.api.get(POOLS, NS, "warm") or {}).get("status") or {}).get("replicas") == 2, what="2 ready")
         assert cluster.api.get(POOLS, NS, "warm")["status"]["selector"] == "mcpfleet.dev/pool=warm,mcpfleet.dev/claimed=false"
         filled = time.monotonic() - t0
+        # Warm pods run no servers until claimed (the gateway configures a claimed pod's over the channel).
+        assert _servers_in(cluster, "warm-pool-config") == []
+        assert {v["name"]: v for v in cluster.api.get(PODS, NS, pods[0])["spec"]["volumes"]}["config"]["configMap"]["name"] == "warm-pool-config"
 
         created = cluster.create_sandbox("acme-frank", poolRef="warm")
         wait_for(lambda: state(cluster, "acme-frank") == "Running", what="claimed and Running")
@@ -297,6 +491,20 @@ def test_pool_fills_a_claim_takes_a_ready_pod_and_the_pool_refills(cluster: Clus
     print(f"pool: filled {filled:.2f}s, total {time.monotonic() - t0:.2f}s")
 
 
+def test_a_sandbox_with_published_servers_starts_cold_rather_than_claim_a_pod_without_them(cluster: Cluster) -> None:
+    published = {"name": "io.example.w", "prefix": "w", "artifactSha256": "d" * 64, "command": ["python", "-c", "x"]}
+    with operator():
+        _create_pool(cluster, "warm", 1)
+        (pod,) = wait_for(lambda: _pool_pods(cluster, "warm"), what="a warm pod")
+        cluster.run_pod(pod)
+        wait_for(lambda: ((cluster.api.get(POOLS, NS, "warm") or {}).get("status") or {}).get("replicas") == 1, what="ready")
+        cluster.create_sandbox("acme-quin", poolRef="warm", servers=[published])
+        own = wait_for(lambda: cluster.api.get(PODS, NS, "acme-quin"), what="a pod of its own")
+        assert own["spec"]["initContainers"][0]["args"][-1] == "d" * 64
+        assert _pool_pods(cluster, "warm") == [pod]  # the warm pod is still unclaimed
+        wait_for(lambda: state(cluster, "acme-quin") == "Starting", what="Starting cold")
+
+
 def test_a_claim_that_meets_a_409_rereads_and_retries(cluster: Cluster) -> None:
     with operator():
         _create_pool(cluster, "warm", 1)
@@ -316,6 +524,8 @@ def test_a_restarted_operator_adopts_without_duplicates(cluster: Cluster) -> Non
     with operator():
         cluster.create_sandbox("acme-hal")
         wait_for(lambda: state(cluster, "acme-hal") == "Starting", what="Starting")
+        # Stopped once the creation is handled (an operator stopped amid it finishes the creation instead of adopting).
+        wait_for(lambda: creation_handled(cluster, "acme-hal"), what="the creation handled")
     pod_uid = cluster.api.get(PODS, NS, "acme-hal")["metadata"]["uid"]
     cluster.run_pod("acme-hal")  # became ready while no operator ran
     with operator():
@@ -416,8 +626,26 @@ def test_pod_is_hardened_and_sized_by_the_tier() -> None:
     assert vols["token"]["secret"]["secretName"] == "acme-alice-token" and vols["tmp"]["emptyDir"] == {"medium": "Memory"}
     assert pod["metadata"]["labels"] == {"app.kubernetes.io/part-of": "mcpfleet", "mcpfleet.dev/sandbox": "acme-alice",
                                          "app.kubernetes.io/component": "sandbox"}
+    assert {"name": "tools", "mountPath": "/opt/tools", "readOnly": True} in c["volumeMounts"] and vols["tools"]["emptyDir"] == {}
+    assert "initContainers" not in spec  # built-in servers only: nothing to fetch
     claimed = {**SANDBOX, "metadata": {**SANDBOX["metadata"], "annotations": {objects.WORKSPACE_CLAIM: "warm-abc-workspace"}}}
     assert objects.sandbox_pod(claimed, "img")["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "warm-abc-workspace"
+
+
+def test_published_servers_are_fetched_by_a_hardened_init_container_through_a_narrow_egress() -> None:
+    digest = "c" * 64
+    servers = [{"name": "io.example.weather", "prefix": "weather", "artifactSha256": digest, "command": ["python", "-c", "x"]},
+               {"name": "workspace", "command": ["python", "-m", "mcp_servers.workspace"]}]
+    sandbox = {**SANDBOX, "spec": {**SANDBOX["spec"], "servers": servers}}
+    pod = objects.sandbox_pod(sandbox, "img:1", tools_image="gw:1", gateway_url="http://gw:8080")
+    (init,) = pod["spec"]["initContainers"]
+    assert init["image"] == "gw:1" and init["args"][:3] == ["python", "-m", "registry.fetch"] and init["args"][-1] == digest
+    assert init["args"][init["args"].index("--gateway") + 1] == "http://gw:8080"
+    assert init["securityContext"] == pod["spec"]["containers"][0]["securityContext"]  # as hardened as the supervisor
+    policy = objects.network_policy("n", {}, servers)
+    to_gateway = [r for r in policy["spec"]["egress"] if r["to"][0].get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/component": "gateway"}]
+    assert to_gateway and to_gateway[0]["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert objects.network_policy("n", {}, servers[1:])["spec"]["egress"] == []
 
 
 def test_network_policy_admits_the_gateway_and_egress_only_when_declared() -> None:
@@ -442,6 +670,29 @@ def test_pvc_secret_and_conditions() -> None:
     assert same[0]["lastTransitionTime"] == "t1" and moved[0]["lastTransitionTime"] == "t3" and len(moved) == 1
     ready = {"status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}}
     assert objects.pod_ready(ready) and not objects.pod_ready({"status": {"phase": "Pending"}})
+
+
+def test_the_config_map_is_what_the_supervisor_reads_and_what_the_gateway_would_configure() -> None:
+    """The operator renders the supervisor's config from the spec the gateway writes (sandbox.kubernetes
+    .sandbox_spec); the supervisor's own parser reads it to the servers the gateway's server_configs
+    gives for the same servers (bar the environment, which never goes into an object), so a pod
+    started from it already runs what the gateway wants."""
+    from sandbox.kubernetes import sandbox_spec
+    from sandbox.servers import BUILTIN_SERVERS, ServerSpec, server_configs
+    from sandbox.supervisor.config import SupervisorConfig
+    from sandbox.tiers import Tier
+
+    published = ServerSpec("weather", ("python", "-c", "import weather"), env={"MCPFLEET_DECLARED_SECRETS": "KEY"}, revision="a" * 64)
+    servers = (*BUILTIN_SERVERS, published)
+    spec = sandbox_spec(7, "acme", "alice", Tier("standard", 1, 512, 256, 1024), servers)
+    spec["servers"].append({"name": "io.example.nothing-to-run", "version": "1"})  # no command: left out
+    config = SupervisorConfig.from_json(objects.supervisor_config(spec["servers"]))
+    expected = [dataclasses.replace(c, env={}) for c in server_configs(servers)]
+    assert config.servers == expected and config.token == "" and config.env == {}
+    assert [s.revision for s in config.servers] == ["builtin", "builtin", "builtin", "a" * 64]
+    cm = objects.config_map("acme-alice-config", spec["servers"], {"k": "v"})
+    assert cm["kind"] == "ConfigMap" and set(cm["data"]) == {"sandbox.json"}
+    assert "KEY" not in cm["data"]["sandbox.json"]
 
 
 def test_the_operator_folder_does_not_shadow_the_standard_librarys_operator() -> None:

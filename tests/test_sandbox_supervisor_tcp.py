@@ -33,11 +33,12 @@ def free_port() -> int:
 class ListeningSupervisor(RunningSupervisor):
     """`python -m sandbox.supervisor --listen 127.0.0.1:PORT CONFIG`: the pod's command line."""
 
-    def __init__(self, directory: Path, servers: list[ServerConfig], token: str, token_file: bool = False):
+    def __init__(self, directory: Path, servers: list[ServerConfig], token: str, token_file: bool | Path = False):
+        """`token_file`: True to write `token` into a file of its own, a path to use that file as it is."""
         super().__init__(directory, servers, token="" if token_file else token)
         self.port = free_port()
-        self.token_file = directory / "token" if token_file else None
-        if self.token_file is not None:
+        self.token_file = token_file if isinstance(token_file, Path) else directory / "token" if token_file else None
+        if token_file is True:
             self.token_file.write_text(token + "\n")
 
     def start(self) -> None:
@@ -47,7 +48,7 @@ class ListeningSupervisor(RunningSupervisor):
         self.process = subprocess.Popen([*argv, str(self.config_path)], stdout=self.log, stderr=self.log)
 
 
-def start_listening(directory: Path, token: str = TOKEN, *, token_file: bool = False) -> ListeningSupervisor:
+def start_listening(directory: Path, token: str = TOKEN, *, token_file: bool | Path = False) -> ListeningSupervisor:
     fixture = write_fixture(directory)
     supervisor = ListeningSupervisor(
         directory, [ServerConfig(name="fixture", argv=[sys.executable, str(fixture)])], token, token_file
@@ -160,6 +161,49 @@ async def test_the_token_may_come_from_a_file():
             client = await connected(supervisor, token="from-a-file")
             assert text(await tool(client, "echo", text="ok")) == "ok"
             await client.close()
+        finally:
+            supervisor.stop()
+
+
+def kubelet_secret_volume(directory: Path, token: str, generation: int) -> Path:
+    """Write `token` as the kubelet writes a Secret volume (its AtomicWriter): the files in a new
+    timestamped dir, `..data` swapped to it by a rename, `token` a symlink through `..data`."""
+    fresh = directory / f"..2026_11_29_{generation}"
+    fresh.mkdir()
+    (fresh / "token").write_text(token)
+    (directory / "..data_tmp").symlink_to(fresh.name)
+    (directory / "..data_tmp").rename(directory / "..data")
+    if not (directory / "token").is_symlink():
+        (directory / "token").symlink_to("..data/token")
+    return directory / "token"
+
+
+async def test_a_claimed_pool_pods_new_token_is_read_at_attach_and_the_old_one_refused():
+    """A warm pod starts with the pool's token; the claim replaces its Secret, which the kubelet
+    swaps in place. The same supervisor process (no restart) then takes only the new token."""
+    with tempfile.TemporaryDirectory(prefix="mcpf-tcp-", dir="/tmp") as d:
+        volume = Path(d) / "secret"
+        volume.mkdir()
+        token_file = kubelet_secret_volume(volume, "warm-pool-token", 1)
+        supervisor = start_listening(Path(d), token_file=token_file)
+        try:
+            warm = await connected(supervisor, token="warm-pool-token")
+            pid = payload(await tool(warm, "whoami"))["pid"]
+            await warm.close()
+
+            kubelet_secret_volume(volume, "the-users-token", 2)  # the claim
+            assert await raw_exchange(supervisor.port, wire.encode({"type": "attach", "token": "warm-pool-token"})) == b""
+            with pytest.raises(SandboxUnavailable, match="did not say hello"):
+                await connected(supervisor, token="warm-pool-token")
+            claimed = await connected(supervisor, token="the-users-token")
+            try:
+                assert payload(await tool(claimed, "whoami"))["pid"] == pid  # the same server, never restarted
+                assert supervisor.process.poll() is None
+            finally:
+                await claimed.close()
+            # An unreadable token file attaches nobody (rather than whatever token was read last).
+            (volume / "..data").unlink()
+            assert await raw_exchange(supervisor.port, wire.encode({"type": "attach", "token": "the-users-token"})) == b""
         finally:
             supervisor.stop()
 

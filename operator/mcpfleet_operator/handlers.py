@@ -5,15 +5,19 @@ States (`status.state`) and what an SRE sees:
 | From          | Trigger                                              | To          | Conditions                         | Event (reason)      |
 |---------------|------------------------------------------------------|-------------|------------------------------------|---------------------|
 | (new)         | McpSandbox created, operatingMode Running            | Starting    | WorkspaceReady True, Ready False   | Starting            |
-| (new)         | created with poolRef, a ready pool pod relabelled    | Running     | Ready True                         | Claimed             |
+| (new)         | created with poolRef, a ready pool pod relabelled (none ready, or published servers to fetch: cold, as above) | Running | Ready True | Claimed |
 | (new)         | created with operatingMode Hibernated                | Hibernated  | Hibernated True, Ready False       | Hibernated          |
 | Starting      | the pod is Running and Ready                         | Running     | Ready True (endpoint podIP:7070)   | Ready               |
 | Resuming      | the pod is Running and Ready                         | Running     | Ready True, Hibernated False       | Ready               |
 | Running       | operatingMode → Hibernated (gateway, or idle timer)  | Hibernated  | Hibernated True, Ready False       | Hibernated          |
 | Hibernated    | operatingMode → Running (the gateway wakes it)       | Resuming    | Hibernated False, Ready False      | Resuming            |
 | Running       | the pod vanished (node lost, evicted)                | Starting    | Ready False                        | PodLost             |
+| Starting, Resuming, Running | the pod's phase is Failed, or a container waits in CrashLoopBackOff, ImagePullBackOff, … | Failed | Ready False (that reason), no endpoint | Failed (Warning) |
+| Starting, Resuming | the pod not Ready MCPFLEET_START_DEADLINE_S after its creation | Failed | Ready False StartDeadlineExceeded | Failed (Warning) |
+| Failed        | the pod comes good (Running and Ready)               | Running     | Ready True                         | Running             |
+| Failed        | the spec changes, the annotation mcpfleet.dev/retry changes, or the pod is deleted | Starting | Ready False (a new pod) | Starting |
 | Running       | no activity for MCPFLEET_IDLE_HIBERNATE_S            | (patches operatingMode Hibernated)        | IdleHibernate       |
-| any           | McpSandbox deleted (finalizer)                       | (gone)      | pod, Secret, NetworkPolicy deleted; PVC too if retention Delete | Deleted (log) |
+| any           | McpSandbox deleted (finalizer)                       | Reclaimed, then gone | Ready False Reclaimed; pod, Secret, ConfigMap, NetworkPolicy deleted; PVC too if retention Delete | Reclaimed |
 | any           | the operator restarts                                | (unchanged) | objects re-ensured (adopted), pods not duplicated  | Adopted |
 
 The pool keeps `spec.replicas` unclaimed pods (labels `mcpfleet.dev/pool: NAME`, `mcpfleet.dev/claimed: "false"`)
@@ -67,14 +71,30 @@ def _status(current: dict[str, Any] | None, generation: int | None, state: str, 
     return {"state": state, "reason": reason, "conditions": conds, "observedGeneration": generation}
 
 
-def _transition(body: dict[str, Any], patch: kopf.Patch | None, state: str, reason: str, **conditions: tuple[str, str]) -> None:
-    """Record a transition: the status (through kopf's patch, or directly when outside the object's handler) and an Event."""
+def _transition(body: dict[str, Any], patch: kopf.Patch | None, state: str, reason: str, *, warning: bool = False,
+                **conditions: tuple[str, str]) -> None:
+    """Record a transition: the status (through kopf's patch, or directly when outside the object's handler) and an
+    Event (a Warning when `warning`)."""
     new = _status(body.get("status"), body["metadata"].get("generation"), state, reason, **conditions)
     if patch is not None:
         patch.status.update(new)
     else:
         kube.patch_cr_status(SANDBOXES, body["metadata"]["namespace"], body["metadata"]["name"], {"status": new})
-    kopf.info(body, reason=state, message=reason)
+    (kopf.warn if warning else kopf.info)(body, reason=state, message=reason)
+
+
+def _fail(body: dict[str, Any], patch: kopf.Patch | None, why: str, message: str) -> None:
+    """State Failed, Ready False for `why`, a Warning Event, no endpoint; once per cause (a crash-looping pod
+    changes often, and every change would otherwise be another Event)."""
+    status = body.get("status") or {}
+    ready_reason = next((c.get("reason") for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    if status.get("state") == "Failed" and ready_reason == why:
+        return
+    if patch is not None:
+        patch.status["endpoint"] = None
+    else:
+        kube.patch_cr_status(SANDBOXES, body["metadata"]["namespace"], body["metadata"]["name"], {"status": {"endpoint": None}})
+    _transition(body, patch, "Failed", message, warning=True, Ready=("False", why))
 
 
 # --- operator start -------------------------------------------------------------------------------
@@ -92,7 +112,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 # --- McpSandbox: create, adopt, hibernate, wake ---------------------------------------------------
 
 def _ensure_support(body: dict[str, Any], logger: logging.Logger) -> None:
-    """The workspace PVC (unless a claimed pool volume serves), the token Secret, the NetworkPolicy."""
+    """The workspace PVC (unless a claimed pool volume serves), the token Secret, the supervisor's
+    ConfigMap, the NetworkPolicy."""
     meta, spec = body["metadata"], body.get("spec") or {}
     ns, name = meta["namespace"], meta["name"]
     labels = objects.sandbox_labels(name)
@@ -103,10 +124,25 @@ def _ensure_support(body: dict[str, Any], logger: logging.Logger) -> None:
     secret = objects.secret(objects.secret_name(name), token, labels)
     kopf.adopt(secret, owner=body)
     kube.create("Secret", ns, secret)
+    _ensure_servers(body)
+
+
+def _ensure_servers(body: dict[str, Any]) -> None:
+    """What follows from spec.servers, created or brought up to date: the supervisor's ConfigMap and
+    the NetworkPolicy (egress only if a server declares hosts). Patched as a whole when they exist,
+    so an operator that was down while the servers changed catches up on resume."""
+    meta, spec = body["metadata"], body.get("spec") or {}
+    ns, name = meta["namespace"], meta["name"]
+    labels = objects.sandbox_labels(name)
+    config = objects.config_map(objects.config_map_name(name), spec.get("servers"), labels)
+    kopf.adopt(config, owner=body)
+    if not kube.create("ConfigMap", ns, config):
+        kube.patch("ConfigMap", ns, config["metadata"]["name"], {"data": config["data"]})
     policy = objects.network_policy(name, {objects.SANDBOX_LABEL: name}, spec.get("servers"))
     policy["metadata"]["labels"].update(labels)
     kopf.adopt(policy, owner=body)
-    kube.create("NetworkPolicy", ns, policy)
+    if not kube.create("NetworkPolicy", ns, policy):
+        kube.patch("NetworkPolicy", ns, name, {"spec": {"egress": policy["spec"]["egress"]}})
 
 
 def _ensure_pod(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -117,7 +153,7 @@ def _ensure_pod(body: dict[str, Any]) -> dict[str, Any] | None:
     existing = kube.read("Pod", ns, current)
     if existing is not None and not existing["metadata"].get("deletionTimestamp"):
         return existing
-    pod = objects.sandbox_pod(body, CONFIG.image)
+    pod = objects.sandbox_pod(body, CONFIG.image, tools_image=CONFIG.tools_image, gateway_url=CONFIG.gateway_url)
     kopf.adopt(pod, owner=body)
     kube.create("Pod", ns, pod)
     return None
@@ -168,7 +204,10 @@ def sandbox_created(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, logger:
         _transition(body, patch, "Hibernated", "Created hibernated: no pod until it is woken.",
                     Hibernated=("True", "Created"), Ready=("False", "Hibernated"), WorkspaceReady=("True", "Created"))
         return
-    if spec.get("poolRef"):
+    if spec.get("poolRef") and objects.published_digests(spec.get("servers")):
+        # A warm pod was started before anyone's servers were known, so it fetched no published wheels.
+        logger.info(f"Not claiming from pool {spec['poolRef']}: published servers are fetched only at a pod's start.")
+    elif spec.get("poolRef"):
         pod = _claim(body, logger)
         if pod is not None:
             pod_name = pod["metadata"]["name"]
@@ -226,6 +265,33 @@ def operating_mode_changed(body: kopf.Body, old: Any, new: Any, reason: kopf.Rea
                     Hibernated=("False", "OperatingMode"), Ready=("False", "PodStarting"))
 
 
+@kopf.on.field(GROUP, VERSION, SANDBOXES, field="spec.servers")
+def servers_changed(body: kopf.Body, old: Any, new: Any, reason: kopf.Reason, status: kopf.Status, patch: kopf.Patch,
+                    logger: logging.Logger, **_: Any) -> None:
+    """The approved servers changed: the ConfigMap and the NetworkPolicy follow. The running pod is not
+    restarted for it (that would end its user's work): the gateway reconfigures its supervisor over the
+    channel, as it must anyway to hand over the servers' secrets, and every later pod (a wake, a
+    lost pod) starts from the new ConfigMap. Except when published wheels came that the pod has not
+    fetched: their code is only ever put in at a pod's start, so a new pod fetches them."""
+    # Also at creation: kopf runs this after sandbox_created, possibly on a newer body (the servers changed
+    # meanwhile), and that change is then part of what it counts as created, never reported as an update.
+    body = dict(body)
+    _ensure_servers(body)
+    if reason == kopf.Reason.CREATE:
+        return
+    kopf.info(body, reason="ServersChanged", message="The supervisor's config and network policy follow spec.servers.")
+    added = set(objects.published_digests(new)) - set(objects.published_digests(old))
+    mode = (body.get("spec") or {}).get("operatingMode", "Running")
+    if added and mode == "Running" and status.get("state") in ("Starting", "Resuming", "Running"):
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        kube.delete("Pod", ns, status.get("podName") or name)
+        body.setdefault("status", {})["podName"] = name
+        _ensure_pod(body)  # where the old pod is still terminating, its DELETED event recreates it
+        patch.status.update({"podName": name, "endpoint": None})
+        _transition(body, patch, "Starting", f"A new pod fetches {len(added)} newly approved published server(s).",
+                    Ready=("False", "PodStarting"))
+
+
 def _mark_ready(sandbox: dict[str, Any], pod: dict[str, Any], patch: kopf.Patch | None) -> None:
     endpoint = f"{pod['status']['podIP']}:{objects.PORT}"
     extra = {"endpoint": endpoint, "podName": pod["metadata"]["name"]}
@@ -248,15 +314,75 @@ def sandbox_pod_changed(type: str, body: kopf.Body, namespace: str, logger: logg
         return  # an older pod of this sandbox
     mode = (sandbox.get("spec") or {}).get("operatingMode", "Running")
     if type == "DELETED":
-        if mode == "Running" and status.get("state") in ("Running", "Starting", "Resuming"):
+        # A Failed sandbox's pod deleted (by an SRE, say) is recreated too: that is a retry.
+        if mode == "Running" and status.get("state") in ("Running", "Starting", "Resuming", "Failed"):
             sandbox.setdefault("status", {})["podName"] = name
             _ensure_pod(sandbox)
             kube.patch_cr_status(SANDBOXES, namespace, name, {"status": {"podName": name, "endpoint": None}})
             _transition(sandbox, None, "Starting", "The pod was lost; a new one is starting on the same workspace.",
                         Ready=("False", "PodLost"))
         return
-    if mode == "Running" and objects.pod_ready(dict(body)) and status.get("state") != "Running":
-        _mark_ready(sandbox, dict(body), None)
+    if mode != "Running" or status.get("state") not in ("Starting", "Resuming", "Running", "Failed"):
+        return
+    failure = objects.pod_failure(dict(body))
+    if failure is not None:
+        _fail(sandbox, None, *failure)
+    elif objects.pod_ready(dict(body)) and status.get("state") != "Running":
+        _mark_ready(sandbox, dict(body), None)  # also the recovery of a Failed sandbox whose pod came good
+
+
+@kopf.timer(GROUP, VERSION, SANDBOXES, interval=CONFIG.idle_check_s, initial_delay=CONFIG.idle_check_s)
+def start_deadline(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, **_: Any) -> None:
+    """A pod not Ready MCPFLEET_START_DEADLINE_S after its creation (unschedulable, a probe never passing, an
+    image still pulling) fails the sandbox, so that the gateway stops waiting and an SRE sees why."""
+    if CONFIG.start_deadline_s <= 0 or status.get("state") not in ("Starting", "Resuming"):
+        return
+    pod = kube.read("Pod", meta["namespace"], status.get("podName") or meta["name"])
+    if pod is None or objects.pod_ready(pod):
+        return
+    created = _parse_time(pod["metadata"].get("creationTimestamp"))
+    if created is None:
+        return
+    waited = (datetime.datetime.now(datetime.UTC) - created).total_seconds()
+    if waited >= CONFIG.start_deadline_s:
+        _fail(dict(body), patch, "StartDeadlineExceeded",
+              f"The pod {pod['metadata']['name']} was not ready {int(waited)} s after its creation "
+              f"(MCPFLEET_START_DEADLINE_S={CONFIG.start_deadline_s:g}).")
+
+
+def _retry_asked(diff: kopf.Diff) -> bool:
+    """A change of the spec, or of the retry annotation (`kubectl annotate mcpsb NAME mcpfleet.dev/retry=$(date +%s)`)."""
+    return any(_changes(d, ("spec",)) or _changes(d, ("metadata", "annotations", objects.RETRY)) for d in diff)
+
+
+def _changes(item: kopf.DiffItem, path: tuple[str, ...]) -> bool:
+    """The diff item changes `path` (kopf reports a first annotation as the whole annotations dict added)."""
+    if item.field[:len(path)] == path:
+        return True
+    if path[:len(item.field)] != item.field:
+        return False
+    old, new = item.old, item.new
+    for key in path[len(item.field):]:
+        old = old.get(key) if isinstance(old, dict) else None
+        new = new.get(key) if isinstance(new, dict) else None
+    return bool(old != new)
+
+
+@kopf.on.update(GROUP, VERSION, SANDBOXES, when=lambda status, **_: (status or {}).get("state") == "Failed")
+def failed_retried(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, diff: kopf.Diff, patch: kopf.Patch,
+                   logger: logging.Logger, **_: Any) -> None:
+    """Failed, and the spec changed or a retry was asked: a fresh pod on the same workspace (Starting)."""
+    if not _retry_asked(diff) or spec.get("operatingMode", "Running") == "Hibernated":
+        return  # a hibernation is operating_mode_changed's
+    body = dict(body)
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    kube.delete("Pod", ns, status.get("podName") or name)
+    _ensure_support(body, logger)
+    body.setdefault("status", {})["podName"] = name
+    _ensure_pod(body)  # where the old pod is still terminating, its DELETED event recreates it (Starting)
+    patch.status.update({"podName": name, "endpoint": None})
+    _transition(body, patch, "Starting", "Retrying after a failure: a new pod on the same workspace volume.",
+                Ready=("False", "PodStarting"))
 
 
 @kopf.on.field(GROUP, VERSION, SANDBOXES, field=["metadata", "annotations", objects.LAST_ACTIVITY])
@@ -284,12 +410,16 @@ def idle_hibernate(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, logger
 def sandbox_deleted(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, logger: logging.Logger, **_: Any) -> None:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
+    # Said before the finalizer lets go: the last state a watcher (or `kubectl get -w`) sees, and an Event that stays.
+    _transition(dict(body), None, "Reclaimed", "Deleted: its pod, token, config and network policy are removed.",
+                Ready=("False", "Reclaimed"))
     pod_name = status.get("podName") or name
     kube.delete("Pod", ns, pod_name)
     if pod_name != name:
         kube.delete("Pod", ns, name)
         kube.delete("Secret", ns, objects.secret_name(pod_name))
     kube.delete("Secret", ns, objects.secret_name(name))
+    kube.delete("ConfigMap", ns, objects.config_map_name(name))
     kube.delete("NetworkPolicy", ns, name)
     workspace = (meta.get("annotations") or {}).get(objects.WORKSPACE_CLAIM) or objects.workspace_name(name)
     if ((spec.get("workspace") or {}).get("retention") or "Keep") == "Delete":
@@ -309,8 +439,10 @@ def _fill(pool: dict[str, Any], logger: logging.Logger) -> dict[str, Any]:
         wanted = int((pool.get("spec") or {}).get("replicas") or 0)
         pods = [p for p in kube.list_("Pod", ns, objects.pool_labels(name)) if not p["metadata"].get("deletionTimestamp")]
         policy = objects.network_policy(f"{name}-pool", objects.pool_labels(name), None)
-        kopf.adopt(policy, owner=pool)
-        kube.create("NetworkPolicy", ns, policy)
+        config = objects.config_map(objects.pool_config_name(name), [], objects.pool_labels(name))
+        for shared in (policy, config):
+            kopf.adopt(shared, owner=pool)
+            kube.create(shared["kind"], ns, shared)
         for _ in range(wanted - len(pods)):
             pod_name = f"{name}-{secrets.token_hex(3)}"
             labels = objects.pool_labels(name)

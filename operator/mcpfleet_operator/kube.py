@@ -26,6 +26,7 @@ _KINDS = {
     "Pod": ("pod", "CoreV1Api"),
     "PersistentVolumeClaim": ("persistent_volume_claim", "CoreV1Api"),
     "Secret": ("secret", "CoreV1Api"),
+    "ConfigMap": ("config_map", "CoreV1Api"),
     "NetworkPolicy": ("network_policy", "NetworkingV1Api"),
 }
 

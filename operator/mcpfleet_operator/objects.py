@@ -8,11 +8,15 @@ For McpSandbox NAME (all labelled `app.kubernetes.io/part-of: mcpfleet`, `mcpfle
 | Secret         | NAME-token       | yes                      | key `token`: HMAC of the fleet key (SPEC.md)          |
 | NetworkPolicy  | NAME             | yes                      | ingress from the gateway on 7070; egress only to the  |
 |                |                  |                          | egress proxy when a server declares egress, else none |
+| ConfigMap      | NAME-config      | yes                      | key `sandbox.json`: the supervisor's config, rendered |
+|                |                  |                          | from spec.servers (`supervisor_config`)               |
 | Pod            | NAME             | yes                      | gVisor, non-root, read-only root, no capabilities     |
 
 A warm pool's pods are named POOL-XXXXX and carry their own PVC (POOL-XXXXX-workspace) and Secret
 (POOL-XXXXX-token); a claim relabels them to the McpSandbox, which records the PVC's name in the
-annotation `mcpfleet.dev/workspace-claim` so that a woken sandbox mounts the same volume.
+annotation `mcpfleet.dev/workspace-claim` so that a woken sandbox mounts the same volume. They all
+mount the pool's ConfigMap (POOL-pool-config: no servers, since nobody's servers are known before a
+claim); the gateway configures a claimed pod's servers over the channel.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +32,14 @@ GROUP = "mcpfleet.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 PORT = 7070
-SUPERVISOR_CONFIG = "/etc/mcpfleet/sandbox.json"
+CONFIG_DIR = "/etc/mcpfleet"
+CONFIG_KEY = "sandbox.json"
+SUPERVISOR_CONFIG = f"{CONFIG_DIR}/{CONFIG_KEY}"
+TOKEN_DIR = "/var/run/mcpfleet"
+WORKSPACE = "/workspace"
+TOOLS = "/opt/tools"
+"""Where published servers' installs are, one dir per wheel digest (their command lines name it)."""
+GATEWAY_PORT = 8080
 
 PART_OF = {"app.kubernetes.io/part-of": "mcpfleet"}
 SANDBOX_LABEL = "mcpfleet.dev/sandbox"
@@ -35,6 +47,8 @@ POOL_LABEL = "mcpfleet.dev/pool"
 CLAIMED_LABEL = "mcpfleet.dev/claimed"
 LAST_ACTIVITY = "mcpfleet.dev/last-activity"
 WORKSPACE_CLAIM = "mcpfleet.dev/workspace-claim"
+RETRY = "mcpfleet.dev/retry"
+"""Any new value retries a Failed sandbox (as a change of its spec does)."""
 
 Body = dict[str, Any]
 
@@ -71,6 +85,43 @@ def pvc(name: str, workspace: Mapping[str, Any], labels: Mapping[str, str]) -> B
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "labels": dict(labels)}, "spec": spec}
 
 
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def supervisor_config(servers: list[Mapping[str, Any]] | None) -> str:
+    """The supervisor's config (sandbox/supervisor/config.py, `SupervisorConfig.from_json`) for `spec.servers`.
+
+    As the gateway's `sandbox.servers.server_configs` builds it: each server by its tool prefix, its
+    command, run in /workspace, and its revision (the wheel's digest, else the version, else
+    "builtin") so that the gateway sees the pod already runs what it wants and need not restart it.
+    No environment: a server's secrets reach it only over the channel (`configure`), never through
+    an object anyone with read access to ConfigMaps could see. A server without a command has
+    nothing to run and is left out. The token is the Secret volume's (`--token-file`), not here.
+    """
+    rendered = []
+    for s in servers or []:
+        if not s.get("command"):
+            continue
+        rendered.append({
+            "name": s.get("prefix") or s["name"],
+            "argv": [str(a) for a in s["command"]],
+            "env": {},
+            "cwd": WORKSPACE,
+            "revision": s.get("artifactSha256") or s.get("version") or "builtin",
+        })
+    return json.dumps({"socket": "", "servers": rendered, "env": {}}, indent=2, sort_keys=True)
+
+
+def config_map(name: str, servers: list[Mapping[str, Any]] | None, labels: Mapping[str, str]) -> Body:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": dict(labels)},
+        "data": {CONFIG_KEY: supervisor_config(servers)},
+    }
+
+
 def secret(name: str, token_value: str, labels: Mapping[str, str]) -> Body:
     return {
         "apiVersion": "v1",
@@ -81,10 +132,25 @@ def secret(name: str, token_value: str, labels: Mapping[str, str]) -> Body:
     }
 
 
+def published_digests(servers: list[Mapping[str, Any]] | None) -> list[str]:
+    """The wheels a sandbox's published servers run (built-in servers ship with the image: none)."""
+    return sorted({s["artifactSha256"] for s in servers or [] if s.get("artifactSha256")})
+
+
 def network_policy(name: str, selector: Mapping[str, str], servers: list[Mapping[str, Any]] | None) -> Body:
-    """Ingress only from the gateway on the supervisor's port; egress only to the egress proxy, and only if asked."""
+    """Ingress only from the gateway on the supervisor's port; egress only to the egress proxy, and only if asked;
+    and, when published servers are to be fetched, to the gateway's HTTP port (and DNS, to find it)."""
     wants_egress = any(s.get("egress") for s in servers or [])
-    egress = [{"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "egress-proxy"}}}]}] if wants_egress else []
+    egress: list[Body] = []
+    if wants_egress:
+        egress.append({"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "egress-proxy"}}}]})
+    if published_digests(servers):
+        # A policy is per pod, not per container: the supervisor's container may reach the gateway's HTTP
+        # port too (where every request is authenticated), not only the init container that fetches.
+        egress.append({"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}],
+                       "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]})
+        egress.append({"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+                       "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -113,10 +179,41 @@ def resources(tier: Mapping[str, Any] | None) -> Body:
     return {"limits": limits, "requests": dict(limits)}
 
 
-def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_claim: str, token_secret: str,
-        labels: Mapping[str, str]) -> Body:
-    """The sandbox pod: the supervisor in TCP mode under gVisor, nothing writable but /workspace and /tmp."""
+def _hardened() -> Body:
     return {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def fetch_container(sandbox: str, namespace: str, digests: list[str], *, image: str, gateway_url: str) -> Body:
+    """The init container that fetches the published servers' wheels by digest into the tools volume
+    (`registry.fetch`, in the gateway's image, which has the installer and its limits)."""
+    return {
+        "name": "fetch-tools",
+        "image": image,
+        "args": ["python", "-m", "registry.fetch", "--gateway", gateway_url, "--sandbox", f"{namespace}/{sandbox}",
+                 "--token-file", f"{TOKEN_DIR}/token", "--into", TOOLS, *digests],
+        "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
+        "securityContext": _hardened(),
+        "volumeMounts": [
+            {"name": "tools", "mountPath": TOOLS},
+            {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_claim: str, token_secret: str,
+        config: str, labels: Mapping[str, str], fetch: Body | None = None) -> Body:
+    """The sandbox pod: the supervisor in TCP mode under gVisor, nothing writable but /workspace and /tmp;
+    `fetch`, an init container that fills /opt/tools (read-only to the supervisor), else it stays empty."""
+    body: Body = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "labels": {**labels, "app.kubernetes.io/component": "sandbox"}},
@@ -135,46 +232,54 @@ def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_clai
             "containers": [{
                 "name": "supervisor",
                 "image": image,
-                "args": ["python", "-s", "-P", "-m", "sandbox.supervisor", "--listen", f"0.0.0.0:{PORT}", SUPERVISOR_CONFIG],
+                # The token file is read at every attach: a claim swaps a pool pod's Secret in place.
+                "args": ["python", "-s", "-P", "-m", "sandbox.supervisor", "--listen", f"0.0.0.0:{PORT}",
+                         "--token-file", f"{TOKEN_DIR}/token", SUPERVISOR_CONFIG],
                 "ports": [{"name": "supervisor", "containerPort": PORT, "protocol": "TCP"}],
                 "readinessProbe": {"tcpSocket": {"port": PORT}, "periodSeconds": 2},
                 "resources": resources(tier),
-                "securityContext": {
-                    "runAsNonRoot": True,
-                    "runAsUser": 1000,
-                    "readOnlyRootFilesystem": True,
-                    "allowPrivilegeEscalation": False,
-                    "privileged": False,
-                    "capabilities": {"drop": ["ALL"]},
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
+                "securityContext": _hardened(),
                 "volumeMounts": [
-                    {"name": "workspace", "mountPath": "/workspace"},
-                    {"name": "token", "mountPath": "/var/run/mcpfleet", "readOnly": True},
+                    {"name": "workspace", "mountPath": WORKSPACE},
+                    {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+                    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                    {"name": "tools", "mountPath": TOOLS, "readOnly": True},
                     {"name": "tmp", "mountPath": "/tmp"},
                 ],
             }],
             "volumes": [
                 {"name": "workspace", "persistentVolumeClaim": {"claimName": workspace_claim}},
                 {"name": "token", "secret": {"secretName": token_secret, "defaultMode": 0o440}},
+                {"name": "config", "configMap": {"name": config, "defaultMode": 0o444}},
+                {"name": "tools", "emptyDir": {}},
                 {"name": "tmp", "emptyDir": {"medium": "Memory"}},
             ],
         },
     }
+    if fetch is not None:
+        body["spec"]["initContainers"] = [fetch]
+    return body
 
 
-def sandbox_pod(sandbox: Mapping[str, Any], image: str) -> Body:
+def sandbox_pod(sandbox: Mapping[str, Any], image: str, *, tools_image: str = "mcpfleet-gateway:dev",
+                gateway_url: str = "http://mcpfleet-gateway:8080") -> Body:
     name = sandbox["metadata"]["name"]
     claim = (sandbox["metadata"].get("annotations") or {}).get(WORKSPACE_CLAIM) or workspace_name(name)
+    digests = published_digests(sandbox.get("spec", {}).get("servers"))
+    fetch = fetch_container(name, sandbox["metadata"]["namespace"], digests, image=tools_image, gateway_url=gateway_url) if digests else None
     return pod(name, image=image, tier=sandbox.get("spec", {}).get("tier"), workspace_claim=claim,
-               token_secret=secret_name(name), labels=sandbox_labels(name))
+               token_secret=secret_name(name), config=config_map_name(name), labels=sandbox_labels(name), fetch=fetch)
 
 
 def pool_pod(pool: Mapping[str, Any], name: str, image: str) -> Body:
     pool_name = pool["metadata"]["name"]
     image = (pool.get("spec", {}).get("template") or {}).get("image") or image
     return pod(name, image=image, tier=pool.get("spec", {}).get("tier"), workspace_claim=workspace_name(name),
-               token_secret=secret_name(name), labels=pool_labels(pool_name))
+               token_secret=secret_name(name), config=pool_config_name(pool_name), labels=pool_labels(pool_name))
+
+
+def pool_config_name(pool: str) -> str:
+    return f"{pool}-pool-config"
 
 
 def pod_ready(pod_body: Mapping[str, Any]) -> bool:
@@ -182,6 +287,27 @@ def pod_ready(pod_body: Mapping[str, Any]) -> bool:
     if status.get("phase") != "Running" or not status.get("podIP"):
         return False
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+FAILING_WAITING_REASONS = frozenset({
+    "CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+"""A container waiting for one of these will not start without someone's help (or a long back-off)."""
+
+
+def pod_failure(pod_body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) when the pod has failed or cannot start: phase Failed, or a container (init
+    containers too) waiting for a reason in FAILING_WAITING_REASONS; None while it may yet come up."""
+    status = pod_body.get("status") or {}
+    if status.get("phase") == "Failed":
+        return "PodFailed", f"The pod failed: {status.get('reason') or status.get('message') or 'no reason given'}."
+    for c in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (c.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in FAILING_WAITING_REASONS:
+            detail = f": {waiting['message']}" if waiting.get("message") else ""
+            return waiting["reason"], f"Container {c.get('name')} is in {waiting['reason']}{detail}."
+    return None
 
 
 def condition(conditions: list[Mapping[str, Any]] | None, type_: str, status: str, reason: str, message: str,

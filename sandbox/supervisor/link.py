@@ -8,7 +8,10 @@ and after a restore (or a gateway restart) it connects again.
 `Listener` (a Kubernetes pod): the supervisor listens on TCP and a gateway replica connects. The
 pod is reachable by every gateway replica (and, were the NetworkPolicy wrong, by more), so a
 connection counts only once its first message is an `attach` with the sandbox's token; one
-gateway at a time, the last to attach.
+gateway at a time, the last to attach. With a token file (the pod's Secret volume) the token is
+read anew at every attach: a warm-pool pod is started before its user is known, and its claim
+replaces the Secret, which the kubelet updates in place (an atomic swap of the volume's files);
+from then on only the new token attaches, without a restart.
 """
 
 from __future__ import annotations
@@ -128,15 +131,27 @@ class Link(_Outbound):
 class Listener(_Outbound):
     """The channel over TCP: the gateway connects and attaches with the token (`sandbox.wire`)."""
 
-    def __init__(self, host: str, port: int, supervisor: Supervisor):
+    def __init__(self, host: str, port: int, supervisor: Supervisor, token_file: str | None = None):
+        """`token_file`: read at every attach (else the config's token, fixed)."""
         self.host, self.port = host, port
         self._supervisor = supervisor
-        self._token = supervisor.config.token.encode()
+        self._token_file = token_file
         self._transport = None
         self._channel: _Channel | None = None
 
+    def _token(self) -> str:
+        """The token a gateway must attach with now ("" when there is none: then nobody attaches)."""
+        if self._token_file is None:
+            return self._supervisor.config.token
+        try:
+            with open(self._token_file) as f:
+                return f.read().strip()
+        except OSError as exc:
+            log(f"cannot read the token file: {exc.strerror}")
+            return ""
+
     async def run(self) -> None:
-        if not self._token:
+        if not self._token():
             raise RuntimeError("listening on TCP needs a token to check gateways by")
         loop = asyncio.get_running_loop()
         server = await loop.create_server(self._new_channel, self.host, self.port, reuse_address=True)
@@ -160,7 +175,8 @@ class Listener(_Outbound):
 
     def _attach(self, channel: _Channel, message: dict[str, Any]) -> bool:
         token = message.get("token") if message.get("type") == "attach" else None
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
+        current = self._token()
+        if not current or not isinstance(token, str) or not hmac.compare_digest(token.encode(), current.encode()):
             log("refused a connection: no attach with the sandbox's token")
             return False
         previous = self._channel
@@ -171,7 +187,7 @@ class Listener(_Outbound):
             previous.drop()
             self._supervisor.on_disconnect()
         self._channel, self._transport = channel, channel.transport
-        self.send(self._supervisor.hello())
+        self.send(self._supervisor.hello(token=current))
         return True
 
     def _closed(self, channel: _Channel, timeout: asyncio.TimerHandle) -> None:

@@ -19,12 +19,13 @@ from sandbox.supervisor.link import Link, Listener
 
 
 class Supervisor:
-    def __init__(self, config: SupervisorConfig, listen: tuple[str, int] | None = None):
-        """`listen`: (host, port) to listen on TCP for the gateway (a pod), else connect to `config.socket`."""
+    def __init__(self, config: SupervisorConfig, listen: tuple[str, int] | None = None, token_file: str | None = None):
+        """`listen`: (host, port) to listen on TCP for the gateway (a pod), else connect to `config.socket`;
+        `token_file`: on TCP, where the token is read anew at every attach."""
         self.config = config
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
         self._runs: dict[str, asyncio.Task[None]] = {}
-        self.link: Link | Listener = Listener(*listen, self) if listen else Link(config.socket, self)
+        self.link: Link | Listener = Listener(*listen, self, token_file) if listen else Link(config.socket, self)
         # gateway call id -> [child, the child's request id once sent]
         self._calls: dict[Any, list[Any]] = {}
         self._asks: dict[int, ChildServer] = {}
@@ -51,10 +52,11 @@ class Supervisor:
         self._asks[self._next_ask] = child
         return self._next_ask
 
-    def hello(self) -> wire.Hello:
+    def hello(self, token: str | None = None) -> wire.Hello:
+        """`token`: the one the gateway attached with, when it is no longer the config's (a claimed pool pod)."""
         return {
             "type": "hello",
-            "token": self.config.token,
+            "token": self.config.token if token is None else token,
             "servers": {name: child.status() for name, child in self.children.items()},
             "supervisor": {"pid": os.getpid(), "started_at": self._started_at},
         }
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(options["--token-file"]) as f:
             config = dataclasses.replace(config, token=f.read().strip())
     keep_read_buffers_off_mmap()
-    return run_as_init(lambda: asyncio.run(Supervisor(config, listen).run()))
+    token_file = options.get("--token-file")
+    return run_as_init(lambda: asyncio.run(Supervisor(config, listen, token_file).run()))
 
 
 def _parse(argv: list[str]) -> tuple[dict[str, str], str]:
