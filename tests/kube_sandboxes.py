@@ -30,7 +30,7 @@ from kubernetes_asyncio import client as k8s
 
 from sandbox.bundle import WORKSPACE
 from sandbox.kubernetes import GROUP, MERGE_PATCH, PLURAL, VERSION, sandbox_token
-from sandbox.supervisor.config import ServerConfig
+from sandbox.supervisor.config import ServerConfig, SupervisorConfig
 from tests.test_sandbox_supervisor import write_fixture
 from tests.test_sandbox_supervisor_tcp import ListeningSupervisor
 
@@ -87,17 +87,34 @@ def spec_pod(obj: dict[str, Any], directory: Path) -> list[ServerConfig]:
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pod_environment() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "PYTHONPATH": str(ROOT),
+    }
+
+
 class PodSupervisor(ListeningSupervisor):
     """The supervisor as a pod runs it, with a /workspace of its own: in a mount namespace, chrooted
     into a root that is the host's (each top-level directory bound in) plus the pod's directory at
     /workspace, where a pod has its workspace volume. `python` is the project's venv (the image's
     Python with the product's packages). Needs root, as the runsc tests do."""
 
+    def __init__(self, directory: Path, servers: list[ServerConfig], token: str):
+        super().__init__(directory, servers, token)
+        # The image's environment: its Python (with the product's packages) first on PATH.
+        SupervisorConfig(servers=servers, env=pod_environment(), init_timeout=30, token=token).write(self.config_path)
+
+    workspace: Path | None = None
+    """The pod's workspace volume (default: a new directory): the same one for every pod of an
+    McpSandbox, as the operator mounts the same claim into each."""
+
     def start(self) -> None:
         root = self.config_path.parent / "root"
-        workspace = self.config_path.parent / "workspace"
         root.mkdir()
-        workspace.mkdir()
+        workspace = self.workspace or self.config_path.parent / "workspace"
+        workspace.mkdir(exist_ok=True)
         argv = [sys.executable, "-m", "sandbox.supervisor", "--listen", f"127.0.0.1:{self.port}", str(self.config_path)]
         script = f"""set -e
 mount -t tmpfs pod-root {shlex.quote(str(root))}
@@ -111,14 +128,9 @@ mkdir {shlex.quote(str(root))}/workspace
 mount --bind {shlex.quote(str(workspace))} {shlex.quote(str(root))}/workspace
 exec chroot {shlex.quote(str(root))} {shlex.join(argv)}
 """
-        env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "PYTHONPATH": str(ROOT),
-        }
         self.process = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            stdout=self.log, stderr=self.log, env=env, cwd="/",
+            stdout=self.log, stderr=self.log, env=pod_environment(), cwd="/",
         )  # fmt: skip
 
 
@@ -133,15 +145,18 @@ class Operator:
     def __init__(
         self, emulator, workdir: Path, pod_servers: PodServers = fixture_pod, *,
         pod: type[ListeningSupervisor] = ListeningSupervisor, holds: frozenset[str] = frozenset(),
+        only: frozenset[str] | None = None,
     ):  # fmt: skip
         """`pod`: PodSupervisor for pods with a /workspace (the gateway configures servers there);
-        `holds`: names of sandboxes it never makes ready (a pod that cannot be scheduled)."""
+        `holds`: names of sandboxes it never makes ready (a pod that cannot be scheduled);
+        `only`: the sandboxes it looks after (others, of earlier tests, are left as they are)."""
         self.api = api_client(emulator)
         self.objects = k8s.CustomObjectsApi(self.api)
         self.workdir = workdir
         self.pod_servers = pod_servers
         self.pod = pod
         self.holds = set(holds)
+        self.only = only
         self.pods: dict[str, ListeningSupervisor] = {}
         self.started = 0
         self._task: asyncio.Task | None = None
@@ -167,7 +182,7 @@ class Operator:
     async def reconcile(self, obj):
         name, uid = obj["metadata"]["name"], obj["metadata"]["uid"]
         status = obj.get("status") or {}
-        if name in self.holds:
+        if name in self.holds or (self.only is not None and name not in self.only):
             return
         if obj["spec"].get("operatingMode") == "Hibernated":
             pod = self.pods.pop(name, None)
@@ -180,6 +195,8 @@ class Operator:
             directory = Path(tempfile.mkdtemp(prefix=f"pod-{name}-", dir=self.workdir))
             self.started += 1
             pod = self.pod(directory, self.pod_servers(obj, directory), sandbox_token(KEY, NS, name, uid))
+            if isinstance(pod, PodSupervisor):
+                pod.workspace = self.workdir / f"workspace-{name}"
             pod.start()
             self.pods[name] = pod
         if status.get("state") != "Running":
