@@ -16,7 +16,11 @@ thread, so the API answers the gateway meanwhile.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +39,8 @@ from tests.clients import connect, text_of
 from tests.conftest import make_fleet
 from tests.kube_sandboxes import KEY, NS, McpSandboxApi, Operator, PodSupervisor, declare_sandboxes, spec_pod, stored
 
+ROOT = Path(__file__).resolve().parent.parent
+WEATHER = ROOT / "tests" / "tool_projects" / "weather"
 START_TIMEOUT_S = 3
 """MCPFLEET_K8S_START_TIMEOUT_S: how long a call waits for Ready (the stand-in operator takes ~0.1 s)."""
 WITHIN = 90.0
@@ -72,6 +78,8 @@ async def gateway(kube, workdir, tmp_path_factory, postgres_url):
         tmp_path_factory, postgres_url,
         MCPFLEET_SANDBOX_BACKEND="kubernetes", MCPFLEET_K8S_NAMESPACE=NS, MCPFLEET_SANDBOX_KEY_FILE=str(key_file),
         KUBECONFIG=str(kubeconfig), MCPFLEET_K8S_START_TIMEOUT_S=str(START_TIMEOUT_S),
+        # As in a gateway pod: no gVisor on this gateway's machine.
+        PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "runsc").exists()),
     )  # fmt: skip
     await asyncio.to_thread(fleet.start)
     yield fleet
@@ -220,3 +228,26 @@ async def test_a_revoked_approval_reaches_the_object_and_the_pod(gateway, kube, 
             assert played.started == 1 and pod.process.poll() is None
             written = await client.call_tool("workspace__write_file", {"path": "still.txt", "content": "works"})
             assert not written.is_error, text_of(written)
+
+
+def registry_cli(fleet, key: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mcpfleet ...` against the gateway, with this machine's PATH (building a wheel needs it)."""
+    env = {**fleet.env, "PATH": os.environ["PATH"], "MCPFLEET_URL": fleet.base_url, "MCPFLEET_KEY": key}
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+async def test_without_gvisor_on_the_gateway_the_trial_is_not_run_and_approval_needs_override(gateway):
+    """No sandbox starts for validation: the gateway has no runsc (it runs none), and the kmock
+    stand-in for the Kubernetes API server is not asked for one either."""
+    async with asyncio.timeout(WITHIN * 2):
+        publisher = await add_user(gateway, "kube-publisher", role="publisher")
+        admin = await add_user(gateway, "kube-approver", role="admin")
+        published = await asyncio.to_thread(registry_cli, gateway, publisher, "publish", str(WEATHER))
+        assert published.returncode == 1, published.stdout + published.stderr
+        assert re.search(r"FAIL\s+trial\s+not run: this gateway has no local sandbox runtime", published.stdout), published.stdout
+        refused = await asyncio.to_thread(registry_cli, gateway, admin, "registry", "approve", "io.example/weather", "1.0.0")
+        assert refused.returncode == 2 and "override" in refused.stderr, refused.stderr
+        approved = await asyncio.to_thread(
+            registry_cli, gateway, admin, "registry", "approve", "io.example/weather", "1.0.0", "--override"
+        )
+        assert approved.returncode == 0, approved.stdout + approved.stderr
