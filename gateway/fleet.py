@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 class Sandboxes(Protocol):
     """What the fleet and the router use of the users' sandboxes, as both managers offer it:
     `sandbox.manager.SandboxManager` (runsc, docker) and `sandbox.kubernetes.KubernetesSandboxes`.
-    Whatever else either does (the local rows, the warm pool; the McpSandbox objects) stays its own:
-    the CLI and admins reach the local one through the database, the kubernetes one through kubectl."""
+    The CLI's hibernate, resume and reclaim reach either through the database (`sandbox.requests`);
+    what else each does stays its own: the local one's rows and warm pool (`mcpfleet sandboxes list`),
+    the McpSandbox objects, which the operator hibernates when idle and kubectl lists."""
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...

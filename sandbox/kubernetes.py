@@ -13,6 +13,8 @@ user it keeps one `McpSandbox` (the contract: the operator's CRD), and on a call
 The call waits meanwhile. Calls stamp the annotation `mcpfleet.dev/last-activity`, at most once
 per sandbox per `activity_interval` (the operator mirrors it into status and hibernates idle
 sandboxes by it). `hibernate` patches `operatingMode: Hibernated`; `reclaim` deletes the object.
+When what a user may run changes (`servers_changed`, the registry's `on_change`), the object's
+`spec.servers` is patched and a pod connected here is configured at once.
 Any gateway replica may do all this for any user: the object is the shared state, and the
 supervisor keeps the last gateway that attached.
 """
