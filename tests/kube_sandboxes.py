@@ -15,13 +15,14 @@ Ready with that endpoint; for one that is Hibernated it stops the pod.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,25 @@ class McpSandboxApi(kmock.KubernetesEmulator):
         return response
 
 
-def declare_sandboxes(emulator: McpSandboxApi) -> None:
-    """As the CRD declares them to an API server: listing none is an empty list, not 404."""
-    emulator.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = {}
+@contextlib.asynccontextmanager
+async def serving_sandboxes() -> AsyncIterator[McpSandboxApi]:
+    """The stand-in API server, serving on loopback, with McpSandboxes declared as the CRD declares
+    them to an API server (listing none is an empty list, not 404)."""
+    async with McpSandboxApi() as emulator, kmock.Server(emulator):
+        emulator.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = {}
+        yield emulator
+
+
+def write_kubeconfig(path: Path, emulator: McpSandboxApi, namespace: str | None = None) -> Path:
+    """A kubeconfig that leads a client to the stand-in, as one leads it to a cluster."""
+    context = f"{{cluster: kmock, user: kmock{f', namespace: {namespace}' if namespace else ''}}}"
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: kmock\n"
+        f"clusters: [{{name: kmock, cluster: {{server: '{str(emulator.url).rstrip('/')}'}}}}]\n"
+        "users: [{name: kmock, user: {token: t}}]\n"
+        f"contexts: [{{name: kmock, context: {context}}}]\n"
+    )
+    return path
 
 
 def api_client(emulator) -> k8s.ApiClient:

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import httpx
-import kmock
 import pytest
 from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR
@@ -37,7 +36,7 @@ from sandbox.errors import SandboxUnavailable
 from sandbox.kubernetes import sandbox_token
 from tests.clients import connect, text_of
 from tests.conftest import make_fleet
-from tests.kube_sandboxes import KEY, NS, McpSandboxApi, Operator, PodSupervisor, declare_sandboxes, spec_pod, stored
+from tests.kube_sandboxes import KEY, NS, Operator, PodSupervisor, serving_sandboxes, spec_pod, stored, write_kubeconfig
 
 ROOT = Path(__file__).resolve().parent.parent
 WEATHER = ROOT / "tests" / "tool_projects" / "weather"
@@ -50,8 +49,7 @@ WITHIN = 90.0
 @pytest.fixture(scope="module")
 async def kube():
     """The stand-in for a Kubernetes API server (kmock), for the whole module."""
-    async with McpSandboxApi() as emulator, kmock.Server(emulator):
-        declare_sandboxes(emulator)
+    async with serving_sandboxes() as emulator:
         yield emulator
 
 
@@ -67,13 +65,7 @@ async def gateway(kube, workdir, tmp_path_factory, postgres_url):
     """`mcpfleet up` with the kubernetes backend, pointed at the stand-in by a kubeconfig."""
     key_file = workdir / "sandbox.key"
     key_file.write_bytes(KEY + b"\n")
-    kubeconfig = workdir / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: kmock\n"
-        f"clusters: [{{name: kmock, cluster: {{server: '{str(kube.url).rstrip('/')}'}}}}]\n"
-        "users: [{name: kmock, user: {token: t}}]\n"
-        "contexts: [{name: kmock, context: {cluster: kmock, user: kmock}}]\n"
-    )
+    kubeconfig = write_kubeconfig(workdir / "kubeconfig", kube)
     fleet = make_fleet(
         tmp_path_factory, postgres_url,
         MCPFLEET_SANDBOX_BACKEND="kubernetes", MCPFLEET_K8S_NAMESPACE=NS, MCPFLEET_SANDBOX_KEY_FILE=str(key_file),

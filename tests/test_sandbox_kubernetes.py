@@ -30,14 +30,14 @@ from sandbox.tiers import Tier
 from tests.kube_sandboxes import (
     KEY,
     NS,
-    McpSandboxApi,
     Operator,
     PodSupervisor,
     api_client,
-    declare_sandboxes,
     patches,
+    serving_sandboxes,
     spec_pod,
     stored,
+    write_kubeconfig,
 )
 from tests.test_sandbox_supervisor import text, tool, write_fixture
 
@@ -46,8 +46,7 @@ TIER = Tier("standard", 1.0, 512, 128, 1024)
 
 @pytest.fixture
 async def api():
-    async with McpSandboxApi() as emulator, kmock.Server(emulator):
-        declare_sandboxes(emulator)
+    async with serving_sandboxes() as emulator:
         yield emulator
 
 
@@ -242,13 +241,7 @@ async def test_the_settings_choose_the_kubernetes_manager(api, workdir, tmp_path
     async with asyncio.timeout(WITHIN):
         key_file = tmp_path / "key"
         key_file.write_bytes(KEY + b"\n")
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            "apiVersion: v1\nkind: Config\ncurrent-context: kmock\n"
-            f"clusters: [{{name: kmock, cluster: {{server: '{str(api.url).rstrip('/')}'}}}}]\n"
-            "users: [{name: kmock, user: {token: t}}]\n"
-            "contexts: [{name: kmock, context: {cluster: kmock, user: kmock, namespace: elsewhere}}]\n"
-        )
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api, namespace="elsewhere")
         monkeypatch.setenv("MCPFLEET_SANDBOX_BACKEND", "kubernetes")
         monkeypatch.setenv("MCPFLEET_K8S_NAMESPACE", NS)
         monkeypatch.setenv("MCPFLEET_SANDBOX_KEY_FILE", str(key_file))
