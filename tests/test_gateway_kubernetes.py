@@ -33,7 +33,7 @@ from mcp_types import INTERNAL_ERROR
 from registry.service import BUILTIN_NAMESPACE, product_version
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxUnavailable
-from sandbox.kubernetes import sandbox_token
+from sandbox.kubernetes import GROUP, PLURAL, VERSION, sandbox_token
 from tests.clients import connect, text_of
 from tests.conftest import make_fleet
 from tests.kube_sandboxes import KEY, NS, Operator, PodSupervisor, serving_sandboxes, spec_pod, stored, write_kubeconfig
@@ -142,6 +142,11 @@ async def test_a_hibernated_sandbox_is_woken_by_a_call(gateway, kube, workdir):
             # Nothing to hibernate twice; the listing is kubectl's on this backend, and says so.
             listing = await asyncio.to_thread(gateway.cli, "sandboxes", "list", check=False)
             assert listing.returncode == 2 and f"kubectl -n {NS} get mcpsandboxes" in listing.stderr
+            # Reclaiming deletes the object (the operator keeps or deletes the volume by its retention).
+            reclaimed = await asyncio.to_thread(gateway.cli, "sandboxes", "reclaim", "carol")
+            assert "done" in reclaimed.stdout, reclaimed.stdout
+            listed = await played.objects.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)
+            assert "default-carol" not in {o["metadata"]["name"] for o in listed["items"]}
 
 
 async def test_two_users_get_two_sandboxes_and_one_token_opens_only_its_own(gateway, kube, workdir):
