@@ -1,7 +1,8 @@
 """`mcpfleet sandboxes`: look at sandboxes, act on one, cap a tenant's.
 
 Acting on a sandbox (hibernate, resume, reclaim) is done by the running gateway, which
-holds the sandboxes' channels: the command asks it through the database and waits.
+holds the sandboxes' channels: the command asks it through the database and waits. With
+the kubernetes backend the gateway does it on the user's McpSandbox; listing is kubectl's.
 """
 
 from __future__ import annotations
@@ -9,16 +10,27 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import sys
 
 import psycopg
 
 from cli.run import DatabaseCommand, on_database
 from core import accounts
+from core.settings import load_settings
 from sandbox import requests, tiers
 from sandbox.store import list_sandboxes
 
 
 async def list_(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
+    settings = load_settings()
+    if settings.sandbox_backend == "kubernetes":
+        # The rows are the local manager's; on kubernetes the McpSandbox objects are the record.
+        print(
+            "mcpfleet: MCPFLEET_SANDBOX_BACKEND=kubernetes keeps sandboxes as McpSandbox objects, not here:"
+            f" kubectl -n {settings.k8s_namespace} get mcpsandboxes",
+            file=sys.stderr,
+        )
+        return 2
     rows = await list_sandboxes(conn, include_ended=args.all)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))

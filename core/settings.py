@@ -52,6 +52,8 @@ class Settings:
     """kubernetes: the namespace of the McpSandbox objects."""
     sandbox_key_file: Path | None = None
     """kubernetes: the fleet's sandbox key (the Secret `mcpfleet-sandbox-key` mounted), for the pods' tokens."""
+    k8s_start_timeout_s: int = 300
+    """kubernetes: how long a call waits for its sandbox to be Ready (a pod scheduled, pulled, started)."""
     idle_hibernate_s: int = 600
     reclaim_after_s: int = 7 * 86400
     workspace_retention: str = "keep"
@@ -112,6 +114,7 @@ def load_settings(**overrides: object) -> Settings:
         "sandbox_backend": _choice("MCPFLEET_SANDBOX_BACKEND", ("runsc", "docker", "kubernetes"), "runsc"),
         "k8s_namespace": os.environ.get("MCPFLEET_K8S_NAMESPACE") or "mcpfleet",
         "sandbox_key_file": Path(os.environ["MCPFLEET_SANDBOX_KEY_FILE"]) if os.environ.get("MCPFLEET_SANDBOX_KEY_FILE") else None,
+        "k8s_start_timeout_s": _positive("MCPFLEET_K8S_START_TIMEOUT_S", 300),
         "idle_hibernate_s": _int("MCPFLEET_IDLE_HIBERNATE_S", 600),
         "reclaim_after_s": _int("MCPFLEET_RECLAIM_AFTER_S", 7 * 86400),
         "workspace_retention": _choice("MCPFLEET_WORKSPACE_RETENTION", ("keep", "delete"), "keep"),

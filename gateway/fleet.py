@@ -4,7 +4,8 @@
     calls     the audit writer: tool calls and auth decisions, queued off the request's path
     registry  what each user may run (registry.service), the sandbox manager's server source
     search    tool search over embeddings (registry.search)
-    manager   the users' sandboxes (sandbox.manager)
+    manager   the users' sandboxes: on runsc and docker the local manager (sandbox.manager),
+              on kubernetes McpSandbox objects that the operator runs (sandbox.kubernetes)
 
 Secrets, the model router and telemetry open here the same way as they come. The app is built
 before it is opened (its routes and middleware hold the fleet from the start) and the lifespan
@@ -16,21 +17,36 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
 from core.db import open_pool
 from core.settings import Settings
 from gateway.call_audit import CallAudit
+from gateway.routing import RunningSandbox
 from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
 from registry.search import Index, ToolSearch
 from registry.service import ChangeListener, Registry
-from sandbox.factory import sandbox_backend, sandbox_manager, sandbox_python
-from sandbox.manager import SandboxManager
+from sandbox.factory import database_tiers, kubernetes_sandboxes, sandbox_manager, sandbox_python, trial_backend
+from sandbox.housekeeping import RequestDesk
 
 log = logging.getLogger(__name__)
+
+
+class Sandboxes(Protocol):
+    """What the fleet and the router use of the users' sandboxes, as both managers offer it:
+    `sandbox.manager.SandboxManager` (runsc, docker) and `sandbox.kubernetes.KubernetesSandboxes`.
+    The CLI's hibernate, resume and reclaim reach either through the database (`sandbox.requests`);
+    what else each does stays its own: the local one's rows and warm pool (`mcpfleet sandboxes list`),
+    the McpSandbox objects, which the operator hibernates when idle and kubectl lists."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ensure(self, user_id: int, tenant: str, user: str) -> RunningSandbox: ...
+    async def hibernate(self, user_id: int, reason: str = ...) -> bool: ...
+    async def reclaim(self, user_id: int, reason: str = ...) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -38,7 +54,7 @@ class _Services:
     pool: AsyncConnectionPool
     registry: Registry
     search: ToolSearch
-    manager: SandboxManager
+    manager: Sandboxes
 
 
 class FleetClosed(RuntimeError):
@@ -64,19 +80,33 @@ class Fleet:
             self.calls.start(pool)
             stack.push_async_callback(self.calls.close)
             python = sandbox_python()
-            backend = sandbox_backend(self.settings, python)
+            backend, no_trial_reason = trial_backend(self.settings, python)
             index = Index(pool, embedder_from_env())
             # Opened before the manager, so its first sandboxes already run what the registry approves.
             registry = Registry(
                 self.settings.home, pool, backend, python, scan=scan_tools, indexer=index.version,
-                artifacts_s3_url=self.settings.artifacts_s3_url,
+                artifacts_s3_url=self.settings.artifacts_s3_url, no_trial_reason=no_trial_reason,
             )
             registry.on_change.append(self._tools_changed)
             await registry.start(self.database_url)
             stack.push_async_callback(registry.close)
-            manager = sandbox_manager(self.settings, pool, backend, registry, database_url=self.database_url)
+            manager: Sandboxes
+            if self.settings.sandbox_backend == "kubernetes":
+                kube = await kubernetes_sandboxes(self.settings, registry, database_tiers(pool))
+                # Before the clients are told to list again: their sandboxes run the new set by then.
+                registry.on_change.insert(0, kube.servers_changed)
+                manager = kube
+            else:
+                assert backend is not None  # the local backends run their own trials
+                manager = sandbox_manager(self.settings, pool, backend, registry, database_url=self.database_url)
             await manager.start()
             stack.push_async_callback(manager.close)
+            if self.settings.sandbox_backend == "kubernetes":
+                # `mcpfleet sandboxes hibernate|resume|reclaim` (the local manager's housekeeper takes
+                # them; here the operator does the rest of housekeeping, so a desk takes them alone).
+                desk = RequestDesk(pool, manager, self.database_url)
+                desk.start()
+                stack.push_async_callback(desk.close)
             self._services = _Services(pool, registry, ToolSearch(index, registry), manager)
             self._stack = stack.pop_all()
         return self
@@ -108,5 +138,5 @@ class Fleet:
         return self._open().search
 
     @property
-    def manager(self) -> SandboxManager:
+    def manager(self) -> Sandboxes:
         return self._open().manager

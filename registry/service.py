@@ -80,9 +80,10 @@ class Registry:
         self,
         home: Path,
         pool: AsyncConnectionPool,
-        backend: SandboxBackend,
+        backend: SandboxBackend | None,
         python: PythonRuntime,
         *,
+        no_trial_reason: str = "no sandbox backend to run it in",
         # (prefix, tools, other servers' tools, offerings=...) -> findings: `registry.scan.scan_tools`
         scan: Callable[..., list[Any]] | None = None,
         indexer: Callable[[int, str, list[dict[str, Any]]], Awaitable[None]] | None = None,
@@ -91,6 +92,9 @@ class Registry:
         self.home = Path(home)
         self.pool = pool
         self.backend = backend
+        """Where validation's trial runs; None: no trial, and a version fails validation with
+        `no_trial_reason` (an admin may still approve it with --override)."""
+        self.no_trial_reason = no_trial_reason
         self.python = python
         self.artifacts = ArtifactStore(self.home, S3Artifacts(artifacts_s3_url) if artifacts_s3_url else None)
         self._scan = scan
@@ -250,7 +254,10 @@ class Registry:
             if package["ok"]:
                 spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets)
                 install = await asyncio.to_thread(self.artifacts.install, sha256)
-                trial = await trial_run(self.backend, self.home, spec, install)
+                if self.backend is None:
+                    trial.error = f"not run: {self.no_trial_reason}"
+                else:
+                    trial = await trial_run(self.backend, self.home, spec, install)
             checks.append(_trial_check(trial, manifest, package["ok"]))
             others = await self._other_tools(tenant, manifest.name)
             checks.extend(self._scan_checks(manifest.prefix, trial.tools, others, trial.offerings))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,11 +15,13 @@ from psycopg_pool import AsyncConnectionPool
 from core import accounts, audit
 from core.optional import require
 from core.settings import Settings
+from sandbox import tiers
 from sandbox.backends.base import SandboxBackend
 from sandbox.backends.runsc import RunscBackend
 from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
+from sandbox.tiers import Tier
 from sandbox.workspaces import Workspaces
 
 if TYPE_CHECKING:
@@ -53,6 +56,19 @@ def sandbox_backend(settings: Settings, python: PythonRuntime) -> SandboxBackend
     return RunscBackend(settings.home / "runsc", python=python)
 
 
+def trial_backend(settings: Settings, python: PythonRuntime) -> tuple[SandboxBackend | None, str]:
+    """Where the registry's validation runs a published version on trial, or None and why not.
+    On runsc and docker: the fleet's backend. On kubernetes the sandboxes are pods the operator
+    runs, and a gateway starts none; a gateway whose machine has runsc (gVisor) still runs the
+    trial there, one without it records the trial as not run, so such a version fails validation
+    and an admin approves it only on purpose (--override) after reviewing it."""
+    if settings.sandbox_backend != "kubernetes":
+        return sandbox_backend(settings, python), ""
+    if shutil.which("runsc") is not None:
+        return sandbox_backend(settings, python), ""
+    return None, "this gateway has no local sandbox runtime for trials (MCPFLEET_SANDBOX_BACKEND=kubernetes, runsc not on PATH)"
+
+
 async def kubernetes_sandboxes(
     settings: Settings, servers: ServerSource, tier_of: TierOf, *, kubeconfig: str | None = None
 ) -> KubernetesSandboxes:
@@ -69,7 +85,19 @@ async def kubernetes_sandboxes(
     return KubernetesSandboxes(
         await api_client(kubeconfig), servers, tier_of, key,
         namespace=settings.k8s_namespace, max_result_bytes=settings.max_result_bytes,
+        start_timeout=float(settings.k8s_start_timeout_s),
     )  # fmt: skip
+
+
+def database_tiers(pool: AsyncConnectionPool) -> TierOf:
+    """Each user's tier as the database has it (`mcpfleet tiers assign`), read when their McpSandbox
+    is made: the same placement the local manager reads before a start."""
+
+    async def tier_of(user_id: int) -> Tier:
+        async with pool.connection() as conn:
+            return (await tiers.placement(conn, user_id)).tier
+
+    return tier_of
 
 
 def lifecycle(settings: Settings) -> Lifecycle:
@@ -110,8 +138,9 @@ def sandbox_manager(
 ) -> SandboxManager:
     """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list."""
     if settings.sandbox_backend == "kubernetes":
-        # The router takes a SandboxManager; the kubernetes manager (kubernetes_sandboxes) is not wired into it yet.
-        raise RuntimeError("MCPFLEET_SANDBOX_BACKEND=kubernetes is not served by the gateway yet")
+        # Its manager is another class, opened asynchronously (it reads the kubeconfig): the fleet
+        # opens it with kubernetes_sandboxes.
+        raise RuntimeError("MCPFLEET_SANDBOX_BACKEND=kubernetes has no local manager: use kubernetes_sandboxes")
     workspaces = Workspaces(
         settings.home / "workspaces", uid=SANDBOX_UID, gid=SANDBOX_GID, quotas=settings.workspace_quotas
     )

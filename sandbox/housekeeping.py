@@ -43,6 +43,7 @@ class Housekeeper:
         """With `database_url`, CLI requests are taken at once (LISTEN); else at the next sweep."""
         self.manager = manager
         self.database_url = database_url
+        self.desk = RequestDesk(manager.pool, manager)
         self._wake = asyncio.Event()
         self._tasks = Tasks()
 
@@ -101,11 +102,58 @@ class Housekeeper:
             await self.manager.reclaim(user_id, f"unused for {after:g} s")
 
     async def take_requests(self) -> None:
-        async with self.manager.pool.connection() as conn:
+        await self.desk.take()
+
+    async def _listen(self) -> None:
+        assert self.database_url is not None
+        await listen_for_requests(self.database_url, self._wake)
+
+
+class Acting(Protocol):
+    """What carrying out the CLI's requests needs of a manager: either one (local or kubernetes)."""
+
+    async def ensure(self, user_id: int, tenant: str, user: str) -> Any: ...
+    async def hibernate(self, user_id: int, reason: str = ...) -> bool: ...
+    async def reclaim(self, user_id: int, reason: str = ...) -> bool: ...
+
+
+class RequestDesk:
+    """The CLI's requests (`sandbox.requests`) carried out by a manager. The local manager's
+    housekeeper takes them at every sweep; on kubernetes, where the operator does the rest of
+    housekeeping, the gateway runs the desk alone (`start`)."""
+
+    def __init__(self, pool: AsyncConnectionPool, manager: Acting, database_url: str | None = None, *, interval: float = 30.0):
+        self.pool = pool
+        self.manager = manager
+        self.database_url = database_url
+        self.interval = interval
+        self._wake = asyncio.Event()
+        self._tasks = Tasks()
+
+    def start(self) -> None:
+        self._tasks.spawn(self._take_periodically(), name="sandbox-requests")
+        if self.database_url:
+            self._tasks.spawn(listen_for_requests(self.database_url, self._wake), name="sandbox-requests-listen")
+
+    async def close(self) -> None:
+        await self._tasks.close()
+
+    async def _take_periodically(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            try:
+                await self.take()
+            except (psycopg.Error, OSError):
+                log.exception("taking sandbox requests failed; trying again")
+
+    async def take(self) -> None:
+        async with self.pool.connection() as conn:
             pending = await requests.take_pending(conn)
         for request in pending:
             outcome, message = await self._carry_out(request)
-            async with self.manager.pool.connection() as conn:
+            async with self.pool.connection() as conn:
                 await requests.finish(conn, request.id, outcome, message)
 
     async def _carry_out(self, request: requests.Request) -> tuple[str, str | None]:
@@ -117,7 +165,7 @@ class Housekeeper:
             if request.action == "reclaim":
                 done = await self.manager.reclaim(request.user_id, f"reclaimed, {by}")
                 return ("done", None) if done else ("nothing to do", "no sandbox")
-            async with self.manager.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute(
                     "SELECT u.name, t.name AS tenant FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = %s",
                     (request.user_id,),
@@ -130,15 +178,16 @@ class Housekeeper:
         except SandboxUnavailable as exc:
             return "failed", str(exc)
 
-    async def _listen(self) -> None:
-        assert self.database_url is not None
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {requests.CHANNEL}")
-                    self._wake.set()  # requests sent while nobody listened
-                    async for _ in conn.notifies():
-                        self._wake.set()
-            except psycopg.Error as exc:
-                log.warning("lost the sandbox request listener (%s); reconnecting", exc)
-                await asyncio.sleep(1.0)
+
+async def listen_for_requests(database_url: str, wake: asyncio.Event) -> None:
+    """Set `wake` on every request the CLI sends (NOTIFY), and once on (re)connecting."""
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+                await conn.execute(f"LISTEN {requests.CHANNEL}")
+                wake.set()  # requests sent while nobody listened
+                async for _ in conn.notifies():
+                    wake.set()
+        except psycopg.Error as exc:
+            log.warning("lost the sandbox request listener (%s); reconnecting", exc)
+            await asyncio.sleep(1.0)

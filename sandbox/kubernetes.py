@@ -13,6 +13,8 @@ user it keeps one `McpSandbox` (the contract: the operator's CRD), and on a call
 The call waits meanwhile. Calls stamp the annotation `mcpfleet.dev/last-activity`, at most once
 per sandbox per `activity_interval` (the operator mirrors it into status and hibernates idle
 sandboxes by it). `hibernate` patches `operatingMode: Hibernated`; `reclaim` deletes the object.
+When what a user may run changes (`servers_changed`, the registry's `on_change`), the object's
+`spec.servers` is patched and a pod connected here is configured at once.
 Any gateway replica may do all this for any user: the object is the shared state, and the
 supervisor keeps the last gateway that attached.
 """
@@ -39,7 +41,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from core.tasks import Tasks
 from sandbox import wire
 from sandbox.client import SupervisorClient
-from sandbox.errors import SandboxUnavailable
+from sandbox.errors import SandboxError, SandboxUnavailable
 from sandbox.servers import ServerSource, ServerSpec, server_configs
 from sandbox.tiers import Tier
 
@@ -88,20 +90,26 @@ def sandbox_spec(user_id: int, tenant: str, user: str, tier: Tier, servers: tupl
         "tenant": tenant,
         "userId": user_id,
         "tier": {"name": tier.name, "cpus": tier.cpus, "memoryMb": tier.memory_mb, "pids": tier.pids, "diskMb": tier.disk_mb},
-        "servers": [
-            {
-                "name": s.name,
-                "prefix": s.name,
-                "version": s.revision,
-                "artifactSha256": s.revision if _SHA256.match(s.revision) else "",
-                "command": list(s.argv),
-                "egress": [],
-            }
-            for s in servers
-        ],
+        "servers": spec_servers(servers),
         "operatingMode": "Running",
         "workspace": {"size": f"{tier.disk_mb}Mi"},
     }
+
+
+def spec_servers(servers: tuple[ServerSpec, ...]) -> list[dict[str, Any]]:
+    """The McpSandbox's `spec.servers`: what the user may run, by name and revision (never their
+    environment, which holds secrets and reaches a pod only over the channel)."""
+    return [
+        {
+            "name": s.name,
+            "prefix": s.name,
+            "version": s.revision,
+            "artifactSha256": s.revision if _SHA256.match(s.revision) else "",
+            "command": list(s.argv),
+            "egress": [],
+        }
+        for s in servers
+    ]
 
 
 def is_ready(obj: dict[str, Any]) -> bool:
@@ -264,6 +272,24 @@ class KubernetesSandboxes:
 
     def get(self, user_id: int) -> KubeSandbox | None:
         return self._sandboxes.get(user_id)
+
+    async def servers_changed(self, user_ids: set[int]) -> None:
+        """What these users may run changed (the registry's `on_change`): their McpSandboxes'
+        `spec.servers` follow, so that what the cluster shows and the next pod agree with the
+        approvals, and a sandbox connected here is configured now rather than at its next call."""
+        for user_id in sorted(user_ids):
+            try:
+                wanted = await self.servers.servers_for(user_id)
+                sandbox = self._sandboxes.get(user_id)
+                obj = None if sandbox is not None else await self._of_user(user_id)
+                name = sandbox.name if sandbox is not None else obj["metadata"]["name"] if obj is not None else None
+                if name is not None:
+                    await self._patch(name, {"spec": {"servers": spec_servers(wanted)}})
+                if sandbox is not None and sandbox.client.connected and sandbox.servers != wanted:
+                    await self._configure(sandbox, wanted)
+            except (SandboxError, TimeoutError) as exc:
+                # The next call configures it (ensure compares what runs with what is wanted).
+                log.warning("could not bring the sandbox of user %s up to date: %s", user_id, exc)
 
     # -- activity ---------------------------------------------------------------------------
 
