@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from core.db import open_pool
 from core.settings import Settings
 from gateway.call_audit import CallAudit
+from gateway.egress import SandboxEgress
 from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
 from registry.search import Index, ToolSearch
@@ -74,7 +75,8 @@ class Fleet:
             registry.on_change.append(self._tools_changed)
             await registry.start(self.database_url)
             stack.push_async_callback(registry.close)
-            manager = sandbox_manager(self.settings, pool, backend, registry, database_url=self.database_url)
+            manager = sandbox_manager(self.settings, pool, backend, registry, database_url=self.database_url,
+                                      egress=SandboxEgress(self.calls))
             await manager.start()
             stack.push_async_callback(manager.close)
             self._services = _Services(pool, registry, ToolSearch(index, registry), manager)

@@ -16,12 +16,14 @@ from sandbox.supervisor.child import ChildServer, log
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig
 from sandbox.supervisor.init import run_as_init
 from sandbox.supervisor.link import Link, Listener
+from sandbox.supervisor.proxy import EgressProxy
 
 
 class Supervisor:
     def __init__(self, config: SupervisorConfig, listen: tuple[str, int] | None = None):
         """`listen`: (host, port) to listen on TCP for the gateway (a pod), else connect to `config.socket`."""
         self.config = config
+        self.proxy = EgressProxy(self.emit)
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
         self._runs: dict[str, asyncio.Task[None]] = {}
         self.link: Link | Listener = Listener(*listen, self) if listen else Link(config.socket, self)
@@ -81,6 +83,8 @@ class Supervisor:
                     child.notify(message["method"], message.get("params"))
         elif kind == "ping":
             self.emit({"type": "pong", "id": message.get("id")})
+        elif kind in ("tunnel_opened", "tunnel_data", "tunnel_ack", "tunnel_close"):
+            self.proxy.on_message(message)
         elif kind == "configure":
             servers = [ServerConfig(**s) for s in message.get("servers") or []]
             asyncio.get_running_loop().create_task(self._configure(message.get("id"), servers))
@@ -124,6 +128,7 @@ class Supervisor:
         for child in new:
             self.children[child.name] = child
             self._runs[child.name] = asyncio.get_running_loop().create_task(child.run())
+        await self.proxy.serve()
         await asyncio.gather(*(child.wait_settled() for child in new))
         log(f"configured: {', '.join(f'{n}: {c.state}' for n, c in self.children.items()) or 'no servers'}")
         self.emit({"type": "result", "id": request_id, "result": {"servers": {n: c.status() for n, c in self.children.items()}}})
@@ -132,6 +137,7 @@ class Supervisor:
         """Calls of a gateway that went away can never be answered: cancel them all."""
         self._calls.clear()
         self._asks.clear()
+        self.proxy.drop_all("the gateway went away")
         for child in self.children.values():
             child.drop_gateway_state()
 
@@ -142,6 +148,7 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        await self.proxy.serve()
         self._runs = {name: asyncio.create_task(child.run()) for name, child in self.children.items()}
         # The first hello should say how every server fared, so connect once all have settled.
         await asyncio.gather(*(child.wait_settled() for child in self.children.values()))
@@ -150,6 +157,7 @@ class Supervisor:
         await stop.wait()
         log("stopping")
         link.cancel()
+        self.proxy.close()
         await asyncio.gather(*(child.stop() for child in self.children.values()))
         for task in self._runs.values():
             task.cancel()

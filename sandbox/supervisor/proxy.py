@@ -1,0 +1,197 @@
+"""The sandbox's only way out: an HTTP proxy on its loopback, relayed to the gateway over the channel.
+
+The sandbox has no network (runsc `--network=none` leaves it a loopback interface and nothing
+else). A server whose manifest declares egress hosts is started with HTTPS_PROXY and HTTP_PROXY
+naming this proxy with credentials of its own; a server without any gets neither. Every
+connection the proxy takes must carry a server's credentials (`Proxy-Authorization: Basic`), so
+a neighbour, or code the exec server runs, cannot borrow the way out. The proxy decides nothing
+else: it asks the gateway (`tunnel_open`), which checks the host against what that server
+declared, resolves and vets the address, connects, audits and rate-limits; then bytes flow both
+ways as `tunnel_data` under the window of `wire.Tunnel`.
+
+CONNECT host:port (https, any TLS: the proxy never sees inside) and plain http requests in
+absolute form (`GET http://host/path`, one request per connection) are served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import itertools
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from sandbox import wire
+
+HEAD_LIMIT = 16 * 1024
+"""Longest request head the proxy reads."""
+HEAD_TIMEOUT = 10.0
+OPEN_TIMEOUT = 30.0
+"""Seconds the gateway has to resolve, vet and connect."""
+REALM = "mcpfleet egress"
+PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
+
+
+class EgressProxy:
+    def __init__(self, send: Callable[[Any], None]):
+        """`send` queues a message for the gateway (dropped while none is connected)."""
+        self._send = send
+        self._sock: socket.socket | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._servers_by_token: dict[str, str] = {}
+        self._ids = itertools.count(1)
+        self._opening: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.tunnels: dict[int, wire.Tunnel] = {}
+
+    @property
+    def port(self) -> int | None:
+        return self._sock.getsockname()[1] if self._sock is not None else None
+
+    def credentials(self, server: str) -> tuple[str, dict[str, str]]:
+        """A new token for `server` and the environment that hands it to it (the proxy's URL in
+        the variables urllib, requests, httpx and curl read). Binds the proxy's socket on first use;
+        connections wait in its backlog until `serve()`."""
+        if self._sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(64)
+            sock.setblocking(False)
+            self._sock = sock
+        token = secrets.token_urlsafe(24)
+        self._servers_by_token[token] = server
+        url = f"http://{server}:{token}@127.0.0.1:{self.port}"
+        return token, {**{name: url for name in PROXY_ENV}, "NO_PROXY": "", "no_proxy": ""}
+
+    def forget(self, token: str) -> None:
+        """The server holding `token` stopped: its credentials no longer open anything."""
+        self._servers_by_token.pop(token, None)
+
+    async def serve(self) -> None:
+        if self._sock is not None and self._server is None:
+            self._server = await asyncio.start_server(self._client, sock=self._sock, limit=HEAD_LIMIT)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.drop_all("the supervisor is stopping")
+
+    # -- from the gateway ---------------------------------------------------------------
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        tunnel_id = message.get("tunnel")
+        if message.get("type") == "tunnel_opened":
+            waiting = self._opening.pop(tunnel_id, None)  # type: ignore[arg-type]
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message)
+            return
+        tunnel = self.tunnels.get(tunnel_id)  # type: ignore[arg-type]
+        if tunnel is not None:
+            tunnel.receive(message)
+
+    def drop_all(self, reason: str) -> None:
+        """The gateway went away: no tunnel can go on (a new gateway knows none of them)."""
+        for waiting in self._opening.values():
+            if not waiting.done():
+                waiting.set_result({"error": reason, "status": 502})
+        self._opening.clear()
+        for tunnel in list(self.tunnels.values()):
+            tunnel.close(reason, tell=False)
+
+    # -- from a server ------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve_one(reader, writer)
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            return await _reply(writer, 400, "not an HTTP request")
+        method, target, version = parts
+        headers = [line.split(":", 1) for line in lines[1:] if ":" in line]
+        server = self._server_of(next((v.strip() for k, v in headers if k.strip().lower() == "proxy-authorization"), ""))
+        if server is None:
+            return await _reply(writer, 407, "this server has no egress: no proxy credentials of its own")
+        if len(self.tunnels) + len(self._opening) >= wire.MAX_TUNNELS:
+            return await _reply(writer, 503, f"at most {wire.MAX_TUNNELS} connections at once leave this sandbox")
+        forward = b""
+        if method == "CONNECT":
+            host, _, port_text = target.rpartition(":")
+            host = host.strip("[]")
+        else:
+            url = urlsplit(target)
+            if url.scheme != "http" or not url.hostname:
+                return await _reply(writer, 400, "only CONNECT and http://host/... requests are proxied")
+            host, port_text = url.hostname, str(url.port or 80)
+            # Origin form, without the proxy's headers, and one request per connection: the
+            # next one may be for another host.
+            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            kept = [f"{k}:{v}" for k, v in headers if k.strip().lower() not in ("proxy-authorization", "proxy-connection", "connection")]
+            forward = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""]).encode("latin-1")
+        if not host or not port_text.isdigit():
+            return await _reply(writer, 400, f"{target!r} names no host:port")
+        tunnel_id = next(self._ids)
+        answer = asyncio.get_running_loop().create_future()
+        self._opening[tunnel_id] = answer
+        self._send({"type": "tunnel_open", "tunnel": tunnel_id, "server": server, "host": host, "port": int(port_text)})
+        try:
+            opened = await asyncio.wait_for(answer, OPEN_TIMEOUT)
+        except asyncio.TimeoutError:
+            opened = {"error": "the gateway did not answer in time", "status": 504}
+        finally:
+            self._opening.pop(tunnel_id, None)
+        if opened.get("error") is not None:
+            return await _reply(writer, int(opened.get("status") or 502), str(opened["error"]))
+        tunnel = wire.Tunnel(tunnel_id, reader, writer, self._send)
+        self.tunnels[tunnel_id] = tunnel
+        try:
+            if method == "CONNECT":
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                tunnel.forward(forward)
+            await tunnel.pump()
+        finally:
+            self.tunnels.pop(tunnel_id, None)
+
+    def _server_of(self, authorization: str) -> str | None:
+        scheme, _, encoded = authorization.partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            name, _, token = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, ValueError):
+            return None
+        for known, server in self._servers_by_token.items():
+            if hmac.compare_digest(known.encode(), token.encode()) and server == name:
+                return server
+        return None
+
+
+_REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required", 429: "Too Many Requests",
+            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+async def _reply(writer: asyncio.StreamWriter, status: int, message: str) -> None:
+    """The refusal, with its reason in the status line's body and a header, for tools to show."""
+    message = message.replace("\r", " ").replace("\n", " ")
+    body = f"mcpfleet egress: {message}\n".encode()
+    extra = f'Proxy-Authenticate: Basic realm="{REALM}"\r\n' if status == 407 else ""
+    # The reason phrase carries the message too: it is what a client shows of a refused CONNECT
+    # (urllib: "Tunnel connection failed: 403 Forbidden: <why>").
+    reason = f"{_REASONS.get(status, 'Error')}: {message}"
+    writer.write(
+        f"HTTP/1.1 {status} {reason}\r\n{extra}X-Mcpfleet-Egress: {message}\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1", "replace") + body
+    )
+    await writer.drain()
