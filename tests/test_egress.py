@@ -75,7 +75,7 @@ https.serve_forever()
 
 # The tool server with egress: urllib, the proxy from its environment, the test CA from its install.
 FETCHER = """
-import os, ssl, urllib.error, urllib.request
+import os, ssl, subprocess, sys, urllib.error, urllib.request
 from mcp.server.mcpserver import MCPServer
 server = MCPServer("fetcher")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -91,6 +91,12 @@ def fetch(url: str, length_only: bool = False) -> str:
         return f"refused {exc.code} {exc.headers.get('X-Mcpfleet-Egress')}"
     except Exception as exc:
         return f"failed {type(exc).__name__}: {exc}"
+
+@server.tool(description="GET a URL from a child process")
+def fetch_in_child(url: str) -> str:
+    code = "import os, ssl, sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], context=ssl.create_default_context(cafile=sys.argv[2])).read().decode())"
+    done = subprocess.run([sys.executable, "-c", code, url, os.path.join(HERE, "ca.pem")], capture_output=True, text=True)
+    return f"200 {done.stdout.strip()}" if done.returncode == 0 else f"failed {done.stderr[-300:]}"
 
 @server.tool(description="The proxy's address, without the credentials")
 def proxy() -> str:
@@ -315,8 +321,18 @@ async def test_a_declared_host_answers_and_nothing_else_is_reached(fleets, db_po
         for credentials in (None, "fetcher:guessed", "exec:guessed", "exec:"):
             attempt = await sh(sandbox, python_inside(CONNECT_PROBE.format(proxy=proxy, target=f"{API}:443", credentials=credentials)))
             assert attempt["stdout"].startswith("HTTP/1.1 407 "), (credentials, attempt)
+        # The sandbox's processes share a uid, so a neighbour can read the fetcher's environment and
+        # its token; the proxy serves the token only to the fetcher's own processes.
+        stolen = await sh(sandbox, "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -m1 '^HTTPS_PROXY='")
+        token = stolen["stdout"].strip().partition("//")[2].rpartition("@")[0]
+        assert token.startswith("fetcher:") and len(token) > 30, stolen
+        attempt = await sh(sandbox, python_inside(CONNECT_PROBE.format(proxy=proxy, target=f"{API}:443", credentials=token)))
+        assert attempt["stdout"].startswith("HTTP/1.1 407 ") and "is not server 'fetcher' or one of its children" in attempt["stdout"]
+        # ... whereas a process the fetcher starts is its own.
+        assert text(await call(sandbox, "fetch_in_child", server="fetcher", url=f"https://{API}/child")).startswith(
+            f"200 test host {PUBLIC} /child")
 
-        entries = await egress_entries(db_pool, calls, fleet.tenant, expect=17)
+        entries = await egress_entries(db_pool, calls, fleet.tenant, expect=18)
         ok = [e for e in entries if e[2] == "ok"]
         assert {e[1] for e in ok} == {f"{API}:443", f"{API}:80", "rebind.egress-test.example:80"}
         big = next(e for e in ok if e[1] == f"{API}:443" and e[3]["bytes_down"] > 2 * 1024 * 1024)

@@ -191,6 +191,12 @@ class ChildServer:
             self._settled.set()
         self._supervisor.emit({"type": "server", "server": self.name, **self.status()})
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
     async def wait_settled(self) -> None:
         await self._settled.wait()
 

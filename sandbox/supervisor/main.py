@@ -23,7 +23,7 @@ class Supervisor:
     def __init__(self, config: SupervisorConfig, listen: tuple[str, int] | None = None):
         """`listen`: (host, port) to listen on TCP for the gateway (a pod), else connect to `config.socket`."""
         self.config = config
-        self.proxy = EgressProxy(self.emit)
+        self.proxy = EgressProxy(self.emit, self._pid_of)
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
         self._runs: dict[str, asyncio.Task[None]] = {}
         self.link: Link | Listener = Listener(*listen, self) if listen else Link(config.socket, self)
@@ -52,6 +52,10 @@ class Supervisor:
         self._next_ask += 1
         self._asks[self._next_ask] = child
         return self._next_ask
+
+    def _pid_of(self, server: str) -> int | None:
+        child = self.children.get(server)
+        return child.pid if child is not None else None
 
     def hello(self) -> wire.Hello:
         return {

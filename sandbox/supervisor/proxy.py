@@ -9,6 +9,13 @@ else: it asks the gateway (`tunnel_open`), which checks the host against what th
 declared, resolves and vets the address, connects, audits and rate-limits; then bytes flow both
 ways as `tunnel_data` under the window of `wire.Tunnel`.
 
+Credentials alone are not enough: the sandbox's processes share a uid, so a neighbour can read
+a server's environment (/proc/PID/environ) and with it the token. So the proxy also asks the
+kernel who is on the other end of each connection (the socket's inode in /proc/net/tcp, then the
+processes holding it) and serves it only if every holder is the server's process or one of its
+descendants. Neighbours cannot become one: ptrace is limited to a process's own descendants
+(gVisor's Yama `ptrace_scope` is 1) and a neighbour is no descendant of the server.
+
 CONNECT host:port (https, any TLS: the proxy never sees inside) and plain http requests in
 absolute form (`GET http://host/path`, one request per connection) are served.
 """
@@ -20,6 +27,7 @@ import base64
 import binascii
 import hmac
 import itertools
+import os
 import secrets
 import socket
 from collections.abc import Callable
@@ -38,9 +46,11 @@ PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
 
 
 class EgressProxy:
-    def __init__(self, send: Callable[[Any], None]):
-        """`send` queues a message for the gateway (dropped while none is connected)."""
+    def __init__(self, send: Callable[[Any], None], pid_of: Callable[[str], int | None]):
+        """`send` queues a message for the gateway (dropped while none is connected); `pid_of`
+        gives a server's process id (None while it is not running)."""
         self._send = send
+        self._pid_of = pid_of
         self._sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
         self._servers_by_token: dict[str, str] = {}
@@ -123,6 +133,9 @@ class EgressProxy:
         server = self._server_of(next((v.strip() for k, v in headers if k.strip().lower() == "proxy-authorization"), ""))
         if server is None:
             return await _reply(writer, 407, "this server has no egress: no proxy credentials of its own")
+        stranger = self._stranger(server, writer.get_extra_info("peername"))
+        if stranger is not None:
+            return await _reply(writer, 407, stranger)
         if len(self.tunnels) + len(self._opening) >= wire.MAX_TUNNELS:
             return await _reply(writer, 503, f"at most {wire.MAX_TUNNELS} connections at once leave this sandbox")
         forward = b""
@@ -176,6 +189,71 @@ class EgressProxy:
             if hmac.compare_digest(known.encode(), token.encode()) and server == name:
                 return server
         return None
+
+
+    def _stranger(self, server: str, peer: tuple[str, int] | None) -> str | None:
+        """Why the connection from `peer` is not `server`'s own (None: it is)."""
+        root = self._pid_of(server)
+        if root is None or peer is None:
+            return f"server {server!r} is not running"
+        holders = socket_holders(peer[1], self.port or 0)
+        if not holders:
+            return "cannot tell which process connected"
+        for pid in holders:
+            if not descends_from(pid, root):
+                return f"process {pid} is not server {server!r} or one of its children: these are its credentials"
+        return None
+
+
+def socket_holders(client_port: int, proxy_port: int) -> set[int]:
+    """Processes holding the client end of the loopback connection client_port -> proxy_port."""
+    wanted = (f"0100007F:{client_port:04X}", f"0100007F:{proxy_port:04X}")
+    inode = None
+    try:
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and (fields[1], fields[2]) == wanted:
+                    inode = fields[9]
+                    break
+    except OSError:
+        return set()
+    if inode is None or inode == "0":
+        return set()
+    link = f"socket:[{inode}]"
+    holders = set()
+    for pid in filter(str.isdigit, _listdir("/proc")):
+        for fd in _listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                    holders.add(int(pid))
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def descends_from(pid: int, root: int) -> bool:
+    """Whether `pid` is `root` or below it (parents read from /proc/PID/stat)."""
+    for _ in range(64):  # deeper than any server's process tree
+        if pid == root:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # The name in parentheses may hold spaces and parentheses: the fields follow its last ')'.
+                pid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 _REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required", 429: "Too Many Requests",
