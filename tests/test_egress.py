@@ -145,11 +145,14 @@ class TableResolver:
 class EgressServers:
     """The fixture servers plus `fetcher` (declaring `declared`), its code and CA put in the tools dir."""
 
-    def __init__(self, ca: Path, declared: tuple[str, ...]):
+    def __init__(self, ca: Path, declared: tuple[str, ...], *, with_fetcher: bool = True):
         self.ca = ca
         self.declared = declared
+        self.with_fetcher = with_fetcher
 
     async def servers_for(self, user_id: int | None) -> tuple[ServerSpec, ...]:
+        if not self.with_fetcher:
+            return tuple(SERVERS)
         code = f"import sys; sys.path.insert(0, '{TOOLS}/{REVISION}'); import fetcher_tool"
         fetcher = ServerSpec("fetcher", ("python", "-c", code), revision=REVISION, egress=self.declared)
         return (*SERVERS, fetcher)
@@ -347,19 +350,33 @@ async def test_a_declared_host_answers_and_nothing_else_is_reached(fleets, db_po
         await calls.close()
 
 
-async def test_connections_are_rate_limited_per_user(fleets, db_pool, test_host):
+async def test_egress_granted_to_a_running_sandbox_is_rate_limited_and_survives_hibernation(fleets, db_pool, test_host):
     calls = CallAudit()
     calls.start(db_pool)
     fleet = await fleets("egress-rate")
     egress = SandboxEgress(calls, resolver=TableResolver({API: [[PUBLIC]]}), per_min=3)
-    manager = await egress_manager(fleet, EgressServers(test_host, (API,)), egress)
+    servers = EgressServers(test_host, (API,), with_fetcher=False)
+    manager = await egress_manager(fleet, servers, egress)
     bob = await fleet.user("bob")
     try:
         sandbox = await manager.ensure(*bob)
+        assert "fetcher" not in await sandbox.client.catalog()
+        # Approved while the sandbox runs: the supervisor starts its proxy then.
+        servers.with_fetcher = True
+        assert await manager.ensure(*bob) is sandbox
         answers = [await fetch(sandbox, f"http://{API}/{i}") for i in range(5)]
         assert [a.split()[0] for a in answers] == ["200", "200", "200", "refused", "refused"]
         assert "429" in answers[3] and "over 3 connections a minute" in answers[3]
         outcomes = [e[2] for e in await egress_entries(db_pool, calls, fleet.tenant, expect=5)]
         assert outcomes == ["ok", "ok", "ok", "refused", "refused"]
+
+        # The proxy's socket is on the sandbox's own loopback: the sandbox checkpoints and restores
+        # with it, and the restored server's credentials still work.
+        egress.per_min = 600
+        counter = int(text(await call(sandbox, "counter")))
+        assert await manager.hibernate(bob[0])
+        resumed = await manager.ensure(*bob)
+        assert int(text(await call(resumed, "counter"))) == counter + 1  # restored, not started afresh
+        assert (await fetch(resumed, f"https://{API}/after")).startswith(f"200 test host {PUBLIC} /after")
     finally:
         await calls.close()

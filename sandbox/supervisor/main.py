@@ -132,10 +132,20 @@ class Supervisor:
         for child in new:
             self.children[child.name] = child
             self._runs[child.name] = asyncio.get_running_loop().create_task(child.run())
-        await self.proxy.serve()
+        self.proxy.serve()
         await asyncio.gather(*(child.wait_settled() for child in new))
         log(f"configured: {', '.join(f'{n}: {c.state}' for n, c in self.children.items()) or 'no servers'}")
         self.emit({"type": "result", "id": request_id, "result": {"servers": {n: c.status() for n, c in self.children.items()}}})
+
+    def on_connect(self) -> None:
+        """A gateway is there again (after a detach, a restore, a gateway restart)."""
+        self.proxy.serve()
+
+    def on_detach(self) -> None:
+        """Before the channel closes for a checkpoint: nothing in the sandbox may wait on a
+        loopback socket then, and no tunnel can survive it anyway."""
+        self.proxy.pause()
+        self.proxy.drop_all("the sandbox is being saved")
 
     def on_disconnect(self) -> None:
         """Calls of a gateway that went away can never be answered: cancel them all."""
@@ -152,7 +162,7 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.proxy.serve()
+        self.proxy.serve()
         self._runs = {name: asyncio.create_task(child.run()) for name, child in self.children.items()}
         # The first hello should say how every server fared, so connect once all have settled.
         await asyncio.gather(*(child.wait_settled() for child in self.children.values()))

@@ -52,7 +52,8 @@ class EgressProxy:
         self._send = send
         self._pid_of = pid_of
         self._sock: socket.socket | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._accepting = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self._servers_by_token: dict[str, str] = {}
         self._ids = itertools.count(1)
         self._opening: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -81,14 +82,42 @@ class EgressProxy:
         """The server holding `token` stopped: its credentials no longer open anything."""
         self._servers_by_token.pop(token, None)
 
-    async def serve(self) -> None:
-        if self._sock is not None and self._server is None:
-            self._server = await asyncio.start_server(self._client, sock=self._sock, limit=HEAD_LIMIT)
+    def serve(self) -> None:
+        """Accept connections (once the socket is bound): again after `pause()`."""
+        if self._sock is not None and not self._accepting:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+            self._accepting = True
+
+    def pause(self) -> None:
+        """Stop watching the socket, which stays bound (servers keep their proxy's address and
+        connections wait in its backlog). gVisor cannot checkpoint a loopback socket someone
+        waits on ("endpoint still has waiters upon save"), so the proxy pauses before a detach."""
+        if self._sock is not None and self._accepting:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._accepting = False
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        self.pause()
         self.drop_all("the supervisor is stopping")
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError, OSError):
+            return
+        conn.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._connection(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connection(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=HEAD_LIMIT)
+        except OSError:
+            conn.close()
+            return
+        await self._client(reader, writer)
 
     # -- from the gateway ---------------------------------------------------------------
 
