@@ -152,3 +152,14 @@ async def test_the_policy_refuses_a_sandbox_nobody_holds_and_a_server_without_eg
                                 else "server 'plain' declares no egress hosts")
         else:
             raise AssertionError("egress was granted")
+
+
+def test_a_published_servers_declared_hosts_reach_its_supervisor_config():
+    from registry.artifacts import server_spec
+    from sandbox.servers import server_configs
+
+    spec = server_spec("weather", "a" * 64, "weather.server:main", (), ("api.weather.example", "tiles.weather.example:8443"))
+    assert spec.egress == ("api.weather.example", "tiles.weather.example:8443")
+    config = server_configs([spec])[0]
+    assert config.egress == ["api.weather.example", "tiles.weather.example:8443"]
+    assert server_configs([ServerSpec("plain", ("python", "-m", "x"))])[0].egress == []
