@@ -76,7 +76,7 @@ class Fleet:
             await registry.start(self.database_url)
             stack.push_async_callback(registry.close)
             manager = sandbox_manager(self.settings, pool, backend, registry, database_url=self.database_url,
-                                      egress=SandboxEgress(self.calls))
+                                      egress=SandboxEgress(self.calls, per_min=self.settings.egress_per_min))
             await manager.start()
             stack.push_async_callback(manager.close)
             self._services = _Services(pool, registry, ToolSearch(index, registry), manager)

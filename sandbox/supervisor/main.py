@@ -23,7 +23,7 @@ class Supervisor:
     def __init__(self, config: SupervisorConfig, listen: tuple[str, int] | None = None):
         """`listen`: (host, port) to listen on TCP for the gateway (a pod), else connect to `config.socket`."""
         self.config = config
-        self.proxy = EgressProxy(self.emit, self._pid_of)
+        self.proxy = EgressProxy(self.emit, self._pid_of, lambda: self.link.connected)
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
         self._runs: dict[str, asyncio.Task[None]] = {}
         self.link: Link | Listener = Listener(*listen, self) if listen else Link(config.socket, self)

@@ -46,10 +46,12 @@ PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
 
 
 class EgressProxy:
-    def __init__(self, send: Callable[[Any], None], pid_of: Callable[[str], int | None]):
-        """`send` queues a message for the gateway (dropped while none is connected); `pid_of`
-        gives a server's process id (None while it is not running)."""
+    def __init__(self, send: Callable[[Any], None], pid_of: Callable[[str], int | None],
+                 connected: Callable[[], bool]):
+        """`send` queues a message for the gateway (dropped while none is connected, which
+        `connected` tells); `pid_of` gives a server's process id (None while it is not running)."""
         self._send = send
+        self._connected = connected
         self._pid_of = pid_of
         self._sock: socket.socket | None = None
         self._accepting = False
@@ -165,6 +167,8 @@ class EgressProxy:
         stranger = self._stranger(server, writer.get_extra_info("peername"))
         if stranger is not None:
             return await _reply(writer, 407, stranger)
+        if not self._connected():
+            return await _reply(writer, 503, "the gateway is not connected to this sandbox; try again")
         if len(self.tunnels) + len(self._opening) >= wire.MAX_TUNNELS:
             return await _reply(writer, 503, f"at most {wire.MAX_TUNNELS} connections at once leave this sandbox")
         forward = b""
