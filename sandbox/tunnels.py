@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,6 +22,10 @@ if TYPE_CHECKING:
     from sandbox.running import Sandbox
 
 log = logging.getLogger(__name__)
+
+IDLE_S = 300.0
+"""A tunnel through which nothing went either way for this long is closed: each holds one of the
+sandbox's MAX_TUNNELS and a socket of the gateway's."""
 
 
 class EgressRefused(Exception):
@@ -53,8 +58,9 @@ class EgressPolicy(Protocol):
 class TunnelRelay:
     """The tunnels of one sandbox's channel."""
 
-    def __init__(self, policy: EgressPolicy):
+    def __init__(self, policy: EgressPolicy, idle_s: float = IDLE_S):
         self.policy = policy
+        self.idle_s = idle_s
         self.sandbox: Sandbox | None = None
         """Set once the manager holds the sandbox (`Sandbox.__post_init__`); before, nothing opens."""
         self._tunnels: dict[int, wire.Tunnel] = {}
@@ -97,13 +103,23 @@ class TunnelRelay:
             tunnel.close("the sandbox's channel closed while connecting", tell=False)
         self._tunnels[tunnel_id] = tunnel
         send({"type": "tunnel_opened", "tunnel": tunnel_id, "error": None, "status": 200})
+        watch = asyncio.create_task(self._close_when_idle(tunnel))
         try:
             await tunnel.pump()
         finally:
+            watch.cancel()
             self._tunnels.pop(tunnel_id, None)
             # Seen from the server: what it sent is what this end received from across.
             self.policy.finished(sandbox, server, host, port, address=opened.address, sent=tunnel.received,
                                  received=tunnel.sent, outcome="error" if tunnel.error else "ok", error=tunnel.error)
+
+    async def _close_when_idle(self, tunnel: wire.Tunnel) -> None:
+        while not tunnel.closed:
+            idle = time.monotonic() - tunnel.active_at
+            if idle >= self.idle_s:
+                tunnel.close(f"nothing went through for {self.idle_s:g}s")
+                return
+            await asyncio.sleep(self.idle_s - idle)
 
     def drop_all(self, reason: str) -> None:
         """The channel broke: the supervisor has dropped its ends already."""

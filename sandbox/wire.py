@@ -69,6 +69,7 @@ import asyncio
 import base64
 import binascii
 import json
+import time
 from collections.abc import Callable
 from typing import Any, Literal, NotRequired, TypedDict
 
@@ -324,6 +325,8 @@ class Tunnel:
         """Bytes received from across and written to the socket."""
         self.error: str | None = None
         self.closed = False
+        self.active_at = time.monotonic()
+        """When bytes last went either way."""
 
     def forward(self, data: bytes) -> None:
         """Send bytes this end already holds (they count against the window like any others)."""
@@ -331,6 +334,7 @@ class Tunnel:
             chunk = data[start:start + TUNNEL_CHUNK]
             self._credit -= len(chunk)
             self.sent += len(chunk)
+            self.active_at = time.monotonic()
             self._send({"type": "tunnel_data", "tunnel": self.id, "data": base64.b64encode(chunk).decode()})
 
     async def pump(self) -> None:
@@ -370,6 +374,7 @@ class Tunnel:
                 self.close("the other end sent more than the window allows")
                 return
             self.received += len(data)
+            self.active_at = time.monotonic()
             self.writer.write(data)
             self._to_ack += len(data)
             if self._acking is None:

@@ -163,3 +163,25 @@ def test_a_published_servers_declared_hosts_reach_its_supervisor_config():
     config = server_configs([spec])[0]
     assert config.egress == ["api.weather.example", "tiles.weather.example:8443"]
     assert server_configs([ServerSpec("plain", ("python", "-m", "x"))])[0].egress == []
+
+
+async def test_an_idle_tunnel_is_closed_and_both_ends_hear_of_it():
+    far_ends: list[asyncio.StreamReader] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        far_ends.append(reader)
+
+    far_server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    policy = LoopbackPolicy(far_server.sockets[0].getsockname()[1])
+    relay = TunnelRelay(policy, idle_s=0.3)
+    relay.sandbox = object()  # type: ignore[assignment]
+    gateway_end, supervisor_end = socket.socketpair()
+    _, writer = await asyncio.open_connection(sock=gateway_end)
+    relay.on_message(Connection(writer), {"type": "tunnel_open", "tunnel": 1, "server": "s", "host": "allowed.example", "port": 443})
+    opened, closed = await read_messages(supervisor_end, 2)
+    assert opened["status"] == 200
+    assert closed == {"type": "tunnel_close", "tunnel": 1, "error": "nothing went through for 0.3s"}
+    await asyncio.sleep(0.05)
+    assert policy.finished_with == ["error"]
+    assert await asyncio.wait_for(far_ends[0].read(), 1) == b""  # the far host saw the connection closed
+    far_server.close()
