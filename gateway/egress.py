@@ -11,7 +11,10 @@ connection it asks for is decided and made:
   (DNS rebinding) gains nothing; an address literal is vetted the same way;
 - each user has a bucket of connections per minute;
 - every connection, made or refused, is an `egress.connect` audit entry: user, server, host, port,
-  the address, bytes up (sent by the server) and down, the outcome and why.
+  the address, bytes up (sent by the server) and down, the outcome and why. Refusals cost the
+  sandbox nothing, so a tool could ask for them at the channel's speed: of the refusals of one
+  user's server for one host:port and outcome, one is written per `REFUSALS_EVERY_S`, the ones in
+  between counted into the next one's `detail.suppressed`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 from gateway.call_audit import CallAudit
@@ -36,6 +40,10 @@ DEFAULT_PORTS = (443, 80)
 CONNECT_TIMEOUT_S = 10.0
 PER_MIN = 120
 """Connections a user's servers may open per minute, all together."""
+
+REFUSALS_EVERY_S = 10.0
+MAX_THROTTLED = 10_000
+"""Refusal keys remembered at once; beyond, the oldest are forgotten (their next refusal is written)."""
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -65,6 +73,8 @@ class SandboxEgress:
         self.buckets = buckets or LocalBuckets()
         self.per_min = per_min
         self.connect_timeout = connect_timeout
+        # (user, server, target, outcome) -> (when last written, refusals suppressed since)
+        self._refusals: dict[tuple[int | None, str, str, str], tuple[float, int]] = {}
 
     async def open(self, sandbox: Sandbox, server: str, host: str, port: int) -> Opened:
         if sandbox.user_id is None:
@@ -115,7 +125,25 @@ class SandboxEgress:
                  sent: int, received: int, outcome: str, error: str | None) -> None:
         detail = {"server": server, "host": host, "port": port, "address": address, "bytes_up": sent,
                   "bytes_down": received, "sandbox": sandbox.id, "error": error}
+        if address is None:
+            suppressed = self._throttled((sandbox.user_id, server, f"{host}:{port}", outcome))
+            if suppressed is None:
+                return
+            if suppressed:
+                detail["suppressed"] = suppressed
         self.calls.record("egress.connect", outcome, tenant=sandbox.tenant, actor=sandbox.user,
                           target=f"{host}:{port}", detail=detail)
         log.info("egress %s/%s %s -> %s:%d (%s) %s: %d up, %d down%s", sandbox.tenant, sandbox.user, server, host,
                  port, address, outcome, sent, received, f": {error}" if error else "")
+
+    def _throttled(self, key: tuple[int | None, str, str, str]) -> int | None:
+        """None: do not write this refusal; else write it, with how many were left unwritten before it."""
+        now = time.monotonic()
+        written_at, suppressed = self._refusals.pop(key, (float("-inf"), 0))
+        if now - written_at < REFUSALS_EVERY_S:
+            self._refusals[key] = (written_at, suppressed + 1)
+            return None
+        self._refusals[key] = (now, 0)
+        while len(self._refusals) > MAX_THROTTLED:
+            del self._refusals[next(iter(self._refusals))]
+        return suppressed

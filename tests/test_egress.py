@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+import gateway.egress
 from gateway.call_audit import CallAudit
 from gateway.egress import SandboxEgress
 from sandbox.bundle import TOOLS
@@ -350,7 +351,8 @@ async def test_a_declared_host_answers_and_nothing_else_is_reached(fleets, db_po
         await calls.close()
 
 
-async def test_egress_granted_to_a_running_sandbox_is_rate_limited_and_survives_hibernation(fleets, db_pool, test_host):
+async def test_egress_granted_to_a_running_sandbox_is_rate_limited_and_survives_hibernation(fleets, db_pool, test_host, monkeypatch):
+    monkeypatch.setattr(gateway.egress, "REFUSALS_EVERY_S", 4.0)  # 10 s in earnest
     calls = CallAudit()
     calls.start(db_pool)
     fleet = await fleets("egress-rate")
@@ -367,8 +369,17 @@ async def test_egress_granted_to_a_running_sandbox_is_rate_limited_and_survives_
         answers = [await fetch(sandbox, f"http://{API}/{i}") for i in range(5)]
         assert [a.split()[0] for a in answers] == ["200", "200", "200", "refused", "refused"]
         assert "429" in answers[3] and "over 3 connections a minute" in answers[3]
-        outcomes = [e[2] for e in await egress_entries(db_pool, calls, fleet.tenant, expect=5)]
-        assert outcomes == ["ok", "ok", "ok", "refused", "refused"]
+        # Refusals of one host:port are written once per 10 s: the second is counted into the next entry.
+        entries = await egress_entries(db_pool, calls, fleet.tenant, expect=4)
+        assert [e[2] for e in entries] == ["ok", "ok", "ok", "refused"] and "suppressed" not in entries[3][3]
+        for _ in range(20):
+            await fetch(sandbox, f"http://{API}/again")
+        await asyncio.sleep(0.3)
+        assert len(await egress_entries(db_pool, calls, fleet.tenant, expect=5)) == 4
+        await asyncio.sleep(gateway.egress.REFUSALS_EVERY_S)
+        assert (await fetch(sandbox, f"http://{API}/later")).startswith("refused 429")
+        later = (await egress_entries(db_pool, calls, fleet.tenant, expect=5))[4]
+        assert later[2] == "refused" and later[3]["suppressed"] == 21
 
         # The proxy's socket is on the sandbox's own loopback: the sandbox checkpoints and restores
         # with it, and the restored server's credentials still work.
