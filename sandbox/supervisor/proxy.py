@@ -78,7 +78,9 @@ class EgressProxy:
         token = secrets.token_urlsafe(24)
         self._servers_by_token[token] = server
         url = f"http://{server}:{token}@127.0.0.1:{self.port}"
-        return token, {**{name: url for name in PROXY_ENV}, "NO_PROXY": "", "no_proxy": ""}
+        # The sandbox's own loopback is not out: a server talking to a helper of its own goes direct.
+        local = "localhost,127.0.0.1,::1"
+        return token, {**{name: url for name in PROXY_ENV}, "NO_PROXY": local, "no_proxy": local}
 
     def forget(self, token: str) -> None:
         """The server holding `token` stopped: its credentials no longer open anything."""
