@@ -303,8 +303,10 @@ async def test_a_declared_host_answers_and_nothing_else_is_reached(fleets, db_po
         mixed = await fetch(sandbox, "https://mixed.egress-test.example/")
         assert "403" in mixed and PRIVATE in mixed
         # Address literals are not declared hosts (a manifest cannot declare one).
-        for literal in ("169.254.169.254", PRIVATE, "127.0.0.1", PUBLIC):
+        for literal in ("169.254.169.254", PRIVATE, PUBLIC):
             assert "not among the hosts" in await fetch(sandbox, f"http://{literal}/")
+        # 127.0.0.1 is the sandbox's own loopback (NO_PROXY): nothing of the gateway host's is there.
+        assert "Connection refused" in await fetch(sandbox, f"http://127.0.0.1:{loopback_port}/")
         # Rebinding: the first answer was public and the connection went there; the next answer is private and refused.
         assert (await fetch(sandbox, "http://rebind.egress-test.example/r")).startswith(f"200 test host {PUBLIC} /r")
         rebound = await fetch(sandbox, "http://rebind.egress-test.example/r")
@@ -336,14 +338,14 @@ async def test_a_declared_host_answers_and_nothing_else_is_reached(fleets, db_po
         assert text(await call(sandbox, "fetch_in_child", server="fetcher", url=f"https://{API}/child")).startswith(
             f"200 test host {PUBLIC} /child")
 
-        entries = await egress_entries(db_pool, calls, fleet.tenant, expect=18)
+        entries = await egress_entries(db_pool, calls, fleet.tenant, expect=17)
         ok = [e for e in entries if e[2] == "ok"]
         assert {e[1] for e in ok} == {f"{API}:443", f"{API}:80", "rebind.egress-test.example:80"}
         big = next(e for e in ok if e[1] == f"{API}:443" and e[3]["bytes_down"] > 2 * 1024 * 1024)
         assert big[0] == "alice" and big[3]["server"] == "fetcher" and big[3]["address"] == PUBLIC
         assert 0 < big[3]["bytes_up"] < 10_000
         refused = [e for e in entries if e[2] == "refused"]
-        assert len(refused) >= 13 and all(e[3]["address"] is None and e[3]["error"] for e in refused)
+        assert len(refused) >= 12 and all(e[3]["address"] is None and e[3]["error"] for e in refused)
         assert {"other.egress-test.example:443", "private.egress-test.example:443", "169.254.169.254:80"} <= {e[1] for e in refused}
         # The 407s never reached the gateway: no entry names the exec server.
         assert all(e[3]["server"] == "fetcher" for e in entries)
