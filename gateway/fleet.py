@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from core.db import open_pool
 from core.settings import Settings
 from gateway.call_audit import CallAudit
+from gateway.egress import SandboxEgress
 from gateway.routing import RunningSandbox
 from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
@@ -98,7 +99,10 @@ class Fleet:
                 manager = kube
             else:
                 assert backend is not None  # the local backends run their own trials
-                manager = sandbox_manager(self.settings, pool, backend, registry, database_url=self.database_url)
+                manager = sandbox_manager(
+                    self.settings, pool, backend, registry, database_url=self.database_url,
+                    egress=SandboxEgress(self.calls, per_min=self.settings.egress_per_min),
+                )
             await manager.start()
             stack.push_async_callback(manager.close)
             if self.settings.sandbox_backend == "kubernetes":

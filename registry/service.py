@@ -212,7 +212,8 @@ class Registry:
         if not entry_point:
             raise ArtifactError(f"validation found no console script {manifest.command!r} in the wheel")
         self.artifacts.install(approved.artifact_sha256)
-        return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets)
+        return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets,
+                           manifest.fleet.egress)
 
     def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
         self.artifacts.link_into(tools_dir, {s.revision for s in servers if s.revision != "builtin"})

@@ -35,6 +35,7 @@ from sandbox.channel import (
     own_socket,
 )
 from sandbox.errors import SandboxDetached, SandboxRpcError, SandboxUnavailable
+from sandbox.tunnels import EgressPolicy, TunnelRelay
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,14 @@ class SupervisorClient:
         socket_owner: tuple[int, int] | None = None,
         on_request: RequestHandler | None = None,
         max_result_bytes: int = wire.MAX_LINE,
+        egress: EgressPolicy | None = None,
     ):
         """`token` is the secret the supervisor's hello must carry (None: any hello will do).
         `on_request` answers server requests that belong to no call (or whose call has no handler).
         A call whose answer is longer than `max_result_bytes` fails with a JSON-RPC error saying so;
         the answer is skipped as it arrives, never held.
-        Without `socket_path`, the client only `connect`s (to a supervisor listening on TCP)."""
+        Without `socket_path`, the client only `connect`s (to a supervisor listening on TCP).
+        `egress` decides the connections the sandbox's servers ask for (None: every one is refused)."""
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.address = str(socket_path)
         """Where the supervisor is, for messages: the socket, or host:port once connected."""
@@ -102,6 +105,7 @@ class SupervisorClient:
         self._listeners: list[Callable[[SandboxEvent], Any]] = []
         self._detached = False
         self._reading: asyncio.Task[None] | None = None
+        self.tunnels = TunnelRelay(egress) if egress is not None else None
 
     # -- the socket ---------------------------------------------------------------------
 
@@ -250,6 +254,8 @@ class SupervisorClient:
         finally:
             writer.close()
             self._fail_calls(connection, "the sandbox's supervisor disconnected")
+            if self.tunnels is not None:
+                self.tunnels.drop_all("the sandbox's supervisor disconnected")
             if self._connection is connection:
                 self._connection = None
                 self._ready.clear()
@@ -321,6 +327,12 @@ class SupervisorClient:
             for name in set(self._generation) | set(self.servers):
                 self._invalidate(name)
             self._ready.set()
+        elif kind in ("tunnel_open", "tunnel_data", "tunnel_ack", "tunnel_close"):
+            if self.tunnels is not None:
+                self.tunnels.on_message(connection, message)
+            elif kind == "tunnel_open":
+                connection.send({"type": "tunnel_opened", "tunnel": message.get("tunnel", 0), "status": 403,
+                                 "error": "this gateway grants no egress"})
         elif kind == "pong":
             call = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
             if call is not None and not call.future.done():

@@ -22,6 +22,7 @@ from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
 from sandbox.tiers import Tier
+from sandbox.tunnels import EgressPolicy
 from sandbox.workspaces import Workspaces
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ def sandbox_manager(
     servers: ServerSource | Sequence[ServerSpec] = BUILTIN_SERVERS,
     *,
     database_url: str | None = None,
+    egress: EgressPolicy | None = None,
 ) -> SandboxManager:
     """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list."""
     if settings.sandbox_backend == "kubernetes":
@@ -154,4 +156,5 @@ def sandbox_manager(
         on_transition=audit_transition,
         database_url=database_url,
         max_result_bytes=settings.max_result_bytes,
+        egress=egress,
     )

@@ -52,6 +52,7 @@ from sandbox.state import StateRecorder, Transition, UsageStamps
 from sandbox.steps import Steps
 from sandbox.store import State
 from sandbox.tiers import Tier
+from sandbox.tunnels import EgressPolicy
 from sandbox.workspaces import Workspaces
 
 __all__ = ["SANDBOX_GID", "SANDBOX_UID", "Lifecycle", "Sandbox", "SandboxManager", "Transition"]
@@ -97,9 +98,11 @@ class SandboxManager:
         drain_timeout: float = 30.0,
         touch_interval: float = 10.0,
         max_result_bytes: int = wire.MAX_LINE,
+        egress: EgressPolicy | None = None,
     ):
         """`home` is the fleet home: sandboxes live in home/sandboxes, workspaces in home/workspaces.
-        With `database_url`, requests from the CLI are heard at once (LISTEN), else at the next sweep."""
+        With `database_url`, requests from the CLI are heard at once (LISTEN), else at the next sweep.
+        `egress` decides the connections servers that declare egress hosts ask for (None: none is made)."""
         source = servers if hasattr(servers, "servers_for") else StaticServers(servers)
         self.home = Path(home).absolute()
         self.sandboxes_dir = SandboxLayout.root(self.home)
@@ -114,7 +117,7 @@ class SandboxManager:
             self.home, backend, self.workspaces, self.servers, self.states,
             uid=uid, gid=gid, start_timeout=start_timeout, start_boost_s=start_boost_s,
             adopt_timeout=adopt_timeout, stop_grace=stop_grace, drain_timeout=drain_timeout,
-            max_result_bytes=max_result_bytes,
+            max_result_bytes=max_result_bytes, egress=egress,
         )  # fmt: skip
         self.running = Running()
         """Every running sandbox: users' and the warm pool's."""

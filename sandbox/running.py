@@ -31,6 +31,11 @@ class Sandbox:
     servers: tuple[ServerSpec, ...] | None = None
     """What its supervisor was last told to run; None when unknown (resumed or adopted)."""
 
+    def __post_init__(self) -> None:
+        # The channel's egress tunnels are decided by who the sandbox is for and what it runs now.
+        if self.client.tunnels is not None:
+            self.client.tunnels.sandbox = self
+
     @property
     def directory(self) -> Path:
         return self.layout.dir

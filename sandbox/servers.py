@@ -23,6 +23,8 @@ class ServerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     revision: str = "builtin"
     """What of the server runs (a published wheel's digest): a sandbox whose server has another revision restarts it."""
+    egress: tuple[str, ...] = ()
+    """Hosts (`host`, `host:port`) its manifest declares: only these it can reach, through the egress proxy."""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or "__" in self.name:
@@ -30,6 +32,7 @@ class ServerSpec:
         if not self.argv:
             raise ValueError(f"server {self.name!r} has an empty argv")
         object.__setattr__(self, "argv", tuple(self.argv))
+        object.__setattr__(self, "egress", tuple(self.egress))
 
 
 BUILTIN_SERVERS: tuple[ServerSpec, ...] = (
@@ -71,6 +74,7 @@ def server_configs(servers: Sequence[ServerSpec]) -> list[ServerConfig]:
     """What the supervisor runs: each server in the workspace, where a tool's relative paths lead
     (the interpreter's flags keep the workspace off its import path: `PYTHON_FLAGS`)."""
     return [
-        ServerConfig(name=s.name, argv=list(s.argv), env=dict(s.env), cwd=WORKSPACE, revision=s.revision)
+        ServerConfig(name=s.name, argv=list(s.argv), env=dict(s.env), cwd=WORKSPACE, revision=s.revision,
+                     egress=list(s.egress))
         for s in servers
     ]

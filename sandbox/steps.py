@@ -30,6 +30,7 @@ from sandbox.servers import ServerSource
 from sandbox.state import StateRecorder
 from sandbox.store import State
 from sandbox.tiers import Tier
+from sandbox.tunnels import EgressPolicy
 from sandbox.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Steps:
         stop_grace: float = 3.0,
         drain_timeout: float = 30.0,
         max_result_bytes: int = wire.MAX_LINE,
+        egress: EgressPolicy | None = None,
     ):
         self.home = home
         self.backend = backend
@@ -65,13 +67,15 @@ class Steps:
         self.stop_grace = stop_grace
         self.drain_timeout = drain_timeout
         self.max_result_bytes = max_result_bytes
+        self.egress = egress
 
     def layout(self, sandbox_id: str) -> SandboxLayout:
         return SandboxLayout(self.home, sandbox_id)
 
     def client(self, layout: SandboxLayout, token: str) -> SupervisorClient:
         return SupervisorClient(
-            layout.socket, token=token, socket_owner=(self.uid, self.gid), max_result_bytes=self.max_result_bytes
+            layout.socket, token=token, socket_owner=(self.uid, self.gid), max_result_bytes=self.max_result_bytes,
+            egress=self.egress,
         )
 
     def spec(self, sandbox: Sandbox) -> SandboxSpec:

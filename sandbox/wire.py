@@ -26,6 +26,9 @@ gateway -> supervisor
                                                    `result` {"servers": {name: status}} once they settled
     detach  {}                                     close the channel and reconnect later
     ping    {"id"}
+    tunnel_opened {"tunnel", "error": str | null, "status": int}   the gateway's answer to a
+                                                   `tunnel_open`: connected (error null), or refused
+                                                   (status 403, 429) or unreachable (502)
 
 supervisor -> gateway
     hello   {"token", "servers": {name: status}, "supervisor": {...}}   first message on every connection;
@@ -37,6 +40,13 @@ supervisor -> gateway
     server  {"server", ...status}                  a server was (re)started, failed, or removed
                                                    by a `configure` (state "removed")
     pong    {"id"}
+    tunnel_open {"tunnel", "server", "host", "port"}   a server asked the egress proxy for host:port
+
+either way, for an open tunnel (see `Tunnel`)
+    tunnel_data {"tunnel", "data"}                 bytes (base64), at most TUNNEL_CHUNK before encoding
+    tunnel_ack  {"tunnel", "bytes"}                the receiver wrote that many bytes on: the sender may
+                                                   send them again (at most TUNNEL_WINDOW unacknowledged)
+    tunnel_close {"tunnel", "error": str | null}   this end is closed; so must the other be
 
 A server status is {"state": "starting" | "ready" | "failed", "initialize": <its
 initialize result> | null, "error": str | null, "revision": str | null}.
@@ -55,13 +65,26 @@ This module is imported inside the sandbox: standard library only.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import json
+import time
+from collections.abc import Callable
 from typing import Any, Literal, NotRequired, TypedDict
 
 CHANNEL_DIR = "/run/mcpfleet"
 """Where the channel dir appears inside the sandbox."""
 SOCKET_NAME = "gateway.sock"
 CONFIG_NAME = "supervisor.json"
+
+TUNNEL_CHUNK = 16 * 1024
+"""Bytes of a tunnel's stream per `tunnel_data` message (before base64)."""
+TUNNEL_WINDOW = 256 * 1024
+"""Bytes a tunnel's end may have sent and not yet had acknowledged: what the channel and the far
+end's memory hold of one tunnel at most, so a slow reader slows its sender instead of filling them."""
+MAX_TUNNELS = 32
+"""Tunnels open at once per sandbox; beyond them the egress proxy answers 503."""
 
 MAX_LINE = 64 * 1024 * 1024
 """Longest message either side accepts; a tool result can be large. The gateway sets its own,
@@ -138,7 +161,42 @@ class Ping(TypedDict):
     id: int
 
 
-GatewayMessage = Attach | Call | Cancel | Answer | Notify | Configure | Detach | Ping
+class TunnelOpen(TypedDict):
+    type: Literal["tunnel_open"]
+    tunnel: int
+    server: str
+    host: str
+    port: int
+
+
+class TunnelOpened(TypedDict):
+    type: Literal["tunnel_opened"]
+    tunnel: int
+    error: str | None
+    status: int
+
+
+class TunnelData(TypedDict):
+    type: Literal["tunnel_data"]
+    tunnel: int
+    data: str
+
+
+class TunnelAck(TypedDict):
+    type: Literal["tunnel_ack"]
+    tunnel: int
+    bytes: int
+
+
+class TunnelClose(TypedDict):
+    type: Literal["tunnel_close"]
+    tunnel: int
+    error: str | None
+
+
+TunnelMessage = TunnelData | TunnelAck | TunnelClose
+
+GatewayMessage = Attach | Call | Cancel | Answer | Notify | Configure | Detach | Ping | TunnelOpened | TunnelMessage
 
 
 class Hello(TypedDict):
@@ -187,7 +245,7 @@ class Pong(TypedDict):
     id: Any
 
 
-SupervisorMessage = Hello | Result | Error | Note | Ask | Server | Pong
+SupervisorMessage = Hello | Result | Error | Note | Ask | Server | Pong | TunnelOpen | TunnelMessage
 
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
@@ -239,3 +297,111 @@ def error_object(code: int, message: str, data: Any = None) -> ErrorObject:
     if data is not None:
         error["data"] = data
     return error
+
+
+class Tunnel:
+    """One end of a relayed TCP connection: a socket on this side, the other end across the channel.
+
+    `pump()` reads the socket and sends `tunnel_data`, pausing while TUNNEL_WINDOW bytes are
+    unacknowledged; `receive()` takes the other end's messages: data is written to the socket and
+    acknowledged once the socket has taken it (so a reader that does not read holds up its sender,
+    not the channel). Either end closing closes both. Used alike by the supervisor's egress proxy
+    and by the gateway.
+    """
+
+    def __init__(self, tunnel_id: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 send: Callable[[Any], None]):
+        self.id = tunnel_id
+        self.reader, self.writer = reader, writer
+        self._send = send
+        self._credit = TUNNEL_WINDOW
+        self._credit_back = asyncio.Event()
+        self._in_flight = 0  # received and not yet acknowledged
+        self._to_ack = 0
+        self._acking: asyncio.Task[None] | None = None
+        self.sent = 0
+        """Bytes read from the socket and sent across."""
+        self.received = 0
+        """Bytes received from across and written to the socket."""
+        self.error: str | None = None
+        self.closed = False
+        self.active_at = time.monotonic()
+        """When bytes last went either way."""
+
+    def forward(self, data: bytes) -> None:
+        """Send bytes this end already holds (they count against the window like any others)."""
+        for start in range(0, len(data), TUNNEL_CHUNK):
+            chunk = data[start:start + TUNNEL_CHUNK]
+            self._credit -= len(chunk)
+            self.sent += len(chunk)
+            self.active_at = time.monotonic()
+            self._send({"type": "tunnel_data", "tunnel": self.id, "data": base64.b64encode(chunk).decode()})
+
+    async def pump(self) -> None:
+        """Socket to channel until either end closes."""
+        try:
+            while not self.closed:
+                if self._credit <= 0:
+                    self._credit_back.clear()
+                    await self._credit_back.wait()
+                    continue
+                data = await self.reader.read(min(TUNNEL_CHUNK, self._credit))
+                if not data or self.closed:
+                    break
+                self.forward(data)
+        except (OSError, ConnectionError) as exc:
+            self.close(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.close(None)
+
+    def receive(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if self.closed:
+            return
+        if kind == "tunnel_ack":
+            count = message.get("bytes")
+            if isinstance(count, int) and count > 0:
+                self._credit = min(TUNNEL_WINDOW, self._credit + count)
+                self._credit_back.set()
+        elif kind == "tunnel_data":
+            try:
+                data = base64.b64decode(str(message.get("data", "")), validate=True)
+            except (binascii.Error, ValueError):
+                self.close("the other end sent data that is not base64")
+                return
+            self._in_flight += len(data)
+            if len(data) > TUNNEL_CHUNK or self._in_flight > TUNNEL_WINDOW:
+                self.close("the other end sent more than the window allows")
+                return
+            self.received += len(data)
+            self.active_at = time.monotonic()
+            self.writer.write(data)
+            self._to_ack += len(data)
+            if self._acking is None:
+                self._acking = asyncio.ensure_future(self._ack())
+        elif kind == "tunnel_close":
+            self.close(message.get("error"), tell=False)
+
+    async def _ack(self) -> None:
+        """Acknowledge what the socket took, once it took it."""
+        try:
+            while self._to_ack and not self.closed:
+                await self.writer.drain()
+                count, self._to_ack = self._to_ack, 0
+                self._in_flight -= count
+                self._send({"type": "tunnel_ack", "tunnel": self.id, "bytes": count})
+        except (OSError, ConnectionError) as exc:
+            self.close(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._acking = None
+
+    def close(self, error: str | None, *, tell: bool = True) -> None:
+        """Close this end; `tell`: say so to the other end (not when it said so first)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.error = error
+        self._credit_back.set()
+        self.writer.close()
+        if tell:
+            self._send({"type": "tunnel_close", "tunnel": self.id, "error": error})

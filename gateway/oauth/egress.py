@@ -29,7 +29,13 @@ class EgressRefused(Exception):
     """A fetch the gateway will not make, or whose answer it will not use; the message says why."""
 
 
-def vet_address(address: str, *, allow_private: bool) -> None:
+PRIVATE_ISSUERS_HINT = " (MCPFLEET_ALLOW_PRIVATE_ISSUERS=1 allows it)"
+
+
+def vet_address(address: str, *, allow_private: bool, hint: str = PRIVATE_ISSUERS_HINT) -> None:
+    """Refuse (EgressRefused) a metadata, link-local, multicast or unspecified address, and unless
+    `allow_private`, any address not globally routable (private, loopback, reserved, shared, ...);
+    `hint` follows the refusal of a private one."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -38,7 +44,7 @@ def vet_address(address: str, *, allow_private: bool) -> None:
     if ip.is_multicast or ip.is_unspecified:
         raise EgressRefused(f"{ip} is not a unicast address")
     if not allow_private and not ip.is_global:
-        raise EgressRefused(f"{ip} is a private or loopback address (MCPFLEET_ALLOW_PRIVATE_ISSUERS=1 allows it)")
+        raise EgressRefused(f"{ip} is a private or loopback address{hint}")
 
 
 def vet_url(url: str, *, allow_private: bool) -> None:

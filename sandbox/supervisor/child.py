@@ -143,11 +143,18 @@ class ChildServer:
         self.config = config
         self._supervisor_config = supervisor_config
         self._supervisor = supervisor
+        # Only a server that declares egress hosts is told where the egress proxy is, with
+        # credentials of its own; the others get no way out at all.
+        self._proxy_token: str | None = None
+        proxy_env: dict[str, str] = {}
+        if config.egress:
+            self._proxy_token, proxy_env = supervisor.proxy.credentials(config.name)
         # Servers inherit the sandbox's environment (PATH, PYTHONPATH, HOME) and add their own.
-        self._env = {**os.environ, **supervisor_config.env, **config.env}
-        # Values given to this server (its secrets among them) never leave through its stderr.
+        self._env = {**os.environ, **supervisor_config.env, **config.env, **proxy_env}
+        # Values given to this server (its secrets and proxy token among them) never leave through its stderr.
         self._secrets = sorted(
-            {v.encode() for v in (*supervisor_config.env.values(), *config.env.values()) if len(v) >= MIN_SECRET},
+            {v.encode() for v in (*supervisor_config.env.values(), *config.env.values(), self._proxy_token or "")
+             if len(v) >= MIN_SECRET},
             key=len,
             reverse=True,
         )
@@ -183,6 +190,12 @@ class ChildServer:
         else:
             self._settled.set()
         self._supervisor.emit({"type": "server", "server": self.name, **self.status()})
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
 
     async def wait_settled(self) -> None:
         await self._settled.wait()
@@ -291,6 +304,8 @@ class ChildServer:
         """Close stdin (the stdio way to ask a server to exit), then signal, then kill."""
         self._stopping = True
         self._settled.set()
+        if self._proxy_token is not None:
+            self._supervisor.proxy.forget(self._proxy_token)
         pipes = self._pipes
         if pipes is None:
             return

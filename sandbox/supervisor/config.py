@@ -42,6 +42,9 @@ class ServerConfig:
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
     revision: str = "builtin"
+    egress: list[str] = field(default_factory=list)
+    """Hosts (`host` or `host:port`) the manifest declares; non-empty: the server gets proxy credentials.
+    The gateway checks each connection against its own copy; the supervisor only decides who gets credentials."""
 
 
 @dataclass(frozen=True)

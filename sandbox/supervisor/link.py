@@ -64,6 +64,7 @@ class _Channel(asyncio.Protocol):
                     continue
                 if message.get("type") == "detach":
                     log("detaching from the gateway")
+                    self._supervisor.on_detach()
                     self._drop()
                     return
                 self._supervisor.on_message(message)
@@ -120,6 +121,7 @@ class Link(_Outbound):
             delay = RETRY_FIRST
             self._transport = transport
             try:
+                self._supervisor.on_connect()
                 self.send(self._supervisor.hello())
                 await channel.closed
             finally:
@@ -187,6 +189,7 @@ class Listener(_Outbound):
             previous.drop()
             self._supervisor.on_disconnect()
         self._channel, self._transport = channel, channel.transport
+        self._supervisor.on_connect()
         self.send(self._supervisor.hello(token=current))
         return True
 

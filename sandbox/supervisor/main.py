@@ -16,6 +16,7 @@ from sandbox.supervisor.child import ChildServer, log
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig
 from sandbox.supervisor.init import run_as_init
 from sandbox.supervisor.link import Link, Listener
+from sandbox.supervisor.proxy import EgressProxy
 
 
 class Supervisor:
@@ -23,6 +24,7 @@ class Supervisor:
         """`listen`: (host, port) to listen on TCP for the gateway (a pod), else connect to `config.socket`;
         `token_file`: on TCP, where the token is read anew at every attach."""
         self.config = config
+        self.proxy = EgressProxy(self.emit, self._pid_of, lambda: self.link.connected)
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
         self._runs: dict[str, asyncio.Task[None]] = {}
         self.link: Link | Listener = Listener(*listen, self, token_file) if listen else Link(config.socket, self)
@@ -51,6 +53,10 @@ class Supervisor:
         self._next_ask += 1
         self._asks[self._next_ask] = child
         return self._next_ask
+
+    def _pid_of(self, server: str) -> int | None:
+        child = self.children.get(server)
+        return child.pid if child is not None else None
 
     def hello(self, token: str | None = None) -> wire.Hello:
         """`token`: the one the gateway attached with, when it is no longer the config's (a claimed pool pod)."""
@@ -83,6 +89,8 @@ class Supervisor:
                     child.notify(message["method"], message.get("params"))
         elif kind == "ping":
             self.emit({"type": "pong", "id": message.get("id")})
+        elif kind in ("tunnel_opened", "tunnel_data", "tunnel_ack", "tunnel_close"):
+            self.proxy.on_message(message)
         elif kind == "configure":
             servers = [ServerConfig(**s) for s in message.get("servers") or []]
             asyncio.get_running_loop().create_task(self._configure(message.get("id"), servers))
@@ -126,14 +134,26 @@ class Supervisor:
         for child in new:
             self.children[child.name] = child
             self._runs[child.name] = asyncio.get_running_loop().create_task(child.run())
+        self.proxy.serve()
         await asyncio.gather(*(child.wait_settled() for child in new))
         log(f"configured: {', '.join(f'{n}: {c.state}' for n, c in self.children.items()) or 'no servers'}")
         self.emit({"type": "result", "id": request_id, "result": {"servers": {n: c.status() for n, c in self.children.items()}}})
+
+    def on_connect(self) -> None:
+        """A gateway is there again (after a detach, a restore, a gateway restart)."""
+        self.proxy.serve()
+
+    def on_detach(self) -> None:
+        """Before the channel closes for a checkpoint: nothing in the sandbox may wait on a
+        loopback socket then, and no tunnel can survive it anyway."""
+        self.proxy.pause()
+        self.proxy.drop_all("the sandbox is being saved")
 
     def on_disconnect(self) -> None:
         """Calls of a gateway that went away can never be answered: cancel them all."""
         self._calls.clear()
         self._asks.clear()
+        self.proxy.drop_all("the gateway went away")
         for child in self.children.values():
             child.drop_gateway_state()
 
@@ -144,6 +164,7 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        self.proxy.serve()
         self._runs = {name: asyncio.create_task(child.run()) for name, child in self.children.items()}
         # The first hello should say how every server fared, so connect once all have settled.
         await asyncio.gather(*(child.wait_settled() for child in self.children.values()))
@@ -152,6 +173,7 @@ class Supervisor:
         await stop.wait()
         log("stopping")
         link.cancel()
+        self.proxy.close()
         await asyncio.gather(*(child.stop() for child in self.children.values()))
         for task in self._runs.values():
             task.cancel()

@@ -1,0 +1,310 @@
+"""The sandbox's only way out: an HTTP proxy on its loopback, relayed to the gateway over the channel.
+
+The sandbox has no network (runsc `--network=none` leaves it a loopback interface and nothing
+else). A server whose manifest declares egress hosts is started with HTTPS_PROXY and HTTP_PROXY
+naming this proxy with credentials of its own; a server without any gets neither. Every
+connection the proxy takes must carry a server's credentials (`Proxy-Authorization: Basic`), so
+a neighbour, or code the exec server runs, cannot borrow the way out. The proxy decides nothing
+else: it asks the gateway (`tunnel_open`), which checks the host against what that server
+declared, resolves and vets the address, connects, audits and rate-limits; then bytes flow both
+ways as `tunnel_data` under the window of `wire.Tunnel`.
+
+Credentials alone are not enough: the sandbox's processes share a uid, so a neighbour can read
+a server's environment (/proc/PID/environ) and with it the token. So the proxy also asks the
+kernel who is on the other end of each connection (the socket's inode in /proc/net/tcp, then the
+processes holding it) and serves it only if every holder is the server's process or one of its
+descendants. Neighbours cannot become one: ptrace is limited to a process's own descendants
+(gVisor's Yama `ptrace_scope` is 1) and a neighbour is no descendant of the server.
+
+CONNECT host:port (https, any TLS: the proxy never sees inside) and plain http requests in
+absolute form (`GET http://host/path`, one request per connection) are served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import itertools
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from sandbox import wire
+
+HEAD_LIMIT = 16 * 1024
+"""Longest request head the proxy reads."""
+HEAD_TIMEOUT = 10.0
+OPEN_TIMEOUT = 30.0
+"""Seconds the gateway has to resolve, vet and connect."""
+REALM = "mcpfleet egress"
+PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
+
+
+class EgressProxy:
+    def __init__(self, send: Callable[[Any], None], pid_of: Callable[[str], int | None],
+                 connected: Callable[[], bool]):
+        """`send` queues a message for the gateway (dropped while none is connected, which
+        `connected` tells); `pid_of` gives a server's process id (None while it is not running)."""
+        self._send = send
+        self._connected = connected
+        self._pid_of = pid_of
+        self._sock: socket.socket | None = None
+        self._accepting = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._servers_by_token: dict[str, str] = {}
+        self._ids = itertools.count(1)
+        self._opening: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.tunnels: dict[int, wire.Tunnel] = {}
+
+    @property
+    def port(self) -> int | None:
+        return self._sock.getsockname()[1] if self._sock is not None else None
+
+    def credentials(self, server: str) -> tuple[str, dict[str, str]]:
+        """A new token for `server` and the environment that hands it to it (the proxy's URL in
+        the variables urllib, requests, httpx and curl read). Binds the proxy's socket on first use;
+        connections wait in its backlog until `serve()`."""
+        if self._sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(64)
+            sock.setblocking(False)
+            self._sock = sock
+        token = secrets.token_urlsafe(24)
+        self._servers_by_token[token] = server
+        url = f"http://{server}:{token}@127.0.0.1:{self.port}"
+        # The sandbox's own loopback is not out: a server talking to a helper of its own goes direct.
+        local = "localhost,127.0.0.1,::1"
+        return token, {**{name: url for name in PROXY_ENV}, "NO_PROXY": local, "no_proxy": local}
+
+    def forget(self, token: str) -> None:
+        """The server holding `token` stopped: its credentials no longer open anything."""
+        self._servers_by_token.pop(token, None)
+
+    def serve(self) -> None:
+        """Accept connections (once the socket is bound): again after `pause()`."""
+        if self._sock is not None and not self._accepting:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+            self._accepting = True
+
+    def pause(self) -> None:
+        """Stop watching the socket, which stays bound (servers keep their proxy's address and
+        connections wait in its backlog). gVisor cannot checkpoint a loopback socket someone
+        waits on ("endpoint still has waiters upon save"), so the proxy pauses before a detach."""
+        if self._sock is not None and self._accepting:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._accepting = False
+
+    def close(self) -> None:
+        self.pause()
+        self.drop_all("the supervisor is stopping")
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError, OSError):
+            return
+        conn.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._connection(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connection(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=HEAD_LIMIT)
+        except OSError:
+            conn.close()
+            return
+        await self._client(reader, writer)
+
+    # -- from the gateway ---------------------------------------------------------------
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        tunnel_id = message.get("tunnel")
+        if message.get("type") == "tunnel_opened":
+            waiting = self._opening.pop(tunnel_id, None)  # type: ignore[arg-type]
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message)
+            return
+        tunnel = self.tunnels.get(tunnel_id)  # type: ignore[arg-type]
+        if tunnel is not None:
+            tunnel.receive(message)
+
+    def drop_all(self, reason: str) -> None:
+        """The gateway went away: no tunnel can go on (a new gateway knows none of them)."""
+        for waiting in self._opening.values():
+            if not waiting.done():
+                waiting.set_result({"error": reason, "status": 502})
+        self._opening.clear()
+        for tunnel in list(self.tunnels.values()):
+            tunnel.close(reason, tell=False)
+
+    # -- from a server ------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve_one(reader, writer)
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            return await _reply(writer, 400, "not an HTTP request")
+        method, target, version = parts
+        headers = [line.split(":", 1) for line in lines[1:] if ":" in line]
+        server = self._server_of(next((v.strip() for k, v in headers if k.strip().lower() == "proxy-authorization"), ""))
+        if server is None:
+            return await _reply(writer, 407, "this server has no egress: no proxy credentials of its own")
+        stranger = self._stranger(server, writer.get_extra_info("peername"))
+        if stranger is not None:
+            return await _reply(writer, 407, stranger)
+        if not self._connected():
+            return await _reply(writer, 503, "the gateway is not connected to this sandbox; try again")
+        if len(self.tunnels) + len(self._opening) >= wire.MAX_TUNNELS:
+            return await _reply(writer, 503, f"at most {wire.MAX_TUNNELS} connections at once leave this sandbox")
+        forward = b""
+        if method == "CONNECT":
+            host, _, port_text = target.rpartition(":")
+            host = host.strip("[]")
+        else:
+            url = urlsplit(target)
+            if url.scheme != "http" or not url.hostname:
+                return await _reply(writer, 400, "only CONNECT and http://host/... requests are proxied")
+            host, port_text = url.hostname, str(url.port or 80)
+            # Origin form, without the proxy's headers, and one request per connection: the
+            # next one may be for another host.
+            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            kept = [f"{k}:{v}" for k, v in headers if k.strip().lower() not in ("proxy-authorization", "proxy-connection", "connection")]
+            forward = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""]).encode("latin-1")
+        if not host or not port_text.isdigit():
+            return await _reply(writer, 400, f"{target!r} names no host:port")
+        tunnel_id = next(self._ids)
+        answer = asyncio.get_running_loop().create_future()
+        self._opening[tunnel_id] = answer
+        self._send({"type": "tunnel_open", "tunnel": tunnel_id, "server": server, "host": host, "port": int(port_text)})
+        try:
+            opened = await asyncio.wait_for(answer, OPEN_TIMEOUT)
+        except asyncio.TimeoutError:
+            opened = {"error": "the gateway did not answer in time", "status": 504}
+        finally:
+            self._opening.pop(tunnel_id, None)
+        if opened.get("error") is not None:
+            return await _reply(writer, int(opened.get("status") or 502), str(opened["error"]))
+        tunnel = wire.Tunnel(tunnel_id, reader, writer, self._send)
+        self.tunnels[tunnel_id] = tunnel
+        try:
+            if method == "CONNECT":
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                tunnel.forward(forward)
+            await tunnel.pump()
+        finally:
+            self.tunnels.pop(tunnel_id, None)
+
+    def _server_of(self, authorization: str) -> str | None:
+        scheme, _, encoded = authorization.partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            name, _, token = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, ValueError):
+            return None
+        for known, server in self._servers_by_token.items():
+            if hmac.compare_digest(known.encode(), token.encode()) and server == name:
+                return server
+        return None
+
+
+    def _stranger(self, server: str, peer: tuple[str, int] | None) -> str | None:
+        """Why the connection from `peer` is not `server`'s own (None: it is)."""
+        root = self._pid_of(server)
+        if root is None or peer is None:
+            return f"server {server!r} is not running"
+        holders = socket_holders(peer[1], self.port or 0)
+        if not holders:
+            return "cannot tell which process connected"
+        for pid in holders:
+            if not descends_from(pid, root):
+                return f"process {pid} is not server {server!r} or one of its children: these are its credentials"
+        return None
+
+
+def socket_holders(client_port: int, proxy_port: int) -> set[int]:
+    """Processes holding the client end of the loopback connection client_port -> proxy_port."""
+    wanted = (f"0100007F:{client_port:04X}", f"0100007F:{proxy_port:04X}")
+    inode = None
+    try:
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and (fields[1], fields[2]) == wanted:
+                    inode = fields[9]
+                    break
+    except OSError:
+        return set()
+    if inode is None or inode == "0":
+        return set()
+    link = f"socket:[{inode}]"
+    holders = set()
+    for pid in filter(str.isdigit, _listdir("/proc")):
+        for fd in _listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                    holders.add(int(pid))
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def descends_from(pid: int, root: int) -> bool:
+    """Whether `pid` is `root` or below it (parents read from /proc/PID/stat)."""
+    for _ in range(64):  # deeper than any server's process tree
+        if pid == root:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # The name in parentheses may hold spaces and parentheses: the fields follow its last ')'.
+                pid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+_REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required", 429: "Too Many Requests",
+            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+async def _reply(writer: asyncio.StreamWriter, status: int, message: str) -> None:
+    """The refusal, with its reason in the status line's body and a header, for tools to show."""
+    message = message.replace("\r", " ").replace("\n", " ")
+    body = f"mcpfleet egress: {message}\n".encode()
+    extra = f'Proxy-Authenticate: Basic realm="{REALM}"\r\n' if status == 407 else ""
+    # The reason phrase carries the message too: it is what a client shows of a refused CONNECT
+    # (urllib: "Tunnel connection failed: 403 Forbidden: <why>").
+    reason = f"{_REASONS.get(status, 'Error')}: {message}"
+    writer.write(
+        f"HTTP/1.1 {status} {reason}\r\n{extra}X-Mcpfleet-Egress: {message}\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1", "replace") + body
+    )
+    await writer.drain()
