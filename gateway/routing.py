@@ -32,6 +32,7 @@ from core.text import bounded
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
 from gateway.catalog import Catalog, build_catalog
+from gateway.tracing import channel_hop
 from sandbox.channel import NotificationHandler, RequestHandler
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
@@ -249,15 +250,16 @@ class Router:
 
         started = time.perf_counter()
         try:
-            try:
-                result = await client.request(
-                    server, method, params, on_notification=relay_notification, on_request=relay_request
-                )
-            except SandboxDetached:  # not sent: the sandbox began to hibernate since it was looked up
-                _, client = await self._client(ctx)
-                result = await client.request(
-                    server, method, params, on_notification=relay_notification, on_request=relay_request
-                )
+            with channel_hop(server, method, params) as traced:  # the trace goes on in traced["_meta"]
+                try:
+                    result = await client.request(
+                        server, method, traced, on_notification=relay_notification, on_request=relay_request
+                    )
+                except SandboxDetached:  # not sent: the sandbox began to hibernate since it was looked up
+                    _, client = await self._client(ctx)
+                    result = await client.request(
+                        server, method, traced, on_notification=relay_notification, on_request=relay_request
+                    )
             return self._result(ctx, result)
         except SandboxRpcError as exc:
             raise MCPError(code=exc.code, message=exc.message, data=exc.data) from None

@@ -19,6 +19,7 @@ from sandbox.backends.runsc import RunscBackend
 from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
+from sandbox.state import Transition
 from sandbox.workspaces import Workspaces
 
 if TYPE_CHECKING:
@@ -107,8 +108,10 @@ def sandbox_manager(
     servers: ServerSource | Sequence[ServerSpec] = BUILTIN_SERVERS,
     *,
     database_url: str | None = None,
+    on_transition: Transition | None = None,
 ) -> SandboxManager:
-    """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list."""
+    """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list.
+    Every change of state is audited, then told to `on_transition` (the gateway's metrics)."""
     if settings.sandbox_backend == "kubernetes":
         # The router takes a SandboxManager; the kubernetes manager (kubernetes_sandboxes) is not wired into it yet.
         raise RuntimeError("MCPFLEET_SANDBOX_BACKEND=kubernetes is not served by the gateway yet")
@@ -122,7 +125,15 @@ def sandbox_manager(
         servers,
         lifecycle=lifecycle(settings),
         workspaces=workspaces,
-        on_transition=audit_transition,
+        on_transition=audit_transition if on_transition is None else _both(audit_transition, on_transition),
         database_url=database_url,
         max_result_bytes=settings.max_result_bytes,
     )
+
+
+def _both(first: Transition, then: Transition) -> Transition:
+    async def told(conn: psycopg.AsyncConnection, event: dict[str, Any]) -> None:
+        await first(conn, event)
+        await then(conn, event)
+
+    return told

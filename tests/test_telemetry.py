@@ -1,0 +1,283 @@
+"""Traces, metrics and JSON logs of a real gateway (`mcpfleet up`) serving real sandbox calls.
+
+Traces are exported by the gateway's own OTLP exporter (OTEL_EXPORTER_OTLP_ENDPOINT) to a receiver
+in this test process: a plain HTTP server that decodes OTLP/protobuf with the `opentelemetry-proto`
+messages, as a collector would. The metrics page is read with prometheus_client's text parser.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.clients import connect
+from tests.conftest import make_fleet
+
+MODERN = {"MCP-Protocol-Version": "2026-07-28", "Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+ENVELOPE = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}}
+
+
+class OtlpReceiver:
+    """Stands in for an OpenTelemetry collector (none runs here): OTLP/HTTP protobuf on loopback."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                if self.path == "/v1/traces":
+                    receiver.take(body)
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def take(self, body: bytes) -> None:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            service = next(a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name")
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    attributes = {a.key: _value(a.value) for a in span.attributes}
+                    with self.lock:
+                        self.spans.append({
+                            "service": service, "name": span.name, "kind": span.kind, "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(), "parent": span.parent_span_id.hex(), "attributes": attributes,
+                            "status": span.status.code, "scope": scope_spans.scope.name,
+                        })
+
+    def trace(self, trace_id: str, until: str, timeout: float = 15) -> list[dict[str, Any]]:
+        """The spans of one trace, once a span named `until` has arrived."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                spans = [s for s in self.spans if s["trace_id"] == trace_id]
+            if any(s["name"] == until for s in spans):
+                time.sleep(0.3)  # its siblings come in the same batch or the next
+                with self.lock:
+                    return [s for s in self.spans if s["trace_id"] == trace_id]
+            time.sleep(0.1)
+        raise AssertionError(f"no span {until!r} in trace {trace_id}; got {[s['name'] for s in spans]}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _value(value: Any) -> Any:
+    return getattr(value, value.WhichOneof("value")) if value.WhichOneof("value") else None
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    running = OtlpReceiver()
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory, postgres_url, receiver):
+    """A gateway exporting its traces to the receiver, writing JSON logs, listening beyond loopback
+    (all addresses: the tests reach it on 127.0.0.1 only)."""
+    running = make_fleet(
+        tmp_path_factory, postgres_url,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100", MCPFLEET_LOG_FORMAT="json",
+        MCPFLEET_HOST="0.0.0.0",
+    )
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def dana(traced) -> str:
+    return traced.add_user("dana")
+
+
+def traceparent() -> tuple[str, str, str]:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+
+
+def modern_call(url: str, key: str, tool: str, arguments: dict, *, headers: dict | None = None, meta: dict | None = None) -> dict:
+    body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments, "_meta": {**ENVELOPE, **(meta or {})}}}
+    response = httpx.post(url, json=body, timeout=120, headers={
+        **MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool, "Authorization": f"Bearer {key}", **(headers or {})})
+    # 2026-07-28 answers a JSON-RPC error about the request's params with HTTP 400.
+    assert response.status_code == (200 if "result" in response.json() else 400), response.text
+    return response.json()
+
+
+def by_name(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in spans}
+
+
+# -- traces --------------------------------------------------------------------------------------
+
+
+def test_a_call_is_one_trace_from_the_clients_traceparent_header_to_the_channel(traced, receiver, dana):
+    header, trace_id, client_span = traceparent()
+    answer = modern_call(traced.mcp_url, dana, "workspace__list_dir", {"path": "."}, headers={"traceparent": header})
+    assert "result" in answer, answer
+
+    spans = by_name(receiver.trace(trace_id, until="POST /mcp"))
+    http_span, mcp_span = spans["POST /mcp"], spans["tools/call workspace__list_dir"]
+    assert {s["service"] for s in spans.values()} == {"mcpfleet-gateway"}
+    assert http_span["parent"] == client_span  # the header was honoured
+    assert spans["authenticate"]["parent"] == http_span["span_id"]
+    assert spans["authenticate"]["attributes"]["mcpfleet.auth.outcome"] == "accepted"
+    assert mcp_span["parent"] == http_span["span_id"]
+    assert mcp_span["kind"] == 2  # SERVER
+    assert mcp_span["attributes"] == {
+        "mcp.method.name": "tools/call", "gen_ai.tool.name": "workspace__list_dir", "gen_ai.operation.name": "execute_tool",
+        "jsonrpc.request.id": "7", "mcp.protocol.version": "2026-07-28", "network.transport": "tcp",
+    }
+    # The first call of this user brought a sandbox up, inside an MCP span of this request (the SDK
+    # lists the tools to check a 2026-07-28 call against, and that listing needs the sandbox).
+    mcp_spans = {s["span_id"] for s in spans.values() if s["kind"] == 2 and s["parent"] == http_span["span_id"]}
+    bring_up = [s for s in spans.values() if s["name"] in ("sandbox cold start", "sandbox claim", "sandbox resume")]
+    assert bring_up and all(s["parent"] in mcp_spans for s in bring_up)
+    assert "sandbox cold start" in spans
+    hop = spans["tools/call list_dir"]
+    assert hop["kind"] == 3  # CLIENT: the hop over the channel
+    assert hop["parent"] == mcp_span["span_id"]
+    assert hop["attributes"]["mcpfleet.server"] == "workspace"
+    # No argument, result or token in any span.
+    dumped = json.dumps(list(spans.values()))
+    assert dana not in dumped and '"path"' not in dumped
+
+
+def test_a_traceparent_in_meta_wins_and_errors_carry_their_type(traced, receiver, dana):
+    header, header_trace, _ = traceparent()
+    meta_parent, meta_trace, meta_span = traceparent()
+    answer = modern_call(traced.mcp_url, dana, "workspace__no_such_tool", {},
+                         headers={"traceparent": header}, meta={"traceparent": meta_parent})
+    assert answer["error"]["code"] == -32602
+
+    spans = by_name(receiver.trace(meta_trace, until="tools/call workspace__no_such_tool"))
+    mcp_span = spans["tools/call workspace__no_such_tool"]
+    assert mcp_span["parent"] == meta_span
+    assert mcp_span["attributes"]["error.type"] == "-32602"
+    assert mcp_span["status"] == 2  # ERROR
+    # The HTTP span stays in the header's trace.
+    assert by_name(receiver.trace(header_trace, until="POST /mcp"))
+
+
+async def test_the_trace_context_goes_on_to_the_server_in_meta(traced, receiver, dana):
+    """The channel hop's context is what the sandbox gets: the SDK client's own session, whose
+    `exec__run` shows the process; the supervisor passes `_meta` on to the server untouched."""
+    header, trace_id, _ = traceparent()
+    async with connect(traced.mcp_url, dana, "legacy", ) as client:
+        result = await client.call_tool("exec__run", {"command": "true", "timeout_s": 30}, meta={"traceparent": header})
+    assert not result.is_error
+    spans = by_name(receiver.trace(trace_id, until="tools/call run"))
+    assert spans["tools/call run"]["parent"] == spans["tools/call exec__run"]["span_id"]
+    assert spans["tools/call exec__run"]["attributes"]["mcp.protocol.version"] == "2025-11-25"
+    assert "mcp.session.id" in spans["tools/call exec__run"]["attributes"]
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+def scrape(url: str, key: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = httpx.get(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def op_count(samples: dict, tool: str, outcome: str, error_type: str) -> float:
+    labels = (("error_type", error_type), ("gen_ai_tool_name", tool), ("mcp_method_name", "tools/call"), ("outcome", outcome))
+    return samples.get(("mcp_server_operation_duration_seconds_count", labels), 0.0)
+
+
+def test_metrics_count_real_calls_by_tool_and_outcome(traced, dana):
+    auditor = traced.add_user("erin", role="auditor")
+    url = f"{traced.base_url}/metrics"
+    before = scrape(url, auditor)
+    for _ in range(3):
+        assert "result" in modern_call(traced.mcp_url, dana, "workspace__list_dir", {"path": "."})
+    answer = modern_call(traced.mcp_url, dana, "workspace__read_file", {"path": "../outside"})
+    assert answer["result"]["isError"] is True
+    for i in range(2):
+        assert "error" in modern_call(traced.mcp_url, dana, f"nope__{secrets.token_hex(4)}_{i}", {})
+    assert httpx.post(traced.mcp_url, json={}, headers=MODERN).status_code == 401
+    after = scrape(url, auditor)
+
+    assert op_count(after, "workspace__list_dir", "ok", "") - op_count(before, "workspace__list_dir", "ok", "") == 3
+    assert op_count(after, "workspace__read_file", "tool_error", "tool_error") - op_count(before, "workspace__read_file", "tool_error", "tool_error") == 1
+    # Unknown tools are counted under one label, never under the names clients made up.
+    assert op_count(after, "_other", "error", "-32602") - op_count(before, "_other", "error", "-32602") == 2
+    assert not any("nope__" in str(labels) for _, labels in after)
+    assert after[("mcpfleet_refusals_total", (("reason", "auth"),))] - before.get(("mcpfleet_refusals_total", (("reason", "auth"),)), 0) == 1
+    # The sandbox this module's first call started, counted and timed.
+    assert after[("mcpfleet_sandbox_events_total", (("event", "cold_start"),))] >= 1
+    assert after[("mcpfleet_sandbox_event_duration_seconds_count", (("event", "cold_start"),))] >= 1
+    assert after[("mcpfleet_sandboxes", (("state", "Running"),))] >= 1
+    assert after[("mcpfleet_sandboxes_running_here", (("kind", "user"),))] >= 1
+    assert ("mcpfleet_warm_pool_size", ()) in after and ("mcpfleet_audit_queue_depth", ()) in after
+    assert after[("mcpfleet_db_pool_connections", (("use", "max"),))] > 0
+
+
+def test_metrics_are_refused_beyond_loopback_without_an_admin_or_auditor(traced, dana):
+    url = f"{traced.base_url}/metrics"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Bearer {dana}"}).status_code == 401  # a member
+    assert httpx.get(url, headers={"Authorization": "Bearer mcpf_000000000000_" + "x" * 43}).status_code == 401
+    admin = traced.add_user("frank", role="admin")
+    assert "mcp_server_operation_duration_seconds" in httpx.get(url, headers={"Authorization": f"Bearer {admin}"}).text
+
+
+def test_metrics_are_open_on_loopback(fleet):
+    response = httpx.get(f"{fleet.base_url}/metrics")
+    assert response.status_code == 200
+    assert any(f.name == "mcpfleet_warm_pool_size" for f in text_string_to_metric_families(response.text))
+
+
+# -- logs --------------------------------------------------------------------------------------------
+
+
+def test_log_lines_are_json_and_carry_the_trace_of_the_call_they_were_written_in(traced, receiver):
+    grace = traced.add_user("grace")
+    header, trace_id, _ = traceparent()
+    modern_call(traced.mcp_url, grace, "workspace__list_dir", {"path": "."}, headers={"traceparent": header})
+    receiver.trace(trace_id, until="POST /mcp")
+    lines = [line for line in traced.log().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    in_call = [r for r in records if r.get("trace_id") == trace_id]
+    assert in_call, "no log line was written inside the traced call"
+    assert all(len(r["span_id"]) == 16 for r in in_call)
+    assert grace not in traced.log()
