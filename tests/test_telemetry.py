@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import secrets
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -281,3 +286,53 @@ def test_log_lines_are_json_and_carry_the_trace_of_the_call_they_were_written_in
     assert in_call, "no log line was written inside the traced call"
     assert all(len(r["span_id"]) == 16 for r in in_call)
     assert grace not in traced.log()
+
+
+# -- what the SREs get in k8s/monitoring ------------------------------------------------------------
+
+MONITORING = Path(__file__).resolve().parent.parent / "k8s" / "monitoring"
+
+
+def exposed_names() -> set[str]:
+    """Every name the gateway's page can have: families, and their series (a histogram's _bucket, _count, _sum)."""
+    from gateway.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.operation("tools/call", "t", "ok", "", 0.1)
+    metrics.refused("auth")
+    metrics.sandbox_events.labels("cold_start").inc()
+    metrics.sandbox_durations.labels("cold_start").observe(1)
+    metrics.sandboxes.labels("Running").set(1)
+    metrics.running_here.labels("user").set(1)
+    metrics.db_pool.labels("idle").set(1)
+    families = list(text_string_to_metric_families(metrics.page().decode()))
+    return {f.name for f in families} | {s.name for f in families for s in f.samples}
+
+
+def queried_names(text: str) -> set[str]:
+    return set(re.findall(r"\b(mcp_server_\w+|mcpfleet_\w+)", text))
+
+
+def test_the_alert_rules_are_valid_promql_over_metrics_the_gateway_has(tmp_path):
+    rule = yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())
+    assert rule["kind"] == "PrometheusRule"
+    names = queried_names(json.dumps(rule))
+    assert names and names <= exposed_names(), names - exposed_names()
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian's prometheus package; scripts/setup.sh test installs it)")
+    plain = tmp_path / "rules.yaml"
+    plain.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    checked = subprocess.run([promtool, "check", "rules", str(plain)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_dashboard_queries_metrics_the_gateway_has():
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(exprs) >= 10
+    names = queried_names(" ".join(exprs))
+    assert names <= exposed_names(), names - exposed_names()
+    # Every panel has a place of its own on the grid.
+    places = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard["panels"]]
+    assert len(set(places)) == len(places)
