@@ -32,6 +32,7 @@ from core.text import bounded
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
 from gateway.catalog import Catalog, build_catalog
+from gateway.telemetry import Telemetry
 from gateway.tracing import channel_hop
 from sandbox.channel import NotificationHandler, RequestHandler
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
@@ -104,6 +105,7 @@ class Services(Protocol):
     """What the router routes with: `gateway.fleet.Fleet`, open while the app serves."""
 
     calls: CallAudit
+    telemetry: Telemetry
 
     @property
     def manager(self) -> SandboxProvider: ...
@@ -250,7 +252,7 @@ class Router:
 
         started = time.perf_counter()
         try:
-            with channel_hop(server, method, params) as traced:  # the trace goes on in traced["_meta"]
+            with channel_hop(server, method, params, relay=self._fleet.telemetry.relay) as traced:  # the trace goes on in traced["_meta"]
                 try:
                     result = await client.request(
                         server, method, traced, on_notification=relay_notification, on_request=relay_request

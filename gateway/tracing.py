@@ -7,7 +7,10 @@
         sandbox claim | sandbox cold start | sandbox resume      (sandbox.manager, when one is needed)
         tools/call read            CLIENT   the hop over the channel to the server in the sandbox; the
                                             trace context travels on in `params._meta` (traceparent,
-                                            tracestate), where the supervisor hands it to the server
+                                            tracestate)
+          tools/call read          SERVER   the supervisor's span (service `mcpfleet-sandbox`): it
+                                            hands the server a traceparent of its own and sends its
+                                            times back with the answer, the gateway exports it
 
 The MCP span's parent is the `traceparent` of the request's own `params._meta` when it has one
 (the MCP convention, SEP-414), else the HTTP span: the SDK runs a session's handlers in a task of
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
@@ -34,6 +37,8 @@ from pydantic import ValidationError
 from starlette.authentication import AuthenticationBackend
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sandbox.channel import sandbox_spans
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -195,21 +200,26 @@ def _parent(ctx: ServerRequestContext[Any, Any]) -> otel_context.Context | None:
     return None
 
 
+SpanRelay = Callable[[trace.Span, str, dict[str, Any], list[dict[str, Any]]], None]
+"""Exports the supervisor's spans of one hop: (the hop's span, name, attributes, `wire.SpanTiming`s)."""
+
+
 @contextlib.contextmanager
-def channel_hop(server: str, method: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def channel_hop(server: str, method: str, params: dict[str, Any], relay: SpanRelay | None = None) -> Iterator[dict[str, Any]]:
     """A CLIENT span for a request to a server in the sandbox; yields `params` with this span's
-    trace context in `_meta` (a client's own `traceparent` there is replaced: this span is its child)."""
+    trace context in `_meta` (a client's own `traceparent` there is replaced: this span is its child).
+    The supervisor's own span for the request comes back with its answer and goes to `relay`."""
     name = params.get("name")
     target = _bounded(name) if isinstance(name, str) else None
     attributes = {"mcp.method.name": method, "mcpfleet.server": server, "network.transport": "unix"}
     if method == "tools/call" and target is not None:
         attributes["gen_ai.tool.name"] = target
-    with tracer.start_as_current_span(
-        f"{method} {target}" if target else method, kind=SpanKind.CLIENT, attributes=attributes,
-        record_exception=False,
-    ) as span:
+    span_name = f"{method} {target}" if target else method
+    with tracer.start_as_current_span(span_name, kind=SpanKind.CLIENT, attributes=attributes, record_exception=False) as span:
         meta = {k: v for k, v in (params.get("_meta") or {}).items() if k not in ("traceparent", "tracestate")}
         propagate.inject(meta)
+        relayed: list[dict[str, Any]] = []
+        collecting = sandbox_spans.set(relayed) if relay is not None and span.is_recording() else None
         try:
             yield {**params, "_meta": meta} if meta else params
         except Exception as exc:  # SandboxRpcError carries the server's JSON-RPC code
@@ -217,3 +227,8 @@ def channel_hop(server: str, method: str, params: dict[str, Any]) -> Iterator[di
             span.set_attribute("error.type", str(code) if isinstance(code, int) else type(exc).__qualname__)
             span.set_status(StatusCode.ERROR)
             raise
+        finally:
+            if collecting is not None:
+                sandbox_spans.reset(collecting)
+                if relayed and relay is not None:
+                    relay(span, span_name, {**attributes, "network.transport": "pipe"}, relayed)

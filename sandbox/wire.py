@@ -30,13 +30,18 @@ gateway -> supervisor
 supervisor -> gateway
     hello   {"token", "servers": {name: status}, "supervisor": {...}}   first message on every connection;
                                                    without the sandbox's token the gateway hangs up
-    result  {"id", "result"}                       a call's JSON-RPC result, as the server sent it
-    error   {"id", "error"}                        a call's JSON-RPC error object, as the server sent it
+    result  {"id", "result", "span"?}              a call's JSON-RPC result, as the server sent it
+    error   {"id", "error", "span"?}               a call's JSON-RPC error object, as the server sent it
     note    {"id" | null, "server", "method", "params"}   a server notification; `id` names the call it belongs to
     ask     {"ask", "id" | null, "server", "method", "params"}  a server's request to the client (sampling, ...)
     server  {"server", ...status}                  a server was (re)started, failed, or removed
                                                    by a `configure` (state "removed")
     pong    {"id"}
+
+A `span` {"id", "start_ns", "end_ns"} comes with the answer to a call whose `params._meta` had a
+`traceparent`: the supervisor continued that trace with a span of its own (the id, 16 hex digits,
+which is the parent in the `traceparent` the server got; its times in ns since the epoch). The
+sandbox has no network, so the gateway exports that span for it (`traced_params`, `SpanTiming`).
 
 A server status is {"state": "starting" | "ready" | "failed", "initialize": <its
 initialize result> | null, "error": str | null, "revision": str | null}.
@@ -148,16 +153,24 @@ class Hello(TypedDict):
     supervisor: dict[str, Any]
 
 
+class SpanTiming(TypedDict):
+    id: str
+    start_ns: int
+    end_ns: int
+
+
 class Result(TypedDict):
     type: Literal["result"]
     id: Any
     result: Any
+    span: NotRequired[SpanTiming]
 
 
 class Error(TypedDict):
     type: Literal["error"]
     id: Any
     error: ErrorObject
+    span: NotRequired[SpanTiming]
 
 
 class Note(TypedDict):
@@ -239,3 +252,27 @@ def error_object(code: int, message: str, data: Any = None) -> ErrorObject:
     if data is not None:
         error["data"] = data
     return error
+
+
+# -- trace context (W3C traceparent) ------------------------------------------------------------
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def traced_params(params: dict[str, Any] | None, span_id: str) -> dict[str, Any] | None:
+    """`params` with its `_meta.traceparent` (if a valid one) made a child of `span_id`; None when
+    the call carries no trace context (then nothing is traced inside the sandbox)."""
+    meta = (params or {}).get("_meta")
+    parent = meta.get("traceparent") if isinstance(meta, dict) else None
+    if not isinstance(parent, str) or not valid_traceparent(parent):
+        return None
+    version, trace_id, _, flags = parent.split("-")
+    assert params is not None and isinstance(meta, dict)
+    return {**params, "_meta": {**meta, "traceparent": f"{version}-{trace_id}-{span_id}-{flags}"}}
+
+
+def valid_traceparent(value: str) -> bool:
+    parts = value.split("-")
+    if len(parts) != 4 or [len(p) for p in parts] != [2, 32, 16, 2] or not all(set(p) <= _HEX for p in parts):
+        return False
+    return parts[0] != "ff" and parts[1] != "0" * 32 and parts[2] != "0" * 16

@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -142,7 +143,8 @@ def modern_call(url: str, key: str, tool: str, arguments: dict, *, headers: dict
 
 
 def by_name(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {s["name"]: s for s in spans}
+    """The gateway's spans by name (a supervisor's span is named as the hop it answers)."""
+    return {s["name"]: s for s in spans if s["service"] == "mcpfleet-gateway"}
 
 
 # -- traces --------------------------------------------------------------------------------------
@@ -153,9 +155,10 @@ def test_a_call_is_one_trace_from_the_clients_traceparent_header_to_the_channel(
     answer = modern_call(traced.mcp_url, dana, "workspace__list_dir", {"path": "."}, headers={"traceparent": header})
     assert "result" in answer, answer
 
-    spans = by_name(receiver.trace(trace_id, until="POST /mcp"))
+    everything = receiver.trace(trace_id, until="POST /mcp")
+    assert {s["service"] for s in everything} == {"mcpfleet-gateway", "mcpfleet-sandbox"}
+    spans = by_name(everything)
     http_span, mcp_span = spans["POST /mcp"], spans["tools/call workspace__list_dir"]
-    assert {s["service"] for s in spans.values()} == {"mcpfleet-gateway"}
     assert http_span["parent"] == client_span  # the header was honoured
     assert spans["authenticate"]["parent"] == http_span["span_id"]
     assert spans["authenticate"]["attributes"]["mcpfleet.auth.outcome"] == "accepted"
@@ -175,8 +178,12 @@ def test_a_call_is_one_trace_from_the_clients_traceparent_header_to_the_channel(
     assert hop["kind"] == 3  # CLIENT: the hop over the channel
     assert hop["parent"] == mcp_span["span_id"]
     assert hop["attributes"]["mcpfleet.server"] == "workspace"
+    # The supervisor continued the trace inside the sandbox; the gateway exported its span.
+    inside = [s for s in everything if s["service"] == "mcpfleet-sandbox"]
+    assert [(s["name"], s["kind"], s["parent"], s["scope"]) for s in inside] == [
+        ("tools/call list_dir", 2, hop["span_id"], "mcpfleet.supervisor")]
     # No argument, result or token in any span.
-    dumped = json.dumps(list(spans.values()))
+    dumped = json.dumps(everything)
     assert dana not in dumped and '"path"' not in dumped
 
 
@@ -336,3 +343,104 @@ def test_the_dashboard_queries_metrics_the_gateway_has():
     # Every panel has a place of its own on the grid.
     places = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard["panels"]]
     assert len(set(places)) == len(places)
+
+
+# -- inside the sandbox: the supervisor continues the trace ----------------------------------------
+
+# A stdio MCP server that answers every tools/call with the `_meta` it was sent.
+META_ECHO_SERVER = r'''
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message:
+        continue
+    method, params = message.get("method"), message.get("params") or {}
+    if method == "initialize":
+        result = {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}}, "serverInfo": {"name": "echo", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": "meta", "inputSchema": {"type": "object"}}]}
+    elif method == "tools/call":
+        result = {"content": [{"type": "text", "text": json.dumps(params.get("_meta") or {})}]}
+    else:
+        result = {}
+    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}) + "\n")
+    sys.stdout.flush()
+'''
+
+
+@pytest.fixture(scope="module")
+async def meta_echo():
+    import tempfile
+
+    from sandbox.client import SupervisorClient
+    from sandbox.supervisor.config import ServerConfig
+    from tests.test_sandbox_supervisor import TOKEN, RunningSupervisor
+
+    with tempfile.TemporaryDirectory(prefix="mcpf-tel-", dir="/tmp") as directory:
+        supervisor = RunningSupervisor(Path(directory), [ServerConfig(name="echo", argv=[sys.executable, "-c", META_ECHO_SERVER])], token=TOKEN)
+        client = SupervisorClient(supervisor.socket, token=TOKEN)
+        await client.listen()
+        supervisor.start()
+        try:
+            await client.wait_ready(60)
+            yield client
+        finally:
+            await client.close()
+            supervisor.stop()
+
+
+async def echo_meta(client, meta: dict) -> tuple[dict, list[dict]]:
+    from sandbox.channel import sandbox_spans
+
+    spans: list[dict] = []
+    token = sandbox_spans.set(spans)
+    try:
+        result = await client.request("echo", "tools/call", {"name": "meta", "arguments": {}, "_meta": meta})
+    finally:
+        sandbox_spans.reset(token)
+    return json.loads(result["content"][0]["text"]), spans
+
+
+async def test_the_supervisor_hands_the_server_a_traceparent_of_its_own_span_and_sends_its_times_back(meta_echo):
+    header, trace_id, gateway_span = traceparent()
+    before = time.time_ns()
+    seen, spans = await echo_meta(meta_echo, {"traceparent": header, "tracestate": "k=v", "progressToken": 3})
+    version, seen_trace, seen_parent, flags = seen["traceparent"].split("-")
+    assert (version, seen_trace, flags) == ("00", trace_id, "01")
+    assert seen_parent != gateway_span
+    assert seen["tracestate"] == "k=v" and "progressToken" in seen  # the rest of _meta goes on as before
+    assert len(spans) == 1 and spans[0]["id"] == seen_parent
+    assert before <= spans[0]["start_ns"] <= spans[0]["end_ns"] <= time.time_ns()
+
+
+@pytest.mark.parametrize("meta", [{}, {"traceparent": "00-" + "0" * 32 + "-" + "1" * 16 + "-01"}, {"traceparent": "not one"}])
+async def test_a_call_without_a_valid_traceparent_is_passed_on_as_it_came(meta_echo, meta):
+    seen, spans = await echo_meta(meta_echo, meta)
+    assert seen == meta and spans == []
+
+
+def test_a_sandboxs_span_is_exported_only_as_a_child_of_the_gateways_hop_with_its_times_bounded():
+    """The sandbox is not trusted: a forged span id is dropped, times are held within the hop."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gateway.telemetry import SandboxSpans
+
+    exported = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exported)
+    relay = SandboxSpans(processor, Resource({"service.name": "mcpfleet-sandbox"}))
+    hop = TracerProvider().get_tracer("t").start_span("hop")
+    started = hop.start_time
+    relay.export(hop, "tools/call x", {"mcp.method.name": "tools/call"}, [
+        {"id": "ab" * 8, "start_ns": 0, "end_ns": 10**20},  # times from nowhere: clamped
+        {"id": "XYZ", "start_ns": started, "end_ns": started},  # not a span id
+        {"id": "cd" * 8, "start_ns": "1", "end_ns": 2},  # not times
+        {"id": "00" * 8, "start_ns": started, "end_ns": started},  # the invalid span id
+    ])
+    (span,) = exported.get_finished_spans()
+    assert span.context.trace_id == hop.get_span_context().trace_id and span.parent.span_id == hop.get_span_context().span_id
+    assert span.context.span_id == int("ab" * 8, 16)
+    assert started <= span.start_time <= span.end_time <= time.time_ns()
+    assert span.resource.attributes["service.name"] == "mcpfleet-sandbox"
