@@ -342,6 +342,7 @@ class Router:
         if registry is not None and name not in owners:
             reason = registry.why_unavailable(identity.user_id, name, kind)
             if reason is not None:  # a policy or a pin holds it back: say so, not "unknown"
+                self._fleet.telemetry.metrics.refused("policy")
                 raise MCPError(code=types.INVALID_PARAMS, message=reason)
         server, inner = _owner(owners, name, kind)
         if where is not None:  # tells call_tool which server and tool the call went to
@@ -440,6 +441,7 @@ class Router:
             registry = self._fleet.registry
             reason = registry.why_unavailable(identity.user_id, uri, "resource") if registry is not None else None
             if reason is not None:
+                self._fleet.telemetry.metrics.refused("policy")
                 raise MCPError(code=types.INVALID_PARAMS, message=reason, data={"uri": uri})
             owner = next((server for template, server in catalog.template_owner if template.match(uri) is not None), None)
         if owner is None:

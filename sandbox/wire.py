@@ -61,6 +61,7 @@ This module is imported inside the sandbox: standard library only.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Literal, NotRequired, TypedDict
 
 CHANNEL_DIR = "/run/mcpfleet"
@@ -259,16 +260,17 @@ def error_object(code: int, message: str, data: Any = None) -> ErrorObject:
 _HEX = frozenset("0123456789abcdef")
 
 
-def traced_params(params: dict[str, Any] | None, span_id: str) -> dict[str, Any] | None:
-    """`params` with its `_meta.traceparent` (if a valid one) made a child of `span_id`; None when
-    the call carries no trace context (then nothing is traced inside the sandbox)."""
+def traced_params(params: dict[str, Any] | None) -> tuple[dict[str, Any], str] | None:
+    """`params` with its `_meta.traceparent` (if a valid one) made the child of a new span, and that
+    span's id; None when the call carries no trace context (then nothing is traced inside the sandbox)."""
     meta = (params or {}).get("_meta")
     parent = meta.get("traceparent") if isinstance(meta, dict) else None
     if not isinstance(parent, str) or not valid_traceparent(parent):
         return None
     version, trace_id, _, flags = parent.split("-")
     assert params is not None and isinstance(meta, dict)
-    return {**params, "_meta": {**meta, "traceparent": f"{version}-{trace_id}-{span_id}-{flags}"}}
+    span_id = os.urandom(8).hex()
+    return {**params, "_meta": {**meta, "traceparent": f"{version}-{trace_id}-{span_id}-{flags}"}}, span_id
 
 
 def valid_traceparent(value: str) -> bool:

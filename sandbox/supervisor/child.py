@@ -351,10 +351,9 @@ class ChildServer:
                 token = meta["progressToken"]
                 params = {**params, "_meta": {**meta, "progressToken": child_id}}
         span = None
-        span_id = os.urandom(8).hex()
-        traced = wire.traced_params(params, span_id)
+        traced = wire.traced_params(params)
         if traced is not None:  # the trace goes on: the server's parent is this supervisor's span
-            params, span = traced, (span_id, time.time_ns())
+            params, span = traced[0], (traced[1], time.time_ns())
         self.pending[child_id] = Call(gateway_id, token, span)
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": child_id, "method": method}
         if params is not None:
