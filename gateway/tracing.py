@@ -216,12 +216,15 @@ def channel_hop(server: str, method: str, params: dict[str, Any], relay: SpanRel
         attributes["gen_ai.tool.name"] = target
     span_name = f"{method} {target}" if target else method
     with tracer.start_as_current_span(span_name, kind=SpanKind.CLIENT, attributes=attributes, record_exception=False) as span:
-        meta = {k: v for k, v in (params.get("_meta") or {}).items() if k not in ("traceparent", "tracestate")}
-        propagate.inject(meta)
+        traced = params
+        if span.get_span_context().is_valid:  # else nothing traces this call: pass it on as it is
+            meta = {k: v for k, v in (params.get("_meta") or {}).items() if k not in ("traceparent", "tracestate")}
+            propagate.inject(meta)
+            traced = {**params, "_meta": meta}
         relayed: list[dict[str, Any]] = []
         collecting = sandbox_spans.set(relayed) if relay is not None and span.is_recording() else None
         try:
-            yield {**params, "_meta": meta} if meta else params
+            yield traced
         except Exception as exc:  # SandboxRpcError carries the server's JSON-RPC code
             code = getattr(exc, "code", None)
             span.set_attribute("error.type", str(code) if isinstance(code, int) else type(exc).__qualname__)
