@@ -95,6 +95,8 @@ class Settings:
     redis_url: str | None = None
     # s3://bucket[/prefix]: published wheels are kept there (each gateway caches them under its home).
     artifacts_s3_url: str | None = None
+    # "json": one JSON object per log line, with the trace and span ids (core/logs.py).
+    log_format: str = "text"
 
     @property
     def data_dir(self) -> Path:
@@ -144,6 +146,7 @@ def load_settings(**overrides: object) -> Settings:
         "max_result_bytes": _positive("MCPFLEET_MAX_RESULT_BYTES", 16 * 1024 * 1024),
         "redis_url": os.environ.get("REDIS_URL") or None,
         "artifacts_s3_url": os.environ.get("MCPFLEET_ARTIFACTS_S3_URL") or None,
+        "log_format": _choice("MCPFLEET_LOG_FORMAT", ("text", "json"), "text"),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from core.settings import Settings
-from gateway import admin, registry_api
+from gateway import admin, metrics, registry_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.call_audit import AuditedBearerBackend, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
@@ -27,6 +27,7 @@ from gateway.oauth.resource import RequireBearer, metadata_routes
 from gateway.oauth.tokens import OAuthVerifier
 from gateway.routing import Router
 from gateway.sessions import SessionBook
+from gateway.tracing import HttpTracing, TracedAuthBackend
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ def create_app(fleet: Fleet) -> Starlette:
     router = Router(fleet, bare_servers=settings.bare_servers)
     fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()
+    # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own.
+    mcp_server.middleware = [fleet.telemetry.mcp_middleware()]
     sessions = StreamableHTTPSessionManager(
         app=mcp_server,
         security_settings=transport_security(settings),
@@ -105,11 +108,16 @@ def create_app(fleet: Fleet) -> Starlette:
             Route("/readyz", readyz),
             *metadata_routes(settings.public_url, settings.required_scopes, fleet),
             *registry_api.routes(fleet),
+            *metrics.routes(fleet),
             *admin.routes(admin_sessions, settings, oauth),
         ],
         middleware=[
+            Middleware(HttpTracing, metrics=fleet.telemetry.metrics),
             Middleware(TrimHeaderWhitespace),
-            Middleware(AuthenticationMiddleware, backend=AuditedBearerBackend(BearerVerifier(verifier, oauth), calls)),
+            Middleware(
+                AuthenticationMiddleware,
+                backend=TracedAuthBackend(AuditedBearerBackend(BearerVerifier(verifier, oauth), calls)),
+            ),
             Middleware(AuthContextMiddleware),
             Middleware(admin.SessionContext, sessions=admin_sessions),
         ],

@@ -84,6 +84,11 @@ class CallAudit:
     _refused: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
     _tasks: Tasks = field(default_factory=Tasks)
 
+    @property
+    def queued(self) -> int:
+        """Entries waiting to be written (the metrics' audit queue depth)."""
+        return len(self._queue)
+
     # -- what is recorded ---------------------------------------------------------------------
 
     def record(self, action: str, outcome: str, *, tenant: str | None = None, actor: str | None = None,

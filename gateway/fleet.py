@@ -6,8 +6,9 @@
     search    tool search over embeddings (registry.search)
     manager   the users' sandboxes: on runsc and docker the local manager (sandbox.manager),
               on kubernetes McpSandbox objects that the operator runs (sandbox.kubernetes)
+    telemetry traces over OTLP when configured, and the metrics at /metrics (gateway.telemetry)
 
-Secrets, the model router and telemetry open here the same way as they come. The app is built
+Secrets and the model router open here the same way as they come. The app is built
 before it is opened (its routes and middleware hold the fleet from the start) and the lifespan
 opens it: nothing is wired afterwards. A service asked for while the fleet is closed is an error.
 """
@@ -26,6 +27,7 @@ from core.settings import Settings
 from gateway.call_audit import CallAudit
 from gateway.egress import SandboxEgress
 from gateway.routing import RunningSandbox
+from gateway.telemetry import Telemetry
 from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
 from registry.search import Index, ToolSearch
@@ -69,6 +71,7 @@ class Fleet:
         self.database_url = database_url
         # Made now, written from once open: the middleware queues refusals into it from the start.
         self.calls = CallAudit()
+        self.telemetry = Telemetry()
         self.on_tools_changed: list[ChangeListener] = []
         """Told the ids of users whose tools changed (approvals, pins): the router tells their clients."""
         self._services: _Services | None = None
@@ -76,6 +79,8 @@ class Fleet:
 
     async def __aenter__(self) -> Fleet:
         async with contextlib.AsyncExitStack() as stack:
+            self.telemetry.open()  # first, so the spans of everything below are exported; closed last
+            stack.push_async_callback(self.telemetry.close)
             pool = await open_pool(self.database_url)
             stack.push_async_callback(pool.close)
             self.calls.start(pool)
@@ -102,6 +107,7 @@ class Fleet:
                 manager = sandbox_manager(
                     self.settings, pool, backend, registry, database_url=self.database_url,
                     egress=SandboxEgress(self.calls, per_min=self.settings.egress_per_min),
+                    on_transition=self.telemetry.metrics.sandbox_transition,
                 )
             await manager.start()
             stack.push_async_callback(manager.close)

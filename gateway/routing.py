@@ -32,6 +32,8 @@ from core.text import bounded
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
 from gateway.catalog import Catalog, build_catalog
+from gateway.telemetry import Telemetry
+from gateway.tracing import channel_hop
 from sandbox.channel import NotificationHandler, RequestHandler
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
@@ -103,6 +105,7 @@ class Services(Protocol):
     """What the router routes with: `gateway.fleet.Fleet`, open while the app serves."""
 
     calls: CallAudit
+    telemetry: Telemetry
 
     @property
     def manager(self) -> SandboxProvider: ...
@@ -249,15 +252,16 @@ class Router:
 
         started = time.perf_counter()
         try:
-            try:
-                result = await client.request(
-                    server, method, params, on_notification=relay_notification, on_request=relay_request
-                )
-            except SandboxDetached:  # not sent: the sandbox began to hibernate since it was looked up
-                _, client = await self._client(ctx)
-                result = await client.request(
-                    server, method, params, on_notification=relay_notification, on_request=relay_request
-                )
+            with channel_hop(server, method, params, relay=self._fleet.telemetry.relay) as traced:  # the trace goes on in traced["_meta"]
+                try:
+                    result = await client.request(
+                        server, method, traced, on_notification=relay_notification, on_request=relay_request
+                    )
+                except SandboxDetached:  # not sent: the sandbox began to hibernate since it was looked up
+                    _, client = await self._client(ctx)
+                    result = await client.request(
+                        server, method, traced, on_notification=relay_notification, on_request=relay_request
+                    )
             return self._result(ctx, result)
         except SandboxRpcError as exc:
             raise MCPError(code=exc.code, message=exc.message, data=exc.data) from None
@@ -338,6 +342,7 @@ class Router:
         if registry is not None and name not in owners:
             reason = registry.why_unavailable(identity.user_id, name, kind)
             if reason is not None:  # a policy or a pin holds it back: say so, not "unknown"
+                self._fleet.telemetry.metrics.refused("policy")
                 raise MCPError(code=types.INVALID_PARAMS, message=reason)
         server, inner = _owner(owners, name, kind)
         if where is not None:  # tells call_tool which server and tool the call went to
@@ -436,6 +441,7 @@ class Router:
             registry = self._fleet.registry
             reason = registry.why_unavailable(identity.user_id, uri, "resource") if registry is not None else None
             if reason is not None:
+                self._fleet.telemetry.metrics.refused("policy")
                 raise MCPError(code=types.INVALID_PARAMS, message=reason, data={"uri": uri})
             owner = next((server for template, server in catalog.template_owner if template.match(uri) is not None), None)
         if owner is None:

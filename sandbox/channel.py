@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,15 @@ class Connection:
         self.writer.close()
 
 
+sandbox_spans: ContextVar[list[dict[str, Any]] | None] = ContextVar("sandbox_spans", default=None)
+"""Set to a list by a caller that exports the supervisor's spans (the gateway's tracing): the
+`span` of each answer to its calls is appended, as the sandbox sent it (to be checked there)."""
+
+
 class PendingCall:
     """One call in flight, with what to do with its notifications and the server's requests."""
 
-    __slots__ = ("future", "connection", "on_notification", "on_request", "_last_note")
+    __slots__ = ("future", "connection", "on_notification", "on_request", "span", "_last_note")
 
     def __init__(
         self,
@@ -58,6 +64,8 @@ class PendingCall:
         self.connection = connection
         self.on_notification = on_notification
         self.on_request = on_request
+        self.span: dict[str, Any] | None = None
+        """The supervisor's span for this call, as its answer gave it (`wire.SpanTiming`, unchecked)."""
         self._last_note: asyncio.Task[None] | None = None
 
     def note(self, method: str, params: dict[str, Any] | None) -> None:

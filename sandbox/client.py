@@ -33,6 +33,7 @@ from sandbox.channel import (
     PendingCall,
     RequestHandler,
     own_socket,
+    sandbox_spans,
 )
 from sandbox.errors import SandboxDetached, SandboxRpcError, SandboxUnavailable
 from sandbox.tunnels import EgressPolicy, TunnelRelay
@@ -302,6 +303,8 @@ class SupervisorClient:
             call = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
             if call is None or call.future.done():
                 return
+            span = message.get("span")
+            call.span = span if isinstance(span, dict) else None
             if kind == "result":
                 call.future.set_result(message.get("result") or {})
             else:
@@ -431,6 +434,8 @@ class SupervisorClient:
             raise
         finally:
             self._calls.pop(call_id, None)
+            if call.span is not None and (spans := sandbox_spans.get()) is not None:
+                spans.append(call.span)
         await call.notes_delivered()
         return result
 

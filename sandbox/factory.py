@@ -21,6 +21,7 @@ from sandbox.backends.runsc import RunscBackend
 from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
+from sandbox.state import Transition
 from sandbox.tiers import Tier
 from sandbox.tunnels import EgressPolicy
 from sandbox.workspaces import Workspaces
@@ -137,8 +138,10 @@ def sandbox_manager(
     *,
     database_url: str | None = None,
     egress: EgressPolicy | None = None,
+    on_transition: Transition | None = None,
 ) -> SandboxManager:
-    """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list."""
+    """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list.
+    Every change of state is audited, then told to `on_transition` (the gateway's metrics)."""
     if settings.sandbox_backend == "kubernetes":
         # Its manager is another class, opened asynchronously (it reads the kubeconfig): the fleet
         # opens it with kubernetes_sandboxes.
@@ -153,8 +156,16 @@ def sandbox_manager(
         servers,
         lifecycle=lifecycle(settings),
         workspaces=workspaces,
-        on_transition=audit_transition,
+        on_transition=audit_transition if on_transition is None else _both(audit_transition, on_transition),
         database_url=database_url,
         max_result_bytes=settings.max_result_bytes,
         egress=egress,
     )
+
+
+def _both(first: Transition, then: Transition) -> Transition:
+    async def told(conn: psycopg.AsyncConnection, event: dict[str, Any]) -> None:
+        await first(conn, event)
+        await then(conn, event)
+
+    return told

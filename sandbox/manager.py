@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from opentelemetry import trace
 from psycopg_pool import AsyncConnectionPool
 
 from core.tasks import Tasks
@@ -58,6 +59,8 @@ from sandbox.workspaces import Workspaces
 __all__ = ["SANDBOX_GID", "SANDBOX_UID", "Lifecycle", "Sandbox", "SandboxManager", "Transition"]
 
 log = logging.getLogger(__name__)
+# A span for each way a call's sandbox comes up (the gateway's tracer provider exports them, if any).
+tracer = trace.get_tracer("mcpfleet.sandbox")
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
@@ -222,11 +225,15 @@ class SandboxManager:
             sandbox = None
             if row is not None:
                 # If the restore fails, the user gets a fresh sandbox on the same workspace.
-                sandbox = await self.steps.resume(row, placement.tier)
+                with tracer.start_as_current_span("sandbox resume", attributes={"mcpfleet.sandbox.id": row["id"]}):
+                    sandbox = await self.steps.resume(row, placement.tier)
             else:
-                sandbox = await self._claim(user_id, tenant, user, placement.tier)
+                with tracer.start_as_current_span("sandbox claim") as span:
+                    sandbox = await self._claim(user_id, tenant, user, placement.tier)
+                    span.set_attribute("mcpfleet.sandbox.claimed", sandbox is not None)
             if sandbox is None:
-                sandbox = await self.steps.start(user_id, tenant, user, placement.tier)
+                with tracer.start_as_current_span("sandbox cold start", attributes={"mcpfleet.sandbox.tier": placement.tier.name}):
+                    sandbox = await self.steps.start(user_id, tenant, user, placement.tier)
                 self.running.add(sandbox)
             elif row is not None:
                 self.running.add(sandbox)

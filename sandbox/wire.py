@@ -33,8 +33,8 @@ gateway -> supervisor
 supervisor -> gateway
     hello   {"token", "servers": {name: status}, "supervisor": {...}}   first message on every connection;
                                                    without the sandbox's token the gateway hangs up
-    result  {"id", "result"}                       a call's JSON-RPC result, as the server sent it
-    error   {"id", "error"}                        a call's JSON-RPC error object, as the server sent it
+    result  {"id", "result", "span"?}              a call's JSON-RPC result, as the server sent it
+    error   {"id", "error", "span"?}               a call's JSON-RPC error object, as the server sent it
     note    {"id" | null, "server", "method", "params"}   a server notification; `id` names the call it belongs to
     ask     {"ask", "id" | null, "server", "method", "params"}  a server's request to the client (sampling, ...)
     server  {"server", ...status}                  a server was (re)started, failed, or removed
@@ -47,6 +47,11 @@ either way, for an open tunnel (see `Tunnel`)
     tunnel_ack  {"tunnel", "bytes"}                the receiver wrote that many bytes on: the sender may
                                                    send them again (at most TUNNEL_WINDOW unacknowledged)
     tunnel_close {"tunnel", "error": str | null}   this end is closed; so must the other be
+
+A `span` {"id", "start_ns", "end_ns"} comes with the answer to a call whose `params._meta` had a
+`traceparent`: the supervisor continued that trace with a span of its own (the id, 16 hex digits,
+which is the parent in the `traceparent` the server got; its times in ns since the epoch). The
+sandbox has no network, so the gateway exports that span for it (`traced_params`, `SpanTiming`).
 
 A server status is {"state": "starting" | "ready" | "failed", "initialize": <its
 initialize result> | null, "error": str | null, "revision": str | null}.
@@ -69,6 +74,7 @@ import asyncio
 import base64
 import binascii
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Literal, NotRequired, TypedDict
@@ -206,16 +212,24 @@ class Hello(TypedDict):
     supervisor: dict[str, Any]
 
 
+class SpanTiming(TypedDict):
+    id: str
+    start_ns: int
+    end_ns: int
+
+
 class Result(TypedDict):
     type: Literal["result"]
     id: Any
     result: Any
+    span: NotRequired[SpanTiming]
 
 
 class Error(TypedDict):
     type: Literal["error"]
     id: Any
     error: ErrorObject
+    span: NotRequired[SpanTiming]
 
 
 class Note(TypedDict):
@@ -405,3 +419,28 @@ class Tunnel:
         self.writer.close()
         if tell:
             self._send({"type": "tunnel_close", "tunnel": self.id, "error": error})
+
+
+# -- trace context (W3C traceparent) ------------------------------------------------------------
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def traced_params(params: dict[str, Any] | None) -> tuple[dict[str, Any], str] | None:
+    """`params` with its `_meta.traceparent` (if a valid one) made the child of a new span, and that
+    span's id; None when the call carries no trace context (then nothing is traced inside the sandbox)."""
+    meta = (params or {}).get("_meta")
+    parent = meta.get("traceparent") if isinstance(meta, dict) else None
+    if not isinstance(parent, str) or not valid_traceparent(parent):
+        return None
+    version, trace_id, _, flags = parent.split("-")
+    assert params is not None and isinstance(meta, dict)
+    span_id = os.urandom(8).hex()
+    return {**params, "_meta": {**meta, "traceparent": f"{version}-{trace_id}-{span_id}-{flags}"}}, span_id
+
+
+def valid_traceparent(value: str) -> bool:
+    parts = value.split("-")
+    if len(parts) != 4 or [len(p) for p in parts] != [2, 32, 16, 2] or not all(set(p) <= _HEX for p in parts):
+        return False
+    return parts[0] != "ff" and parts[1] != "0" * 32 and parts[2] != "0" * 16

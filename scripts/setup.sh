@@ -18,6 +18,8 @@ command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 if [ "${1:-}" = "test" ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
 # The rate limits' tests share buckets through a private redis-server (tests/test_limits.py).
 if [ "${1:-}" = "test" ]; then command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server); fi
+# promtool checks the alert rules under k8s/monitoring (tests/test_telemetry.py); it comes with Debian's prometheus.
+if [ "${1:-}" = "test" ]; then command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -18,6 +18,7 @@ import httpx
 import psycopg
 import pytest
 from mcp.shared.exceptions import MCPError
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clients import connect, structured, text_of
 from tests.conftest import Fleet, make_fleet
@@ -276,6 +277,12 @@ async def test_search_finds_a_tool_by_meaning(registry_fleet):
         assert "calculator__add" not in text_of(result)  # not approved for this member
 
 
+def policy_refusals(fleet: Fleet) -> float:
+    page = httpx.get(f"{fleet.base_url}/metrics").text  # open: the test gateway listens on loopback
+    samples = [s for f in text_string_to_metric_families(page) for s in f.samples]
+    return next((s.value for s in samples if s.name == "mcpfleet_refusals_total" and s.labels == {"reason": "policy"}), 0.0)
+
+
 async def test_approvals_are_policies_on_tier_and_tools(registry_fleet):
     fleet = registry_fleet
     key = fleet.add_user("tiered-1")
@@ -286,11 +293,13 @@ async def test_approvals_are_policies_on_tier_and_tools(registry_fleet):
     cli(fleet, admin, "registry", "approve", "io.example/weather", "1.0.0", "--tier", "gold", "--tools", "forecast")
     assert not {"weather__forecast", "weather__alerts"} & await tool_names(fleet, key)
     fleet.cli("tiers", "assign", "tiered-1", "gold")
+    refused_before = policy_refusals(fleet)
     async with connect(fleet.mcp_url, key) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         assert "weather__forecast" in names and "weather__alerts" not in names
         with pytest.raises(MCPError, match="weather__alerts is not approved for you"):
             await client.call_tool("weather__alerts", {"region": "north"})
+    assert policy_refusals(fleet) == refused_before + 1  # and counted at /metrics
     refusals = [d for a, o, d in audit_actions(fleet) if a == "tool.call" and o != "ok"]
     assert refusals, "the refused call is audited"
     bad = api(fleet, admin, "POST", "/registry/v1/servers/io.example/weather/versions/1.0.0/approve", json={"tools": ["nope"]})

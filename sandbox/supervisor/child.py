@@ -117,13 +117,14 @@ class _Pipes:
 
 
 class Call:
-    """A gateway request the child is working on."""
+    """A gateway request the child is working on; `span` its id and start when it carries a trace."""
 
-    __slots__ = ("gateway_id", "progress_token")
+    __slots__ = ("gateway_id", "progress_token", "span")
 
-    def __init__(self, gateway_id: Any, progress_token: Any):
+    def __init__(self, gateway_id: Any, progress_token: Any, span: tuple[str, int] | None = None):
         self.gateway_id = gateway_id
         self.progress_token = progress_token
+        self.span = span
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -364,7 +365,11 @@ class ChildServer:
                 # Tokens come from many clients and may collide; the child sees ours.
                 token = meta["progressToken"]
                 params = {**params, "_meta": {**meta, "progressToken": child_id}}
-        self.pending[child_id] = Call(gateway_id, token)
+        span = None
+        traced = wire.traced_params(params)
+        if traced is not None:  # the trace goes on: the server's parent is this supervisor's span
+            params, span = traced[0], (traced[1], time.time_ns())
+        self.pending[child_id] = Call(gateway_id, token, span)
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": child_id, "method": method}
         if params is not None:
             message["params"] = params
@@ -465,10 +470,14 @@ class ChildServer:
         if call is None:
             return  # cancelled meanwhile
         self._supervisor.untrack_call(call.gateway_id)
+        answer: wire.Result | wire.Error
         if "error" in message:
-            self._supervisor.emit({"type": "error", "id": call.gateway_id, "error": message["error"]})
+            answer = {"type": "error", "id": call.gateway_id, "error": message["error"]}
         else:
-            self._supervisor.emit({"type": "result", "id": call.gateway_id, "result": message.get("result")})
+            answer = {"type": "result", "id": call.gateway_id, "result": message.get("result")}
+        if call.span is not None:
+            answer["span"] = {"id": call.span[0], "start_ns": call.span[1], "end_ns": time.time_ns()}
+        self._supervisor.emit(answer)
 
     def _sole_call(self) -> Any:
         """The gateway id of the only call in flight, if there is exactly one.
