@@ -54,17 +54,25 @@ def split_key(key: str) -> tuple[str, str] | None:
     return prefix, secret
 
 
-async def add_tenant(conn: psycopg.AsyncConnection, name: str) -> None:
+async def add_tenant(conn: psycopg.AsyncConnection, name: str, *, conformance: bool = False) -> None:
+    """`conformance`: the tenant's users also get the conformance fixture server (a test fixture)."""
     try:
-        cur = await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
+        cur = await conn.execute(
+            "INSERT INTO tenants (name, conformance) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (name, conformance)
+        )
     except psycopg.errors.CheckViolation:
         raise AccountError(f"invalid tenant name {name!r}: use lower-case letters, digits, '.', '_' or '-'") from None
     if cur.rowcount == 0:
         raise AccountError(f"tenant {name!r} already exists")
 
 
-async def list_tenants(conn: psycopg.AsyncConnection) -> list[str]:
-    return [name for (name,) in await (await conn.execute("SELECT name FROM tenants ORDER BY name")).fetchall()]
+async def list_tenants(conn: psycopg.AsyncConnection) -> list[dict[str, object]]:
+    """Each tenant: its name, user count, and whether it runs the conformance fixture server."""
+    cur = await conn.execute(
+        "SELECT t.name, t.conformance, count(u.id) FROM tenants t LEFT JOIN users u ON u.tenant_id = t.id"
+        " GROUP BY t.id ORDER BY t.name"
+    )
+    return [{"tenant": name, "users": users, "conformance": conformance} for name, conformance, users in await cur.fetchall()]
 
 
 async def add_user(
