@@ -1,4 +1,4 @@
-"""The registry's HTTP API under /registry/v1: publish, read, approve, revoke, drift, usage, search.
+"""The registry's HTTP API under /registry/v1: publish, read, approve, revoke, drift, usage, search, whoami.
 
 Callers authenticate like MCP clients (an API key or an OAuth token as a bearer) or, from the
 admin page, with its session (CSRF-checked). Publishers and admins publish; only admins approve,
@@ -225,8 +225,13 @@ def routes(fleet: Fleet) -> list[Route]:
         hits = await fleet.search(who, query, limit)
         return _json({"tools": [hit.as_dict() for hit in hits]})
 
+    async def whoami(request: Request, who: Identity) -> Response:
+        # Lets a command check its key (and the role it needs) before doing slow work.
+        return _json({"user": who.user, "tenant": who.tenant, "role": who.role})
+
     version_path = "/registry/v1/servers/{namespace}/{server}/versions/{version}"
     return [
+        Route("/registry/v1/whoami", _guarded(fleet, ("admin", "publisher", "member", "auditor"), whoami), methods=["GET"]),
         Route("/registry/v1/publish", _guarded(fleet, PUBLISHERS, publish), methods=["POST"]),
         Route("/registry/v1/servers", _guarded(fleet, READERS, list_servers), methods=["GET"]),
         Route(version_path, _guarded(fleet, READERS, show_version), methods=["GET"]),

@@ -51,6 +51,7 @@ class FleetApi:
 
     def __init__(self, url: str = DEFAULT_URL, key: str | None = None, *, timeout: float = TIMEOUT_S):
         self.url = url.rstrip("/")
+        self.key = key
         self._client = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {key}"} if key else {},
@@ -69,9 +70,21 @@ class FleetApi:
         except httpx.HTTPError as exc:
             # The message names the URL but never the key (it travels in a header only).
             raise FleetApiError(None, f"cannot reach the gateway at {self.url}: {exc}") from None
+        if response.status_code == 401:
+            # Said in terms of what the caller sets, not of the HTTP header it travels in.
+            said = "no API key was given" if self.key is None else "the gateway refused the API key"
+            raise FleetApiError(
+                401, f"{said} ({self.url}): set MCPFLEET_KEY, or pass --key, to a valid key "
+                "(an admin makes one with `mcpfleet keys create USER`)",
+            )
         if not response.is_success:
             raise _error_of(response)
         return response
+
+    def whoami(self) -> dict[str, Any]:
+        """Who the key belongs to ({"user", "tenant", "role"}): a cheap check of the URL and the key."""
+        result: dict[str, Any] = self.request("GET", "/registry/v1/whoami").json()
+        return result
 
     def close(self) -> None:
         self._client.close()

@@ -234,7 +234,8 @@ async def approve(
         failed = [c["check"] for c in row["validation"] if not c["ok"]]
         if failed and not override:
             raise RegistryError(
-                409, f"{name} {version_} failed validation ({', '.join(failed)}); approve it with an explicit override to run it anyway"
+                409, f"{name} {version_} failed validation ({', '.join(failed)}); to run it anyway, approve it with "
+                f"`mcpfleet registry approve {name} {version_} --override` (audited)"
             )
         cur = await conn.execute(
             "SELECT s.name FROM approvals a JOIN registry_servers s ON s.id = a.server_id"

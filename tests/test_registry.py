@@ -199,7 +199,9 @@ def test_a_poisoned_description_is_refused_unless_overridden_and_the_override_is
     assert re.search(r"FAIL\s+hidden-instructions", published.stdout), published.stdout
     assert re.search(r"FAIL\s+exfiltration", published.stdout), published.stdout
     refused = cli(fleet, fleet.keys["admin"], "registry", "approve", "io.example/calculator", "1.0.0", check=False)
-    assert refused.returncode == 2 and "409" in refused.stderr and "override" in refused.stderr
+    assert refused.returncode == 2 and "409" in refused.stderr
+    # Says what to run, not only that an override exists.
+    assert "mcpfleet registry approve io.example/calculator 1.0.0 --override" in refused.stderr
     cli(fleet, fleet.keys["admin"], "registry", "approve", "io.example/calculator", "1.0.0", "--override")
     [(_, _, detail)] = [e for e in audit_actions(fleet) if e[0] == "registry.approve" and e[2].get("override")]
     assert "hidden-instructions" in detail["failed_checks"]

@@ -328,11 +328,23 @@ def test_publish_uploads_the_weather_project_and_reports_validation(publisher: d
 def test_publish_exits_2_with_the_gateways_message_when_refused(fleet: Fleet, generated: Path) -> None:
     done = mcpfleet("publish", str(generated), "--no-wait", MCPFLEET_URL=fleet.base_url, MCPFLEET_KEY="mcpf_not-a-key")
     assert done.returncode == 2
-    assert "was refused: 401: authenticate" in done.stderr
+    # Said in terms of what to set, and before the wheel is built: nothing was built or uploaded.
+    assert "401: the gateway refused the API key" in done.stderr and "set MCPFLEET_KEY, or pass --key" in done.stderr
+    assert "built " not in done.stdout and "building" not in done.stdout
     assert "mcpf_not-a-key" not in done.stdout + done.stderr
 
-    # The client the registry commands share: the gateway's own message, whatever the status.
+    missing = mcpfleet("publish", str(generated), "--no-wait", MCPFLEET_URL=fleet.base_url)
+    assert missing.returncode == 2
+    assert "no API key was given" in missing.stderr and "MCPFLEET_KEY" in missing.stderr
+
+    # A member's key is refused before the build too, naming the role to ask for.
     member = fleet.add_user(f"member-{secrets.token_hex(3)}", role="member")
+    refused = mcpfleet("publish", str(generated), "--no-wait", MCPFLEET_URL=fleet.base_url, MCPFLEET_KEY=member)
+    assert refused.returncode == 2
+    assert "publishing needs a publisher's or an admin's key" in refused.stderr and "users role" in refused.stderr
+    assert "built " not in refused.stdout
+
+    # The client the registry commands share: the gateway's own message, whatever the status.
     with FleetApi.from_env({"MCPFLEET_URL": fleet.base_url, "MCPFLEET_KEY": member}) as api:
         with pytest.raises(FleetApiError) as caught:
             api.request("POST", "/registry/v1/publish", data={"manifest": "{}"}, files={"wheel": ("x.whl", b"")})
@@ -340,16 +352,26 @@ def test_publish_exits_2_with_the_gateways_message_when_refused(fleet: Fleet, ge
     assert caught.value.message.startswith("role 'member' may not do this")
 
 
-def test_publish_checks_the_project_before_uploading(tmp_path: Path, generated: Path) -> None:
+def test_publish_checks_the_project_before_uploading(tmp_path: Path, generated: Path, publisher: dict[str, str]) -> None:
     project = tmp_path / "mismatch"
     shutil.copytree(generated, project)
     manifest = json.loads((project / "server.json").read_text())
     manifest["version"] = manifest["packages"][0]["version"] = "0.2.0"  # pyproject.toml still says 0.1.0
     (project / "server.json").write_text(json.dumps(manifest))
-    # Nothing listens here: the command must stop before it tries.
-    done = mcpfleet("publish", str(project), MCPFLEET_URL="http://127.0.0.1:9", MCPFLEET_KEY="unused")
+    done = mcpfleet("publish", str(project), **publisher)
     assert done.returncode == 1
     assert "the wheel is version 0.1.0 but server.json's package says 0.2.0" in done.stderr
+    assert "uploading" not in done.stdout
+    with FleetApi(publisher["MCPFLEET_URL"], publisher["MCPFLEET_KEY"]) as api:
+        names = [s["name"] for s in api.request("GET", "/registry/v1/servers").json()["servers"]]
+    assert "io.example/greeter" not in names
+
+
+def test_publish_says_it_cannot_reach_the_gateway_before_building(generated: Path) -> None:
+    done = mcpfleet("publish", str(generated), MCPFLEET_URL="http://127.0.0.1:9", MCPFLEET_KEY="mcpf_unused")
+    assert done.returncode == 2
+    assert "cannot reach the gateway at http://127.0.0.1:9" in done.stderr
+    assert "built " not in done.stdout
 
 
 def test_fleet_api_reports_an_unreachable_gateway() -> None:
