@@ -1,12 +1,13 @@
 """A small client of the gateway's HTTP API, for commands run from a developer's or an admin's machine.
 
-`MCPFLEET_URL` (default http://127.0.0.1:8080) says where the gateway is, `MCPFLEET_KEY` is the
-caller's API key. Every answer that is not 2xx becomes a `FleetApiError` with the gateway's
+`--url` or `MCPFLEET_URL` says where the gateway is (default: where the fleet home's gateway
+serves, core/endpoint.py), `--key` or `MCPFLEET_KEY` is the caller's API key. Every answer that is not 2xx becomes a `FleetApiError` with the gateway's
 own message, so commands can print it as it is.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 from types import TracebackType
@@ -63,6 +64,14 @@ class FleetApi:
         env = os.environ if environ is None else environ
         return cls(env.get("MCPFLEET_URL") or DEFAULT_URL, env.get("MCPFLEET_KEY") or None)
 
+    @classmethod
+    def for_fleet(cls, url: str | None = None, key: str | None = None) -> FleetApi:
+        """`url`/`key` (the flags), else MCPFLEET_URL/MCPFLEET_KEY, else the fleet home's gateway."""
+        from core.endpoint import gateway_url
+        from core.settings import load_settings
+
+        return cls(gateway_url(load_settings(), url), key or os.environ.get("MCPFLEET_KEY") or None)
+
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """Send one request (httpx's keywords: json, data, files, params, headers); a 2xx answer is returned."""
         try:
@@ -96,3 +105,13 @@ class FleetApi:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def add_api_flags(parser: argparse.ArgumentParser) -> None:
+    """`--url` and `--key` for a command that talks to the gateway."""
+    parser.add_argument(
+        "--url", help="the gateway's base URL (default: MCPFLEET_URL, else where `mcpfleet up` of this fleet home serves)"
+    )
+    parser.add_argument(
+        "--key", help="your API key (default: MCPFLEET_KEY); prefer the variable: flags show in the process list"
+    )
