@@ -10,6 +10,7 @@ import psycopg
 
 from cli import audit, db, groups, issuers, keys, registry, sandboxes, tenants, tiers, tools, up, users
 from core.errors import FleetError
+from core.version import product_version
 from mcpfleet_sdk.cli import add_commands as add_sdk_commands
 
 NOUNS = (up, users, keys, sandboxes, tiers, tenants, issuers, db, audit, registry, tools, groups)
@@ -17,6 +18,7 @@ NOUNS = (up, users, keys, sandboxes, tiers, tenants, issuers, db, audit, registr
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mcpfleet", description="An MCP server fleet with a gVisor sandbox per user.")
+    top.add_argument("--version", action="version", version=f"mcpfleet {product_version()}")
     sub = top.add_subparsers(dest="command", required=True)
     for noun in NOUNS:
         noun.add_commands(sub)

@@ -12,8 +12,6 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from core.accounts import Identity
 from core.db import follow_notifications
 from core.tasks import Tasks
+from core.version import product_version
 from registry import store
 from registry.artifacts import (
     ArtifactError,
@@ -49,13 +48,6 @@ MAX_WHEEL_BYTES = 50 * 1024 * 1024
 DRIFTS_PER_SANDBOX = 5
 """Distinct drifted definitions of one version that one user's sandbox can have recorded: code in
 a sandbox can make its servers list anything, and must not fill the registry or the audit log."""
-
-
-def product_version() -> str:
-    try:
-        return installed_version("mcpfleet")
-    except PackageNotFoundError:
-        return "0.0.0"
 
 
 def builtin_entries(*, fixtures: bool = False) -> list[tuple[str, str, str]]:
@@ -155,6 +147,9 @@ class Registry:
             try:
                 if await self.approved(user_id) != before:
                     changed.add(user_id)
+            except RegistryError as exc:
+                if exc.status != 404:  # 404: the user was removed (`mcpfleet users remove`); nobody to tell
+                    log.exception("could not recompute what user %s may run", user_id)
             except Exception:
                 log.exception("could not recompute what user %s may run", user_id)
         if changed:
