@@ -271,7 +271,8 @@ async def test_a_version_approved_for_a_group_is_seen_by_its_members_only(regist
 async def test_search_finds_a_tool_by_meaning(registry_fleet):
     fleet = registry_fleet
     found = cli(fleet, fleet.keys["member"], "tools", "search", "will I need an umbrella in Paris tomorrow", "--limit", "3")
-    assert found.stdout.splitlines()[0].split("\t")[0] == "weather__forecast", found.stdout
+    header, best = found.stdout.splitlines()[:2]
+    assert header.split()[:2] == ["TOOL", "SCORE"] and best.split()[0] == "weather__forecast", found.stdout
     async with connect(fleet.mcp_url, fleet.keys["member"]) as client:
         result = await client.call_tool("fleet__search_tools", {"query": "list the files in a folder", "limit": 3})
         assert structured(result)["tools"][0]["name"] == "workspace__list_dir"

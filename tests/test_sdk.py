@@ -257,6 +257,10 @@ def test_dev_runs_the_weather_project_in_a_sandbox_and_calls_forecast(dev_env: d
     ]
     assert lines[2].startswith("started in ") and " ms, memory " in lines[2] and lines[2].endswith(" MiB")
     assert json.loads("\n".join(lines[4:])) == OSLO
+    # Not silent while it works: progress on stderr, in order, stdout left to the tools.
+    progress = done.stderr.splitlines()
+    assert progress[0] == "building the wheel of io.example/weather 1.0.0"
+    assert progress[1] == "built weather_tool-1.0.0-py3-none-any.whl; starting it in a gVisor sandbox"
 
 
 @needs_runsc
@@ -311,6 +315,8 @@ def test_publish_uploads_the_weather_project_and_reports_validation(publisher: d
     done = mcpfleet("publish", str(WEATHER), "--wait", "240", **publisher)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "built weather_tool-1.0.0-py3-none-any.whl" in done.stdout
+    assert done.stdout.startswith("publishing io.example/weather 1.0.0 as ")  # the key was checked first
+    assert "waiting up to 240 s for validation" in done.stdout
     assert "io.example/weather 1.0.0: validating (/registry/v1/servers/io.example/weather/versions/1.0.0)" in done.stdout
     assert "validation of io.example/weather 1.0.0: passed" in done.stdout
     assert "FAIL" not in done.stdout
