@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcpfleet: {exc}", file=sys.stderr)
         return 1
     except psycopg.OperationalError as exc:
-        print(f"mcpfleet: cannot reach the database: {exc}", file=sys.stderr)
+        print(f"mcpfleet: cannot reach the database: {exc} (set DATABASE_URL, or MCPFLEET_HOME to the fleet home "
+              "whose embedded database to use)", file=sys.stderr)
         return 1
     except psycopg.DataError as exc:  # e.g. a NUL in an argument: PostgreSQL text cannot hold one
         print(f"mcpfleet: the database cannot store that: {exc}", file=sys.stderr)

@@ -78,7 +78,10 @@ class FleetApi:
             response = self._client.request(method, path, **kw)
         except httpx.HTTPError as exc:
             # The message names the URL but never the key (it travels in a header only).
-            raise FleetApiError(None, f"cannot reach the gateway at {self.url}: {exc}") from None
+            raise FleetApiError(
+                None, f"cannot reach the gateway at {self.url}: {exc} (is `mcpfleet up` running? "
+                "Otherwise set MCPFLEET_URL, or pass --url, to where it serves)",
+            ) from None
         if response.status_code == 401:
             # Said in terms of what the caller sets, not of the HTTP header it travels in.
             said = "no API key was given" if self.key is None else "the gateway refused the API key"

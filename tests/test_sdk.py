@@ -377,6 +377,7 @@ def test_publish_says_it_cannot_reach_the_gateway_before_building(generated: Pat
     done = mcpfleet("publish", str(generated), MCPFLEET_URL="http://127.0.0.1:9", MCPFLEET_KEY="mcpf_unused")
     assert done.returncode == 2
     assert "cannot reach the gateway at http://127.0.0.1:9" in done.stderr
+    assert "is `mcpfleet up` running?" in done.stderr and "--url" in done.stderr
     assert "built " not in done.stdout
 
 
