@@ -10,6 +10,7 @@ import psycopg
 
 from cli import audit, db, groups, issuers, keys, registry, sandboxes, tenants, tiers, tools, up, users
 from core.errors import FleetError
+from core.version import product_version
 from mcpfleet_sdk.cli import add_commands as add_sdk_commands
 
 NOUNS = (up, users, keys, sandboxes, tiers, tenants, issuers, db, audit, registry, tools, groups)
@@ -17,6 +18,7 @@ NOUNS = (up, users, keys, sandboxes, tiers, tenants, issuers, db, audit, registr
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mcpfleet", description="An MCP server fleet with a gVisor sandbox per user.")
+    top.add_argument("--version", action="version", version=f"mcpfleet {product_version()}")
     sub = top.add_subparsers(dest="command", required=True)
     for noun in NOUNS:
         noun.add_commands(sub)
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcpfleet: {exc}", file=sys.stderr)
         return 1
     except psycopg.OperationalError as exc:
-        print(f"mcpfleet: cannot reach the database: {exc}", file=sys.stderr)
+        print(f"mcpfleet: cannot reach the database: {exc} (set DATABASE_URL, or MCPFLEET_HOME to the fleet home "
+              "whose embedded database to use)", file=sys.stderr)
         return 1
     except psycopg.DataError as exc:  # e.g. a NUL in an argument: PostgreSQL text cannot hold one
         print(f"mcpfleet: the database cannot store that: {exc}", file=sys.stderr)

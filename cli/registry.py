@@ -1,4 +1,4 @@
-"""`mcpfleet registry`: the tool registry, through the gateway's API (`MCPFLEET_URL`, `MCPFLEET_KEY`),
+"""`mcpfleet registry`: the tool registry, through the gateway's API (`--url`/`--key`, or `MCPFLEET_URL`/`MCPFLEET_KEY`),
 so the caller's role decides as it does for the admin page: publishers cannot approve.
 """
 
@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any
 
-from cli.run import on_api
+from cli.run import api_command
+from cli.table import add_json_flag, print_rows
 from mcpfleet_sdk.api import FleetApi
 
 
@@ -31,11 +33,13 @@ def list_(args: argparse.Namespace, api: FleetApi) -> int:
     if args.json:
         print(json.dumps(servers, indent=2))
         return 0
-    print(f"{'SERVER':32} {'PREFIX':14} {'VERSION':10} {'STATUS':10} APPROVED FOR")
-    for server in servers:
-        for version in server["versions"]:
-            scopes = ", ".join(a["group"] or "tenant" for a in version["approvals"]) or "-"
-            print(f"{server['name']:32} {server['prefix']:14} {version['version']:10} {version['status']:10} {scopes}")
+    rows = [
+        {"server": server["name"], "prefix": server["prefix"], "version": version["version"], "status": version["status"],
+         "approved": ", ".join(a["group"] or "tenant" for a in version["approvals"]) or None}
+        for server in servers for version in server["versions"]
+    ]
+    print_rows(args, (("server", "SERVER"), ("prefix", "PREFIX"), ("version", "VERSION"), ("status", "STATUS"),
+                      ("approved", "APPROVED FOR")), rows)
     return 0
 
 
@@ -45,6 +49,9 @@ def show(args: argparse.Namespace, api: FleetApi) -> int:
         print(json.dumps(version, indent=2))
         return 0
     print_validation(version)
+    if version.get("decided_by"):
+        reason = f": {version['decision_reason']}" if version.get("decision_reason") else ""
+        print(f"  {version['status']} by {version['decided_by']}{reason}")
     print(f"  artifact sha256 {version.get('artifact_sha256')}, published by {version.get('published_by')}")
     if version.get("start_ms") is not None:
         memory = version.get("memory_bytes")
@@ -96,6 +103,9 @@ def revoke(args: argparse.Namespace, api: FleetApi) -> int:
 
 def drift(args: argparse.Namespace, api: FleetApi) -> int:
     drift = api.request("GET", "/registry/v1/drift").json()["drift"]
+    if args.json:
+        print(json.dumps(drift, indent=2))
+        return 0
     if not drift:
         print("no withheld tool definitions")
     for d in drift:
@@ -116,44 +126,68 @@ def accept(args: argparse.Namespace, api: FleetApi) -> int:
 
 def usage(args: argparse.Namespace, api: FleetApi) -> int:
     rows = api.request("GET", "/registry/v1/usage").json()["usage"]
-    print(f"{'SERVER':32} {'VERSION':10} {'TOOL':24} {'CALLS':>7} {'ERRORS':>7} {'AVG MS':>8} {'MAX MS':>8}")
-    for r in rows:
-        print(f"{r['server']:32} {r['version']:10} {r['tool']:24} {r['calls']:>7} {r['errors']:>7}"
-              f" {r['avg_ms'] or 0:>8.1f} {r['max_ms'] or 0:>8.1f}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    shown = [{**r, "avg_ms": f"{r['avg_ms'] or 0:.1f}", "max_ms": f"{r['max_ms'] or 0:.1f}"} for r in rows]
+    print_rows(args, (("server", "SERVER"), ("version", "VERSION"), ("tool", "TOOL"), ("calls", "CALLS"),
+                      ("errors", "ERRORS"), ("avg_ms", "AVG MS"), ("max_ms", "MAX MS")), shown)
     return 0
 
 
+def _decide(decision: str) -> Callable[[argparse.Namespace, FleetApi], int]:
+    def command(args: argparse.Namespace, api: FleetApi) -> int:
+        path = _version_path(args.name, args.version) + ("/reject" if decision == "rejected" else "/withdraw")
+        api.request("POST", path, json={"reason": args.reason})
+        print(f"{args.name} {args.version}: {decision}" + (f" ({args.reason})" if args.reason else ""))
+        return 0
+
+    return command
+
+
+def _version_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="the server's name, e.g. io.example/weather")
+    parser.add_argument("version", help="the version, e.g. 1.0.0 (see `mcpfleet registry list`)")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    registry = sub.add_parser("registry", help="the tool registry (via the gateway: MCPFLEET_URL, MCPFLEET_KEY)")
+    registry = sub.add_parser("registry", help="the tool registry (through the gateway: --url/--key or MCPFLEET_URL/MCPFLEET_KEY)")
     actions = registry.add_subparsers(dest="action", required=True)
     ls = actions.add_parser("list", help="servers, their versions and approvals")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=on_api(list_))
+    add_json_flag(ls)
+    api_command(ls, list_)
     show_ = actions.add_parser("show", help="a version: validation, tools, diff against the approved one")
-    show_.add_argument("name")
-    show_.add_argument("version")
-    show_.add_argument("--json", action="store_true")
-    show_.set_defaults(func=on_api(show))
+    _version_arguments(show_)
+    add_json_flag(show_)
+    api_command(show_, show)
     approve_ = actions.add_parser("approve", help="approve a version for the tenant or a group (admins)")
-    approve_.add_argument("name")
-    approve_.add_argument("version")
+    _version_arguments(approve_)
     approve_.add_argument("--group", help="only for the members of this group")
     approve_.add_argument("--tier", help="only for the users on this tier")
     approve_.add_argument("--tools", help="only these of its tools (comma-separated own names); then no prompt or resource unless named")
     approve_.add_argument("--prompts", help="only these of its prompts (comma-separated names; empty: none)")
     approve_.add_argument("--resources", help="only these of its resources (comma-separated URIs or URI templates; empty: none)")
     approve_.add_argument("--override", action="store_true", help="approve although validation failed (audited)")
-    approve_.set_defaults(func=on_api(approve))
+    api_command(approve_, approve)
     revoke_ = actions.add_parser("revoke", help="revoke a version's approval (admins)")
-    revoke_.add_argument("name")
-    revoke_.add_argument("version")
-    revoke_.add_argument("--group")
-    revoke_.add_argument("--tier")
-    revoke_.set_defaults(func=on_api(revoke))
+    _version_arguments(revoke_)
+    revoke_.add_argument("--group", help="the group the approval is for (default: the whole tenant)")
+    revoke_.add_argument("--tier", help="the tier the approval is for (default: any tier)")
+    api_command(revoke_, revoke)
+    for decision, action, text in (
+        ("rejected", "reject", "reject a version that is not approved (admins): it can no longer be approved"),
+        ("withdrawn", "withdraw", "withdraw a version you published that is not approved (its publisher, or admins)"),
+    ):
+        decide = actions.add_parser(action, help=text)
+        _version_arguments(decide)
+        decide.add_argument("--reason", help="why, for the audit log and `registry show`")
+        api_command(decide, _decide(decision))
     drift_ = actions.add_parser("drift", help="tools withheld because their live definition differs from the pinned one")
-    drift_.set_defaults(func=on_api(drift))
+    add_json_flag(drift_)
+    api_command(drift_, drift)
     accept_ = actions.add_parser("accept", help="pin a withheld tool's new definition (admins)")
-    accept_.add_argument("id", type=int)
-    accept_.set_defaults(func=on_api(accept))
+    accept_.add_argument("id", type=int, help="the drift's id, as `mcpfleet registry drift` lists it")
+    api_command(accept_, accept)
     usage_ = actions.add_parser("usage", help="calls, errors and latency per tool version")
-    usage_.set_defaults(func=on_api(usage))
+    add_json_flag(usage_)
+    api_command(usage_, usage)

@@ -11,7 +11,7 @@ import psycopg
 
 from core.db import migrate, resolve_database_url
 from core.settings import load_settings
-from mcpfleet_sdk.api import FleetApi, FleetApiError
+from mcpfleet_sdk.api import FleetApi, FleetApiError, add_api_flags
 
 Command = Callable[[argparse.Namespace], int]
 DatabaseCommand = Callable[[argparse.Namespace, psycopg.AsyncConnection], Awaitable[int]]
@@ -41,14 +41,21 @@ def on_database(command: DatabaseCommand) -> Command:
 
 
 def on_api(command: ApiCommand) -> Command:
-    """`command(args, api)` against the gateway at MCPFLEET_URL with MCPFLEET_KEY; its refusals exit 2."""
+    """`command(args, api)` against the gateway (`--url`/`--key`, MCPFLEET_URL/MCPFLEET_KEY, or the fleet
+    home's gateway); its refusals exit 2."""
 
     def run(args: argparse.Namespace) -> int:
         try:
-            with FleetApi.from_env() as api:
+            with FleetApi.for_fleet(getattr(args, "url", None), getattr(args, "key", None)) as api:
                 return command(args, api)
         except FleetApiError as exc:
             print(f"mcpfleet: {exc}", file=sys.stderr)
             return 2
 
     return run
+
+
+def api_command(parser: argparse.ArgumentParser, command: ApiCommand) -> None:
+    """`parser` runs `command` through the gateway's API, with `--url` and `--key`."""
+    add_api_flags(parser)
+    parser.set_defaults(func=on_api(command))

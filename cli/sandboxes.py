@@ -15,6 +15,7 @@ import sys
 import psycopg
 
 from cli.run import DatabaseCommand, on_database
+from cli.table import add_json_flag, print_rows
 from core import accounts
 from core.settings import load_settings
 from sandbox import requests, tiers
@@ -35,10 +36,14 @@ async def list_(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    for r in rows:
-        owner = f"{r['tenant']}/{r['user']}" if r["user_id"] is not None else "(warm pool)"
-        extra = f"\tcheckpoint {r['checkpoint_bytes'] / 2**20:.0f} MiB" if r["checkpoint_bytes"] else ""
-        print(f"{owner}\t{r['state']}\t{r['id']}\tlast used {r['last_used_at']:%Y-%m-%d %H:%M:%S}{extra}")
+    shown = [
+        {"owner": f"{r['tenant']}/{r['user']}" if r["user_id"] is not None else "(warm pool)", "state": r["state"],
+         "id": r["id"], "last_used": r["last_used_at"].strftime("%Y-%m-%d %H:%M:%S"),
+         "checkpoint": f"{r['checkpoint_bytes'] / 2**20:.0f} MiB" if r["checkpoint_bytes"] else None}
+        for r in rows
+    ]
+    print_rows(args, (("owner", "USER"), ("state", "STATE"), ("id", "SANDBOX"), ("last_used", "LAST USED"),
+                      ("checkpoint", "CHECKPOINT")), shown)
     return 0
 
 
@@ -66,7 +71,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         dest="action", required=True
     )
     ls = sandboxes.add_parser("list", help="list live sandboxes")
-    ls.add_argument("--json", action="store_true")
+    add_json_flag(ls)
     ls.add_argument("--all", action="store_true", help="include reclaimed and failed ones")
     ls.set_defaults(func=on_database(list_))
     for action, text in (
@@ -75,11 +80,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         ("reclaim", "stop a user's sandbox and drop its checkpoint (the workspace follows the retention policy)"),
     ):
         act = sandboxes.add_parser(action, help=f"{text}; the running gateway does it")
-        act.add_argument("user")
-        act.add_argument("--tenant", default="default")
+        act.add_argument("user", help="the user whose sandbox it is")
+        act.add_argument("--tenant", default="default", help="the user's tenant (default: default)")
         act.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the gateway")
         act.set_defaults(func=on_database(_act(action)))
     cap_ = sandboxes.add_parser("cap", help="limit how many sandboxes of a tenant run at once")
-    cap_.add_argument("tenant")
-    cap_.add_argument("--max-running", type=int, required=True, help="-1 removes the cap")
+    cap_.add_argument("tenant", help="the tenant to cap")
+    cap_.add_argument("--max-running", type=int, required=True, help="at most this many of its sandboxes running at once; -1 removes the cap")
     cap_.set_defaults(func=on_database(cap))

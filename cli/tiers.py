@@ -8,6 +8,7 @@ import json
 import psycopg
 
 from cli.run import on_database
+from cli.table import add_json_flag, print_rows
 from core import accounts
 from sandbox import tiers
 from sandbox.tiers import Tier, TierError
@@ -18,9 +19,9 @@ async def list_(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print("tier\tcpus\tmemory MB\tpids\tdisk MB\tusers")
-    for r in rows:
-        print(f"{r['name']}\t{r['cpus']:g}\t{r['memory_mb']}\t{r['pids']}\t{r['disk_mb']}\t{r['users']}")
+    shown = [{**r, "cpus": f"{r['cpus']:g}"} for r in rows]
+    print_rows(args, (("name", "TIER"), ("cpus", "CPUS"), ("memory_mb", "MEMORY MB"), ("pids", "PIDS"),
+                      ("disk_mb", "DISK MB"), ("users", "USERS")), shown)
     return 0
 
 
@@ -57,20 +58,20 @@ async def assign(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int
 def add_commands(sub: argparse._SubParsersAction) -> None:
     tier = sub.add_parser("tiers", help="what a user's sandbox may use").add_subparsers(dest="action", required=True)
     ls = tier.add_parser("list", help="list tiers")
-    ls.add_argument("--json", action="store_true")
+    add_json_flag(ls)
     ls.set_defaults(func=on_database(list_))
     put = tier.add_parser("set", help="create a tier or change its limits (a new one starts from 'standard')")
-    put.add_argument("name")
-    put.add_argument("--cpus", type=float)
-    put.add_argument("--memory-mb", type=int)
-    put.add_argument("--pids", type=int)
+    put.add_argument("name", help="the tier's name")
+    put.add_argument("--cpus", type=float, help="CPUs its sandboxes may use (e.g. 0.5)")
+    put.add_argument("--memory-mb", type=int, help="memory of its sandboxes, in MB")
+    put.add_argument("--pids", type=int, help="processes and threads a sandbox may have at once")
     put.add_argument("--disk-mb", type=int, help="the /workspace quota")
     put.set_defaults(func=on_database(set_))
     rm = tier.add_parser("delete", help="delete a tier without users")
-    rm.add_argument("name")
+    rm.add_argument("name", help="the tier's name")
     rm.set_defaults(func=on_database(delete))
     assign_ = tier.add_parser("assign", help="put a user on a tier")
-    assign_.add_argument("user")
-    assign_.add_argument("tier")
-    assign_.add_argument("--tenant", default="default")
+    assign_.add_argument("user", help="the user's name")
+    assign_.add_argument("tier", help="the tier's name (see `mcpfleet tiers list`)")
+    assign_.add_argument("--tenant", default="default", help="the user's tenant (default: default)")
     assign_.set_defaults(func=on_database(assign))

@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
 import psycopg
 
@@ -54,17 +56,25 @@ def split_key(key: str) -> tuple[str, str] | None:
     return prefix, secret
 
 
-async def add_tenant(conn: psycopg.AsyncConnection, name: str) -> None:
+async def add_tenant(conn: psycopg.AsyncConnection, name: str, *, conformance: bool = False) -> None:
+    """`conformance`: the tenant's users also get the conformance fixture server (a test fixture)."""
     try:
-        cur = await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
+        cur = await conn.execute(
+            "INSERT INTO tenants (name, conformance) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (name, conformance)
+        )
     except psycopg.errors.CheckViolation:
         raise AccountError(f"invalid tenant name {name!r}: use lower-case letters, digits, '.', '_' or '-'") from None
     if cur.rowcount == 0:
         raise AccountError(f"tenant {name!r} already exists")
 
 
-async def list_tenants(conn: psycopg.AsyncConnection) -> list[str]:
-    return [name for (name,) in await (await conn.execute("SELECT name FROM tenants ORDER BY name")).fetchall()]
+async def list_tenants(conn: psycopg.AsyncConnection) -> list[dict[str, object]]:
+    """Each tenant: its name, user count, and whether it runs the conformance fixture server."""
+    cur = await conn.execute(
+        "SELECT t.name, t.conformance, count(u.id) FROM tenants t LEFT JOIN users u ON u.tenant_id = t.id"
+        " GROUP BY t.id ORDER BY t.name"
+    )
+    return [{"tenant": name, "users": users, "conformance": conformance} for name, conformance, users in await cur.fetchall()]
 
 
 async def add_user(
@@ -160,19 +170,63 @@ async def list_users(conn: psycopg.AsyncConnection) -> list[Identity]:
     return [Identity(user_id=r[0], user=r[1], tenant=r[2], role=r[3]) for r in rows]
 
 
-async def create_key(conn: psycopg.AsyncConnection, user: Identity, *, actor: str | None = None) -> str:
+async def remove_user(conn: psycopg.AsyncConnection, user: Identity, *, actor: str | None = None) -> None:
+    """Delete the user's row and, with it, their keys, groups, sessions and sandbox records; audited.
+    Their running sandbox must be reclaimed first (the gateway does it: `sandbox.requests`)."""
+    async with conn.transaction():
+        cur = await conn.execute("DELETE FROM users WHERE id = %s", (user.user_id,))
+        if cur.rowcount == 0:
+            raise AccountError(f"no user {user.principal}")
+        # Gateways drop their cache of verified keys on this: the user's keys stop working at once.
+        await conn.execute("NOTIFY api_keys_revoked")
+        await audit.append(conn, action="user.remove", outcome="ok", tenant=user.tenant, actor=actor, target=user.principal)
+
+
+async def create_key(
+    conn: psycopg.AsyncConnection, user: Identity, *, actor: str | None = None, expires_in: timedelta | None = None
+) -> str:
+    """A new key of `user`'s, shown only now; with `expires_in` it is refused from then on."""
     prefix = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     async with conn.transaction():
-        await conn.execute(
-            "INSERT INTO api_keys (user_id, prefix, secret_sha256) VALUES (%s, %s, %s)",
-            (user.user_id, prefix, _sha256(secret)),
+        cur = await conn.execute(
+            "INSERT INTO api_keys (user_id, prefix, secret_sha256, expires_at) VALUES (%s, %s, %s, now() + %s)"
+            " RETURNING expires_at",
+            (user.user_id, prefix, _sha256(secret), expires_in),
         )
+        expires_at = (await cur.fetchone())[0]  # type: ignore[index]
         await audit.append(
             conn, action="key.create", outcome="ok", tenant=user.tenant, actor=actor, target=user.principal,
-            detail={"prefix": prefix},
+            detail={"prefix": prefix, "expires_at": expires_at.isoformat() if expires_at else None},
         )
     return f"{KEY_PREFIX}{prefix}_{secret}"
+
+
+async def list_keys(
+    conn: psycopg.AsyncConnection, *, user: Identity | None = None, tenant: str | None = None, include_ended: bool = False
+) -> list[dict[str, Any]]:
+    """Keys as rows (prefix, tenant, user, created, expires, last used, state); never a secret or its hash."""
+    conditions: list[str] = []
+    params: list[object] = []
+    if user is not None:
+        conditions.append("k.user_id = %s")
+        params.append(user.user_id)
+    if tenant is not None:
+        conditions.append("t.name = %s")
+        params.append(tenant)
+    if not include_ended:
+        conditions.append("k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())")
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    cur = await conn.execute(
+        f"""SELECT k.prefix, t.name, u.name, k.created_at, k.expires_at, k.last_used_at,
+                   CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked'
+                        WHEN k.expires_at <= now() THEN 'expired' ELSE 'active' END
+              FROM api_keys k JOIN users u ON u.id = k.user_id JOIN tenants t ON t.id = u.tenant_id
+              {where} ORDER BY t.name, u.name, k.created_at""",
+        params,
+    )
+    names = ("prefix", "tenant", "user", "created", "expires", "last_used", "state")
+    return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
 
 
 _REVOKE = """UPDATE api_keys k SET revoked_at = now() FROM users u JOIN tenants t ON t.id = u.tenant_id
@@ -206,15 +260,23 @@ async def revoke_keys(
 
 
 async def verify_key(conn: psycopg.AsyncConnection, key: str) -> Identity | None:
+    verified = await verify_key_until(conn, key)
+    return verified[0] if verified is not None else None
+
+
+async def verify_key_until(conn: psycopg.AsyncConnection, key: str) -> tuple[Identity, datetime | None] | None:
+    """The key's identity and when the key expires (None: never), or None for a key not (or no longer) valid.
+
+    Also notes the key's use (to the minute: a key is checked on every cache miss of a gateway)."""
     parts = split_key(key)
     if parts is None:
         return None
     prefix, secret = parts
     row = await (
         await conn.execute(
-            """SELECT k.secret_sha256, u.id, u.name, t.name, u.role
+            """SELECT k.secret_sha256, u.id, u.name, t.name, u.role, k.expires_at
                  FROM api_keys k JOIN users u ON u.id = k.user_id JOIN tenants t ON t.id = u.tenant_id
-                WHERE k.prefix = %s AND k.revoked_at IS NULL""",
+                WHERE k.prefix = %s AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())""",
             (prefix,),
         )
     ).fetchone()
@@ -224,4 +286,9 @@ async def verify_key(conn: psycopg.AsyncConnection, key: str) -> Identity | None
         return None
     if not hmac.compare_digest(bytes(row[0]), _sha256(secret)):
         return None
-    return Identity(user_id=row[1], user=row[2], tenant=row[3], role=row[4])
+    await conn.execute(
+        "UPDATE api_keys SET last_used_at = now() WHERE prefix = %s"
+        " AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+        (prefix,),
+    )
+    return Identity(user_id=row[1], user=row[2], tenant=row[3], role=row[4]), row[5]

@@ -67,6 +67,9 @@ class Settings:
     # Servers whose tools and prompts are shown under their own names, not `<server>__<name>`:
     # for clients that call fixed names (the MCP conformance suite calls `test_simple_text`).
     bare_servers: frozenset[str] = frozenset()
+    conformance_everywhere: bool = False
+    """Run the conformance fixture server (a test fixture, not product) for every tenant, not only
+    for those added with `--with-conformance`: for fleets that the MCP conformance suite tests."""
     # Where clients reach `/mcp`, as OAuth tokens must name it in `aud`; None: http://HOST:PORT/mcp.
     configured_public_url: str | None = None
     required_scopes: tuple[str, ...] = ("mcp",)
@@ -129,6 +132,7 @@ def load_settings(**overrides: object) -> Settings:
         ],
         "allowed_origins": _list("MCPFLEET_ALLOWED_ORIGINS"),
         "bare_servers": frozenset(_list("MCPFLEET_BARE_TOOL_NAMES")),
+        "conformance_everywhere": _choice("MCPFLEET_CONFORMANCE", ("off", "on"), "off") == "on",
         "configured_public_url": os.environ.get("MCPFLEET_PUBLIC_URL") or None,
         # Unset means "mcp"; set but empty means no scope is required.
         "required_scopes": tuple(os.environ.get("MCPFLEET_REQUIRED_SCOPES", "mcp").replace(",", " ").split()),

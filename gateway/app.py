@@ -25,6 +25,7 @@ from gateway.http_headers import TrimHeaderWhitespace
 from gateway.limits import LimitsMiddleware, buckets_for
 from gateway.oauth.resource import RequireBearer, metadata_routes
 from gateway.oauth.tokens import OAuthVerifier
+from gateway.refusals import JsonRpcRefusals
 from gateway.routing import Router
 from gateway.sessions import SessionBook
 from gateway.tracing import HttpTracing, TracedAuthBackend
@@ -93,13 +94,17 @@ def create_app(fleet: Fleet) -> Starlette:
     oauth = OAuthVerifier(settings, fleet, on_refused=note_oauth_refusal)
     admin_sessions = admin.sessions_for(fleet)
     buckets = buckets_for(settings)
-    mcp_endpoint = RequireBearer(
-        LimitsMiddleware(
-            StreamableHTTPASGIApp(sessions), settings, buckets, calls,
-            SessionBook(sessions, settings.max_sessions_per_user) if settings.max_sessions_per_user > 0 else None,
+    # Refusals in plain text (the transport's) become JSON-RPC errors that clients show.
+    mcp_endpoint = JsonRpcRefusals(
+        RequireBearer(
+            LimitsMiddleware(
+                StreamableHTTPASGIApp(sessions), settings, buckets, calls,
+                SessionBook(sessions, settings.max_sessions_per_user) if settings.max_sessions_per_user > 0 else None,
+            ),
+            public_url=settings.public_url, required_scopes=settings.required_scopes,
+            on_missing_scope=missing_scope_hook(calls),
         ),
-        public_url=settings.public_url, required_scopes=settings.required_scopes,
-        on_missing_scope=missing_scope_hook(calls),
+        max_body_bytes=settings.max_body_bytes,
     )
     app = Starlette(
         routes=[

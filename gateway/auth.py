@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -81,13 +82,17 @@ class ApiKeyVerifier:
         if hit is not None and hit[0] > now:
             return hit[1]
         async with self.fleet.pool.connection() as conn:
-            identity = await accounts.verify_key(conn, token)
-        if identity is None:
+            verified = await accounts.verify_key_until(conn, token)
+        if verified is None:
             self._cache.pop(digest, None)
             return None
+        identity, expires_at = verified
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[digest] = (now + CACHE_SECONDS, identity)
+        trusted_for = CACHE_SECONDS
+        if expires_at is not None:  # an expiring key is not trusted past its expiry
+            trusted_for = min(trusted_for, (expires_at - datetime.now(UTC)).total_seconds())
+        self._cache[digest] = (now + trusted_for, identity)
         return identity
 
     def start_listening(self, url: str) -> None:

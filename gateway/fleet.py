@@ -92,6 +92,7 @@ class Fleet:
             registry = Registry(
                 self.settings.home, pool, backend, python, scan=scan_tools, indexer=index.version,
                 artifacts_s3_url=self.settings.artifacts_s3_url, no_trial_reason=no_trial_reason,
+                conformance_everywhere=self.settings.conformance_everywhere,
             )
             registry.on_change.append(self._tools_changed)
             await registry.start(self.database_url)

@@ -9,6 +9,7 @@ is in, nothing is timed: a response may stream for as long as it likes (SSE).
 
 Connections beyond `max_connections` are answered 503 and closed at once (uvicorn's own
 `limit_concurrency` counts the same connections but answers only once a request's headers are in).
+Both answers are JSON-RPC errors, which MCP clients show (gateway/refusals.py).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from core.settings import Settings
+from gateway.refusals import jsonrpc_error
 
-_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\ncontent-length: "
-_BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\ncontent-length: "
+_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: "
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: "
 
 
-def _plain(head: bytes, text: str) -> bytes:
-    body = text.encode()
+def _answer(head: bytes, text: str) -> bytes:
+    body = jsonrpc_error(text)
     return head + str(len(body)).encode() + b"\r\n\r\n" + body
 
 
@@ -44,7 +46,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             self.logger.warning("refused a connection: %d open (limit %d)", len(self.connections) - 1, self.max_connections)
-            transport.write(_plain(_BUSY, "too many connections to the gateway; retry later\n"))
+            transport.write(_answer(_BUSY, "too many connections to the gateway (MCPFLEET_MAX_CONNECTIONS); retry later"))
             transport.close()
             return
         self._arm(self.header_timeout_s, "headers")
@@ -83,7 +85,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         self.logger.info("closed a connection from %s: its request's %s took over %g s", self.client, part, seconds)
         cycle = self.cycle
         if cycle is None or not cycle.response_started:
-            self.transport.write(_plain(_TIMEOUT, f"the request's {part} did not arrive within {seconds:g} s\n"))
+            self.transport.write(_answer(_TIMEOUT, f"the request's {part} did not arrive within {seconds:g} s"))
         if cycle is not None:  # as if the client had gone: the application's receive() says so, its send() is dropped
             cycle.disconnected = True
             cycle.message_event.set()

@@ -1,4 +1,5 @@
-"""The registry's HTTP API under /registry/v1: publish, read, approve, revoke, drift, usage, search.
+"""The registry's HTTP API under /registry/v1: publish, read, approve, revoke,
+reject, withdraw, drift, usage, search, whoami.
 
 Callers authenticate like MCP clients (an API key or an OAuth token as a bearer) or, from the
 admin page, with its session (CSRF-checked). Publishers and admins publish; only admins approve,
@@ -21,7 +22,8 @@ from core.accounts import Identity
 from core.text import storable
 from gateway.admin.session import session_identity
 from gateway.auth import identity_of
-from registry import store
+from registry import decisions, store
+from registry.decisions import Decision
 from registry.definitions import KINDS, definition_sha256, instructions_sha256, offering_sha256
 from registry.service import MAX_WHEEL_BYTES
 from registry.store import RegistryError
@@ -202,6 +204,18 @@ def routes(fleet: Fleet) -> list[Route]:
             await store.revoke(conn, who, _name(request), request.path_params["version"], group=_group(body), tier=_group(body, "tier"))
         return _json({"revoked": {"name": _name(request), "version": request.path_params["version"], "group": _group(body)}})
 
+    def decide(decision: Decision) -> Handler:
+        async def handler(request: Request, who: Identity) -> Response:
+            body = await _body(request)
+            reason = body.get("reason")
+            if reason is not None and not isinstance(reason, str):
+                raise RegistryError(400, "reason must be a string")
+            async with fleet.pool.connection() as conn:
+                result = await decisions.decide(conn, who, _name(request), request.path_params["version"], decision, reason)
+            return _json({decision: result})
+
+        return handler
+
     async def list_drift(request: Request, who: Identity) -> Response:
         async with fleet.pool.connection() as conn:
             return _json({"drift": await store.drift(conn, who.tenant, open_only=request.query_params.get("all") is None)})
@@ -225,13 +239,20 @@ def routes(fleet: Fleet) -> list[Route]:
         hits = await fleet.search(who, query, limit)
         return _json({"tools": [hit.as_dict() for hit in hits]})
 
+    async def whoami(request: Request, who: Identity) -> Response:
+        # Lets a command check its key (and the role it needs) before doing slow work.
+        return _json({"user": who.user, "tenant": who.tenant, "role": who.role})
+
     version_path = "/registry/v1/servers/{namespace}/{server}/versions/{version}"
     return [
+        Route("/registry/v1/whoami", _guarded(fleet, ("admin", "publisher", "member", "auditor"), whoami), methods=["GET"]),
         Route("/registry/v1/publish", _guarded(fleet, PUBLISHERS, publish), methods=["POST"]),
         Route("/registry/v1/servers", _guarded(fleet, READERS, list_servers), methods=["GET"]),
         Route(version_path, _guarded(fleet, READERS, show_version), methods=["GET"]),
         Route(version_path + "/approve", _guarded(fleet, ADMINS, approve), methods=["POST"]),
         Route(version_path + "/revoke", _guarded(fleet, ADMINS, revoke), methods=["POST"]),
+        Route(version_path + "/reject", _guarded(fleet, ADMINS, decide("rejected")), methods=["POST"]),
+        Route(version_path + "/withdraw", _guarded(fleet, PUBLISHERS, decide("withdrawn")), methods=["POST"]),
         Route("/registry/v1/drift", _guarded(fleet, READERS, list_drift), methods=["GET"]),
         Route("/registry/v1/drift/{drift_id:int}/accept", _guarded(fleet, ADMINS, accept_drift), methods=["POST"]),
         Route("/registry/v1/usage", _guarded(fleet, READERS, usage), methods=["GET"]),

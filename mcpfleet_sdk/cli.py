@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from mcpfleet_sdk.api import add_api_flags
+
 
 def cmd_init(args: argparse.Namespace) -> int:
     from mcpfleet_sdk.scaffold import ScaffoldError, create_project
@@ -46,7 +48,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from mcpfleet_sdk.api import FleetApi
     from mcpfleet_sdk.publish import publish
 
-    with FleetApi.from_env() as api:
+    with FleetApi.for_fleet(args.url, args.key) as api:
         return publish(Path(args.dir).resolve(), api, wait_s=None if args.no_wait else args.wait)
 
 
@@ -64,9 +66,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dev.set_defaults(func=cmd_dev)
 
     publish = sub.add_parser(
-        "publish", help="validate, build and upload a tool project to the registry (MCPFLEET_URL, MCPFLEET_KEY)"
+        "publish", help="check your key, then build and upload a tool project to the registry and wait for its validation"
     )
     publish.add_argument("dir", nargs="?", default=".", help="the tool project (default: the current directory)")
     publish.add_argument("--wait", type=float, default=300.0, metavar="SECONDS", help="wait this long for validation (default 300)")
     publish.add_argument("--no-wait", action="store_true", help="return once the registry has accepted the upload")
+    add_api_flags(publish)
     publish.set_defaults(func=cmd_publish)

@@ -1,7 +1,8 @@
 """`mcpfleet dev DIR`: the project's wheel, run alone in a real gVisor sandbox as the registry's trial runs it.
 
 Prints the tools as users will see them (`<prefix>__<tool>`, a tab, the description; one per
-line), then the start time and the sandbox's memory, then the result of `--call` when asked.
+line), then the start time and the sandbox's memory, then the result of `--call` when asked;
+progress lines (building, starting) go to stderr.
 Exit status 1, with the reason on stderr, when the project is invalid, the wheel does not
 build, the server does not start, or the call fails.
 
@@ -43,9 +44,12 @@ def dev(
             print(f"mcpfleet: warning: the declared secret {name} is not given (set {TEST_SECRET_PREFIX}{name})", file=err)
 
     with tempfile.TemporaryDirectory(prefix="mcpfleet-dev-") as scratch:
+        # Progress on stderr (stdout is the tools, for scripts): the whole takes some seconds.
         try:
+            print(f"building the wheel of {manifest.name} {manifest.version}", file=err, flush=True)
             wheel = build_wheel(directory, Path(scratch) / "dist")
             check_wheel(wheel, manifest.package, manifest.version)
+            print(f"built {wheel.name}; starting it in a gVisor sandbox", file=err, flush=True)
             result = asyncio.run(_trial(manifest, wheel, Path(scratch) / "install", env, call))
         except BuildError as exc:
             print(f"mcpfleet: {exc}", file=err)

@@ -20,6 +20,7 @@ from mcpfleet_sdk.api import FleetApi, FleetApiError
 from mcpfleet_sdk.build import BuildError, build_wheel, check_wheel
 
 PUBLISH_PATH = "/registry/v1/publish"
+PUBLISHER_ROLES = ("admin", "publisher")
 VALIDATING = "validating"
 PASSED = "passed"
 POLL_INTERVAL_S = 1.0
@@ -40,6 +41,22 @@ def publish(
     if manifest is None:
         return 1
     manifest_text = (directory / projects.MANIFEST).read_text(encoding="utf-8")
+    # The key and the caller's role first: building the wheel takes seconds that a wrong key would waste.
+    try:
+        who = api.whoami()
+    except FleetApiError as exc:
+        print(f"mcpfleet: cannot publish {manifest.name} {manifest.version}: {exc}", file=err)
+        return 2
+    if who.get("role") not in PUBLISHER_ROLES:
+        print(
+            f"mcpfleet: cannot publish {manifest.name} {manifest.version}: {who.get('tenant')}/{who.get('user')} is "
+            f"{who.get('role')!r}; publishing needs a publisher's or an admin's key "
+            f"(an admin runs `mcpfleet users role {who.get('user')} publisher`)",
+            file=err,
+        )
+        return 2
+    print(f"publishing {manifest.name} {manifest.version} as {who.get('tenant')}/{who.get('user')}; building the wheel",
+          file=out, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="mcpfleet-publish-") as scratch:
         try:
@@ -48,7 +65,7 @@ def publish(
         except BuildError as exc:
             print(f"mcpfleet: {exc}", file=err)
             return 1
-        print(f"built {wheel.name}; uploading to {api.url}", file=out)
+        print(f"built {wheel.name}; uploading to {api.url}", file=out, flush=True)
         try:
             with open(wheel, "rb") as stream:
                 answer = api.request(
@@ -65,6 +82,7 @@ def publish(
     print(f"{answer['name']} {answer['version']}: {answer['status']} ({url})", file=out)
     if wait_s is None:
         return 0
+    print(f"waiting up to {wait_s:g} s for validation (a trial run in a sandbox, then the scans)", file=out, flush=True)
     try:
         version = wait_for_verdict(api, url, wait_s, sleep=sleep)
     except FleetApiError as exc:

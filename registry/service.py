@@ -12,8 +12,6 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from core.accounts import Identity
 from core.db import follow_notifications
 from core.tasks import Tasks
+from core.version import product_version
 from registry import store
 from registry.artifacts import (
     ArtifactError,
@@ -40,7 +39,7 @@ from registry.store import Approved, RegistryError
 from registry.trial import TrialResult, trial_run
 from sandbox.backends.base import SandboxBackend
 from sandbox.runtime import PythonRuntime
-from sandbox.servers import BUILTIN_SERVERS, ServerSpec
+from sandbox.servers import BUILTIN_SERVERS, FIXTURE_SERVERS, PRODUCT_SERVERS, ServerSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +50,14 @@ DRIFTS_PER_SANDBOX = 5
 a sandbox can make its servers list anything, and must not fill the registry or the audit log."""
 
 
-def product_version() -> str:
-    try:
-        return installed_version("mcpfleet")
-    except PackageNotFoundError:
-        return "0.0.0"
-
-
-def builtin_entries() -> list[tuple[str, str, str]]:
-    """(registry name, prefix, version) of each built-in server."""
-    return [(f"{BUILTIN_NAMESPACE}/{spec.name}", spec.name, product_version()) for spec in BUILTIN_SERVERS]
+def builtin_entries(*, fixtures: bool = False) -> list[tuple[str, str, str]]:
+    """(registry name, prefix, version) of each built-in server; the test fixtures (the conformance
+    server) only with `fixtures`."""
+    return [
+        (f"{BUILTIN_NAMESPACE}/{spec.name}", spec.name, product_version())
+        for spec in BUILTIN_SERVERS
+        if fixtures or spec.name not in FIXTURE_SERVERS
+    ]
 
 
 def installed_distributions(python: PythonRuntime) -> set[str]:
@@ -88,6 +85,7 @@ class Registry:
         scan: Callable[..., list[Any]] | None = None,
         indexer: Callable[[int, str, list[dict[str, Any]]], Awaitable[None]] | None = None,
         artifacts_s3_url: str | None = None,
+        conformance_everywhere: bool = False,
     ):
         self.home = Path(home)
         self.pool = pool
@@ -98,6 +96,8 @@ class Registry:
         self.python = python
         self.artifacts = ArtifactStore(self.home, S3Artifacts(artifacts_s3_url) if artifacts_s3_url else None)
         self._scan = scan
+        self.conformance_everywhere = conformance_everywhere
+        """Every tenant gets the conformance fixture server, not only those that enabled it."""
         self._indexer = indexer
         self._builtin_specs = {spec.name: spec for spec in BUILTIN_SERVERS}
         self._approved: dict[int, list[Approved]] = {}
@@ -122,9 +122,10 @@ class Registry:
 
     async def start(self, database_url: str | None) -> None:
         async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT id FROM tenants")
-            for (tenant_id,) in await cur.fetchall():
-                await store.ensure_builtins(conn, tenant_id, builtin_entries())
+            cur = await conn.execute("SELECT id, conformance FROM tenants")
+            for tenant_id, conformance in await cur.fetchall():
+                fixtures = conformance or self.conformance_everywhere
+                await store.ensure_builtins(conn, tenant_id, builtin_entries(fixtures=fixtures))
         self._spawn(self._record_builtins())
         if database_url is not None:
             self._spawn(follow_notifications(database_url, "registry_changed", self._changed, "registry"))
@@ -150,6 +151,9 @@ class Registry:
             try:
                 if await self.approved(user_id) != before:
                     changed.add(user_id)
+            except RegistryError as exc:
+                if exc.status != 404:  # 404: the user was removed (`mcpfleet users remove`); nobody to tell
+                    log.exception("could not recompute what user %s may run", user_id)
             except Exception:
                 log.exception("could not recompute what user %s may run", user_id)
         if changed:
@@ -168,15 +172,16 @@ class Registry:
                 cached = await store.approved_for(conn, user_id)
                 tenants_missing_builtins = not any(a.builtin for a in cached) and not await _has_builtins(conn, user_id)
                 if tenants_missing_builtins:  # a tenant made after the gateway started
-                    tenant_id = await _tenant_of(conn, user_id)
-                    await store.ensure_builtins(conn, tenant_id, builtin_entries())
+                    tenant_id, conformance = await _tenant_of(conn, user_id)
+                    fixtures = conformance or self.conformance_everywhere
+                    await store.ensure_builtins(conn, tenant_id, builtin_entries(fixtures=fixtures))
                     cached = await store.approved_for(conn, user_id)
             self._approved[user_id] = cached
         return cached
 
     async def servers_for(self, user_id: int | None) -> tuple[ServerSpec, ...]:
-        if user_id is None:  # the warm pool: the built-in servers until a user claims it
-            return tuple(sorted(BUILTIN_SERVERS, key=lambda s: s.name))
+        if user_id is None:  # the warm pool: the product's built-in servers until a user claims it
+            return tuple(sorted(PRODUCT_SERVERS, key=lambda s: s.name))
         specs = []
         for approved in await self.approved(user_id):
             spec = await self._spec(approved)
@@ -519,12 +524,15 @@ def _trial_check(trial: TrialResult, manifest: Manifest, ran: bool) -> dict[str,
     return {"check": "trial", "ok": True, "detail": detail, "findings": []}
 
 
-async def _tenant_of(conn: Any, user_id: int) -> int:
-    cur = await conn.execute("SELECT tenant_id FROM users WHERE id = %s", (user_id,))
+async def _tenant_of(conn: Any, user_id: int) -> tuple[int, bool]:
+    """The user's tenant, and whether it runs the conformance fixture server."""
+    cur = await conn.execute(
+        "SELECT t.id, t.conformance FROM users u JOIN tenants t ON t.id = u.tenant_id WHERE u.id = %s", (user_id,)
+    )
     row = await cur.fetchone()
     if row is None:
         raise RegistryError(404, f"no user {user_id}")
-    return row[0]
+    return row[0], row[1]
 
 
 async def _has_builtins(conn: Any, user_id: int) -> bool:

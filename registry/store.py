@@ -128,7 +128,9 @@ async def record_validation(
     status = "passed" if all(check["ok"] for check in validation) else "failed"
     async with conn.transaction():
         cur = await conn.execute(
-            "UPDATE registry_versions SET status = %s, validation = %s, tools = %s, start_ms = %s, memory_bytes = %s,"
+            # A version rejected or withdrawn while it was validated keeps that status.
+            "UPDATE registry_versions SET status = CASE WHEN status IN ('rejected', 'withdrawn') THEN status ELSE %s END,"
+            " validation = %s, tools = %s, start_ms = %s, memory_bytes = %s,"
             " offerings = %s, validated_at = now() WHERE id = %s RETURNING (SELECT t.name FROM tenants t JOIN registry_servers s"
             " ON s.tenant_id = t.id WHERE s.id = server_id), (SELECT name FROM registry_servers WHERE id = server_id), version",
             (status, Jsonb(validation), Jsonb(tools), start_ms, memory_bytes, Jsonb(offerings or {}), version_id),
@@ -149,7 +151,7 @@ async def record_validation(
 _VERSION = """
 SELECT v.id, s.id AS server_id, s.name, s.prefix, s.builtin, v.version, v.manifest, v.artifact_sha256,
        v.artifact_bytes, v.published_at, u.name AS published_by, v.status, v.validation, v.tools,
-       v.start_ms, v.memory_bytes, v.validated_at, v.offerings
+       v.start_ms, v.memory_bytes, v.validated_at, v.offerings, v.decided_by, v.decision_reason
   FROM registry_versions v JOIN registry_servers s ON s.id = v.server_id
   JOIN tenants t ON t.id = s.tenant_id LEFT JOIN users u ON u.id = v.published_by
 """
@@ -231,10 +233,13 @@ async def approve(
         row = await version(conn, who.tenant, name, version_)
         if row["status"] == "validating":
             raise RegistryError(409, f"{name} {version_} is still being validated")
+        if row["status"] in ("rejected", "withdrawn"):
+            raise RegistryError(409, f"{name} {version_} was {row['status']}; publish a new version instead")
         failed = [c["check"] for c in row["validation"] if not c["ok"]]
         if failed and not override:
             raise RegistryError(
-                409, f"{name} {version_} failed validation ({', '.join(failed)}); approve it with an explicit override to run it anyway"
+                409, f"{name} {version_} failed validation ({', '.join(failed)}); to run it anyway, approve it with "
+                f"`mcpfleet registry approve {name} {version_} --override` (audited)"
             )
         cur = await conn.execute(
             "SELECT s.name FROM approvals a JOIN registry_servers s ON s.id = a.server_id"

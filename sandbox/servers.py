@@ -41,6 +41,10 @@ BUILTIN_SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("conformance", ("python", "-m", "mcp_servers.conformance")),
 )
 
+FIXTURE_SERVERS = frozenset({"conformance"})
+"""Built-in servers that are test fixtures, not product: a tenant runs them only when enabled."""
+PRODUCT_SERVERS: tuple[ServerSpec, ...] = tuple(s for s in BUILTIN_SERVERS if s.name not in FIXTURE_SERVERS)
+
 
 class ServerSource(Protocol):
     """Which servers a user's sandbox runs (the registry decides, per user and over time)."""

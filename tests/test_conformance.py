@@ -257,7 +257,8 @@ def conformance_fleet(tmp_path_factory: pytest.TempPathFactory, postgres_url: st
     (`test_simple_text`): this fleet shows the `conformance` server's tools unprefixed."""
     from tests.conftest import make_fleet
 
-    fleet = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_BARE_TOOL_NAMES=SERVER)
+    # The fixture server is off for tenants unless enabled: this fleet enables it for all.
+    fleet = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_BARE_TOOL_NAMES=SERVER, MCPFLEET_CONFORMANCE="on")
     fleet.start()
     yield fleet
     fleet.stop()

@@ -100,7 +100,8 @@ def test_members_cannot_publish(registry_fleet):
     fleet = registry_fleet
     result = cli(fleet, fleet.keys["member"], "publish", str(WEATHER), check=False)
     assert result.returncode == 2
-    assert "403" in result.stderr and "member" in result.stderr
+    # Refused before the wheel is built, saying what role is needed (the gateway refuses it too: test_sdk).
+    assert "is 'member'; publishing needs a publisher's or an admin's key" in result.stderr
 
 
 async def test_publish_validate_approve_then_visible_and_callable(registry_fleet):
@@ -200,7 +201,9 @@ def test_a_poisoned_description_is_refused_unless_overridden_and_the_override_is
     assert re.search(r"FAIL\s+hidden-instructions", published.stdout), published.stdout
     assert re.search(r"FAIL\s+exfiltration", published.stdout), published.stdout
     refused = cli(fleet, fleet.keys["admin"], "registry", "approve", "io.example/calculator", "1.0.0", check=False)
-    assert refused.returncode == 2 and "409" in refused.stderr and "override" in refused.stderr
+    assert refused.returncode == 2 and "409" in refused.stderr
+    # Says what to run, not only that an override exists.
+    assert "mcpfleet registry approve io.example/calculator 1.0.0 --override" in refused.stderr
     cli(fleet, fleet.keys["admin"], "registry", "approve", "io.example/calculator", "1.0.0", "--override")
     [(_, _, detail)] = [e for e in audit_actions(fleet) if e[0] == "registry.approve" and e[2].get("override")]
     assert "hidden-instructions" in detail["failed_checks"]
@@ -270,7 +273,8 @@ async def test_a_version_approved_for_a_group_is_seen_by_its_members_only(regist
 async def test_search_finds_a_tool_by_meaning(registry_fleet):
     fleet = registry_fleet
     found = cli(fleet, fleet.keys["member"], "tools", "search", "will I need an umbrella in Paris tomorrow", "--limit", "3")
-    assert found.stdout.splitlines()[0].split("\t")[0] == "weather__forecast", found.stdout
+    header, best = found.stdout.splitlines()[:2]
+    assert header.split()[:2] == ["TOOL", "SCORE"] and best.split()[0] == "weather__forecast", found.stdout
     async with connect(fleet.mcp_url, fleet.keys["member"]) as client:
         result = await client.call_tool("fleet__search_tools", {"query": "list the files in a folder", "limit": 3})
         assert structured(result)["tools"][0]["name"] == "workspace__list_dir"

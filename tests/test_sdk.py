@@ -257,6 +257,10 @@ def test_dev_runs_the_weather_project_in_a_sandbox_and_calls_forecast(dev_env: d
     ]
     assert lines[2].startswith("started in ") and " ms, memory " in lines[2] and lines[2].endswith(" MiB")
     assert json.loads("\n".join(lines[4:])) == OSLO
+    # Not silent while it works: progress on stderr, in order, stdout left to the tools.
+    progress = done.stderr.splitlines()
+    assert progress[0] == "building the wheel of io.example/weather 1.0.0"
+    assert progress[1] == "built weather_tool-1.0.0-py3-none-any.whl; starting it in a gVisor sandbox"
 
 
 @needs_runsc
@@ -311,6 +315,8 @@ def test_publish_uploads_the_weather_project_and_reports_validation(publisher: d
     done = mcpfleet("publish", str(WEATHER), "--wait", "240", **publisher)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "built weather_tool-1.0.0-py3-none-any.whl" in done.stdout
+    assert done.stdout.startswith("publishing io.example/weather 1.0.0 as ")  # the key was checked first
+    assert "waiting up to 240 s for validation" in done.stdout
     assert "io.example/weather 1.0.0: validating (/registry/v1/servers/io.example/weather/versions/1.0.0)" in done.stdout
     assert "validation of io.example/weather 1.0.0: passed" in done.stdout
     assert "FAIL" not in done.stdout
@@ -328,11 +334,23 @@ def test_publish_uploads_the_weather_project_and_reports_validation(publisher: d
 def test_publish_exits_2_with_the_gateways_message_when_refused(fleet: Fleet, generated: Path) -> None:
     done = mcpfleet("publish", str(generated), "--no-wait", MCPFLEET_URL=fleet.base_url, MCPFLEET_KEY="mcpf_not-a-key")
     assert done.returncode == 2
-    assert "was refused: 401: authenticate" in done.stderr
+    # Said in terms of what to set, and before the wheel is built: nothing was built or uploaded.
+    assert "401: the gateway refused the API key" in done.stderr and "set MCPFLEET_KEY, or pass --key" in done.stderr
+    assert "built " not in done.stdout and "building" not in done.stdout
     assert "mcpf_not-a-key" not in done.stdout + done.stderr
 
-    # The client the registry commands share: the gateway's own message, whatever the status.
+    missing = mcpfleet("publish", str(generated), "--no-wait", MCPFLEET_URL=fleet.base_url)
+    assert missing.returncode == 2
+    assert "no API key was given" in missing.stderr and "MCPFLEET_KEY" in missing.stderr
+
+    # A member's key is refused before the build too, naming the role to ask for.
     member = fleet.add_user(f"member-{secrets.token_hex(3)}", role="member")
+    refused = mcpfleet("publish", str(generated), "--no-wait", MCPFLEET_URL=fleet.base_url, MCPFLEET_KEY=member)
+    assert refused.returncode == 2
+    assert "publishing needs a publisher's or an admin's key" in refused.stderr and "users role" in refused.stderr
+    assert "built " not in refused.stdout
+
+    # The client the registry commands share: the gateway's own message, whatever the status.
     with FleetApi.from_env({"MCPFLEET_URL": fleet.base_url, "MCPFLEET_KEY": member}) as api:
         with pytest.raises(FleetApiError) as caught:
             api.request("POST", "/registry/v1/publish", data={"manifest": "{}"}, files={"wheel": ("x.whl", b"")})
@@ -340,16 +358,27 @@ def test_publish_exits_2_with_the_gateways_message_when_refused(fleet: Fleet, ge
     assert caught.value.message.startswith("role 'member' may not do this")
 
 
-def test_publish_checks_the_project_before_uploading(tmp_path: Path, generated: Path) -> None:
+def test_publish_checks_the_project_before_uploading(tmp_path: Path, generated: Path, publisher: dict[str, str]) -> None:
     project = tmp_path / "mismatch"
     shutil.copytree(generated, project)
     manifest = json.loads((project / "server.json").read_text())
     manifest["version"] = manifest["packages"][0]["version"] = "0.2.0"  # pyproject.toml still says 0.1.0
     (project / "server.json").write_text(json.dumps(manifest))
-    # Nothing listens here: the command must stop before it tries.
-    done = mcpfleet("publish", str(project), MCPFLEET_URL="http://127.0.0.1:9", MCPFLEET_KEY="unused")
+    done = mcpfleet("publish", str(project), **publisher)
     assert done.returncode == 1
     assert "the wheel is version 0.1.0 but server.json's package says 0.2.0" in done.stderr
+    assert "uploading" not in done.stdout
+    with FleetApi(publisher["MCPFLEET_URL"], publisher["MCPFLEET_KEY"]) as api:
+        names = [s["name"] for s in api.request("GET", "/registry/v1/servers").json()["servers"]]
+    assert "io.example/greeter" not in names
+
+
+def test_publish_says_it_cannot_reach_the_gateway_before_building(generated: Path) -> None:
+    done = mcpfleet("publish", str(generated), MCPFLEET_URL="http://127.0.0.1:9", MCPFLEET_KEY="mcpf_unused")
+    assert done.returncode == 2
+    assert "cannot reach the gateway at http://127.0.0.1:9" in done.stderr
+    assert "is `mcpfleet up` running?" in done.stderr and "--url" in done.stderr
+    assert "built " not in done.stdout
 
 
 def test_fleet_api_reports_an_unreachable_gateway() -> None:

@@ -76,7 +76,8 @@ SELECT u.id, u.name, t.name, u.role, s.csrf_token, s.expires_at, coalesce(s.issu
  WHERE s.id = %s AND s.ended_at IS NULL AND s.expires_at > now()
    AND u.role = ANY(%s)
    AND (s.api_key_id IS NULL
-        OR EXISTS (SELECT 1 FROM api_keys k WHERE k.id = s.api_key_id AND k.revoked_at IS NULL AND k.user_id = u.id))
+        OR EXISTS (SELECT 1 FROM api_keys k WHERE k.id = s.api_key_id AND k.revoked_at IS NULL
+                   AND (k.expires_at IS NULL OR k.expires_at > now()) AND k.user_id = u.id))
    AND (s.issuer IS NULL
         OR EXISTS (SELECT 1 FROM issuers i WHERE i.url = s.issuer AND i.tenant_id = u.tenant_id)
            AND u.subject_issuer = s.issuer)

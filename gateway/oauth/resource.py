@@ -9,7 +9,6 @@ whole and carries no scopes.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import is_api_key
 from gateway.oauth import store
+from gateway.refusals import jsonrpc_error
 
 if TYPE_CHECKING:
     from gateway.fleet import Fleet
@@ -106,8 +106,11 @@ class RequireBearer:
         if self.required_scopes:
             params.append(f'scope="{" ".join(self.required_scopes)}"')
         params.append(f'resource_metadata="{self.metadata_url}"')
-        body = json.dumps({"error": error[0] if error else "unauthorized",
-                           "error_description": error[1] if error else "Authentication required"}).encode()
+        # The challenge is in WWW-Authenticate (RFC 6750); the body is a JSON-RPC error, which MCP
+        # clients show, saying what to do about it.
+        oauth_error = {"error": error[0] if error else "unauthorized",
+                       "error_description": error[1] if error else "Authentication required"}
+        body = jsonrpc_error(_advice(status, error), data=oauth_error)
         await send({
             "type": "http.response.start",
             "status": status,
@@ -119,3 +122,14 @@ class RequireBearer:
         })
         await send({"type": "http.response.body", "body": body})
 
+
+
+def _advice(status: int, error: tuple[str, str] | None) -> str:
+    if status == 403 and error is not None:
+        return f"the token lacks a scope this gateway requires ({error[1]}): ask your identity provider for it"
+    if error is None:
+        return ("no API key or token was sent: send the header `Authorization: Bearer <key>` "
+                "(the mcpfleet CLI reads the key from MCPFLEET_KEY or --key)")
+    return ("the API key or token was refused (mistyped, revoked or expired): check the key your client sends "
+            "(the mcpfleet CLI reads it from MCPFLEET_KEY or --key); an admin makes a new one with "
+            "`mcpfleet keys create USER`")

@@ -20,7 +20,9 @@ from pydantic import BaseModel, Field
 from mcp_servers.workspace.confine import OutsideWorkspace, Workspace
 
 MAX_READ_BYTES = 4 * 1024 * 1024
-MAX_WRITE_BYTES = 8 * 1024 * 1024
+# Below the gateway's default body limit (MCPFLEET_MAX_BODY_BYTES, 4 MiB), which must also carry the
+# call's JSON envelope and escapes: a write the tool advertises fits through the gateway.
+MAX_WRITE_BYTES = 3 * 1024 * 1024
 MAX_LIST_ENTRIES = 1000
 
 RelativePath = Annotated[
@@ -92,7 +94,8 @@ def create_server(root: str | os.PathLike[str]) -> MCPServer[Any]:
     @server.tool(
         description=(
             "Write text to a file in the workspace, replacing it if it exists and creating missing parent "
-            f"directories. Content is stored as UTF-8; at most {MAX_WRITE_BYTES // (1024 * 1024)} MiB."
+            f"directories. Content is stored as UTF-8; at most {MAX_WRITE_BYTES // (1024 * 1024)} MiB "
+            "(write a larger file in parts and join them)."
         ),
         annotations=ToolAnnotations(
             title="Write file", read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
