@@ -70,6 +70,8 @@ async def gateway(kube, workdir, tmp_path_factory, postgres_url):
         tmp_path_factory, postgres_url,
         MCPFLEET_SANDBOX_BACKEND="kubernetes", MCPFLEET_K8S_NAMESPACE=NS, MCPFLEET_SANDBOX_KEY_FILE=str(key_file),
         KUBECONFIG=str(kubeconfig), MCPFLEET_K8S_START_TIMEOUT_S=str(START_TIMEOUT_S),
+        # The fixture server too, as a built-in that a test revokes.
+        MCPFLEET_CONFORMANCE="on",
         # As in a gateway pod: no gVisor on this gateway's machine.
         PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "runsc").exists()),
     )  # fmt: skip
