@@ -136,6 +136,18 @@ class RunscBackend:
             log.warning("runsc %s of sandbox %s failed (%s): %s", args[0], spec.id, code, _tail(spec.directory / "console.log"))
             await self.destroy(spec.id)
             raise RunscError(f"gVisor could not {args[0]} the sandbox (runsc exited with {code})")
+        self._oom_kill_sentry_first(spec.id)
+
+    def _oom_kill_sentry_first(self, sandbox_id: str) -> None:
+        """A sandbox over its memory limit must die whole. The kernel's OOM killer takes the largest
+        process in the cgroup, which on systrap is a stub (the application's address space, in the
+        sentry's shared memory), and runsc 2024-07's sentry then waits on it forever: the call hangs
+        and the sandbox stays. The sentry goes first instead (its stubs die with it); the stubs that
+        exist already were forked before this and keep their score, as do those they fork later."""
+        for pid, argv in _runsc_processes(self.root):
+            if argv[0] == "runsc-sandbox" and any(sandbox_id in arg for arg in argv):
+                with contextlib.suppress(OSError):
+                    Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
 
     async def destroy(self, sandbox_id: str, *, grace: float = 0.0) -> None:
         await self._destroy(sandbox_id, grace, set(self._processes(sandbox_id)))
