@@ -390,13 +390,14 @@ def compare(results: list[tuple[Gvisor, Samples]]) -> None:
 
 
 def label(gvisor: Gvisor) -> str:
-    return f"runsc {gvisor.release or '?'} {gvisor.platform}"
+    return f"runsc {gvisor.release or '?'} {gvisor.platform}" + (" uncompressed" if gvisor.uncompressed_checkpoints else "")
 
 
 def gvisors(given: list[str]) -> list[Gvisor]:
-    """--gvisor RUNSC:PLATFORM values, else the system's runsc on ptrace and the pinned one on systrap."""
+    """--gvisor RUNSC:PLATFORM[:compressed] values, else the system's runsc on ptrace and the pinned one on systrap."""
     if given:
-        return [choose(*(g.rsplit(":", 1) if ":" in g else (g, None))) for g in given]
+        parts = [g.split(":") for g in given]
+        return [choose(p[0], p[1] if len(p) > 1 else None, len(p) > 2 and p[2] == "compressed") for p in parts]
     found = [choose("runsc", "ptrace")]
     if PINNED_RUNSC.exists():
         found.append(choose(str(PINNED_RUNSC), "systrap"))
@@ -487,7 +488,7 @@ if __name__ == "__main__":
         "--keep", action="store_true", help="keep the temporary home (logs, database)"
     )
     cli.add_argument(
-        "--gvisor", action="append", default=[], metavar="RUNSC:PLATFORM",
+        "--gvisor", action="append", default=[], metavar="RUNSC:PLATFORM[:compressed]",
         help="a runsc and its platform to measure, in turn (repeat; the first is the baseline)",
     )
     cli.add_argument(

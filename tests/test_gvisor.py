@@ -18,11 +18,14 @@ pinned_runsc = pytest.mark.skipif(not PINNED_RUNSC.exists(), reason="scripts/set
 def test_the_pinned_runsc_is_the_default_and_runs_on_systrap_with_uncompressed_checkpoints(monkeypatch, tmp_path):
     monkeypatch.delenv("MCPFLEET_RUNSC", raising=False)
     monkeypatch.delenv("MCPFLEET_RUNSC_PLATFORM", raising=False)
+    monkeypatch.delenv("MCPFLEET_RUNSC_COMPRESS_CHECKPOINTS", raising=False)
     gvisor = choose()
     assert (gvisor.runsc, gvisor.platform, gvisor.release) == (str(PINNED_RUNSC), "systrap", 20240729)
     assert gvisor.checkpoint_flags() == ["-compression", "none"]
     backend = RunscBackend(tmp_path / "runsc")
     assert "--platform=systrap" in backend._flags() and backend.runsc == str(PINNED_RUNSC)
+    monkeypatch.setenv("MCPFLEET_RUNSC_COMPRESS_CHECKPOINTS", "1")
+    assert choose().checkpoint_flags() == []  # runsc's own default: compressed
 
 
 @system_runsc
