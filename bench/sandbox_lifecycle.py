@@ -9,7 +9,12 @@ the baseline the other figures are read against. Everything lives in a temporary
 (short: the channel's Unix socket path must stay within 107 bytes) with its own runsc root,
 cgroup parent and embedded PostgreSQL, and is torn down at the end, on error too.
 
-    .venv/bin/python bench/sandbox_lifecycle.py [--runs 5] [--density 10] [--keep]
+Each gVisor given with --gvisor (RUNSC:PLATFORM; default: Debian's runsc on ptrace, the baseline,
+then the pinned 2024-07 runsc on systrap when scripts/setup.sh has unpacked it) is measured in
+turn in the same run, each with its own runsc root and cgroup parent, and a last table sets them
+side by side, as ratios to the first.
+
+    .venv/bin/python bench/sandbox_lifecycle.py [--runs 5] [--density 10] [--gvisor runsc:ptrace ...] [--keep]
 
 p99 is nearest-rank: with fewer than 100 samples it is the slowest one.
 """
@@ -41,6 +46,7 @@ from sandbox import store
 from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend, descendant_pids
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.factory import sandbox_python
+from sandbox.gvisor import PINNED_RUNSC, Gvisor, choose
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
 from sandbox.servers import BUILTIN_SERVERS
 
@@ -148,13 +154,15 @@ async def memory(manager: SandboxManager, sandbox: Sandbox) -> tuple[int, int]:
 
 
 class Users:
-    def __init__(self, manager: SandboxManager):
+    def __init__(self, manager: SandboxManager, prefix: str):
         self.manager = manager
+        self.prefix = prefix
+        """Each gVisor's users are its own (one database for the whole run)."""
         self.count = 0
 
     async def new(self, prefix: str) -> tuple[int, str, str]:
         self.count += 1
-        name = f"{prefix}{self.count}"
+        name = f"{self.prefix}{prefix}{self.count}"
         async with self.manager.pool.connection() as conn:
             return (await add_user(conn, name, tenant=TENANT)).user_id, TENANT, name
 
@@ -286,63 +294,25 @@ def row(
     return f"| {name} | {median:,.1f} {unit} | {p99(values):,.1f} {unit} | {len(values)} | {target} | {ratio} |"
 
 
+MEASURES: list[tuple[str, str, str, str, bool]] = [
+    # (Samples field, what, unit, target, read against the baseline call)
+    ("baseline_ms", "baseline: first tool call on a running sandbox", "ms", "", True),
+    ("cold_ms", "cold start → first tool result (new user, pool empty)", "ms", "≤ 500 ms", True),
+    ("warm_ms", "warm-pool claim → first tool result (pool of 1)", "ms", "≤ 100 ms", True),
+    ("hibernate_ms", "hibernate (`manager.hibernate`)", "ms", "", False),
+    ("resume_ms", "resume → first tool result", "ms", "≤ 300 ms", True),
+    ("checkpoint_mib", "checkpoint size (row `checkpoint_bytes`)", "MiB", "", False),
+    ("rss_mib", "idle running sandbox, RSS sum of its runsc processes", "MiB", "≤ 40 MB (38.1 MiB)", False),
+    ("pss_mib", "idle running sandbox, PSS of the same processes", "MiB", "≤ 40 MB (38.1 MiB)", False),
+]
+
+
 def report(samples: Samples, dense: Density | None, home: Path) -> None:
     base = statistics.median(samples.baseline_ms) if samples.baseline_ms else None
     print("| measure | median | p99 | n | target | × baseline |")
     print("|---|---|---|---|---|---|")
-    print(
-        row(
-            "baseline: first tool call on a running sandbox",
-            samples.baseline_ms,
-            "ms",
-            "",
-            base,
-        )
-    )
-    print(
-        row(
-            "cold start → first tool result (new user, pool empty)",
-            samples.cold_ms,
-            "ms",
-            "≤ 500 ms",
-            base,
-        )
-    )
-    print(
-        row(
-            "warm-pool claim → first tool result (pool of 1)",
-            samples.warm_ms,
-            "ms",
-            "≤ 100 ms",
-            base,
-        )
-    )
-    print(row("hibernate (`manager.hibernate`)", samples.hibernate_ms, "ms", ""))
-    print(row("resume → first tool result", samples.resume_ms, "ms", "≤ 300 ms", base))
-    print(
-        row(
-            "checkpoint size (row `checkpoint_bytes`)",
-            samples.checkpoint_mib,
-            "MiB",
-            "",
-        )
-    )
-    print(
-        row(
-            "idle running sandbox, RSS sum of its runsc processes",
-            samples.rss_mib,
-            "MiB",
-            "≤ 40 MB (38.1 MiB)",
-        )
-    )
-    print(
-        row(
-            "idle running sandbox, PSS of the same processes",
-            samples.pss_mib,
-            "MiB",
-            "≤ 40 MB (38.1 MiB)",
-        )
-    )
+    for key, what, unit, target, against_baseline in MEASURES:
+        print(row(what, getattr(samples, key), unit, target, base if against_baseline else None))
     if samples.warm_misses:
         print(
             f"\n{samples.warm_misses} of {len(samples.warm_ms)} warm claims started cold after all."
@@ -402,6 +372,38 @@ def report(samples: Samples, dense: Density | None, home: Path) -> None:
         print(f"- failed to start: {failure}")
 
 
+def compare(results: list[tuple[Gvisor, Samples]]) -> None:
+    """One row per measure, one column per gVisor (median / p99), and each one's median over the first's."""
+    first = results[0][0]
+    names = [f"{label(g)}" for g, _ in results]
+    print(f"\n## Side by side (ratio: median over {label(first)}'s)\n")
+    print("| measure | " + " | ".join(f"{n} median / p99" for n in names) + " | " + " | ".join(f"{n} ×" for n in names[1:]) + " |")
+    print("|---|" + "---|" * (2 * len(results) - 1))
+    for key, what, unit, _, _ in MEASURES:
+        cells, medians = [], []
+        for _, samples in results:
+            values = getattr(samples, key)
+            medians.append(statistics.median(values) if values else None)
+            cells.append(f"{medians[-1]:,.1f} / {p99(values):,.1f} {unit}" if values else "–")
+        ratios = [f"{m / medians[0]:.2f}×" if m is not None and medians[0] else "–" for m in medians[1:]]
+        print(f"| {what} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+
+
+def label(gvisor: Gvisor) -> str:
+    return f"runsc {gvisor.release or '?'} {gvisor.platform}" + (" uncompressed" if gvisor.uncompressed_checkpoints else "")
+
+
+def gvisors(given: list[str]) -> list[Gvisor]:
+    """--gvisor RUNSC:PLATFORM[:compressed] values, else the system's runsc on ptrace and the pinned one on systrap."""
+    if given:
+        parts = [g.split(":") for g in given]
+        return [choose(p[0], p[1] if len(p) > 1 else None, len(p) > 2 and p[2] == "compressed") for p in parts]
+    found = [choose("runsc", "ptrace")]
+    if PINNED_RUNSC.exists():
+        found.append(choose(str(PINNED_RUNSC), "systrap"))
+    return found
+
+
 # -- setup and teardown ---------------------------------------------------------------------------
 
 
@@ -413,11 +415,13 @@ def remove_cgroup_parent(parent: str) -> None:
             (controller / parent.lstrip("/")).rmdir()
 
 
-async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
+async def bench(home: Path, url: str, args: argparse.Namespace, gvisor: Gvisor, index: int) -> Samples:
+    print(f"\n## {label(gvisor)} ({gvisor.runsc})\n")
+    home = home / f"g{index}"  # short: the channel's socket path must stay within 107 bytes
     pool = await open_pool(url)
-    cgroup_parent = f"/mcpfleet-bench-{os.getpid()}"
+    cgroup_parent = f"/mcpfleet-bench-{os.getpid()}-{index}"
     backend = RunscBackend(
-        home / "runsc", cgroup_parent=cgroup_parent, python=sandbox_python()
+        home / "runsc", runsc=gvisor.runsc, platform=gvisor.platform, cgroup_parent=cgroup_parent, python=sandbox_python()
     )
     # No housekeeping during the bench: nothing should hibernate or reclaim on its own.
     lifecycle = Lifecycle(
@@ -429,7 +433,7 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
     samples, dense = Samples(), None
     try:
         await manager.start()
-        users = Users(manager)
+        users = Users(manager, prefix=f"g{index}-")
         await lifecycle_runs(manager, users, args.runs, samples)
         if args.density > 0:
             dense = await density(manager, users, args.density)
@@ -444,10 +448,9 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
         manager.workspaces.cleanup(home, keep=set())
         remove_cgroup_parent(cgroup_parent)
         await pool.close()
-        print(
-            f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
-        )
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
         report(samples, dense, home)
+    return samples
 
 
 async def main(home: Path, url: str, args: argparse.Namespace) -> None:
@@ -455,7 +458,12 @@ async def main(home: Path, url: str, args: argparse.Namespace) -> None:
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        await asyncio.wait_for(bench(home, url, args), args.timeout)
+        async with asyncio.timeout(args.timeout):
+            results = []
+            for index, gvisor in enumerate(gvisors(args.gvisor)):
+                results.append((gvisor, await bench(home, url, args, gvisor, index)))
+        if len(results) > 1:
+            compare(results)
     except TimeoutError:
         print(
             f"\nstopped after {args.timeout:.0f} s; the figures above are partial",
@@ -478,6 +486,10 @@ if __name__ == "__main__":
     )
     cli.add_argument(
         "--keep", action="store_true", help="keep the temporary home (logs, database)"
+    )
+    cli.add_argument(
+        "--gvisor", action="append", default=[], metavar="RUNSC:PLATFORM[:compressed]",
+        help="a runsc and its platform to measure, in turn (repeat; the first is the baseline)",
     )
     cli.add_argument(
         "--timeout",

@@ -8,12 +8,14 @@ import subprocess
 
 import pytest
 
+from sandbox.gvisor import choose
 from tests.clients import connect, structured
 from tests.conftest import make_fleet
 
 
 def runsc_containers(fleet) -> dict[str, str]:
-    out = subprocess.run(["runsc", "--root", str(fleet.home / "runsc"), "list", "-format", "json"],
+    # The runsc the fleet's gateway runs (the same environment chooses it).
+    out = subprocess.run([choose().runsc, "--root", str(fleet.home / "runsc"), "list", "-format", "json"],
                          capture_output=True, text=True, check=True).stdout
     return {c["id"]: c["status"] for c in (json.loads(out) or [])}
 

@@ -417,7 +417,8 @@ async def test_a_gvisor_sandbox_writes_into_the_image_and_sees_enospc(tmp):
     free = free_bytes(workspace)
 
     def inside(script: str) -> subprocess.CompletedProcess[str]:
-        argv = ["runsc", "--root", str(backend.root), "exec", "--user", f"{UID}:{GID}", sandbox_id, "/bin/sh", "-c"]
+        argv = [backend.runsc, "--root", str(backend.root), f"--platform={backend.platform}", "exec",
+                "--user", f"{UID}:{GID}", sandbox_id, "/bin/sh", "-c"]
         return subprocess.run([*argv, script], capture_output=True, text=True, timeout=60, check=False)
 
     try:

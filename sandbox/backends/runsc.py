@@ -6,7 +6,7 @@ Every command runs with the same flags: no network at all, host Unix sockets
 that may be opened (connected to) but not created, which is all the supervisor
 needs to reach the gateway's socket in its channel dir, and the root under an
 overlay in memory (`bundle.ROOT_OVERLAY`), so that `df /` tells nothing of the
-host's disk.
+host's disk. Which runsc, and on which platform, `sandbox.gvisor` decides.
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ from pathlib import Path
 from sandbox.backends.base import Container, SandboxSpec
 from sandbox.bundle import CPU_QUOTA_ANNOTATION, ROOT_OVERLAY, build_bundle
 from sandbox.errors import SandboxUnavailable
+from sandbox.gvisor import choose
 from sandbox.runtime import PythonRuntime, current_python
 
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 60.0
+EXIT_WAIT = 10.0
+"""How long `destroy` waits for a killed sandbox's processes to finish exiting."""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -43,7 +46,7 @@ class RunscBackend:
         self,
         root: Path,
         *,
-        runsc: str = "runsc",
+        runsc: str | None = None,
         platform: str | None = None,
         cgroup_parent: str = "/mcpfleet",
         start_cpus: float | None = float(os.cpu_count() or 1),
@@ -54,20 +57,19 @@ class RunscBackend:
         A sandbox starts with `start_cpus` of CPU (None: its own limit), until `settle()`:
         importing the servers' code is most of a cold start, and it is CPU-bound.
         `python` is the runtime bound into every sandbox (default: the gateway's own).
+        `runsc` and `platform` default as `sandbox.gvisor.choose` says (the newest runsc here).
         """
         self.root = Path(root)
-        self.runsc = runsc
-        self.platform = platform
+        self.gvisor = choose(runsc, platform)
+        self.runsc = self.gvisor.runsc
+        self.platform = self.gvisor.platform
         self.cgroup_parent = cgroup_parent.rstrip("/")
         self.start_cpus = start_cpus
         self.python = python or current_python()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _flags(self) -> list[str]:
-        flags = ["--root", str(self.root), "--network=none", "--host-uds=open", ROOT_OVERLAY]
-        if self.platform:
-            flags.append(f"--platform={self.platform}")
-        return flags
+        return ["--root", str(self.root), "--network=none", "--host-uds=open", ROOT_OVERLAY, f"--platform={self.platform}"]
 
     async def _run(self, *args: str, log_file: Path | None = None, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str]:
         argv = [self.runsc, *self._flags()]
@@ -134,8 +136,24 @@ class RunscBackend:
             log.warning("runsc %s of sandbox %s failed (%s): %s", args[0], spec.id, code, _tail(spec.directory / "console.log"))
             await self.destroy(spec.id)
             raise RunscError(f"gVisor could not {args[0]} the sandbox (runsc exited with {code})")
+        self._oom_kill_sentry_first(spec.id)
+
+    def _oom_kill_sentry_first(self, sandbox_id: str) -> None:
+        """A sandbox over its memory limit must die whole. The kernel's OOM killer takes the largest
+        process in the cgroup, which on systrap is a stub (the application's address space, in the
+        sentry's shared memory), and runsc 2024-07's sentry then waits on it forever: the call hangs
+        and the sandbox stays. The sentry goes first instead (its stubs die with it); the stubs that
+        exist already were forked before this and keep their score, as do those they fork later."""
+        for pid, argv in _runsc_processes(self.root):
+            if argv[0] == "runsc-sandbox" and any(sandbox_id in arg for arg in argv):
+                with contextlib.suppress(OSError):
+                    Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
 
     async def destroy(self, sandbox_id: str, *, grace: float = 0.0) -> None:
+        await self._destroy(sandbox_id, grace, set(self._processes(sandbox_id)))
+
+    async def _destroy(self, sandbox_id: str, grace: float, processes: set[int]) -> None:
+        """`processes`: the sandbox's, found while their command lines still named it (an exiting one's is empty)."""
         if grace > 0 and (await self._run("kill", sandbox_id, "TERM"))[0] == 0:
             # The supervisor passes SIGTERM to its servers and exits, which ends the sandbox.
             deadline = asyncio.get_running_loop().time() + grace
@@ -146,8 +164,14 @@ class RunscBackend:
         if code != 0 and "does not exist" not in out:
             log.warning("runsc delete %s: %s", sandbox_id, out)
         for pid in self._processes(sandbox_id):
+            processes.add(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # Killed is not gone: until its last thread has exited, a process keeps its mount namespace,
+        # and with it the workspace's loop device, which the sandbox's next start or resume must mount.
+        deadline = asyncio.get_running_loop().time() + EXIT_WAIT
+        while any(map(_is_live_process, processes)) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
         self._remove_cgroups(sandbox_id)
 
     async def settle(self, sandbox_id: str) -> None:
@@ -183,7 +207,12 @@ class RunscBackend:
 
     async def is_alive(self, sandbox_id: str) -> bool:
         state = await self._state(sandbox_id)
-        return state is not None and state.get("status") == "running"
+        if state is None or state.get("status") != "running":
+            return False
+        # runsc 2024-07 asks the kernel whether the sandbox's pid exists, and a killed sandbox stays
+        # a zombie until the host's init reaps it (here that can take seconds): it is dead already.
+        pid = state.get("pid")
+        return not isinstance(pid, int) or pid <= 0 or _is_live_process(pid)
 
     async def _state(self, sandbox_id: str) -> dict | None:
         code, out = await self._run("state", sandbox_id)
@@ -216,14 +245,17 @@ class RunscBackend:
         the supervisor's channel first (`SupervisorClient.detach()`).
         """
         image_dir.mkdir(parents=True, exist_ok=True)
-        code, out = await self._run("checkpoint", "--image-path", str(image_dir), sandbox_id, timeout=300)
+        processes = set(self._processes(sandbox_id))
+        code, out = await self._run(
+            "checkpoint", *self.gvisor.checkpoint_flags(), "--image-path", str(image_dir), sandbox_id, timeout=300
+        )
         if code != 0:
             # gVisor explains with a stack trace: for the log, not for the sandbox's row or the user.
             log.warning("runsc checkpoint of sandbox %s failed (%s): %s", sandbox_id, code, out[-4000:])
             raise RunscError(f"gVisor could not checkpoint the sandbox (runsc exited with {code})")
         # The saved sandbox is stopped; `restore` builds it anew from the bundle and the image,
         # so nothing of it needs to stay in runsc's state or in the cgroups meanwhile.
-        await self.destroy(sandbox_id)
+        await self._destroy(sandbox_id, 0.0, processes)
 
     async def restore(self, spec: SandboxSpec, image_dir: Path) -> None:
         """Run a checkpointed sandbox again, from its bundle and `image_dir`, under the same id."""
@@ -275,14 +307,32 @@ def _runsc_processes(root: Path) -> list[tuple[int, list[str]]]:
             continue
         try:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        if not _is_live_process(int(entry.name)):
             continue
-        if argv and argv[0].startswith("runsc") and (marker in argv or any(a == str(root) for a in argv)):
+        # The commands run as the binary's path (/opt/.../runsc), its sandbox and gofer as `runsc-sandbox`.
+        if argv and Path(argv[0]).name.startswith("runsc") and (marker in argv or any(a == str(root) for a in argv)):
             found.append((int(entry.name), argv))
     return found
+
+
+def _is_live_process(pid: int) -> bool:
+    """Alive, or still exiting: a zombie whose other threads still run (a Go program's main thread
+    exits first) holds its namespaces and files; one that is only waiting to be reaped holds nothing."""
+    try:
+        if _process_state(Path(f"/proc/{pid}/stat").read_text()) != "Z":
+            return True
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    threads = next((line.split()[1] for line in status.splitlines() if line.startswith("Threads:")), "1")
+    return int(threads) > 1
+
+
+def _process_state(stat: str) -> str:
+    """The state letter of a /proc/<pid>/stat line (after the command, which may hold spaces and parens)."""
+    return stat.rsplit(")", 1)[-1].split()[0]
 
 
 def descendant_pids(pid: int) -> list[int]:
