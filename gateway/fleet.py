@@ -4,15 +4,17 @@
     calls     the audit writer: tool calls and auth decisions, queued off the request's path
     registry  what each user may run (registry.service), the sandbox manager's server source
     search    tool search over embeddings (registry.search)
-    manager   the users' sandboxes (sandbox.manager)
+    secrets   users' and tenants' secrets in Vault (core.vault): the embedded OpenBao unless VAULT_ADDR is set
+    manager   the users' sandboxes (sandbox.manager), whose servers get their secrets (gateway.secret_servers)
 
-Secrets, the model router and telemetry open here the same way as they come. The app is built
+The model router and telemetry open here the same way as they come. The app is built
 before it is opened (its routes and middleware hold the fleet from the start) and the lifespan
 opens it: nothing is wired afterwards. A service asked for while the fleet is closed is an error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -22,7 +24,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from core.db import open_pool
 from core.settings import Settings
+from core.vault import SecretStore, open_secrets
 from gateway.call_audit import CallAudit
+from gateway.secret_servers import SecretServers
 from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
 from registry.search import Index, ToolSearch
@@ -38,6 +42,7 @@ class _Services:
     pool: AsyncConnectionPool
     registry: Registry
     search: ToolSearch
+    secrets: SecretStore
     manager: SandboxManager
 
 
@@ -74,10 +79,15 @@ class Fleet:
             registry.on_change.append(self._tools_changed)
             await registry.start(self.database_url)
             stack.push_async_callback(registry.close)
-            manager = sandbox_manager(self.settings, pool, backend, registry, database_url=self.database_url)
+            # Opened before the manager (its sandboxes' servers get their secrets from it), closed after it.
+            opening = open_secrets(self.settings.home)
+            secrets = await asyncio.to_thread(opening.__enter__)
+            stack.push_async_callback(asyncio.to_thread, opening.__exit__, None, None, None)
+            servers = SecretServers(registry, secrets, pool)
+            manager = sandbox_manager(self.settings, pool, backend, servers, database_url=self.database_url)
             await manager.start()
             stack.push_async_callback(manager.close)
-            self._services = _Services(pool, registry, ToolSearch(index, registry), manager)
+            self._services = _Services(pool, registry, ToolSearch(index, registry), secrets, manager)
             self._stack = stack.pop_all()
         return self
 
@@ -106,6 +116,10 @@ class Fleet:
     @property
     def search(self) -> ToolSearch:
         return self._open().search
+
+    @property
+    def secrets(self) -> SecretStore:
+        return self._open().secrets
 
     @property
     def manager(self) -> SandboxManager:

@@ -208,7 +208,7 @@ class Registry:
         if not entry_point:
             raise ArtifactError(f"validation found no console script {manifest.command!r} in the wheel")
         self.artifacts.install(approved.artifact_sha256)
-        return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets)
+        return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets, manifest.name)
 
     def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
         self.artifacts.link_into(tools_dir, {s.revision for s in servers if s.revision != "builtin"})
@@ -248,7 +248,7 @@ class Registry:
             package = await asyncio.to_thread(self._check_package, manifest, sha256)
             checks.append(package)
             if package["ok"]:
-                spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets)
+                spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets, manifest.name)
                 install = await asyncio.to_thread(self.artifacts.install, sha256)
                 trial = await trial_run(self.backend, self.home, spec, install)
             checks.append(_trial_check(trial, manifest, package["ok"]))

@@ -26,7 +26,7 @@ from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxUnavailable
 from sandbox.layout import SandboxLayout, drop_channel, forget, make_channel, read_token, tree_bytes
 from sandbox.running import Sandbox
-from sandbox.servers import ServerSource
+from sandbox.servers import ServerSource, without_secrets
 from sandbox.state import StateRecorder
 from sandbox.store import State
 from sandbox.tiers import Tier
@@ -100,7 +100,8 @@ class Steps:
             raise SandboxUnavailable(f"the sandbox database is unavailable ({type(exc).__name__})") from exc
         layout = self.layout(sandbox_id)
         token = secrets.token_urlsafe(32)
-        servers = await self.servers.servers_for(user_id)
+        # Servers holding secrets are not in the config file on disk: the first `ensure` configures them over the channel.
+        servers = without_secrets(await self.servers.servers_for(user_id))
         sandbox = Sandbox(
             id=sandbox_id,
             user_id=user_id,

@@ -39,9 +39,12 @@ def python_argv(argv: Sequence[str]) -> list[str]:
 class ServerConfig:
     name: str
     argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    """Its secrets among them (only when it comes over the channel, never in a file): not in its repr."""
     cwd: str | None = None
     revision: str = "builtin"
+    unavailable: str = ""
+    """Why the server cannot do its work (a secret it declares is not set): its calls fail with this."""
 
 
 @dataclass(frozen=True)
