@@ -284,7 +284,7 @@ async def test_secrets_survive_openbao_restarting_and_vault_down_is_a_clear_erro
 def test_the_config_file_written_at_a_sandboxs_start_holds_no_secret(tmp_path):
     """Secrets reach a sandbox over its channel only: `prepare` writes no server that holds any."""
     from sandbox.boot import prepare
-    from sandbox.layout import SandboxLayout
+    from sandbox.layout import SandboxLayout, drop_channel
     from sandbox.servers import ServerSpec, server_configs
 
     secret = value()
@@ -293,7 +293,10 @@ def test_the_config_file_written_at_a_sandboxs_start_holds_no_secret(tmp_path):
     assert secret not in repr(keyed) and secret not in repr(server_configs([keyed]))
     assert server_configs([keyed])[0].env[TOKEN] == secret  # what `configure` sends over the channel
     layout = SandboxLayout(tmp_path, "sbx-test")
-    prepare(layout, "t" * 32, [keyed, plain], mount_workspace=lambda p: p.mkdir(), provision=lambda p: p.mkdir(),
-            uid=os.getuid(), gid=os.getgid())
-    written = "".join(p.read_text() for p in layout.dir.rglob("*.json"))
+    try:
+        prepare(layout, "t" * 32, [keyed, plain], mount_workspace=lambda p: p.mkdir(), provision=lambda p: p.mkdir(),
+                uid=os.getuid(), gid=os.getgid())
+        written = "".join(p.read_text() for p in layout.dir.rglob("*.json"))
+    finally:
+        drop_channel(layout)  # a tmpfs of its own
     assert '"plain"' in written and '"keyed"' not in written and secret not in written
