@@ -262,6 +262,9 @@ async def test_secrets_survive_openbao_restarting_and_vault_down_is_a_clear_erro
     listed = json.loads(secrets_cli(fleet, "list", "alice", "--json").stdout)
     fleet.stop()  # stops its OpenBao
     assert not (fleet.home / "openbao" / "pid").exists()
+    # With no gateway running, the CLI starts the home's OpenBao for itself, and stops it again.
+    assert json.loads(secrets_cli(fleet, "list", "alice", "--json").stdout) == listed
+    assert not (fleet.home / "openbao" / "pid").exists()
     started = time.perf_counter()
     fleet.start()
     print(f"\ngateway restarted, OpenBao unsealed again, in {time.perf_counter() - started:.1f} s")
