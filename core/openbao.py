@@ -33,11 +33,17 @@ log = logging.getLogger(__name__)
 
 MOUNT = "mcpfleet"
 """The KV v2 mount holding every secret (vault.SecretStore lays it out per tenant, user and server)."""
+TRANSIT = "mcpfleet-transit"
+"""The transit mount whose key wraps each checkpoint image's data key (core.sealed_images)."""
+TRANSIT_KEY = "checkpoints"
 POLICY = "mcpfleet-gateway"
 POLICY_HCL = f"""
 # The gateway's and the CLI's tokens: the fleet's own mount, nothing else (no sys/, no other mounts).
 path "{MOUNT}/data/*" {{ capabilities = ["create", "read", "update", "delete", "list"] }}
 path "{MOUNT}/metadata/*" {{ capabilities = ["read", "delete", "list"] }}
+# New data keys for checkpoint images, and unwrapping them; never the transit key itself.
+path "{TRANSIT}/datakey/plaintext/{TRANSIT_KEY}" {{ capabilities = ["update"] }}
+path "{TRANSIT}/decrypt/{TRANSIT_KEY}" {{ capabilities = ["update"] }}
 """
 TOKEN_TTL = "24h"
 
@@ -181,9 +187,13 @@ class EmbeddedOpenBao:
             time.sleep(0.05)
 
     def _set_up(self, root: hvac.Client) -> None:
-        """The KV v2 mount and the gateway's policy, each made if missing (the audit device is in the config)."""
-        if f"{MOUNT}/" not in root.sys.list_mounted_secrets_engines()["data"]:
+        """The KV v2 mount, the transit key and the gateway's policy, each made if missing (the audit device is in the config)."""
+        mounted = root.sys.list_mounted_secrets_engines()["data"]
+        if f"{MOUNT}/" not in mounted:
             root.sys.enable_secrets_engine("kv", path=MOUNT, options={"version": "2"})
+        if f"{TRANSIT}/" not in mounted:
+            root.sys.enable_secrets_engine("transit", path=TRANSIT)
+            root.secrets.transit.create_key(TRANSIT_KEY, key_type="aes256-gcm96", mount_point=TRANSIT)
         root.sys.create_or_update_policy(POLICY, POLICY_HCL)
 
     def token(self) -> str:

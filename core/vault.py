@@ -7,7 +7,7 @@ Layout in the KV v2 mount, one entry per secret (so each has its own versions an
 
 with `{"value": ...}` as the entry's data. Which Vault: VAULT_ADDR with VAULT_TOKEN, or AppRole
 (VAULT_ROLE_ID and VAULT_SECRET_ID), or Kubernetes auth (VAULT_K8S_ROLE, the pod's service
-account token); MCPFLEET_VAULT_MOUNT names the mount (default `mcpfleet`, which must exist
+account token); MCPFLEET_VAULT_MOUNT names the KV mount (default `mcpfleet`, which must exist
 there). Without VAULT_ADDR the fleet runs its own OpenBao (core.openbao).
 
 hvac is blocking: every method here runs it in a thread. Values never appear in a message, a log
@@ -17,6 +17,7 @@ line or an exception raised from here; names do.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -29,10 +30,12 @@ from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions
+import psycopg
 import requests
 
+from core import audit
 from core.errors import FleetError
-from core.openbao import MOUNT, EmbeddedOpenBao
+from core.openbao import MOUNT, TRANSIT, TRANSIT_KEY, EmbeddedOpenBao
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +94,12 @@ def _base(tenant: str, user: str | None) -> str:
 
 
 class SecretStore:
-    def __init__(self, login: Callable[[], hvac.Client], mount: str = MOUNT, where: str = "Vault"):
+    def __init__(self, login: Callable[[], hvac.Client], mount: str = MOUNT, where: str = "Vault", transit: str = TRANSIT):
         """`login()` makes an authenticated client; called again once when Vault refuses the token
         (it expired), so a long-running gateway needs no renewal timer."""
         self._login = login
         self.mount = mount
+        self.transit = transit
         self.where = where
         """Which Vault, for messages and `up`'s log (an address, never a token)."""
         self._client: hvac.Client | None = None
@@ -200,6 +204,27 @@ class SecretStore:
         _check(tenant, user, "x/x")
         return await asyncio.to_thread(self._list_sync, tenant, user)
 
+    def data_key(self) -> tuple[bytes, str]:
+        """A new AES-256 key from the transit engine: (the key, its wrapped form to keep). Blocking."""
+        def op(kv: Any) -> tuple[bytes, str]:
+            data = self._client_now().secrets.transit.generate_data_key(
+                TRANSIT_KEY, key_type="plaintext", mount_point=self.transit)["data"]
+            return base64.b64decode(data["plaintext"]), str(data["ciphertext"])
+
+        return self._run(op)
+
+    def unwrap(self, wrapped: str) -> bytes:
+        """The key `data_key` returned wrapped. Blocking."""
+        def op(kv: Any) -> bytes:
+            data = self._client_now().secrets.transit.decrypt_data(TRANSIT_KEY, wrapped, mount_point=self.transit)["data"]
+            return base64.b64decode(data["plaintext"])
+
+        return self._run(op)
+
+    def _client_now(self) -> hvac.Client:
+        assert self._client is not None  # set by _run before it calls its op
+        return self._client
+
     async def values(self, tenant: str, user: str, server: str, names: Sequence[str]) -> tuple[dict[str, str], list[str]]:
         """The values of `names` for the user's `server`: the user's own, else the tenant's.
         Returns (found, missing names)."""
@@ -245,8 +270,9 @@ def open_secrets(home: Path) -> Iterator[SecretStore]:
     addr = os.environ.get("VAULT_ADDR")
     if addr:
         mount = os.environ.get("MCPFLEET_VAULT_MOUNT") or MOUNT
-        log.info("secrets: Vault at %s, mount %s", addr, mount)
-        yield SecretStore(_external_login(addr), mount, where=f"Vault at {addr}")
+        transit = os.environ.get("MCPFLEET_VAULT_TRANSIT") or TRANSIT
+        log.info("secrets: Vault at %s, mount %s, transit %s", addr, mount, transit)
+        yield SecretStore(_external_login(addr), mount, where=f"Vault at {addr}", transit=transit)
         return
     bao = EmbeddedOpenBao(home)
     bao.start()
@@ -257,3 +283,32 @@ def open_secrets(home: Path) -> Iterator[SecretStore]:
         yield SecretStore(lambda: hvac.Client(bao.addr, token=bao.token()), MOUNT, where=f"the embedded OpenBao at {bao.addr}")
     finally:
         bao.stop()
+
+
+# -- changes, audited ---------------------------------------------------------------------------
+
+
+def _target(tenant: str, user: str | None) -> str:
+    return f"{tenant}/{user}" if user is not None else f"{tenant} (tenant-wide)"
+
+
+async def set_secret(
+    store: SecretStore, conn: psycopg.AsyncConnection, *, actor: str | None, tenant: str, user: str | None,
+    server: str, name: str, value: str,
+) -> int:
+    """Set or rotate a secret and audit it (its name and version; never its value). Returns the version."""
+    version = await store.put(tenant, user, server, name, value)
+    await audit.append(conn, action="secret.set", outcome="ok", tenant=tenant, actor=actor, target=_target(tenant, user),
+                       detail={"server": server, "name": name, "version": version})
+    return version
+
+
+async def remove_secret(
+    store: SecretStore, conn: psycopg.AsyncConnection, *, actor: str | None, tenant: str, user: str | None, server: str, name: str,
+) -> bool:
+    """Remove a secret (all its versions) and audit it; False, and nothing audited, if there was none."""
+    removed = await store.delete(tenant, user, server, name)
+    if removed:
+        await audit.append(conn, action="secret.remove", outcome="ok", tenant=tenant, actor=actor, target=_target(tenant, user),
+                           detail={"server": server, "name": name})
+    return removed

@@ -23,6 +23,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from core.db import open_pool
+from core.sealed_images import SealedImages
 from core.settings import Settings
 from core.vault import SecretStore, open_secrets
 from gateway.call_audit import CallAudit
@@ -84,7 +85,9 @@ class Fleet:
             secrets = await asyncio.to_thread(opening.__enter__)
             stack.push_async_callback(asyncio.to_thread, opening.__exit__, None, None, None)
             servers = SecretServers(registry, secrets, pool)
-            manager = sandbox_manager(self.settings, pool, backend, servers, database_url=self.database_url)
+            manager = sandbox_manager(
+                self.settings, pool, backend, servers, database_url=self.database_url, images=SealedImages(secrets)
+            )
             await manager.start()
             stack.push_async_callback(manager.close)
             self._services = _Services(pool, registry, ToolSearch(index, registry), secrets, manager)

@@ -19,6 +19,7 @@ from sandbox.backends.runsc import RunscBackend
 from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
+from sandbox.steps import ImageSealer
 from sandbox.workspaces import Workspaces
 
 if TYPE_CHECKING:
@@ -107,8 +108,10 @@ def sandbox_manager(
     servers: ServerSource | Sequence[ServerSpec] = BUILTIN_SERVERS,
     *,
     database_url: str | None = None,
+    images: ImageSealer | None = None,
 ) -> SandboxManager:
-    """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list."""
+    """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list.
+    `images`: encrypts checkpoint images at rest (the fleet passes core.sealed_images')."""
     if settings.sandbox_backend == "kubernetes":
         # The router takes a SandboxManager; the kubernetes manager (kubernetes_sandboxes) is not wired into it yet.
         raise RuntimeError("MCPFLEET_SANDBOX_BACKEND=kubernetes is not served by the gateway yet")
@@ -125,4 +128,5 @@ def sandbox_manager(
         on_transition=audit_transition,
         database_url=database_url,
         max_result_bytes=settings.max_result_bytes,
+        images=images,
     )

@@ -221,6 +221,26 @@ async def test_rotation_restarts_only_the_server_that_declares_it(vault_fleet):
         secrets_cli(fleet, "set", "alice", KEYED, TOKEN, stdin=rotated)
         assert structured(await client.call_tool("keyed__fingerprint", {}))["sha256"] == sha(rotated)
         assert text_of(await client.call_tool("keyed__leak", {})) == "logged"
+        assert structured(await client.call_tool("keyed__fingerprint", {}))["sha256"] == sha(rotated)
+
+
+async def test_a_hibernated_sandbox_keeps_its_memory_and_secrets_only_encrypted(vault_fleet):
+    fleet, alice = vault_fleet, vault_fleet.keys["alice"]
+    started = time.perf_counter()
+    fleet.cli("sandboxes", "hibernate", "alice")
+    print(f"\nhibernate with the image sealed {time.perf_counter() - started:.2f} s")
+    images = [p for p in fleet.home.glob("sandboxes/*/checkpoint") if p.is_dir()]
+    assert len(images) == 1 and (images[0] / "sealed.key").exists()
+    assert all(p.name.endswith(".sealed") or p.name == "sealed.key" for p in images[0].rglob("*") if p.is_file())
+    assert _files_holding(images[0], VALUES, skip=fleet.home / "openbao") == []
+    # It resumes from the unsealed image (AES-GCM authenticated: bit for bit what runsc wrote).
+    # Published servers do not come back listed after a resume here (plain, without secrets, neither):
+    # an open issue of resume with registry servers, not of sealing; checked here is the built-in's.
+    started = time.perf_counter()
+    async with connect(fleet.mcp_url, alice) as client:
+        assert not (await client.call_tool("workspace__list_dir", {"path": "."})).is_error
+    print(f"resume from the sealed image and a call {time.perf_counter() - started:.2f} s")
+    assert "resumed in" in fleet.log() and "unsealed in" in fleet.log()
 
 
 def test_changes_are_audited_by_name_never_by_value(vault_fleet):

@@ -14,7 +14,7 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from core.openbao import MOUNT, POLICY, EmbeddedOpenBao
+from core.openbao import MOUNT, POLICY, TRANSIT, TRANSIT_KEY, EmbeddedOpenBao
 from core.vault import SecretError, SecretStore, VaultUnavailable, open_secrets
 
 SERVER = "io.example/weather"
@@ -77,6 +77,9 @@ def test_the_gateways_token_reaches_its_mount_and_nothing_else(bao):
         lambda: client.auth.token.create(policies=["root"]),
         lambda: client.sys.list_enabled_audit_devices(),
         lambda: client.sys.create_or_update_policy(POLICY, 'path "*" { capabilities = ["sudo"] }'),
+        lambda: client.secrets.transit.read_key(TRANSIT_KEY, mount_point=TRANSIT),
+        lambda: client.secrets.transit.export_key(TRANSIT_KEY, key_type="encryption-key", mount_point=TRANSIT),
+        lambda: client.secrets.transit.rotate_key(TRANSIT_KEY, mount_point=TRANSIT),
     ):
         with pytest.raises(hvac.exceptions.Forbidden):
             forbidden()
@@ -118,3 +121,41 @@ async def test_an_external_vault_by_vault_addr_with_approle_or_a_token(bao, tmp_
     with open_secrets(elsewhere) as store:
         with pytest.raises(VaultUnavailable, match="refused the fleet's token"):
             await store.values("acme", "alice", SERVER, ["API_KEY"])
+
+
+def test_a_checkpoint_image_is_sealed_with_a_transit_data_key_and_unsealed_intact(bao, tmp_path):
+    from core.sealed_images import CHUNK, KEY_FILE, SealedImages, SealError
+
+    images = SealedImages(store_of(bao))
+    image = tmp_path / "checkpoint"
+    (image / "sub").mkdir(parents=True)
+    marker = b"memory-holding-a-secret-value"
+    contents = {"pages.img": os.urandom(CHUNK) + marker + os.urandom(CHUNK // 2), "sub/meta.json": b'{"x": 1}' + marker,
+                "empty": b""}
+    for name, data in contents.items():
+        (image / name).write_bytes(data)
+    started = time.perf_counter()
+    images.seal(image)
+    print(f"\nsealed {sum(map(len, contents.values())) / 2**20:.1f} MiB in {(time.perf_counter() - started) * 1e3:.0f} ms")
+    on_disk = b"".join(p.read_bytes() for p in image.rglob("*") if p.is_file())
+    assert marker not in on_disk and (image / KEY_FILE).exists()
+    assert not any((image / name).exists() for name in contents)
+    images.unseal(image)
+    assert {str(p.relative_to(image)): p.read_bytes() for p in image.rglob("*") if p.is_file()} == contents
+
+    # A changed byte, a file cut short: refused, never restored.
+    images.seal(image)
+    sealed = image / "pages.img.sealed"
+    data = bytearray(sealed.read_bytes())
+    data[100] ^= 1
+    sealed.write_bytes(bytes(data))
+    with pytest.raises(SealError, match="changed"):
+        images.unseal(image)
+    cut = tmp_path / "cut"
+    (cut).mkdir()
+    (cut / "pages.img").write_bytes(contents["pages.img"])
+    images.seal(cut)
+    whole = (cut / "pages.img.sealed").read_bytes()
+    (cut / "pages.img.sealed").write_bytes(whole[: 12 + 4 + CHUNK + 16])  # the first chunk alone
+    with pytest.raises(SealError):
+        images.unseal(cut)
