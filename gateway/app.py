@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from core.settings import Settings
-from gateway import admin, metrics, registry_api
+from gateway import admin, metrics, registry_api, secrets_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.call_audit import AuditedBearerBackend, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
@@ -114,6 +114,7 @@ def create_app(fleet: Fleet) -> Starlette:
             *metadata_routes(settings.public_url, settings.required_scopes, fleet),
             *registry_api.routes(fleet),
             *metrics.routes(fleet),
+            *secrets_api.routes(fleet),
             *admin.routes(admin_sessions, settings, oauth),
         ],
         middleware=[

@@ -4,17 +4,20 @@
     calls     the audit writer: tool calls and auth decisions, queued off the request's path
     registry  what each user may run (registry.service), the sandbox manager's server source
     search    tool search over embeddings (registry.search)
-    manager   the users' sandboxes: on runsc and docker the local manager (sandbox.manager),
-              on kubernetes McpSandbox objects that the operator runs (sandbox.kubernetes)
+    secrets   users' and tenants' secrets in Vault (core.vault): the embedded OpenBao unless VAULT_ADDR is set
+    manager   the users' sandboxes, whose servers get their secrets (gateway.secret_servers): on runsc
+              and docker the local manager (sandbox.manager), on kubernetes McpSandbox objects that
+              the operator runs (sandbox.kubernetes)
     telemetry traces over OTLP when configured, and the metrics at /metrics (gateway.telemetry)
 
-Secrets and the model router open here the same way as they come. The app is built
+The model router opens here the same way when it comes. The app is built
 before it is opened (its routes and middleware hold the fleet from the start) and the lifespan
 opens it: nothing is wired afterwards. A service asked for while the fleet is closed is an error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -23,10 +26,13 @@ from typing import Any, Protocol
 from psycopg_pool import AsyncConnectionPool
 
 from core.db import open_pool
+from core.sealed_images import SealedImages
 from core.settings import Settings
+from core.vault import SecretStore, open_secrets
 from gateway.call_audit import CallAudit
 from gateway.egress import SandboxEgress
 from gateway.routing import RunningSandbox
+from gateway.secret_servers import SecretServers
 from gateway.telemetry import Telemetry
 from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
@@ -57,6 +63,7 @@ class _Services:
     pool: AsyncConnectionPool
     registry: Registry
     search: ToolSearch
+    secrets: SecretStore
     manager: Sandboxes
 
 
@@ -97,18 +104,24 @@ class Fleet:
             registry.on_change.append(self._tools_changed)
             await registry.start(self.database_url)
             stack.push_async_callback(registry.close)
+            # Opened before the manager (its sandboxes' servers get their secrets from it), closed after it.
+            opening = open_secrets(self.settings.home)
+            secrets = await asyncio.to_thread(opening.__enter__)
+            stack.push_async_callback(asyncio.to_thread, opening.__exit__, None, None, None)
+            servers = SecretServers(registry, secrets, pool)
             manager: Sandboxes
             if self.settings.sandbox_backend == "kubernetes":
-                kube = await kubernetes_sandboxes(self.settings, registry, database_tiers(pool))
+                kube = await kubernetes_sandboxes(self.settings, servers, database_tiers(pool))
                 # Before the clients are told to list again: their sandboxes run the new set by then.
                 registry.on_change.insert(0, kube.servers_changed)
                 manager = kube
             else:
                 assert backend is not None  # the local backends run their own trials
                 manager = sandbox_manager(
-                    self.settings, pool, backend, registry, database_url=self.database_url,
+                    self.settings, pool, backend, servers, database_url=self.database_url,
                     egress=SandboxEgress(self.calls, per_min=self.settings.egress_per_min),
                     on_transition=self.telemetry.metrics.sandbox_transition,
+                    images=SealedImages(secrets),
                 )
             await manager.start()
             stack.push_async_callback(manager.close)
@@ -118,7 +131,7 @@ class Fleet:
                 desk = RequestDesk(pool, manager, self.database_url)
                 desk.start()
                 stack.push_async_callback(desk.close)
-            self._services = _Services(pool, registry, ToolSearch(index, registry), manager)
+            self._services = _Services(pool, registry, ToolSearch(index, registry), secrets, manager)
             self._stack = stack.pop_all()
         return self
 
@@ -147,6 +160,10 @@ class Fleet:
     @property
     def search(self) -> ToolSearch:
         return self._open().search
+
+    @property
+    def secrets(self) -> SecretStore:
+        return self._open().secrets
 
     @property
     def manager(self) -> Sandboxes:

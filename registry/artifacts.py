@@ -350,7 +350,7 @@ def unmet_requirements(requires: list[str], available: set[str]) -> list[str]:
     return unmet
 
 
-def server_spec(prefix: str, sha256: str, entry_point: str, secrets: tuple[str, ...] = (),
+def server_spec(prefix: str, sha256: str, entry_point: str, secrets: tuple[str, ...] = (), server: str = "",
                 egress: tuple[str, ...] = ()) -> ServerSpec:
     """How a sandbox runs a published server: its console script's callable, from its install."""
     module, _, attr = entry_point.partition(":")
@@ -363,4 +363,6 @@ def server_spec(prefix: str, sha256: str, entry_point: str, secrets: tuple[str, 
     code = f"import sys; sys.path.insert(0, {path!r}); from {module} import {head} as entry; sys.exit(entry{'.' + rest if rest else ''}())"
     # The names it declares, so `mcpfleet_sdk.secret()` tells "not declared" from "not set".
     env = {"MCPFLEET_DECLARED_SECRETS": ",".join(secrets)}
-    return ServerSpec(prefix, ("python", "-c", code), env=env, revision=sha256, egress=egress)
+    return ServerSpec(
+        prefix, ("python", "-c", code), env=env, revision=sha256, server=server, secret_names=tuple(secrets), egress=egress
+    )

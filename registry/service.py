@@ -217,7 +217,7 @@ class Registry:
         if not entry_point:
             raise ArtifactError(f"validation found no console script {manifest.command!r} in the wheel")
         self.artifacts.install(approved.artifact_sha256)
-        return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets,
+        return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets, manifest.name,
                            manifest.fleet.egress)
 
     def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
@@ -258,7 +258,7 @@ class Registry:
             package = await asyncio.to_thread(self._check_package, manifest, sha256)
             checks.append(package)
             if package["ok"]:
-                spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets)
+                spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets, manifest.name)
                 install = await asyncio.to_thread(self.artifacts.install, sha256)
                 if self.backend is None:
                     trial.error = f"not run: {self.no_trial_reason}"

@@ -16,7 +16,7 @@ from sandbox import wire
 from sandbox.backends.base import SandboxBackend, SandboxSpec
 from sandbox.client import SupervisorClient
 from sandbox.layout import SandboxLayout, make_channel, write_token
-from sandbox.servers import ServerSpec, server_configs
+from sandbox.servers import ServerSpec, server_configs, without_secrets
 from sandbox.supervisor.config import SupervisorConfig
 
 START_BOOST_S = 10.0
@@ -44,7 +44,8 @@ def prepare(
     provision(layout.tools)
     config = SupervisorConfig(
         socket=f"{wire.CHANNEL_DIR}/{wire.SOCKET_NAME}",
-        servers=server_configs(servers),
+        # Written to disk: never a secret in it (those come over the channel, `configure`).
+        servers=server_configs(without_secrets(servers)),
         token=token,
     )
     config.write(channel / wire.CONFIG_NAME, owner=(uid, gid))

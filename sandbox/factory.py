@@ -22,6 +22,7 @@ from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
 from sandbox.state import Transition
+from sandbox.steps import ImageSealer
 from sandbox.tiers import Tier
 from sandbox.tunnels import EgressPolicy
 from sandbox.workspaces import Workspaces
@@ -139,9 +140,11 @@ def sandbox_manager(
     database_url: str | None = None,
     egress: EgressPolicy | None = None,
     on_transition: Transition | None = None,
+    images: ImageSealer | None = None,
 ) -> SandboxManager:
     """`servers`: what each user's sandbox runs; the fleet passes its registry, tests a fixed list.
-    Every change of state is audited, then told to `on_transition` (the gateway's metrics)."""
+    Every change of state is audited, then told to `on_transition` (the gateway's metrics).
+    `images`: encrypts checkpoint images at rest (the fleet passes core.sealed_images')."""
     if settings.sandbox_backend == "kubernetes":
         # Its manager is another class, opened asynchronously (it reads the kubeconfig): the fleet
         # opens it with kubernetes_sandboxes.
@@ -160,6 +163,7 @@ def sandbox_manager(
         database_url=database_url,
         max_result_bytes=settings.max_result_bytes,
         egress=egress,
+        images=images,
     )
 
 

@@ -433,7 +433,7 @@ def _already_runs(client: SupervisorClient, wanted: tuple[ServerSpec, ...]) -> b
     revision): no need to restart them. A server with an environment is always configured, since
     that (its secrets) reaches a pod only over the channel, never through the object."""
     running = {name: status.get("revision") for name, status in client.servers.items()}
-    return running == {s.name: s.revision for s in wanted} and not any(s.env for s in wanted)
+    return running == {s.name: s.revision for s in wanted} and not any(s.env or s.secrets for s in wanted)
 
 
 def _unavailable(what: str, name: str, exc: ApiException) -> SandboxUnavailable:

@@ -50,7 +50,7 @@ from sandbox.layout import SandboxLayout
 from sandbox.running import Running, Sandbox, workspace_key
 from sandbox.servers import ServerSource, ServerSpec, StaticServers, server_configs
 from sandbox.state import StateRecorder, Transition, UsageStamps
-from sandbox.steps import Steps
+from sandbox.steps import ImageSealer, Steps
 from sandbox.store import State
 from sandbox.tiers import Tier
 from sandbox.tunnels import EgressPolicy
@@ -102,6 +102,7 @@ class SandboxManager:
         touch_interval: float = 10.0,
         max_result_bytes: int = wire.MAX_LINE,
         egress: EgressPolicy | None = None,
+        images: ImageSealer | None = None,
     ):
         """`home` is the fleet home: sandboxes live in home/sandboxes, workspaces in home/workspaces.
         With `database_url`, requests from the CLI are heard at once (LISTEN), else at the next sweep.
@@ -120,7 +121,7 @@ class SandboxManager:
             self.home, backend, self.workspaces, self.servers, self.states,
             uid=uid, gid=gid, start_timeout=start_timeout, start_boost_s=start_boost_s,
             adopt_timeout=adopt_timeout, stop_grace=stop_grace, drain_timeout=drain_timeout,
-            max_result_bytes=max_result_bytes, egress=egress,
+            max_result_bytes=max_result_bytes, egress=egress, images=images,
         )  # fmt: skip
         self.running = Running()
         """Every running sandbox: users' and the warm pool's."""

@@ -25,6 +25,15 @@ class ServerSpec:
     """What of the server runs (a published wheel's digest): a sandbox whose server has another revision restarts it."""
     egress: tuple[str, ...] = ()
     """Hosts (`host`, `host:port`) its manifest declares: only these it can reach, through the egress proxy."""
+    server: str = ""
+    """Its name in the registry (`namespace/server`), under which its users' secrets are kept."""
+    secret_names: tuple[str, ...] = ()
+    """The secrets its manifest declares."""
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Their values for the sandbox's user, added to `env` when it runs; they reach a sandbox only over
+    its channel (`configure`), never in the config file written at its start (`boot.prepare`)."""
+    unavailable: str = ""
+    """Why it cannot do its work (a declared secret is not set, Vault is down): its calls fail with this."""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or "__" in self.name:
@@ -76,9 +85,18 @@ class StaticServers:
 
 def server_configs(servers: Sequence[ServerSpec]) -> list[ServerConfig]:
     """What the supervisor runs: each server in the workspace, where a tool's relative paths lead
-    (the interpreter's flags keep the workspace off its import path: `PYTHON_FLAGS`)."""
+    (the interpreter's flags keep the workspace off its import path: `PYTHON_FLAGS`). With their
+    secrets: for the channel only."""
     return [
-        ServerConfig(name=s.name, argv=list(s.argv), env=dict(s.env), cwd=WORKSPACE, revision=s.revision,
-                     egress=list(s.egress))
+        ServerConfig(
+            name=s.name, argv=list(s.argv), env={**s.env, **s.secrets}, cwd=WORKSPACE, revision=s.revision,
+            egress=list(s.egress), unavailable=s.unavailable,
+        )
         for s in servers
     ]
+
+
+def without_secrets(servers: Sequence[ServerSpec]) -> tuple[ServerSpec, ...]:
+    """The servers a sandbox may start with from its config file: those holding no secret. The
+    others follow at once over the channel (the manager configures what differs from what runs)."""
+    return tuple(s for s in servers if not s.secrets)

@@ -15,7 +15,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
@@ -26,7 +26,7 @@ from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxUnavailable
 from sandbox.layout import SandboxLayout, drop_channel, forget, make_channel, read_token, tree_bytes
 from sandbox.running import Sandbox
-from sandbox.servers import ServerSource
+from sandbox.servers import ServerSource, without_secrets
 from sandbox.state import StateRecorder
 from sandbox.store import State
 from sandbox.tiers import Tier
@@ -34,6 +34,15 @@ from sandbox.tunnels import EgressPolicy
 from sandbox.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
+
+
+class ImageSealer(Protocol):
+    """Encrypts a checkpoint image in place after it is written, and decrypts it before a restore
+    (core.sealed_images). Blocking: called in a thread."""
+
+    def seal(self, directory: Path) -> None: ...
+
+    def unseal(self, directory: Path) -> None: ...
 
 
 class Steps:
@@ -54,8 +63,10 @@ class Steps:
         drain_timeout: float = 30.0,
         max_result_bytes: int = wire.MAX_LINE,
         egress: EgressPolicy | None = None,
+        images: ImageSealer | None = None,
     ):
         self.home = home
+        self.images = images
         self.backend = backend
         self.workspaces = workspaces
         self.servers = servers
@@ -104,7 +115,8 @@ class Steps:
             raise SandboxUnavailable(f"the sandbox database is unavailable ({type(exc).__name__})") from exc
         layout = self.layout(sandbox_id)
         token = secrets.token_urlsafe(32)
-        servers = await self.servers.servers_for(user_id)
+        # Servers holding secrets are not in the config file on disk: the first `ensure` configures them over the channel.
+        servers = without_secrets(await self.servers.servers_for(user_id))
         sandbox = Sandbox(
             id=sandbox_id,
             user_id=user_id,
@@ -176,6 +188,8 @@ class Steps:
             await sandbox.client.detach()
             shutil.rmtree(layout.checkpoint_partial, ignore_errors=True)
             await self.backend.checkpoint(sandbox.id, layout.checkpoint_partial)
+            if self.images is not None:
+                await self._seal(layout.checkpoint_partial)
             # Complete only once renamed: recovery tells a finished checkpoint by its name.
             shutil.rmtree(layout.checkpoint, ignore_errors=True)
             os.rename(layout.checkpoint_partial, layout.checkpoint)
@@ -184,6 +198,14 @@ class Steps:
                 return False
             raise SandboxUnavailable(f"hibernation failed: {exc}") from exc
         return True
+
+    async def _seal(self, image: Path) -> None:
+        assert self.images is not None
+        try:
+            await asyncio.to_thread(self.images.seal, image)
+        except Exception as exc:  # the sandbox is stopped already: its memory must not stay on disk in the clear
+            shutil.rmtree(image, ignore_errors=True)
+            raise SandboxUnavailable(f"its checkpoint could not be encrypted: {exc}") from exc
 
     async def _drain(self, sandbox: Sandbox) -> None:
         deadline = time.monotonic() + self.drain_timeout
@@ -248,6 +270,8 @@ class Steps:
             await asyncio.to_thread(self.mount_workspace, sandbox)
             make_channel(layout, self.uid, self.gid)
             await sandbox.client.listen()
+            if self.images is not None:
+                await asyncio.to_thread(self.images.unseal, layout.checkpoint)
             await self.backend.restore(self.spec(sandbox), layout.checkpoint)
             await wait_ready(self.backend, sandbox.client, sandbox.id, self.start_timeout, self.start_boost_s)
             await self.states.set(sandbox.id, State.RUNNING, "resumed", user_id=user_id)

@@ -158,7 +158,7 @@ def test_a_published_servers_declared_hosts_reach_its_supervisor_config():
     from registry.artifacts import server_spec
     from sandbox.servers import server_configs
 
-    spec = server_spec("weather", "a" * 64, "weather.server:main", (), ("api.weather.example", "tiles.weather.example:8443"))
+    spec = server_spec("weather", "a" * 64, "weather.server:main", (), egress=("api.weather.example", "tiles.weather.example:8443"))
     assert spec.egress == ("api.weather.example", "tiles.weather.example:8443")
     config = server_configs([spec])[0]
     assert config.egress == ["api.weather.example", "tiles.weather.example:8443"]

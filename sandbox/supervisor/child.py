@@ -35,6 +35,8 @@ STABLE_AFTER = 60.0
 STOP_GRACE = 2.0
 STDERR_TAIL = 20
 MIN_SECRET = 6
+REFUSED_WHEN_UNAVAILABLE = frozenset({"tools/call", "prompts/get", "resources/read"})
+"""What a server marked unavailable (a declared secret is missing) is not asked to do."""
 """Environment values this long or longer are masked in a server's stderr."""
 
 # Notifications about the session rather than one request; never tied to a call.
@@ -340,6 +342,10 @@ class ChildServer:
 
     def call(self, gateway_id: Any, method: str, params: dict[str, Any] | None, entry: list[Any]) -> None:
         """Send a gateway call on; `entry` is the supervisor's record of it, filled with our id."""
+        if self.config.unavailable and method in REFUSED_WHEN_UNAVAILABLE:
+            # It runs (its tools stay listed), but cannot do its work: say why, and what to do.
+            self._supervisor.reply_error(gateway_id, wire.INVALID_PARAMS, self.config.unavailable, {"server": self.name})
+            return
         if self.state == "ready":
             entry[1] = self._send_call(gateway_id, method, params)
         elif self.state == "starting":

@@ -39,12 +39,15 @@ def python_argv(argv: Sequence[str]) -> list[str]:
 class ServerConfig:
     name: str
     argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    """Its secrets among them (only when it comes over the channel, never in a file): not in its repr."""
     cwd: str | None = None
     revision: str = "builtin"
     egress: list[str] = field(default_factory=list)
     """Hosts (`host` or `host:port`) the manifest declares; non-empty: the server gets proxy credentials.
     The gateway checks each connection against its own copy; the supervisor only decides who gets credentials."""
+    unavailable: str = ""
+    """Why the server cannot do its work (a secret it declares is not set): its calls fail with this."""
 
 
 @dataclass(frozen=True)

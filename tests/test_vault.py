@@ -1,0 +1,161 @@
+"""The secret store against a real OpenBao (the embedded one, and the same server reached as an
+external Vault by VAULT_ADDR with AppRole or a token): layout, fallback, the gateway token's
+policy, a restart, and Vault down. No sandbox here: tests/test_secrets.py covers injection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import hvac
+import hvac.exceptions
+import pytest
+
+from core.openbao import MOUNT, POLICY, TRANSIT, TRANSIT_KEY, EmbeddedOpenBao
+from core.vault import SecretError, SecretStore, VaultUnavailable, open_secrets
+
+SERVER = "io.example/weather"
+
+
+@pytest.fixture
+def bao(tmp_path: Path):
+    server = EmbeddedOpenBao(tmp_path)
+    started = time.perf_counter()
+    server.start()
+    print(f"\nOpenBao started, initialised and unsealed in {time.perf_counter() - started:.2f} s, "
+          f"{(server.memory_bytes() or 0) / 2**20:.0f} MB resident")
+    yield server
+    server.stop()
+
+
+def store_of(bao: EmbeddedOpenBao) -> SecretStore:
+    return SecretStore(lambda: hvac.Client(bao.addr, token=bao.token()))
+
+
+async def test_layout_fallback_versions_and_removal(bao):
+    store = store_of(bao)
+    assert await store.put("acme", "alice", SERVER, "API_KEY", "alice-value-1") == 1
+    assert await store.put("acme", "alice", SERVER, "API_KEY", "alice-value-2") == 2
+    assert await store.put("acme", None, SERVER, "API_KEY", "tenant-value") == 1
+    assert await store.put("acme", None, SERVER, "REGION", "eu-north") == 1
+    assert await store.values("acme", "alice", SERVER, ["API_KEY", "REGION", "NOPE"]) == (
+        {"API_KEY": "alice-value-2", "REGION": "eu-north"}, ["NOPE"])
+    # Another user of the tenant gets the tenant's; a user of another tenant gets nothing.
+    assert (await store.values("acme", "bob", SERVER, ["API_KEY"]))[0] == {"API_KEY": "tenant-value"}
+    assert await store.values("other", "alice", SERVER, ["API_KEY"]) == ({}, ["API_KEY"])
+    listed = await store.list_secrets("acme", "alice")
+    assert [(s.server, s.name, s.version) for s in listed] == [(SERVER, "API_KEY", 2)]
+    assert "value" not in str(listed[0].as_dict()).replace("version", "")
+    assert await store.delete("acme", "alice", SERVER, "API_KEY")
+    assert not await store.delete("acme", "alice", SERVER, "API_KEY")
+    assert (await store.values("acme", "alice", SERVER, ["API_KEY"]))[0] == {"API_KEY": "tenant-value"}
+
+
+async def test_names_that_would_leave_their_place_are_refused(bao):
+    store = store_of(bao)
+    for tenant, user, server, name in (
+        ("acme", "../shared", SERVER, "API_KEY"), ("acme", "a/b", SERVER, "API_KEY"), ("..", "alice", SERVER, "API_KEY"),
+        ("acme", "alice", "io.example/../x", "API_KEY"), ("acme", "alice", "noslash", "API_KEY"),
+        ("acme", "alice", SERVER, "api_key"), ("acme", "alice", SERVER, "A/B"),
+    ):
+        with pytest.raises(SecretError):
+            await store.put(tenant, user, server, name, "v")
+    with pytest.raises(SecretError, match="NUL"):
+        await store.put("acme", "alice", SERVER, "API_KEY", "a\x00b")
+
+
+def test_the_gateways_token_reaches_its_mount_and_nothing_else(bao):
+    client = hvac.Client(bao.addr, token=bao.token())
+    assert client.lookup_token()["data"]["policies"] == ["default", POLICY]
+    client.secrets.kv.v2.create_or_update_secret(path="tenants/t/users/u/a/b/X", secret={"value": "v"}, mount_point=MOUNT)
+    for forbidden in (
+        lambda: client.sys.list_mounted_secrets_engines(),
+        lambda: client.sys.enable_secrets_engine("kv", path="mine"),
+        lambda: client.auth.token.create(policies=["root"]),
+        lambda: client.sys.list_enabled_audit_devices(),
+        lambda: client.sys.create_or_update_policy(POLICY, 'path "*" { capabilities = ["sudo"] }'),
+        lambda: client.secrets.transit.read_key(TRANSIT_KEY, mount_point=TRANSIT),
+        lambda: client.secrets.transit.export_key(TRANSIT_KEY, key_type="encryption-key", mount_point=TRANSIT),
+        lambda: client.secrets.transit.rotate_key(TRANSIT_KEY, mount_point=TRANSIT),
+    ):
+        with pytest.raises(hvac.exceptions.Forbidden):
+            forbidden()
+
+
+async def test_secrets_survive_a_restart_and_a_stopped_vault_is_a_clear_error(tmp_path):
+    with open_secrets(tmp_path) as store:
+        await store.put("acme", "alice", SERVER, "API_KEY", "kept-value")
+    with open_secrets(tmp_path) as store:
+        assert (await store.values("acme", "alice", SERVER, ["API_KEY"]))[0] == {"API_KEY": "kept-value"}
+        os.kill(int((tmp_path / "openbao" / "pid").read_text()), signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        with pytest.raises(VaultUnavailable, match="cannot be reached") as down:
+            await store.values("acme", "alice", SERVER, ["API_KEY"])
+        assert "kept-value" not in str(down.value)
+
+
+async def test_an_external_vault_by_vault_addr_with_approle_or_a_token(bao, tmp_path, monkeypatch):
+    """The embedded server stands in for an operator's Vault here: reached only by address and login."""
+    root = hvac.Client(bao.addr, token=(bao.dir / "root-token").read_text().strip())
+    root.sys.enable_auth_method("approle")
+    root.auth.approle.create_or_update_approle("gateway", token_policies=[POLICY], token_ttl="1h")
+    role_id = root.auth.approle.read_role_id("gateway")["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id("gateway")["data"]["secret_id"]
+    elsewhere = tmp_path / "other-home"
+    monkeypatch.setenv("VAULT_ADDR", bao.addr)
+    monkeypatch.setenv("VAULT_ROLE_ID", role_id)
+    monkeypatch.setenv("VAULT_SECRET_ID", secret_id)
+    with open_secrets(elsewhere) as store:
+        assert store.where == f"Vault at {bao.addr}"
+        await store.put("acme", "alice", SERVER, "API_KEY", "via-approle")
+    assert not (elsewhere / "openbao").exists()  # no embedded server when VAULT_ADDR names one
+    monkeypatch.delenv("VAULT_ROLE_ID")
+    monkeypatch.delenv("VAULT_SECRET_ID")
+    monkeypatch.setenv("VAULT_TOKEN", bao.token())
+    with open_secrets(elsewhere) as store:
+        assert (await store.values("acme", "alice", SERVER, ["API_KEY"]))[0] == {"API_KEY": "via-approle"}
+    monkeypatch.setenv("VAULT_TOKEN", "not-a-token")
+    with open_secrets(elsewhere) as store:
+        with pytest.raises(VaultUnavailable, match="refused the fleet's token"):
+            await store.values("acme", "alice", SERVER, ["API_KEY"])
+
+
+def test_a_checkpoint_image_is_sealed_with_a_transit_data_key_and_unsealed_intact(bao, tmp_path):
+    from core.sealed_images import CHUNK, KEY_FILE, SealedImages, SealError
+
+    images = SealedImages(store_of(bao))
+    image = tmp_path / "checkpoint"
+    (image / "sub").mkdir(parents=True)
+    marker = b"memory-holding-a-secret-value"
+    contents = {"pages.img": os.urandom(CHUNK) + marker + os.urandom(CHUNK // 2), "sub/meta.json": b'{"x": 1}' + marker,
+                "empty": b""}
+    for name, data in contents.items():
+        (image / name).write_bytes(data)
+    started = time.perf_counter()
+    images.seal(image)
+    print(f"\nsealed {sum(map(len, contents.values())) / 2**20:.1f} MiB in {(time.perf_counter() - started) * 1e3:.0f} ms")
+    on_disk = b"".join(p.read_bytes() for p in image.rglob("*") if p.is_file())
+    assert marker not in on_disk and (image / KEY_FILE).exists()
+    assert not any((image / name).exists() for name in contents)
+    images.unseal(image)
+    assert {str(p.relative_to(image)): p.read_bytes() for p in image.rglob("*") if p.is_file()} == contents
+
+    # A changed byte, a file cut short: refused, never restored.
+    images.seal(image)
+    sealed = image / "pages.img.sealed"
+    data = bytearray(sealed.read_bytes())
+    data[100] ^= 1
+    sealed.write_bytes(bytes(data))
+    with pytest.raises(SealError, match="changed"):
+        images.unseal(image)
+    cut = tmp_path / "cut"
+    (cut).mkdir()
+    (cut / "pages.img").write_bytes(contents["pages.img"])
+    images.seal(cut)
+    whole = (cut / "pages.img.sealed").read_bytes()
+    (cut / "pages.img.sealed").write_bytes(whole[: 12 + 4 + CHUNK + 16])  # the first chunk alone
+    with pytest.raises(SealError):
+        images.unseal(cut)
