@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from core.settings import Settings
-from gateway import admin, registry_api
+from gateway import admin, artifact_api, registry_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.call_audit import AuditedBearerBackend, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
@@ -105,6 +105,7 @@ def create_app(fleet: Fleet) -> Starlette:
             Route("/readyz", readyz),
             *metadata_routes(settings.public_url, settings.required_scopes, fleet),
             *registry_api.routes(fleet),
+            *artifact_api.routes(fleet),
             *admin.routes(admin_sessions, settings, oauth),
         ],
         middleware=[

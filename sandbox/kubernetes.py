@@ -270,6 +270,19 @@ class KubernetesSandboxes:
             for o in found.get("items") or []
         ]
 
+    async def authenticate(self, name: str, token: str) -> dict[str, Any] | None:
+        """The McpSandbox `name` in this namespace if `token` is the one its pod holds (derived from
+        its uid, compared in constant time), else None: how a pod's init container proves which
+        sandbox it is (`gateway.artifact_api`). SandboxUnavailable if the API cannot be read."""
+        if not _DNS_LABEL.match(name) or len(name) > 253:
+            return None
+        obj = await self._get(name)
+        uid = ((obj or {}).get("metadata") or {}).get("uid")
+        if obj is None or not uid:
+            return None
+        expected = sandbox_token(self._key, self.namespace, name, uid)
+        return obj if hmac.compare_digest(expected.encode(), token.encode()) else None
+
     def get(self, user_id: int) -> KubeSandbox | None:
         return self._sandboxes.get(user_id)
 

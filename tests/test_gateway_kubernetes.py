@@ -27,16 +27,28 @@ from pathlib import Path
 
 import httpx
 import pytest
+from kubernetes_asyncio import client as k8s
 from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR
 
+from registry.fetch import SANDBOX_HEADER, FetchError, fetch_into
 from registry.service import BUILTIN_NAMESPACE, product_version
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxUnavailable
 from sandbox.kubernetes import GROUP, PLURAL, VERSION, sandbox_token
 from tests.clients import connect, text_of
 from tests.conftest import make_fleet
-from tests.kube_sandboxes import KEY, NS, Operator, PodSupervisor, serving_sandboxes, spec_pod, stored, write_kubeconfig
+from tests.kube_sandboxes import (
+    KEY,
+    NS,
+    Operator,
+    PodSupervisor,
+    api_client,
+    serving_sandboxes,
+    spec_pod,
+    stored,
+    write_kubeconfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WEATHER = ROOT / "tests" / "tool_projects" / "weather"
@@ -233,13 +245,23 @@ def registry_cli(fleet, key: str, *args: str) -> subprocess.CompletedProcess[str
     return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-async def test_without_gvisor_on_the_gateway_the_trial_is_not_run_and_approval_needs_override(gateway):
+@pytest.fixture(scope="module")
+async def weather(gateway) -> tuple[subprocess.CompletedProcess[str], str]:
+    """io.example/weather 1.0.0 published (not approved): what `mcpfleet publish` said, and its wheel's digest."""
+    publisher = await add_user(gateway, "kube-publisher", role="publisher")
+    published = await asyncio.to_thread(registry_cli, gateway, publisher, "publish", str(WEATHER))
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers={"Authorization": f"Bearer {publisher}"}) as http:
+        version = await http.get("/registry/v1/servers/io.example/weather/versions/1.0.0", timeout=30)
+    assert version.status_code == 200, version.text
+    return published, version.json()["artifact_sha256"]
+
+
+async def test_without_gvisor_on_the_gateway_the_trial_is_not_run_and_approval_needs_override(gateway, weather):
     """No sandbox starts for validation: the gateway has no runsc (it runs none), and the kmock
     stand-in for the Kubernetes API server is not asked for one either."""
     async with asyncio.timeout(WITHIN * 2):
-        publisher = await add_user(gateway, "kube-publisher", role="publisher")
         admin = await add_user(gateway, "kube-approver", role="admin")
-        published = await asyncio.to_thread(registry_cli, gateway, publisher, "publish", str(WEATHER))
+        published, _ = weather
         assert published.returncode == 1, published.stdout + published.stderr
         assert re.search(r"FAIL\s+trial\s+not run: this gateway has no local sandbox runtime", published.stdout), published.stdout
         refused = await asyncio.to_thread(registry_cli, gateway, admin, "registry", "approve", "io.example/weather", "1.0.0")
@@ -248,3 +270,59 @@ async def test_without_gvisor_on_the_gateway_the_trial_is_not_run_and_approval_n
             registry_cli, gateway, admin, "registry", "approve", "io.example/weather", "1.0.0", "--override"
         )
         assert approved.returncode == 0, approved.stdout + approved.stderr
+
+
+async def a_sandbox(objects, name: str, digests: list[str]) -> str:
+    """A McpSandbox listing published servers with these digests, as the gateway writes them; its token."""
+    servers = [{"name": f"s{i}", "prefix": f"s{i}", "version": d, "artifactSha256": d, "command": ["x"], "egress": []}
+               for i, d in enumerate(digests)]
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "McpSandbox", "metadata": {"name": name, "namespace": NS},
+            "spec": {"user": name, "tenant": "default", "userId": 10**6 + len(name), "servers": servers, "operatingMode": "Hibernated"}}
+    created = await objects.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+    return sandbox_token(KEY, NS, name, created["metadata"]["uid"])
+
+
+async def test_a_pod_fetches_the_wheels_its_sandbox_lists_and_nothing_else(gateway, kube, weather, tmp_path):
+    """registry.fetch (the init container's client) against the gateway's artifact route; the
+    McpSandboxes are on the kmock stand-in for the Kubernetes API server, made as the gateway makes them."""
+    async with asyncio.timeout(WITHIN):
+        _, sha = weather
+        api = api_client(kube)
+        objects = k8s.CustomObjectsApi(api)
+        try:
+            token = await a_sandbox(objects, "art-fetcher", [sha, "e" * 64])
+            bystander = await a_sandbox(objects, "art-bystander", [])
+        finally:
+            await api.close()
+        (installed,) = await asyncio.to_thread(fetch_into, gateway.base_url, f"{NS}/art-fetcher", token, tmp_path / "tools", [sha])
+        assert (installed / "weather_tool" / "server.py").is_file()
+
+        async def get(digest: str, headers: dict[str, str]) -> httpx.Response:
+            async with httpx.AsyncClient(base_url=gateway.base_url) as http:
+                return await http.get(f"/registry/v1/artifacts/{digest}", headers=headers, timeout=30)
+
+        def as_(sandbox: str, bearer: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {bearer}", SANDBOX_HEADER: sandbox}
+
+        # Another sandbox's token for this sandbox, or a token made up: not this sandbox.
+        for wrong in (bystander, token[:-2] + "AA", "x"):
+            refused = await get(sha, as_(f"{NS}/art-fetcher", wrong))
+            assert refused.status_code == 401 and "not the token of sandbox" in refused.json()["error"], refused.text
+        # A sandbox with its own token asks for a wheel its spec does not list (another's): refused.
+        refused = await get(sha, as_(f"{NS}/art-bystander", bystander))
+        assert refused.status_code == 403 and "is not the artifact of any server" in refused.json()["error"], refused.text
+        with pytest.raises(FetchError, match="403"):
+            await asyncio.to_thread(fetch_into, gateway.base_url, f"{NS}/art-bystander", bystander, tmp_path / "other", [sha])
+        # A user's own API key is no sandbox's token, and without the header nobody is asked about.
+        admin = await add_user(gateway, "kube-art-admin", role="admin")
+        for headers in ({"Authorization": f"Bearer {token}"}, {"Authorization": f"Bearer {admin}"}, {SANDBOX_HEADER: f"{NS}/art-fetcher"}):
+            refused = await get(sha, headers)
+            assert refused.status_code == 401 and "authenticate as a sandbox" in refused.json()["error"], refused.text
+        assert (await get(sha, as_(f"{NS}/art-fetcher", admin))).status_code == 401
+        # The namespace is the gateway's: a sandbox elsewhere is never looked up.
+        refused = await get(sha, as_("other/art-fetcher", token))
+        assert refused.status_code == 403 and f"namespace {NS!r}" in refused.json()["error"], refused.text
+        # Listed but never published: a clear 404; a path that is no digest: refused, nothing read.
+        missing = await get("e" * 64, as_(f"{NS}/art-fetcher", token))
+        assert missing.status_code == 404 and "no artifact" in missing.json()["error"], missing.text
+        assert (await get("..%2F..%2Fetc", as_(f"{NS}/art-fetcher", token))).status_code in (403, 404)
