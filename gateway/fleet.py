@@ -92,8 +92,10 @@ class Fleet:
             await registry.start(self.database_url)
             stack.push_async_callback(registry.close)
             manager: Sandboxes
+            # Whichever backend: a server's declared hosts are reached over its sandbox's channel.
+            egress = SandboxEgress(self.calls, per_min=self.settings.egress_per_min)
             if self.settings.sandbox_backend == "kubernetes":
-                kube = await kubernetes_sandboxes(self.settings, registry, database_tiers(pool))
+                kube = await kubernetes_sandboxes(self.settings, registry, database_tiers(pool), egress=egress)
                 # Before the clients are told to list again: their sandboxes run the new set by then.
                 registry.on_change.insert(0, kube.servers_changed)
                 manager = kube
@@ -101,7 +103,7 @@ class Fleet:
                 assert backend is not None  # the local backends run their own trials
                 manager = sandbox_manager(
                     self.settings, pool, backend, registry, database_url=self.database_url,
-                    egress=SandboxEgress(self.calls, per_min=self.settings.egress_per_min),
+                    egress=egress,
                 )
             await manager.start()
             stack.push_async_callback(manager.close)

@@ -71,11 +71,12 @@ def trial_backend(settings: Settings, python: PythonRuntime) -> tuple[SandboxBac
 
 
 async def kubernetes_sandboxes(
-    settings: Settings, servers: ServerSource, tier_of: TierOf, *, kubeconfig: str | None = None
+    settings: Settings, servers: ServerSource, tier_of: TierOf, *, kubeconfig: str | None = None,
+    egress: EgressPolicy | None = None,
 ) -> KubernetesSandboxes:
     """The kubernetes backend's manager (`MCPFLEET_SANDBOX_BACKEND=kubernetes`): McpSandbox objects
     in `MCPFLEET_K8S_NAMESPACE`, tokens derived with the key in `MCPFLEET_SANDBOX_KEY_FILE`; the API
-    as the pod's service account (or the kubeconfig) allows."""
+    as the pod's service account (or the kubeconfig) allows. `egress`: as for the local manager."""
     feature = "MCPFLEET_SANDBOX_BACKEND=kubernetes"
     require("kubernetes_asyncio", extra="kubernetes", feature=feature)
     from sandbox.kubernetes import KubernetesSandboxes, api_client, read_key
@@ -86,7 +87,7 @@ async def kubernetes_sandboxes(
     return KubernetesSandboxes(
         await api_client(kubeconfig), servers, tier_of, key,
         namespace=settings.k8s_namespace, max_result_bytes=settings.max_result_bytes,
-        start_timeout=float(settings.k8s_start_timeout_s),
+        start_timeout=float(settings.k8s_start_timeout_s), egress=egress,
     )  # fmt: skip
 
 

@@ -44,6 +44,7 @@ from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxError, SandboxUnavailable
 from sandbox.servers import ServerSource, ServerSpec, server_configs
 from sandbox.tiers import Tier
+from sandbox.tunnels import EgressPolicy
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,9 @@ def sandbox_spec(user_id: int, tenant: str, user: str, tier: Tier, servers: tupl
 
 def spec_servers(servers: tuple[ServerSpec, ...]) -> list[dict[str, Any]]:
     """The McpSandbox's `spec.servers`: what the user may run, by name and revision (never their
-    environment, which holds secrets and reaches a pod only over the channel)."""
+    environment, which holds secrets and reaches a pod only over the channel), and the egress
+    hosts it declares (the operator renders them into the supervisor's config, so its proxy is
+    offered to that server; the connections are the gateway's to make)."""
     return [
         {
             "name": s.name,
@@ -106,7 +109,7 @@ def spec_servers(servers: tuple[ServerSpec, ...]) -> list[dict[str, Any]]:
             "version": s.revision,
             "artifactSha256": s.revision if _SHA256.match(s.revision) else "",
             "command": list(s.argv),
-            "egress": [],
+            "egress": list(s.egress),  # the hosts the gateway connects it to over the channel
         }
         for s in servers
     ]
@@ -138,6 +141,11 @@ class KubeSandbox:
     servers: tuple[ServerSpec, ...] | None = None
     last_used_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
+    def __post_init__(self) -> None:
+        # The channel's egress tunnels are decided by who the sandbox is for and what it runs now.
+        if self.client.tunnels is not None:
+            self.client.tunnels.sandbox = self
+
     @property
     def id(self) -> str:
         return self.name
@@ -160,7 +168,10 @@ class KubernetesSandboxes:
         activity_interval: float = 30.0,
         poll_interval: float = 0.3,
         max_result_bytes: int = wire.MAX_LINE,
+        egress: EgressPolicy | None = None,
     ):
+        """`egress` decides the connections servers that declare egress hosts ask for over the
+        channel (None: none is made); the pod itself has no route out but to the gateway."""
         self.api = api
         self.objects = k8s.CustomObjectsApi(api)
         self.servers = servers
@@ -171,6 +182,7 @@ class KubernetesSandboxes:
         self.activity_interval = activity_interval
         self.poll_interval = poll_interval
         self.max_result_bytes = max_result_bytes
+        self.egress = egress
         self._key = key
         self._sandboxes: dict[int, KubeSandbox] = {}
         self._locks: dict[int, asyncio.Lock] = {}
@@ -347,7 +359,7 @@ class KubernetesSandboxes:
             if held is not None:
                 await held.client.close()
             token = sandbox_token(self._key, self.namespace, name, uid)
-            client = SupervisorClient(token=token, max_result_bytes=self.max_result_bytes)
+            client = SupervisorClient(token=token, max_result_bytes=self.max_result_bytes, egress=self.egress)
             held = None
         await client.connect(*_host_port(endpoint), timeout=self.connect_timeout)
         sandbox = held or KubeSandbox(name, uid, user_id, tenant, user, client, endpoint)
