@@ -448,6 +448,13 @@ def test_gateway_replicas_pdb_hpa_service_and_network_policy(objects: list[dict[
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     to_sandboxes = [r for r in policy["egress"] for t in r.get("to", []) if t.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/component": "sandbox"}]
     assert to_sandboxes and to_sandboxes[0]["ports"] == [{"port": 7070, "protocol": "TCP"}]
+    # Declared egress hosts on any port, but no private, link-local or CGNAT address: the policy keeps
+    # the gateway's own vetting (gateway/egress.py) from being the only line.
+    internet = [r for r in policy["egress"] for t in r.get("to", []) if t.get("ipBlock", {}).get("cidr") == "0.0.0.0/0"]
+    assert len(internet) == 1 and "ports" not in internet[0], internet
+    assert set(internet[0]["to"][0]["ipBlock"]["except"]) == {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10"}
+    blocks = [t["ipBlock"] for r in policy["egress"] for t in r.get("to", []) if "ipBlock" in t]
+    assert all(b.get("except") for b in blocks), "every CIDR the gateway may reach keeps the private ranges out"
 
 
 def test_operator_deployment_and_runtime_class(objects: list[dict[str, Any]]) -> None:
