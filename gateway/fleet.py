@@ -30,7 +30,14 @@ from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
 from registry.search import Index, ToolSearch
 from registry.service import ChangeListener, Registry
-from sandbox.factory import database_tiers, kubernetes_sandboxes, sandbox_manager, sandbox_python, trial_backend
+from sandbox.factory import (
+    database_tiers,
+    kubernetes_sandboxes,
+    kubernetes_trials,
+    sandbox_manager,
+    sandbox_python,
+    trial_backend,
+)
 from sandbox.housekeeping import RequestDesk
 
 log = logging.getLogger(__name__)
@@ -82,11 +89,16 @@ class Fleet:
             stack.push_async_callback(self.calls.close)
             python = sandbox_python()
             backend, no_trial_reason = trial_backend(self.settings, python)
+            pods = None
+            if backend is None and self.settings.sandbox_backend == "kubernetes":
+                # Trials in throwaway pods the operator runs, as it runs the users'.
+                pods = await kubernetes_trials(self.settings)
+                stack.push_async_callback(pods.close)
             index = Index(pool, embedder_from_env())
             # Opened before the manager, so its first sandboxes already run what the registry approves.
             registry = Registry(
                 self.settings.home, pool, backend, python, scan=scan_tools, indexer=index.version,
-                artifacts_s3_url=self.settings.artifacts_s3_url, no_trial_reason=no_trial_reason,
+                artifacts_s3_url=self.settings.artifacts_s3_url, no_trial_reason=no_trial_reason, pods=pods,
             )
             registry.on_change.append(self._tools_changed)
             await registry.start(self.database_url)

@@ -151,7 +151,93 @@ class KubeSandbox:
         return self.name
 
 
-class KubernetesSandboxes:
+class McpSandboxObjects:
+    """McpSandbox objects in one namespace, as the gateway reads and writes them: the steps that
+    `KubernetesSandboxes` (users' sandboxes) and `KubernetesTrials` (throwaway ones) share."""
+
+    def __init__(self, api: k8s.ApiClient, namespace: str, start_timeout: float, poll_interval: float):
+        self.api = api
+        self.objects = k8s.CustomObjectsApi(api)
+        self.namespace = namespace
+        self.start_timeout = start_timeout
+        self.poll_interval = poll_interval
+
+    async def _get(self, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = await self.objects.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            return obj
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _unavailable("read", name, exc) from None
+
+    async def _create(self, name: str, spec: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": {"app.kubernetes.io/part-of": "mcpfleet", **labels},
+            },
+            "spec": spec,
+        }
+        try:
+            obj: dict[str, Any] = await self.objects.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+            log.info("created sandbox %s for %s/%s", name, spec["tenant"], spec["user"])
+            return obj
+        except ApiException as exc:
+            if exc.status != 409:
+                raise _unavailable("create", name, exc) from None
+        # Another gateway replica created it first: it is the same user's, so take it as it is.
+        found = await self._get(name)
+        if found is None:
+            raise SandboxUnavailable(f"sandbox {name} was created and deleted meanwhile; try again")
+        if (found.get("spec") or {}).get("operatingMode") == "Hibernated":
+            return await self._patch(name, {"spec": {"operatingMode": "Running"}})
+        return found
+
+    async def _patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        try:
+            obj: dict[str, Any] = await self.objects.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name, patch,
+                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # the stubs omit the generated client's kwargs
+            )  # fmt: skip
+            return obj
+        except ApiException as exc:
+            raise _unavailable("patch", name, exc) from None
+
+    async def _wait_ready(self, name: str) -> dict[str, Any]:
+        """Read the object every `poll_interval` until it is ready; SandboxUnavailable if it does not
+        come in time, fails or goes away. (Polling, not a watch: every API server answers a GET
+        the same way, and a start takes seconds, so a few reads cost nothing.)"""
+        try:
+            async with asyncio.timeout(self.start_timeout):
+                while True:
+                    obj = await self._get(name)
+                    if obj is None:
+                        raise SandboxUnavailable(f"sandbox {name} was deleted while starting")
+                    status = obj.get("status") or {}
+                    if status.get("state") == "Failed":
+                        raise SandboxUnavailable(f"sandbox {name} failed: {status.get('reason') or 'no reason given'}")
+                    if is_ready(obj):
+                        return obj
+                    await asyncio.sleep(self.poll_interval)
+        except TimeoutError:
+            raise SandboxUnavailable(f"sandbox {name} was not ready within {self.start_timeout:.0f}s") from None
+
+    async def _delete(self, name: str) -> bool:
+        """Delete the object (the operator's finalizer tears down what it made); False if it was gone."""
+        try:
+            await self.objects.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise _unavailable("delete", name, exc) from None
+        return True
+
+
+class KubernetesSandboxes(McpSandboxObjects):
     """The manager of the kubernetes backend: what the router asks of `SandboxManager` (`ensure`),
     with McpSandbox objects for rows and the operator for the steps."""
 
@@ -172,15 +258,11 @@ class KubernetesSandboxes:
     ):
         """`egress` decides the connections servers that declare egress hosts ask for over the
         channel (None: none is made); the pod itself has no route out but to the gateway."""
-        self.api = api
-        self.objects = k8s.CustomObjectsApi(api)
+        super().__init__(api, namespace, start_timeout, poll_interval)
         self.servers = servers
         self.tier_of = tier_of
-        self.namespace = namespace
-        self.start_timeout = start_timeout
         self.connect_timeout = connect_timeout
         self.activity_interval = activity_interval
-        self.poll_interval = poll_interval
         self.max_result_bytes = max_result_bytes
         self.egress = egress
         self._key = key
@@ -258,12 +340,8 @@ class KubernetesSandboxes:
                 return False
             name = obj["metadata"]["name"]
             log.info("reclaiming sandbox %s (%s)", name, reason)
-            try:
-                await self.objects.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-            except ApiException as exc:
-                if exc.status == 404:
-                    return False
-                raise _unavailable("delete", name, exc) from None
+            if not await self._delete(name):
+                return False
             self._active.pop(name, None)
             return True
 
@@ -345,7 +423,7 @@ class KubernetesSandboxes:
         obj = await self._get(name)
         if obj is None:
             spec = sandbox_spec(user_id, tenant, user, await self.tier_of(user_id), wanted)
-            obj = await self._create(name, spec)
+            obj = await self._create(name, spec, {USER_LABEL: str(user_id)})
         elif (obj.get("spec") or {}).get("operatingMode") == "Hibernated":
             log.info("waking sandbox %s of %s/%s", name, tenant, user)
             obj = await self._patch(name, {"spec": {"operatingMode": "Running"}})
@@ -372,25 +450,6 @@ class KubernetesSandboxes:
         await sandbox.client.configure([dataclasses.asdict(c) for c in server_configs(wanted)], self.start_timeout)
         sandbox.servers = wanted
 
-    async def _wait_ready(self, name: str) -> dict[str, Any]:
-        """Read the object every `poll_interval` until it is ready; SandboxUnavailable if it does not
-        come in time, fails or goes away. (Polling, not a watch: every API server answers a GET
-        the same way, and a start takes seconds, so a few reads cost nothing.)"""
-        try:
-            async with asyncio.timeout(self.start_timeout):
-                while True:
-                    obj = await self._get(name)
-                    if obj is None:
-                        raise SandboxUnavailable(f"sandbox {name} was deleted while starting")
-                    status = obj.get("status") or {}
-                    if status.get("state") == "Failed":
-                        raise SandboxUnavailable(f"sandbox {name} failed: {status.get('reason') or 'no reason given'}")
-                    if is_ready(obj):
-                        return obj
-                    await asyncio.sleep(self.poll_interval)
-        except TimeoutError:
-            raise SandboxUnavailable(f"sandbox {name} was not ready within {self.start_timeout:.0f}s") from None
-
     # -- the API ----------------------------------------------------------------------------
 
     async def _of_user(self, user_id: int) -> dict[str, Any] | None:
@@ -403,51 +462,6 @@ class KubernetesSandboxes:
         # Checked here too: the label is only a way to ask for less.
         mine = [o for o in found.get("items") or [] if (o.get("spec") or {}).get("userId") == user_id]
         return mine[0] if mine else None
-
-    async def _get(self, name: str) -> dict[str, Any] | None:
-        try:
-            obj: dict[str, Any] = await self.objects.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-            return obj
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _unavailable("read", name, exc) from None
-
-    async def _create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": KIND,
-            "metadata": {
-                "name": name,
-                "namespace": self.namespace,
-                "labels": {"app.kubernetes.io/part-of": "mcpfleet", USER_LABEL: str(spec["userId"])},
-            },
-            "spec": spec,
-        }
-        try:
-            obj: dict[str, Any] = await self.objects.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
-            log.info("created sandbox %s for %s/%s", name, spec["tenant"], spec["user"])
-            return obj
-        except ApiException as exc:
-            if exc.status != 409:
-                raise _unavailable("create", name, exc) from None
-        # Another gateway replica created it first: it is the same user's, so take it as it is.
-        found = await self._get(name)
-        if found is None:
-            raise SandboxUnavailable(f"sandbox {name} was created and deleted meanwhile; try again")
-        if (found.get("spec") or {}).get("operatingMode") == "Hibernated":
-            return await self._patch(name, {"spec": {"operatingMode": "Running"}})
-        return found
-
-    async def _patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        try:
-            obj: dict[str, Any] = await self.objects.patch_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name, patch,
-                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # the stubs omit the generated client's kwargs
-            )  # fmt: skip
-            return obj
-        except ApiException as exc:
-            raise _unavailable("patch", name, exc) from None
 
     def _lock(self, user_id: int) -> asyncio.Lock:
         return self._locks.setdefault(user_id, asyncio.Lock())

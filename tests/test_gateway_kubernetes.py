@@ -246,30 +246,46 @@ def registry_cli(fleet, key: str, *args: str) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture(scope="module")
-async def weather(gateway) -> tuple[subprocess.CompletedProcess[str], str]:
-    """io.example/weather 1.0.0 published (not approved): what `mcpfleet publish` said, and its wheel's digest."""
+async def weather(gateway, kube, workdir) -> tuple[subprocess.CompletedProcess[str], str, dict[str, list[str]]]:
+    """io.example/weather 1.0.0 published (not approved), its trial run in a throwaway pod by the
+    stand-in operator: what `mcpfleet publish` said, the wheel's digest, and what each pod fetched."""
     publisher = await add_user(gateway, "kube-publisher", role="publisher")
-    published = await asyncio.to_thread(registry_cli, gateway, publisher, "publish", str(WEATHER))
+    async with Operator(kube, workdir, spec_pod, pod=PodSupervisor, only=frozenset(), trials=True, fetch_from=gateway.base_url) as played:
+        published = await asyncio.to_thread(registry_cli, gateway, publisher, "publish", str(WEATHER))
     async with httpx.AsyncClient(base_url=gateway.base_url, headers={"Authorization": f"Bearer {publisher}"}) as http:
         version = await http.get("/registry/v1/servers/io.example/weather/versions/1.0.0", timeout=30)
     assert version.status_code == 200, version.text
-    return published, version.json()["artifact_sha256"]
+    return published, version.json()["artifact_sha256"], played.fetched
 
 
-async def test_without_gvisor_on_the_gateway_the_trial_is_not_run_and_approval_needs_override(gateway, weather):
-    """No sandbox starts for validation: the gateway has no runsc (it runs none), and the kmock
-    stand-in for the Kubernetes API server is not asked for one either."""
+async def test_without_gvisor_on_the_gateway_the_trial_runs_in_a_throwaway_pod(gateway, kube, workdir, weather):
+    """The gateway has no runsc: validation asks for a McpSandbox of its own (on the kmock stand-in
+    for the Kubernetes API server), whose pod (the stand-in operator's, with the operator's init
+    container command for real) fetches the wheel from the gateway and runs it; the trial lists its
+    tools, the object is deleted, and the version is approved without --override, its tools pinned,
+    and served to a user from the user's own pod."""
     async with asyncio.timeout(WITHIN * 2):
+        published, sha, fetched = weather
+        assert published.returncode == 0, published.stdout + published.stderr
+        assert re.search(r"trial\s+\d+ tool\(s\); started in \d+ ms", published.stdout), published.stdout
+        (trial,) = [name for name in fetched if name.startswith("trial-")]
+        assert trial.startswith(f"trial-{sha[:12]}-") and fetched[trial] == [sha]
+        api = api_client(kube)
+        try:
+            listed = await k8s.CustomObjectsApi(api).list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)
+        finally:
+            await api.close()
+        assert trial not in {o["metadata"]["name"] for o in listed["items"]}, "the trial's McpSandbox is deleted after"
         admin = await add_user(gateway, "kube-approver", role="admin")
-        published, _ = weather
-        assert published.returncode == 1, published.stdout + published.stderr
-        assert re.search(r"FAIL\s+trial\s+not run: this gateway has no local sandbox runtime", published.stdout), published.stdout
-        refused = await asyncio.to_thread(registry_cli, gateway, admin, "registry", "approve", "io.example/weather", "1.0.0")
-        assert refused.returncode == 2 and "override" in refused.stderr, refused.stderr
-        approved = await asyncio.to_thread(
-            registry_cli, gateway, admin, "registry", "approve", "io.example/weather", "1.0.0", "--override"
-        )
+        approved = await asyncio.to_thread(registry_cli, gateway, admin, "registry", "approve", "io.example/weather", "1.0.0")
         assert approved.returncode == 0, approved.stdout + approved.stderr
+
+        wendy = await add_user(gateway, "wendy")
+        async with operator(kube, workdir, "wendy", fetch_from=gateway.base_url) as played, connect(gateway.mcp_url, wendy) as client:
+            names = [t.name for t in (await client.list_tools()).tools]
+            weather_tools = [n for n in names if n.startswith("weather__")]
+            assert weather_tools, names
+            assert played.fetched["default-wendy"] == [sha]  # wendy's pod fetched the approved wheel itself
 
 
 async def a_sandbox(objects, name: str, digests: list[str]) -> str:
@@ -286,7 +302,7 @@ async def test_a_pod_fetches_the_wheels_its_sandbox_lists_and_nothing_else(gatew
     """registry.fetch (the init container's client) against the gateway's artifact route; the
     McpSandboxes are on the kmock stand-in for the Kubernetes API server, made as the gateway makes them."""
     async with asyncio.timeout(WITHIN):
-        _, sha = weather
+        _, sha, _ = weather
         api = api_client(kube)
         objects = k8s.CustomObjectsApi(api)
         try:
