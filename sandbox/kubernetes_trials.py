@@ -20,6 +20,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from kubernetes_asyncio import client as k8s
 
@@ -34,6 +35,23 @@ log = logging.getLogger(__name__)
 
 TRIAL_LABEL = "mcpfleet.dev/trial"
 TRIAL_TENANT = "mcpfleet-trial"
+
+
+def trial_name(spec: ServerSpec) -> str:
+    """`trial-<12 of the digest>-<6 random hex>`: whose trial it is at a glance, and never reused."""
+    return f"trial-{re.sub(r'[^a-z0-9]', '', spec.revision.lower())[:12] or 'x'}-{secrets.token_hex(3)}"
+
+
+def trial_spec(name: str, spec: ServerSpec, tier: Tier) -> dict[str, Any]:
+    """The throwaway McpSandbox's spec: no userId, the server without egress, a workspace deleted with it."""
+    return {
+        "user": name,
+        "tenant": TRIAL_TENANT,
+        "tier": {"name": tier.name, "cpus": tier.cpus, "memoryMb": tier.memory_mb, "pids": tier.pids, "diskMb": tier.disk_mb},
+        "servers": spec_servers((dataclasses.replace(spec, egress=()),)),
+        "operatingMode": "Running",
+        "workspace": {"size": f"{max(tier.disk_mb, 1)}Mi", "retention": "Delete"},
+    }
 
 
 class KubernetesTrials(McpSandboxObjects):
@@ -54,17 +72,9 @@ class KubernetesTrials(McpSandboxObjects):
         """A pod running `spec` alone, connected and configured: its client and the seconds from
         asking for it to the server answering (scheduling, the wheel's fetch and the start).
         SandboxUnavailable if it is not ready within the start timeout or fails."""
-        name = f"trial-{re.sub(r'[^a-z0-9]', '', spec.revision.lower())[:12] or 'x'}-{secrets.token_hex(3)}"
-        body = {
-            "user": name,
-            "tenant": TRIAL_TENANT,
-            "tier": {"name": tier.name, "cpus": tier.cpus, "memoryMb": tier.memory_mb, "pids": tier.pids, "diskMb": tier.disk_mb},
-            "servers": spec_servers((dataclasses.replace(spec, egress=()),)),
-            "operatingMode": "Running",
-            "workspace": {"size": f"{max(tier.disk_mb, 1)}Mi", "retention": "Delete"},
-        }
+        name = trial_name(spec)
         started = time.monotonic()
-        obj = await self._create(name, body, {TRIAL_LABEL: "true"})
+        obj = await self._create(name, trial_spec(name, spec, tier), {TRIAL_LABEL: "true"})
         client: SupervisorClient | None = None
         try:
             if not is_ready(obj):

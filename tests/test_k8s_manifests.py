@@ -287,6 +287,27 @@ BAD = {
 }
 
 
+def test_what_the_gateway_writes_passes_the_crd() -> None:
+    """The McpSandboxes the gateway creates: a user's (sandbox.kubernetes) and a trial's
+    (sandbox.kubernetes_trials), with a published server that declares egress hosts."""
+    from registry.artifacts import server_spec
+    from registry.trial import TRIAL_TIER
+    from sandbox.kubernetes import sandbox_spec
+    from sandbox.kubernetes_trials import trial_name, trial_spec
+    from sandbox.tiers import Tier
+
+    published = server_spec("weather", "c" * 64, "weather_tool.server:main", ("API_KEY",), ("api.example.com", "tiles.example.com:8443"))
+    name = trial_name(published)
+    trial = trial_spec(name, published, TRIAL_TIER)
+    assert name.startswith("trial-cccccccccccc-") and "userId" not in trial and trial["servers"][0]["egress"] == []
+    assert trial["workspace"]["retention"] == "Delete" and trial["servers"][0]["artifactSha256"] == "c" * 64
+    user = sandbox_spec(7, "acme", "alice", Tier("standard", 1.0, 512, 128, 1024), (published,))
+    assert user["servers"][0]["egress"] == ["api.example.com", "tiles.example.com:8443"]
+    assert "MCPFLEET_DECLARED_SECRETS" not in str(user) + str(trial)  # a server's environment never goes into the object
+    for obj_name, spec in ((name, trial), ("acme-alice", user)):
+        validate_custom({"apiVersion": "mcpfleet.dev/v1alpha1", "kind": "McpSandbox", "metadata": {"name": obj_name}, "spec": spec})
+
+
 @pytest.mark.parametrize("name", GOOD)
 def test_good_objects_pass_their_crd(name: str) -> None:
     validate_custom(GOOD[name])
