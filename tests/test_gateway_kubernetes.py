@@ -342,3 +342,32 @@ async def test_a_pod_fetches_the_wheels_its_sandbox_lists_and_nothing_else(gatew
         missing = await get("e" * 64, as_(f"{NS}/art-fetcher", token))
         assert missing.status_code == 404 and "no artifact" in missing.json()["error"], missing.text
         assert (await get("..%2F..%2Fetc", as_(f"{NS}/art-fetcher", token))).status_code in (403, 404)
+
+
+async def test_the_fleet_gives_its_kubernetes_sandboxes_the_egress_policy_and_trials_in_pods(kube, workdir, postgres_url, tmp_path, monkeypatch):
+    """How the Fleet opens the kubernetes backend (in this process, against the kmock stand-in for
+    the Kubernetes API server): pods' channels get the fleet's SandboxEgress, as the local manager's
+    sandboxes do (tests/test_sandbox_kubernetes.py tunnels through one), and without runsc the
+    registry's trials go to throwaway pods."""
+    from core.settings import load_settings
+    from gateway.egress import SandboxEgress
+    from gateway.fleet import Fleet
+    from sandbox.kubernetes import KubernetesSandboxes
+    from sandbox.kubernetes_trials import KubernetesTrials
+    from tests.conftest import fresh_database
+
+    key_file = tmp_path / "sandbox.key"
+    key_file.write_bytes(KEY + b"\n")
+    for name, value in {
+        "MCPFLEET_SANDBOX_BACKEND": "kubernetes", "MCPFLEET_K8S_NAMESPACE": NS, "MCPFLEET_SANDBOX_KEY_FILE": str(key_file),
+        "KUBECONFIG": str(write_kubeconfig(tmp_path / "kubeconfig", kube)),
+        "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "runsc").exists()),
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    # The client read KUBECONFIG as it was imported; a gateway process reads it as it starts.
+    monkeypatch.setattr("kubernetes_asyncio.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", os.environ["KUBECONFIG"])
+    async with asyncio.timeout(WITHIN), Fleet(load_settings(home=tmp_path), fresh_database(postgres_url, "kfleet")) as fleet:
+        assert isinstance(fleet.manager, KubernetesSandboxes) and isinstance(fleet.manager.egress, SandboxEgress)
+        assert fleet.manager.egress.calls is fleet.calls  # its connections are audited with the fleet's calls
+        assert fleet.registry.backend is None and isinstance(fleet.registry.pods, KubernetesTrials)
+        assert fleet.registry.pods.namespace == NS
