@@ -16,7 +16,9 @@ sandboxes by it). `hibernate` patches `operatingMode: Hibernated`; `reclaim` del
 When what a user may run changes (`servers_changed`, the registry's `on_change`), the object's
 `spec.servers` is patched and a pod connected here is configured at once.
 Any gateway replica may do all this for any user: the object is the shared state, and the
-supervisor keeps the last gateway that attached.
+supervisor keeps the last gateway that attached. A server that declares egress hosts reaches them
+through the channel: the gateway that attached makes each connection (`egress`, the fleet's
+`gateway.egress.SandboxEgress`), so the pod itself needs no route out.
 """
 
 from __future__ import annotations
