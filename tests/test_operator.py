@@ -353,8 +353,10 @@ def test_delete_says_reclaimed_before_the_finalizer_lets_go(cluster: Cluster) ->
         done = threading.Event()
 
         def watch() -> None:  # what `kubectl get -w` would show
-            while not done.is_set():
+            while True:
                 seen.append(state(cluster, "acme-pia"))
+                if done.is_set():  # one read after the object is gone, however late this thread wakes
+                    return
                 time.sleep(0.01)
 
         watcher = threading.Thread(target=watch)
