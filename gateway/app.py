@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from core.settings import Settings
-from gateway import admin, metrics, registry_api, secrets_api
+from gateway import admin, artifact_api, metrics, registry_api, secrets_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.call_audit import AuditedBearerBackend, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
@@ -115,6 +115,7 @@ def create_app(fleet: Fleet) -> Starlette:
             *registry_api.routes(fleet),
             *metrics.routes(fleet),
             *secrets_api.routes(fleet),
+            *artifact_api.routes(fleet),
             *admin.routes(admin_sessions, settings, oauth),
         ],
         middleware=[

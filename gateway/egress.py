@@ -30,8 +30,7 @@ from gateway.call_audit import CallAudit
 from gateway.oauth.egress import EgressRefused as AddressRefused
 from gateway.oauth.egress import vet_address
 from gateway.ratelimit_redis import Buckets, LocalBuckets
-from sandbox.running import Sandbox
-from sandbox.tunnels import EgressRefused, Opened
+from sandbox.tunnels import EgressRefused, Opened, Sandbox
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,14 @@ from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
 from registry.search import Index, ToolSearch
 from registry.service import ChangeListener, Registry
-from sandbox.factory import database_tiers, kubernetes_sandboxes, sandbox_manager, sandbox_python, trial_backend
+from sandbox.factory import (
+    database_tiers,
+    kubernetes_sandboxes,
+    kubernetes_trials,
+    sandbox_manager,
+    sandbox_python,
+    trial_backend,
+)
 from sandbox.housekeeping import RequestDesk
 
 log = logging.getLogger(__name__)
@@ -94,11 +101,16 @@ class Fleet:
             stack.push_async_callback(self.calls.close)
             python = sandbox_python()
             backend, no_trial_reason = trial_backend(self.settings, python)
+            pods = None
+            if backend is None and self.settings.sandbox_backend == "kubernetes":
+                # Trials in throwaway pods the operator runs, as it runs the users'.
+                pods = await kubernetes_trials(self.settings)
+                stack.push_async_callback(pods.close)
             index = Index(pool, embedder_from_env())
             # Opened before the manager, so its first sandboxes already run what the registry approves.
             registry = Registry(
                 self.settings.home, pool, backend, python, scan=scan_tools, indexer=index.version,
-                artifacts_s3_url=self.settings.artifacts_s3_url, no_trial_reason=no_trial_reason,
+                artifacts_s3_url=self.settings.artifacts_s3_url, no_trial_reason=no_trial_reason, pods=pods,
                 conformance_everywhere=self.settings.conformance_everywhere,
             )
             registry.on_change.append(self._tools_changed)
@@ -110,8 +122,10 @@ class Fleet:
             stack.push_async_callback(asyncio.to_thread, opening.__exit__, None, None, None)
             servers = SecretServers(registry, secrets, pool)
             manager: Sandboxes
+            # Whichever backend: a server's declared hosts are reached over its sandbox's channel.
+            egress = SandboxEgress(self.calls, per_min=self.settings.egress_per_min)
             if self.settings.sandbox_backend == "kubernetes":
-                kube = await kubernetes_sandboxes(self.settings, servers, database_tiers(pool))
+                kube = await kubernetes_sandboxes(self.settings, servers, database_tiers(pool), egress=egress)
                 # Before the clients are told to list again: their sandboxes run the new set by then.
                 registry.on_change.insert(0, kube.servers_changed)
                 manager = kube
@@ -119,7 +133,7 @@ class Fleet:
                 assert backend is not None  # the local backends run their own trials
                 manager = sandbox_manager(
                     self.settings, pool, backend, servers, database_url=self.database_url,
-                    egress=SandboxEgress(self.calls, per_min=self.settings.egress_per_min),
+                    egress=egress,
                     on_transition=self.telemetry.metrics.sandbox_transition,
                     images=SealedImages(secrets),
                 )

@@ -36,7 +36,7 @@ from registry.builtins import builtin_tools
 from registry.definitions import INSTRUCTIONS_PIN, KINDS, PROMPTS, definition_sha256, instructions_sha256, offering_sha256, pin_key
 from registry.manifest import Manifest, ManifestError, parse_manifest
 from registry.store import Approved, RegistryError
-from registry.trial import TrialResult, trial_run
+from registry.trial import PodTrials, TrialResult, trial_in_pod, trial_run
 from sandbox.backends.base import SandboxBackend
 from sandbox.runtime import PythonRuntime
 from sandbox.servers import BUILTIN_SERVERS, FIXTURE_SERVERS, PRODUCT_SERVERS, ServerSpec
@@ -81,6 +81,7 @@ class Registry:
         python: PythonRuntime,
         *,
         no_trial_reason: str = "no sandbox backend to run it in",
+        pods: PodTrials | None = None,
         # (prefix, tools, other servers' tools, offerings=...) -> findings: `registry.scan.scan_tools`
         scan: Callable[..., list[Any]] | None = None,
         indexer: Callable[[int, str, list[dict[str, Any]]], Awaitable[None]] | None = None,
@@ -93,6 +94,8 @@ class Registry:
         """Where validation's trial runs; None: no trial, and a version fails validation with
         `no_trial_reason` (an admin may still approve it with --override)."""
         self.no_trial_reason = no_trial_reason
+        self.pods = pods
+        """Without a backend, where the trial runs instead: a throwaway pod (the kubernetes backend)."""
         self.python = python
         self.artifacts = ArtifactStore(self.home, S3Artifacts(artifacts_s3_url) if artifacts_s3_url else None)
         self._scan = scan
@@ -260,10 +263,12 @@ class Registry:
             if package["ok"]:
                 spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets, manifest.name)
                 install = await asyncio.to_thread(self.artifacts.install, sha256)
-                if self.backend is None:
-                    trial.error = f"not run: {self.no_trial_reason}"
-                else:
+                if self.backend is not None:
                     trial = await trial_run(self.backend, self.home, spec, install)
+                elif self.pods is not None:
+                    trial = await trial_in_pod(self.pods, spec)
+                else:
+                    trial.error = f"not run: {self.no_trial_reason}"
             checks.append(_trial_check(trial, manifest, package["ok"]))
             others = await self._other_tools(tenant, manifest.name)
             checks.extend(self._scan_checks(manifest.prefix, trial.tools, others, trial.offerings))

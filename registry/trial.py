@@ -12,9 +12,10 @@ all of it destroyed after.
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sandbox.backends.base import SandboxBackend
 from sandbox.client import SupervisorClient
@@ -70,6 +71,30 @@ async def trial_run(
             result.start_ms = round(sandbox.start_s * 1e3)
             result.memory_bytes = await backend.memory_bytes(sandbox.id)
             await _inspect(sandbox.client, spec, result, call, timeout)
+    except (SandboxUnavailable, OSError, asyncio.TimeoutError) as exc:
+        result.error = f"the sandbox did not start: {exc}"
+    return result
+
+
+class PodTrials(Protocol):
+    """Throwaway sandboxes another system runs (`sandbox.kubernetes_trials.KubernetesTrials`)."""
+
+    def one_shot(self, spec: ServerSpec, tier: Tier, timeout: float) -> AbstractAsyncContextManager[tuple[SupervisorClient, float]]:
+        """A sandbox running `spec` alone: its client and the seconds it took to answer."""
+        ...
+
+
+async def trial_in_pod(
+    pods: PodTrials, spec: ServerSpec, *, call: tuple[str, dict[str, Any]] | None = None, timeout: float = 120.0
+) -> TrialResult:
+    """`trial_run` on the kubernetes backend: the same look at the server, in a throwaway pod the
+    operator runs (gVisor, the trial tier, no egress), which fetches the wheel itself. Its memory is
+    not measured (the pod's is the kubelet's to report); `start_ms` includes scheduling the pod."""
+    result = TrialResult()
+    try:
+        async with pods.one_shot(spec, TRIAL_TIER, timeout) as (client, start_s):
+            result.start_ms = round(start_s * 1e3)
+            await _inspect(client, spec, result, call, timeout)
     except (SandboxUnavailable, OSError, asyncio.TimeoutError) as exc:
         result.error = f"the sandbox did not start: {exc}"
     return result

@@ -29,6 +29,7 @@ from sandbox.workspaces import Workspaces
 
 if TYPE_CHECKING:
     from sandbox.kubernetes import KubernetesSandboxes, TierOf
+    from sandbox.kubernetes_trials import KubernetesTrials
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,7 @@ def trial_backend(settings: Settings, python: PythonRuntime) -> tuple[SandboxBac
     """Where the registry's validation runs a published version on trial, or None and why not.
     On runsc and docker: the fleet's backend. On kubernetes the sandboxes are pods the operator
     runs, and a gateway starts none; a gateway whose machine has runsc (gVisor) still runs the
-    trial there, one without it records the trial as not run, so such a version fails validation
-    and an admin approves it only on purpose (--override) after reviewing it."""
+    trial there, one without it runs it in a throwaway pod (`kubernetes_trials`)."""
     if settings.sandbox_backend != "kubernetes":
         return sandbox_backend(settings, python), ""
     if shutil.which("runsc") is not None:
@@ -72,23 +72,43 @@ def trial_backend(settings: Settings, python: PythonRuntime) -> tuple[SandboxBac
     return None, "this gateway has no local sandbox runtime for trials (MCPFLEET_SANDBOX_BACKEND=kubernetes, runsc not on PATH)"
 
 
-async def kubernetes_sandboxes(
-    settings: Settings, servers: ServerSource, tier_of: TierOf, *, kubeconfig: str | None = None
-) -> KubernetesSandboxes:
-    """The kubernetes backend's manager (`MCPFLEET_SANDBOX_BACKEND=kubernetes`): McpSandbox objects
-    in `MCPFLEET_K8S_NAMESPACE`, tokens derived with the key in `MCPFLEET_SANDBOX_KEY_FILE`; the API
-    as the pod's service account (or the kubeconfig) allows."""
+def _kubernetes_key(settings: Settings) -> bytes:
+    """The fleet's sandbox key, which tokens are derived with (the kubernetes extra installed)."""
     feature = "MCPFLEET_SANDBOX_BACKEND=kubernetes"
     require("kubernetes_asyncio", extra="kubernetes", feature=feature)
-    from sandbox.kubernetes import KubernetesSandboxes, api_client, read_key
+    from sandbox.kubernetes import read_key
 
     if settings.sandbox_key_file is None:
         raise RuntimeError(f"{feature} needs MCPFLEET_SANDBOX_KEY_FILE: the fleet's sandbox key, as the operator has it")
-    key = read_key(settings.sandbox_key_file)
+    return read_key(settings.sandbox_key_file)
+
+
+async def kubernetes_sandboxes(
+    settings: Settings, servers: ServerSource, tier_of: TierOf, *, kubeconfig: str | None = None,
+    egress: EgressPolicy | None = None,
+) -> KubernetesSandboxes:
+    """The kubernetes backend's manager (`MCPFLEET_SANDBOX_BACKEND=kubernetes`): McpSandbox objects
+    in `MCPFLEET_K8S_NAMESPACE`, tokens derived with the key in `MCPFLEET_SANDBOX_KEY_FILE`; the API
+    as the pod's service account (or the kubeconfig) allows. `egress`: as for the local manager."""
+    from sandbox.kubernetes import KubernetesSandboxes, api_client
+
+    key = _kubernetes_key(settings)
     return KubernetesSandboxes(
         await api_client(kubeconfig), servers, tier_of, key,
         namespace=settings.k8s_namespace, max_result_bytes=settings.max_result_bytes,
-        start_timeout=float(settings.k8s_start_timeout_s),
+        start_timeout=float(settings.k8s_start_timeout_s), egress=egress,
+    )  # fmt: skip
+
+
+async def kubernetes_trials(settings: Settings, *, kubeconfig: str | None = None) -> KubernetesTrials:
+    """Throwaway McpSandboxes for the registry's trial runs, on a gateway with no local runtime."""
+    key = _kubernetes_key(settings)
+    from sandbox.kubernetes import api_client
+    from sandbox.kubernetes_trials import KubernetesTrials
+
+    return KubernetesTrials(
+        await api_client(kubeconfig), key, namespace=settings.k8s_namespace,
+        start_timeout=float(settings.k8s_start_timeout_s), max_result_bytes=settings.max_result_bytes,
     )  # fmt: skip
 
 

@@ -16,7 +16,9 @@ sandboxes by it). `hibernate` patches `operatingMode: Hibernated`; `reclaim` del
 When what a user may run changes (`servers_changed`, the registry's `on_change`), the object's
 `spec.servers` is patched and a pod connected here is configured at once.
 Any gateway replica may do all this for any user: the object is the shared state, and the
-supervisor keeps the last gateway that attached.
+supervisor keeps the last gateway that attached. A server that declares egress hosts reaches them
+through the channel: the gateway that attached makes each connection (`egress`, the fleet's
+`gateway.egress.SandboxEgress`), so the pod itself needs no route out.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxError, SandboxUnavailable
 from sandbox.servers import ServerSource, ServerSpec, server_configs
 from sandbox.tiers import Tier
+from sandbox.tunnels import EgressPolicy
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,9 @@ def sandbox_spec(user_id: int, tenant: str, user: str, tier: Tier, servers: tupl
 
 def spec_servers(servers: tuple[ServerSpec, ...]) -> list[dict[str, Any]]:
     """The McpSandbox's `spec.servers`: what the user may run, by name and revision (never their
-    environment, which holds secrets and reaches a pod only over the channel)."""
+    environment, which holds secrets and reaches a pod only over the channel), and the egress
+    hosts it declares (the operator renders them into the supervisor's config, so its proxy is
+    offered to that server; the connections are the gateway's to make)."""
     return [
         {
             "name": s.name,
@@ -106,7 +111,7 @@ def spec_servers(servers: tuple[ServerSpec, ...]) -> list[dict[str, Any]]:
             "version": s.revision,
             "artifactSha256": s.revision if _SHA256.match(s.revision) else "",
             "command": list(s.argv),
-            "egress": [],
+            "egress": list(s.egress),  # the hosts the gateway connects it to over the channel
         }
         for s in servers
     ]
@@ -138,12 +143,103 @@ class KubeSandbox:
     servers: tuple[ServerSpec, ...] | None = None
     last_used_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
+    def __post_init__(self) -> None:
+        # The channel's egress tunnels are decided by who the sandbox is for and what it runs now.
+        if self.client.tunnels is not None:
+            self.client.tunnels.sandbox = self
+
     @property
     def id(self) -> str:
         return self.name
 
 
-class KubernetesSandboxes:
+class McpSandboxObjects:
+    """McpSandbox objects in one namespace, as the gateway reads and writes them: the steps that
+    `KubernetesSandboxes` (users' sandboxes) and `KubernetesTrials` (throwaway ones) share."""
+
+    def __init__(self, api: k8s.ApiClient, namespace: str, start_timeout: float, poll_interval: float):
+        self.api = api
+        self.objects = k8s.CustomObjectsApi(api)
+        self.namespace = namespace
+        self.start_timeout = start_timeout
+        self.poll_interval = poll_interval
+
+    async def _get(self, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = await self.objects.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            return obj
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _unavailable("read", name, exc) from None
+
+    async def _create(self, name: str, spec: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": {"app.kubernetes.io/part-of": "mcpfleet", **labels},
+            },
+            "spec": spec,
+        }
+        try:
+            obj: dict[str, Any] = await self.objects.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+            log.info("created sandbox %s for %s/%s", name, spec["tenant"], spec["user"])
+            return obj
+        except ApiException as exc:
+            if exc.status != 409:
+                raise _unavailable("create", name, exc) from None
+        # Another gateway replica created it first: it is the same user's, so take it as it is.
+        found = await self._get(name)
+        if found is None:
+            raise SandboxUnavailable(f"sandbox {name} was created and deleted meanwhile; try again")
+        if (found.get("spec") or {}).get("operatingMode") == "Hibernated":
+            return await self._patch(name, {"spec": {"operatingMode": "Running"}})
+        return found
+
+    async def _patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        try:
+            obj: dict[str, Any] = await self.objects.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name, patch,
+                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # the stubs omit the generated client's kwargs
+            )  # fmt: skip
+            return obj
+        except ApiException as exc:
+            raise _unavailable("patch", name, exc) from None
+
+    async def _wait_ready(self, name: str) -> dict[str, Any]:
+        """Read the object every `poll_interval` until it is ready; SandboxUnavailable if it does not
+        come in time, fails or goes away. (Polling, not a watch: every API server answers a GET
+        the same way, and a start takes seconds, so a few reads cost nothing.)"""
+        try:
+            async with asyncio.timeout(self.start_timeout):
+                while True:
+                    obj = await self._get(name)
+                    if obj is None:
+                        raise SandboxUnavailable(f"sandbox {name} was deleted while starting")
+                    status = obj.get("status") or {}
+                    if status.get("state") == "Failed":
+                        raise SandboxUnavailable(f"sandbox {name} failed: {status.get('reason') or 'no reason given'}")
+                    if is_ready(obj):
+                        return obj
+                    await asyncio.sleep(self.poll_interval)
+        except TimeoutError:
+            raise SandboxUnavailable(f"sandbox {name} was not ready within {self.start_timeout:.0f}s") from None
+
+    async def _delete(self, name: str) -> bool:
+        """Delete the object (the operator's finalizer tears down what it made); False if it was gone."""
+        try:
+            await self.objects.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise _unavailable("delete", name, exc) from None
+        return True
+
+
+class KubernetesSandboxes(McpSandboxObjects):
     """The manager of the kubernetes backend: what the router asks of `SandboxManager` (`ensure`),
     with McpSandbox objects for rows and the operator for the steps."""
 
@@ -160,17 +256,17 @@ class KubernetesSandboxes:
         activity_interval: float = 30.0,
         poll_interval: float = 0.3,
         max_result_bytes: int = wire.MAX_LINE,
+        egress: EgressPolicy | None = None,
     ):
-        self.api = api
-        self.objects = k8s.CustomObjectsApi(api)
+        """`egress` decides the connections servers that declare egress hosts ask for over the
+        channel (None: none is made); the pod itself has no route out but to the gateway."""
+        super().__init__(api, namespace, start_timeout, poll_interval)
         self.servers = servers
         self.tier_of = tier_of
-        self.namespace = namespace
-        self.start_timeout = start_timeout
         self.connect_timeout = connect_timeout
         self.activity_interval = activity_interval
-        self.poll_interval = poll_interval
         self.max_result_bytes = max_result_bytes
+        self.egress = egress
         self._key = key
         self._sandboxes: dict[int, KubeSandbox] = {}
         self._locks: dict[int, asyncio.Lock] = {}
@@ -246,12 +342,8 @@ class KubernetesSandboxes:
                 return False
             name = obj["metadata"]["name"]
             log.info("reclaiming sandbox %s (%s)", name, reason)
-            try:
-                await self.objects.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-            except ApiException as exc:
-                if exc.status == 404:
-                    return False
-                raise _unavailable("delete", name, exc) from None
+            if not await self._delete(name):
+                return False
             self._active.pop(name, None)
             return True
 
@@ -269,6 +361,19 @@ class KubernetesSandboxes:
             }
             for o in found.get("items") or []
         ]
+
+    async def authenticate(self, name: str, token: str) -> dict[str, Any] | None:
+        """The McpSandbox `name` in this namespace if `token` is the one its pod holds (derived from
+        its uid, compared in constant time), else None: how a pod's init container proves which
+        sandbox it is (`gateway.artifact_api`). SandboxUnavailable if the API cannot be read."""
+        if not _DNS_LABEL.match(name) or len(name) > 253:
+            return None
+        obj = await self._get(name)
+        uid = ((obj or {}).get("metadata") or {}).get("uid")
+        if obj is None or not uid:
+            return None
+        expected = sandbox_token(self._key, self.namespace, name, uid)
+        return obj if hmac.compare_digest(expected.encode(), token.encode()) else None
 
     def get(self, user_id: int) -> KubeSandbox | None:
         return self._sandboxes.get(user_id)
@@ -320,7 +425,7 @@ class KubernetesSandboxes:
         obj = await self._get(name)
         if obj is None:
             spec = sandbox_spec(user_id, tenant, user, await self.tier_of(user_id), wanted)
-            obj = await self._create(name, spec)
+            obj = await self._create(name, spec, {USER_LABEL: str(user_id)})
         elif (obj.get("spec") or {}).get("operatingMode") == "Hibernated":
             log.info("waking sandbox %s of %s/%s", name, tenant, user)
             obj = await self._patch(name, {"spec": {"operatingMode": "Running"}})
@@ -334,7 +439,7 @@ class KubernetesSandboxes:
             if held is not None:
                 await held.client.close()
             token = sandbox_token(self._key, self.namespace, name, uid)
-            client = SupervisorClient(token=token, max_result_bytes=self.max_result_bytes)
+            client = SupervisorClient(token=token, max_result_bytes=self.max_result_bytes, egress=self.egress)
             held = None
         await client.connect(*_host_port(endpoint), timeout=self.connect_timeout)
         sandbox = held or KubeSandbox(name, uid, user_id, tenant, user, client, endpoint)
@@ -346,25 +451,6 @@ class KubernetesSandboxes:
         """Tell the supervisor which servers to run (their environment never goes into the object)."""
         await sandbox.client.configure([dataclasses.asdict(c) for c in server_configs(wanted)], self.start_timeout)
         sandbox.servers = wanted
-
-    async def _wait_ready(self, name: str) -> dict[str, Any]:
-        """Read the object every `poll_interval` until it is ready; SandboxUnavailable if it does not
-        come in time, fails or goes away. (Polling, not a watch: every API server answers a GET
-        the same way, and a start takes seconds, so a few reads cost nothing.)"""
-        try:
-            async with asyncio.timeout(self.start_timeout):
-                while True:
-                    obj = await self._get(name)
-                    if obj is None:
-                        raise SandboxUnavailable(f"sandbox {name} was deleted while starting")
-                    status = obj.get("status") or {}
-                    if status.get("state") == "Failed":
-                        raise SandboxUnavailable(f"sandbox {name} failed: {status.get('reason') or 'no reason given'}")
-                    if is_ready(obj):
-                        return obj
-                    await asyncio.sleep(self.poll_interval)
-        except TimeoutError:
-            raise SandboxUnavailable(f"sandbox {name} was not ready within {self.start_timeout:.0f}s") from None
 
     # -- the API ----------------------------------------------------------------------------
 
@@ -378,51 +464,6 @@ class KubernetesSandboxes:
         # Checked here too: the label is only a way to ask for less.
         mine = [o for o in found.get("items") or [] if (o.get("spec") or {}).get("userId") == user_id]
         return mine[0] if mine else None
-
-    async def _get(self, name: str) -> dict[str, Any] | None:
-        try:
-            obj: dict[str, Any] = await self.objects.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-            return obj
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _unavailable("read", name, exc) from None
-
-    async def _create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": KIND,
-            "metadata": {
-                "name": name,
-                "namespace": self.namespace,
-                "labels": {"app.kubernetes.io/part-of": "mcpfleet", USER_LABEL: str(spec["userId"])},
-            },
-            "spec": spec,
-        }
-        try:
-            obj: dict[str, Any] = await self.objects.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
-            log.info("created sandbox %s for %s/%s", name, spec["tenant"], spec["user"])
-            return obj
-        except ApiException as exc:
-            if exc.status != 409:
-                raise _unavailable("create", name, exc) from None
-        # Another gateway replica created it first: it is the same user's, so take it as it is.
-        found = await self._get(name)
-        if found is None:
-            raise SandboxUnavailable(f"sandbox {name} was created and deleted meanwhile; try again")
-        if (found.get("spec") or {}).get("operatingMode") == "Hibernated":
-            return await self._patch(name, {"spec": {"operatingMode": "Running"}})
-        return found
-
-    async def _patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        try:
-            obj: dict[str, Any] = await self.objects.patch_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name, patch,
-                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # the stubs omit the generated client's kwargs
-            )  # fmt: skip
-            return obj
-        except ApiException as exc:
-            raise _unavailable("patch", name, exc) from None
 
     def _lock(self, user_id: int) -> asyncio.Lock:
         return self._locks.setdefault(user_id, asyncio.Lock())

@@ -19,7 +19,7 @@ from sandbox import wire
 from sandbox.channel import Connection
 
 if TYPE_CHECKING:
-    from sandbox.running import Sandbox
+    from sandbox.servers import ServerSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,22 @@ class Opened:
     """The address actually connected to."""
 
 
+class Sandbox(Protocol):
+    """What the policy reads of a sandbox: who holds it and what it runs. The local manager's
+    (`sandbox.running.Sandbox`) and the kubernetes backend's (`sandbox.kubernetes.KubeSandbox`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def user_id(self) -> int | None: ...
+    @property
+    def tenant(self) -> str | None: ...
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def servers(self) -> tuple[ServerSpec, ...] | None: ...
+
+
 class EgressPolicy(Protocol):
     async def open(self, sandbox: Sandbox, server: str, host: str, port: int) -> Opened:
         """Connect for `server` of `sandbox` to host:port, or raise EgressRefused."""
@@ -62,7 +78,7 @@ class TunnelRelay:
         self.policy = policy
         self.idle_s = idle_s
         self.sandbox: Sandbox | None = None
-        """Set once the manager holds the sandbox (`Sandbox.__post_init__`); before, nothing opens."""
+        """Set once the manager holds the sandbox (`Sandbox.__post_init__`, `KubeSandbox.__post_init__`); before, nothing opens."""
         self._tunnels: dict[int, wire.Tunnel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 

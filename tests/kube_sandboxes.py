@@ -126,6 +126,8 @@ class PodSupervisor(ListeningSupervisor):
     workspace: Path | None = None
     """The pod's workspace volume (default: a new directory): the same one for every pod of an
     McpSandbox, as the operator mounts the same claim into each."""
+    tools: Path | None = None
+    """What the init container fetched (the pod's /opt/tools volume), if anything."""
 
     def start(self) -> None:
         root = self.config_path.parent / "root"
@@ -133,17 +135,24 @@ class PodSupervisor(ListeningSupervisor):
         workspace = self.workspace or self.config_path.parent / "workspace"
         workspace.mkdir(exist_ok=True)
         argv = [sys.executable, "-m", "sandbox.supervisor", "--listen", f"127.0.0.1:{self.port}", str(self.config_path)]
+        r = shlex.quote(str(root))
+        # With a tools volume the pod's /opt is its own (the host's entries bound in) and /opt/tools the volume.
+        tools = "" if self.tools is None else f"""mkdir -p {r}/opt/tools
+for entry in /opt/*; do [ -d "$entry" ] && [ ! -L "$entry" ] && mkdir -p {r}/opt/"$(basename "$entry")" && mount --rbind "$entry" {r}/opt/"$(basename "$entry")"; done
+mount --bind {shlex.quote(str(self.tools))} {r}/opt/tools
+"""
         script = f"""set -e
-mount -t tmpfs pod-root {shlex.quote(str(root))}
+mount -t tmpfs pod-root {r}
 for entry in /*; do
   name=$(basename "$entry")
-  if [ -L "$entry" ]; then ln -s "$(readlink "$entry")" {shlex.quote(str(root))}/"$name"
-  elif [ -d "$entry" ]; then mkdir {shlex.quote(str(root))}/"$name"; mount --rbind "$entry" {shlex.quote(str(root))}/"$name"
+  if [ "$name" = opt ] && [ {int(self.tools is not None)} = 1 ]; then continue
+  elif [ -L "$entry" ]; then ln -s "$(readlink "$entry")" {r}/"$name"
+  elif [ -d "$entry" ]; then mkdir {r}/"$name"; mount --rbind "$entry" {r}/"$name"
   fi
 done
-mkdir {shlex.quote(str(root))}/workspace
-mount --bind {shlex.quote(str(workspace))} {shlex.quote(str(root))}/workspace
-exec chroot {shlex.quote(str(root))} {shlex.join(argv)}
+{tools}mkdir {r}/workspace
+mount --bind {shlex.quote(str(workspace))} {r}/workspace
+exec chroot {r} {shlex.join(argv)}
 """
         self.process = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
@@ -162,11 +171,14 @@ class Operator:
     def __init__(
         self, emulator, workdir: Path, pod_servers: PodServers = fixture_pod, *,
         pod: type[ListeningSupervisor] = ListeningSupervisor, holds: frozenset[str] = frozenset(),
-        only: frozenset[str] | None = None,
+        only: frozenset[str] | None = None, trials: bool = False, fetch_from: str | None = None,
     ):  # fmt: skip
         """`pod`: PodSupervisor for pods with a /workspace (the gateway configures servers there);
         `holds`: names of sandboxes it never makes ready (a pod that cannot be scheduled);
-        `only`: the sandboxes it looks after (others, of earlier tests, are left as they are)."""
+        `only`: the sandboxes it looks after (others, of earlier tests, are left as they are);
+        `trials`: the registry's throwaway sandboxes (trial-*) too; `fetch_from`: the gateway whose
+        artifact route the init container fetches published wheels from, as the operator's does
+        (`python -m registry.fetch` with the pod's token), before the supervisor starts."""
         self.api = api_client(emulator)
         self.objects = k8s.CustomObjectsApi(self.api)
         self.workdir = workdir
@@ -174,6 +186,10 @@ class Operator:
         self.pod = pod
         self.holds = set(holds)
         self.only = only
+        self.trials = trials
+        self.fetch_from = fetch_from
+        self.fetched: dict[str, list[str]] = {}
+        """What each pod's init container fetched, by sandbox name."""
         self.pods: dict[str, ListeningSupervisor] = {}
         self.started = 0
         self._task: asyncio.Task | None = None
@@ -194,12 +210,16 @@ class Operator:
             found = await self.objects.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)
             for obj in found["items"]:
                 await self.reconcile(obj)
+            # A deleted object's pod goes with it (the operator's finalizer deletes it).
+            for name in set(self.pods) - {o["metadata"]["name"] for o in found["items"]}:
+                self.pods.pop(name).stop()
             await asyncio.sleep(0.05)
 
     async def reconcile(self, obj):
         name, uid = obj["metadata"]["name"], obj["metadata"]["uid"]
         status = obj.get("status") or {}
-        if name in self.holds or (self.only is not None and name not in self.only):
+        trial = self.trials and name.startswith("trial-")
+        if name in self.holds or (self.only is not None and name not in self.only and not trial):
             return
         if obj["spec"].get("operatingMode") == "Hibernated":
             pod = self.pods.pop(name, None)
@@ -211,14 +231,36 @@ class Operator:
         if name not in self.pods:
             directory = Path(tempfile.mkdtemp(prefix=f"pod-{name}-", dir=self.workdir))
             self.started += 1
-            pod = self.pod(directory, self.pod_servers(obj, directory), sandbox_token(KEY, NS, name, uid))
+            token = sandbox_token(KEY, NS, name, uid)
+            pod = self.pod(directory, self.pod_servers(obj, directory), token)
             if isinstance(pod, PodSupervisor):
                 pod.workspace = self.workdir / f"workspace-{name}"
+                digests = sorted({s["artifactSha256"] for s in obj["spec"].get("servers") or [] if s.get("artifactSha256")})
+                if digests and self.fetch_from is not None:
+                    pod.tools = directory / "tools"
+                    failed = await self.init_container(name, token, pod.tools, digests)
+                    if failed:
+                        await self.set_status(name, {"state": "Failed", "reason": failed, "conditions": [ready("False")]})
+                        self.holds.add(name)
+                        return
             pod.start()
             self.pods[name] = pod
         if status.get("state") != "Running":
             endpoint = f"127.0.0.1:{self.pods[name].port}"
             await self.set_status(name, {"state": "Running", "endpoint": endpoint, "conditions": [ready("True")]})
+
+    async def init_container(self, name: str, token: str, into: Path, digests: list[str]) -> str | None:
+        """The init container's command as the operator writes it (`registry.fetch`); None if it
+        fetched everything, else what it said."""
+        (into.parent / "token").write_text(token)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "registry.fetch", "--gateway", self.fetch_from, "--sandbox", f"{NS}/{name}",
+            "--token-file", str(into.parent / "token"), "--into", str(into), *digests,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=pod_environment(),
+        )  # fmt: skip
+        output, _ = await process.communicate()
+        self.fetched[name] = digests if process.returncode == 0 else []
+        return None if process.returncode == 0 else output.decode()[-500:]
 
     async def set_status(self, name, status):
         await self.objects.patch_namespaced_custom_object_status(

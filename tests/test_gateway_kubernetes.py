@@ -27,16 +27,28 @@ from pathlib import Path
 
 import httpx
 import pytest
+from kubernetes_asyncio import client as k8s
 from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR
 
+from registry.fetch import SANDBOX_HEADER, FetchError, fetch_into
 from registry.service import BUILTIN_NAMESPACE, product_version
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxUnavailable
 from sandbox.kubernetes import GROUP, PLURAL, VERSION, sandbox_token
 from tests.clients import connect, text_of
 from tests.conftest import make_fleet
-from tests.kube_sandboxes import KEY, NS, Operator, PodSupervisor, serving_sandboxes, spec_pod, stored, write_kubeconfig
+from tests.kube_sandboxes import (
+    KEY,
+    NS,
+    Operator,
+    PodSupervisor,
+    api_client,
+    serving_sandboxes,
+    spec_pod,
+    stored,
+    write_kubeconfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WEATHER = ROOT / "tests" / "tool_projects" / "weather"
@@ -235,18 +247,129 @@ def registry_cli(fleet, key: str, *args: str) -> subprocess.CompletedProcess[str
     return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-async def test_without_gvisor_on_the_gateway_the_trial_is_not_run_and_approval_needs_override(gateway):
-    """No sandbox starts for validation: the gateway has no runsc (it runs none), and the kmock
-    stand-in for the Kubernetes API server is not asked for one either."""
-    async with asyncio.timeout(WITHIN * 2):
-        publisher = await add_user(gateway, "kube-publisher", role="publisher")
-        admin = await add_user(gateway, "kube-approver", role="admin")
+@pytest.fixture(scope="module")
+async def weather(gateway, kube, workdir) -> tuple[subprocess.CompletedProcess[str], str, dict[str, list[str]]]:
+    """io.example/weather 1.0.0 published (not approved), its trial run in a throwaway pod by the
+    stand-in operator: what `mcpfleet publish` said, the wheel's digest, and what each pod fetched."""
+    publisher = await add_user(gateway, "kube-publisher", role="publisher")
+    async with Operator(kube, workdir, spec_pod, pod=PodSupervisor, only=frozenset(), trials=True, fetch_from=gateway.base_url) as played:
         published = await asyncio.to_thread(registry_cli, gateway, publisher, "publish", str(WEATHER))
-        assert published.returncode == 1, published.stdout + published.stderr
-        assert re.search(r"FAIL\s+trial\s+not run: this gateway has no local sandbox runtime", published.stdout), published.stdout
-        refused = await asyncio.to_thread(registry_cli, gateway, admin, "registry", "approve", "io.example/weather", "1.0.0")
-        assert refused.returncode == 2 and "override" in refused.stderr, refused.stderr
-        approved = await asyncio.to_thread(
-            registry_cli, gateway, admin, "registry", "approve", "io.example/weather", "1.0.0", "--override"
-        )
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers={"Authorization": f"Bearer {publisher}"}) as http:
+        version = await http.get("/registry/v1/servers/io.example/weather/versions/1.0.0", timeout=30)
+    assert version.status_code == 200, version.text
+    return published, version.json()["artifact_sha256"], played.fetched
+
+
+async def test_without_gvisor_on_the_gateway_the_trial_runs_in_a_throwaway_pod(gateway, kube, workdir, weather):
+    """The gateway has no runsc: validation asks for a McpSandbox of its own (on the kmock stand-in
+    for the Kubernetes API server), whose pod (the stand-in operator's, with the operator's init
+    container command for real) fetches the wheel from the gateway and runs it; the trial lists its
+    tools, the object is deleted, and the version is approved without --override, its tools pinned,
+    and served to a user from the user's own pod."""
+    async with asyncio.timeout(WITHIN * 2):
+        published, sha, fetched = weather
+        assert published.returncode == 0, published.stdout + published.stderr
+        assert re.search(r"trial\s+\d+ tool\(s\); started in \d+ ms", published.stdout), published.stdout
+        (trial,) = [name for name in fetched if name.startswith("trial-")]
+        assert trial.startswith(f"trial-{sha[:12]}-") and fetched[trial] == [sha]
+        api = api_client(kube)
+        try:
+            listed = await k8s.CustomObjectsApi(api).list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)
+        finally:
+            await api.close()
+        assert trial not in {o["metadata"]["name"] for o in listed["items"]}, "the trial's McpSandbox is deleted after"
+        admin = await add_user(gateway, "kube-approver", role="admin")
+        approved = await asyncio.to_thread(registry_cli, gateway, admin, "registry", "approve", "io.example/weather", "1.0.0")
         assert approved.returncode == 0, approved.stdout + approved.stderr
+
+        wendy = await add_user(gateway, "wendy")
+        async with operator(kube, workdir, "wendy", fetch_from=gateway.base_url) as played, connect(gateway.mcp_url, wendy) as client:
+            names = [t.name for t in (await client.list_tools()).tools]
+            weather_tools = [n for n in names if n.startswith("weather__")]
+            assert weather_tools, names
+            assert played.fetched["default-wendy"] == [sha]  # wendy's pod fetched the approved wheel itself
+
+
+async def a_sandbox(objects, name: str, digests: list[str]) -> str:
+    """A McpSandbox listing published servers with these digests, as the gateway writes them; its token."""
+    servers = [{"name": f"s{i}", "prefix": f"s{i}", "version": d, "artifactSha256": d, "command": ["x"], "egress": []}
+               for i, d in enumerate(digests)]
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "McpSandbox", "metadata": {"name": name, "namespace": NS},
+            "spec": {"user": name, "tenant": "default", "userId": 10**6 + len(name), "servers": servers, "operatingMode": "Hibernated"}}
+    created = await objects.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+    return sandbox_token(KEY, NS, name, created["metadata"]["uid"])
+
+
+async def test_a_pod_fetches_the_wheels_its_sandbox_lists_and_nothing_else(gateway, kube, weather, tmp_path):
+    """registry.fetch (the init container's client) against the gateway's artifact route; the
+    McpSandboxes are on the kmock stand-in for the Kubernetes API server, made as the gateway makes them."""
+    async with asyncio.timeout(WITHIN):
+        _, sha, _ = weather
+        api = api_client(kube)
+        objects = k8s.CustomObjectsApi(api)
+        try:
+            token = await a_sandbox(objects, "art-fetcher", [sha, "e" * 64])
+            bystander = await a_sandbox(objects, "art-bystander", [])
+        finally:
+            await api.close()
+        (installed,) = await asyncio.to_thread(fetch_into, gateway.base_url, f"{NS}/art-fetcher", token, tmp_path / "tools", [sha])
+        assert (installed / "weather_tool" / "server.py").is_file()
+
+        async def get(digest: str, headers: dict[str, str]) -> httpx.Response:
+            async with httpx.AsyncClient(base_url=gateway.base_url) as http:
+                return await http.get(f"/registry/v1/artifacts/{digest}", headers=headers, timeout=30)
+
+        def as_(sandbox: str, bearer: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {bearer}", SANDBOX_HEADER: sandbox}
+
+        # Another sandbox's token for this sandbox, or a token made up: not this sandbox.
+        for wrong in (bystander, token[:-2] + "AA", "x"):
+            refused = await get(sha, as_(f"{NS}/art-fetcher", wrong))
+            assert refused.status_code == 401 and "not the token of sandbox" in refused.json()["error"], refused.text
+        # A sandbox with its own token asks for a wheel its spec does not list (another's): refused.
+        refused = await get(sha, as_(f"{NS}/art-bystander", bystander))
+        assert refused.status_code == 403 and "is not the artifact of any server" in refused.json()["error"], refused.text
+        with pytest.raises(FetchError, match="403"):
+            await asyncio.to_thread(fetch_into, gateway.base_url, f"{NS}/art-bystander", bystander, tmp_path / "other", [sha])
+        # A user's own API key is no sandbox's token, and without the header nobody is asked about.
+        admin = await add_user(gateway, "kube-art-admin", role="admin")
+        for headers in ({"Authorization": f"Bearer {token}"}, {"Authorization": f"Bearer {admin}"}, {SANDBOX_HEADER: f"{NS}/art-fetcher"}):
+            refused = await get(sha, headers)
+            assert refused.status_code == 401 and "authenticate as a sandbox" in refused.json()["error"], refused.text
+        assert (await get(sha, as_(f"{NS}/art-fetcher", admin))).status_code == 401
+        # The namespace is the gateway's: a sandbox elsewhere is never looked up.
+        refused = await get(sha, as_("other/art-fetcher", token))
+        assert refused.status_code == 403 and f"namespace {NS!r}" in refused.json()["error"], refused.text
+        # Listed but never published: a clear 404; a path that is no digest: refused, nothing read.
+        missing = await get("e" * 64, as_(f"{NS}/art-fetcher", token))
+        assert missing.status_code == 404 and "no artifact" in missing.json()["error"], missing.text
+        assert (await get("..%2F..%2Fetc", as_(f"{NS}/art-fetcher", token))).status_code in (403, 404)
+
+
+async def test_the_fleet_gives_its_kubernetes_sandboxes_the_egress_policy_and_trials_in_pods(kube, workdir, postgres_url, tmp_path, monkeypatch):
+    """How the Fleet opens the kubernetes backend (in this process, against the kmock stand-in for
+    the Kubernetes API server): pods' channels get the fleet's SandboxEgress, as the local manager's
+    sandboxes do (tests/test_sandbox_kubernetes.py tunnels through one), and without runsc the
+    registry's trials go to throwaway pods."""
+    from core.settings import load_settings
+    from gateway.egress import SandboxEgress
+    from gateway.fleet import Fleet
+    from sandbox.kubernetes import KubernetesSandboxes
+    from sandbox.kubernetes_trials import KubernetesTrials
+    from tests.conftest import fresh_database
+
+    key_file = tmp_path / "sandbox.key"
+    key_file.write_bytes(KEY + b"\n")
+    for name, value in {
+        "MCPFLEET_SANDBOX_BACKEND": "kubernetes", "MCPFLEET_K8S_NAMESPACE": NS, "MCPFLEET_SANDBOX_KEY_FILE": str(key_file),
+        "KUBECONFIG": str(write_kubeconfig(tmp_path / "kubeconfig", kube)),
+        "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "runsc").exists()),
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    # The client read KUBECONFIG as it was imported; a gateway process reads it as it starts.
+    monkeypatch.setattr("kubernetes_asyncio.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", os.environ["KUBECONFIG"])
+    async with asyncio.timeout(WITHIN), Fleet(load_settings(home=tmp_path), fresh_database(postgres_url, "kfleet")) as fleet:
+        assert isinstance(fleet.manager, KubernetesSandboxes) and isinstance(fleet.manager.egress, SandboxEgress)
+        assert fleet.manager.egress.calls is fleet.calls  # its connections are audited with the fleet's calls
+        assert fleet.registry.backend is None and isinstance(fleet.registry.pods, KubernetesTrials)
+        assert fleet.registry.pods.namespace == NS

@@ -287,6 +287,27 @@ BAD = {
 }
 
 
+def test_what_the_gateway_writes_passes_the_crd() -> None:
+    """The McpSandboxes the gateway creates: a user's (sandbox.kubernetes) and a trial's
+    (sandbox.kubernetes_trials), with a published server that declares egress hosts."""
+    from registry.artifacts import server_spec
+    from registry.trial import TRIAL_TIER
+    from sandbox.kubernetes import sandbox_spec
+    from sandbox.kubernetes_trials import trial_name, trial_spec
+    from sandbox.tiers import Tier
+
+    published = server_spec("weather", "c" * 64, "weather_tool.server:main", ("API_KEY",), ("api.example.com", "tiles.example.com:8443"))
+    name = trial_name(published)
+    trial = trial_spec(name, published, TRIAL_TIER)
+    assert name.startswith("trial-cccccccccccc-") and "userId" not in trial and trial["servers"][0]["egress"] == []
+    assert trial["workspace"]["retention"] == "Delete" and trial["servers"][0]["artifactSha256"] == "c" * 64
+    user = sandbox_spec(7, "acme", "alice", Tier("standard", 1.0, 512, 128, 1024), (published,))
+    assert user["servers"][0]["egress"] == ["api.example.com", "tiles.example.com:8443"]
+    assert "MCPFLEET_DECLARED_SECRETS" not in str(user) + str(trial)  # a server's environment never goes into the object
+    for obj_name, spec in ((name, trial), ("acme-alice", user)):
+        validate_custom({"apiVersion": "mcpfleet.dev/v1alpha1", "kind": "McpSandbox", "metadata": {"name": obj_name}, "spec": spec})
+
+
 @pytest.mark.parametrize("name", GOOD)
 def test_good_objects_pass_their_crd(name: str) -> None:
     validate_custom(GOOD[name])
@@ -448,6 +469,13 @@ def test_gateway_replicas_pdb_hpa_service_and_network_policy(objects: list[dict[
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     to_sandboxes = [r for r in policy["egress"] for t in r.get("to", []) if t.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/component": "sandbox"}]
     assert to_sandboxes and to_sandboxes[0]["ports"] == [{"port": 7070, "protocol": "TCP"}]
+    # Declared egress hosts on any port, but no private, link-local or CGNAT address: the policy keeps
+    # the gateway's own vetting (gateway/egress.py) from being the only line.
+    internet = [r for r in policy["egress"] for t in r.get("to", []) if t.get("ipBlock", {}).get("cidr") == "0.0.0.0/0"]
+    assert len(internet) == 1 and "ports" not in internet[0], internet
+    assert set(internet[0]["to"][0]["ipBlock"]["except"]) == {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10"}
+    blocks = [t["ipBlock"] for r in policy["egress"] for t in r.get("to", []) if "ipBlock" in t]
+    assert all(b.get("except") for b in blocks), "every CIDR the gateway may reach keeps the private ranges out"
 
 
 def test_operator_deployment_and_runtime_class(objects: list[dict[str, Any]]) -> None:

@@ -353,8 +353,10 @@ def test_delete_says_reclaimed_before_the_finalizer_lets_go(cluster: Cluster) ->
         done = threading.Event()
 
         def watch() -> None:  # what `kubectl get -w` would show
-            while not done.is_set():
+            while True:
                 seen.append(state(cluster, "acme-pia"))
+                if done.is_set():  # one read after the object is gone, however late this thread wakes
+                    return
                 time.sleep(0.01)
 
         watcher = threading.Thread(target=watch)
@@ -648,14 +650,34 @@ def test_published_servers_are_fetched_by_a_hardened_init_container_through_a_na
     assert objects.network_policy("n", {}, servers[1:])["spec"]["egress"] == []
 
 
-def test_network_policy_admits_the_gateway_and_egress_only_when_declared() -> None:
-    with_egress = objects.network_policy("n", {"mcpfleet.dev/sandbox": "n"}, SANDBOX["spec"]["servers"])
-    ingress = with_egress["spec"]["ingress"][0]
-    assert ingress["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "gateway"}
-    assert ingress["ports"] == [{"protocol": "TCP", "port": 7070}]
-    assert with_egress["spec"]["egress"][0]["to"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "egress-proxy"}
+def test_network_policy_admits_the_gateway_and_lets_out_only_the_fetch() -> None:
+    """Declared egress hosts open nothing in the pod's policy: the gateway makes those connections and
+    carries them over the channel it opened (admitted by the ingress rule). Only a pod with published
+    servers to fetch may reach the gateway's HTTP port, and DNS to find it."""
+    declaring = objects.network_policy("n", {"mcpfleet.dev/sandbox": "n"}, SANDBOX["spec"]["servers"])
+    ingress = declaring["spec"]["ingress"]
+    assert ingress == [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}],
+                        "ports": [{"protocol": "TCP", "port": 7070}]}]
+    assert declaring["spec"]["egress"] == [] and set(declaring["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     assert objects.network_policy("n", {}, [{"name": "x", "egress": []}])["spec"]["egress"] == []
-    assert set(with_egress["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    published = [{"name": "fetch", "artifactSha256": "d" * 64, "egress": ["example.com", "tiles.example.com:8443"]}]
+    rules = objects.network_policy("n", {}, published)["spec"]["egress"]
+    assert rules == [
+        {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}],
+         "ports": [{"protocol": "TCP", "port": 8080}]},
+        {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+    ]
+    assert not any("ipBlock" in t for r in rules for t in r["to"])  # never the internet, whatever is declared
+
+
+def test_declared_egress_hosts_reach_the_supervisors_config() -> None:
+    import json
+    config = json.loads(objects.supervisor_config([
+        {"name": "io.example.fetch", "prefix": "fetch", "artifactSha256": "d" * 64, "command": ["python"], "egress": ["example.com:8443"]},
+        {"name": "workspace", "command": ["python", "-m", "mcp_servers.workspace"]},
+    ]))
+    assert [(s["name"], s["egress"]) for s in config["servers"]] == [("fetch", ["example.com:8443"]), ("workspace", [])]
 
 
 def test_pvc_secret_and_conditions() -> None:

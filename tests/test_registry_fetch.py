@@ -1,6 +1,7 @@
 """registry.fetch, the init container of a pod with published servers: real downloads over HTTP from a
-local server that plays the gateway's artifact route (the route itself is the gateway's, not yet
-served: this server answers as its contract says, a token and a sandbox header or 401)."""
+local server that plays the gateway's artifact route as its contract says (a token and a sandbox
+header or 401), to corrupt what it serves at will. The real route, against this same client, is
+tested in tests/test_gateway_kubernetes.py (`test_a_pod_fetches_the_wheels_its_sandbox_lists_and_nothing_else`)."""
 
 from __future__ import annotations
 

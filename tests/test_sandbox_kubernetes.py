@@ -13,6 +13,8 @@ fixture MCP server are real. Every test runs under `asyncio.timeout(WITHIN)`, so
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -22,6 +24,8 @@ import kmock
 import pytest
 
 from core.settings import load_settings
+from gateway.call_audit import CallAudit
+from gateway.egress import SandboxEgress
 from sandbox.errors import SandboxUnavailable
 from sandbox.factory import kubernetes_sandboxes, sandbox_manager
 from sandbox.kubernetes import ACTIVITY_ANNOTATION, GROUP, MERGE_PATCH, PLURAL, VERSION, KubernetesSandboxes, sandbox_name, sandbox_token
@@ -39,6 +43,7 @@ from tests.kube_sandboxes import (
     stored,
     write_kubeconfig,
 )
+from tests.test_egress import API, FETCHER, PUBLIC, TableResolver, test_host  # noqa: F401  (test_host is a fixture)
 from tests.test_sandbox_supervisor import text, tool, write_fixture
 
 TIER = Tier("standard", 1.0, 512, 128, 1024)
@@ -214,6 +219,34 @@ async def test_a_change_of_approvals_reaches_the_object_and_the_running_pod(api,
         await sandboxes.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="the test host's network namespace needs root and ip")
+async def test_a_declared_host_is_reached_over_the_pods_channel(api, workdir, test_host):
+    """A server that declares a host reaches it through its supervisor's proxy and the channel: the
+    connection is the gateway's (SandboxEgress, the fleet's policy), made from here to the test
+    host in its network namespace (tests/test_egress.py; DNS is the table, as there). The pod needs
+    no route out: the operator's NetworkPolicy gives it none. kmock stands in for the API server."""
+    async with asyncio.timeout(WITHIN * 2):
+        tools = workdir / "fetcher"
+        tools.mkdir(exist_ok=True)
+        (tools / "fetcher_tool.py").write_text(FETCHER)
+        shutil.copy(test_host, tools / "ca.pem")
+        fetcher = ServerSpec("fetcher", (sys.executable, str(tools / "fetcher_tool.py")), revision="egress-r1", egress=(API,))
+        calls = CallAudit()
+        egress = SandboxEgress(calls, resolver=TableResolver({API: [[PUBLIC]], "other.egress-test.example": [[PUBLIC]]}))
+        sandboxes = KubernetesSandboxes(api_client(api), StaticServers([fetcher]), tier_of, KEY, namespace=NS, egress=egress)
+        async with Operator(api, workdir, pod=PodSupervisor):
+            sandbox = await sandboxes.ensure(14, "acme", "egress")
+            fetched = text(await tool(sandbox.client, "fetch", server="fetcher", url=f"https://{API}/hello"))
+            assert fetched == f"200 test host {PUBLIC} /hello host={API}", fetched
+            undeclared = text(await tool(sandbox.client, "fetch", server="fetcher", url="https://other.egress-test.example/"))
+            assert "403" in undeclared and "not among the hosts" in undeclared, undeclared
+        # The object says which hosts (the operator renders them into the supervisor's config).
+        assert stored(api, "acme-egress")["spec"]["servers"][0]["egress"] == [API]
+        await sandboxes.close()
+        connects = [(e.outcome, e.target, e.actor) for e in calls._queue if e.action == "egress.connect"]
+        assert ("ok", f"{API}:443", "egress") in connects and ("refused", "other.egress-test.example:443", "egress") in connects, connects
+
+
 async def test_no_ready_in_time_is_unavailable(api, workdir):
     async with asyncio.timeout(WITHIN):
         sandboxes = manager(api, workdir, start_timeout=0.5)
@@ -251,7 +284,7 @@ async def test_the_settings_choose_the_kubernetes_manager(api, workdir, tmp_path
             sandbox_manager(settings, None, None)  # type: ignore[arg-type]
 
         sandboxes = await kubernetes_sandboxes(settings, StaticServers([fixture_spec(workdir)]), tier_of, kubeconfig=str(kubeconfig))
-        async with Operator(api, workdir):
+        async with Operator(api, workdir, pod=PodSupervisor):
             sandbox = await sandboxes.ensure(14, "acme", "hana")
             assert text(await tool(sandbox.client, "echo", text="configured")) == "configured"
         assert stored(api, "acme-hana")["spec"]["userId"] == 14

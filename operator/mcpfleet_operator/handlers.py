@@ -129,8 +129,8 @@ def _ensure_support(body: dict[str, Any], logger: logging.Logger) -> None:
 
 def _ensure_servers(body: dict[str, Any]) -> None:
     """What follows from spec.servers, created or brought up to date: the supervisor's ConfigMap and
-    the NetworkPolicy (egress only if a server declares hosts). Patched as a whole when they exist,
-    so an operator that was down while the servers changed catches up on resume."""
+    the NetworkPolicy (egress only to the gateway, when published servers are fetched). Patched as a
+    whole when they exist, so an operator that was down while the servers changed catches up on resume."""
     meta, spec = body["metadata"], body.get("spec") or {}
     ns, name = meta["namespace"], meta["name"]
     labels = objects.sandbox_labels(name)

@@ -7,7 +7,8 @@ For McpSandbox NAME (all labelled `app.kubernetes.io/part-of: mcpfleet`, `mcpfle
 | PVC            | NAME-workspace   | no: `workspace.retention`| the user's /workspace, kept across hibernation        |
 | Secret         | NAME-token       | yes                      | key `token`: HMAC of the fleet key (SPEC.md)          |
 | NetworkPolicy  | NAME             | yes                      | ingress from the gateway on 7070; egress only to the  |
-|                |                  |                          | egress proxy when a server declares egress, else none |
+|                |                  |                          | gateway's HTTP port and DNS when published servers    |
+|                |                  |                          | are fetched, else none                                |
 | ConfigMap      | NAME-config      | yes                      | key `sandbox.json`: the supervisor's config, rendered |
 |                |                  |                          | from spec.servers (`supervisor_config`)               |
 | Pod            | NAME             | yes                      | gVisor, non-root, read-only root, no capabilities     |
@@ -109,6 +110,8 @@ def supervisor_config(servers: list[Mapping[str, Any]] | None) -> str:
             "env": {},
             "cwd": WORKSPACE,
             "revision": s.get("artifactSha256") or s.get("version") or "builtin",
+            # Its supervisor offers it the egress proxy; the gateway makes each connection.
+            "egress": [str(h) for h in s.get("egress") or []],
         })
     return json.dumps({"socket": "", "servers": rendered, "env": {}}, indent=2, sort_keys=True)
 
@@ -138,12 +141,11 @@ def published_digests(servers: list[Mapping[str, Any]] | None) -> list[str]:
 
 
 def network_policy(name: str, selector: Mapping[str, str], servers: list[Mapping[str, Any]] | None) -> Body:
-    """Ingress only from the gateway on the supervisor's port; egress only to the egress proxy, and only if asked;
-    and, when published servers are to be fetched, to the gateway's HTTP port (and DNS, to find it)."""
-    wants_egress = any(s.get("egress") for s in servers or [])
+    """Ingress only from the gateway on the supervisor's port. Egress: none, except, when published
+    servers are to be fetched, to the gateway's HTTP port (and DNS, to find it). Servers that declare
+    egress hosts need no rule: their connections are made by the gateway and carried over the
+    channel the gateway opened to the pod (`sandbox.tunnels`), which the ingress rule admits."""
     egress: list[Body] = []
-    if wants_egress:
-        egress.append({"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "egress-proxy"}}}]})
     if published_digests(servers):
         # A policy is per pod, not per container: the supervisor's container may reach the gateway's HTTP
         # port too (where every request is authenticated), not only the init container that fetches.
