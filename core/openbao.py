@@ -123,6 +123,10 @@ class EmbeddedOpenBao:
         self.start_s = time.perf_counter() - started
         log.info("OpenBao at %s (%s), unsealed in %.2fs", self.addr, "started" if self.owned else "attached", self.start_s)
 
+    def running(self) -> str | None:
+        """The address of the OpenBao already running for this home, None if none answers. Starts nothing."""
+        return self.addr if self._attach() else None
+
     def _attach(self) -> bool:
         try:
             addr = (self.dir / "addr").read_text().strip()

@@ -82,7 +82,7 @@ class Workspaces:
         self.uid, self.gid = uid, gid
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if quotas is None:
-            reason = self._why_no_quotas()
+            reason = self.why_no_quotas()
             quotas = reason is None
             if reason is not None:
                 log.warning("workspaces have no disk quota: %s; they are plain directories in %s", reason, self.root)
@@ -394,7 +394,8 @@ class Workspaces:
         except FileNotFoundError:
             raise WorkspaceError(f"there is no workspace {target.name}") from None
 
-    def _why_no_quotas(self) -> str | None:
+    def why_no_quotas(self) -> str | None:
+        """Why workspaces here cannot be quota-bound loop-mounted images (None: they can), by trying one."""
         if os.geteuid() != 0:
             return "loop mounts need root"
         missing = [t for t in ("mkfs.ext4", "debugfs", "resize2fs", "e2fsck", "losetup") if not shutil.which(t)]
