@@ -351,7 +351,7 @@ def unmet_requirements(requires: list[str], available: set[str]) -> list[str]:
 
 
 def server_spec(prefix: str, sha256: str, entry_point: str, secrets: tuple[str, ...] = (), server: str = "",
-                egress: tuple[str, ...] = ()) -> ServerSpec:
+                *, egress: tuple[str, ...] = ()) -> ServerSpec:
     """How a sandbox runs a published server: its console script's callable, from its install."""
     module, _, attr = entry_point.partition(":")
     module, attr = module.strip(), attr.strip()

@@ -296,7 +296,7 @@ def test_what_the_gateway_writes_passes_the_crd() -> None:
     from sandbox.kubernetes_trials import trial_name, trial_spec
     from sandbox.tiers import Tier
 
-    published = server_spec("weather", "c" * 64, "weather_tool.server:main", ("API_KEY",), ("api.example.com", "tiles.example.com:8443"))
+    published = server_spec("weather", "c" * 64, "weather_tool.server:main", ("API_KEY",), egress=("api.example.com", "tiles.example.com:8443"))
     name = trial_name(published)
     trial = trial_spec(name, published, TRIAL_TIER)
     assert name.startswith("trial-cccccccccccc-") and "userId" not in trial and trial["servers"][0]["egress"] == []
