@@ -36,7 +36,7 @@ async def _owner(args: argparse.Namespace, conn: psycopg.AsyncConnection, rest: 
     if args.tenant is not None:
         if len(args.args) != rest:
             raise SecretError(f"with --tenant give {rest} more arguments: SERVER NAME" if rest == 2 else "no USER with --tenant")
-        if args.tenant not in await accounts.list_tenants(conn):
+        if args.tenant not in {row["tenant"] for row in await accounts.list_tenants(conn)}:
             raise SecretError(f"no tenant {args.tenant!r}")
         return args.tenant, None, args.args
     if len(args.args) != rest + 1:
