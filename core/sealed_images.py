@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".sealed"
 KEY_FILE = "sealed.key"
+STAGED = ".staged"
+"""A file being written under its final name plus this: renamed once whole."""
 MAGIC = b"MFS1"
 CHUNK = 4 * 2**20
 
@@ -40,9 +42,14 @@ def _aad(name: str, index: int, last: bool) -> bytes:
 
 
 def _seal_file(aes: AESGCM, path: Path, name: str) -> None:
+    """`path` → `path.sealed`, written under a staging name and renamed: a `.sealed` file is whole."""
     prefix = os.urandom(8)
     target = path.with_name(path.name + SUFFIX)
-    with open(path, "rb") as src, open(target, "wb") as out:
+    if target.exists():  # sealed before an interruption: only the clear copy was left to remove
+        path.unlink()
+        return
+    staged = path.with_name(path.name + STAGED)
+    with open(path, "rb") as src, open(staged, "wb") as out:
         out.write(MAGIC + prefix)
         index = 0
         chunk = src.read(CHUNK)
@@ -54,12 +61,15 @@ def _seal_file(aes: AESGCM, path: Path, name: str) -> None:
             if last:
                 break
             chunk, index = following, index + 1
+    os.replace(staged, target)
     path.unlink()
 
 
 def _unseal_file(aes: AESGCM, target: Path, name: str) -> None:
+    """`target.sealed` → `target`, staged and renamed likewise: a clear file is whole too."""
     source = target.with_name(target.name + SUFFIX)
-    with open(source, "rb") as src, open(target, "wb") as out:
+    staged = target.with_name(target.name + STAGED)
+    with open(source, "rb") as src, open(staged, "wb") as out:
         head = src.read(12)
         if head[:4] != MAGIC:
             raise SealError(f"{source.name} is not a sealed checkpoint file")
@@ -77,6 +87,7 @@ def _unseal_file(aes: AESGCM, target: Path, name: str) -> None:
             if last:
                 break
             index += 1
+    os.replace(staged, target)
     source.unlink()
 
 
@@ -87,24 +98,52 @@ class SealedImages:
         self.store = store
 
     def seal(self, directory: Path) -> None:
+        """Seal every file of `directory` still in the clear. The wrapped key is written first, so a
+        seal cut short (the gateway killed mid-way) is finished by sealing the same directory again,
+        under the same key: a file still in the clear is sealed anew, its half-written seal replaced."""
         started = time.perf_counter()
-        key, wrapped = self.store.data_key()
-        aes = AESGCM(key)
-        files = [p for p in sorted(directory.rglob("*")) if p.is_file() and not p.is_symlink()]
-        for path in files:
+        key_file = directory / KEY_FILE
+        _drop_staged(directory)
+        clear = [
+            p for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.is_symlink() and not p.name.endswith(SUFFIX) and p != key_file
+        ]  # fmt: skip
+        if key_file.exists():
+            if not clear:
+                return  # sealed already (a recovery asks of every checkpoint)
+            aes = AESGCM(self.store.unwrap(_wrapped(key_file)))
+        else:
+            key, wrapped = self.store.data_key()
+            aes = AESGCM(key)
+            staged = key_file.with_name(KEY_FILE + STAGED)
+            staged.write_text(json.dumps({"wrapped": wrapped}))
+            os.replace(staged, key_file)
+        for path in clear:
             _seal_file(aes, path, str(path.relative_to(directory)))
-        (directory / KEY_FILE).write_text(json.dumps({"wrapped": wrapped, "files": len(files)}))
         log.info("checkpoint %s sealed in %.2fs", directory.name, time.perf_counter() - started)
 
     def unseal(self, directory: Path) -> None:
         started = time.perf_counter()
-        try:
-            wrapped = json.loads((directory / KEY_FILE).read_text())["wrapped"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise SealError(f"the checkpoint's key is unreadable ({type(exc).__name__})") from None
-        aes = AESGCM(self.store.unwrap(wrapped))
+        aes = AESGCM(self.store.unwrap(_wrapped(directory / KEY_FILE)))
+        _drop_staged(directory)
         for source in sorted(directory.rglob("*" + SUFFIX)):
             target = source.with_name(source.name[: -len(SUFFIX)])
             _unseal_file(aes, target, str(target.relative_to(directory)))
         (directory / KEY_FILE).unlink()
         log.info("checkpoint %s unsealed in %.2fs", directory.name, time.perf_counter() - started)
+
+
+def _wrapped(key_file: Path) -> str:
+    try:
+        wrapped = json.loads(key_file.read_text())["wrapped"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SealError(f"the checkpoint's key is unreadable ({type(exc).__name__})") from None
+    if not isinstance(wrapped, str):
+        raise SealError("the checkpoint's key is unreadable (not a wrapped key)")
+    return wrapped
+
+
+def _drop_staged(directory: Path) -> None:
+    """Half-written files of an interrupted seal or unseal: their source is still whole."""
+    for staged in directory.rglob("*" + STAGED):
+        staged.unlink()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from pathlib import Path
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -86,6 +87,8 @@ async def _recover_one(
             partial.rename(layout.checkpoint)
         else:
             shutil.rmtree(partial, ignore_errors=True)
+    if layout.checkpoint.is_dir() and steps.images is not None:
+        await _sealed(steps, layout.checkpoint, sandbox_id)
     complete = layout.checkpoint.is_dir()
     tier = tier_by_name.get(row["tier"] or tiers.DEFAULT_TIER) or tier_by_name[tiers.DEFAULT_TIER]
 
@@ -131,3 +134,15 @@ async def _wait_while_checkpointing(steps: Steps, sandbox_id: str, timeout: floa
             return False
         await asyncio.sleep(0.25)
     return True
+
+
+async def _sealed(steps: Steps, checkpoint: Path, sandbox_id: str) -> None:
+    """A checkpoint holds memory, so it stays on disk only sealed: one that a gateway's death left in
+    the clear (its checkpoint ended after the gateway, or a seal or unseal was cut short) is sealed
+    now; if it cannot be (Vault unreachable), it is dropped and the sandbox starts afresh."""
+    assert steps.images is not None
+    try:
+        await asyncio.to_thread(steps.images.seal, checkpoint)
+    except Exception as exc:
+        log.warning("sandbox %s: its checkpoint could not be sealed (%s); dropping it", sandbox_id, exc)
+        shutil.rmtree(checkpoint, ignore_errors=True)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from sandbox.gvisor import choose
 from tests.clients import MODES, connect, structured, text_of
 
 MODERN = {"MCP-Protocol-Version": "2026-07-28", "Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
@@ -227,7 +228,8 @@ async def test_sandbox_killed_from_outside_is_replaced_on_the_next_call(fleet):
     await sh(fleet, key, "echo warm > /tmp/in-memory-only")
     (before,) = [s for s in _sandboxes(fleet) if s["user"] == "dave"]
     assert before["state"] == "Running"
-    subprocess.run(["runsc", "--root", str(fleet.home / "runsc"), "kill", before["id"], "KILL"], check=True)
+    # The runsc the fleet runs (the state of one runsc release is not for another's commands).
+    subprocess.run([choose().runsc, "--root", str(fleet.home / "runsc"), "kill", before["id"], "KILL"], check=True)
 
     # The call that meets the dead sandbox may fail, clearly; the one after it gets a fresh sandbox.
     for _ in range(2):

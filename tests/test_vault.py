@@ -159,3 +159,60 @@ def test_a_checkpoint_image_is_sealed_with_a_transit_data_key_and_unsealed_intac
     (cut / "pages.img.sealed").write_bytes(whole[: 12 + 4 + CHUNK + 16])  # the first chunk alone
     with pytest.raises(SealError):
         images.unseal(cut)
+
+
+def test_a_seal_or_unseal_cut_short_is_finished_by_sealing_again(bao, tmp_path, monkeypatch):
+    """A gateway killed while it sealed (or unsealed) a checkpoint: recovery seals the directory
+    again, which must finish the work under the first key without losing or garbling a file."""
+    import core.sealed_images as sealed_images
+    from core.sealed_images import KEY_FILE, SUFFIX, SealedImages
+
+    images = SealedImages(store_of(bao))
+    image = tmp_path / "checkpoint"
+    image.mkdir()
+    contents = {f"part{i}.img": os.urandom(100_000 + i) + b"secret-marker" for i in range(4)}
+    for name, data in contents.items():
+        (image / name).write_bytes(data)
+
+    # Killed after two files were sealed, while the third was half written.
+    real_seal = sealed_images._seal_file
+    done: list[str] = []
+
+    def dies_on_the_third(aes, path, name):
+        if len(done) == 2:
+            (path.with_name(path.name + sealed_images.STAGED)).write_bytes(b"MFS1half")
+            raise KeyboardInterrupt
+        real_seal(aes, path, name)
+        done.append(name)
+
+    monkeypatch.setattr(sealed_images, "_seal_file", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        images.seal(image)
+    monkeypatch.setattr(sealed_images, "_seal_file", real_seal)
+    assert (image / KEY_FILE).exists() and len(list(image.glob("*" + SUFFIX))) == 2
+    images.seal(image)  # what recovery does
+    assert sorted(p.name for p in image.iterdir()) == sorted([KEY_FILE, *(n + SUFFIX for n in contents)])
+    images.unseal(image)
+    assert {p.name: p.read_bytes() for p in image.iterdir()} == contents
+
+    # Killed while unsealing: one file restored, one half-written; sealing again, then a resume.
+    images.seal(image)
+    real_unseal = sealed_images._unseal_file
+    opened: list[str] = []
+
+    def dies_on_the_second(aes, target, name):
+        if opened:
+            (target.with_name(target.name + sealed_images.STAGED)).write_bytes(b"half")
+            raise KeyboardInterrupt
+        real_unseal(aes, target, name)
+        opened.append(name)
+
+    monkeypatch.setattr(sealed_images, "_unseal_file", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        images.unseal(image)
+    monkeypatch.setattr(sealed_images, "_unseal_file", real_unseal)
+    assert any(not p.name.endswith(SUFFIX) and p.name != KEY_FILE for p in image.iterdir())
+    images.seal(image)
+    assert all(p.name.endswith(SUFFIX) or p.name == KEY_FILE for p in image.iterdir())
+    images.unseal(image)
+    assert {p.name: p.read_bytes() for p in image.iterdir()} == contents
