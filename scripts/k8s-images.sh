@@ -23,8 +23,10 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
   files=$(mktemp); trap 'rm -f "$files"' EXIT
   # Merged /usr: /bin, /lib... are symlinks into /usr, so take each file by its /usr path.
   dpkg-query -L "${packages[@]}" | sed -E 's#^/(bin|sbin|lib|lib64)/#/usr/\1/#' | sort -u \
-    | while read -r f; do [ -f "$f" ] || [ -L "$f" ] && echo "${f#/}"; done > "$files"
+    | while read -r f; do if [ -f "$f" ] || [ -L "$f" ]; then echo "${f#/}"; fi; done > "$files"
   printf '%s\n' bin sbin lib lib64 etc/ssl/certs/ca-certificates.crt etc/passwd etc/group >> "$files"
+  # Once each: a name listed twice goes into the archive as a hard link to itself, which import refuses.
+  sort -u -o "$files" "$files"
   tar -C / --no-recursion -cf - -T "$files" 2>/dev/null | docker import -c 'ENV PATH=/usr/bin:/bin' - "$BASE"
 fi
 

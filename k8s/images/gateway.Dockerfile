@@ -15,7 +15,7 @@ COPY migrations /src/migrations
 # Not editable: the image keeps no build tree. Tool search's local embedding model (several hundred MB
 # with torch) is left out; the gateway then uses whichever embeddings its settings name.
 RUN python3 -m venv /opt/mcpfleet \
- && /opt/mcpfleet/bin/pip install --no-cache-dir --disable-pip-version-check '/src[redis,s3]' \
+ && /opt/mcpfleet/bin/pip install --no-cache-dir --disable-pip-version-check '/src[redis,s3,kubernetes,telemetry]' \
  && cp -r /src/migrations /opt/mcpfleet/migrations && rm -rf /src
 USER 10001:10001
 WORKDIR /var/lib/mcpfleet
