@@ -114,3 +114,48 @@ async def test_a_failing_server_is_fenced_for_its_user_alone_and_a_probe_lets_it
             break
         await asyncio.sleep(0.3)
     assert len(openings) == 1 and openings[0][0] == "default/bob" and "flaky" in openings[0][1], openings
+
+
+async def test_a_sandbox_that_cannot_start_is_fenced_and_a_probe_starts_it_once_mended(fenced_fleet):
+    fleet = fenced_fleet
+    carol = fleet.add_user("carol")
+    with psycopg.connect(fleet.database_url) as conn:
+        [(user_id,)] = list(conn.execute("SELECT id FROM users WHERE name = 'carol'"))
+    # A stand-in for a broken workspace volume: garbage where carol's workspace image goes (and a plain
+    # file where its directory goes, on machines without quotas), so each cold start of hers fails.
+    root = fleet.home / "workspaces"
+    blockers = [root / f"{user_id}.img", root / str(user_id)]
+    root.mkdir(parents=True, exist_ok=True)
+    for blocker in blockers:
+        blocker.write_bytes(b"not a workspace\n" * 4096)
+
+    async def timed_list(client) -> tuple[float, object]:
+        started = time.perf_counter()
+        try:
+            outcome: object = await client.list_tools()
+        except MCPError as exc:
+            outcome = exc
+        return time.perf_counter() - started, outcome
+
+    async with connect(fleet.mcp_url, carol) as client, connect(fleet.mcp_url, fleet.keys["alice"]) as alice:
+        failing_times = []
+        for _ in range(3):
+            elapsed, outcome = await timed_list(client)
+            assert isinstance(outcome, MCPError) and outcome.error.code == -32603, outcome
+            assert "could not be started" in outcome.error.message
+            failing_times.append(elapsed)
+        fenced_times = []
+        for _ in range(3):
+            elapsed, outcome = await timed_list(client)
+            assert isinstance(outcome, MCPError) and outcome.error.code == BREAKER_OPEN, outcome
+            assert "your sandbox's start" in outcome.error.message and "retry in" in outcome.error.message
+            fenced_times.append(elapsed)
+        assert max(fenced_times) < 0.1, fenced_times
+        print(f"failed starts {[round(t * 1e3) for t in failing_times]} ms, fenced {[round(t * 1e3, 1) for t in fenced_times]} ms")
+        assert "flaky__read" in {t.name for t in (await alice.list_tools()).tools}  # others start and call as before
+        for blocker in blockers:
+            blocker.unlink()
+        await asyncio.sleep(COOLDOWN_S + 0.2)
+        elapsed, outcome = await timed_list(client)  # the probe: a cold start, which now succeeds
+        assert not isinstance(outcome, MCPError), outcome
+        assert "workspace__write_file" in {t.name for t in outcome.tools}
