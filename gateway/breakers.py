@@ -21,6 +21,9 @@ from typing import Literal
 
 from mcp.shared.exceptions import MCPError
 
+from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
+
+INTERNAL_ERROR = -32603
 BREAKER_OPEN = -32003
 """JSON-RPC error of a fenced call (implementation-defined server range; -32001 is quota, -32029 rate)."""
 
@@ -148,3 +151,19 @@ class Breakers:
     def _forget_closed(self) -> None:
         for key in [k for k, b in self._breakers.items() if b.open_until is None]:
             del self._breakers[key]
+
+
+def bring_up_verdict(exc: BaseException) -> Verdict:
+    """A start that failed counts; a full quota or a sandbox let go of on purpose says nothing of it."""
+    if isinstance(exc, (QuotaExceeded, SandboxDetached)):
+        return None
+    return "failure" if isinstance(exc, SandboxUnavailable) else None
+
+
+def server_verdict(exc: BaseException) -> Verdict:
+    """A server that crashed, is not running, or failed internally counts; its other errors are answers."""
+    if isinstance(exc, SandboxRpcError):
+        return "failure" if exc.code == INTERNAL_ERROR else "alive"
+    if isinstance(exc, SandboxDetached):
+        return None
+    return "failure" if isinstance(exc, SandboxUnavailable) else None

@@ -32,7 +32,7 @@ from core.accounts import Identity
 from core.text import bounded
 from gateway import tool_errors
 from gateway.auth import identity_of
-from gateway.breakers import BREAKER_OPEN, Breakers, Verdict
+from gateway.breakers import BREAKER_OPEN, Breakers, Verdict, bring_up_verdict, server_verdict
 from gateway.call_audit import CallAudit
 from gateway.catalog import Catalog, build_catalog
 from gateway.telemetry import Telemetry
@@ -201,7 +201,7 @@ class Router:
             raise MCPError(code=types.INVALID_REQUEST, message="Not authenticated")
         self._remember_session(identity, ctx)
         try:
-            with self._breaker(identity, None, _bring_up_verdict):
+            with self._breaker(identity, None, bring_up_verdict):
                 sandbox = await self._fleet.manager.ensure(identity.user_id, identity.tenant, identity.user)
         except QuotaExceeded as exc:
             raise MCPError(code=QUOTA_EXCEEDED, message=f"No sandbox for you right now: {exc}") from None
@@ -259,7 +259,10 @@ class Router:
 
         started, identity = time.perf_counter(), identity_of(getattr(ctx.request, "scope", None))
         try:
-            with self._breaker(identity, server, _server_verdict), channel_hop(server, method, params, relay=self._fleet.telemetry.relay) as traced:  # the trace goes on in traced["_meta"]
+            with (
+                self._breaker(identity, server, server_verdict),
+                channel_hop(server, method, params, relay=self._fleet.telemetry.relay) as traced,  # the trace goes on in traced["_meta"]
+            ):
                 try:
                     result = await client.request(
                         server, method, traced, on_notification=relay_notification, on_request=relay_request
@@ -543,22 +546,6 @@ def _forwarded_meta(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         return {}
     return {k: v for k, v in raw.items() if k not in _ENVELOPE_KEYS}
-
-
-def _bring_up_verdict(exc: BaseException) -> Verdict:
-    """A start that failed counts; a full quota or a sandbox let go of on purpose says nothing of it."""
-    if isinstance(exc, (QuotaExceeded, SandboxDetached)):
-        return None
-    return "failure" if isinstance(exc, SandboxUnavailable) else None
-
-
-def _server_verdict(exc: BaseException) -> Verdict:
-    """A server that crashed, is not running, or failed internally counts; its other errors are answers."""
-    if isinstance(exc, SandboxRpcError):
-        return "failure" if exc.code == types.INTERNAL_ERROR else "alive"
-    if isinstance(exc, SandboxDetached):
-        return None
-    return "failure" if isinstance(exc, SandboxUnavailable) else None
 
 
 def _same_offers(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -> bool:

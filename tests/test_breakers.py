@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from gateway.breakers import BREAKER_OPEN, WINDOW_S, Breakers, Fenced
+from gateway.breakers import BREAKER_OPEN, WINDOW_S, Breakers, Fenced, bring_up_verdict, server_verdict
+from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 
 class Clock:
@@ -94,3 +95,13 @@ def test_the_guard_refuses_with_a_json_rpc_error_and_classifies_outcomes():
     with b.guard("k", "x", verdict, opened.append):
         pass
     assert opened == [5]
+
+
+def test_what_counts_as_a_failure():
+    assert bring_up_verdict(SandboxUnavailable("did not start")) == "failure"
+    assert bring_up_verdict(QuotaExceeded("tenant cap")) is None  # a full quota says nothing of the sandbox
+    assert bring_up_verdict(SandboxDetached("hibernating")) is None
+    assert server_verdict(SandboxRpcError(-32603, "server 'x' exited while handling the request")) == "failure"
+    assert server_verdict(SandboxUnavailable("channel broke")) == "failure"
+    assert server_verdict(SandboxRpcError(-32602, "Unknown tool")) == "alive"  # an answer: the server is up
+    assert server_verdict(TimeoutError()) is None
