@@ -93,6 +93,10 @@ class Settings:
     body_timeout_s: float = 30.0
     max_connections: int = 1000
     max_result_bytes: int = 16 * 1024 * 1024
+    # Circuit breakers (gateway/breakers.py): after this many failures in a row, a user's sandbox
+    # bring-up, or one server in it, is fenced off for the cool-down; then one call probes it.
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 30.0
     """Largest result a server may send for one call; the gateway refuses larger ones unread."""
     # Shares the rate limits' buckets across gateways; None: each gateway counts on its own.
     redis_url: str | None = None
@@ -146,6 +150,8 @@ def load_settings(**overrides: object) -> Settings:
         "session_idle_s": _positive("MCPFLEET_SESSION_IDLE_S", 600),
         "header_timeout_s": _positive("MCPFLEET_HEADER_TIMEOUT_S", 10),
         "body_timeout_s": _positive("MCPFLEET_BODY_TIMEOUT_S", 30),
+        "breaker_failures": _positive("MCPFLEET_BREAKER_FAILURES", 3),
+        "breaker_cooldown_s": _positive("MCPFLEET_BREAKER_COOLDOWN_S", 30),
         "max_connections": _positive("MCPFLEET_MAX_CONNECTIONS", 1000),
         "max_result_bytes": _positive("MCPFLEET_MAX_RESULT_BYTES", 16 * 1024 * 1024),
         "redis_url": os.environ.get("REDIS_URL") or None,

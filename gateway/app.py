@@ -19,6 +19,7 @@ from starlette.routing import Route
 from core.settings import Settings
 from gateway import admin, artifact_api, metrics, registry_api, secrets_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
+from gateway.breakers import Breakers
 from gateway.call_audit import AuditedBearerBackend, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
 from gateway.http_headers import TrimHeaderWhitespace
@@ -50,7 +51,10 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 def create_app(fleet: Fleet) -> Starlette:
     """The gateway over `fleet`, which the app's lifespan opens and closes."""
     settings = fleet.settings
-    router = Router(fleet, bare_servers=settings.bare_servers)
+    router = Router(
+        fleet, bare_servers=settings.bare_servers,
+        breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s),
+    )
     fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()
     # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own.

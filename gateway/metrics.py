@@ -3,7 +3,7 @@
 | metric                                         | type      | labels                                    |
 |------------------------------------------------|-----------|-------------------------------------------|
 | `mcp_server_operation_duration_seconds`        | histogram | mcp_method_name, gen_ai_tool_name, outcome, error_type |
-| `mcpfleet_refusals_total`                      | counter   | reason (rate_limit, auth, scope, policy)   |
+| `mcpfleet_refusals_total`                      | counter   | reason (rate_limit, auth, scope, policy, breaker) |
 | `mcpfleet_sandbox_events_total`                | counter   | event (cold_start, claim, hibernate, resume, failed, reclaim) |
 | `mcpfleet_sandbox_event_duration_seconds`      | histogram | event (cold_start, hibernate, resume)      |
 | `mcpfleet_sandboxes`                           | gauge     | state (every row's state, all replicas)    |

@@ -9,6 +9,7 @@ as the servers give them and routed by lookup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import warnings
@@ -31,6 +32,7 @@ from core.accounts import Identity
 from core.text import bounded
 from gateway import tool_errors
 from gateway.auth import identity_of
+from gateway.breakers import BREAKER_OPEN, Breakers, Verdict, bring_up_verdict, server_verdict
 from gateway.call_audit import CallAudit
 from gateway.catalog import Catalog, build_catalog
 from gateway.telemetry import Telemetry
@@ -44,7 +46,7 @@ QUOTA_EXCEEDED = -32001
 """JSON-RPC error for a caller whose tenant or node has no room for another running sandbox
 (from the implementation-defined server error range)."""
 # Codes of errors the gateway raises itself when the sandbox, not the tool, failed.
-_SANDBOX_FAILURES = frozenset({types.INTERNAL_ERROR, QUOTA_EXCEEDED})
+_SANDBOX_FAILURES = frozenset({types.INTERNAL_ERROR, QUOTA_EXCEEDED, BREAKER_OPEN})
 _notification_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerNotification)
 _request_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerRequest)
 
@@ -139,8 +141,11 @@ SEARCH_TOOL_DEFINITION: dict[str, Any] = {
 
 
 class Router:
-    def __init__(self, fleet: Services, bare_servers: frozenset[str] = frozenset()):
+    def __init__(self, fleet: Services, bare_servers: frozenset[str] = frozenset(), breakers: Breakers | None = None):
         self._fleet = fleet
+        # Sandboxes whose start keeps failing, and servers that keep failing, are fenced for a while.
+        self._breakers = breakers or Breakers(3, 30.0)
+        self._breakers.on_refused = lambda: fleet.telemetry.metrics.refused("breaker")
         self._calls = fleet.calls  # every tool call goes to the audit log, queued off the call's path
         # Connected clients per user, to tell them when what they may use changes.
         self._sessions: dict[int, weakref.WeakSet[Any]] = {}
@@ -196,7 +201,8 @@ class Router:
             raise MCPError(code=types.INVALID_REQUEST, message="Not authenticated")
         self._remember_session(identity, ctx)
         try:
-            sandbox = await self._fleet.manager.ensure(identity.user_id, identity.tenant, identity.user)
+            with self._breaker(identity, None, bring_up_verdict):
+                sandbox = await self._fleet.manager.ensure(identity.user_id, identity.tenant, identity.user)
         except QuotaExceeded as exc:
             raise MCPError(code=QUOTA_EXCEEDED, message=f"No sandbox for you right now: {exc}") from None
         except SandboxUnavailable as exc:
@@ -251,9 +257,12 @@ class Router:
             )
             return result.model_dump(by_alias=True, mode="json", exclude_none=True)
 
-        started = time.perf_counter()
+        started, identity = time.perf_counter(), identity_of(getattr(ctx.request, "scope", None))
         try:
-            with channel_hop(server, method, params, relay=self._fleet.telemetry.relay) as traced:  # the trace goes on in traced["_meta"]
+            with (
+                self._breaker(identity, server, server_verdict),
+                channel_hop(server, method, params, relay=self._fleet.telemetry.relay) as traced,  # the trace goes on in traced["_meta"]
+            ):
                 try:
                     result = await client.request(
                         server, method, traced, on_notification=relay_notification, on_request=relay_request
@@ -273,6 +282,21 @@ class Router:
             ) from None
         finally:
             log.debug("%s %s/%s took %.1f ms", method, server, params.get("name"), (time.perf_counter() - started) * 1e3)
+
+    def _breaker(self, identity: Identity | None, server: str | None, verdict: Callable[[BaseException], Verdict]) -> Any:
+        """The breaker of the user's sandbox bring-up (`server` None) or of one server of theirs."""
+        if identity is None:
+            return contextlib.nullcontext()
+        what = "your sandbox's start" if server is None else f"server {server!r}"
+        key = (identity.user_id,) if server is None else (identity.user_id, server)
+
+        def opened(retry_in: float) -> None:  # once per opening: a log line and an audit entry
+            log.warning("fencing %s of user %s for %.0fs: it failed repeatedly", what, identity.principal, retry_in)
+            if self._calls is not None:
+                self._calls.record("breaker.open", "fenced", tenant=identity.tenant, actor=identity.principal,
+                                   target=server or "sandbox", detail={"retry_after_s": round(retry_in, 1)})
+
+        return self._breakers.guard(key, what, verdict, opened)
 
     @staticmethod
     def _result(ctx: ServerRequestContext[Any, Any], result: dict[str, Any]) -> dict[str, Any]:
