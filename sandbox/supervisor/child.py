@@ -246,6 +246,11 @@ class ChildServer:
             (await loop.connect_read_pipe(lambda: _PipeReader(pipes, 2), proc.stderr))[0],
             (await loop.connect_write_pipe(asyncio.Protocol, proc.stdin))[0],
         ]
+        # asyncio watches a write pipe for readability and takes any event on it for the reader
+        # having closed it, and closes the child's stdin then. A gVisor restore can raise such an
+        # event on a pipe whose reader is alive: the server got EOF, exited 0 and lost its memory.
+        # Its exit is told by the process and its stdout; a write to a pipe really closed still fails.
+        loop.remove_reader(proc.stdin.fileno())  # type: ignore[union-attr]
         pipes.watch(proc)
         self._proc, self._pipes = proc, pipes
         self._stdin = transports[2]  # type: ignore[assignment]
