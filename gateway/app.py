@@ -28,6 +28,7 @@ from gateway.oauth.tokens import OAuthVerifier
 from gateway.refusals import JsonRpcRefusals
 from gateway.routing import Router
 from gateway.sessions import SessionBook
+from gateway.tool_sets import ToolSets
 from gateway.tracing import HttpTracing, TracedAuthBackend
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 def create_app(fleet: Fleet) -> Starlette:
     """The gateway over `fleet`, which the app's lifespan opens and closes."""
     settings = fleet.settings
-    router = Router(fleet, bare_servers=settings.bare_servers)
+    router = Router(fleet, bare_servers=settings.bare_servers, tool_sets=ToolSets(fleet))
     fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()
     # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own.
