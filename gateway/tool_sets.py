@@ -51,7 +51,7 @@ class HasPool(Protocol):
 class ToolSets:
     def __init__(self, fleet: HasPool):
         self._fleet = fleet
-        self._cache: dict[tuple[int, str], tuple[float, ActiveSet | None]] = {}
+        self._cache: dict[tuple[int, str], tuple[float, ActiveSet]] = {}
         # catalog -> set name -> (the set as it was, the catalog narrowed to it)
         self._narrowed: weakref.WeakKeyDictionary[Catalog, dict[str, tuple[ActiveSet, Catalog]]] = (
             weakref.WeakKeyDictionary()
@@ -69,18 +69,21 @@ class ToolSets:
             return None
         key, now = (identity.user_id, name), time.monotonic()
         hit = self._cache.get(key)
-        if hit is None or hit[0] <= now:
-            async with self._fleet.pool.connection() as conn:
-                tools = await tool_sets.tools_of(conn, identity.user_id, name)
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            hit = self._cache[key] = (now + CACHE_SECONDS, ActiveSet(name, tools) if tools is not None else None)
-        if hit[1] is None:
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        async with self._fleet.pool.connection() as conn:
+            tools = await tool_sets.tools_of(conn, identity.user_id, name)
+        if tools is None:  # not cached: a set defined a moment later works at once
+            self._cache.pop(key, None)
             raise MCPError(
                 code=types.INVALID_PARAMS,
                 message=f"No tool set {name!r} for {identity.principal} (see `mcpfleet toolsets list {identity.user}`)",
             )
-        return hit[1]
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        active = ActiveSet(name, tools)
+        self._cache[key] = (now + CACHE_SECONDS, active)
+        return active
 
     def narrow(self, catalog: Catalog, active: ActiveSet | None) -> Catalog:
         """The catalog with only the set's tools (the same object while neither changes)."""
