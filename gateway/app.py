@@ -55,7 +55,7 @@ def create_app(fleet: Fleet) -> Starlette:
     fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()
     # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own.
-    mcp_server.middleware = [fleet.telemetry.mcp_middleware()]
+    mcp_server.middleware = [fleet.telemetry.mcp_middleware(), router.session_sets]
     sessions = StreamableHTTPSessionManager(
         app=mcp_server,
         security_settings=transport_security(settings),

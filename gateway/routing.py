@@ -144,7 +144,7 @@ class Router:
     def __init__(self, fleet: Services, bare_servers: frozenset[str] = frozenset(), tool_sets: ToolSets | None = None):
         self._fleet = fleet
         self._tool_sets = tool_sets
-        # The tool set each 2025-11-25 session asked for at its first request holds for the session.
+        # The tool set each 2025-11-25 session asked for when it opened holds for the session.
         self._session_sets: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
         self._calls = fleet.calls  # every tool call goes to the audit log, queued off the call's path
         # Connected clients per user, to tell them when what they may use changes.
@@ -212,12 +212,22 @@ class Router:
         """The tool set this request is under: the key's, or `?set=` (for a session, that of its first request)."""
         if self._tool_sets is None:
             return None
-        scope = getattr(ctx.request, "scope", None) or {}
-        requested = QueryParams(scope.get("query_string", b"")).get(QUERY_PARAM)
         connection = getattr(ctx.session, "_connection", None)
-        if connection is not None and connection.has_standalone_channel:
-            requested = self._session_sets.setdefault(connection, requested)
-        return await self._tool_sets.resolve(identity, requested)
+        if connection is not None and connection in self._session_sets:
+            return await self._tool_sets.resolve(identity, self._session_sets[connection])
+        return await self._tool_sets.resolve(identity, _requested_set(ctx))
+
+    async def session_sets(self, ctx: ServerRequestContext[Any, Any], call_next: Any) -> Any:
+        """Server middleware: a 2025-11-25 session keeps the tool set its `initialize` asked for, and an
+        unknown set fails the handshake itself (a JSON-RPC error at the client's first request)."""
+        identity = identity_of(getattr(ctx.request, "scope", None))
+        if ctx.method == "initialize" and self._tool_sets is not None and identity is not None:
+            requested = _requested_set(ctx)
+            await self._tool_sets.resolve(identity, requested)
+            connection = getattr(ctx.session, "_connection", None)
+            if connection is not None:
+                self._session_sets[connection] = requested
+        return await call_next(ctx)
 
     async def _catalog(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Identity, SandboxClient, Catalog]:
         identity, client, catalog, _ = await self._catalog_in_set(ctx)
@@ -558,6 +568,11 @@ def _forwarded_meta(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
 
 def _same_offers(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -> bool:
     return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] for x, y in zip(a, b))
+
+
+def _requested_set(ctx: ServerRequestContext[Any, Any]) -> str | None:
+    scope = getattr(ctx.request, "scope", None) or {}
+    return QueryParams(scope.get("query_string", b"")).get(QUERY_PARAM)
 
 
 def _owner(owners: dict[str, tuple[str, str]], name: str, kind: str) -> tuple[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 from mcp.shared.exceptions import MCPError
 
@@ -28,12 +29,58 @@ async def tool_names(fleet, key: str, mode: str, query: str = "") -> list[str]:
         return [t.name for t in (await client.list_tools()).tools]
 
 
-async def refused_listing(fleet, key: str, mode: str, query: str = "") -> str:
-    """The JSON-RPC error a listing gets (the session itself opens: the error comes at the first request)."""
-    async with connect(fleet.mcp_url + query, key, mode) as client:
-        with pytest.raises(MCPError) as refused:
-            await client.list_tools()
-    return str(refused.value)
+def _mcp_error(exc: BaseException) -> MCPError | None:
+    if isinstance(exc, MCPError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        if (found := _mcp_error(inner)) is not None:
+            return found
+    return None
+
+
+async def refused_listing(fleet, key: str, mode: str, query: str = "", call: str | None = None) -> str:
+    """The JSON-RPC error a client gets (at `initialize` for 2025-11-25, at tools/list or the `call`
+    for 2026-07-28)."""
+    try:
+        async with connect(fleet.mcp_url + query, key, mode) as client:
+            if call is None:
+                await client.list_tools()
+            else:
+                await client.call_tool(call, {"command": "true"})
+    except BaseException as exc:  # the SDK's client may wrap it in an exception group
+        if (found := _mcp_error(exc)) is None:
+            raise
+        return str(found)
+    raise AssertionError(f"listing with {query!r} was not refused")
+
+
+def test_a_legacy_session_keeps_the_set_it_opened_with(fleet, alice):
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Authorization": f"Bearer {alice}"}
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
+    opened = httpx.post(fleet.mcp_url + "?set=runner", json=init, headers=headers, timeout=60)
+    assert opened.status_code == 200, opened.text
+    session = {**headers, "Mcp-Session-Id": opened.headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+    httpx.post(fleet.mcp_url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
+    # Later requests without (or with another) ?set= stay in the session's set.
+    for url in (fleet.mcp_url, fleet.mcp_url + "?set=files"):
+        listed = httpx.post(url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}, headers=session,
+                            timeout=120)
+        assert listed.status_code == 200, listed.text
+        names = [tool["name"] for tool in _rpc_result(listed.text)["tools"]]
+        assert names == ["exec__run", "fleet__search_tools"]
+    # An unknown set fails the handshake itself.
+    refused = httpx.post(fleet.mcp_url + "?set=nope", json=init, headers=headers, timeout=60)
+    assert '"error"' in refused.text and "No tool set 'nope'" in refused.text, refused.text
+
+
+def _rpc_result(body: str) -> dict:
+    """The result of a JSON or one-event SSE response."""
+    text = body.strip()
+    if not text.startswith("{"):
+        text = next(line[5:] for line in text.splitlines() if line.startswith("data:") and line[5:].strip())
+    return json.loads(text)["result"]
 
 
 def test_toolsets_cli_lists_with_header_and_json(fleet, alice):
@@ -99,9 +146,7 @@ async def test_unknown_and_other_users_sets_are_clear_errors(fleet, alice, mode)
     assert "No tool set 'nope'" in unknown and "toolsets list" in unknown
     # alice's set name means nothing for bob
     assert f"No tool set 'runner' for default/{bob_name}" in await refused_listing(fleet, bob, mode, "?set=runner")
-    async with connect(fleet.mcp_url + "?set=runner", bob, mode) as client:
-        with pytest.raises(MCPError):
-            await client.call_tool("exec__run", {"command": "true"})
+    assert "No tool set 'runner'" in await refused_listing(fleet, bob, mode, "?set=runner", call="exec__run")
     # bob's own set of the same name is his, not hers
     fleet.cli("toolsets", "set", bob_name, "runner", "workspace__list_dir")
     assert await tool_names(fleet, bob, mode, "?set=runner") == ["fleet__search_tools", "workspace__list_dir"]
