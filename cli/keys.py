@@ -28,8 +28,9 @@ def duration(text: str) -> timedelta:
 
 async def create(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
     user = await accounts.find_user(conn, args.user, tenant=args.tenant)
-    key = await accounts.create_key(conn, user, expires_in=args.expires)
+    key = await accounts.create_key(conn, user, expires_in=args.expires, tool_set=args.set)
     until = f"; it expires in {args.expires}" if args.expires else ""
+    until += f"; its clients see only tool set {args.set}" if args.set else ""
     print(f"API key for {user.principal} (shown once; only its hash is kept{until}):", file=sys.stderr)
     print(key)
     return 0
@@ -74,6 +75,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     create_.add_argument("--tenant", default="default", help="the user's tenant (default: default)")
     create_.add_argument("--expires", type=duration, metavar="DURATION",
                          help="refuse the key after this long, e.g. 30d, 12h or 2w (default: never)")
+    create_.add_argument("--set", metavar="NAME",
+                         help="bind the key to the user's tool set NAME (see `mcpfleet toolsets`): its clients see only those tools")
     create_.set_defaults(func=on_database(create))
     ls = keys.add_parser("list", help="list keys: prefix, user, created, expires, last used (never the secret)")
     ls.add_argument("--user", help="only this user's keys")

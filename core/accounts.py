@@ -34,6 +34,8 @@ class Identity:
     user: str
     tenant: str
     role: str
+    # The tool set the identity's key is bound to (`keys create --set`): its clients see only those tools.
+    tool_set: str | None = None
 
     @property
     def principal(self) -> str:
@@ -183,21 +185,27 @@ async def remove_user(conn: psycopg.AsyncConnection, user: Identity, *, actor: s
 
 
 async def create_key(
-    conn: psycopg.AsyncConnection, user: Identity, *, actor: str | None = None, expires_in: timedelta | None = None
+    conn: psycopg.AsyncConnection, user: Identity, *, actor: str | None = None, expires_in: timedelta | None = None,
+    tool_set: str | None = None,
 ) -> str:
-    """A new key of `user`'s, shown only now; with `expires_in` it is refused from then on."""
+    """A new key of `user`'s, shown only now; with `expires_in` it is refused from then on; with `tool_set`
+    its clients see only the tools of that set of the user's (which must exist)."""
     prefix = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     async with conn.transaction():
+        if tool_set is not None:
+            found = await conn.execute("SELECT 1 FROM tool_sets WHERE user_id = %s AND name = %s", (user.user_id, tool_set))
+            if await found.fetchone() is None:
+                raise AccountError(f"{user.principal} has no tool set {tool_set!r} (see `mcpfleet toolsets list`)")
         cur = await conn.execute(
-            "INSERT INTO api_keys (user_id, prefix, secret_sha256, expires_at) VALUES (%s, %s, %s, now() + %s)"
+            "INSERT INTO api_keys (user_id, prefix, secret_sha256, expires_at, tool_set) VALUES (%s, %s, %s, now() + %s, %s)"
             " RETURNING expires_at",
-            (user.user_id, prefix, _sha256(secret), expires_in),
+            (user.user_id, prefix, _sha256(secret), expires_in, tool_set),
         )
         expires_at = (await cur.fetchone())[0]  # type: ignore[index]
         await audit.append(
             conn, action="key.create", outcome="ok", tenant=user.tenant, actor=actor, target=user.principal,
-            detail={"prefix": prefix, "expires_at": expires_at.isoformat() if expires_at else None},
+            detail={"prefix": prefix, "expires_at": expires_at.isoformat() if expires_at else None, "tool_set": tool_set},
         )
     return f"{KEY_PREFIX}{prefix}_{secret}"
 
@@ -274,7 +282,7 @@ async def verify_key_until(conn: psycopg.AsyncConnection, key: str) -> tuple[Ide
     prefix, secret = parts
     row = await (
         await conn.execute(
-            """SELECT k.secret_sha256, u.id, u.name, t.name, u.role, k.expires_at
+            """SELECT k.secret_sha256, u.id, u.name, t.name, u.role, k.expires_at, k.tool_set
                  FROM api_keys k JOIN users u ON u.id = k.user_id JOIN tenants t ON t.id = u.tenant_id
                 WHERE k.prefix = %s AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())""",
             (prefix,),
@@ -291,4 +299,4 @@ async def verify_key_until(conn: psycopg.AsyncConnection, key: str) -> tuple[Ide
         " AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
         (prefix,),
     )
-    return Identity(user_id=row[1], user=row[2], tenant=row[3], role=row[4]), row[5]
+    return Identity(user_id=row[1], user=row[2], tenant=row[3], role=row[4], tool_set=row[6]), row[5]

@@ -29,6 +29,7 @@ from gateway.oauth.tokens import OAuthVerifier
 from gateway.refusals import JsonRpcRefusals
 from gateway.routing import Router
 from gateway.sessions import SessionBook
+from gateway.tool_sets import ToolSets
 from gateway.tracing import HttpTracing, TracedAuthBackend
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,12 @@ def create_app(fleet: Fleet) -> Starlette:
     settings = fleet.settings
     router = Router(
         fleet, bare_servers=settings.bare_servers,
-        breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s),
+        breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s), tool_sets=ToolSets(fleet),
     )
     fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()
     # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own.
-    mcp_server.middleware = [fleet.telemetry.mcp_middleware()]
+    mcp_server.middleware = [fleet.telemetry.mcp_middleware(), router.session_sets]
     sessions = StreamableHTTPSessionManager(
         app=mcp_server,
         security_settings=transport_security(settings),

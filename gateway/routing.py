@@ -27,6 +27,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, TypeAdapter
+from starlette.datastructures import QueryParams
 
 from core.accounts import Identity
 from core.text import bounded
@@ -36,6 +37,7 @@ from gateway.breakers import BREAKER_OPEN, Breakers, Verdict, bring_up_verdict, 
 from gateway.call_audit import CallAudit
 from gateway.catalog import Catalog, build_catalog
 from gateway.telemetry import Telemetry
+from gateway.tool_sets import QUERY_PARAM, ActiveSet, ToolSets
 from gateway.tracing import channel_hop
 from sandbox.channel import NotificationHandler, RequestHandler
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
@@ -141,11 +143,17 @@ SEARCH_TOOL_DEFINITION: dict[str, Any] = {
 
 
 class Router:
-    def __init__(self, fleet: Services, bare_servers: frozenset[str] = frozenset(), breakers: Breakers | None = None):
+    def __init__(
+        self, fleet: Services, bare_servers: frozenset[str] = frozenset(), breakers: Breakers | None = None,
+        tool_sets: ToolSets | None = None,
+    ):
         self._fleet = fleet
         # Sandboxes whose start keeps failing, and servers that keep failing, are fenced for a while.
         self._breakers = breakers or Breakers(3, 30.0)
         self._breakers.on_refused = lambda: fleet.telemetry.metrics.refused("breaker")
+        self._tool_sets = tool_sets
+        # The tool set each 2025-11-25 session asked for when it opened holds for the session.
+        self._session_sets: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
         self._calls = fleet.calls  # every tool call goes to the audit log, queued off the call's path
         # Connected clients per user, to tell them when what they may use changes.
         self._sessions: dict[int, weakref.WeakSet[Any]] = {}
@@ -209,8 +217,37 @@ class Router:
             raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox could not be started: {exc}") from None
         return identity, sandbox.client
 
+    async def _active_set(self, ctx: ServerRequestContext[Any, Any], identity: Identity) -> ActiveSet | None:
+        """The tool set this request is under: the key's, or `?set=` (for a session, that of its first request)."""
+        if self._tool_sets is None:
+            return None
+        connection = getattr(ctx.session, "_connection", None)
+        if connection is not None and connection in self._session_sets:
+            return await self._tool_sets.resolve(identity, self._session_sets[connection])
+        return await self._tool_sets.resolve(identity, _requested_set(ctx))
+
+    async def session_sets(self, ctx: ServerRequestContext[Any, Any], call_next: Any) -> Any:
+        """Server middleware: a 2025-11-25 session keeps the tool set its `initialize` asked for, and an
+        unknown set fails the handshake itself (a JSON-RPC error at the client's first request)."""
+        identity = identity_of(getattr(ctx.request, "scope", None))
+        if ctx.method == "initialize" and self._tool_sets is not None and identity is not None:
+            requested = _requested_set(ctx)
+            await self._tool_sets.resolve(identity, requested)
+            connection = getattr(ctx.session, "_connection", None)
+            if connection is not None:
+                self._session_sets[connection] = requested
+        return await call_next(ctx)
+
     async def _catalog(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Identity, SandboxClient, Catalog]:
+        identity, client, catalog, _ = await self._catalog_in_set(ctx)
+        return identity, client, catalog
+
+    async def _catalog_in_set(
+        self, ctx: ServerRequestContext[Any, Any]
+    ) -> tuple[Identity, SandboxClient, Catalog, ActiveSet | None]:
+        """The caller's catalog narrowed to the tool set the request is under (the one place sets filter)."""
         identity, client = await self._client(ctx)
+        active = await self._active_set(ctx, identity)
         try:
             try:
                 per_server = await client.catalog()
@@ -229,7 +266,8 @@ class Router:
         if merged is None or not _same_offers(merged[0], offers):
             merged = (offers, build_catalog(per_server, self._bare_servers))
             self._merged[client] = merged
-        return identity, client, merged[1]
+        catalog = self._tool_sets.narrow(merged[1], active) if self._tool_sets is not None else merged[1]
+        return identity, client, catalog, active
 
     async def _forward(
         self, ctx: ServerRequestContext[Any, Any], client: SandboxClient, server: str, method: str, params: dict[str, Any]
@@ -350,7 +388,11 @@ class Router:
             raise MCPError(code=types.INVALID_PARAMS, message="query must be a non-empty string")
         if not isinstance(limit, int) or not 1 <= limit <= 50:
             raise MCPError(code=types.INVALID_PARAMS, message="limit must be an integer from 1 to 50")
-        hits = [hit.as_dict() for hit in await self._fleet.search(identity, query, limit)]
+        active = await self._active_set(ctx, identity)
+        if active is None:
+            hits = [hit.as_dict() for hit in await self._fleet.search(identity, query, limit)]
+        else:  # ask for the most, keep the set's: the set narrows what search may name
+            hits = [hit.as_dict() for hit in await self._fleet.search(identity, query, 50) if active.allows(hit.name)][:limit]
         lines = [f"{hit['name']}: {hit['description']}" for hit in hits] or ["no approved tool matches"]
         return self._result(
             ctx, {"content": [{"type": "text", "text": "\n".join(lines)}], "structuredContent": {"tools": hits}, "isError": False}
@@ -361,9 +403,12 @@ class Router:
         where: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """A tool call or a prompt: find the server by the public name, pass on the server's own name."""
-        identity, client, catalog = await self._catalog(ctx)
+        identity, client, catalog, active = await self._catalog_in_set(ctx)
         registry = self._fleet.registry
         owners = catalog.tool_owner if kind == "tool" else catalog.prompt_owner
+        if kind == "tool" and active is not None and not active.allows(name):
+            self._fleet.telemetry.metrics.refused("policy")
+            raise active.refusal(name)
         if registry is not None and name not in owners:
             reason = registry.why_unavailable(identity.user_id, name, kind)
             if reason is not None:  # a policy or a pin holds it back: say so, not "unknown"
@@ -550,6 +595,11 @@ def _forwarded_meta(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
 
 def _same_offers(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -> bool:
     return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] for x, y in zip(a, b))
+
+
+def _requested_set(ctx: ServerRequestContext[Any, Any]) -> str | None:
+    scope = getattr(ctx.request, "scope", None) or {}
+    return QueryParams(scope.get("query_string", b"")).get(QUERY_PARAM)
 
 
 def _owner(owners: dict[str, tuple[str, str]], name: str, kind: str) -> tuple[str, str]:
