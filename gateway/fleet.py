@@ -31,8 +31,8 @@ from core.settings import Settings
 from core.vault import SecretStore, open_secrets
 from gateway.call_audit import CallAudit
 from gateway.egress import SandboxEgress
-from gateway.routing import RunningSandbox
 from gateway.secret_servers import SecretServers
+from gateway.services import RunningSandbox
 from gateway.telemetry import Telemetry
 from registry.embeddings import embedder_from_env
 from registry.scan import scan_tools
