@@ -14,7 +14,13 @@ then the pinned 2024-07 runsc on systrap when scripts/setup.sh has unpacked it) 
 turn in the same run, each with its own runsc root and cgroup parent, and a last table sets them
 side by side, as ratios to the first.
 
-    .venv/bin/python bench/sandbox_lifecycle.py [--runs 5] [--density 10] [--gvisor runsc:ptrace ...] [--keep]
+The first gVisor is measured a second time with its checkpoint images sealed (core.sealed_images,
+as the fleet does), against an embedded OpenBao the bench starts under its temporary home and
+stops at the end: hibernate and resume then include the seal and unseal, whose own seconds are
+shown too (--no-sealed skips it; a seal or unseal that fails, or an image left in the clear,
+stops the bench).
+
+    .venv/bin/python bench/sandbox_lifecycle.py [--runs 5] [--density 10] [--gvisor runsc:ptrace ...] [--no-sealed] [--keep]
 
 p99 is nearest-rank: with fewer than 100 samples it is the slowest one.
 """
@@ -38,10 +44,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import hvac
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.accounts import add_user
 from core.db import migrate, open_pool, start_embedded
+from core.openbao import EmbeddedOpenBao
+from core.sealed_images import KEY_FILE, SUFFIX, SealedImages
+from core.vault import MOUNT, SecretStore
 from sandbox import store
 from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend, descendant_pids
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
@@ -49,6 +60,7 @@ from sandbox.factory import sandbox_python
 from sandbox.gvisor import PINNED_RUNSC, Gvisor, choose
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
 from sandbox.servers import BUILTIN_SERVERS
+from sandbox.steps import ImageSealer
 
 MiB = 2**20
 TENANT = "bench"
@@ -70,8 +82,35 @@ class Samples:
     checkpoint_mib: list[float] = field(default_factory=list)
     rss_mib: list[float] = field(default_factory=list)
     pss_mib: list[float] = field(default_factory=list)
+    seal_ms: list[float] = field(default_factory=list)
+    unseal_ms: list[float] = field(default_factory=list)
     warm_misses: int = 0
     """Claims that started cold after all (the pooled sandbox was not the one handed out)."""
+
+
+@dataclass
+class Config:
+    gvisor: Gvisor
+    sealed: bool = False
+    """Checkpoint images sealed with data keys from the bench's embedded OpenBao."""
+
+
+class TimedSealer:
+    """`SealedImages` that keeps how long each seal and unseal took (they run inside hibernate and resume)."""
+
+    def __init__(self, images: ImageSealer, samples: Samples):
+        self.images = images
+        self.samples = samples
+
+    def seal(self, directory: Path) -> None:
+        started = time.perf_counter()
+        self.images.seal(directory)
+        self.samples.seal_ms.append(ms_since(started))
+
+    def unseal(self, directory: Path) -> None:
+        started = time.perf_counter()
+        self.images.unseal(directory)
+        self.samples.unseal_ms.append(ms_since(started))
 
 
 @dataclass
@@ -102,6 +141,13 @@ async def first_result(sandbox: Sandbox) -> dict:
 
 def ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1e3
+
+
+def check_sealed(image: Path) -> None:
+    """Fail the bench unless every file of the hibernated image is sealed, with its wrapped key beside them."""
+    clear = [p.name for p in image.rglob("*") if p.is_file() and not p.name.endswith(SUFFIX) and p.name != KEY_FILE]
+    if not (image / KEY_FILE).is_file() or clear:
+        raise RuntimeError(f"checkpoint {image} is not sealed: key {'present' if (image / KEY_FILE).is_file() else 'missing'}, in the clear: {clear}")
 
 
 def sandbox_pids(backend: RunscBackend, sandbox_id: str) -> set[int]:
@@ -140,10 +186,16 @@ def disk_bytes(root: Path) -> int:
     return total
 
 
-async def checkpoint_bytes(manager: SandboxManager, user_id: int) -> int | None:
+async def hibernated_bytes(manager: SandboxManager, sandbox: Sandbox) -> int:
+    """The checkpoint's size from the sandbox's row, which must say Hibernated: `manager.hibernate`
+    returns True also when the checkpoint (or its seal) failed and the sandbox ended Failed."""
     async with manager.pool.connection() as conn:
-        row = await store.live_sandbox_of(conn, user_id)
-    return row["checkpoint_bytes"] if row else None
+        rows = await store.list_sandboxes(conn, include_ended=True)
+    row = next((r for r in rows if r["id"] == sandbox.id), None)
+    if row is None or row["state"] != store.State.HIBERNATED:
+        found = f"{row['state']} ({row['reason']})" if row else "no row"
+        raise RuntimeError(f"sandbox {sandbox.id} did not hibernate: {found}")
+    return int(row["checkpoint_bytes"]) if row["checkpoint_bytes"] is not None else disk_bytes(sandbox.layout.checkpoint)
 
 
 async def memory(manager: SandboxManager, sandbox: Sandbox) -> tuple[int, int]:
@@ -171,7 +223,7 @@ class Users:
 
 
 async def lifecycle_runs(
-    manager: SandboxManager, users: Users, runs: int, samples: Samples
+    manager: SandboxManager, users: Users, runs: int, samples: Samples, sealed: bool
 ) -> None:
     """Per run: a new user's cold start, the baseline calls, idle memory, hibernate, resume."""
     for _ in range(runs):
@@ -195,16 +247,17 @@ async def lifecycle_runs(
         if not await manager.hibernate(user[0]):
             raise RuntimeError(f"sandbox {sandbox.id} did not hibernate")
         samples.hibernate_ms.append(ms_since(started))
-        size = await checkpoint_bytes(manager, user[0])
-        if size is None:
-            size = disk_bytes(sandbox.layout.checkpoint)
-        samples.checkpoint_mib.append(size / MiB)
+        samples.checkpoint_mib.append(await hibernated_bytes(manager, sandbox) / MiB)
+        if sealed:
+            check_sealed(sandbox.layout.checkpoint)
 
         started = time.perf_counter()
         resumed = await manager.ensure(*user)
         await first_result(resumed)
         samples.resume_ms.append(ms_since(started))
         await manager.reclaim(user[0])
+    if sealed and not (len(samples.seal_ms) == len(samples.unseal_ms) == runs):
+        raise RuntimeError(f"{runs} runs but {len(samples.seal_ms)} seals and {len(samples.unseal_ms)} unseals")
 
 
 async def warm_claims(
@@ -302,6 +355,8 @@ MEASURES: list[tuple[str, str, str, str, bool]] = [
     ("hibernate_ms", "hibernate (`manager.hibernate`)", "ms", "", False),
     ("resume_ms", "resume → first tool result", "ms", "≤ 300 ms", True),
     ("checkpoint_mib", "checkpoint size (row `checkpoint_bytes`)", "MiB", "", False),
+    ("seal_ms", "seal of the image (part of hibernate)", "ms", "", False),
+    ("unseal_ms", "unseal of the image (part of resume)", "ms", "", False),
     ("rss_mib", "idle running sandbox, RSS sum of its runsc processes", "MiB", "≤ 40 MB (38.1 MiB)", False),
     ("pss_mib", "idle running sandbox, PSS of the same processes", "MiB", "≤ 40 MB (38.1 MiB)", False),
 ]
@@ -372,10 +427,10 @@ def report(samples: Samples, dense: Density | None, home: Path) -> None:
         print(f"- failed to start: {failure}")
 
 
-def compare(results: list[tuple[Gvisor, Samples]]) -> None:
-    """One row per measure, one column per gVisor (median / p99), and each one's median over the first's."""
+def compare(results: list[tuple[Config, Samples]]) -> None:
+    """One row per measure, one column per configuration (median / p99), and each one's median over the first's."""
     first = results[0][0]
-    names = [f"{label(g)}" for g, _ in results]
+    names = [f"{label(c)}" for c, _ in results]
     print(f"\n## Side by side (ratio: median over {label(first)}'s)\n")
     print("| measure | " + " | ".join(f"{n} median / p99" for n in names) + " | " + " | ".join(f"{n} ×" for n in names[1:]) + " |")
     print("|---|" + "---|" * (2 * len(results) - 1))
@@ -389,8 +444,16 @@ def compare(results: list[tuple[Gvisor, Samples]]) -> None:
         print(f"| {what} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
 
 
-def label(gvisor: Gvisor) -> str:
-    return f"runsc {gvisor.release or '?'} {gvisor.platform}" + (" uncompressed" if gvisor.uncompressed_checkpoints else "")
+def label(config: Config) -> str:
+    gvisor = config.gvisor
+    return (f"runsc {gvisor.release or '?'} {gvisor.platform}" + (" uncompressed" if gvisor.uncompressed_checkpoints else "")
+            + (" sealed" if config.sealed else ""))
+
+
+def configs(gvisors: list[Gvisor], sealed: bool) -> list[Config]:
+    """Each gVisor, and the first one again sealed right after it (so the two sit side by side)."""
+    found = [Config(g) for g in gvisors]
+    return found[:1] + [Config(gvisors[0], sealed=True)] + found[1:] if sealed else found
 
 
 def gvisors(given: list[str]) -> list[Gvisor]:
@@ -415,8 +478,11 @@ def remove_cgroup_parent(parent: str) -> None:
             (controller / parent.lstrip("/")).rmdir()
 
 
-async def bench(home: Path, url: str, args: argparse.Namespace, gvisor: Gvisor, index: int) -> Samples:
-    print(f"\n## {label(gvisor)} ({gvisor.runsc})\n")
+async def bench(
+    home: Path, url: str, args: argparse.Namespace, config: Config, index: int, secrets: SecretStore | None
+) -> Samples:
+    gvisor = config.gvisor
+    print(f"\n## {label(config)} ({gvisor.runsc})\n")
     home = home / f"g{index}"  # short: the channel's socket path must stay within 107 bytes
     pool = await open_pool(url)
     cgroup_parent = f"/mcpfleet-bench-{os.getpid()}-{index}"
@@ -429,15 +495,20 @@ async def bench(home: Path, url: str, args: argparse.Namespace, gvisor: Gvisor, 
         max_running=max(50, args.density + 2),
         housekeeping_interval_s=3600.0,
     )
-    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle)
     samples, dense = Samples(), None
+    images = TimedSealer(SealedImages(secrets), samples) if config.sealed and secrets else None
+    if config.sealed and images is None:
+        raise RuntimeError("a sealed configuration without a secret store")
+    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle, images=images)
     try:
         await manager.start()
         users = Users(manager, prefix=f"g{index}-")
-        await lifecycle_runs(manager, users, args.runs, samples)
-        if args.density > 0:
+        await lifecycle_runs(manager, users, args.runs, samples, config.sealed)
+        # Sealing touches only hibernate and resume: density and the warm pool are the unsealed run's.
+        if args.density > 0 and not config.sealed:
             dense = await density(manager, users, args.density)
-        await warm_claims(manager, users, args.runs, samples)
+        if not config.sealed:
+            await warm_claims(manager, users, args.runs, samples)
     finally:
         with contextlib.suppress(Exception):
             await manager.close()
@@ -453,15 +524,33 @@ async def bench(home: Path, url: str, args: argparse.Namespace, gvisor: Gvisor, 
     return samples
 
 
+def vault(home: Path, bao: EmbeddedOpenBao) -> SecretStore:
+    """Start the bench's own OpenBao (under its temporary home, never the fleet's) and a store on it."""
+    bao.start()
+    if not bao.owned:
+        raise RuntimeError(f"an OpenBao already runs for {home}: the bench must start its own")
+    print(f"\nembedded OpenBao at {bao.addr}, started and unsealed in {bao.start_s:.2f} s")
+    return SecretStore(lambda: hvac.Client(bao.addr, token=bao.token()), MOUNT, where=f"the bench's OpenBao at {bao.addr}")
+
+
 async def main(home: Path, url: str, args: argparse.Namespace) -> None:
+    bao = EmbeddedOpenBao(home / "vault")
+    try:
+        await run(home, url, args, bao)
+    finally:
+        await asyncio.to_thread(bao.stop)
+
+
+async def run(home: Path, url: str, args: argparse.Namespace, bao: EmbeddedOpenBao) -> None:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     try:
         async with asyncio.timeout(args.timeout):
             results = []
-            for index, gvisor in enumerate(gvisors(args.gvisor)):
-                results.append((gvisor, await bench(home, url, args, gvisor, index)))
+            for index, config in enumerate(configs(gvisors(args.gvisor), sealed=args.sealed)):
+                secrets = await asyncio.to_thread(vault, home, bao) if config.sealed else None
+                results.append((config, await bench(home, url, args, config, index, secrets)))
         if len(results) > 1:
             compare(results)
     except TimeoutError:
@@ -490,6 +579,10 @@ if __name__ == "__main__":
     cli.add_argument(
         "--gvisor", action="append", default=[], metavar="RUNSC:PLATFORM[:compressed]",
         help="a runsc and its platform to measure, in turn (repeat; the first is the baseline)",
+    )
+    cli.add_argument(
+        "--no-sealed", dest="sealed", action="store_false",
+        help="skip the first gVisor's second run with sealed checkpoint images",
     )
     cli.add_argument(
         "--timeout",
