@@ -205,7 +205,9 @@ async def create_key(
         expires_at = (await cur.fetchone())[0]  # type: ignore[index]
         await audit.append(
             conn, action="key.create", outcome="ok", tenant=user.tenant, actor=actor, target=user.principal,
-            detail={"prefix": prefix, "expires_at": expires_at.isoformat() if expires_at else None, "tool_set": tool_set},
+            # What is set only: a key without expiry or tool set is audited as before either came.
+            detail={"prefix": prefix, **({"expires_at": expires_at.isoformat()} if expires_at else {}),
+                    **({"tool_set": tool_set} if tool_set else {})},
         )
     return f"{KEY_PREFIX}{prefix}_{secret}"
 
