@@ -152,8 +152,11 @@ async def test_tool_names_and_claims_of_megabytes_add_a_bounded_entry(gateway, k
                 await client.call_tool(name, {})
             assert len(str(refused_call.value)) < 1024  # the error names the tool bounded, not its megabytes
     huge_sub = "s" * 6000
-    refused = httpx.post(gateway.mcp_url, json={},
-                         headers={"Authorization": f"Bearer {forged_jwt({'iss': 'https://big.example', 'sub': huge_sub})}"})
+    # From an address of its own: refusals are audited once per reason and client address per 10 s,
+    # and the module's other tests were refused from 127.0.0.1 moments ago.
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as http:
+        refused = http.post(gateway.mcp_url, json={},
+                            headers={"Authorization": f"Bearer {forged_jwt({'iss': 'https://big.example', 'sub': huge_sub})}"})
     assert refused.status_code == 401
 
     found = wait_for(gateway, lambda e: e["action"] == "tool.call" and e["target"].endswith(hashed_name(names[1])))
