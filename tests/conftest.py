@@ -158,3 +158,16 @@ def home() -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="mf-", dir="/tmp"))
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def docker_engine_missing() -> str | None:
+    """Why the Docker backend cannot be tested here, if it cannot."""
+    try:
+        import docker
+    except ImportError:
+        return "the docker SDK is not installed"
+    try:
+        docker.from_env(timeout=10).ping()
+    except docker.errors.DockerException:
+        return "no Docker Engine answers (scripts/docker.sh starts one)"
+    return None

@@ -21,25 +21,13 @@ from sandbox.errors import SandboxUnavailable
 from sandbox.kubernetes import sandbox_spec
 from sandbox.servers import PRODUCT_SERVERS
 from sandbox.tiers import Tier
-from tests.conftest import free_port
+from tests.conftest import docker_engine_missing, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "test"
 
 
-def _docker_missing() -> str | None:
-    try:
-        import docker
-    except ImportError:
-        return "the docker SDK is not installed"
-    try:
-        docker.from_env(timeout=10).ping()
-    except docker.errors.DockerException:
-        return "no Docker Engine answers (scripts/docker.sh starts one)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_docker_missing() is not None, reason=str(_docker_missing()))
+pytestmark = pytest.mark.skipif(docker_engine_missing() is not None, reason=str(docker_engine_missing()))
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from sandbox.manager import SANDBOX_UID, SandboxManager
 from sandbox.servers import ServerSpec
 from sandbox.store import State
 from sandbox.supervisor.config import SupervisorConfig
+from tests.conftest import docker_engine_missing
 from tests.test_sandbox_supervisor import FIXTURE_SERVER, payload, text
 
 SERVERS = [
@@ -39,19 +40,6 @@ STANDARD = Limits()
 """The `standard` tier's limits, every test user's."""
 
 
-def _docker_engine_missing() -> str | None:
-    """Why the Docker backend cannot be tested here, if it cannot."""
-    try:
-        import docker
-    except ImportError:
-        return "the docker SDK is not installed"
-    try:
-        docker.from_env(timeout=10).ping()
-    except docker.errors.DockerException:
-        return "no Docker Engine answers (scripts/docker.sh starts one)"
-    return None
-
-
 def _runsc_missing() -> str | None:
     return None if shutil.which("runsc") else "runsc is not installed"
 
@@ -60,7 +48,7 @@ def _backend_param(name: str, missing: str | None) -> object:
     return pytest.param(name, id=name, marks=[pytest.mark.skip(reason=missing)] if missing else [])
 
 
-BACKENDS = [_backend_param("runsc", _runsc_missing()), _backend_param("docker", _docker_engine_missing())]
+BACKENDS = [_backend_param("runsc", _runsc_missing()), _backend_param("docker", docker_engine_missing())]
 
 
 def make_backend(name: str, home: Path) -> SandboxBackend:
