@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from sandbox import wire
+from sandbox.catalogs import Catalogs
 from sandbox.channel import (
     READ_CHUNK,
     Connection,
@@ -43,14 +44,6 @@ log = logging.getLogger(__name__)
 STATUS_METHOD = "server/status"
 """Method of the event a listener gets when a server (re)starts or fails; params are its status."""
 
-_LISTS = (
-    ("tools", "tools", "tools/list", "tools"),
-    ("resources", "resources", "resources/list", "resources"),
-    ("resourceTemplates", "resources", "resources/templates/list", "resourceTemplates"),
-    ("prompts", "prompts", "prompts/list", "prompts"),
-)
-"""(catalog key, capability that announces it, list method, result key)."""
-_MAX_PAGES = 1000
 HELLO_TIMEOUT = 10.0
 """Seconds a new connection has to say hello before it is dropped."""
 _ANSWER_HEAD = re.compile(rb'\{"type":"(?:result|error)","id":(\d{1,18})[,}]')
@@ -100,9 +93,7 @@ class SupervisorClient:
         self._asks: dict[int, asyncio.Task[None]] = {}
         self.servers: dict[str, dict[str, Any]] = {}
         self.supervisor: dict[str, Any] = {}
-        self._catalog: dict[str, dict[str, Any]] = {}
-        self._catalog_tasks: dict[str, asyncio.Task[dict[str, Any]]] = {}
-        self._generation: dict[str, int] = {}
+        self._catalogs = Catalogs(self.request, lambda name: self.servers.get(name))
         self._listeners: list[Callable[[SandboxEvent], Any]] = []
         self._detached = False
         self._reading: asyncio.Task[None] | None = None
@@ -318,17 +309,17 @@ class SupervisorClient:
             name = message["server"]
             if message.get("state") == "removed":
                 self.servers.pop(name, None)
-                self._invalidate(name)
+                self._catalogs.invalidate(name)
                 self._emit(SandboxEvent(name, STATUS_METHOD, {"state": "removed"}))
                 return
             self.servers[name] = {k: message.get(k) for k in ("state", "initialize", "error", "revision")}
-            self._invalidate(name)
+            self._catalogs.invalidate(name)
             self._emit(SandboxEvent(name, STATUS_METHOD, self.servers[name]))
         elif kind == "hello":
             self.servers = dict(message.get("servers") or {})
             self.supervisor = dict(message.get("supervisor") or {})
-            for name in set(self._generation) | set(self.servers):
-                self._invalidate(name)
+            for name in self._catalogs.known() | set(self.servers):
+                self._catalogs.invalidate(name)
             self._ready.set()
         elif kind in ("tunnel_open", "tunnel_data", "tunnel_ack", "tunnel_close"):
             if self.tunnels is not None:
@@ -353,7 +344,7 @@ class SupervisorClient:
             call.note(method, params)
             return
         if method.endswith("/list_changed"):
-            self._invalidate(server)
+            self._catalogs.invalidate(server)
         self._emit(SandboxEvent(server, method, params))
 
     async def _answer(self, connection: Connection, key: int, message: dict[str, Any]) -> None:
@@ -492,73 +483,9 @@ class SupervisorClient:
         """Per server: its tools, resources, resourceTemplates, prompts, serverInfo, capabilities, state.
 
         Lists are fetched (all pages) on first use and cached until the server
-        says they changed or restarts. A server that failed to start has
-        `state` "failed", an `error` and empty lists.
+        says they changed or restarts (`sandbox.catalogs`). A server that failed to
+        start has `state` "failed", an `error` and empty lists.
         """
         if not self._ready.is_set():
             self._raise_unavailable()
-        names = sorted(self.servers)
-        entries = await asyncio.gather(*(self._server_catalog(name) for name in names))
-        return dict(zip(names, entries))
-
-    def _invalidate(self, server: str) -> None:
-        self._generation[server] = self._generation.get(server, 0) + 1
-        self._catalog.pop(server, None)
-        self._catalog_tasks.pop(server, None)
-
-    async def _server_catalog(self, server: str) -> dict[str, Any]:
-        cached = self._catalog.get(server)
-        if cached is not None:
-            return cached
-        task = self._catalog_tasks.get(server)
-        if task is None:
-            task = asyncio.create_task(self._fetch_catalog(server, self._generation.get(server, 0)))
-            self._catalog_tasks[server] = task
-        try:
-            return await asyncio.shield(task)
-        finally:
-            if task.done() and self._catalog_tasks.get(server) is task:
-                del self._catalog_tasks[server]
-
-    async def _fetch_catalog(self, server: str, generation: int) -> dict[str, Any]:
-        status = self.servers.get(server) or {"state": "failed", "error": "unknown server"}
-        initialize = status.get("initialize") or {}
-        capabilities = initialize.get("capabilities") or {}
-        entry: dict[str, Any] = {
-            "state": status.get("state"),
-            "error": status.get("error"),
-            "serverInfo": initialize.get("serverInfo"),
-            "capabilities": capabilities,
-            "instructions": initialize.get("instructions"),
-            "protocolVersion": initialize.get("protocolVersion"),
-            **{key: [] for key, *_ in _LISTS},
-        }
-        if status.get("state") != "ready":
-            return entry
-        wanted = [(key, method, field) for key, capability, method, field in _LISTS if capability in capabilities]
-        outcomes = await asyncio.gather(
-            *(self._list_all(server, method, field) for _, method, field in wanted), return_exceptions=True
-        )
-        complete = True
-        for (key, method, _), outcome in zip(wanted, outcomes):
-            if isinstance(outcome, SandboxRpcError):
-                entry["error"] = f"{method} failed: {outcome.message}"
-                complete = False
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                entry[key] = outcome
-        if complete and self._generation.get(server, 0) == generation:
-            self._catalog[server] = entry
-        return entry
-
-    async def _list_all(self, server: str, method: str, field: str) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
-        cursor = None
-        for _ in range(_MAX_PAGES):
-            result = await self.request(server, method, {"cursor": cursor} if cursor else None)
-            items.extend(result.get(field) or [])
-            cursor = result.get("nextCursor")
-            if not cursor:
-                return items
-        raise SandboxRpcError(wire.INTERNAL_ERROR, f"{method} did not stop paginating after {_MAX_PAGES} pages")
+        return await self._catalogs.of(sorted(self.servers))
