@@ -314,6 +314,11 @@ def sandbox_pod_changed(type: str, body: kopf.Body, namespace: str, logger: logg
         return  # an older pod of this sandbox
     mode = (sandbox.get("spec") or {}).get("operatingMode", "Running")
     if type == "DELETED":
+        # Pods are named after their sandbox: a retry's new pod can exist before the old one's DELETED event
+        # arrives, and that event is then no loss.
+        current = kube.read("Pod", namespace, body["metadata"]["name"])
+        if current is not None and current["metadata"].get("uid") != body["metadata"].get("uid"):
+            return
         # A Failed sandbox's pod deleted (by an SRE, say) is recreated too: that is a retry.
         if mode == "Running" and status.get("state") in ("Running", "Starting", "Resuming", "Failed"):
             sandbox.setdefault("status", {})["podName"] = name
@@ -379,10 +384,12 @@ def failed_retried(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, diff: 
     kube.delete("Pod", ns, status.get("podName") or name)
     _ensure_support(body, logger)
     body.setdefault("status", {})["podName"] = name
-    _ensure_pod(body)  # where the old pod is still terminating, its DELETED event recreates it (Starting)
-    patch.status.update({"podName": name, "endpoint": None})
-    _transition(body, patch, "Starting", "Retrying after a failure: a new pod on the same workspace volume.",
+    # Starting is written before the new pod exists (not through kopf's patch, applied after this returns):
+    # the new pod's first Ready event must find Starting, or its Running would be overwritten by it.
+    kube.patch_cr_status(SANDBOXES, ns, name, {"status": {"podName": name, "endpoint": None}})
+    _transition(body, None, "Starting", "Retrying after a failure: a new pod on the same workspace volume.",
                 Ready=("False", "PodStarting"))
+    _ensure_pod(body)  # where the old pod is still terminating, its DELETED event recreates it (Starting)
 
 
 @kopf.on.field(GROUP, VERSION, SANDBOXES, field=["metadata", "annotations", objects.LAST_ACTIVITY])
