@@ -32,21 +32,20 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hvac
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lifecycle_report import Config, Density, MiB, Samples, compare, label, mem_info, report  # beside this script
 
 from core.accounts import add_user
 from core.db import migrate, open_pool, start_embedded
@@ -62,7 +61,6 @@ from sandbox.manager import Lifecycle, Sandbox, SandboxManager
 from sandbox.servers import BUILTIN_SERVERS
 from sandbox.steps import ImageSealer
 
-MiB = 2**20
 TENANT = "bench"
 FIRST_CALL = ("workspace", "list_dir")
 BASELINE_CALLS = 5
@@ -70,29 +68,6 @@ BASELINE_CALLS = 5
 IDLE_SETTLE_S = 2.0
 """How long a sandbox sits idle after its first call before its memory is read."""
 WARM_WAIT_S = 180.0
-
-
-@dataclass
-class Samples:
-    cold_ms: list[float] = field(default_factory=list)
-    warm_ms: list[float] = field(default_factory=list)
-    baseline_ms: list[float] = field(default_factory=list)
-    hibernate_ms: list[float] = field(default_factory=list)
-    resume_ms: list[float] = field(default_factory=list)
-    checkpoint_mib: list[float] = field(default_factory=list)
-    rss_mib: list[float] = field(default_factory=list)
-    pss_mib: list[float] = field(default_factory=list)
-    seal_ms: list[float] = field(default_factory=list)
-    unseal_ms: list[float] = field(default_factory=list)
-    warm_misses: int = 0
-    """Claims that started cold after all (the pooled sandbox was not the one handed out)."""
-
-
-@dataclass
-class Config:
-    gvisor: Gvisor
-    sealed: bool = False
-    """Checkpoint images sealed with data keys from the bench's embedded OpenBao."""
 
 
 class TimedSealer:
@@ -111,22 +86,6 @@ class TimedSealer:
         started = time.perf_counter()
         self.images.unseal(directory)
         self.samples.unseal_ms.append(ms_since(started))
-
-
-@dataclass
-class Density:
-    asked: int
-    running: int = 0
-    failed: list[str] = field(default_factory=list)
-    rss_bytes: int = 0
-    pss_bytes: int = 0
-    available_before: int = 0
-    available_after: int = 0
-    hibernated: int = 0
-    checkpoint_disk_bytes: int = 0
-
-
-# -- measuring ---------------------------------------------------------------------------------
 
 
 async def first_result(sandbox: Sandbox) -> dict:
@@ -168,13 +127,6 @@ def pss_bytes(pids: Iterable[int]) -> int:
                     total += int(line.split()[1]) * 1024
                     break
     return total
-
-
-def mem_info(key: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def disk_bytes(root: Path) -> int:
@@ -323,131 +275,6 @@ async def density(manager: SandboxManager, users: Users, n: int) -> Density:
     for user, _ in started:
         await manager.reclaim(user[0])
     return found
-
-
-# -- the report ---------------------------------------------------------------------------------
-
-
-def p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
-
-
-def row(
-    name: str,
-    values: list[float],
-    unit: str,
-    target: str,
-    baseline: float | None = None,
-) -> str:
-    if not values:
-        return f"| {name} | – | – | 0 | {target} | |"
-    median = statistics.median(values)
-    ratio = f"{median / baseline:.1f}×" if baseline else ""
-    return f"| {name} | {median:,.1f} {unit} | {p99(values):,.1f} {unit} | {len(values)} | {target} | {ratio} |"
-
-
-MEASURES: list[tuple[str, str, str, str, bool]] = [
-    # (Samples field, what, unit, target, read against the baseline call)
-    ("baseline_ms", "baseline: first tool call on a running sandbox", "ms", "", True),
-    ("cold_ms", "cold start → first tool result (new user, pool empty)", "ms", "≤ 500 ms", True),
-    ("warm_ms", "warm-pool claim → first tool result (pool of 1)", "ms", "≤ 100 ms", True),
-    ("hibernate_ms", "hibernate (`manager.hibernate`)", "ms", "", False),
-    ("resume_ms", "resume → first tool result", "ms", "≤ 300 ms", True),
-    ("checkpoint_mib", "checkpoint size (row `checkpoint_bytes`)", "MiB", "", False),
-    ("seal_ms", "seal of the image (part of hibernate)", "ms", "", False),
-    ("unseal_ms", "unseal of the image (part of resume)", "ms", "", False),
-    ("rss_mib", "idle running sandbox, RSS sum of its runsc processes", "MiB", "≤ 40 MB (38.1 MiB)", False),
-    ("pss_mib", "idle running sandbox, PSS of the same processes", "MiB", "≤ 40 MB (38.1 MiB)", False),
-]
-
-
-def report(samples: Samples, dense: Density | None, home: Path) -> None:
-    base = statistics.median(samples.baseline_ms) if samples.baseline_ms else None
-    print("| measure | median | p99 | n | target | × baseline |")
-    print("|---|---|---|---|---|---|")
-    for key, what, unit, target, against_baseline in MEASURES:
-        print(row(what, getattr(samples, key), unit, target, base if against_baseline else None))
-    if samples.warm_misses:
-        print(
-            f"\n{samples.warm_misses} of {len(samples.warm_ms)} warm claims started cold after all."
-        )
-    print(
-        "\nPSS is the better figure for an idle sandbox: RSS counts every page each process maps, so pages shared "
-        "between the sentry, the gofer and the stubs (the runsc binary, shared memory) count once per process; "
-        "PSS splits a shared page among its sharers, so the sum counts it once."
-    )
-    if dense is None:
-        return
-    n = dense.running
-    total, free_disk = mem_info("MemTotal"), shutil.disk_usage(home).free
-    pss_each = dense.pss_bytes / n if n else 0
-    rss_each = dense.rss_bytes / n if n else 0
-    drop_each = (dense.available_before - dense.available_after) / n if n else 0
-    disk_each = (
-        dense.checkpoint_disk_bytes / dense.hibernated if dense.hibernated else 0
-    )
-    print(f"\n### Density ({dense.asked} started one after another)\n")
-    print("| measure | value | target |")
-    print("|---|---|---|")
-    print(f"| running at once | {n} of {dense.asked} | |")
-    print(
-        f"| total RSS / PSS of the running ones | {dense.rss_bytes / MiB:,.0f} / {dense.pss_bytes / MiB:,.0f} MiB "
-        f"({rss_each / MiB:.1f} / {pss_each / MiB:.1f} MiB each) | |"
-    )
-    print(
-        f"| host MemAvailable before → after | {dense.available_before / MiB:,.0f} → "
-        f"{dense.available_after / MiB:,.0f} MiB (drop {drop_each / MiB:,.1f} MiB per sandbox; "
-        "shared host, so noisy) | |"
-    )
-    print(
-        f"| checkpoints on disk after hibernating them all | {dense.checkpoint_disk_bytes / MiB:,.0f} MiB for "
-        f"{dense.hibernated} ({disk_each / MiB:.1f} MiB each, allocated blocks) | |"
-    )
-    if pss_each:
-        print(
-            f"| **extrapolated**: running in {total / 2**30:.1f} GiB of memory, by PSS | "
-            f"≈ {total / pss_each:,.0f} | 100 running |"
-        )
-    if drop_each > 0:
-        print(
-            f"| **extrapolated**: running in {total / 2**30:.1f} GiB, by MemAvailable drop | "
-            f"≈ {total / drop_each:,.0f} | 100 running |"
-        )
-    if disk_each:
-        print(
-            f"| **extrapolated**: hibernated in the {free_disk / 2**30:,.0f} GiB free on {home}'s disk | "
-            f"≈ {free_disk / disk_each:,.0f} | 1,000 hibernated |"
-        )
-    print(
-        "\nExtrapolations divide the machine's memory (or free disk) by the per-sandbox figure measured above; "
-        "they ignore the gateway, PostgreSQL and the page cache, and were not run."
-    )
-    for failure in dense.failed:
-        print(f"- failed to start: {failure}")
-
-
-def compare(results: list[tuple[Config, Samples]]) -> None:
-    """One row per measure, one column per configuration (median / p99), and each one's median over the first's."""
-    first = results[0][0]
-    names = [f"{label(c)}" for c, _ in results]
-    print(f"\n## Side by side (ratio: median over {label(first)}'s)\n")
-    print("| measure | " + " | ".join(f"{n} median / p99" for n in names) + " | " + " | ".join(f"{n} ×" for n in names[1:]) + " |")
-    print("|---|" + "---|" * (2 * len(results) - 1))
-    for key, what, unit, _, _ in MEASURES:
-        cells, medians = [], []
-        for _, samples in results:
-            values = getattr(samples, key)
-            medians.append(statistics.median(values) if values else None)
-            cells.append(f"{medians[-1]:,.1f} / {p99(values):,.1f} {unit}" if values else "–")
-        ratios = [f"{m / medians[0]:.2f}×" if m is not None and medians[0] else "–" for m in medians[1:]]
-        print(f"| {what} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-
-
-def label(config: Config) -> str:
-    gvisor = config.gvisor
-    return (f"runsc {gvisor.release or '?'} {gvisor.platform}" + (" uncompressed" if gvisor.uncompressed_checkpoints else "")
-            + (" sealed" if config.sealed else ""))
 
 
 def configs(gvisors: list[Gvisor], sealed: bool) -> list[Config]:
