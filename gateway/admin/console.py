@@ -4,7 +4,8 @@
     /admin/console/drift                                       accept a drifted definition
     /admin/console/users, /admin/console/users/NAME            a user's keys, sandbox and secret names
     /admin/console/keys, /admin/console/sandboxes              hibernate, resume, reclaim
-    /admin/console/audit                                       filter by action, actor, target, outcome
+    /admin/console/audit                                       filter by action, actor, target, outcome;
+                                                               verify the chain; export the tenant's log
     /admin/console/usage, /admin/console/tenants, /admin/console/secrets
 
 Who: a live admin-page session (gateway/admin/session.py), so admins and auditors; auditors read,
@@ -17,7 +18,8 @@ sandbox.requests). Secrets are set and deleted by the page's small script throug
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from urllib.parse import urlencode
 import jinja2
 import psycopg
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from core import audit
@@ -154,7 +156,22 @@ class Console:
     async def audit(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
         filters = {name: request.query_params.get(name, "").strip()[:200] for name in data.AUDIT_FILTERS}
         page = await data.audit(conn, session.identity.tenant, data.page_number(request.query_params.get("page")), filters)
-        return self.render(request, session, "audit.html", page=page, filters=filters)
+        # The chain is one for the whole fleet: checking it says only "intact" or where it breaks.
+        verified = await audit.verify(conn) if request.query_params.get("verify") else None
+        return self.render(request, session, "audit.html", page=page, filters=filters,
+                           verify=request.query_params.get("verify") is not None, broken=verified)
+
+    async def audit_export(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
+        """The tenant's whole log as JSON lines, with each entry's hashes, as `mcpfleet audit export` writes it."""
+        tenant, pool = session.identity.tenant, self.sessions.pool
+
+        async def lines() -> AsyncIterator[bytes]:
+            async with pool.connection() as own:  # the view's connection goes back when this returns
+                async for entry in audit.entries(own, tenant=tenant):
+                    yield (json.dumps(entry.to_json(), sort_keys=True) + "\n").encode()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers={
+            **SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="audit-{tenant}.jsonl"'})
 
     async def usage(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
         page = await data.tool_call_usage(conn, session.identity.tenant, data.page_number(request.query_params.get("page")))
@@ -244,6 +261,7 @@ def routes(sessions: Sessions) -> list[Route]:
         Route(BASE, console.view(lambda request, session, conn: console.home(request)), methods=["GET"]),
         *(Route(f"{BASE}/{name}", console.view(handler), methods=["GET"]) for name, handler in views.items()),
         Route(f"{BASE}/users/{{name}}", console.view(console.user), methods=["GET"]),
+        Route(f"{BASE}/audit/export", console.view(console.audit_export), methods=["GET"]),
         Route(f"{BASE}/versions/approve", console.view(console.approve, act=True), methods=["POST"]),
         Route(f"{BASE}/versions/reject", console.view(console.reject, act=True), methods=["POST"]),
         Route(f"{BASE}/drift/accept", console.view(console.accept_drift, act=True), methods=["POST"]),
