@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 
 import jinja2
 import psycopg
+from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -55,8 +56,11 @@ SANDBOX_TIMEOUT_S = 180.0
 PICKUP_TIMEOUT_S = 10.0
 
 
-def _when(value: datetime | None) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z") if value else ""
+def _when(value: datetime | None) -> Markup | str:
+    """Every time in the gateway's zone, one format; kept on one line."""
+    if value is None:
+        return ""
+    return Markup('<time datetime="{}">{}</time>').format(value.isoformat(), value.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"))
 
 
 def _size(value: int | None) -> str:

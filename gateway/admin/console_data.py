@@ -14,6 +14,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 PAGE_SIZE = 25
+# A pending version's row carries its approve and reject forms: fewer to a page.
+VERSIONS_PAGE_SIZE = 10
 VersionStatus = Literal["pending", "approved", "rejected"]
 VERSION_STATUSES: tuple[VersionStatus, ...] = ("pending", "approved", "rejected")
 
@@ -42,11 +44,12 @@ def page_number(raw: str | None) -> int:
         return 1
 
 
-async def _paged(conn: psycopg.AsyncConnection, sql: str, params: tuple[Any, ...], number: int) -> Page:
+async def _paged(conn: psycopg.AsyncConnection, sql: str, params: tuple[Any, ...], number: int,
+                 size: int = PAGE_SIZE) -> Page:
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(f"{sql} LIMIT %s OFFSET %s", (*params, PAGE_SIZE + 1, (number - 1) * PAGE_SIZE))
+        await cur.execute(f"{sql} LIMIT %s OFFSET %s", (*params, size + 1, (number - 1) * size))
         rows = await cur.fetchall()
-    return Page(rows=rows[:PAGE_SIZE], number=number, has_next=len(rows) > PAGE_SIZE)
+    return Page(rows=rows[:size], number=number, has_next=len(rows) > size)
 
 
 async def versions(conn: psycopg.AsyncConnection, tenant: str, status: VersionStatus, number: int) -> Page:
@@ -61,7 +64,7 @@ async def versions(conn: psycopg.AsyncConnection, tenant: str, status: VersionSt
         "  JOIN tenants t ON t.id = s.tenant_id LEFT JOIN users u ON u.id = v.published_by"
         f" WHERE t.name = %s AND {_VERSION_FILTER[status]} ORDER BY v.published_at DESC, v.id DESC"
     )
-    page = await _paged(conn, sql, (tenant,), number)
+    page = await _paged(conn, sql, (tenant,), number, VERSIONS_PAGE_SIZE)
     for row in page.rows:
         row["failed"] = [c["check"] for c in row["validation"] if not c.get("ok")]
         row["tool_names"] = [t["name"] for t in row["tools"]]
