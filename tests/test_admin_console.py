@@ -211,6 +211,8 @@ async def test_an_admin_hibernates_resumes_and_reclaims_a_sandbox(fleet, keys, c
     await expect(page.locator("#status")).to_have_text("Done.", timeout=200_000)
     await expect(row).to_have_count(0)  # the live list no longer holds it
     assert db(fleet, state) == [("Reclaimed",)]
+    await page.goto(f"{fleet.base_url}/admin/console/users/con-member")
+    await expect(page.locator("#user-sandbox")).to_have_text("Reclaimed")
     # Through the same requests as the CLI, and audited with the admin's name.
     assert [r[0] for r in db(fleet, "SELECT action FROM sandbox_requests WHERE requested_by = 'console:default/con-admin' ORDER BY id")] == [
         "hibernate", "resume", "reclaim"]

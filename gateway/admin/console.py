@@ -141,11 +141,10 @@ class Console:
         if found is None:
             raise RegistryError(404, f"no user {name} in tenant {tenant}")
         keys = await data.keys(conn, tenant, data.page_number(request.query_params.get("page")), user_name=name)
-        sandboxes = await data.sandboxes(conn, tenant, 1, live_only=True)
         secrets, secrets_error = await self._secrets(tenant, name)
         return self.render(request, session, "user.html", user=found, page=keys, secrets=secrets,
                            secrets_error=secrets_error, own=name == session.identity.user,
-                           sandbox=next((s for s in sandboxes.rows if s["user"] == name), None))
+                           sandbox=await data.sandbox_of(conn, found["id"]))
 
     async def keys(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
         live_only = request.query_params.get("show") != "all"

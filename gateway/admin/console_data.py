@@ -148,6 +148,17 @@ async def sandboxes(conn: psycopg.AsyncConnection, tenant: str, number: int, *, 
     return await _paged(conn, sql, (tenant, list(LIVE_STATES)) if live_only else (tenant,), number)
 
 
+async def sandbox_of(conn: psycopg.AsyncConnection, user_id: int) -> dict[str, Any] | None:
+    """The user's latest sandbox (live or not)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "SELECT state, last_used_at, coalesce(tier, '') AS tier FROM sandboxes WHERE user_id = %s"
+            " ORDER BY updated_at DESC LIMIT 1",
+            (user_id,),
+        )
+        return await cur.fetchone()
+
+
 async def user_in_tenant(conn: psycopg.AsyncConnection, tenant: str, user_id: int) -> str | None:
     """The name of the user with this id if they are of `tenant` (an admin acts on their own tenant only)."""
     cur = await conn.execute(
