@@ -179,15 +179,33 @@ async def test_an_admin_approves_with_tier_and_tools_and_rejects(fleet, bulk, co
              body: new URLSearchParams({csrf_token: token, name: 'io.bulk/s88', version: '1.0.0'})})).status""", token)
     assert status == 409
 
-    # Both decisions are in the audit log, found with its filter.
+    # A drifted definition of the approved version (written as the gateway's drift check writes one,
+    # seen in one user's sandbox) is accepted on the drift view.
+    live = "a" * 64
+    db(fleet, "WITH d AS (INSERT INTO tool_drift (version_id, tool, pinned_sha256, live_sha256, live_definition)"
+              " SELECT v.id, 'hello', %s, %s, '{}' FROM registry_versions v JOIN registry_servers s ON s.id = v.server_id"
+              " WHERE s.name = 'io.bulk/s89' RETURNING id, version_id)"
+              " INSERT INTO tool_drift_sightings (drift_id, user_id, version_id)"
+              " SELECT d.id, u.id, d.version_id FROM d, users u WHERE u.name = 'u07'", "b" * 64, live)
+    await page.goto(f"{fleet.base_url}/admin/console/drift")
+    drift = page.locator("tr.drift")
+    await expect(drift).to_have_count(1)
+    await expect(drift).to_contain_text("io.bulk/s89")
+    await drift.locator("button").click()
+    await expect(page.locator("#status")).to_have_text("The drifted definition is accepted.")
+    await expect(page.locator("tr.drift")).to_have_count(0)
+    assert db(fleet, "SELECT tool, sha256, accepted_by FROM accepted_definitions") == [("hello", live, "bulk-admin")]
+
+    # The three decisions are in the audit log, found with its filter.
     await page.goto(f"{fleet.base_url}/admin/console/audit")
     await page.fill('input[name="action"]', "registry.")
     await page.fill('input[name="actor"]', "bulk-admin")
     await page.click("#filter")
     entries = page.locator("tr.entry")
-    await expect(entries).to_have_count(2)
-    await expect(entries.nth(0)).to_contain_text("registry.reject")
-    await expect(entries.nth(1)).to_contain_text("registry.approve")
+    await expect(entries).to_have_count(3)
+    await expect(entries.nth(0)).to_contain_text("registry.accept_drift")
+    await expect(entries.nth(1)).to_contain_text("registry.reject")
+    await expect(entries.nth(2)).to_contain_text("registry.approve")
 
 
 async def test_an_admin_hibernates_resumes_and_reclaims_a_sandbox(fleet, keys, context, tmp_path):  # noqa: F811
