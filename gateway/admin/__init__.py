@@ -1,6 +1,7 @@
 """The admin web page: pending tool-server versions to approve, drifted tools, usage.
 
-`routes()` serves the page under `/admin`, with sign-in by API key or through a
+`routes()` serves the page under `/admin` and the console (one view per subject, paged)
+under `/admin/console` (gateway/admin/console.py), with sign-in by API key or through a
 tenant's identity provider (OIDC); `SessionContext` (middleware) lets any route
 ask `session.session_identity(request)` for the signed-in admin, which is how
 the registry's JSON API accepts the page's requests.
@@ -15,6 +16,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from core.settings import Settings
+from gateway.admin import console
 from gateway.admin.oidc import CALLBACK_PATH, Clients, OidcSignIn
 from gateway.admin.pages import Pages
 from gateway.admin.secret import session_secret
@@ -48,5 +50,6 @@ def routes(sessions: Sessions, settings: Settings, oauth: OAuthVerifier) -> list
         Route("/admin/logout", pages.logout, methods=["POST"]),
         Route("/admin/oidc/start", sso.start, methods=["GET"]),
         Route(CALLBACK_PATH, sso.callback, methods=["GET"]),
+        *console.routes(sessions),
         Mount("/admin/static", StaticFiles(directory=STATIC), name="admin-static"),
     ]
