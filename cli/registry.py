@@ -53,6 +53,9 @@ def show(args: argparse.Namespace, api: FleetApi) -> int:
         reason = f": {version['decision_reason']}" if version.get("decision_reason") else ""
         print(f"  {version['status']} by {version['decided_by']}{reason}")
     print(f"  artifact sha256 {version.get('artifact_sha256')}, published by {version.get('published_by')}")
+    if version.get("layer_sha256"):
+        listed = ", ".join(f"{p['name']} {p['version']}" for p in version.get("layer") or [])
+        print(f"  dependency layer sha256 {version['layer_sha256']}: {listed}")
     if version.get("start_ms") is not None:
         memory = version.get("memory_bytes")
         print(f"  trial: started in {version['start_ms']} ms" + (f", {memory / 2**20:.0f} MiB" if memory else ""))
@@ -92,6 +95,8 @@ def approve(args: argparse.Namespace, api: FleetApi) -> int:
     print(f"approved {args.name} {args.version} for {scope}; {result.get('tool_pins', len(result['pins']))} tool definition(s) pinned"
           f"{f' and {others} prompt, resource or instructions definition(s)' if others else ''}"
           f"{' (validation overridden)' if result['override'] else ''}")
+    if result.get("layer_sha256"):
+        print(f"  its dependency layer is pinned: sha256 {result['layer_sha256']}")
     return 0
 
 

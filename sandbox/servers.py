@@ -23,6 +23,8 @@ class ServerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     revision: str = "builtin"
     """What of the server runs (a published wheel's digest): a sandbox whose server has another revision restarts it."""
+    layer: str = ""
+    """The digest of its dependency layer, a read-only dir beside its code in the tools dir (none: "")."""
     egress: tuple[str, ...] = ()
     """Hosts (`host`, `host:port`) its manifest declares: only these it can reach, through the egress proxy."""
     server: str = ""
