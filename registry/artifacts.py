@@ -333,7 +333,7 @@ def wheel_metadata(wheel: Path) -> tuple[dict[str, str | list[str]], dict[str, s
     except zipfile.BadZipFile as exc:
         raise ArtifactError(f"the wheel is damaged ({exc})") from None
     headers = HeaderParser().parsestr(metadata_text)
-    metadata: dict[str, str | list[str]] = {key: headers[key] for key in ("Name", "Version") if headers[key]}
+    metadata: dict[str, str | list[str]] = {key: headers[key] for key in ("Name", "Version", "Summary") if headers[key]}
     metadata["Requires-Dist"] = headers.get_all("Requires-Dist") or []
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # script names are case-sensitive
