@@ -108,8 +108,6 @@ class Registry:
         self._tasks = Tasks()
         self._usage: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0.0])
         self.on_change: list[ChangeListener] = []
-        self._layers: dict[str, list[str]] = {}
-        """Dependency layers of the versions this gateway runs: digest -> the digests of its wheels."""
         self.unindexed = True
         """Some recorded definitions may lack embeddings (built-ins): search indexes them first."""
 
@@ -218,16 +216,15 @@ class Registry:
         if not entry_point:
             raise ArtifactError(f"validation found no console script {manifest.command!r} in the wheel")
         self.artifacts.install(approved.artifact_sha256)
+        wheels = tuple(p["sha256"] for p in layer)
         if approved.layer_sha256 is not None:
-            wheels = [p["sha256"] for p in layer]
-            self.artifacts.install_layer(approved.layer_sha256, wheels)
-            self._layers[approved.layer_sha256] = wheels
+            self.artifacts.install_layer(approved.layer_sha256, list(wheels))
         return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets, manifest.name,
-                           egress=manifest.fleet.egress, layer=approved.layer_sha256)
+                           egress=manifest.fleet.egress, layer=approved.layer_sha256, layer_wheels=wheels)
 
     def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
-        digests = {s.revision for s in servers if s.revision != "builtin"} | {s.layer for s in servers if s.layer}
-        self.artifacts.link_into(tools_dir, digests, {d: self._layers[d] for d in digests if d in self._layers})
+        layers = {s.layer: list(s.layer_wheels) for s in servers if s.layer}
+        self.artifacts.link_into(tools_dir, {s.revision for s in servers if s.revision != "builtin"} | set(layers), layers)
 
     # -- publish and validate ---------------------------------------------------------------
 
@@ -276,7 +273,7 @@ class Registry:
                 runnable = deps["ok"]  # the trial runs the tool with its dependencies, or not at all
             if runnable:
                 spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets, manifest.name,
-                                   layer=deps["layer_sha256"])
+                                   layer=deps["layer_sha256"], layer_wheels=tuple(p["sha256"] for p in deps["packages"]))
                 install = await asyncio.to_thread(self.artifacts.install, sha256)
                 if self.backend is not None:
                     trial = await trial_run(self.backend, self.home, spec, install, layers=layers)
