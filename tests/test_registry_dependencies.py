@@ -13,6 +13,7 @@ import pytest
 from registry.dependencies import layer_digest
 from tests.clients import connect, structured, text_of
 from tests.test_registry import cli, project, registry_fleet  # noqa: F401  (a fixture)
+from tests.test_sdk import mcpfleet
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
 
@@ -97,3 +98,11 @@ def test_a_dependency_that_cannot_be_resolved_fails_validation_saying_which(regi
     assert "No matching distribution" in checks["dependencies"]["detail"], checks["dependencies"]["detail"]
     assert checks["trial"]["detail"].startswith("not run")
     assert version["layer_sha256"] is None
+
+
+def test_dev_runs_a_project_with_dependencies_as_the_registry_would(tmp_path, home):
+    root = project(tmp_path, "io.example/slugdev", "1.0.0", SLUGGER)
+    with_dependencies(root, ["python-slugify==8.0.4"])
+    done = mcpfleet("dev", str(root), "--call", "slug", "--args", '{"text": "Ça marche"}', MCPFLEET_HOME=str(home))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"slug": "ca-marche"' in done.stdout, done.stdout
