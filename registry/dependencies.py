@@ -77,7 +77,7 @@ def requirements_to_resolve(requires: list[str]) -> list[str]:
         if requirement.url:
             raise DependencyError(f"the wheel requires {line!r} from a URL; only packages from the index are resolved")
         if canonicalize_name(requirement.name) not in NOT_RESOLVED:
-            kept.append(line)
+            kept.append(str(requirement))  # re-written: never a line of the publisher's in pip's requirements file
     return kept
 
 

@@ -85,6 +85,25 @@ async def test_a_tool_with_dependencies_runs_with_its_resolved_read_only_layer(r
     assert "owned" not in (layer / "slugify" / "__init__.py").read_text()
 
 
+async def test_a_layer_changed_after_approval_is_not_run(registry_fleet):
+    """The approval pins the layer's digest: a version row rewritten afterwards (another stored wheel
+    in its lock, its layer digest recomputed to match) is not what was approved, and is not run."""
+    fleet = registry_fleet
+    with psycopg.connect(fleet.database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT v.id, v.layer, v.artifact_sha256 FROM registry_versions v JOIN registry_servers s"
+                           " ON s.id = v.server_id WHERE s.name = 'io.example/slugger'").fetchone()
+        assert row is not None, "needs the approved slugger of the test before"
+        version_id, lock, own_wheel = row
+        swapped = [{**p, "sha256": own_wheel} if p["name"].lower() == "text-unidecode" else p for p in lock]
+        conn.execute("UPDATE registry_versions SET layer = %s, layer_sha256 = %s WHERE id = %s",
+                     (json.dumps(swapped), layer_digest(swapped), version_id))
+    fleet.stop()
+    fleet.start()  # a gateway that reads the version afresh
+    async with connect(fleet.mcp_url, fleet.keys["member"]) as client:
+        assert not any(t.name.startswith("slugger__") for t in (await client.list_tools()).tools)
+    assert f"its dependency layer {layer_digest(swapped)} is not the approved" in fleet.log()
+
+
 def test_a_dependency_that_cannot_be_resolved_fails_validation_saying_which(registry_fleet, tmp_path):
     fleet = registry_fleet
     root = project(tmp_path, "io.example/nodeps", "1.0.0", SLUGGER)
