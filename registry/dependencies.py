@@ -109,7 +109,8 @@ def resolve(requires: list[str], python: PythonRuntime, *, timeout: float = RESO
         except OSError as exc:
             raise DependencyError(f"pip could not be run with the sandbox's Python ({python.executable}): {exc}") from None
         if done.returncode != 0:
-            raise DependencyError(f"pip cannot resolve {', '.join(requires)}: {_pip_error(done.stderr)}")
+            raise DependencyError(f"pip cannot resolve {', '.join(requires)} for the sandbox's Python {python.version}: "
+                                  f"{_pip_error(done.stderr)} (only wheels are taken: a package published only as source cannot be)")
         answer = json.loads(report.read_text())
     found = []
     for item in answer.get("install") or []:
