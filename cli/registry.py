@@ -12,6 +12,7 @@ from typing import Any
 from cli.run import api_command
 from cli.table import add_json_flag, print_rows
 from mcpfleet_sdk.api import FleetApi
+from mcpfleet_sdk.publish import format_validation, wait_for_verdict
 
 
 def _version_path(name: str, version: str) -> str:
@@ -53,6 +54,9 @@ def show(args: argparse.Namespace, api: FleetApi) -> int:
         reason = f": {version['decision_reason']}" if version.get("decision_reason") else ""
         print(f"  {version['status']} by {version['decided_by']}{reason}")
     print(f"  artifact sha256 {version.get('artifact_sha256')}, published by {version.get('published_by')}")
+    if version.get("layer_sha256"):
+        listed = ", ".join(f"{p['name']} {p['version']}" for p in version.get("layer") or [])
+        print(f"  dependency layer sha256 {version['layer_sha256']}: {listed}")
     if version.get("start_ms") is not None:
         memory = version.get("memory_bytes")
         print(f"  trial: started in {version['start_ms']} ms" + (f", {memory / 2**20:.0f} MiB" if memory else ""))
@@ -92,7 +96,28 @@ def approve(args: argparse.Namespace, api: FleetApi) -> int:
     print(f"approved {args.name} {args.version} for {scope}; {result.get('tool_pins', len(result['pins']))} tool definition(s) pinned"
           f"{f' and {others} prompt, resource or instructions definition(s)' if others else ''}"
           f"{' (validation overridden)' if result['override'] else ''}")
+    if result.get("layer_sha256"):
+        print(f"  its dependency layer is pinned: sha256 {result['layer_sha256']}")
     return 0
+
+
+def add(args: argparse.Namespace, api: FleetApi) -> int:
+    """An existing MCP server from PyPI, published as an upload is: validated, then pending approval.
+    The last line of output is the created `NAME VERSION`."""
+    print(f"adding {args.source}: the gateway downloads it and resolves its dependencies", flush=True)
+    answer = api.request("POST", "/registry/v1/add", json={"source": args.source, "name": args.name, "command": args.command}).json()
+    print(f"{answer['name']} {answer['version']}: {answer['status']} (console script "
+          f"{answer['manifest']['_meta']['io.mcpfleet']['command']}, wheel sha256 {answer['artifact_sha256']})", flush=True)
+    status = answer["status"]
+    if not args.no_wait:
+        print(f"waiting up to {args.wait:g} s for validation (dependencies, a trial run in a sandbox, the scans)", flush=True)
+        version = wait_for_verdict(api, answer["url"], args.wait)
+        print(format_validation(version))
+        status = version.get("status", status)
+        if status == "passed":
+            print(f"pending approval: mcpfleet registry approve {answer['name']} {answer['version']}")
+    print(f"{answer['name']} {answer['version']}")
+    return 0 if status in ("passed", "validating") and (args.no_wait or status == "passed") else 1
 
 
 def revoke(args: argparse.Namespace, api: FleetApi) -> int:
@@ -169,6 +194,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     approve_.add_argument("--resources", help="only these of its resources (comma-separated URIs or URI templates; empty: none)")
     approve_.add_argument("--override", action="store_true", help="approve although validation failed (audited)")
     api_command(approve_, approve)
+    add_ = actions.add_parser("add", help="add an existing MCP server from PyPI as a new version, pending approval (publishers)")
+    add_.add_argument("source", help="pypi:NAME or pypi:NAME==VERSION (a package whose console script is a stdio MCP server)")
+    add_.add_argument("--name", help="its name in the registry (default io.pypi/NAME; the part after '/' prefixes its tools)")
+    add_.add_argument("--command", help="the console script to run, when the package has several")
+    add_.add_argument("--wait", type=float, default=300.0, help="seconds to wait for validation (default 300)")
+    add_.add_argument("--no-wait", action="store_true", help="return once the gateway has the package")
+    api_command(add_, add)
     revoke_ = actions.add_parser("revoke", help="revoke a version's approval (admins)")
     _version_arguments(revoke_)
     revoke_.add_argument("--group", help="the group the approval is for (default: the whole tenant)")

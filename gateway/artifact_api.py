@@ -81,7 +81,9 @@ def routes(fleet: Fleet) -> list[Route]:
         if obj is None:
             return refuse(401, f"that is not the token of sandbox {sandbox} (or it does not exist)", sandbox)
         spec = obj.get("spec") or {}
-        listed = {s.get("artifactSha256") for s in spec.get("servers") or [] if isinstance(s, dict)}
+        servers = [s for s in spec.get("servers") or [] if isinstance(s, dict)]
+        # A server's wheel, and the wheels of its dependency layer (`registry.dependencies`).
+        listed = {s.get("artifactSha256") for s in servers} | {w for s in servers for w in s.get("layerWheels") or []}
         if not _SHA256.match(sha256) or sha256 not in listed:
             return refuse(403, f"{sha256[:64]} is not the artifact of any server sandbox {sandbox} runs", sandbox)
         try:

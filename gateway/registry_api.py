@@ -1,4 +1,4 @@
-"""The registry's HTTP API under /registry/v1: publish, read, approve, revoke,
+"""The registry's HTTP API under /registry/v1: publish, add (an existing server from PyPI), read, approve, revoke,
 reject, withdraw, drift, usage, search, whoami.
 
 Callers authenticate like MCP clients (an API key or an OAuth token as a bearer) or, from the
@@ -8,6 +8,7 @@ revoke and accept drift; auditors read. Everything is scoped to the caller's ten
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -25,6 +26,7 @@ from gateway.auth import identity_of
 from registry import decisions, store
 from registry.decisions import Decision
 from registry.definitions import KINDS, definition_sha256, instructions_sha256, offering_sha256
+from registry.onboard import OnboardError, fetch_pypi
 from registry.service import MAX_WHEEL_BYTES
 from registry.store import RegistryError
 
@@ -166,6 +168,21 @@ def routes(fleet: Fleet) -> list[Route]:
         result["url"] = f"/registry/v1/servers/{result['name']}/versions/{result['version']}"
         return _json(result, 202)
 
+    async def add(request: Request, who: Identity) -> Response:
+        """An existing MCP server from an index, by name (`registry.onboard`), published as an upload is."""
+        body = await _body(request)
+        source, name, command = body.get("source"), body.get("name"), body.get("command")
+        if not isinstance(source, str) or not all(v is None or isinstance(v, str) for v in (name, command)):
+            return _error(400, "expected a JSON object with source (pypi:NAME or pypi:NAME==VERSION) and optional name and command")
+        try:
+            onboarded = await asyncio.to_thread(fetch_pypi, source, fleet.registry.python, name=name, command=command)
+        except OnboardError as exc:
+            return _error(400, str(exc))
+        result = await fleet.registry.publish(who, onboarded.manifest, onboarded.wheel)
+        result["url"] = f"/registry/v1/servers/{result['name']}/versions/{result['version']}"
+        result["manifest"] = onboarded.manifest
+        return _json(result, 202)
+
     async def list_servers(request: Request, who: Identity) -> Response:
         async with fleet.pool.connection() as conn:
             return _json({"servers": await store.servers(conn, who.tenant)})
@@ -247,6 +264,7 @@ def routes(fleet: Fleet) -> list[Route]:
     return [
         Route("/registry/v1/whoami", _guarded(fleet, ("admin", "publisher", "member", "auditor"), whoami), methods=["GET"]),
         Route("/registry/v1/publish", _guarded(fleet, PUBLISHERS, publish), methods=["POST"]),
+        Route("/registry/v1/add", _guarded(fleet, PUBLISHERS, add), methods=["POST"]),
         Route("/registry/v1/servers", _guarded(fleet, READERS, list_servers), methods=["GET"]),
         Route(version_path, _guarded(fleet, READERS, show_version), methods=["GET"]),
         Route(version_path + "/approve", _guarded(fleet, ADMINS, approve), methods=["POST"]),

@@ -75,21 +75,33 @@ async def _trial(manifest: Any, wheel: Path, install: Path, env: dict[str, str],
     from dataclasses import replace
 
     from core.settings import load_settings
-    from registry.artifacts import ArtifactError, install_wheel, server_spec, sha256_of, wheel_metadata
+    from registry.artifacts import ArtifactError, ArtifactStore, install_wheel, server_spec, sha256_of, wheel_metadata
+    from registry.dependencies import dependency_check
     from registry.trial import TrialResult, trial_run
     from sandbox.factory import sandbox_backend, sandbox_python
 
+    python = sandbox_python()
+    layers: dict[str, Path] = {}
     try:
-        _, scripts = await asyncio.to_thread(wheel_metadata, wheel)
+        metadata, scripts = await asyncio.to_thread(wheel_metadata, wheel)
         if manifest.command not in scripts:
             raise ArtifactError(f"the wheel has no console script {manifest.command!r} (it has: {', '.join(scripts) or 'none'})")
         await asyncio.to_thread(install_wheel, wheel, install)
-        spec = server_spec(manifest.prefix, await asyncio.to_thread(sha256_of, wheel), scripts[manifest.command])
+        # Its dependencies as the registry resolves them at publish, in a scratch store of their own.
+        scratch = ArtifactStore(install.parent / "dependencies")
+        deps = await asyncio.to_thread(dependency_check, list(metadata.get("Requires-Dist") or []), python, scratch.store)
+        if not deps["ok"]:
+            raise ArtifactError(f"its dependencies: {deps['detail']}")
+        wheels = tuple(p["sha256"] for p in deps["packages"])
+        if deps["layer_sha256"]:
+            layers[deps["layer_sha256"]] = await asyncio.to_thread(scratch.install_layer, deps["layer_sha256"], list(wheels))
+        spec = server_spec(manifest.prefix, await asyncio.to_thread(sha256_of, wheel), scripts[manifest.command],
+                           layer=deps["layer_sha256"], layer_wheels=wheels)
     except ArtifactError as exc:
         return TrialResult(error=str(exc))
     settings = load_settings()
-    backend = sandbox_backend(settings, sandbox_python())
-    return await trial_run(backend, settings.home, replace(spec, env={**spec.env, **env}), install, call=call)
+    backend = sandbox_backend(settings, python)
+    return await trial_run(backend, settings.home, replace(spec, env={**spec.env, **env}), install, call=call, layers=layers)
 
 
 def _print_call_result(result: dict[str, Any], out: TextIO, err: TextIO) -> int:

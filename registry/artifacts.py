@@ -1,8 +1,8 @@
 """Published wheels: stored by digest, unpacked once, linked into the sandboxes that run them.
 
 A wheel lives at `<home>/registry/artifacts/<sha256>.whl` and is installed (without
-dependencies: the sandbox runtime provides the MCP SDK, and a sandbox has no network
-to fetch anything else) into `<home>/registry/installed/<sha256>/`, owned by root and
+dependencies: those are resolved at publish into a layer of their own, `registry.dependencies`,
+since a sandbox has no network to fetch anything) into `<home>/registry/installed/<sha256>/`, owned by root and
 read-only to everyone else. A sandbox sees only the installs of the servers its user
 may run: they are hard-linked into its own `tools` dir, bound read-only at /opt/tools.
 
@@ -28,17 +28,9 @@ from collections.abc import Callable
 from email.parser import HeaderParser
 from pathlib import Path
 
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
-
 from core.optional import require
 from sandbox.bundle import TOOLS as TOOLS_INSIDE
 from sandbox.servers import ServerSpec
-
-PROVIDED_DISTRIBUTIONS = frozenset({"mcp", "mcpfleet", "mcpfleet-sdk"})
-"""What a tool may require without shipping it: the sandbox runtime's MCP SDK (and what it
-pulls in, found at runtime) and our SDK, importable in every sandbox."""
-
 
 MAX_MEMBERS = 10_000
 """Files in one wheel (each costs memory to list before anything is read)."""
@@ -149,15 +141,32 @@ class ArtifactStore:
         staging.rename(target)
         return target
 
-    def link_into(self, sandbox_tools: Path, digests: set[str]) -> None:
+    def install_layer(self, digest: str, wheels: list[str]) -> Path:
+        """A version's dependency layer (`registry.dependencies`): each of its wheels, checked by
+        digest, unpacked into one directory, once; built aside, then renamed."""
+        target = self.install_path(digest)
+        if target.is_dir():
+            return target
+        self.installed.mkdir(parents=True, exist_ok=True)
+        staging = self.installed / f".{digest}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for sha256 in wheels:
+            install_wheel(self.wheel_path(sha256), staging, merge=True)
+        staging.rename(target)
+        return target
+
+    def link_into(self, sandbox_tools: Path, digests: set[str], layers: dict[str, list[str]] | None = None) -> None:
         """Make `sandbox_tools` hold exactly these installs (hard links: no copy, and the files
-        stay root's and read-only; the dir is bound read-only anyway)."""
+        stay root's and read-only; the dir is bound read-only anyway). `layers`: dependency layers
+        among `digests`, by digest -> the digests of their wheels."""
+        layers = layers or {}
         sandbox_tools.mkdir(mode=0o755, exist_ok=True)
         present = {p.name for p in sandbox_tools.iterdir()}
         for stale in present - digests:
             shutil.rmtree(sandbox_tools / stale, ignore_errors=True)
         for sha256 in digests - present:
-            source = self.install(sha256)
+            source = self.install_layer(sha256, layers[sha256]) if sha256 in layers else self.install(sha256)
             staging = sandbox_tools / f".{sha256}.partial"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(source, staging, copy_function=os.link, symlinks=True)
@@ -261,13 +270,14 @@ def verify_wheel(wheel: Path | bytes) -> None:
         raise ArtifactError(f"the wheel is damaged or uses what wheels do not ({exc})") from None
 
 
-def install_wheel(wheel: Path, target: Path) -> None:
+def install_wheel(wheel: Path, target: Path, *, merge: bool = False) -> None:
     """Unpack a wheel into `target` as an installer would for a pure-Python package, without its
     dependencies; `.data/purelib|platlib` is merged in, the rest of `.data` (scripts, headers) left out.
     A member naming a path outside `target` is refused, and so is a wheel over the limits (checked
-    before anything is written, and again while writing)."""
+    before anything is written, and again while writing). `merge`: into an existing `target` (a
+    dependency layer, several wheels in one directory); on failure the caller removes it."""
     members = check_wheel(wheel)
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=merge)
     try:
         with zipfile.ZipFile(wheel) as archive:
             for member in members:
@@ -283,10 +293,12 @@ def install_wheel(wheel: Path, target: Path) -> None:
                 with open(destination, "wb") as out:
                     _stream(archive, member, out.write)
     except zipfile.BadZipFile as exc:
-        shutil.rmtree(target, ignore_errors=True)
+        if not merge:
+            shutil.rmtree(target, ignore_errors=True)
         raise ArtifactError(f"the wheel is damaged ({exc})") from None
     except ArtifactError:
-        shutil.rmtree(target, ignore_errors=True)
+        if not merge:
+            shutil.rmtree(target, ignore_errors=True)
         raise
     for directory, _dirs, files in os.walk(target):
         os.chmod(directory, 0o755)
@@ -321,7 +333,7 @@ def wheel_metadata(wheel: Path) -> tuple[dict[str, str | list[str]], dict[str, s
     except zipfile.BadZipFile as exc:
         raise ArtifactError(f"the wheel is damaged ({exc})") from None
     headers = HeaderParser().parsestr(metadata_text)
-    metadata: dict[str, str | list[str]] = {key: headers[key] for key in ("Name", "Version") if headers[key]}
+    metadata: dict[str, str | list[str]] = {key: headers[key] for key in ("Name", "Version", "Summary") if headers[key]}
     metadata["Requires-Dist"] = headers.get_all("Requires-Dist") or []
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # script names are case-sensitive
@@ -333,36 +345,24 @@ def wheel_metadata(wheel: Path) -> tuple[dict[str, str | list[str]], dict[str, s
     return metadata, scripts
 
 
-def unmet_requirements(requires: list[str], available: set[str]) -> list[str]:
-    """Requirements (without markers that exclude them) that neither the sandbox runtime nor we provide."""
-    unmet = []
-    for line in requires:
-        try:
-            requirement = Requirement(line)
-        except InvalidRequirement:
-            unmet.append(line)
-            continue
-        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
-            continue
-        name = canonicalize_name(requirement.name)
-        if name not in available and name not in PROVIDED_DISTRIBUTIONS:
-            unmet.append(line)
-    return unmet
-
-
 def server_spec(prefix: str, sha256: str, entry_point: str, secrets: tuple[str, ...] = (), server: str = "",
-                *, egress: tuple[str, ...] = ()) -> ServerSpec:
-    """How a sandbox runs a published server: its console script's callable, from its install."""
+                *, egress: tuple[str, ...] = (), layer: str | None = None, layer_wheels: tuple[str, ...] = ()) -> ServerSpec:
+    """How a sandbox runs a published server: its console script's callable, from its install, with
+    its dependency layer (`registry.dependencies`), if it has one, on its path after it."""
     module, _, attr = entry_point.partition(":")
     module, attr = module.strip(), attr.strip()
     if not module.replace(".", "").replace("_", "").isalnum() or not attr.replace(".", "").replace("_", "").isalnum():
         raise ArtifactError(f"console script {entry_point!r} is not of the form module:function")
     head, _, rest = attr.partition(".")
     path = f"{TOOLS_INSIDE}/{sha256}"
-    # The install goes first on the path: what it ships wins over the runtime's, for this server alone.
-    code = f"import sys; sys.path.insert(0, {path!r}); from {module} import {head} as entry; sys.exit(entry{'.' + rest if rest else ''}())"
+    # The install goes first on the path, then its layer: what they ship wins over the runtime's, for
+    # this server alone (pip resolved the layer against the runtime: it holds only what the runtime
+    # lacks, or has in a version the tool does not take).
+    paths = [path, f"{TOOLS_INSIDE}/{layer}"] if layer else [path]
+    code = f"import sys; sys.path[0:0] = {paths!r}; from {module} import {head} as entry; sys.exit(entry{'.' + rest if rest else ''}())"
     # The names it declares, so `mcpfleet_sdk.secret()` tells "not declared" from "not set".
     env = {"MCPFLEET_DECLARED_SECRETS": ",".join(secrets)}
     return ServerSpec(
-        prefix, ("python", "-c", code), env=env, revision=sha256, server=server, secret_names=tuple(secrets), egress=egress
+        prefix, ("python", "-c", code), env=env, revision=sha256, server=server, secret_names=tuple(secrets), egress=egress,
+        layer=layer or "", layer_wheels=tuple(layer_wheels) if layer else (),
     )

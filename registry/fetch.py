@@ -4,10 +4,15 @@ Locally the gateway links each install into the sandbox's tools dir (`ArtifactSt
 Kubernetes pod has no such dir on a host: the operator gives it an init container (the gateway's
 image, which has this module) that runs
 
-    python -m registry.fetch --gateway URL --sandbox NAMESPACE/NAME --token-file PATH --into /opt/tools SHA256...
+    python -m registry.fetch --gateway URL --sandbox NAMESPACE/NAME --token-file PATH --into /opt/tools \
+        [--layer LAYER=WHEEL,WHEEL...]... SHA256...
 
 and writes each wheel, installed as `ArtifactStore.install` does, to `<into>/<sha256>`: the path the
-servers' command lines name (`registry.artifacts.server_spec`). The volume is an emptyDir that the
+servers' command lines name (`registry.artifacts.server_spec`). A server's dependency layer
+(`registry.dependencies`) is fetched the same way, wheel by wheel, and unpacked into one directory,
+`<into>/<layer>`, as `ArtifactStore.install_layer` does. The layer's own digest is the gateway's to
+check (it hashes names and versions, which the init container is not given); each of its wheels is
+checked here against its digest like any other. The volume is an emptyDir that the
 supervisor's container mounts read-only.
 
 The gateway answers `GET /registry/v1/artifacts/<sha256>` to a caller that proves to be the sandbox
@@ -45,10 +50,13 @@ def artifact_url(gateway: str, sha256: str) -> str:
     return f"{gateway.rstrip('/')}/registry/v1/artifacts/{sha256}"
 
 
-def fetch_into(gateway: str, sandbox: str, token: str, into: Path, digests: Sequence[str], *, timeout: float = 60.0) -> list[Path]:
+def fetch_into(gateway: str, sandbox: str, token: str, into: Path, digests: Sequence[str], *, timeout: float = 60.0,
+               layers: dict[str, list[str]] | None = None) -> list[Path]:
     """Each wheel by its digest, checked and installed at `into/<digest>` (one already there is kept:
-    a restarted init container does not fetch again). Returns the install dirs."""
-    bad = [d for d in digests if not _SHA256.match(d)]
+    a restarted init container does not fetch again), and each layer's wheels into `into/<layer>`.
+    Returns the install dirs."""
+    layers = layers or {}
+    bad = [d for d in [*digests, *layers, *(w for wheels in layers.values() for w in wheels)] if not _SHA256.match(d)]
     if bad:
         raise FetchError(f"not sha256 digests: {bad}")
     into.mkdir(parents=True, exist_ok=True)
@@ -60,10 +68,21 @@ def fetch_into(gateway: str, sandbox: str, token: str, into: Path, digests: Sequ
             if not target.is_dir():
                 _install(client, artifact_url(gateway, sha256), sha256, target)
             installed.append(target)
+        for layer, wheels in layers.items():
+            target = into / layer
+            if not target.is_dir():
+                staging = into / f".{layer}.partial"
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir()
+                for sha256 in wheels:
+                    _install(client, artifact_url(gateway, sha256), sha256, staging, merge=True)
+                staging.rename(target)
+            installed.append(target)
     return installed
 
 
-def _install(client: httpx.Client, url: str, sha256: str, target: Path) -> None:
+def _install(client: httpx.Client, url: str, sha256: str, target: Path, *, merge: bool = False) -> None:
+    """The wheel at `url`, checked against `sha256`, installed at `target` (`merge`: into it, a layer)."""
     digest = hashlib.sha256()
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{sha256}.", suffix=".whl") as wheel:
         with client.stream("GET", url) as response:
@@ -79,13 +98,15 @@ def _install(client: httpx.Client, url: str, sha256: str, target: Path) -> None:
         wheel.flush()
         if digest.hexdigest() != sha256:
             raise FetchError(f"what came for {sha256} hashes to {digest.hexdigest()}; refusing it")
-        staging = target.parent / f".{sha256}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = target if merge else target.parent / f".{sha256}.partial"
+        if not merge:
+            shutil.rmtree(staging, ignore_errors=True)
         try:
-            install_wheel(Path(wheel.name), staging)
+            install_wheel(Path(wheel.name), staging, merge=merge)
         except ArtifactError as exc:
             raise FetchError(f"the wheel {sha256} cannot be installed: {exc}") from None
-    staging.rename(target)  # a half-done install is never seen under the digest
+    if not merge:
+        staging.rename(target)  # a half-done install is never seen under the digest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,11 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sandbox", required=True, help="NAMESPACE/NAME of the McpSandbox")
     parser.add_argument("--token-file", required=True, type=Path)
     parser.add_argument("--into", required=True, type=Path)
+    parser.add_argument("--layer", action="append", default=[], metavar="LAYER=WHEEL,...",
+                        help="a dependency layer's digest and the digests of its wheels (repeatable)")
     parser.add_argument("digests", nargs="*")
     args = parser.parse_args(argv)
+    layers = {}
+    for given in args.layer:
+        layer, _, wheels = given.partition("=")
+        layers[layer] = [w for w in wheels.split(",") if w]
     try:
         token = args.token_file.read_text().strip()
-        for path in fetch_into(args.gateway, args.sandbox, token, args.into, args.digests):
+        for path in fetch_into(args.gateway, args.sandbox, token, args.into, args.digests, layers=layers):
             print(f"installed {path}", file=sys.stderr)
     except (FetchError, OSError, httpx.HTTPError) as exc:
         print(f"registry.fetch: {exc}", file=sys.stderr)

@@ -28,12 +28,12 @@ from registry.artifacts import (
     ArtifactStore,
     S3Artifacts,
     server_spec,
-    unmet_requirements,
     verify_wheel,
     wheel_metadata,
 )
 from registry.builtins import builtin_tools
 from registry.definitions import INSTRUCTIONS_PIN, KINDS, PROMPTS, definition_sha256, instructions_sha256, offering_sha256, pin_key
+from registry.dependencies import dependency_check, layer_digest
 from registry.manifest import Manifest, ManifestError, parse_manifest
 from registry.store import Approved, RegistryError
 from registry.trial import PodTrials, TrialResult, trial_in_pod, trial_run
@@ -58,15 +58,6 @@ def builtin_entries(*, fixtures: bool = False) -> list[tuple[str, str, str]]:
         for spec in BUILTIN_SERVERS
         if fixtures or spec.name not in FIXTURE_SERVERS
     ]
-
-
-def installed_distributions(python: PythonRuntime) -> set[str]:
-    """Canonical names of what the sandbox runtime has installed (a tool may depend on those)."""
-    names = set()
-    for site in python.site_packages:
-        for dist_info in Path(site).glob("*.dist-info"):
-            names.add(canonicalize_name(dist_info.name[: -len(".dist-info")].rsplit("-", 1)[0]))
-    return names
 
 
 ChangeListener = Callable[[set[int]], Awaitable[None]]
@@ -117,7 +108,6 @@ class Registry:
         self._tasks = Tasks()
         self._usage: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0.0])
         self.on_change: list[ChangeListener] = []
-        self._distributions: set[str] | None = None
         self.unindexed = True
         """Some recorded definitions may lack embeddings (built-ins): search indexes them first."""
 
@@ -200,18 +190,24 @@ class Registry:
             try:
                 async with self.pool.connection() as conn:
                     cur = await conn.execute(
-                        "SELECT manifest, validation FROM registry_versions WHERE id = %s", (approved.version_id,)
+                        "SELECT manifest, validation, layer_sha256, layer FROM registry_versions WHERE id = %s", (approved.version_id,)
                     )
-                    document, validation = await cur.fetchone()  # type: ignore[misc]
+                    document, validation, layer_sha256, layer = await cur.fetchone()  # type: ignore[misc]
                 manifest = parse_manifest(document)
-                spec = await asyncio.to_thread(self._published_spec, approved, manifest, validation)
+                if layer_sha256 != approved.layer_sha256:  # versions are immutable: a changed row is not what was approved
+                    raise ArtifactError(f"its dependency layer {layer_sha256} is not the approved {approved.layer_sha256}")
+                if layer_sha256 is not None and layer_digest(layer) != layer_sha256:
+                    raise ArtifactError(f"its recorded dependencies do not hash to its layer digest {layer_sha256}")
+                spec = await asyncio.to_thread(self._published_spec, approved, manifest, validation, layer)
             except (ArtifactError, ManifestError, OSError) as exc:
                 log.error("approved %s %s cannot run: %s", approved.server, approved.version, exc)
                 return None
             self._specs[approved.version_id] = spec
         return spec
 
-    def _published_spec(self, approved: Approved, manifest: Manifest, validation: list[dict[str, Any]]) -> ServerSpec:
+    def _published_spec(
+        self, approved: Approved, manifest: Manifest, validation: list[dict[str, Any]], layer: list[dict[str, Any]]
+    ) -> ServerSpec:
         """The console script validation found when it read the wheel's metadata (read once, at
         publish: neither a gateway's start nor a sandbox's reads it again)."""
         assert approved.artifact_sha256 is not None
@@ -220,11 +216,15 @@ class Registry:
         if not entry_point:
             raise ArtifactError(f"validation found no console script {manifest.command!r} in the wheel")
         self.artifacts.install(approved.artifact_sha256)
+        wheels = tuple(p["sha256"] for p in layer)
+        if approved.layer_sha256 is not None:
+            self.artifacts.install_layer(approved.layer_sha256, list(wheels))
         return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets, manifest.name,
-                           egress=manifest.fleet.egress)
+                           egress=manifest.fleet.egress, layer=approved.layer_sha256, layer_wheels=wheels)
 
     def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
-        self.artifacts.link_into(tools_dir, {s.revision for s in servers if s.revision != "builtin"})
+        layers = {s.layer: list(s.layer_wheels) for s in servers if s.layer}
+        self.artifacts.link_into(tools_dir, {s.revision for s in servers if s.revision != "builtin"} | set(layers), layers)
 
     # -- publish and validate ---------------------------------------------------------------
 
@@ -260,16 +260,28 @@ class Registry:
         try:
             package = await asyncio.to_thread(self._check_package, manifest, sha256)
             checks.append(package)
-            if package["ok"]:
-                spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets, manifest.name)
+            layers: dict[str, Path] = {}
+            runnable = package["ok"]
+            if runnable:
+                deps = await asyncio.to_thread(dependency_check, package["requires"], self.python, self.artifacts.store)
+                checks.append(deps)
+                async with self.pool.connection() as conn:
+                    await store.record_layer(conn, version_id, deps["layer_sha256"], deps["packages"])
+                if deps["layer_sha256"]:
+                    wheels = [p["sha256"] for p in deps["packages"]]
+                    layers[deps["layer_sha256"]] = await asyncio.to_thread(self.artifacts.install_layer, deps["layer_sha256"], wheels)
+                runnable = deps["ok"]  # the trial runs the tool with its dependencies, or not at all
+            if runnable:
+                spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets, manifest.name,
+                                   layer=deps["layer_sha256"], layer_wheels=tuple(p["sha256"] for p in deps["packages"]))
                 install = await asyncio.to_thread(self.artifacts.install, sha256)
                 if self.backend is not None:
-                    trial = await trial_run(self.backend, self.home, spec, install)
+                    trial = await trial_run(self.backend, self.home, spec, install, layers=layers)
                 elif self.pods is not None:
                     trial = await trial_in_pod(self.pods, spec)
                 else:
                     trial.error = f"not run: {self.no_trial_reason}"
-            checks.append(_trial_check(trial, manifest, package["ok"]))
+            checks.append(_trial_check(trial, manifest, runnable))
             others = await self._other_tools(tenant, manifest.name)
             checks.extend(self._scan_checks(manifest.prefix, trial.tools, others, trial.offerings))
         except Exception as exc:  # validation must end in a verdict, whatever broke
@@ -301,17 +313,13 @@ class Registry:
         entry_point = scripts.get(manifest.command)
         if entry_point is None:
             problems.append(f"the wheel has no console script {manifest.command!r} (it has: {', '.join(scripts) or 'none'})")
-        if self._distributions is None:
-            self._distributions = installed_distributions(self.python)
-        unmet = unmet_requirements(list(metadata.get("Requires-Dist") or []), self._distributions)
-        if unmet:
-            problems.append(f"it requires what sandboxes do not have (they have no network to fetch it): {', '.join(unmet)}")
         return {
             "check": "package",
             "ok": not problems,
             "detail": "; ".join(problems) or f"console script {manifest.command} → {entry_point}",
             "findings": [],
             "entry_point": entry_point,
+            "requires": list(metadata.get("Requires-Dist") or []),
         }
 
     def _scan_checks(
@@ -515,7 +523,7 @@ def _guarded_offer(
 
 def _trial_check(trial: TrialResult, manifest: Manifest, ran: bool) -> dict[str, Any]:
     if not ran:
-        return {"check": "trial", "ok": False, "detail": "not run: the package check failed", "findings": []}
+        return {"check": "trial", "ok": False, "detail": "not run: the package or dependencies check failed", "findings": []}
     if trial.error is not None:
         return {"check": "trial", "ok": False, "detail": trial.error, "findings": []}
     if not trial.tools:

@@ -47,6 +47,8 @@ class Approved:
     accepted: dict[str, frozenset[str]] = field(default_factory=dict)
     """Pin key (a tool's own name, `prompt:<name>`, …) -> definitions an admin accepted for the
     version after approving it."""
+    layer_sha256: str | None = None
+    """The dependency layer the approval approved (`registry.dependencies`); None: none."""
 
     def allows(self, key: str, sha256: str) -> bool:
         """Whether this definition may be offered: the pinned one, or one accepted since."""
@@ -115,6 +117,14 @@ async def publish(
     return version_id
 
 
+async def record_layer(conn: psycopg.AsyncConnection, version_id: int, layer_sha256: str | None, layer: list[dict[str, Any]]) -> None:
+    """The dependencies validation resolved for the version (kept once: versions are immutable)."""
+    await conn.execute(
+        "UPDATE registry_versions SET layer_sha256 = %s, layer = %s WHERE id = %s AND layer_sha256 IS NULL",
+        (layer_sha256, Jsonb(layer), version_id),
+    )
+
+
 async def record_validation(
     conn: psycopg.AsyncConnection,
     version_id: int,
@@ -151,7 +161,7 @@ async def record_validation(
 _VERSION = """
 SELECT v.id, s.id AS server_id, s.name, s.prefix, s.builtin, v.version, v.manifest, v.artifact_sha256,
        v.artifact_bytes, v.published_at, u.name AS published_by, v.status, v.validation, v.tools,
-       v.start_ms, v.memory_bytes, v.validated_at, v.offerings, v.decided_by, v.decision_reason
+       v.start_ms, v.memory_bytes, v.validated_at, v.offerings, v.decided_by, v.decision_reason, v.layer_sha256, v.layer
   FROM registry_versions v JOIN registry_servers s ON s.id = v.server_id
   JOIN tenants t ON t.id = s.tenant_id LEFT JOIN users u ON u.id = v.published_by
 """
@@ -276,10 +286,10 @@ async def approve(
         prompts = sorted(set(prompts)) if prompts is not None else None
         resources = sorted(set(resources)) if resources is not None else None
         await conn.execute(
-            "INSERT INTO approvals (version_id, server_id, group_name, tier, tools, prompts, resources, pins, override, approved_by)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "INSERT INTO approvals (version_id, server_id, group_name, tier, tools, prompts, resources, pins, override, approved_by,"
+            " layer_sha256) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (row["id"], row["server_id"], group, tier, sorted(tools) if tools else None, prompts, resources, Jsonb(pins),
-             bool(failed) and override, who.user),
+             bool(failed) and override, who.user, row["layer_sha256"]),
         )
         await audit.append(
             conn,
@@ -289,10 +299,12 @@ async def approve(
             actor=who.user,
             target=f"{name}@{version_}",
             detail={"group": group, "tier": tier, "tools": tools, "prompts": prompts, "resources": resources,
-                    "override": bool(failed) and override, "failed_checks": failed, "pins": pins},
+                    "override": bool(failed) and override, "failed_checks": failed, "pins": pins,
+                    "layer_sha256": row["layer_sha256"]},
         )
     return {"name": name, "version": version_, "group": group, "tier": tier, "tools": tools, "prompts": prompts,
-            "resources": resources, "pins": pins, "tool_pins": tool_pin_count(pins), "override": bool(failed) and override}
+            "resources": resources, "pins": pins, "tool_pins": tool_pin_count(pins), "override": bool(failed) and override,
+            "layer_sha256": row["layer_sha256"]}
 
 
 async def revoke(
@@ -322,7 +334,7 @@ async def approved_for(conn: psycopg.AsyncConnection, user_id: int) -> list[Appr
     cur = await conn.execute(
         """
         SELECT DISTINCT ON (s.id) s.name, s.prefix, v.version, v.id, s.builtin, v.artifact_sha256, a.pins, a.tools,
-               a.prompts, a.resources
+               a.prompts, a.resources, a.layer_sha256
           FROM users u
           JOIN registry_servers s ON s.tenant_id = u.tenant_id
           JOIN approvals a ON a.server_id = s.id AND a.revoked_at IS NULL
@@ -345,9 +357,9 @@ async def approved_for(conn: psycopg.AsyncConnection, user_id: int) -> list[Appr
         Approved(
             n, p, ver, vid, b, sha, pins, frozenset(tools) if tools is not None else None,
             allowed(prompts, tools), allowed(resources, tools),
-            {key: frozenset(hashes) for key, hashes in accepted.get(vid, {}).items()},
+            {key: frozenset(hashes) for key, hashes in accepted.get(vid, {}).items()}, layer,
         )
-        for n, p, ver, vid, b, sha, pins, tools, prompts, resources in rows
+        for n, p, ver, vid, b, sha, pins, tools, prompts, resources, layer in rows
     ]
 
 

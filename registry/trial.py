@@ -12,6 +12,7 @@ all of it destroyed after.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +60,13 @@ async def trial_run(
     timeout: float = 120.0,
     uid: int = SANDBOX_UID,
     gid: int = SANDBOX_GID,
+    layers: Mapping[str, Path] | None = None,
 ) -> TrialResult:
-    """Run `spec` (whose code is `install`, linked into the sandbox's tools dir under `spec.revision`)."""
+    """Run `spec` (whose code is `install`, linked into the sandbox's tools dir under `spec.revision`,
+    beside its dependency `layers`: digest -> the layer's dir)."""
     result = TrialResult()
     tools = {spec.revision: install} if install is not None else {}
+    tools.update(layers or {})
     try:
         async with one_shot(
             backend, home, [spec], tools,

@@ -110,6 +110,8 @@ def spec_servers(servers: tuple[ServerSpec, ...]) -> list[dict[str, Any]]:
             "prefix": s.name,
             "version": s.revision,
             "artifactSha256": s.revision if _SHA256.match(s.revision) else "",
+            "layerSha256": s.layer,
+            "layerWheels": list(s.layer_wheels),
             "command": list(s.argv),
             "egress": list(s.egress),  # the hosts the gateway connects it to over the channel
         }

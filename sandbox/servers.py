@@ -23,6 +23,10 @@ class ServerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     revision: str = "builtin"
     """What of the server runs (a published wheel's digest): a sandbox whose server has another revision restarts it."""
+    layer: str = ""
+    """The digest of its dependency layer, a read-only dir beside its code in the tools dir (none: "")."""
+    layer_wheels: tuple[str, ...] = ()
+    """The digests of the wheels unpacked into that layer (a pod's init container fetches them)."""
     egress: tuple[str, ...] = ()
     """Hosts (`host`, `host:port`) its manifest declares: only these it can reach, through the egress proxy."""
     server: str = ""

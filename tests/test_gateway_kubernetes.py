@@ -346,6 +346,34 @@ async def test_a_pod_fetches_the_wheels_its_sandbox_lists_and_nothing_else(gatew
         assert (await get("..%2F..%2Fetc", as_(f"{NS}/art-fetcher", token))).status_code in (403, 404)
 
 
+async def test_a_pod_fetches_the_wheels_of_its_servers_dependency_layers(gateway, kube, weather, tmp_path):
+    """A wheel listed in a server's `layerWheels` (its dependency layer) is served to that sandbox
+    as its own wheel is, and unpacked into the layer's directory; to no other sandbox."""
+    async with asyncio.timeout(WITHIN):
+        _, sha, _ = weather
+        layer = "a" * 64
+        api = api_client(kube)
+        objects = k8s.CustomObjectsApi(api)
+        try:
+            server = {"name": "s0", "prefix": "s0", "version": "f" * 64, "artifactSha256": "f" * 64, "layerSha256": layer,
+                      "layerWheels": [sha], "command": ["x"], "egress": []}
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "McpSandbox", "metadata": {"name": "art-layered", "namespace": NS},
+                    "spec": {"user": "art-layered", "tenant": "default", "userId": 10**6 + 99, "servers": [server],
+                             "operatingMode": "Hibernated"}}
+            created = await objects.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+            token = sandbox_token(KEY, NS, "art-layered", created["metadata"]["uid"])
+            bystander = await a_sandbox(objects, "art-layer-bystander", [])
+        finally:
+            await api.close()
+        (installed,) = await asyncio.to_thread(
+            fetch_into, gateway.base_url, f"{NS}/art-layered", token, tmp_path / "tools", [], layers={layer: [sha]}
+        )
+        assert installed == tmp_path / "tools" / layer and (installed / "weather_tool" / "server.py").is_file()
+        with pytest.raises(FetchError, match="403"):
+            await asyncio.to_thread(fetch_into, gateway.base_url, f"{NS}/art-layer-bystander", bystander, tmp_path / "other",
+                                    [], layers={layer: [sha]})
+
+
 async def test_the_fleet_gives_its_kubernetes_sandboxes_the_egress_policy_and_trials_in_pods(kube, workdir, postgres_url, tmp_path, monkeypatch):
     """How the Fleet opens the kubernetes backend (in this process, against the kmock stand-in for
     the Kubernetes API server): pods' channels get the fleet's SandboxEgress, as the local manager's

@@ -650,6 +650,15 @@ def test_published_servers_are_fetched_by_a_hardened_init_container_through_a_na
     assert objects.network_policy("n", {}, servers[1:])["spec"]["egress"] == []
 
 
+def test_a_servers_dependency_layer_is_fetched_by_the_same_init_container() -> None:
+    digest, layer, wheels = "c" * 64, "e" * 64, ["1" * 64, "2" * 64]
+    servers = [{"name": "io.example.slugger", "prefix": "slugger", "artifactSha256": digest, "layerSha256": layer,
+                "layerWheels": wheels, "command": ["python", "-c", "x"]}]
+    sandbox = {**SANDBOX, "spec": {**SANDBOX["spec"], "servers": servers}}
+    (init,) = objects.sandbox_pod(sandbox, "img:1", tools_image="gw:1")["spec"]["initContainers"]
+    assert f"--layer={layer}={','.join(wheels)}" in init["args"] and init["args"][-1] == digest
+
+
 def test_network_policy_admits_the_gateway_and_lets_out_only_the_fetch() -> None:
     """Declared egress hosts open nothing in the pod's policy: the gateway makes those connections and
     carries them over the channel it opened (admitted by the ingress rule). Only a pod with published

@@ -92,3 +92,33 @@ def test_the_init_containers_command_line(gateway: str, tmp_path: Path) -> None:
     Gateway.served = {}
     failed = subprocess.run([*argv[:-1], "1" * 64], capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1 and "404" in failed.stderr  # the pod's init container fails: the operator's Failed
+
+
+def test_a_dependency_layer_is_fetched_wheel_by_wheel_into_one_directory(gateway: str, tmp_path: Path) -> None:
+    other = hashlib.sha256(OTHER).hexdigest()
+    Gateway.served = {SHA: WHEEL, other: OTHER}
+    layer = "e" * 64
+    (installed,) = fetch_into(gateway, "mcpfleet/acme-alice", TOKEN, tmp_path / "tools", [], layers={layer: [SHA, other]})
+    assert installed == tmp_path / "tools" / layer
+    assert (installed / "demo_tool" / "server.py").is_file() and (installed / "other" / "__init__.py").is_file()
+    assert [p.name for p in (tmp_path / "tools").iterdir()] == [layer]
+
+
+def test_a_layer_wheel_that_is_not_its_digest_leaves_no_layer(gateway: str, tmp_path: Path) -> None:
+    other = hashlib.sha256(OTHER).hexdigest()
+    Gateway.served = {SHA: WHEEL, other: WHEEL}  # the second wheel of the layer swapped
+    with pytest.raises(FetchError, match="refusing it"):
+        fetch_into(gateway, "mcpfleet/acme-alice", TOKEN, tmp_path / "tools", [], layers={"e" * 64: [SHA, other]})
+    assert not (tmp_path / "tools" / ("e" * 64)).exists()  # only a partial dir, never under the layer's digest
+    with pytest.raises(FetchError, match="not sha256"):
+        fetch_into(gateway, "mcpfleet/acme-alice", TOKEN, tmp_path / "tools", [], layers={"e" * 64: ["../x"]})
+
+
+def test_the_init_containers_layer_argument(gateway: str, tmp_path: Path) -> None:
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    layer = "f" * 64
+    argv = [sys.executable, "-m", "registry.fetch", "--gateway", gateway, "--sandbox", "mcpfleet/acme-alice",
+            "--token-file", str(tmp_path / "token"), "--into", str(tmp_path / "tools"), f"--layer={layer}={SHA}", SHA]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "tools" / layer / "demo_tool" / "__init__.py").is_file()

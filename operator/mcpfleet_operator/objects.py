@@ -135,6 +135,13 @@ def secret(name: str, token_value: str, labels: Mapping[str, str]) -> Body:
     }
 
 
+def published_layers(servers: list[Mapping[str, Any]] | None) -> list[str]:
+    """`--layer DIGEST=WHEEL,...` arguments of `registry.fetch`: the dependency layers of the
+    published servers, each unpacked from its wheels into the tools volume under its digest."""
+    layers = {s["layerSha256"]: s.get("layerWheels") or [] for s in servers or [] if s.get("layerSha256")}
+    return [f"--layer={digest}={','.join(wheels)}" for digest, wheels in sorted(layers.items())]
+
+
 def published_digests(servers: list[Mapping[str, Any]] | None) -> list[str]:
     """The wheels a sandbox's published servers run (built-in servers ship with the image: none)."""
     return sorted({s["artifactSha256"] for s in servers or [] if s.get("artifactSha256")})
@@ -193,14 +200,16 @@ def _hardened() -> Body:
     }
 
 
-def fetch_container(sandbox: str, namespace: str, digests: list[str], *, image: str, gateway_url: str) -> Body:
+def fetch_container(sandbox: str, namespace: str, digests: list[str], *, image: str, gateway_url: str,
+                    layers: list[str] | None = None) -> Body:
     """The init container that fetches the published servers' wheels by digest into the tools volume
-    (`registry.fetch`, in the gateway's image, which has the installer and its limits)."""
+    (`registry.fetch`, in the gateway's image, which has the installer and its limits), and their
+    dependency layers (`layers`: `published_layers`)."""
     return {
         "name": "fetch-tools",
         "image": image,
         "args": ["python", "-m", "registry.fetch", "--gateway", gateway_url, "--sandbox", f"{namespace}/{sandbox}",
-                 "--token-file", f"{TOKEN_DIR}/token", "--into", TOOLS, *digests],
+                 "--token-file", f"{TOKEN_DIR}/token", "--into", TOOLS, *(layers or []), *digests],
         "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
         "securityContext": _hardened(),
         "volumeMounts": [
@@ -267,8 +276,10 @@ def sandbox_pod(sandbox: Mapping[str, Any], image: str, *, tools_image: str = "m
                 gateway_url: str = "http://mcpfleet-gateway:8080") -> Body:
     name = sandbox["metadata"]["name"]
     claim = (sandbox["metadata"].get("annotations") or {}).get(WORKSPACE_CLAIM) or workspace_name(name)
-    digests = published_digests(sandbox.get("spec", {}).get("servers"))
-    fetch = fetch_container(name, sandbox["metadata"]["namespace"], digests, image=tools_image, gateway_url=gateway_url) if digests else None
+    servers = sandbox.get("spec", {}).get("servers")
+    digests = published_digests(servers)
+    fetch = fetch_container(name, sandbox["metadata"]["namespace"], digests, image=tools_image, gateway_url=gateway_url,
+                            layers=published_layers(servers)) if digests else None
     return pod(name, image=image, tier=sandbox.get("spec", {}).get("tier"), workspace_claim=claim,
                token_secret=secret_name(name), config=config_map_name(name), labels=sandbox_labels(name), fetch=fetch)
 

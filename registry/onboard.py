@@ -1,0 +1,115 @@
+"""Existing MCP servers onboarded by name: `pypi:NAME[==VERSION]` becomes a published version.
+
+The package's wheel is downloaded by pip, run with the sandbox's interpreter (a wheel for its
+Python and platform; wheels only: no sdist's build code runs here), and a `server.json` is
+generated for it: the name `io.pypi/<name>` (or one the caller gives), the package's summary,
+its one console script (or the one named like the package, or the one the caller names). Then
+it is published like any upload (`Registry.publish`): its dependencies resolved into a layer,
+a trial in a sandbox that lists its tools, the scans; and it waits for an admin's approval.
+
+npm packages are not onboarded: the sandbox image has no Node runtime (`npm:` is refused, saying so).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from registry.artifacts import ArtifactError, wheel_metadata
+from registry.manifest import FLEET_META_KEY
+from sandbox.runtime import PythonRuntime
+
+PYPI_NAMESPACE = "io.pypi"
+DOWNLOAD_TIMEOUT = 300.0
+MAX_DESCRIPTION = 100
+"""The official registry's limit on a server's description."""
+_SCHEMA = "https://static.modelcontextprotocol.io/schemas/2025-10-17/server.schema.json"
+
+
+class OnboardError(ValueError):
+    """A package that cannot be onboarded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Onboarded:
+    manifest: dict[str, Any]
+    wheel: bytes
+
+
+def parse_source(source: str) -> Requirement:
+    """`pypi:NAME` or `pypi:NAME==VERSION`, as a requirement."""
+    kind, _, spec = source.partition(":")
+    if kind == "npm":
+        raise OnboardError("npm packages cannot be onboarded yet: the sandbox image has no Node runtime; use a pypi: package")
+    if kind != "pypi" or not spec:
+        raise OnboardError(f"the source {source!r} must read pypi:NAME or pypi:NAME==VERSION")
+    try:
+        requirement = Requirement(spec)
+    except InvalidRequirement as exc:
+        raise OnboardError(f"{spec!r} is not NAME or NAME==VERSION: {exc}") from None
+    pinned = [s for s in requirement.specifier if s.operator == "=="]
+    if requirement.url or requirement.extras or requirement.marker or len(requirement.specifier) != len(pinned) or len(pinned) > 1:
+        raise OnboardError(f"{spec!r} must be NAME or NAME==VERSION (one exact version, no extras, URL or markers)")
+    return requirement
+
+
+def fetch_pypi(source: str, python: PythonRuntime, *, name: str | None = None, command: str | None = None) -> Onboarded:
+    """The package's wheel and a generated server.json. Blocking (pip): run it in a thread."""
+    requirement = parse_source(source)
+    with tempfile.TemporaryDirectory(prefix="mcpfleet-onboard-") as scratch:
+        env = {**os.environ, "PYTHONNOUSERSITE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "HOME": scratch}
+        argv = [str(python.executable), "-m", "pip", "download", "--quiet", "--no-input", "--no-deps", "--only-binary=:all:",
+                "--dest", scratch, str(requirement)]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT, env=env, cwd=scratch)
+        except subprocess.TimeoutExpired:
+            raise OnboardError(f"downloading {requirement} took over {DOWNLOAD_TIMEOUT:.0f} s") from None
+        if done.returncode != 0:
+            lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith(("WARNING", "[notice]"))]
+            raise OnboardError(f"{requirement} has no wheel pip can download for the sandbox's Python "
+                               f"{python.version}: {' '.join(lines)[-600:]}")
+        wheels = list(Path(scratch).glob("*.whl"))
+        if len(wheels) != 1:
+            raise OnboardError(f"pip downloaded {len(wheels)} wheels for {requirement}; expected one")
+        try:
+            metadata, scripts = wheel_metadata(wheels[0])
+        except ArtifactError as exc:
+            raise OnboardError(f"the wheel of {requirement} is refused: {exc}") from None
+        data = wheels[0].read_bytes()
+    return Onboarded(manifest_for(metadata, scripts, name=name, command=command), data)
+
+
+def manifest_for(metadata: dict[str, Any], scripts: dict[str, str], *, name: str | None = None,
+                 command: str | None = None) -> dict[str, Any]:
+    """A server.json for a package of the index: its one stdio console script."""
+    package, version = str(metadata.get("Name") or ""), str(metadata.get("Version") or "")
+    if command is None:
+        named = [s for s in scripts if canonicalize_name(s) == canonicalize_name(package)]
+        if len(scripts) == 1:
+            command = next(iter(scripts))
+        elif len(named) == 1:
+            command = named[0]
+        else:
+            found = ", ".join(sorted(scripts)) or "none"
+            raise OnboardError(f"{package} {version} has no single console script to run as its server (it has: {found});"
+                               " name one with --command")
+    elif command not in scripts:
+        raise OnboardError(f"{package} {version} has no console script {command!r} (it has: {', '.join(sorted(scripts)) or 'none'})")
+    server_name = name or f"{PYPI_NAMESPACE}/{re.sub(r'[^a-z0-9-]', '-', canonicalize_name(package))}"
+    summary = str(metadata.get("Summary") or f"{package} from PyPI").strip().splitlines()[0]
+    return {
+        "$schema": _SCHEMA,
+        "name": server_name,
+        "description": summary[:MAX_DESCRIPTION],
+        "version": version,
+        "packages": [{"registryType": "pypi", "identifier": package, "version": version, "transport": {"type": "stdio"}}],
+        "_meta": {FLEET_META_KEY: {"command": command}},
+    }
