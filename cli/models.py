@@ -57,6 +57,21 @@ async def usage_(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int
     return 0
 
 
+async def quota(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
+    tokens = None if args.tokens == "none" else int(args.tokens)
+    await usage.set_quota(conn, tokens_per_day=tokens, tenant=args.tenant, tier=args.tier)
+    whose = f"tenant {args.tenant}" if args.tenant else f"users on tier {args.tier} (each)"
+    fallback = "MCPFLEET_MODEL_TENANT_TOKENS_PER_DAY" if args.tenant else "MCPFLEET_MODEL_TOKENS_PER_DAY"
+    print(f"{whose}: {tokens} model tokens a day" if tokens is not None else f"{whose}: the quota of {fallback}, if set")
+    return 0
+
+
+def _tokens(raw: str) -> str:
+    if raw != "none" and not (raw.isdigit()):
+        raise argparse.ArgumentTypeError("a number of tokens, or 'none'")
+    return raw
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="the fleet's models: providers, state, usage").add_subparsers(dest="action", required=True)
     ls = models.add_parser("list", help="providers and their models, each model's state, and which is the default")
@@ -67,3 +82,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     used.add_argument("--tenant", help="only this tenant's")
     add_json_flag(used)
     used.set_defaults(func=on_database(usage_))
+    limit = models.add_parser("quota", help="model tokens a day for a tenant, or for each user of a tier (reset 00:00 UTC)")
+    whose = limit.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--tenant", help="the tenant's tokens a day, all its users together")
+    whose.add_argument("--tier", help="each user's tokens a day, for the users on this tier")
+    limit.add_argument("tokens", type=_tokens, help="tokens (in and out) a day, or 'none' for the environment's quota")
+    limit.set_defaults(func=on_database(quota))

