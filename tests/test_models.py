@@ -221,3 +221,15 @@ async def test_cli_sets_quotas(db_pool, database_url):
     assert cli(database_url, "quota", "--tenant", who.tenant, "none").returncode == 0
     missing = cli(database_url, "quota", "--tier", "no-such-tier", "5")
     assert missing.returncode == 1 and "no tier 'no-such-tier'" in missing.stderr
+
+
+async def test_a_stream_given_up_early_is_still_charged(local_model, db_pool):
+    who = await people(db_pool)
+    stream = Router([local_model], db_pool).chat_stream(who.asks(who.alice), hello(max_tokens=40))
+    read = [await anext(stream), await anext(stream)]
+    await stream.aclose()
+    assert all(d.answer is None for d in read)
+    [row] = await usage_of(db_pool, who.tenant)
+    assert row["asks"] == 1 and row["tokens_out"] >= 2
+    [entry] = await audit_of(db_pool, who.tenant)
+    assert entry.detail["cancelled"] is True

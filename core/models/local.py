@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 import httpx
@@ -244,9 +244,10 @@ class LocalProvider:
     async def chat(self, ask: ChatAsk, model: str) -> ChatAnswer:
         return await self._ready().chat(ask, model)
 
-    async def chat_stream(self, ask: ChatAsk, model: str) -> AsyncIterator[ChatDelta]:
-        async for delta in self._ready().chat_stream(ask, model):
-            yield delta
+    async def chat_stream(self, ask: ChatAsk, model: str) -> AsyncGenerator[ChatDelta, None]:
+        async with contextlib.aclosing(self._ready().chat_stream(ask, model)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def embed(self, texts: list[str], model: str) -> Embeddings:
         return await self._ready().embed(texts, model)

@@ -7,7 +7,7 @@ out, `done_reason` the finish reason, a JSON schema goes in `format`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -73,7 +73,7 @@ class OllamaProvider:
             tokens_in=response.prompt_eval_count or 0, tokens_out=response.eval_count or 0,
         )
 
-    async def chat_stream(self, ask: ChatAsk, model: str) -> AsyncIterator[ChatDelta]:
+    async def chat_stream(self, ask: ChatAsk, model: str) -> AsyncGenerator[ChatDelta, None]:
         pieces: list[str] = []
         try:
             stream = await self._client.chat(model=model, messages=ask.messages, format=ask.json_schema,

@@ -11,7 +11,7 @@ The key is sent as a bearer token and appears in no error, log line or `detail`.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -84,7 +84,7 @@ class OpenAIProvider:
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError("provider", f"{self.name}: an answer not in the chat-completions shape ({exc!r})") from None
 
-    async def chat_stream(self, ask: ChatAsk, model: str) -> AsyncIterator[ChatDelta]:
+    async def chat_stream(self, ask: ChatAsk, model: str) -> AsyncGenerator[ChatDelta, None]:
         body = {**request_body(ask, model), "stream": True, "stream_options": {"include_usage": True}}
         pieces: list[str] = []
         usage: dict[str, Any] = {}

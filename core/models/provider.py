@@ -13,7 +13,7 @@ answer yet); the router never sees a transport's exception.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from core.models.api import ChatAnswer, ChatAsk, ChatDelta, Embeddings
@@ -45,7 +45,7 @@ class Provider(Protocol):
 
     async def chat(self, ask: ChatAsk, model: str) -> ChatAnswer: ...
 
-    def chat_stream(self, ask: ChatAsk, model: str) -> AsyncIterator[ChatDelta]:
+    def chat_stream(self, ask: ChatAsk, model: str) -> AsyncGenerator[ChatDelta, None]:
         """Pieces of the answer as they come; the last carries the whole answer (see `ChatDelta`)."""
         ...
 

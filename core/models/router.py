@@ -12,9 +12,10 @@ day. Refusals (over quota, not ready, unknown model) and failures are audited to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -112,22 +113,33 @@ class Router:
         await self._count(asker, provider.name, answer.model, answer.tokens_in, answer.tokens_out, started)
         return answer
 
-    async def chat_stream(self, asker: Asker, ask: ChatAsk) -> AsyncIterator[ChatDelta]:
+    async def chat_stream(self, asker: Asker, ask: ChatAsk) -> AsyncGenerator[ChatDelta, None]:
         started = time.monotonic()
         provider, model = await self._admit(asker, ask.model, started)
         first: float | None = None
+        pieces, counted = 0, False
         try:
-            async for delta in provider.chat_stream(ask, model):
-                if delta.answer is not None:
-                    a = delta.answer
-                    await self._count(asker, provider.name, a.model, a.tokens_in, a.tokens_out, started,
-                                      first_token_ms=None if first is None else int((first - started) * 1000))
-                elif first is None:
-                    first = time.monotonic()
-                yield delta
+            # Closed with this generator: a client that stops reading stops the provider's generation too.
+            async with contextlib.aclosing(provider.chat_stream(ask, model)) as deltas:
+                async for delta in deltas:
+                    if delta.answer is not None:
+                        a = delta.answer
+                        counted = True
+                        await self._count(asker, provider.name, a.model, a.tokens_in, a.tokens_out, started,
+                                          first_token_ms=None if first is None else int((first - started) * 1000))
+                    else:
+                        pieces += 1
+                        first = first or time.monotonic()
+                    yield delta
         except ModelError as exc:
+            counted = True
             await self._audit(asker, provider.name, model, started, error=exc)
             raise
+        finally:
+            if not counted:
+                # The asker stopped reading (a client gone): what was generated is charged all the same, a
+                # piece a token, so cancelling early is no way around a quota.
+                await self._count(asker, provider.name, model, 0, pieces, started, cancelled=True)
 
     async def embed(self, asker: Asker, texts: list[str], model: str | None = None) -> Embeddings:
         started = time.monotonic()
