@@ -13,6 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 
 import jsonschema
 import pytest
@@ -20,10 +21,11 @@ import pytest
 from core import audit
 from core.models import usage
 from core.models.api import ChatAsk, ModelError
+from core.models.factory import router_from_env
 from core.models.local import MODEL_NAME, LocalProvider
 from core.models.router import Router
 from registry.embeddings import LocalEmbedder, RouterEmbedder, embedder_from_env
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_fleet
 from tests.models_fixtures import local_model, people
 
 pytestmark = pytest.mark.timeout(600)
@@ -233,3 +235,36 @@ async def test_a_stream_given_up_early_is_still_charged(local_model, db_pool):
     assert row["asks"] == 1 and row["tokens_out"] >= 2
     [entry] = await audit_of(db_pool, who.tenant)
     assert entry.detail["cancelled"] is True
+
+
+async def test_an_openai_compatible_api_by_url(local_model, db_pool, tmp_path):
+    """MCPFLEET_MODEL_URL pointed at the local llama-server, which speaks the OpenAI API as a hosted one does."""
+    who = await people(db_pool)
+    key = f"sk-{secrets.token_hex(8)}"
+    router = router_from_env(db_pool, tmp_path, {"MCPFLEET_MODEL_URL": local_model.base_url, "MCPFLEET_MODEL_KEY": key})
+    await router.start()
+    try:
+        assert [p.name for p in router.providers] == ["openai"]  # a configured provider: no local one of its own
+        assert [(i.name, i.provider, i.default) for i in await router.list_models()] == [(MODEL_NAME, "openai", True)]
+        answer = await router.chat(who.asks(who.alice), hello())
+        assert answer.tokens_out > 0
+    finally:
+        await router.close()
+    [entry] = await audit_of(db_pool, who.tenant)
+    assert entry.detail["provider"] == "openai" and key not in json.dumps(entry.to_json())
+
+
+def test_the_fleet_serves_at_once_and_the_local_model_joins(tmp_path_factory, postgres_url, local_model):
+    """`mcpfleet up` with the local model (as `make run` starts it): its state in `models list`, a log line when ready."""
+    running = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_LOCAL_MODEL="auto")
+    running.start()
+    try:
+        deadline = time.monotonic() + 180
+        while "local model gemma-3-270m ready" not in running.log():
+            assert time.monotonic() < deadline, running.log()[-2000:]
+            time.sleep(0.5)
+        listed = running.cli("models", "list", "--json")
+        [local] = json.loads(listed.stdout)
+        assert (local["provider"], local["state"], local["default"]) == ("local", "ready", True)
+    finally:
+        running.stop()

@@ -59,6 +59,9 @@ class Router:
 
     async def route(self, model: str | None) -> tuple[Provider, str]:
         """The provider for `model` and the name it knows it by; ModelError `unknown_model` or `not_ready`."""
+        if not self.providers:
+            raise ModelError("not_ready", "no model provider is configured: set MCPFLEET_MODEL_URL or OLLAMA_HOST, "
+                                          "or MCPFLEET_LOCAL_MODEL=auto for the local model")
         name = model or self.default_model
         if name is None:
             for provider in self.providers:
