@@ -189,7 +189,7 @@ async def test_search_embeddings_through_the_router(local_model, db_pool):
 
 def cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli", "models", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "DATABASE_URL": database_url, **env})
+                          timeout=120, env={**os.environ, "DATABASE_URL": database_url, "MCPFLEET_LOCAL_MODEL": "auto", **env})
 
 
 async def test_cli_lists_models_and_usage(local_model, db_pool, database_url, tmp_path):
