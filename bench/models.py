@@ -51,31 +51,30 @@ def p99(values: list[float]) -> float:
     return sorted(values)[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
 
 
-async def main(runs: int, tokens: int) -> int:
-    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
-        url = start_embedded(Path(tmp) / "pg")
-        migrate(url)
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            user = await accounts.add_user(conn, "bench")
-        pool = await open_pool(url)
-        local = LocalProvider(Path(tmp) / "log")
-        router = Router([local], pool)
-        await router.start()
-        try:
-            await local.wait_ready(300)
-            direct = OpenAIProvider(local.base_url or "", name="direct")
-            asker = Asker(user.user_id, user.tenant, "tool", "bench")
-            ask = ChatAsk(messages=PROMPT, max_tokens=tokens, temperature=0)
-            model = (await router.route(None))[1]
-            await timed(direct.chat_stream(ask, model))  # warm-up: the prompt's cache, the first allocation
-            results: dict[str, list[tuple[float, float, int]]] = {"direct": [], "router": []}
-            for _ in range(runs):
-                results["direct"].append(await timed(direct.chat_stream(ask, model)))
-                results["router"].append(await timed(router.chat_stream(asker, ask)))
-            await direct.close()
-        finally:
-            await router.close()
-            await pool.close()
+async def main(tmp: str, url: str, runs: int, tokens: int) -> int:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        user = await accounts.add_user(conn, "bench")
+    pool = await open_pool(url)
+    local = LocalProvider(Path(tmp) / "log")
+    router = Router([local], pool)
+    await router.start()
+    try:
+        await local.wait_ready(300)
+        direct = OpenAIProvider(local.base_url or "", name="direct")
+        asker = Asker(user.user_id, user.tenant, "tool", "bench")
+        ask = ChatAsk(messages=PROMPT, max_tokens=tokens, temperature=0)
+        model = (await router.route(None))[1]
+        await timed(direct.chat_stream(ask, model))  # warm-up: the prompt's cache, the first allocation
+        results: dict[str, list[tuple[float, float, int]]] = {"direct": [], "router": []}
+        for run in range(runs):
+            results["direct"].append(await timed(direct.chat_stream(ask, model)))
+            results["router"].append(await timed(router.chat_stream(asker, ask)))
+            print(f"run {run + 1}/{runs}: direct {results['direct'][-1][1]:.1f} tokens/s, "
+                  f"router {results['router'][-1][1]:.1f} tokens/s", file=sys.stderr, flush=True)
+        await direct.close()
+    finally:
+        await router.close()
+        await pool.close()
     print(f"model {model} on llama-server ({local.threads} threads), {runs} runs of {tokens} tokens each, streamed\n")
     print(f"{'path':8} {'first token ms (median / p99)':>30} {'tokens/s (median / p99 low)':>30}")
     rows = {}
@@ -97,7 +96,11 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=64)
     options = parser.parse_args()
     try:
-        sys.exit(asyncio.run(main(options.runs, options.tokens)))
+        with tempfile.TemporaryDirectory(prefix="bench-models-") as home:
+            database = start_embedded(Path(home) / "postgres")
+            migrate(database)
+            code = asyncio.run(main(home, database, options.runs, options.tokens))
     except Exception as exc:
         print(f"bench/models.py: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(1)
+    sys.exit(code)
