@@ -25,6 +25,7 @@ from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, PromptsListChanged, ToolsListChanged
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
+from mcp_types.methods import INPUT_REQUIRED_METHODS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from starlette.datastructures import QueryParams
@@ -35,6 +36,7 @@ from gateway import tool_errors
 from gateway.auth import identity_of
 from gateway.breakers import BREAKER_OPEN, Breakers, Verdict, bring_up_verdict, server_verdict
 from gateway.catalog import Catalog, build_catalog
+from gateway.input_required import Exchange, InputExchanges, RequestHandler, client_capabilities
 from gateway.services import SandboxClient, Services
 from gateway.tool_sets import QUERY_PARAM, ActiveSet, ToolSets
 from gateway.tracing import channel_hop
@@ -80,13 +82,15 @@ SEARCH_TOOL_DEFINITION: dict[str, Any] = {
 class Router:
     def __init__(
         self, fleet: Services, bare_servers: frozenset[str] = frozenset(), breakers: Breakers | None = None,
-        tool_sets: ToolSets | None = None,
+        tool_sets: ToolSets | None = None, exchanges: InputExchanges | None = None,
     ):
         self._fleet = fleet
         # Sandboxes whose start keeps failing, and servers that keep failing, are fenced for a while.
         self._breakers = breakers or Breakers(3, 30.0)
         self._breakers.on_refused = lambda: fleet.telemetry.metrics.refused("breaker")
         self._tool_sets = tool_sets
+        # Server-to-client requests held for 2026-07-28 clients (None: such requests fail as before).
+        self._exchanges = exchanges
         # The tool set each 2025-11-25 session asked for when it opened holds for the session.
         self._session_sets: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
         self._calls = fleet.calls  # every tool call goes to the audit log, queued off the call's path
@@ -207,11 +211,35 @@ class Router:
     async def _forward(
         self, ctx: ServerRequestContext[Any, Any], client: SandboxClient, server: str, method: str, params: dict[str, Any]
     ) -> dict[str, Any]:
-        log_levels = allowed_log_levels(ctx.protocol_version, ctx.meta)
+        identity = identity_of(getattr(ctx.request, "scope", None))
+        if (
+            self._exchanges is not None and identity is not None
+            and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and method in INPUT_REQUIRED_METHODS
+        ):
+            # No back-channel at 2026-07-28: what the server asks the client becomes input_required.
+            params = _with_client_capabilities(ctx, params)
+
+            async def start(exchange: Exchange) -> dict[str, Any]:
+                # Notifications go to the client request of the round under way (none between rounds).
+                return await self._call(ctx, lambda: exchange.ctx, client, server, method, params, exchange.on_request)
+
+            return await self._exchanges.run(ctx, identity, start)
+        return await self._call(ctx, lambda: ctx, client, server, method, params, _relay_request(ctx))
+
+    async def _call(
+        self, first: ServerRequestContext[Any, Any], current: Callable[[], ServerRequestContext[Any, Any] | None],
+        client: SandboxClient, server: str, method: str, params: dict[str, Any], on_request: RequestHandler,
+    ) -> dict[str, Any]:
+        """One request to a server for the client request `first`; `current` is the client request its
+        notifications go to now (None: dropped)."""
+        log_levels = allowed_log_levels(first.protocol_version, first.meta)
 
         async def relay_notification(n_method: str, n_params: dict[str, Any] | None) -> None:
             if n_method == "notifications/message" and (n_params or {}).get("level") not in log_levels:
                 return  # a 2026-07-28 request gets log messages only at the level it asked for
+            ctx = current()
+            if ctx is None:
+                return  # between rounds of input_required: no client request to tell
             try:
                 notification = _notification_adapter.validate_python(
                     {"method": n_method, **({"params": n_params} if n_params is not None else {})}
@@ -221,16 +249,7 @@ class Router:
                 return
             await ctx.session.send_notification(notification, related_request_id=ctx.request_id)
 
-        async def relay_request(r_method: str, r_params: dict[str, Any] | None) -> dict[str, Any]:
-            request = _request_adapter.validate_python(
-                {"method": r_method, **({"params": r_params} if r_params is not None else {})}
-            )
-            result = await ctx.session.send_request(
-                request, _AnyResult, metadata=ServerMessageMetadata(related_request_id=ctx.request_id)
-            )
-            return result.model_dump(by_alias=True, mode="json", exclude_none=True)
-
-        started, identity = time.perf_counter(), identity_of(getattr(ctx.request, "scope", None))
+        started, identity = time.perf_counter(), identity_of(getattr(first.request, "scope", None))
         try:
             with (
                 self._breaker(identity, server, server_verdict),
@@ -238,14 +257,14 @@ class Router:
             ):
                 try:
                     result = await client.request(
-                        server, method, traced, on_notification=relay_notification, on_request=relay_request
+                        server, method, traced, on_notification=relay_notification, on_request=on_request
                     )
                 except SandboxDetached:  # not sent: the sandbox began to hibernate since it was looked up
-                    _, client = await self._client(ctx)
+                    _, client = await self._client(first)
                     result = await client.request(
-                        server, method, traced, on_notification=relay_notification, on_request=relay_request
+                        server, method, traced, on_notification=relay_notification, on_request=on_request
                     )
-            return self._result(ctx, result)
+            return self._result(first, result)
         except SandboxRpcError as exc:
             raise MCPError(code=exc.code, message=exc.message, data=exc.data) from None
         except SandboxUnavailable as exc:
@@ -515,6 +534,28 @@ class Router:
 _ENVELOPE_KEYS = frozenset(
     {types.PROTOCOL_VERSION_META_KEY, types.CLIENT_INFO_META_KEY, types.CLIENT_CAPABILITIES_META_KEY, types.LOG_LEVEL_META_KEY}
 )
+
+
+def _relay_request(ctx: ServerRequestContext[Any, Any]) -> RequestHandler:
+    """A 2025-11-25 session's back-channel: the server's request goes to the client as it came."""
+
+    async def relay(r_method: str, r_params: dict[str, Any] | None) -> dict[str, Any]:
+        request = _request_adapter.validate_python(
+            {"method": r_method, **({"params": r_params} if r_params is not None else {})}
+        )
+        result = await ctx.session.send_request(
+            request, _AnyResult, metadata=ServerMessageMetadata(related_request_id=ctx.request_id)
+        )
+        return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+    return relay
+
+
+def _with_client_capabilities(ctx: ServerRequestContext[Any, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The server sees what the client behind this request declared, not what its supervisor declared
+    once at the server's start: a server that reads it asks only for what the client can answer."""
+    meta = {**(params.get("_meta") or {}), types.CLIENT_CAPABILITIES_META_KEY: client_capabilities(ctx)}
+    return {**params, "_meta": meta}
 
 
 def _forwarded_meta(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
