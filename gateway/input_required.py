@@ -80,9 +80,10 @@ class _Ask:
 class Exchange:
     """One client call whose server asks the client for input, across the rounds it takes."""
 
-    def __init__(self, user_id: int, capabilities: dict[str, Any]):
+    def __init__(self, user_id: int, capabilities: dict[str, Any], label: str = ""):
         self.id = secrets.token_urlsafe(16)
         self.user_id = user_id
+        self.label = label  # what the call was and whose, for the log
         self.capabilities = capabilities
         self.round = 0
         self.task: asyncio.Task[dict[str, Any]] | None = None
@@ -172,7 +173,8 @@ class InputExchanges:
         """The call's result, or an `InputRequiredResult` for what its server asked (first round or a retry)."""
         state = (ctx.params or {}).get("requestState")
         if state is None:
-            exchange = Exchange(identity.user_id, client_capabilities(ctx))
+            target = (ctx.params or {}).get("name") or (ctx.params or {}).get("uri") or ""
+            exchange = Exchange(identity.user_id, client_capabilities(ctx), f"{ctx.method} {bounded(str(target), 200)} of {identity.principal}")
             exchange.ctx = ctx
             exchange.task = asyncio.create_task(start(exchange))
             exchange.task.add_done_callback(exchange.ended)
@@ -241,10 +243,10 @@ class InputExchanges:
     def _expire(self, exchange: Exchange) -> None:
         if self._held.get(exchange.id) is not exchange:
             return
-        log.info("a server waited %.0f s for its client's input in vain; releasing it", self.wait_s)
+        log.info("a server waited %.0f s for its client's input in vain (%s); releasing it", self.wait_s, exchange.label)
         self._forget(exchange)
         if exchange.task is not None:
-            exchange.task.add_done_callback(_log_released)
+            exchange.task.add_done_callback(lambda task: _log_released(task, exchange.label))
         exchange.release(f"the client did not answer within {self.wait_s:.0f} s (input_required was never retried)")
 
     def _forget(self, exchange: Exchange) -> None:
@@ -258,14 +260,14 @@ class InputExchanges:
             exchange.release("the gateway is shutting down")
 
 
-def _log_released(task: asyncio.Task[dict[str, Any]]) -> None:
+def _log_released(task: asyncio.Task[dict[str, Any]], label: str) -> None:
     if task.cancelled():
         outcome = "cancelled by the gateway"
     elif (error := task.exception()) is not None:
         outcome = f"error: {error}"
     else:
         outcome = bounded(str(task.result()), 500)
-    log.info("a call released for want of input ended: %s", outcome)
+    log.info("a call released for want of input (%s) ended: %s", label, outcome)
 
 
 def _unanswered(exchange: Exchange) -> dict[str, _Ask]:
