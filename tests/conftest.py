@@ -22,6 +22,9 @@ import pytest
 from core.db import migrate, start_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every fleet a test opens would start its own llama-server (350 MB, two threads): only the model tests
+# (tests/test_models*.py) ask for the local model, and they say so.
+os.environ.setdefault("MCPFLEET_LOCAL_MODEL", "off")
 MCPFLEET = [sys.executable, "-m", "cli"]
 
 
