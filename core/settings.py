@@ -67,6 +67,8 @@ class Settings:
     # Servers whose tools and prompts are shown under their own names, not `<server>__<name>`:
     # for clients that call fixed names (the MCP conformance suite calls `test_simple_text`).
     bare_servers: frozenset[str] = frozenset()
+    sampling_by_fleet: frozenset[str] = frozenset()
+    """Tenants whose servers' sampling the fleet's models answer, not the client ("*": all; gateway/sampling.py)."""
     conformance_everywhere: bool = False
     """Run the conformance fixture server (a test fixture, not product) for every tenant, not only
     for those added with `--with-conformance`: for fleets that the MCP conformance suite tests."""
@@ -138,6 +140,7 @@ def load_settings(**overrides: object) -> Settings:
         ],
         "allowed_origins": _list("MCPFLEET_ALLOWED_ORIGINS"),
         "bare_servers": frozenset(_list("MCPFLEET_BARE_TOOL_NAMES")),
+        "sampling_by_fleet": frozenset(_list("MCPFLEET_SAMPLING_BY_FLEET")),
         "conformance_everywhere": _choice("MCPFLEET_CONFORMANCE", ("off", "on"), "off") == "on",
         "configured_public_url": os.environ.get("MCPFLEET_PUBLIC_URL") or None,
         # Unset means "mcp"; set but empty means no scope is required.

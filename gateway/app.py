@@ -31,6 +31,7 @@ from gateway.oauth.resource import RequireBearer, metadata_routes
 from gateway.oauth.tokens import OAuthVerifier
 from gateway.refusals import JsonRpcRefusals
 from gateway.routing import Router
+from gateway.sampling import Sampling
 from gateway.sessions import SessionBook
 from gateway.tool_sets import ToolSets
 from gateway.tracing import HttpTracing, TracedAuthBackend
@@ -59,7 +60,7 @@ def create_app(fleet: Fleet) -> Starlette:
     router = Router(
         fleet, bare_servers=settings.bare_servers,
         breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s), tool_sets=ToolSets(fleet),
-        exchanges=exchanges,
+        exchanges=exchanges, sampling=Sampling(lambda: fleet.models, settings.sampling_by_fleet),
     )
     fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()

@@ -46,8 +46,6 @@ RELEASE_GRACE_S = 30.0
 """A released server has this long to end its call on its own before the gateway cancels it."""
 STALE_STATE = "This requestState is no longer awaited (the call finished, timed out, or was answered already)"
 
-RequestHandler = Callable[[str, dict[str, Any] | None], Awaitable[dict[str, Any]]]
-
 
 def boundary(secret: bytes, wait_s: float) -> RequestStateBoundary:
     """The SDK middleware that seals outgoing and verifies incoming `requestState`, bound to the user."""

@@ -36,10 +36,13 @@ from gateway import tool_errors
 from gateway.auth import identity_of
 from gateway.breakers import BREAKER_OPEN, Breakers, Verdict, bring_up_verdict, server_verdict
 from gateway.catalog import Catalog, build_catalog
-from gateway.input_required import Exchange, InputExchanges, RequestHandler, client_capabilities
+from gateway.input_required import Exchange, InputExchanges, client_capabilities
+from gateway.sampling import METHOD as SAMPLING
+from gateway.sampling import Sampling
 from gateway.services import SandboxClient, Services
 from gateway.tool_sets import QUERY_PARAM, ActiveSet, ToolSets
 from gateway.tracing import channel_hop
+from sandbox.channel import RequestHandler
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,7 @@ SEARCH_TOOL_DEFINITION: dict[str, Any] = {
 class Router:
     def __init__(
         self, fleet: Services, bare_servers: frozenset[str] = frozenset(), breakers: Breakers | None = None,
-        tool_sets: ToolSets | None = None, exchanges: InputExchanges | None = None,
+        tool_sets: ToolSets | None = None, exchanges: InputExchanges | None = None, sampling: Sampling | None = None,
     ):
         self._fleet = fleet
         # Sandboxes whose start keeps failing, and servers that keep failing, are fenced for a while.
@@ -91,6 +94,7 @@ class Router:
         self._tool_sets = tool_sets
         # Server-to-client requests held for 2026-07-28 clients (None: such requests fail as before).
         self._exchanges = exchanges
+        self._sampling = sampling  # None: a server's sampling always goes to the client
         # The tool set each 2025-11-25 session asked for when it opened holds for the session.
         self._session_sets: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
         self._calls = fleet.calls  # every tool call goes to the audit log, queued off the call's path
@@ -217,14 +221,34 @@ class Router:
             and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and method in INPUT_REQUIRED_METHODS
         ):
             # No back-channel at 2026-07-28: what the server asks the client becomes input_required.
-            params = _with_client_capabilities(ctx, params)
+            declared = client_capabilities(ctx)
+            by_fleet = self._sampling is not None and self._sampling.by_fleet(identity, "sampling" in declared, modern=True)
+            params = _with_client_capabilities(params, {**declared, "sampling": {}} if by_fleet else declared)
 
             async def start(exchange: Exchange) -> dict[str, Any]:
                 # Notifications go to the client request of the round under way (none between rounds).
-                return await self._call(ctx, lambda: exchange.ctx, client, server, method, params, exchange.on_request)
+                asks = self._fleet_sampling(identity, server, exchange.on_request) if by_fleet else exchange.on_request
+                return await self._call(ctx, lambda: exchange.ctx, client, server, method, params, asks)
 
             return await self._exchanges.run(ctx, identity, start)
-        return await self._call(ctx, lambda: ctx, client, server, method, params, _relay_request(ctx))
+        on_request = _relay_request(ctx)
+        if identity is not None and self._sampling is not None and self._sampling.by_fleet(
+            identity, "sampling" in client_capabilities(ctx), modern=ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        ):
+            on_request = self._fleet_sampling(identity, server, on_request)
+        return await self._call(ctx, lambda: ctx, client, server, method, params, on_request)
+
+    def _fleet_sampling(self, identity: Identity, server: str, otherwise: RequestHandler) -> RequestHandler:
+        """The server's sampling answered by the fleet's models; its other requests as `otherwise` does."""
+        sampling = self._sampling
+        assert sampling is not None
+
+        async def on_request(r_method: str, r_params: dict[str, Any] | None) -> dict[str, Any]:
+            if r_method == SAMPLING:
+                return await sampling.answer(identity, server, r_params)
+            return await otherwise(r_method, r_params)
+
+        return on_request
 
     async def _call(
         self, first: ServerRequestContext[Any, Any], current: Callable[[], ServerRequestContext[Any, Any] | None],
@@ -551,10 +575,11 @@ def _relay_request(ctx: ServerRequestContext[Any, Any]) -> RequestHandler:
     return relay
 
 
-def _with_client_capabilities(ctx: ServerRequestContext[Any, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The server sees what the client behind this request declared, not what its supervisor declared
-    once at the server's start: a server that reads it asks only for what the client can answer."""
-    meta = {**(params.get("_meta") or {}), types.CLIENT_CAPABILITIES_META_KEY: client_capabilities(ctx)}
+def _with_client_capabilities(params: dict[str, Any], capabilities: dict[str, Any]) -> dict[str, Any]:
+    """The server sees what the client behind this request declared (and sampling where the fleet
+    answers it), not what its supervisor declared once at the server's start: a server that reads
+    it asks only for what can be answered."""
+    meta = {**(params.get("_meta") or {}), types.CLIENT_CAPABILITIES_META_KEY: capabilities}
     return {**params, "_meta": meta}
 
 

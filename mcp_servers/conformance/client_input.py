@@ -35,7 +35,11 @@ from mcp_types import (
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from mcp_servers.conformance.era import is_stateless
-from sandbox.wire import INPUT_KEY_META, RELATED_REQUEST_META
+
+# How a server behind an mcpfleet supervisor ties its request to the call it asks for, and names the
+# question for a 2026-07-28 client (sandbox/wire.py, which servers may not import, defines them).
+RELATED_REQUEST_META = "io.mcpfleet/relatedRequestId"
+INPUT_KEY_META = "io.mcpfleet/inputKey"
 
 # Which client capability each kind of question needs, and what a valid answer is.
 _CAPABILITY = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
