@@ -13,6 +13,9 @@ arguments, and expires; inside it is only the id of the held exchange and its ro
 must also match what this gateway holds for that user. A server whose client never comes back
 gets an error after `input_wait_s` and its exchange is forgotten. Held exchanges live in this
 gateway's memory: a retry must reach the gateway that answered the round before it.
+
+A 2025-11-25 session keeps its back-channel: `relay_to_client` sends the server's request to the
+client as it came.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import ServerMessageMetadata
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from core.accounts import Identity
 from core.text import bounded
 from gateway.auth import identity_of
+from sandbox.channel import RequestHandler
 from sandbox.errors import SandboxRpcError
 from sandbox.wire import INPUT_KEY_META, RELATED_REQUEST_META
 
@@ -280,3 +286,34 @@ def _for_client(params: dict[str, Any]) -> dict[str, Any]:
     rest = {k: v for k, v in meta.items() if k not in (INPUT_KEY_META, RELATED_REQUEST_META)}
     return {**{k: v for k, v in params.items() if k != "_meta"}, **({"_meta": rest} if rest else {})}
 
+
+class _AnyResult(BaseModel):
+    """A client's answer to a relayed request, kept as it came."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+_request_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerRequest)
+
+
+def relay_to_client(ctx: ServerRequestContext[Any, Any]) -> RequestHandler:
+    """A 2025-11-25 session's back-channel: the server's request goes to the client as it came."""
+
+    async def relay(r_method: str, r_params: dict[str, Any] | None) -> dict[str, Any]:
+        request = _request_adapter.validate_python(
+            {"method": r_method, **({"params": r_params} if r_params is not None else {})}
+        )
+        result = await ctx.session.send_request(
+            request, _AnyResult, metadata=ServerMessageMetadata(related_request_id=ctx.request_id)
+        )
+        return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+    return relay
+
+
+def with_client_capabilities(params: dict[str, Any], capabilities: dict[str, Any]) -> dict[str, Any]:
+    """The server sees what the client behind this request declared (and sampling where the fleet
+    answers it), not what its supervisor declared once at the server's start: a server that reads
+    it asks only for what can be answered."""
+    meta = {**(params.get("_meta") or {}), types.CLIENT_CAPABILITIES_META_KEY: capabilities}
+    return {**params, "_meta": meta}

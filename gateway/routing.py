@@ -24,10 +24,9 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, PromptsListChanged, ToolsListChanged
 from mcp.shared.exceptions import MCPError
-from mcp.shared.message import ServerMessageMetadata
 from mcp_types.methods import INPUT_REQUIRED_METHODS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import TypeAdapter
 from starlette.datastructures import QueryParams
 
 from core.accounts import Identity
@@ -36,8 +35,7 @@ from gateway import tool_errors
 from gateway.auth import identity_of
 from gateway.breakers import BREAKER_OPEN, Breakers, Verdict, bring_up_verdict, server_verdict
 from gateway.catalog import Catalog, build_catalog
-from gateway.input_required import Exchange, InputExchanges, client_capabilities
-from gateway.sampling import METHOD as SAMPLING
+from gateway.input_required import Exchange, InputExchanges, client_capabilities, relay_to_client, with_client_capabilities
 from gateway.sampling import Sampling
 from gateway.services import SandboxClient, Services
 from gateway.tool_sets import QUERY_PARAM, ActiveSet, ToolSets
@@ -53,13 +51,6 @@ QUOTA_EXCEEDED = -32001
 # Codes of errors the gateway raises itself when the sandbox, not the tool, failed.
 _SANDBOX_FAILURES = frozenset({types.INTERNAL_ERROR, QUOTA_EXCEEDED, BREAKER_OPEN})
 _notification_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerNotification)
-_request_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerRequest)
-
-
-class _AnyResult(BaseModel):
-    """A client's answer to a relayed request, kept as it came."""
-
-    model_config = ConfigDict(extra="allow")
 
 
 SEARCH_TOOL = "fleet__search_tools"
@@ -223,32 +214,20 @@ class Router:
             # No back-channel at 2026-07-28: what the server asks the client becomes input_required.
             declared = client_capabilities(ctx)
             by_fleet = self._sampling is not None and self._sampling.by_fleet(identity, "sampling" in declared, modern=True)
-            params = _with_client_capabilities(params, {**declared, "sampling": {}} if by_fleet else declared)
+            params = with_client_capabilities(params, {**declared, "sampling": {}} if by_fleet else declared)
 
             async def start(exchange: Exchange) -> dict[str, Any]:
                 # Notifications go to the client request of the round under way (none between rounds).
-                asks = self._fleet_sampling(identity, server, exchange.on_request) if by_fleet else exchange.on_request
+                asks = self._sampling.or_else(identity, server, exchange.on_request) if by_fleet else exchange.on_request
                 return await self._call(ctx, lambda: exchange.ctx, client, server, method, params, asks)
 
             return await self._exchanges.run(ctx, identity, start)
-        on_request = _relay_request(ctx)
+        on_request = relay_to_client(ctx)
         if identity is not None and self._sampling is not None and self._sampling.by_fleet(
             identity, "sampling" in client_capabilities(ctx), modern=ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
         ):
-            on_request = self._fleet_sampling(identity, server, on_request)
+            on_request = self._sampling.or_else(identity, server, on_request)
         return await self._call(ctx, lambda: ctx, client, server, method, params, on_request)
-
-    def _fleet_sampling(self, identity: Identity, server: str, otherwise: RequestHandler) -> RequestHandler:
-        """The server's sampling answered by the fleet's models; its other requests as `otherwise` does."""
-        sampling = self._sampling
-        assert sampling is not None
-
-        async def on_request(r_method: str, r_params: dict[str, Any] | None) -> dict[str, Any]:
-            if r_method == SAMPLING:
-                return await sampling.answer(identity, server, r_params)
-            return await otherwise(r_method, r_params)
-
-        return on_request
 
     async def _call(
         self, first: ServerRequestContext[Any, Any], current: Callable[[], ServerRequestContext[Any, Any] | None],
@@ -558,29 +537,6 @@ class Router:
 _ENVELOPE_KEYS = frozenset(
     {types.PROTOCOL_VERSION_META_KEY, types.CLIENT_INFO_META_KEY, types.CLIENT_CAPABILITIES_META_KEY, types.LOG_LEVEL_META_KEY}
 )
-
-
-def _relay_request(ctx: ServerRequestContext[Any, Any]) -> RequestHandler:
-    """A 2025-11-25 session's back-channel: the server's request goes to the client as it came."""
-
-    async def relay(r_method: str, r_params: dict[str, Any] | None) -> dict[str, Any]:
-        request = _request_adapter.validate_python(
-            {"method": r_method, **({"params": r_params} if r_params is not None else {})}
-        )
-        result = await ctx.session.send_request(
-            request, _AnyResult, metadata=ServerMessageMetadata(related_request_id=ctx.request_id)
-        )
-        return result.model_dump(by_alias=True, mode="json", exclude_none=True)
-
-    return relay
-
-
-def _with_client_capabilities(params: dict[str, Any], capabilities: dict[str, Any]) -> dict[str, Any]:
-    """The server sees what the client behind this request declared (and sampling where the fleet
-    answers it), not what its supervisor declared once at the server's start: a server that reads
-    it asks only for what can be answered."""
-    meta = {**(params.get("_meta") or {}), types.CLIENT_CAPABILITIES_META_KEY: capabilities}
-    return {**params, "_meta": meta}
 
 
 def _forwarded_meta(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import mcp_types as types
 
 from core.accounts import Identity
 from core.models.api import Asker, ChatAnswer, ChatAsk, ModelError, Models
+from sandbox.channel import RequestHandler
 from sandbox.errors import SandboxRpcError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,16 @@ class Sampling:
         if "*" in self._tenants or identity.tenant in self._tenants:
             return True
         return not client_can_sample and not modern
+
+    def or_else(self, identity: Identity, server: str, otherwise: RequestHandler) -> RequestHandler:
+        """The server's sampling answered by the fleet's models; its other requests as `otherwise` does."""
+
+        async def on_request(method: str, params: dict[str, Any] | None) -> dict[str, Any]:
+            if method == METHOD:
+                return await self.answer(identity, server, params)
+            return await otherwise(method, params)
+
+        return on_request
 
     async def answer(self, identity: Identity, server: str, params: dict[str, Any] | None) -> dict[str, Any]:
         """The router's answer as a CreateMessageResult; errors as the server's JSON-RPC errors."""
