@@ -11,6 +11,7 @@ else's retry reaches a waiting server, and a server whose client never comes bac
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -66,8 +67,13 @@ def call(fleet: Any, key: str, method: str, params: dict[str, Any], capabilities
 
 
 def body(response: httpx.Response) -> dict[str, Any]:
-    assert response.headers["content-type"].startswith("application/json"), response.text[:500]
-    return response.json()
+    """The JSON-RPC response: the body, or on a stream (a slow answer is kept alive with pings) its last message."""
+    if response.headers["content-type"].startswith("application/json"):
+        return response.json()
+    messages = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:") and line[5:].strip()]
+    answers = [m for m in messages if "result" in m or "error" in m]
+    assert answers, response.text[-500:]
+    return answers[-1]
 
 
 def ask_name(fleet: Any, key: str) -> dict[str, Any]:
