@@ -91,6 +91,8 @@ class Settings:
     """A session with no request in flight and no open stream for this long is closed."""
     input_wait_s: float = 300.0
     """A server asking a 2026-07-28 client for input (input_required) waits this long for the retry."""
+    input_held_per_user: int = 32
+    """Calls of one user that may wait for their input at once (each holds a server's call open)."""
     # The HTTP edge (gateway/http_edge.py): a request's headers, then its body, must arrive within
     # these; connections beyond `max_connections` are closed at once.
     header_timeout_s: float = 10.0
@@ -154,6 +156,7 @@ def load_settings(**overrides: object) -> Settings:
         "max_streams_per_user": _int("MCPFLEET_MAX_STREAMS_PER_USER", 16),
         "session_idle_s": _positive("MCPFLEET_SESSION_IDLE_S", 600),
         "input_wait_s": _positive("MCPFLEET_INPUT_WAIT_S", 300),
+        "input_held_per_user": _positive("MCPFLEET_INPUT_HELD_PER_USER", 32),
         "header_timeout_s": _positive("MCPFLEET_HEADER_TIMEOUT_S", 10),
         "body_timeout_s": _positive("MCPFLEET_BODY_TIMEOUT_S", 30),
         "breaker_failures": _positive("MCPFLEET_BREAKER_FAILURES", 3),

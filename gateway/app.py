@@ -56,7 +56,7 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 def create_app(fleet: Fleet) -> Starlette:
     """The gateway over `fleet`, which the app's lifespan opens and closes."""
     settings = fleet.settings
-    exchanges = InputExchanges(settings.input_wait_s)
+    exchanges = InputExchanges(settings.input_wait_s, settings.input_held_per_user)
     router = Router(
         fleet, bare_servers=settings.bare_servers,
         breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s), tool_sets=ToolSets(fleet),

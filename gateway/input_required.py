@@ -164,8 +164,10 @@ def _without_result_type(answer: dict[str, Any]) -> dict[str, Any]:
 class InputExchanges:
     """The exchanges this gateway holds, by id; each belongs to one user."""
 
-    def __init__(self, wait_s: float):
+    def __init__(self, wait_s: float, held_per_user: int = 32):
         self.wait_s = wait_s
+        self.held_per_user = held_per_user
+        """Calls one user may have waiting for their input at once: each holds a server's call open."""
         self._held: dict[str, Exchange] = {}
 
     def __len__(self) -> int:
@@ -232,6 +234,13 @@ class InputExchanges:
         if task.done():
             self._forget(exchange)
             return task.result()  # the call's own result or error
+        if exchange.round == 0 and sum(1 for e in self._held.values() if e.user_id == exchange.user_id) > self.held_per_user:
+            self._forget(exchange)
+            exchange.release("the caller has too many calls waiting for input")
+            raise MCPError(
+                code=types.INVALID_REQUEST,
+                message=f"You have {self.held_per_user} calls waiting for your input already: answer or drop those first",
+            )
         exchange.round += 1
         pending = _unanswered(exchange)
         log.debug("exchange %s round %d asks the client for %s", exchange.id[:6], exchange.round, sorted(pending))

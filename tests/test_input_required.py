@@ -23,6 +23,7 @@ from tests.conftest import make_fleet
 
 REVISION = "2026-07-28"
 WAIT_S = 20  # how long a server waits for its client's retry in this fleet
+HELD = 3  # calls of one user that may wait for input at once in this fleet
 ELICIT = "test_input_required_result_elicitation"
 
 pytestmark = pytest.mark.timeout(600)
@@ -33,6 +34,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterat
     running = make_fleet(
         tmp_path_factory, postgres_url,
         MCPFLEET_BARE_TOOL_NAMES="conformance", MCPFLEET_CONFORMANCE="on", MCPFLEET_INPUT_WAIT_S=str(WAIT_S),
+        MCPFLEET_INPUT_HELD_PER_USER=str(HELD),
     )
     running.start()
     yield running
@@ -41,7 +43,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterat
 
 @pytest.fixture(scope="module")
 def keys(fleet: Any) -> dict[str, str]:
-    made = {name: fleet.add_user(f"{name}-input") for name in ("alice", "bob", "carol")}
+    made = {name: fleet.add_user(f"{name}-input") for name in ("alice", "bob", "carol", "dave")}
     for key in made.values():  # their sandboxes start now, not while another's server waits for input
         assert "result" in body(call(fleet, key, "tools/list", {})), "no sandbox"
     return made
@@ -183,3 +185,14 @@ def test_older_clients_are_asked_as_before(fleet: Any, keys: dict[str, str]) -> 
             return result.content[0].text  # type: ignore[union-attr]
 
     assert asyncio.run(run()) == "Hello, Legacy!"
+
+
+def test_one_user_cannot_hold_servers_without_bound(fleet: Any, keys: dict[str, str]) -> None:
+    """Each unanswered call holds a server's call open: past the bound, a new one is refused, and released."""
+    states = [ask_name(fleet, keys["dave"])["requestState"] for _ in range(HELD)]
+    refused = body(call(fleet, keys["dave"], "tools/call", {"name": ELICIT, "arguments": {}}))
+    assert refused["error"]["code"] == -32600 and "waiting for your input" in refused["error"]["message"], refused
+    assert ask_name(fleet, keys["alice"])["requestState"]  # another user is not held back by dave's
+    # Answering one makes room again.
+    assert answer_name(fleet, keys["dave"], states[0], "Dave")["result"]["content"][0]["text"] == "Hello, Dave!"
+    assert ask_name(fleet, keys["dave"])["requestState"]
