@@ -67,6 +67,8 @@ class Settings:
     # Servers whose tools and prompts are shown under their own names, not `<server>__<name>`:
     # for clients that call fixed names (the MCP conformance suite calls `test_simple_text`).
     bare_servers: frozenset[str] = frozenset()
+    sampling_by_fleet: frozenset[str] = frozenset()
+    """Tenants whose servers' sampling the fleet's models answer, not the client ("*": all; gateway/sampling.py)."""
     conformance_everywhere: bool = False
     """Run the conformance fixture server (a test fixture, not product) for every tenant, not only
     for those added with `--with-conformance`: for fleets that the MCP conformance suite tests."""
@@ -87,6 +89,10 @@ class Settings:
     max_streams_per_user: int = 16
     session_idle_s: int = 600
     """A session with no request in flight and no open stream for this long is closed."""
+    input_wait_s: float = 300.0
+    """A server asking a 2026-07-28 client for input (input_required) waits this long for the retry."""
+    input_held_per_user: int = 32
+    """Calls of one user that may wait for their input at once (each holds a server's call open)."""
     # The HTTP edge (gateway/http_edge.py): a request's headers, then its body, must arrive within
     # these; connections beyond `max_connections` are closed at once.
     header_timeout_s: float = 10.0
@@ -136,6 +142,7 @@ def load_settings(**overrides: object) -> Settings:
         ],
         "allowed_origins": _list("MCPFLEET_ALLOWED_ORIGINS"),
         "bare_servers": frozenset(_list("MCPFLEET_BARE_TOOL_NAMES")),
+        "sampling_by_fleet": frozenset(_list("MCPFLEET_SAMPLING_BY_FLEET")),
         "conformance_everywhere": _choice("MCPFLEET_CONFORMANCE", ("off", "on"), "off") == "on",
         "configured_public_url": os.environ.get("MCPFLEET_PUBLIC_URL") or None,
         # Unset means "mcp"; set but empty means no scope is required.
@@ -148,6 +155,8 @@ def load_settings(**overrides: object) -> Settings:
         "max_sessions_per_user": _int("MCPFLEET_MAX_SESSIONS_PER_USER", 32),
         "max_streams_per_user": _int("MCPFLEET_MAX_STREAMS_PER_USER", 16),
         "session_idle_s": _positive("MCPFLEET_SESSION_IDLE_S", 600),
+        "input_wait_s": _positive("MCPFLEET_INPUT_WAIT_S", 300),
+        "input_held_per_user": _positive("MCPFLEET_INPUT_HELD_PER_USER", 32),
         "header_timeout_s": _positive("MCPFLEET_HEADER_TIMEOUT_S", 10),
         "body_timeout_s": _positive("MCPFLEET_BODY_TIMEOUT_S", 30),
         "breaker_failures": _positive("MCPFLEET_BREAKER_FAILURES", 3),

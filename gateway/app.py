@@ -18,16 +18,20 @@ from starlette.routing import Route
 
 from core.settings import Settings
 from gateway import admin, artifact_api, metrics, registry_api, secrets_api
+from gateway.admin.secret import session_secret
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.breakers import Breakers
 from gateway.call_audit import AuditedBearerBackend, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
 from gateway.http_headers import TrimHeaderWhitespace
+from gateway.input_required import InputExchanges
+from gateway.input_required import boundary as request_state_boundary
 from gateway.limits import LimitsMiddleware, buckets_for
 from gateway.oauth.resource import RequireBearer, metadata_routes
 from gateway.oauth.tokens import OAuthVerifier
 from gateway.refusals import JsonRpcRefusals
 from gateway.routing import Router
+from gateway.sampling import Sampling
 from gateway.sessions import SessionBook
 from gateway.tool_sets import ToolSets
 from gateway.tracing import HttpTracing, TracedAuthBackend
@@ -52,14 +56,20 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 def create_app(fleet: Fleet) -> Starlette:
     """The gateway over `fleet`, which the app's lifespan opens and closes."""
     settings = fleet.settings
+    exchanges = InputExchanges(settings.input_wait_s, settings.input_held_per_user)
     router = Router(
         fleet, bare_servers=settings.bare_servers,
         breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s), tool_sets=ToolSets(fleet),
+        exchanges=exchanges, sampling=Sampling(lambda: fleet.models, settings.sampling_by_fleet),
     )
     fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()
     # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own.
-    mcp_server.middleware = [fleet.telemetry.mcp_middleware(), router.session_sets]
+    # requestState (2026-07-28 input_required) is sealed on the way out and verified on the way in.
+    mcp_server.middleware = [
+        fleet.telemetry.mcp_middleware(), router.session_sets,
+        request_state_boundary(session_secret(settings.home), settings.input_wait_s),
+    ]
     sessions = StreamableHTTPSessionManager(
         app=mcp_server,
         security_settings=transport_security(settings),
@@ -76,6 +86,7 @@ def create_app(fleet: Fleet) -> Starlette:
                 async with sessions.run():
                     yield
             finally:
+                exchanges.close()  # servers still waiting for a client's input are told the gateway stops
                 await verifier.stop_listening()
                 await oauth.close()
                 await buckets.aclose()

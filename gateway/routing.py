@@ -24,9 +24,9 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, PromptsListChanged, ToolsListChanged
 from mcp.shared.exceptions import MCPError
-from mcp.shared.message import ServerMessageMetadata
+from mcp_types.methods import INPUT_REQUIRED_METHODS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import TypeAdapter
 from starlette.datastructures import QueryParams
 
 from core.accounts import Identity
@@ -35,9 +35,12 @@ from gateway import tool_errors
 from gateway.auth import identity_of
 from gateway.breakers import BREAKER_OPEN, Breakers, Verdict, bring_up_verdict, server_verdict
 from gateway.catalog import Catalog, build_catalog
+from gateway.input_required import Exchange, InputExchanges, client_capabilities, relay_to_client, with_client_capabilities
+from gateway.sampling import Sampling
 from gateway.services import SandboxClient, Services
 from gateway.tool_sets import QUERY_PARAM, ActiveSet, ToolSets
 from gateway.tracing import channel_hop
+from sandbox.channel import RequestHandler
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
@@ -48,13 +51,6 @@ QUOTA_EXCEEDED = -32001
 # Codes of errors the gateway raises itself when the sandbox, not the tool, failed.
 _SANDBOX_FAILURES = frozenset({types.INTERNAL_ERROR, QUOTA_EXCEEDED, BREAKER_OPEN})
 _notification_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerNotification)
-_request_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerRequest)
-
-
-class _AnyResult(BaseModel):
-    """A client's answer to a relayed request, kept as it came."""
-
-    model_config = ConfigDict(extra="allow")
 
 
 SEARCH_TOOL = "fleet__search_tools"
@@ -80,13 +76,16 @@ SEARCH_TOOL_DEFINITION: dict[str, Any] = {
 class Router:
     def __init__(
         self, fleet: Services, bare_servers: frozenset[str] = frozenset(), breakers: Breakers | None = None,
-        tool_sets: ToolSets | None = None,
+        tool_sets: ToolSets | None = None, exchanges: InputExchanges | None = None, sampling: Sampling | None = None,
     ):
         self._fleet = fleet
         # Sandboxes whose start keeps failing, and servers that keep failing, are fenced for a while.
         self._breakers = breakers or Breakers(3, 30.0)
         self._breakers.on_refused = lambda: fleet.telemetry.metrics.refused("breaker")
         self._tool_sets = tool_sets
+        # Server-to-client requests held for 2026-07-28 clients (None: such requests fail as before).
+        self._exchanges = exchanges
+        self._sampling = sampling  # None: a server's sampling always goes to the client
         # The tool set each 2025-11-25 session asked for when it opened holds for the session.
         self._session_sets: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
         self._calls = fleet.calls  # every tool call goes to the audit log, queued off the call's path
@@ -207,11 +206,43 @@ class Router:
     async def _forward(
         self, ctx: ServerRequestContext[Any, Any], client: SandboxClient, server: str, method: str, params: dict[str, Any]
     ) -> dict[str, Any]:
-        log_levels = allowed_log_levels(ctx.protocol_version, ctx.meta)
+        identity = identity_of(getattr(ctx.request, "scope", None))
+        if (
+            self._exchanges is not None and identity is not None
+            and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and method in INPUT_REQUIRED_METHODS
+        ):
+            # No back-channel at 2026-07-28: what the server asks the client becomes input_required.
+            declared = client_capabilities(ctx)
+            by_fleet = self._sampling is not None and self._sampling.by_fleet(identity, "sampling" in declared, modern=True)
+            params = with_client_capabilities(params, {**declared, "sampling": {}} if by_fleet else declared)
+
+            async def start(exchange: Exchange) -> dict[str, Any]:
+                # Notifications go to the client request of the round under way (none between rounds).
+                asks = self._sampling.or_else(identity, server, exchange.on_request) if by_fleet else exchange.on_request
+                return await self._call(ctx, lambda: exchange.ctx, client, server, method, params, asks)
+
+            return await self._exchanges.run(ctx, identity, start)
+        on_request = relay_to_client(ctx)
+        if identity is not None and self._sampling is not None and self._sampling.by_fleet(
+            identity, "sampling" in client_capabilities(ctx), modern=ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        ):
+            on_request = self._sampling.or_else(identity, server, on_request)
+        return await self._call(ctx, lambda: ctx, client, server, method, params, on_request)
+
+    async def _call(
+        self, first: ServerRequestContext[Any, Any], current: Callable[[], ServerRequestContext[Any, Any] | None],
+        client: SandboxClient, server: str, method: str, params: dict[str, Any], on_request: RequestHandler,
+    ) -> dict[str, Any]:
+        """One request to a server for the client request `first`; `current` is the client request its
+        notifications go to now (None: dropped)."""
+        log_levels = allowed_log_levels(first.protocol_version, first.meta)
 
         async def relay_notification(n_method: str, n_params: dict[str, Any] | None) -> None:
             if n_method == "notifications/message" and (n_params or {}).get("level") not in log_levels:
                 return  # a 2026-07-28 request gets log messages only at the level it asked for
+            ctx = current()
+            if ctx is None:
+                return  # between rounds of input_required: no client request to tell
             try:
                 notification = _notification_adapter.validate_python(
                     {"method": n_method, **({"params": n_params} if n_params is not None else {})}
@@ -221,16 +252,7 @@ class Router:
                 return
             await ctx.session.send_notification(notification, related_request_id=ctx.request_id)
 
-        async def relay_request(r_method: str, r_params: dict[str, Any] | None) -> dict[str, Any]:
-            request = _request_adapter.validate_python(
-                {"method": r_method, **({"params": r_params} if r_params is not None else {})}
-            )
-            result = await ctx.session.send_request(
-                request, _AnyResult, metadata=ServerMessageMetadata(related_request_id=ctx.request_id)
-            )
-            return result.model_dump(by_alias=True, mode="json", exclude_none=True)
-
-        started, identity = time.perf_counter(), identity_of(getattr(ctx.request, "scope", None))
+        started, identity = time.perf_counter(), identity_of(getattr(first.request, "scope", None))
         try:
             with (
                 self._breaker(identity, server, server_verdict),
@@ -238,14 +260,14 @@ class Router:
             ):
                 try:
                     result = await client.request(
-                        server, method, traced, on_notification=relay_notification, on_request=relay_request
+                        server, method, traced, on_notification=relay_notification, on_request=on_request
                     )
                 except SandboxDetached:  # not sent: the sandbox began to hibernate since it was looked up
-                    _, client = await self._client(ctx)
+                    _, client = await self._client(first)
                     result = await client.request(
-                        server, method, traced, on_notification=relay_notification, on_request=relay_request
+                        server, method, traced, on_notification=relay_notification, on_request=on_request
                     )
-            return self._result(ctx, result)
+            return self._result(first, result)
         except SandboxRpcError as exc:
             raise MCPError(code=exc.code, message=exc.message, data=exc.data) from None
         except SandboxUnavailable as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from core.models.api import Models
 from gateway.call_audit import CallAudit
 from gateway.telemetry import Telemetry
 from sandbox.channel import NotificationHandler, RequestHandler
@@ -72,3 +73,6 @@ class Services(Protocol):
 
     @property
     def search(self) -> SearchTools | None: ...
+
+    @property
+    def models(self) -> Models: ...

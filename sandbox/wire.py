@@ -48,6 +48,12 @@ either way, for an open tunnel (see `Tunnel`)
                                                    send them again (at most TUNNEL_WINDOW unacknowledged)
     tunnel_close {"tunnel", "error": str | null}   this end is closed; so must the other be
 
+An `ask` names the call it belongs to when the supervisor can tell: the only call in flight to that
+server, or the call whose id the server's request names in `params._meta["io.mcpfleet/relatedRequestId"]`
+(stdio carries no such tie, so a server with several calls in flight names it there). A server may
+also name its question in `params._meta["io.mcpfleet/inputKey"]`: a 2026-07-28 client is asked it as
+`input_required` under that key.
+
 A `span` {"id", "start_ns", "end_ns"} comes with the answer to a call whose `params._meta` had a
 `traceparent`: the supervisor continued that trace with a span of its own (the id, 16 hex digits,
 which is the parent in the `traceparent` the server got; its times in ns since the epoch). The
@@ -98,6 +104,11 @@ lower limit on answers (`SupervisorClient(max_result_bytes=)`): a longer `result
 its call and is skipped as it arrives, never held whole."""
 
 # JSON-RPC error codes the supervisor itself produces.
+RELATED_REQUEST_META = "io.mcpfleet/relatedRequestId"
+"""In a server's request's `_meta`: the id of the supervisor's call it asks for (see `ask` above)."""
+INPUT_KEY_META = "io.mcpfleet/inputKey"
+"""In a server's request's `_meta`: its name for the question (the key of `inputRequests`)."""
+
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 METHOD_NOT_FOUND = -32601

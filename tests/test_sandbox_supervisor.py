@@ -63,6 +63,16 @@ async def sample(prompt: str, ctx: Context) -> str:
 
 
 @server.tool()
+async def sample_tied(prompt: str, ctx: Context) -> str:
+    # Names the call it asks for (io.mcpfleet/relatedRequestId), as a server with several calls in flight must.
+    request = types.CreateMessageRequest.model_validate({"method": "sampling/createMessage", "params": {
+        "messages": [{"role": "user", "content": {"type": "text", "text": prompt}}], "maxTokens": 16,
+        "_meta": {"io.mcpfleet/relatedRequestId": ctx.request_context.request_id}}})
+    result = await ctx.session.send_request(request, types.CreateMessageResult)
+    return result.content.text
+
+
+@server.tool()
 def crash() -> str:
     os._exit(3)
 
@@ -435,6 +445,25 @@ async def test_sampling_error_from_the_handler_reaches_the_server(supervised):
         params = {"name": "sample", "arguments": {"prompt": "x"}}
         await client.request("fixture", "tools/call", params, on_request=refuse)
     assert (caught.value.code, caught.value.message) == (-1, "user said no")
+
+
+async def test_server_requests_of_concurrent_calls_reach_the_call_they_name(supervised):
+    """Over stdio nothing ties a server's request to a call; with several calls in flight, the one the
+    request names in `_meta` gets it (a held input_required call stays in flight for minutes)."""
+    _, client = supervised
+
+    def answering(who):
+        async def on_request(method, params):
+            await asyncio.sleep(0.5)  # both calls are in flight when either is asked
+            return {"role": "assistant", "content": {"type": "text", "text": f"{who}:{params['messages'][0]['content']['text']}"},
+                    "model": "test-model"}
+        return on_request
+
+    results = await asyncio.gather(*(
+        client.request("fixture", "tools/call", {"name": "sample_tied", "arguments": {"prompt": who}}, on_request=answering(who))
+        for who in ("first", "second", "third")
+    ))
+    assert [text(r) for r in results] == ["first:first", "second:second", "third:third"]
 
 
 async def test_fifty_concurrent_calls_on_one_channel(supervised):

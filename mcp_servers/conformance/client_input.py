@@ -10,6 +10,7 @@ sent to the client as a request while the call waits.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
     INVALID_PARAMS,
     MISSING_REQUIRED_CLIENT_CAPABILITY,
     CreateMessageRequest,
@@ -33,6 +35,11 @@ from mcp_types import (
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from mcp_servers.conformance.era import is_stateless
+
+# How a server behind an mcpfleet supervisor ties its request to the call it asks for, and names the
+# question for a 2026-07-28 client (sandbox/wire.py, which servers may not import, defines them).
+RELATED_REQUEST_META = "io.mcpfleet/relatedRequestId"
+INPUT_KEY_META = "io.mcpfleet/inputKey"
 
 # Which client capability each kind of question needs, and what a valid answer is.
 _CAPABILITY = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
@@ -80,9 +87,24 @@ class ClientInput:
         self._known: dict[str, BaseModel] = {}  # answers already at hand in this request
 
     def supports(self, question: InputRequest) -> bool:
-        """Whether the client declared the capability this question needs."""
+        """Whether the client declared the capability this question needs.
+
+        A gateway in front (mcpfleet) names the capabilities of the client behind each request in
+        the request's `_meta`; they count over what the gateway declared once for the session.
+        """
+        forwarded = self._forwarded_capabilities()
+        if forwarded is not None:
+            return _CAPABILITY[question.method] in forwarded
         capabilities = self._ctx.client_capabilities
         return capabilities is not None and getattr(capabilities, _CAPABILITY[question.method]) is not None
+
+    def _forwarded_capabilities(self) -> Mapping[str, Any] | None:
+        if self.stateless:
+            return None
+        params = self._ctx.request_context.params or {}
+        meta = params.get("_meta") if isinstance(params, Mapping) else None
+        declared = meta.get(CLIENT_CAPABILITIES_META_KEY) if isinstance(meta, Mapping) else None
+        return declared if isinstance(declared, Mapping) else None
 
     async def ask(
         self, questions: Mapping[str, InputRequest], *, note: Any = None, needs_state: bool = False
@@ -97,9 +119,10 @@ class ClientInput:
             if not self.supports(question):
                 self._refuse(question)
         if not self.stateless:
-            for key, question in questions.items():
-                if key not in self._known:
-                    self._known[key] = await self._send(key, question)
+            # Asked together, as a 2026-07-28 server would: a gateway can put them in one round.
+            missing = [key for key in questions if key not in self._known]
+            answers = await asyncio.gather(*(self._send(key, questions[key]) for key in missing))
+            self._known.update(zip(missing, answers))
             return {key: self._known[key] for key in questions}
 
         for key, question in questions.items():
@@ -119,8 +142,14 @@ class ClientInput:
         return InputRequiredResult(input_requests=missing, request_state=state)
 
     async def _send(self, key: str, question: InputRequest) -> BaseModel:
+        # The key rides the request so that a gateway turning it into input_required keeps its name.
+        wire = question.model_dump(mode="json", by_alias=True, exclude_none=True)
+        params = wire.setdefault("params", {})
+        # So does the call it belongs to: over stdio nothing else ties the two (see sandbox/wire.py).
+        params["_meta"] = {**params.get("_meta", {}), INPUT_KEY_META: key, RELATED_REQUEST_META: self._ctx.request_context.request_id}
+        named = type(question).model_validate(wire)
         answer = await self._ctx.session.send_request(
-            question, _answer_type(question), metadata=ServerMessageMetadata(related_request_id=self._ctx.request_id)
+            named, _answer_type(question), metadata=ServerMessageMetadata(related_request_id=self._ctx.request_id)
         )
         if isinstance(answer, ElicitResult) and isinstance(question, ElicitRequest):
             problem = _schema_problem(question, answer)
@@ -130,7 +159,7 @@ class ClientInput:
 
     def _refuse(self, question: InputRequest) -> None:
         capability = _CAPABILITY[question.method]
-        if self.stateless:
+        if self.stateless or self._forwarded_capabilities() is not None:
             raise MCPError(
                 code=MISSING_REQUIRED_CLIENT_CAPABILITY,
                 message=f"this request needs the client capability {capability!r}, which the client did not declare",

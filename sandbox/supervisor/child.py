@@ -500,6 +500,13 @@ class ChildServer:
             return next(iter(self.pending.values())).gateway_id
         return None
 
+    def _asking_call(self, params: Any) -> Any:
+        """The gateway id of the call a server's request belongs to: the one it names, else the sole one."""
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        named = meta.get(wire.RELATED_REQUEST_META) if isinstance(meta, dict) else None
+        call = self.pending.get(named) if isinstance(named, int) else None
+        return call.gateway_id if call is not None else self._sole_call()
+
     def _on_request(self, message: dict[str, Any]) -> None:
         if message["method"] == "ping":
             self._write({"jsonrpc": "2.0", "id": message["id"], "result": {}})
@@ -510,7 +517,7 @@ class ChildServer:
             {
                 "type": "ask",
                 "ask": key,
-                "id": self._sole_call(),
+                "id": self._asking_call(message.get("params")),
                 "server": self.name,
                 "method": message["method"],
                 "params": message.get("params"),
