@@ -90,9 +90,9 @@ async def kubernetes_sandboxes(
     """The kubernetes backend's manager (`MCPFLEET_SANDBOX_BACKEND=kubernetes`): McpSandbox objects
     in `MCPFLEET_K8S_NAMESPACE`, tokens derived with the key in `MCPFLEET_SANDBOX_KEY_FILE`; the API
     as the pod's service account (or the kubeconfig) allows. `egress`: as for the local manager."""
+    key = _kubernetes_key(settings)  # first: it names the extra when kubernetes_asyncio is missing
     from sandbox.kubernetes import KubernetesSandboxes, api_client
 
-    key = _kubernetes_key(settings)
     return KubernetesSandboxes(
         await api_client(kubeconfig), servers, tier_of, key,
         namespace=settings.k8s_namespace, max_result_bytes=settings.max_result_bytes,
