@@ -62,6 +62,11 @@ def bulk(fleet) -> str:
                          (user, f"bk{i:010}", hashlib.sha256(secrets.token_bytes(16)).digest()))
             conn.execute("INSERT INTO audit_entries (tenant, actor, action, target, outcome) VALUES (%s, %s, 'tool.call', 'hello', %s)",
                          (BULK, f"{BULK}/u{i:02}", "ok" if i % 3 else "tool error"))
+        # Model asks of the router (core.models.usage's table): three of this tenant's, one of another's.
+        for user_id, tenant_name, purpose in ((1, BULK, "tool"), (2, BULK, "sampling"), (3, BULK, "tool"), (1, "elsewhere", "tool")):
+            conn.execute("INSERT INTO model_usage (day, user_id, tenant, server, purpose, model, asks, tokens_in, tokens_out, latency_ms)"
+                         " VALUES ((now() AT TIME ZONE 'UTC')::date, %s, %s, 'weather', %s, 'gemma-3-270m', 2, 30, 40, 900)",
+                         (user_id, tenant_name, purpose))
         for i in range(90):
             server = conn.execute("INSERT INTO registry_servers (tenant_id, name, prefix) VALUES (%s, %s, %s) RETURNING id",
                                   (tenant, f"io.bulk/s{i:02}", f"s{i:02}")).fetchone()[0]
@@ -142,6 +147,8 @@ async def test_every_view_is_reached_from_the_navigation_paged_and_bounded(fleet
         await page.goto(f"{fleet.base_url}/admin/console/usage?page=3")
         await expect(page.locator("tr.usage-row")).to_have_count(10)
         await expect(page.locator("#model-usage")).to_be_visible()
+        await expect(page.locator("tr.model-usage-row")).to_have_count(3)  # the other tenant's row is not shown
+        await expect(page.locator("tr.model-usage-row").first).to_contain_text("gemma-3-270m")
     finally:
         await context.close()
 

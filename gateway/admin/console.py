@@ -33,6 +33,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from core import audit
+from core.models import usage as model_usage
 from core.vault import SecretError
 from gateway.admin import console_data as data
 from gateway.admin.pages import SECURITY_HEADERS, redirect
@@ -54,6 +55,10 @@ NOTICES = {
 # The console waits for the gateway to act on a sandbox request, as the CLI does, within these.
 SANDBOX_TIMEOUT_S = 180.0
 PICKUP_TIMEOUT_S = 10.0
+
+MODEL_USAGE_DAYS = 7
+MODEL_USAGE_ROWS = 25
+"""The usage view's model table: `mcpfleet models usage --days N --tenant T` shows the rest."""
 
 
 def _when(value: datetime | None) -> Markup | str:
@@ -178,7 +183,10 @@ class Console:
 
     async def usage(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
         page = await data.tool_call_usage(conn, session.identity.tenant, data.page_number(request.query_params.get("page")))
-        return self.render(request, session, "usage.html", page=page)
+        # The model router's own rows: the last MODEL_USAGE_DAYS days, at most MODEL_USAGE_ROWS of them (the view stays short).
+        models = await model_usage.usage(conn, days=MODEL_USAGE_DAYS, tenant=session.identity.tenant)
+        return self.render(request, session, "usage.html", page=page, models=models[:MODEL_USAGE_ROWS],
+                           more_models=max(0, len(models) - MODEL_USAGE_ROWS), model_days=MODEL_USAGE_DAYS)
 
     async def tenants(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
         return self.render(request, session, "tenants.html", tenants=await data.tenants(conn, session.identity.tenant))
