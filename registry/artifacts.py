@@ -351,7 +351,7 @@ def unmet_requirements(requires: list[str], available: set[str]) -> list[str]:
 
 
 def server_spec(prefix: str, sha256: str, entry_point: str, secrets: tuple[str, ...] = (), server: str = "",
-                *, egress: tuple[str, ...] = ()) -> ServerSpec:
+                *, egress: tuple[str, ...] = (), inference: bool = False) -> ServerSpec:
     """How a sandbox runs a published server: its console script's callable, from its install."""
     module, _, attr = entry_point.partition(":")
     module, attr = module.strip(), attr.strip()
@@ -364,5 +364,6 @@ def server_spec(prefix: str, sha256: str, entry_point: str, secrets: tuple[str, 
     # The names it declares, so `mcpfleet_sdk.secret()` tells "not declared" from "not set".
     env = {"MCPFLEET_DECLARED_SECRETS": ",".join(secrets)}
     return ServerSpec(
-        prefix, ("python", "-c", code), env=env, revision=sha256, server=server, secret_names=tuple(secrets), egress=egress
+        prefix, ("python", "-c", code), env=env, revision=sha256, server=server, secret_names=tuple(secrets), egress=egress,
+        inference=inference,
     )

@@ -221,7 +221,7 @@ class Registry:
             raise ArtifactError(f"validation found no console script {manifest.command!r} in the wheel")
         self.artifacts.install(approved.artifact_sha256)
         return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets, manifest.name,
-                           egress=manifest.fleet.egress)
+                           egress=manifest.fleet.egress, inference=manifest.fleet.inference)
 
     def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
         self.artifacts.link_into(tools_dir, {s.revision for s in servers if s.revision != "builtin"})

@@ -35,6 +35,8 @@ class Sandbox:
         # The channel's egress tunnels are decided by who the sandbox is for and what it runs now.
         if self.client.tunnels is not None:
             self.client.tunnels.sandbox = self
+        if self.client.model_asks is not None:
+            self.client.model_asks.sandbox = self
 
     @property
     def directory(self) -> Path:
