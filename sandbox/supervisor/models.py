@@ -134,7 +134,7 @@ class ModelEndpoint:
         if len(parts) != 3:
             return await _refuse(writer, "", 400, "not an HTTP request")
         method, target, _ = parts
-        _, token, path = target.split("?", 1)[0].partition("/")[2].partition("/")
+        token, _, path = target.split("?", 1)[0].partition("/")[2].partition("/")
         path = "/" + path
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if ":" in line)}
         server = self._server_of(token)
@@ -157,11 +157,14 @@ class ModelEndpoint:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.asks[ask] = queue
         finished = False
+        # A client that hangs up while the model thinks is heard at once, not at the next piece.
+        watch = asyncio.ensure_future(_hangup(reader, queue))
         try:
             self._send({"type": "model_ask", "ask": ask, "server": server, "method": method, "path": path,
                         "body": body.decode("utf-8", "replace")})
             finished = await _relay(queue, writer, path)
         finally:
+            watch.cancel()
             self.asks.pop(ask, None)
             if not finished:  # the server hung up (or we gave up): the gateway stops asking the model
                 self._send({"type": "model_cancel", "ask": ask})
@@ -173,12 +176,24 @@ class ModelEndpoint:
         return None
 
 
+async def _hangup(reader: asyncio.StreamReader, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    """Tell `_relay` when the client's end closes (one request per connection: nothing more is read)."""
+    try:
+        while await reader.read(4096):
+            pass
+    except (OSError, ConnectionError):
+        pass
+    queue.put_nowait({"hangup": True})
+
+
 async def _relay(queue: asyncio.Queue[dict[str, Any]], writer: asyncio.StreamWriter, path: str) -> bool:
     """Write the gateway's pieces as the answer; True once the last was written."""
     try:
         first = await asyncio.wait_for(queue.get(), PIECE_TIMEOUT)
     except asyncio.TimeoutError:
         await _refuse(writer, path, 504, "the gateway did not answer in time")
+        return False
+    if first.get("hangup"):
         return False
     if first.get("error") is not None and first.get("done"):
         await _refuse(writer, path, int(first.get("status") or 502), str(first["error"]))
@@ -197,6 +212,8 @@ async def _relay(queue: asyncio.Queue[dict[str, Any]], writer: asyncio.StreamWri
             piece = await asyncio.wait_for(queue.get(), PIECE_TIMEOUT)
         except asyncio.TimeoutError:
             return False  # the client sees the answer cut short
+        if piece.get("hangup"):
+            return False
         writer.write(_chunk(str(piece.get("data") or "").encode()))
         if piece.get("done"):
             writer.write(b"0\r\n\r\n")
