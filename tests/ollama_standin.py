@@ -1,112 +1,98 @@
-"""A stand-in for Ollama, which cannot run here: an HTTP server on loopback that answers
-`POST /api/embed` as Ollama's server does.
+"""Stands in for an Ollama server (none runs here): Ollama's HTTP API as its official client speaks it.
 
-What it mirrors of Ollama: the request body ({"model", "input": a string or a list of strings,
-"truncate", "options", "keep_alive"}), the answer ({"model", "embeddings", "total_duration",
-"load_duration", "prompt_eval_count"}) with unit-length vectors, the model names with or without
-the `:latest` tag, and the errors: 400 {"error": "missing request body"} / {"error": "invalid
-input type"}, 404 {"error": "model \"x\" not found, try pulling it first"} for a model never
-pulled. The models it serves are given to it as functions that compute real embeddings.
+/api/tags, /api/chat (one JSON answer, or NDJSON lines when streaming) and /api/embed, with the fields
+Ollama sends (`message`, `done`, `done_reason`, `prompt_eval_count`, `eval_count`, `embeddings`). The
+answers are canned (words of the last message, echoed); every request body is kept in `requests` so a
+test can check what the provider sent (the model, `format`, `options`). A model not in `MODELS` gets
+Ollama's 404 `{"error": "model ... not found"}`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
 
-EmbedFunction = Callable[[list[str]], list[list[float]]]
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.conftest import free_port
+
+MODELS = ["llama3.2:1b", "nomic-embed-text:latest"]
+DIMS = 8
 
 
 class OllamaStandIn:
-    def __init__(self, models: dict[str, EmbedFunction]) -> None:
-        self.models = {self._tagged(name): embed for name, embed in models.items()}
-        self.requests: list[dict] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, name="ollama-standin", daemon=True)
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.app = Starlette(routes=[
+            Route("/api/tags", self.tags), Route("/api/chat", self.chat, methods=["POST"]),
+            Route("/api/embed", self.embed, methods=["POST"]),
+        ])
 
-    @property
-    def host(self) -> str:
-        """As OLLAMA_HOST is usually written: host:port, no scheme."""
-        host, port = self._server.server_address[:2]
-        return f"{host}:{port}"
+    async def tags(self, request: Request) -> Response:
+        return JSONResponse({"models": [{"name": m, "model": m, "modified_at": "2026-01-01T00:00:00Z", "size": 1,
+                                         "digest": "0" * 64, "details": {"format": "gguf"}} for m in MODELS]})
 
-    def __enter__(self) -> OllamaStandIn:
-        self._thread.start()
-        return self
+    async def _body(self, request: Request) -> dict[str, Any] | Response:
+        body = await request.json()
+        self.requests.append({"path": request.url.path, **body})
+        if body.get("model") not in MODELS:
+            return JSONResponse({"error": f"model '{body.get('model')}' not found"}, status_code=404)
+        return body
 
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+    async def chat(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        words = str(body["messages"][-1]["content"]).split() or ["-"]
+        limit = (body.get("options") or {}).get("num_predict") or len(words)
+        pieces = [w + " " for w in words[:limit]]
+        reason = "length" if limit < len(words) else "stop"
+        base = {"model": body["model"], "created_at": "2026-01-01T00:00:00Z"}
+        last = {**base, "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": reason,
+                "prompt_eval_count": sum(len(str(m["content"]).split()) for m in body["messages"]), "eval_count": len(pieces)}
+        if not body.get("stream", True):
+            return JSONResponse({**last, "message": {"role": "assistant", "content": "".join(pieces)}})
 
-    @staticmethod
-    def _tagged(name: str) -> str:
-        return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+        async def lines() -> AsyncIterator[bytes]:
+            for piece in pieces:
+                yield (json.dumps({**base, "message": {"role": "assistant", "content": piece}, "done": False}) + "\n").encode()
+            yield (json.dumps(last) + "\n").encode()
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        standin = self
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:  # quiet, as a test server should be
-                pass
-
-            def do_POST(self) -> None:
-                if self.path != "/api/embed":
-                    return self._reply(404, b"404 page not found")
-                started = time.monotonic_ns()
-                length = int(self.headers.get("Content-Length") or 0)
-                if length == 0:
-                    return self._reply(400, {"error": "missing request body"})
-                try:
-                    body = json.loads(self.rfile.read(length))
-                except ValueError as exc:
-                    return self._reply(400, {"error": str(exc)})
-                standin.requests.append(body)
-                raw_input = body.get("input")
-                if isinstance(raw_input, str):
-                    texts = [raw_input] if raw_input else []
-                elif isinstance(raw_input, list) and all(isinstance(t, str) for t in raw_input):
-                    texts = raw_input
-                elif raw_input is None:
-                    texts = []
-                else:
-                    return self._reply(400, {"error": "invalid input type"})
-                model = str(body.get("model") or "")
-                embed = standin.models.get(standin._tagged(model)) if model else None
-                if embed is None:
-                    return self._reply(404, {"error": f'model "{model}" not found, try pulling it first'})
-                loaded = time.monotonic_ns()
-                vectors = [_unit(v) for v in embed(texts)] if texts else []
-                self._reply(
-                    200,
-                    {
-                        "model": model,
-                        "embeddings": vectors,
-                        "total_duration": time.monotonic_ns() - started,
-                        "load_duration": loaded - started,
-                        "prompt_eval_count": sum(len(t.split()) for t in texts),
-                    },
-                )
-
-            def _reply(self, status: int, body: dict | bytes) -> None:
-                # Ollama's router answers unknown paths in plain text, its handlers in JSON.
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                content_type = "text/plain" if isinstance(body, bytes) else "application/json; charset=utf-8"
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        return Handler
+    async def embed(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        vectors = [[float((len(t) + i) % 5) for i in range(DIMS)] for t in texts]
+        return JSONResponse({"model": body["model"], "embeddings": vectors,
+                             "prompt_eval_count": sum(len(t.split()) for t in texts)})
 
 
-def _unit(vector: list[float]) -> list[float]:
-    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-    return [x / norm for x in vector]
+@contextmanager
+def ollama_standin() -> Iterator[tuple[str, OllamaStandIn]]:
+    """(OLLAMA_HOST for it, the stand-in), served by uvicorn on loopback in a thread."""
+    standin = OllamaStandIn()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(standin.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Ollama stand-in did not start")
+        time.sleep(0.05)
+    try:
+        yield f"127.0.0.1:{port}", standin
+    finally:
+        server.should_exit = True
+        thread.join(10)
