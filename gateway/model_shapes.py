@@ -154,9 +154,10 @@ def ollama_embed(result: Embeddings, elapsed_ns: int) -> dict[str, Any]:
 
 
 def ollama_tags(models: list[ModelInfo]) -> dict[str, Any]:
+    """The models a provider lists (one not ready yet lists none: the router gives it an empty name)."""
     return {"models": [{"name": m.name, "model": m.name, "modified_at": _now(), "size": 0, "digest": "",
                         "details": {"format": "", "family": m.provider, "families": [m.provider],
-                                    "parameter_size": "", "quantization_level": ""}} for m in models]}
+                                    "parameter_size": "", "quantization_level": ""}} for m in models if m.name]}
 
 
 # -- OpenAI ---------------------------------------------------------------------------------------
@@ -231,4 +232,4 @@ def openai_embeddings(result: Embeddings, as_base64: bool) -> dict[str, Any]:
 
 def openai_models(models: list[ModelInfo]) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider}
-                                       for m in models]}
+                                       for m in models if m.name]}
