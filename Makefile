@@ -28,6 +28,7 @@ bench:
 	.venv/bin/python bench/gateway_overhead.py
 	.venv/bin/python bench/sandbox_lifecycle.py
 	.venv/bin/python bench/registry_guard.py
+	.venv/bin/python bench/models.py
 
 clean:
 	rm -rf .setup .venv .venv-sandbox tests/conformance/node_modules

@@ -8,12 +8,30 @@ import sys
 
 import psycopg
 
-from cli import audit, client, db, doctor, groups, issuers, keys, registry, sandboxes, secrets, tenants, tiers, tools, toolsets, up, users
+from cli import (
+    audit,
+    client,
+    db,
+    doctor,
+    groups,
+    issuers,
+    keys,
+    models,
+    registry,
+    sandboxes,
+    secrets,
+    tenants,
+    tiers,
+    tools,
+    toolsets,
+    up,
+    users,
+)
 from core.errors import FleetError
 from core.version import product_version
 from mcpfleet_sdk.cli import add_commands as add_sdk_commands
 
-NOUNS = (up, users, keys, sandboxes, tiers, tenants, issuers, db, audit, registry, tools, groups, toolsets, secrets, client, doctor)
+NOUNS = (up, users, keys, sandboxes, tiers, tenants, issuers, db, audit, registry, tools, groups, toolsets, secrets, models, client, doctor)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -117,7 +117,7 @@ class Fleet:
                 # Trials in throwaway pods the operator runs, as it runs the users'.
                 pods = await kubernetes_trials(self.settings)
                 stack.push_async_callback(pods.close)
-            index = Index(pool, embedder_from_env())
+            index = Index(pool, embedder_from_env(models=models))
             # Opened before the manager, so its first sandboxes already run what the registry approves.
             registry = Registry(
                 self.settings.home, pool, backend, python, scan=scan_tools, indexer=index.version,

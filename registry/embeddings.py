@@ -1,4 +1,6 @@
-"""Text embeddings for tool search: a local model by default, Ollama when OLLAMA_HOST is set.
+"""Text embeddings for tool search: a local model by default, Ollama when OLLAMA_HOST is set, or the
+fleet's model router when MCPFLEET_SEARCH_EMBEDDINGS=router (its default model, or the one named by
+MCPFLEET_SEARCH_EMBED_MODEL). The local model stays the default: it needs no server and no network.
 
 Every embedder returns unit-length vectors, so cosine distance in PostgreSQL compares meaning
 alone, and names its model: search compares only vectors of the same model.
@@ -17,6 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from core.models.api import Asker, ModelError, Models
 from core.optional import require
 
 LOCAL_MODEL = "all-MiniLM-L6-v2"
@@ -170,8 +173,36 @@ def _ollama_error(response: httpx.Response) -> str:
     return str(body.get("error", "")) if isinstance(body, dict) else ""
 
 
-def embedder_from_env(environ: Mapping[str, str] = os.environ) -> Embedder:
-    """Ollama's model when OLLAMA_HOST is set, else the local model."""
+SEARCH_ASKER = Asker(user_id=0, tenant="", purpose="search")
+"""Whom the router charges for search's embeddings: the fleet itself (user 0, no tenant), since an index serves everyone."""
+
+
+class RouterEmbedder:
+    """Embeddings from the fleet's model router: any provider's model, counted and audited as the fleet's own asks."""
+
+    def __init__(self, models: Models, model_name: str | None = None) -> None:
+        self.models = models
+        self.model_name = model_name
+        # Search compares only vectors of one model: the name is part of what is stored with each vector.
+        self.model = f"router:{model_name or 'default'}"
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        try:
+            embeddings = await self.models.embed(SEARCH_ASKER, [_cut(t, MAX_TEXT_CHARS) for t in texts], self.model_name)
+        except ModelError as exc:
+            raise EmbeddingError(f"search embeddings through the model router: {exc}") from None
+        return [unit(v) for v in embeddings.vectors]
+
+
+def embedder_from_env(environ: Mapping[str, str] = os.environ, *, models: Models | None = None) -> Embedder:
+    """The router's model when MCPFLEET_SEARCH_EMBEDDINGS=router (and `models` is given), Ollama's when
+    OLLAMA_HOST is set, else the local model."""
+    if environ.get("MCPFLEET_SEARCH_EMBEDDINGS", "").strip() == "router":
+        if models is None:
+            raise EmbeddingError("MCPFLEET_SEARCH_EMBEDDINGS=router: no model router here")
+        return RouterEmbedder(models, environ.get("MCPFLEET_SEARCH_EMBED_MODEL", "").strip() or None)
     host = environ.get("OLLAMA_HOST", "").strip()
     if host:
         return OllamaEmbedder(host, environ.get("MCPFLEET_OLLAMA_EMBED_MODEL", "").strip() or OLLAMA_DEFAULT_MODEL)

@@ -112,3 +112,15 @@ if [ "${1:-}" = "test" ] && [ -f tests/conformance/package-lock.json ]; then
     echo "$want" > "$STAMPS/conformance"
   fi
 fi
+
+# The local model (scripts/models.sh): llama-server compiled once per machine (15-30 min) and Gemma 3 270M.
+# `test` waits for it (its tests ask the real server); `run` never does: it goes on in the background and
+# the fleet serves at once, its local model `building` until then (`mcpfleet models list`).
+if [ "${1:-}" = "test" ]; then
+  scripts/models.sh
+elif [ "${1:-}" = "run" ] && [ "${MCPFLEET_LOCAL_MODEL:-auto}" != "off" ]; then
+  mkdir -p /opt/mcpfleet
+  echo "setup: preparing the local model in the background (log: /opt/mcpfleet/models.log)"
+  # Its own session: stopping `make run` with Ctrl-C does not stop a build that another run would redo.
+  setsid nohup scripts/models.sh >>/opt/mcpfleet/models.log 2>&1 </dev/null &
+fi

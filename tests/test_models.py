@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import os
 import secrets
+import subprocess
+import sys
 
 import jsonschema
 import pytest
@@ -18,6 +22,8 @@ from core.models import usage
 from core.models.api import ChatAsk, ModelError
 from core.models.local import MODEL_NAME, LocalProvider
 from core.models.router import Router
+from registry.embeddings import LocalEmbedder, RouterEmbedder, embedder_from_env
+from tests.conftest import ROOT
 from tests.models_fixtures import local_model, people
 
 pytestmark = pytest.mark.timeout(600)
@@ -169,3 +175,37 @@ async def test_asks_before_the_model_is_built_get_not_ready(tmp_path, db_pool):
     finally:
         await router.close()
     assert [e.outcome for e in await audit_of(db_pool, who.tenant)] == ["refused"]
+
+
+async def test_search_embeddings_through_the_router(local_model, db_pool):
+    embedder = embedder_from_env({"MCPFLEET_SEARCH_EMBEDDINGS": "router"}, models=Router([local_model], db_pool))
+    assert isinstance(embedder, RouterEmbedder) and embedder.model == "router:default"
+    vectors = await embedder.embed(["read a file", "send an email"])
+    assert len(vectors) == 2 and all(abs(math.fsum(x * x for x in v) - 1) < 1e-6 for v in vectors)
+    assert isinstance(embedder_from_env({}), LocalEmbedder)  # the offline default stays
+
+
+def cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", "models", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "DATABASE_URL": database_url, **env})
+
+
+async def test_cli_lists_models_and_usage(local_model, db_pool, database_url, tmp_path):
+    who = await people(db_pool)
+    router = Router([local_model], db_pool)
+    await router.chat(who.asks(who.bob), hello())
+    shown = cli(database_url, "usage", "--json", "--tenant", who.tenant)
+    assert shown.returncode == 0, shown.stderr
+    [row] = json.loads(shown.stdout)
+    assert (row["user"], row["tenant"], row["asks"], row["model"]) == ("bob", who.tenant, 1, MODEL_NAME)
+    assert row["tokens_in"] > 0 and row["tokens_out"] > 0
+
+    # The running fleet's local model, as its state file says; none running from a fresh home.
+    listed = cli(database_url, "list", "--json", MCPFLEET_HOME=str(tmp_path / "home"))
+    assert listed.returncode == 0, listed.stderr
+    [local] = json.loads(listed.stdout)
+    assert (local["provider"], local["model"], local["state"]) == ("local", MODEL_NAME, "stopped")
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    (tmp_path / "home" / "models" / "local.json").write_text(local_model.state_file.read_text())
+    listed = cli(database_url, "list", MCPFLEET_HOME=str(tmp_path / "home"))
+    assert listed.stdout.split("\n")[1].split()[:4] == ["local", MODEL_NAME, "ready", "yes"]

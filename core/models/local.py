@@ -60,6 +60,17 @@ def find_server() -> Path | None:
         return None
 
 
+def running_state(state_file: Path) -> tuple[str, str]:
+    """(state, detail) of the local model of the fleet running from this home, as its `local.json` says;
+    `stopped` when no fleet runs (no file, or its process is gone)."""
+    try:
+        written = json.loads(state_file.read_text())
+        os.kill(int(written["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return "stopped", "no fleet runs from this home (`make run` or `mcpfleet up` starts the local model)"
+    return str(written.get("state")), str(written.get("detail") or "")
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the fleet's process dies (Linux's PR_SET_PDEATHSIG)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -83,8 +94,8 @@ class LocalProvider:
         self.on_ready = on_ready
         self.port: int | None = None
         self.state_file = log_dir / "local.json"
-        self._state, self._detail = "", ""
-        self._set("building", "waiting for scripts/models.sh to install llama-server and the model")
+        # Written to the state file only once started: a provider made to be looked at (the CLI) leaves the fleet's alone.
+        self._state, self._detail = "building", "waiting for scripts/models.sh to install llama-server and the model"
         self._api: OpenAIProvider | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
@@ -104,6 +115,7 @@ class LocalProvider:
 
     async def start(self) -> None:
         if self._task is None:
+            self._set("building", self._detail, force=True)
             self._task = asyncio.create_task(self._run(), name="local model server")
 
     async def wait_ready(self, timeout: float) -> None:
@@ -187,9 +199,9 @@ class LocalProvider:
         self._set("failed", f"llama-server exited with {code}: {self._log_tail()}")
         log.error("local model: %s", self._detail)
 
-    def _set(self, state: str, detail: str) -> None:
+    def _set(self, state: str, detail: str, *, force: bool = False) -> None:
         """The state, also written to `local.json` beside the log: how `mcpfleet models list` sees the running fleet's."""
-        if (state, detail) == (self._state, self._detail):
+        if (state, detail) == (self._state, self._detail) and not force:
             return
         self._state, self._detail = state, detail
         with contextlib.suppress(OSError):

@@ -1,0 +1,69 @@
+"""`mcpfleet models`: the fleet's model providers, their state, and what each user asked of them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import psycopg
+
+from cli.run import on_database
+from cli.table import add_json_flag, print_rows
+from core.models import usage
+from core.models.factory import providers_from_env
+from core.models.local import LocalProvider, running_state
+from core.settings import load_settings
+
+
+async def _list() -> list[dict[str, object]]:
+    """As the running fleet sees them: hosted providers asked now, the local model's state from the fleet's home."""
+    providers = providers_from_env(load_settings().home / "models")
+    rows: list[dict[str, object]] = []
+    default = os.environ.get("MCPFLEET_MODEL", "").strip() or None
+    for provider in providers:
+        if isinstance(provider, LocalProvider):
+            state, detail = running_state(provider.state_file)
+        else:
+            state, detail = provider.state, ""
+        names = await provider.models()
+        detail = detail or provider.detail
+        if not names and provider.detail:
+            state = "failed"
+        for name in names or [""]:
+            rows.append({"provider": provider.name, "model": name, "state": state, "detail": detail, "default": False})
+        await provider.close()
+    # As the router picks it: MCPFLEET_MODEL, else the first ready provider's first model.
+    for row in rows:
+        named = default in (row["model"], f"{row['provider']}/{row['model']}")
+        if named or (default is None and row["state"] == "ready" and row["model"]):
+            row["default"] = True
+            break
+    return rows
+
+
+def list_(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_list())
+    print_rows(args, (("provider", "PROVIDER"), ("model", "MODEL"), ("state", "STATE"), ("default", "DEFAULT"),
+                      ("detail", "DETAIL")), rows)
+    return 0
+
+
+async def usage_(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
+    rows = await usage.usage(conn, days=args.days, tenant=args.tenant)
+    print_rows(args, (("day", "DAY"), ("tenant", "TENANT"), ("user", "USER"), ("server", "SERVER"), ("purpose", "PURPOSE"),
+                      ("model", "MODEL"), ("asks", "ASKS"), ("tokens_in", "TOKENS IN"), ("tokens_out", "TOKENS OUT"),
+                      ("mean_latency_ms", "MEAN MS")), rows)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="the fleet's models: providers, state, usage").add_subparsers(dest="action", required=True)
+    ls = models.add_parser("list", help="providers and their models, each model's state, and which is the default")
+    add_json_flag(ls)
+    ls.set_defaults(func=list_)
+    used = models.add_parser("usage", help="asks and tokens per day, tenant, user, server, purpose and model")
+    used.add_argument("--days", type=int, default=1, help="this many UTC days back, today included (default: 1, today)")
+    used.add_argument("--tenant", help="only this tenant's")
+    add_json_flag(used)
+    used.set_defaults(func=on_database(usage_))
