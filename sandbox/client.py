@@ -101,7 +101,7 @@ class SupervisorClient:
         self._detached = False
         self._reading: asyncio.Task[None] | None = None
         self.tunnels = TunnelRelay(egress) if egress is not None else None
-        self.model_asks = ModelRelay(models) if models is not None else None
+        self.model_asks = ModelRelay(models)
 
     # -- the socket ---------------------------------------------------------------------
 
@@ -252,8 +252,7 @@ class SupervisorClient:
             self._fail_calls(connection, "the sandbox's supervisor disconnected")
             if self.tunnels is not None:
                 self.tunnels.drop_all("the sandbox's supervisor disconnected")
-            if self.model_asks is not None:
-                self.model_asks.drop_all()
+            self.model_asks.drop_all()
             if self._connection is connection:
                 self._connection = None
                 self._ready.clear()
@@ -334,12 +333,7 @@ class SupervisorClient:
                 connection.send({"type": "tunnel_opened", "tunnel": message.get("tunnel", 0), "status": 403,
                                  "error": "this gateway grants no egress"})
         elif kind in ("model_ask", "model_cancel"):
-            if self.model_asks is not None:
-                self.model_asks.on_message(connection, message)
-            elif kind == "model_ask":
-                connection.send({"type": "model_reply", "ask": message.get("ask", 0), "status": 403, "done": True,
-                                 "content_type": "application/json",
-                                 "data": '{"error": {"message": "mcpfleet: this gateway offers no models", "code": 403}}'})
+            self.model_asks.on_message(connection, message)
         elif kind == "pong":
             call = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
             if call is not None and not call.future.done():

@@ -149,8 +149,7 @@ class KubeSandbox:
         # The channel's egress tunnels are decided by who the sandbox is for and what it runs now.
         if self.client.tunnels is not None:
             self.client.tunnels.sandbox = self
-        if self.client.model_asks is not None:
-            self.client.model_asks.sandbox = self
+        self.client.model_asks.sandbox = self
 
     @property
     def id(self) -> str:

@@ -42,7 +42,8 @@ class ModelGate(Protocol):
 class ModelRelay:
     """The model asks of one sandbox's channel."""
 
-    def __init__(self, gate: ModelGate):
+    def __init__(self, gate: ModelGate | None):
+        """`gate` None: every ask is refused (a gateway without models)."""
         self.gate = gate
         self.sandbox: Sandbox | None = None
         """Set once the manager holds the sandbox, as `TunnelRelay.sandbox`; before, every ask is refused."""
@@ -66,13 +67,16 @@ class ModelRelay:
 
     async def _answer(self, connection: Connection, ask: int, message: dict[str, Any]) -> None:
         send = connection.send
-        sandbox = self.sandbox
+        sandbox, gate = self.sandbox, self.gate
+        if gate is None:
+            send(_refusal(ask, 403, "this gateway offers no models"))
+            return
         if sandbox is None:
             send(_refusal(ask, 503, "this sandbox is not ready to ask models yet"))
             return
         started = False
         try:
-            answer = await self.gate.answer(sandbox, str(message.get("server", "")), str(message.get("method", "")),
+            answer = await gate.answer(sandbox, str(message.get("server", "")), str(message.get("method", "")),
                                             str(message.get("path", "")), str(message.get("body", "")))
             if answer.pieces is None:
                 send({"type": "model_reply", "ask": ask, "status": answer.status, "content_type": answer.content_type,
