@@ -53,6 +53,13 @@ class SandboxModels:
             raise _HttpError(403, "forbidden", f"server {server!r} does not declare inference in its manifest")
         return Asker(sandbox.user_id, sandbox.tenant or "", "tool", server=server)
 
+    async def _label(self, model: str | None) -> str:
+        """The model's name for the pieces of a stream (only its end says which model answered):
+        the one asked for, else the router's default."""
+        if model:
+            return model
+        return next((m.name for m in await self.models.list_models() if m.default), "default")
+
     # -- Ollama -------------------------------------------------------------------------------
 
     async def _ollama_chat(self, asker: Asker, body: dict[str, Any], generate: bool = False) -> ModelAnswer:
@@ -63,7 +70,7 @@ class SandboxModels:
             done = shapes.ollama_done(answer, time.monotonic_ns() - started, generate=generate, content=answer.content)
             return _json(done)
         deltas = await _first_delta(self.models.chat_stream(asker, ask))
-        requested = ask.model or "default"
+        label = await self._label(ask.model)
 
         async def lines() -> AsyncIterator[str]:
             try:
@@ -71,7 +78,7 @@ class SandboxModels:
                     if delta.answer is not None:
                         yield _line(shapes.ollama_done(delta.answer, time.monotonic_ns() - started, generate=generate))
                     elif delta.content:
-                        yield _line(shapes.ollama_piece(requested, delta.content, generate=generate))
+                        yield _line(shapes.ollama_piece(label, delta.content, generate=generate))
             except ModelError as exc:  # after the status went out: Ollama says it in a line of its own
                 yield _line(shapes.ollama_error(exc))
 
@@ -105,7 +112,7 @@ class SandboxModels:
             return _json(shapes.openai_completion(await self.models.chat(asker, ask), ident))
         deltas = await _first_delta(self.models.chat_stream(asker, ask))
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        requested = ask.model or "default"
+        label = await self._label(ask.model)
 
         async def events() -> AsyncIterator[str]:
             role: dict[str, str] = {"role": "assistant"}  # in the first chunk only, as OpenAI sends it
@@ -116,7 +123,7 @@ class SandboxModels:
                         if usage:
                             yield shapes.sse(shapes.openai_usage_chunk(ident, delta.answer))
                     elif delta.content:
-                        yield shapes.sse(shapes.openai_chunk(ident, requested, {**role, "content": delta.content}))
+                        yield shapes.sse(shapes.openai_chunk(ident, label, {**role, "content": delta.content}))
                         role = {}
             except ModelError as exc:  # after the status went out: an error event, as OpenAI sends one
                 yield shapes.sse(shapes.openai_error(exc))

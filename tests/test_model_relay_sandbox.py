@@ -51,14 +51,15 @@ def ask_now(base: str, path: str, body: str | None) -> str:
     except urllib.error.HTTPError as exc:
         return json.dumps({"status": exc.code, "type": exc.headers.get("Content-Type"), "body": exc.read().decode()})
 
-@server.tool(description="Ask the model endpoint: base is OLLAMA_HOST or OPENAI_BASE_URL")
-def ask(base: str, path: str, body: str | None = None) -> str:
-    return ask_now(base, path, body)
+@server.tool(description="Ask the model endpoint: base is OLLAMA_HOST or OPENAI_BASE_URL; no body: a GET")
+def ask(base: str, path: str, body: dict | None = None) -> str:
+    return ask_now(base, path, None if body is None else json.dumps(body))
 
 @server.tool(description="The same from a child process")
-def ask_in_child(base: str, path: str, body: str | None = None) -> str:
-    done = subprocess.run([sys.executable, "-c", "import sys, thinker_tool; print(thinker_tool.ask_now(*sys.argv[1:]))", base, path, body or ""],
-                          capture_output=True, text=True, env={**{k: v for k, v in os.environ.items() if k != "THINKER_RUN"}, "PYTHONPATH": os.path.dirname(__file__)})
+def ask_in_child(base: str, path: str, body: dict | None = None) -> str:
+    code = "import sys, thinker_tool; print(thinker_tool.ask_now(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))"
+    done = subprocess.run([sys.executable, "-c", code, base, path, *([] if body is None else [json.dumps(body)])],
+                          capture_output=True, text=True, env={**{k: v for k, v in os.environ.items() if k != "THINKER_RUN"}, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")})
     return done.stdout.strip() or done.stderr[-500:]
 
 @server.tool(description="The model environment this server got")
@@ -107,7 +108,7 @@ class InferenceServers:
 async def ask(sandbox, base: str, path: str, body: dict[str, Any] | None = None, *, child: bool = False) -> dict[str, Any]:
     arguments: dict[str, Any] = {"base": base, "path": path}
     if body is not None:
-        arguments["body"] = json.dumps(body)
+        arguments["body"] = body
     result = text(await call(sandbox, "ask_in_child" if child else "ask", server="thinker", **arguments))
     return json.loads(result)
 
