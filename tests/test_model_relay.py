@@ -314,3 +314,22 @@ async def test_a_client_hanging_up_mid_stream_cancels_the_ask_at_the_gateway(end
     await asyncio.wait_for(cancelled.wait(), 10)
     assert any(m["type"] == "model_cancel" for m in loop.sent)
     assert loop.endpoint.asks == {} and loop.relay._asks == {}
+
+
+async def test_a_gateway_without_models_or_a_sandbox_nobody_holds_yet_refuses_every_ask():
+    sent: list[dict[str, Any]] = []
+
+    class Channel:
+        def send(self, message: dict[str, Any]) -> None:
+            sent.append(message)
+
+    ask = {"type": "model_ask", "ask": 1, "server": "talker", "method": "GET", "path": "/api/tags", "body": ""}
+    ModelRelay(None).on_message(Channel(), ask)  # type: ignore[arg-type]
+    unheld = ModelRelay(SandboxModels(ScriptedModels()))  # its sandbox not set yet
+    unheld.on_message(Channel(), {**ask, "ask": 2})  # type: ignore[arg-type]
+    for _ in range(50):
+        if len(sent) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [(m["ask"], m["status"], m["done"]) for m in sent] == [(1, 403, True), (2, 503, True)]
+    assert all("error" in json.loads(m["data"]) for m in sent)
