@@ -36,12 +36,14 @@ def socket_holders(client_port: int, server_port: int) -> set[int]:
         with open("/proc/net/tcp") as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
-                if len(fields) > 9 and (fields[1], fields[2]) == wanted:
+                # An earlier connection of the same ports may linger in TIME_WAIT (Linux reuses
+                # loopback ports at once: tcp_tw_reuse), with no inode: the live one has one.
+                if len(fields) > 9 and (fields[1], fields[2]) == wanted and fields[9] != "0":
                     inode = fields[9]
                     break
     except OSError:
         return set()
-    if inode is None or inode == "0":
+    if inode is None:
         return set()
     link = f"socket:[{inode}]"
     holders = set()
