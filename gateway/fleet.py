@@ -35,6 +35,7 @@ from core.settings import Settings
 from core.vault import SecretStore, open_secrets
 from gateway.call_audit import CallAudit
 from gateway.egress import SandboxEgress
+from gateway.model_relay import SandboxModels
 from gateway.secret_servers import SecretServers
 from gateway.services import RunningSandbox
 from gateway.telemetry import Telemetry
@@ -134,8 +135,11 @@ class Fleet:
             manager: Sandboxes
             # Whichever backend: a server's declared hosts are reached over its sandbox's channel.
             egress = SandboxEgress(self.calls, per_min=self.settings.egress_per_min)
+            # ... and servers declaring inference ask the router over it, each as its user and itself.
+            sandbox_models = SandboxModels(models)
             if self.settings.sandbox_backend == "kubernetes":
-                kube = await kubernetes_sandboxes(self.settings, servers, database_tiers(pool), egress=egress)
+                kube = await kubernetes_sandboxes(self.settings, servers, database_tiers(pool), egress=egress,
+                                                  models=sandbox_models)
                 # Before the clients are told to list again: their sandboxes run the new set by then.
                 registry.on_change.insert(0, kube.servers_changed)
                 manager = kube
@@ -143,7 +147,7 @@ class Fleet:
                 assert backend is not None  # the local backends run their own trials
                 manager = sandbox_manager(
                     self.settings, pool, backend, servers, database_url=self.database_url,
-                    egress=egress,
+                    egress=egress, models=sandbox_models,
                     on_transition=self.telemetry.metrics.sandbox_transition,
                     images=SealedImages(secrets),
                 )

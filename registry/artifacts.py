@@ -346,7 +346,8 @@ def wheel_metadata(wheel: Path) -> tuple[dict[str, str | list[str]], dict[str, s
 
 
 def server_spec(prefix: str, sha256: str, entry_point: str, secrets: tuple[str, ...] = (), server: str = "",
-                *, egress: tuple[str, ...] = (), layer: str | None = None, layer_wheels: tuple[str, ...] = ()) -> ServerSpec:
+                *, egress: tuple[str, ...] = (), inference: bool = False, layer: str | None = None,
+                layer_wheels: tuple[str, ...] = ()) -> ServerSpec:
     """How a sandbox runs a published server: its console script's callable, from its install, with
     its dependency layer (`registry.dependencies`), if it has one, on its path after it."""
     module, _, attr = entry_point.partition(":")
@@ -364,5 +365,5 @@ def server_spec(prefix: str, sha256: str, entry_point: str, secrets: tuple[str, 
     env = {"MCPFLEET_DECLARED_SECRETS": ",".join(secrets)}
     return ServerSpec(
         prefix, ("python", "-c", code), env=env, revision=sha256, server=server, secret_names=tuple(secrets), egress=egress,
-        layer=layer or "", layer_wheels=tuple(layer_wheels) if layer else (),
+        layer=layer or "", layer_wheels=tuple(layer_wheels) if layer else (), inference=inference,
     )

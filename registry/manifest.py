@@ -85,6 +85,8 @@ _FLEET_META: dict[str, Any] = {
     "properties": {
         "command": {"type": "string", "pattern": COMMAND_PATTERN},
         "egress": {"type": "array", "uniqueItems": True, "items": {"type": "string", "pattern": EGRESS_PATTERN}},
+        # The server asks the fleet's models (OLLAMA_HOST, OPENAI_BASE_URL in its sandbox); charged to its user.
+        "inference": {"type": "boolean"},
         "secrets": {"type": "array", "uniqueItems": True, "items": {"type": "string", "pattern": SECRET_NAME_PATTERN}},
         "memory_mb": {"type": "integer", "minimum": 16, "maximum": 65536},
         "cpus": {"type": "number", "exclusiveMinimum": 0, "maximum": 64},
@@ -157,6 +159,7 @@ class FleetMeta:
     """What the server asks of its sandbox, from `_meta["io.mcpfleet"]`."""
 
     egress: tuple[str, ...] = ()
+    inference: bool = False
     secrets: tuple[str, ...] = ()
     memory_mb: int | None = None
     cpus: float | None = None
@@ -225,6 +228,7 @@ def parse_manifest(document: dict[str, Any]) -> Manifest:
         command=fleet.get("command", identifier),
         fleet=FleetMeta(
             egress=tuple(host.lower() for host in fleet.get("egress", ())),
+            inference=bool(fleet.get("inference", False)),
             secrets=tuple(fleet.get("secrets", ())),
             memory_mb=fleet.get("memory_mb"),
             cpus=float(fleet["cpus"]) if "cpus" in fleet else None,

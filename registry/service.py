@@ -220,7 +220,8 @@ class Registry:
         if approved.layer_sha256 is not None:
             self.artifacts.install_layer(approved.layer_sha256, list(wheels))
         return server_spec(approved.prefix, approved.artifact_sha256, entry_point, manifest.fleet.secrets, manifest.name,
-                           egress=manifest.fleet.egress, layer=approved.layer_sha256, layer_wheels=wheels)
+                           egress=manifest.fleet.egress, inference=manifest.fleet.inference,
+                           layer=approved.layer_sha256, layer_wheels=wheels)
 
     def provision(self, tools_dir: Path, servers: Sequence[ServerSpec]) -> None:
         layers = {s.layer: list(s.layer_wheels) for s in servers if s.layer}

@@ -37,6 +37,7 @@ from sandbox.channel import (
     sandbox_spans,
 )
 from sandbox.errors import SandboxDetached, SandboxRpcError, SandboxUnavailable
+from sandbox.model_asks import ModelGate, ModelRelay
 from sandbox.tunnels import EgressPolicy, TunnelRelay
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,15 @@ class SupervisorClient:
         on_request: RequestHandler | None = None,
         max_result_bytes: int = wire.MAX_LINE,
         egress: EgressPolicy | None = None,
+        models: ModelGate | None = None,
     ):
         """`token` is the secret the supervisor's hello must carry (None: any hello will do).
         `on_request` answers server requests that belong to no call (or whose call has no handler).
         A call whose answer is longer than `max_result_bytes` fails with a JSON-RPC error saying so;
         the answer is skipped as it arrives, never held.
         Without `socket_path`, the client only `connect`s (to a supervisor listening on TCP).
-        `egress` decides the connections the sandbox's servers ask for (None: every one is refused)."""
+        `egress` decides the connections the sandbox's servers ask for (None: every one is refused);
+        `models` answers their model asks (None: every one is refused)."""
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.address = str(socket_path)
         """Where the supervisor is, for messages: the socket, or host:port once connected."""
@@ -98,6 +101,7 @@ class SupervisorClient:
         self._detached = False
         self._reading: asyncio.Task[None] | None = None
         self.tunnels = TunnelRelay(egress) if egress is not None else None
+        self.model_asks = ModelRelay(models)
 
     # -- the socket ---------------------------------------------------------------------
 
@@ -248,6 +252,7 @@ class SupervisorClient:
             self._fail_calls(connection, "the sandbox's supervisor disconnected")
             if self.tunnels is not None:
                 self.tunnels.drop_all("the sandbox's supervisor disconnected")
+            self.model_asks.drop_all()
             if self._connection is connection:
                 self._connection = None
                 self._ready.clear()
@@ -327,6 +332,8 @@ class SupervisorClient:
             elif kind == "tunnel_open":
                 connection.send({"type": "tunnel_opened", "tunnel": message.get("tunnel", 0), "status": 403,
                                  "error": "this gateway grants no egress"})
+        elif kind in ("model_ask", "model_cancel"):
+            self.model_asks.on_message(connection, message)
         elif kind == "pong":
             call = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
             if call is not None and not call.future.done():

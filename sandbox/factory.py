@@ -19,6 +19,7 @@ from sandbox import tiers
 from sandbox.backends.base import SandboxBackend
 from sandbox.backends.runsc import RunscBackend
 from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
+from sandbox.model_asks import ModelGate
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
 from sandbox.state import Transition
@@ -85,18 +86,18 @@ def _kubernetes_key(settings: Settings) -> bytes:
 
 async def kubernetes_sandboxes(
     settings: Settings, servers: ServerSource, tier_of: TierOf, *, kubeconfig: str | None = None,
-    egress: EgressPolicy | None = None,
+    egress: EgressPolicy | None = None, models: ModelGate | None = None,
 ) -> KubernetesSandboxes:
     """The kubernetes backend's manager (`MCPFLEET_SANDBOX_BACKEND=kubernetes`): McpSandbox objects
     in `MCPFLEET_K8S_NAMESPACE`, tokens derived with the key in `MCPFLEET_SANDBOX_KEY_FILE`; the API
-    as the pod's service account (or the kubeconfig) allows. `egress`: as for the local manager."""
+    as the pod's service account (or the kubeconfig) allows. `egress`, `models`: as for the local manager."""
     key = _kubernetes_key(settings)  # first: it names the extra when kubernetes_asyncio is missing
     from sandbox.kubernetes import KubernetesSandboxes, api_client
 
     return KubernetesSandboxes(
         await api_client(kubeconfig), servers, tier_of, key,
         namespace=settings.k8s_namespace, max_result_bytes=settings.max_result_bytes,
-        start_timeout=float(settings.k8s_start_timeout_s), egress=egress,
+        start_timeout=float(settings.k8s_start_timeout_s), egress=egress, models=models,
     )  # fmt: skip
 
 
@@ -159,6 +160,7 @@ def sandbox_manager(
     *,
     database_url: str | None = None,
     egress: EgressPolicy | None = None,
+    models: ModelGate | None = None,
     on_transition: Transition | None = None,
     images: ImageSealer | None = None,
 ) -> SandboxManager:
@@ -183,6 +185,7 @@ def sandbox_manager(
         database_url=database_url,
         max_result_bytes=settings.max_result_bytes,
         egress=egress,
+        models=models,
         images=images,
     )
 

@@ -44,6 +44,7 @@ from core.tasks import Tasks
 from sandbox import wire
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxError, SandboxUnavailable
+from sandbox.model_asks import ModelGate
 from sandbox.servers import ServerSource, ServerSpec, server_configs
 from sandbox.tiers import Tier
 from sandbox.tunnels import EgressPolicy
@@ -114,6 +115,7 @@ def spec_servers(servers: tuple[ServerSpec, ...]) -> list[dict[str, Any]]:
             "layerWheels": list(s.layer_wheels),
             "command": list(s.argv),
             "egress": list(s.egress),  # the hosts the gateway connects it to over the channel
+            "inference": s.inference,  # its supervisor offers it the model endpoint; the gateway answers
         }
         for s in servers
     ]
@@ -149,6 +151,7 @@ class KubeSandbox:
         # The channel's egress tunnels are decided by who the sandbox is for and what it runs now.
         if self.client.tunnels is not None:
             self.client.tunnels.sandbox = self
+        self.client.model_asks.sandbox = self
 
     @property
     def id(self) -> str:
@@ -259,9 +262,11 @@ class KubernetesSandboxes(McpSandboxObjects):
         poll_interval: float = 0.3,
         max_result_bytes: int = wire.MAX_LINE,
         egress: EgressPolicy | None = None,
+        models: ModelGate | None = None,
     ):
         """`egress` decides the connections servers that declare egress hosts ask for over the
-        channel (None: none is made); the pod itself has no route out but to the gateway."""
+        channel (None: none is made); the pod itself has no route out but to the gateway.
+        `models` answers the model asks of servers that declare inference (None: none is answered)."""
         super().__init__(api, namespace, start_timeout, poll_interval)
         self.servers = servers
         self.tier_of = tier_of
@@ -269,6 +274,7 @@ class KubernetesSandboxes(McpSandboxObjects):
         self.activity_interval = activity_interval
         self.max_result_bytes = max_result_bytes
         self.egress = egress
+        self.models = models
         self._key = key
         self._sandboxes: dict[int, KubeSandbox] = {}
         self._locks: dict[int, asyncio.Lock] = {}
@@ -441,7 +447,8 @@ class KubernetesSandboxes(McpSandboxObjects):
             if held is not None:
                 await held.client.close()
             token = sandbox_token(self._key, self.namespace, name, uid)
-            client = SupervisorClient(token=token, max_result_bytes=self.max_result_bytes, egress=self.egress)
+            client = SupervisorClient(token=token, max_result_bytes=self.max_result_bytes, egress=self.egress,
+                                      models=self.models)
             held = None
         await client.connect(*_host_port(endpoint), timeout=self.connect_timeout)
         sandbox = held or KubeSandbox(name, uid, user_id, tenant, user, client, endpoint)

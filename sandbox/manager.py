@@ -47,6 +47,7 @@ from sandbox.capacity import Capacity
 from sandbox.errors import SandboxUnavailable
 from sandbox.housekeeping import Housekeeper
 from sandbox.layout import SandboxLayout
+from sandbox.model_asks import ModelGate
 from sandbox.running import Running, Sandbox, workspace_key
 from sandbox.servers import ServerSource, ServerSpec, StaticServers, server_configs
 from sandbox.state import StateRecorder, Transition, UsageStamps
@@ -102,11 +103,13 @@ class SandboxManager:
         touch_interval: float = 10.0,
         max_result_bytes: int = wire.MAX_LINE,
         egress: EgressPolicy | None = None,
+        models: ModelGate | None = None,
         images: ImageSealer | None = None,
     ):
         """`home` is the fleet home: sandboxes live in home/sandboxes, workspaces in home/workspaces.
         With `database_url`, requests from the CLI are heard at once (LISTEN), else at the next sweep.
-        `egress` decides the connections servers that declare egress hosts ask for (None: none is made)."""
+        `egress` decides the connections servers that declare egress hosts ask for (None: none is made);
+        `models` answers the model asks of servers that declare inference (None: none is answered)."""
         source = servers if hasattr(servers, "servers_for") else StaticServers(servers)
         self.home = Path(home).absolute()
         self.sandboxes_dir = SandboxLayout.root(self.home)
@@ -121,7 +124,7 @@ class SandboxManager:
             self.home, backend, self.workspaces, self.servers, self.states,
             uid=uid, gid=gid, start_timeout=start_timeout, start_boost_s=start_boost_s,
             adopt_timeout=adopt_timeout, stop_grace=stop_grace, drain_timeout=drain_timeout,
-            max_result_bytes=max_result_bytes, egress=egress, images=images,
+            max_result_bytes=max_result_bytes, egress=egress, models=models, images=images,
         )  # fmt: skip
         self.running = Running()
         """Every running sandbox: users' and the warm pool's."""

@@ -35,6 +35,7 @@ class Sandbox:
         # The channel's egress tunnels are decided by who the sandbox is for and what it runs now.
         if self.client.tunnels is not None:
             self.client.tunnels.sandbox = self
+        self.client.model_asks.sandbox = self
 
     @property
     def directory(self) -> Path:

@@ -29,6 +29,8 @@ class ServerSpec:
     """The digests of the wheels unpacked into that layer (a pod's init container fetches them)."""
     egress: tuple[str, ...] = ()
     """Hosts (`host`, `host:port`) its manifest declares: only these it can reach, through the egress proxy."""
+    inference: bool = False
+    """Its manifest declares `"inference": true`: it may ask the fleet's models, from its sandbox's model endpoint."""
     server: str = ""
     """Its name in the registry (`namespace/server`), under which its users' secrets are kept."""
     secret_names: tuple[str, ...] = ()
@@ -94,7 +96,7 @@ def server_configs(servers: Sequence[ServerSpec]) -> list[ServerConfig]:
     return [
         ServerConfig(
             name=s.name, argv=list(s.argv), env={**s.env, **s.secrets}, cwd=WORKSPACE, revision=s.revision,
-            egress=list(s.egress), unavailable=s.unavailable,
+            egress=list(s.egress), inference=s.inference, unavailable=s.unavailable,
         )
         for s in servers
     ]

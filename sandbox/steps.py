@@ -25,6 +25,7 @@ from sandbox.boot import START_BOOST_S, boot, prepare, wait_ready
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxUnavailable
 from sandbox.layout import SandboxLayout, drop_channel, forget, make_channel, read_token, tree_bytes
+from sandbox.model_asks import ModelGate
 from sandbox.running import Sandbox
 from sandbox.servers import ServerSource, without_secrets
 from sandbox.state import StateRecorder
@@ -63,6 +64,7 @@ class Steps:
         drain_timeout: float = 30.0,
         max_result_bytes: int = wire.MAX_LINE,
         egress: EgressPolicy | None = None,
+        models: ModelGate | None = None,
         images: ImageSealer | None = None,
     ):
         self.home = home
@@ -79,6 +81,7 @@ class Steps:
         self.drain_timeout = drain_timeout
         self.max_result_bytes = max_result_bytes
         self.egress = egress
+        self.models = models
 
     def layout(self, sandbox_id: str) -> SandboxLayout:
         return SandboxLayout(self.home, sandbox_id)
@@ -86,7 +89,7 @@ class Steps:
     def client(self, layout: SandboxLayout, token: str) -> SupervisorClient:
         return SupervisorClient(
             layout.socket, token=token, socket_owner=(self.uid, self.gid), max_result_bytes=self.max_result_bytes,
-            egress=self.egress,
+            egress=self.egress, models=self.models,
         )
 
     def spec(self, sandbox: Sandbox) -> SandboxSpec:

@@ -29,6 +29,11 @@ gateway -> supervisor
     tunnel_opened {"tunnel", "error": str | null, "status": int}   the gateway's answer to a
                                                    `tunnel_open`: connected (error null), or refused
                                                    (status 403, 429) or unreachable (502)
+    model_reply {"ask", "status"?, "content_type"?, "data", "done"}   a piece of the answer to a
+                                                   `model_ask`, written to the server as it comes: the
+                                                   first carries the HTTP status and content type;
+                                                   `data` is text (one JSON body, an NDJSON line, an
+                                                   SSE event); `done`: the last piece
 
 supervisor -> gateway
     hello   {"token", "servers": {name: status}, "supervisor": {...}}   first message on every connection;
@@ -41,6 +46,11 @@ supervisor -> gateway
                                                    by a `configure` (state "removed")
     pong    {"id"}
     tunnel_open {"tunnel", "server", "host", "port"}   a server asked the egress proxy for host:port
+    model_ask {"ask", "server", "method", "path", "body"}   a server declaring inference asked its model
+                                                   endpoint: the HTTP method, the path without the
+                                                   server's token (`/api/chat`, `/v1/chat/completions`)
+                                                   and the body as text; answered by `model_reply`s
+    model_cancel {"ask"}                           the server hung up before the answer's last piece
 
 either way, for an open tunnel (see `Tunnel`)
     tunnel_data {"tunnel", "data"}                 bytes (base64), at most TUNNEL_CHUNK before encoding
@@ -97,6 +107,8 @@ TUNNEL_WINDOW = 256 * 1024
 end's memory hold of one tunnel at most, so a slow reader slows its sender instead of filling them."""
 MAX_TUNNELS = 32
 """Tunnels open at once per sandbox; beyond them the egress proxy answers 503."""
+MAX_MODEL_ASKS = 16
+"""Model requests in progress at once per sandbox; beyond them the model endpoint answers 429."""
 
 MAX_LINE = 64 * 1024 * 1024
 """Longest message either side accepts; a tool result can be large. The gateway sets its own,
@@ -213,7 +225,18 @@ class TunnelClose(TypedDict):
 
 TunnelMessage = TunnelData | TunnelAck | TunnelClose
 
-GatewayMessage = Attach | Call | Cancel | Answer | Notify | Configure | Detach | Ping | TunnelOpened | TunnelMessage
+
+class ModelReply(TypedDict):
+    type: Literal["model_reply"]
+    ask: int
+    status: NotRequired[int]
+    content_type: NotRequired[str]
+    data: str
+    done: bool
+
+
+GatewayMessage = (Attach | Call | Cancel | Answer | Notify | Configure | Detach | Ping | TunnelOpened | TunnelMessage
+                  | ModelReply)
 
 
 class Hello(TypedDict):
@@ -270,7 +293,22 @@ class Pong(TypedDict):
     id: Any
 
 
-SupervisorMessage = Hello | Result | Error | Note | Ask | Server | Pong | TunnelOpen | TunnelMessage
+class ModelAsk(TypedDict):
+    type: Literal["model_ask"]
+    ask: int
+    server: str
+    method: str
+    path: str
+    body: str
+
+
+class ModelCancel(TypedDict):
+    type: Literal["model_cancel"]
+    ask: int
+
+
+SupervisorMessage = (Hello | Result | Error | Note | Ask | Server | Pong | TunnelOpen | TunnelMessage | ModelAsk
+                     | ModelCancel)
 
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)

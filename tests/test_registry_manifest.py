@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
+from registry.artifacts import server_spec
 from registry.manifest import MANIFEST_SCHEMA, FleetMeta, ManifestError, load_manifest, parse_manifest
+from sandbox.servers import server_configs
 
 
 def manifest(**changes: Any) -> dict[str, Any]:
@@ -99,6 +101,19 @@ def test_a_minimal_manifest_defaults() -> None:
     assert parsed.prefix == "tide_tables_v2"
     assert parsed.package == parsed.command == "tide_tables"
     assert parsed.fleet == FleetMeta(egress=(), secrets=(), memory_mb=None, cpus=None)
+    assert parsed.fleet.inference is False
+
+
+def test_a_manifest_declaring_inference_reaches_the_servers_spec_and_supervisor_config() -> None:
+    document = manifest()
+    document["_meta"]["io.mcpfleet"]["inference"] = True
+    parsed = parse_manifest(document)
+    assert parsed.fleet.inference is True
+    spec = server_spec("weather", "ab" * 32, "weather:main", parsed.fleet.secrets, parsed.name,
+                       egress=parsed.fleet.egress, inference=parsed.fleet.inference)
+    [config] = server_configs([spec])
+    assert spec.inference and config.inference
+    assert not server_configs([server_spec("weather", "ab" * 32, "weather:main")])[0].inference
 
 
 def test_the_pypi_stdio_entry_is_chosen_among_others() -> None:
@@ -265,7 +280,8 @@ def test_wrong_types_name_the_field() -> None:
 @pytest.mark.parametrize(
     ("block", "expected"),
     [
-        ({"egres": ["a.example"]}, "_meta['io.mcpfleet'] has unknown field(s) 'egres'; known fields are command, egress, secrets, memory_mb, cpus"),
+        ({"egres": ["a.example"]}, "_meta['io.mcpfleet'] has unknown field(s) 'egres'; known fields are command, egress, inference, secrets, memory_mb, cpus"),
+        ({"inference": "yes"}, "_meta['io.mcpfleet'].inference must be"),
         ({"command": "python -m weather"}, "_meta['io.mcpfleet'].command 'python -m weather' must be the name of a console script"),
         ({"command": "/bin/sh"}, "_meta['io.mcpfleet'].command '/bin/sh' must be the name of a console script"),
         ({"egress": ["localhost"]}, "_meta['io.mcpfleet'].egress[0] 'localhost' must be a host name with an optional port"),

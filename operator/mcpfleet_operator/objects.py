@@ -112,6 +112,8 @@ def supervisor_config(servers: list[Mapping[str, Any]] | None) -> str:
             "revision": s.get("artifactSha256") or s.get("version") or "builtin",
             # Its supervisor offers it the egress proxy; the gateway makes each connection.
             "egress": [str(h) for h in s.get("egress") or []],
+            # Its supervisor offers it the model endpoint; the gateway answers every ask.
+            "inference": bool(s.get("inference")),
         })
     return json.dumps({"socket": "", "servers": rendered, "env": {}}, indent=2, sort_keys=True)
 

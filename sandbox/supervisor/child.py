@@ -152,11 +152,17 @@ class ChildServer:
         proxy_env: dict[str, str] = {}
         if config.egress:
             self._proxy_token, proxy_env = supervisor.proxy.credentials(config.name)
+        # The same for the model endpoint: only a server that declares inference is told of it.
+        self._model_token: str | None = None
+        model_env: dict[str, str] = {}
+        if config.inference:
+            self._model_token, model_env = supervisor.models.credentials(config.name, config.env)
         # Servers inherit the sandbox's environment (PATH, PYTHONPATH, HOME) and add their own.
-        self._env = {**os.environ, **supervisor_config.env, **config.env, **proxy_env}
-        # Values given to this server (its secrets and proxy token among them) never leave through its stderr.
+        self._env = {**os.environ, **supervisor_config.env, **config.env, **proxy_env, **model_env}
+        # Values given to this server (its secrets and tokens among them) never leave through its stderr.
         self._secrets = sorted(
-            {v.encode() for v in (*supervisor_config.env.values(), *config.env.values(), self._proxy_token or "")
+            {v.encode() for v in (*supervisor_config.env.values(), *config.env.values(), self._proxy_token or "",
+                                  self._model_token or "")
              if len(v) >= MIN_SECRET},
             key=len,
             reverse=True,
@@ -314,6 +320,8 @@ class ChildServer:
         self._settled.set()
         if self._proxy_token is not None:
             self._supervisor.proxy.forget(self._proxy_token)
+        if self._model_token is not None:
+            self._supervisor.models.forget(self._model_token)
         pipes = self._pipes
         if pipes is None:
             return

@@ -46,6 +46,8 @@ class ServerConfig:
     egress: list[str] = field(default_factory=list)
     """Hosts (`host` or `host:port`) the manifest declares; non-empty: the server gets proxy credentials.
     The gateway checks each connection against its own copy; the supervisor only decides who gets credentials."""
+    inference: bool = False
+    """The manifest declares `"inference": true`: the server gets the model endpoint (`models`), with credentials of its own."""
     unavailable: str = ""
     """Why the server cannot do its work (a secret it declares is not set): its calls fail with this."""
 

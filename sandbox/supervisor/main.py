@@ -16,6 +16,7 @@ from sandbox.supervisor.child import ChildServer, log
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig
 from sandbox.supervisor.init import run_as_init
 from sandbox.supervisor.link import Link, Listener
+from sandbox.supervisor.models import ModelEndpoint
 from sandbox.supervisor.proxy import EgressProxy
 
 
@@ -25,6 +26,7 @@ class Supervisor:
         `token_file`: on TCP, where the token is read anew at every attach."""
         self.config = config
         self.proxy = EgressProxy(self.emit, self._pid_of, lambda: self.link.connected)
+        self.models = ModelEndpoint(self.emit, self._pid_of, lambda: self.link.connected)
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
         self._runs: dict[str, asyncio.Task[None]] = {}
         self.link: Link | Listener = Listener(*listen, self, token_file) if listen else Link(config.socket, self)
@@ -91,6 +93,8 @@ class Supervisor:
             self.emit({"type": "pong", "id": message.get("id")})
         elif kind in ("tunnel_opened", "tunnel_data", "tunnel_ack", "tunnel_close"):
             self.proxy.on_message(message)
+        elif kind == "model_reply":
+            self.models.on_message(message)
         elif kind == "configure":
             servers = [ServerConfig(**s) for s in message.get("servers") or []]
             asyncio.get_running_loop().create_task(self._configure(message.get("id"), servers))
@@ -134,26 +138,33 @@ class Supervisor:
         for child in new:
             self.children[child.name] = child
             self._runs[child.name] = asyncio.get_running_loop().create_task(child.run())
-        self.proxy.serve()
+        self._serve_endpoints()
         await asyncio.gather(*(child.wait_settled() for child in new))
         log(f"configured: {', '.join(f'{n}: {c.state}' for n, c in self.children.items()) or 'no servers'}")
         self.emit({"type": "result", "id": request_id, "result": {"servers": {n: c.status() for n, c in self.children.items()}}})
 
     def on_connect(self) -> None:
         """A gateway is there again (after a detach, a restore, a gateway restart)."""
+        self._serve_endpoints()
+
+    def _serve_endpoints(self) -> None:
         self.proxy.serve()
+        self.models.serve()
 
     def on_detach(self) -> None:
         """Before the channel closes for a checkpoint: nothing in the sandbox may wait on a
         loopback socket then, and no tunnel can survive it anyway."""
         self.proxy.pause()
         self.proxy.drop_all("the sandbox is being saved")
+        self.models.pause()
+        self.models.drop_all("the sandbox is being saved")
 
     def on_disconnect(self) -> None:
         """Calls of a gateway that went away can never be answered: cancel them all."""
         self._calls.clear()
         self._asks.clear()
         self.proxy.drop_all("the gateway went away")
+        self.models.drop_all("the gateway went away")
         for child in self.children.values():
             child.drop_gateway_state()
 
@@ -164,7 +175,7 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        self.proxy.serve()
+        self._serve_endpoints()
         self._runs = {name: asyncio.create_task(child.run()) for name, child in self.children.items()}
         # The first hello should say how every server fared, so connect once all have settled.
         await asyncio.gather(*(child.wait_settled() for child in self.children.values()))
@@ -174,6 +185,7 @@ class Supervisor:
         log("stopping")
         link.cancel()
         self.proxy.close()
+        self.models.close()
         await asyncio.gather(*(child.stop() for child in self.children.values()))
         for task in self._runs.values():
             task.cancel()

@@ -11,10 +11,8 @@ ways as `tunnel_data` under the window of `wire.Tunnel`.
 
 Credentials alone are not enough: the sandbox's processes share a uid, so a neighbour can read
 a server's environment (/proc/PID/environ) and with it the token. So the proxy also asks the
-kernel who is on the other end of each connection (the socket's inode in /proc/net/tcp, then the
-processes holding it) and serves it only if every holder is the server's process or one of its
-descendants. Neighbours cannot become one: ptrace is limited to a process's own descendants
-(gVisor's Yama `ptrace_scope` is 1) and a neighbour is no descendant of the server.
+kernel who is on the other end of each connection and serves it only if that is the server or
+one of its descendants (`peers`).
 
 CONNECT host:port (https, any TLS: the proxy never sees inside) and plain http requests in
 absolute form (`GET http://host/path`, one request per connection) are served.
@@ -27,7 +25,6 @@ import base64
 import binascii
 import hmac
 import itertools
-import os
 import secrets
 import socket
 from collections.abc import Callable
@@ -35,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sandbox import wire
+from sandbox.supervisor.peers import stranger
 
 HEAD_LIMIT = 16 * 1024
 """Longest request head the proxy reads."""
@@ -225,70 +223,9 @@ class EgressProxy:
                 return server
         return None
 
-
     def _stranger(self, server: str, peer: tuple[str, int] | None) -> str | None:
         """Why the connection from `peer` is not `server`'s own (None: it is)."""
-        root = self._pid_of(server)
-        if root is None or peer is None:
-            return f"server {server!r} is not running"
-        holders = socket_holders(peer[1], self.port or 0)
-        if not holders:
-            return "cannot tell which process connected"
-        for pid in holders:
-            if not descends_from(pid, root):
-                return f"process {pid} is not server {server!r} or one of its children: these are its credentials"
-        return None
-
-
-def socket_holders(client_port: int, proxy_port: int) -> set[int]:
-    """Processes holding the client end of the loopback connection client_port -> proxy_port."""
-    wanted = (f"0100007F:{client_port:04X}", f"0100007F:{proxy_port:04X}")
-    inode = None
-    try:
-        with open("/proc/net/tcp") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if len(fields) > 9 and (fields[1], fields[2]) == wanted:
-                    inode = fields[9]
-                    break
-    except OSError:
-        return set()
-    if inode is None or inode == "0":
-        return set()
-    link = f"socket:[{inode}]"
-    holders = set()
-    for pid in filter(str.isdigit, _listdir("/proc")):
-        for fd in _listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
-                    holders.add(int(pid))
-                    break
-            except OSError:
-                continue
-    return holders
-
-
-def descends_from(pid: int, root: int) -> bool:
-    """Whether `pid` is `root` or below it (parents read from /proc/PID/stat)."""
-    for _ in range(64):  # deeper than any server's process tree
-        if pid == root:
-            return True
-        if pid <= 1:
-            return False
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                # The name in parentheses may hold spaces and parentheses: the fields follow its last ')'.
-                pid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
+        return stranger(server, self._pid_of(server), peer, self.port or 0)
 
 
 _REASONS = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required", 429: "Too Many Requests",
