@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import psycopg
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
@@ -16,11 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from core.outage import DatabaseUnavailable
 from core.settings import Settings
 from gateway import admin, artifact_api, metrics, registry_api, secrets_api
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.breakers import Breakers
-from gateway.call_audit import AuditedBearerBackend, missing_scope_hook, note_oauth_refusal
+from gateway.call_audit import AuditedBearerBackend, database_down_response, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
 from gateway.http_headers import TrimHeaderWhitespace
 from gateway.limits import LimitsMiddleware, buckets_for
@@ -52,9 +54,10 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 def create_app(fleet: Fleet) -> Starlette:
     """The gateway over `fleet`, which the app's lifespan opens and closes."""
     settings = fleet.settings
+    tool_sets = ToolSets(fleet, settings.db_outage_s)
     router = Router(
         fleet, bare_servers=settings.bare_servers,
-        breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s), tool_sets=ToolSets(fleet),
+        breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s), tool_sets=tool_sets,
     )
     fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()
@@ -96,6 +99,7 @@ def create_app(fleet: Fleet) -> Starlette:
 
     calls = fleet.calls
     verifier = ApiKeyVerifier(fleet)
+    fleet.telemetry.metrics.outage_caches += [verifier.cache, tool_sets.cache]
     oauth = OAuthVerifier(settings, fleet, on_refused=note_oauth_refusal)
     admin_sessions = admin.sessions_for(fleet)
     buckets = buckets_for(settings)
@@ -129,10 +133,20 @@ def create_app(fleet: Fleet) -> Starlette:
             Middleware(
                 AuthenticationMiddleware,
                 backend=TracedAuthBackend(AuditedBearerBackend(BearerVerifier(verifier, oauth), calls)),
+                on_error=database_down_response,
             ),
             Middleware(AuthContextMiddleware),
             Middleware(admin.SessionContext, sessions=admin_sessions),
         ],
         lifespan=lifespan,
+        # What truly needs the database (approvals, new users, the registry) says so while it is away.
+        exception_handlers={psycopg.OperationalError: database_unreachable, psycopg.InterfaceError: database_unreachable,
+                            DatabaseUnavailable: database_unreachable},
     )
     return app
+
+
+async def database_unreachable(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, DatabaseUnavailable):
+        exc = DatabaseUnavailable(f"{request.method} {request.url.path}")
+    return JSONResponse({"error": "database_unavailable", "message": str(exc)}, status_code=503, headers={"Retry-After": "2"})

@@ -111,7 +111,7 @@ class Fleet:
             registry = Registry(
                 self.settings.home, pool, backend, python, scan=scan_tools, indexer=index.version,
                 artifacts_s3_url=self.settings.artifacts_s3_url, no_trial_reason=no_trial_reason, pods=pods,
-                conformance_everywhere=self.settings.conformance_everywhere,
+                conformance_everywhere=self.settings.conformance_everywhere, outage_s=self.settings.db_outage_s,
             )
             registry.on_change.append(self._tools_changed)
             await registry.start(self.database_url)
