@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 EMBEDDED_DATABASE = "mcpfleet"
+RECONNECT_S = 10.0
 
 # Handles on embedded servers this process started or joined; the wheel stops
 # a server when the last process holding a handle on it exits.
@@ -103,7 +104,11 @@ def _yoyo_url(url: str) -> str:
 
 
 async def open_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> AsyncConnectionPool:
-    pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True})
+    # A connection attempt that keeps failing is given up after RECONNECT_S (its retries back off
+    # exponentially, unbounded within it) and the next request that waits starts a new one: after a
+    # restart of the database the pool is whole again within seconds, not after the backoff's minutes.
+    pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True},
+                               reconnect_timeout=RECONNECT_S)
     await pool.open(wait=True, timeout=30)
     return pool
 

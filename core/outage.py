@@ -9,11 +9,13 @@ here at the latest `outage_s` after this gateway last read it (sooner with the N
 clears the cache as soon as its listener is back).
 
 While the database is known to be down (a read failed in the last `RETRY_AFTER_S`), a cached
-value serves without trying again, so an outage does not add the pool's wait to every request.
+value serves without trying again, and when there is one to fall back on a read waits at most
+`WAIT_S` (not the pool's 30 s): an outage does not add the pool's wait to the requests it spares.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from core.errors import FleetError
 UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 OUTAGE_S = 120.0
 RETRY_AFTER_S = 2.0
+WAIT_S = 1.0
 _LIMIT = 10_000
 
 K = TypeVar("K", bound=Hashable)
@@ -77,8 +80,12 @@ class OutageCache(Generic[K, V]):
             self.served_in_outage += 1
             return hit.value  # type: ignore[union-attr]
         try:
-            loaded = await load()
-        except UNREACHABLE as exc:
+            if usable:
+                async with asyncio.timeout(WAIT_S):
+                    loaded = await load()
+            else:
+                loaded = await load()
+        except (*UNREACHABLE, TimeoutError) as exc:
             self._down_until = self.clock() + RETRY_AFTER_S
             if usable:
                 self.served_in_outage += 1
