@@ -47,6 +47,7 @@ from sandbox.factory import (
     trial_backend,
 )
 from sandbox.housekeeping import RequestDesk
+from sandbox.lease import LeasedManager, NodeLease, node_key
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,11 @@ class Fleet:
                     on_transition=self.telemetry.metrics.sandbox_transition,
                     images=SealedImages(secrets),
                 )
+            if self.settings.sandbox_backend != "kubernetes":
+                # One manager per backend and database, the others on standby (sandbox/lease.py).
+                lease = NodeLease(self.database_url, node_key(self.settings.sandbox_backend),
+                                  address=f"{self.settings.host}:{self.settings.port}")
+                manager = LeasedManager(manager, lease)
             await manager.start()
             stack.push_async_callback(manager.close)
             if self.settings.sandbox_backend == "kubernetes":
