@@ -116,6 +116,8 @@ async def test_calls_go_on_through_a_restart_and_every_audit_entry_arrives(outag
             assert "database" in listing.json()["message"]
 
             assert metric(fleet, "mcpfleet_audit_queue_depth") >= 1
+            ready = httpx.get(f"{fleet.base_url}/readyz", timeout=30)  # kept in service: it still serves
+            assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
             assert metric(fleet, "mcpfleet_auth_served_in_outage_total") >= 1
         finally:
             print(f"outage: {time.monotonic() - stopped:.1f}s")
