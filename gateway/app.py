@@ -25,6 +25,7 @@ from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.breakers import Breakers
 from gateway.call_audit import AuditedBearerBackend, database_down_response, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
+from gateway.forward import ForwardToOwner
 from gateway.http_headers import TrimHeaderWhitespace
 from gateway.limits import LimitsMiddleware, buckets_for
 from gateway.oauth.resource import RequireBearer, metadata_routes
@@ -81,6 +82,7 @@ def create_app(fleet: Fleet) -> Starlette:
                     yield
             finally:
                 await verifier.stop_listening()
+                await mcp_endpoint.aclose()
                 await oauth.close()
                 await buckets.aclose()
 
@@ -115,7 +117,7 @@ def create_app(fleet: Fleet) -> Starlette:
     admin_sessions = admin.sessions_for(fleet)
     buckets = buckets_for(settings)
     # Refusals in plain text (the transport's) become JSON-RPC errors that clients show.
-    mcp_endpoint = JsonRpcRefusals(
+    mcp_endpoint = ForwardToOwner(JsonRpcRefusals(
         RequireBearer(
             LimitsMiddleware(
                 StreamableHTTPASGIApp(sessions), settings, buckets, calls,
@@ -125,7 +127,7 @@ def create_app(fleet: Fleet) -> Starlette:
             on_missing_scope=missing_scope_hook(calls),
         ),
         max_body_bytes=settings.max_body_bytes,
-    )
+    ), owner=lambda: getattr(fleet.manager, "owner_address", None), max_body_bytes=settings.max_body_bytes)
     app = Starlette(
         routes=[
             Route("/mcp", endpoint=mcp_endpoint, methods=["GET", "POST", "DELETE"]),

@@ -117,6 +117,17 @@ class LeasedManager:
         self._holder = "another gateway"
         self._tasks = Tasks()
 
+    @property
+    def owner_address(self) -> str | None:
+        """None while this gateway runs the sandboxes; otherwise where the one that does listens."""
+        if self.active:
+            return None
+        address = next((part for part in reversed(self._holder.split()) if ":" in part), None)
+        if address is None:
+            return None
+        host, _, port = address.rpartition(":")
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '[::]') else host}:{port}"
+
     def __getattr__(self, name: str) -> Any:  # what else the gateway reads (running, lifecycle): the inner's
         return getattr(self.inner, name)
 
