@@ -72,6 +72,8 @@ class Settings:
     for those added with `--with-conformance`: for fleets that the MCP conformance suite tests."""
     # Where clients reach `/mcp`, as OAuth tokens must name it in `aud`; None: http://HOST:PORT/mcp.
     configured_public_url: str | None = None
+    # Where the other replicas reach this one (`up --replicas`: a loopback port of its own); None: host:port.
+    lease_address: str | None = None
     required_scopes: tuple[str, ...] = ("mcp",)
     # Loopback and private issuers (tests, an IdP on the same network); also allows plain http.
     allow_private_issuers: bool = False

@@ -141,7 +141,7 @@ class Fleet:
             if self.settings.sandbox_backend != "kubernetes":
                 # One manager per backend and database, the others on standby (sandbox/lease.py).
                 lease = NodeLease(self.database_url, node_key(self.settings.sandbox_backend),
-                                  address=f"{self.settings.host}:{self.settings.port}")
+                                  address=self.settings.lease_address or f"{self.settings.host}:{self.settings.port}")
                 manager = LeasedManager(manager, lease)
             await manager.start()
             stack.push_async_callback(manager.close)
