@@ -89,20 +89,22 @@ def create_app(fleet: Fleet) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    last_reached = [time.monotonic()]
+    down_since: list[float] = []  # when the probe first found the database away (probes come every few seconds)
 
     async def readyz(request: Request) -> JSONResponse:
-        """Ready while the database answers, and through a brief outage of it (`db_outage_s` since it
-        last answered): running sandboxes' calls go on meanwhile (core/outage.py), and a probe that
-        failed at once would take every replica out of service together."""
+        """Ready while the database answers, and through a brief outage of it (`db_outage_s` since a
+        probe first found it away): running sandboxes' calls go on meanwhile (core/outage.py), and a
+        probe that failed at once would take every replica out of service together."""
         checks: dict[str, str] = {}
         try:
             async with fleet.pool.connection(timeout=2) as conn:
                 await conn.execute("SELECT 1")
             checks["database"] = "ok"
-            last_reached[0] = time.monotonic()
+            down_since.clear()
         except Exception as exc:
-            away = time.monotonic() - last_reached[0]
+            if not down_since:
+                down_since.append(time.monotonic())
+            away = time.monotonic() - down_since[0]
             within = away < settings.db_outage_s
             checks["database"] = f"unavailable: {type(exc).__name__}" + (f" for {away:.0f}s; serving from cache" if within else "")
             if within:
