@@ -59,13 +59,16 @@ class NodeLease:
         return self.held
 
     async def holder(self) -> str:
-        """The holder's application name (its pid and address), as far as the database tells."""
+        """The holder's application name (its pid and address), as far as the database tells. In this
+        database only: advisory locks are per database, and pg_locks shows every database's (another
+        fleet's gateway on the same server must never be taken for this one's, nor sent its requests)."""
         try:
             assert self._conn is not None
             row = await (await self._conn.execute(
                 """WITH k AS (SELECT hashtextextended(%s, 0) AS v)
                    SELECT a.application_name FROM k, pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                       AND l.classid = ((k.v >> 32) & 4294967295)::oid AND l.objid = (k.v & 4294967295)::oid""",
                 (self.key,))).fetchone()
         except (psycopg.Error, AssertionError):

@@ -121,3 +121,25 @@ async def test_one_session_served_alternately_by_two_replicas(pair):
     assert httpx.delete(first.mcp_url.replace(str(first.port), str(second.port)), headers=headers, timeout=60).status_code in (200, 204)
     gone, _ = rpc(first, key, session, 100, "tools/list")
     assert gone.status_code == 404
+
+
+async def test_the_lock_and_its_holder_are_those_of_this_database_only(postgres_url):
+    """Advisory locks are per database, but pg_locks lists every database's: a standby must never take
+    another fleet's gateway on the same server for its owner (it would send it its users' keys)."""
+    from sandbox.lease import NodeLease, node_key
+    from tests.conftest import fresh_database
+
+    ours, theirs = fresh_database(postgres_url, "lease"), fresh_database(postgres_url, "lease")
+    their_owner = NodeLease(theirs, node_key("runsc"), address="127.0.0.1:1111")
+    our_owner = NodeLease(ours, node_key("runsc"), address="127.0.0.1:2222")
+    standby = NodeLease(ours, node_key("runsc"), address="127.0.0.1:3333")
+    try:
+        assert await their_owner.try_acquire()
+        assert await our_owner.try_acquire()  # another database: not held there
+        assert not await standby.try_acquire()
+        assert (await standby.holder()).endswith("127.0.0.1:2222")
+        await our_owner.release()
+        assert await standby.try_acquire()  # the holder gone, the lock is free at once
+    finally:
+        for lease in (their_owner, our_owner, standby):
+            await lease.release()
