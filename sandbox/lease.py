@@ -5,7 +5,8 @@ The local backends' manager assumes it is alone: at start it adopts every live r
 fit. Two managers on one database would adopt each other's sandboxes and start a user's twice. So
 the manager runs only while its gateway holds a PostgreSQL advisory lock keyed by the backend, on a
 connection of its own. A gateway that finds the lock taken is on standby (`LeasedManager`): it
-serves everything but sandboxes (a call for one says which gateway runs them), tries the lock
+passes `/mcp` on to the holder (gateway/forward.py; a call that still reaches its manager, with no
+holder's address known, is refused saying which gateway runs the sandboxes), tries the lock
 every few seconds, and when the holder is gone (stopped, killed: its session ends and the lock with
 it) takes it and starts its manager, whose recovery adopts the sandboxes the other left running.
 
