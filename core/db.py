@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 EMBEDDED_DATABASE = "mcpfleet"
+RECONNECT_S = 10.0
 
 # Handles on embedded servers this process started or joined; the wheel stops
 # a server when the last process holding a handle on it exits.
@@ -102,24 +104,43 @@ def _yoyo_url(url: str) -> str:
 
 
 async def open_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> AsyncConnectionPool:
-    pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True})
+    # A connection attempt that keeps failing is given up after RECONNECT_S (its retries back off
+    # exponentially, unbounded within it) and the next request that waits starts a new one: after a
+    # restart of the database the pool is whole again within seconds, not after the backoff's minutes.
+    pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True},
+                               reconnect_timeout=RECONNECT_S)
     await pool.open(wait=True, timeout=30)
     return pool
 
 
-async def follow_notifications(url: str, channel: str, on_change: Callable[[], None], what: str) -> None:
+async def follow_notifications(url: str, channel: str, on_change: Callable[[], None], what: str, *,
+                               keep_for: float = 0.0) -> None:
     """Call `on_change` on every NOTIFY on `channel`, and whenever the listening connection is
-    (re)made or lost: what changed while nobody listened must not stay trusted. Runs until cancelled."""
+    (re)made: what changed while nobody listened must not stay trusted. When the connection is lost,
+    `on_change` too, at once (`keep_for` 0) or once it has stayed lost for `keep_for` seconds, so that
+    a cache serves through a brief outage of the database (core.outage), during which nothing it
+    holds can be changed there. Runs until cancelled."""
+    lost_at: float | None = None
+    cleared = False
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                 await conn.execute(f"LISTEN {channel}")
+                lost_at = None
                 on_change()
                 async for _ in conn.notifies():
                     on_change()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the database restarted: keep trying, trust nothing cached
-            on_change()
-            log.warning("lost the %s listener (%s); reconnecting", what, exc)
+        except Exception as exc:  # the database restarted: keep trying; trust nothing cached past keep_for
+            now = time.monotonic()
+            if lost_at is None:
+                cleared = keep_for <= 0
+                log.warning("lost the %s listener (%s); reconnecting", what, exc)
+                lost_at = now
+                if keep_for <= 0:
+                    on_change()
+            elif keep_for > 0 and not cleared and now - lost_at >= keep_for:
+                on_change()  # once: what is read later while the listener is away is bounded by its reader
+                cleared = True
             await asyncio.sleep(1.0)

@@ -74,6 +74,8 @@ class Settings:
     for those added with `--with-conformance`: for fleets that the MCP conformance suite tests."""
     # Where clients reach `/mcp`, as OAuth tokens must name it in `aud`; None: http://HOST:PORT/mcp.
     configured_public_url: str | None = None
+    # Where the other replicas reach this one (`up --replicas`: a loopback port of its own); None: host:port.
+    lease_address: str | None = None
     required_scopes: tuple[str, ...] = ("mcp",)
     # Loopback and private issuers (tests, an IdP on the same network); also allows plain http.
     allow_private_issuers: bool = False
@@ -103,6 +105,12 @@ class Settings:
     # bring-up, or one server in it, is fenced off for the cool-down; then one call probes it.
     breaker_failures: int = 3
     breaker_cooldown_s: float = 30.0
+    # A verified API key is trusted this long before the database is asked again (a revocation
+    # reaches a listening gateway at once through NOTIFY; this bounds one that is not listening).
+    key_cache_s: float = 30.0
+    # While the database cannot be reached, keys, tool sets and approvals read within this long keep
+    # serving running sandboxes' calls (core/outage.py); nothing older does.
+    db_outage_s: float = 120.0
     """Largest result a server may send for one call; the gateway refuses larger ones unread."""
     # Shares the rate limits' buckets across gateways; None: each gateway counts on its own.
     redis_url: str | None = None
@@ -161,6 +169,8 @@ def load_settings(**overrides: object) -> Settings:
         "body_timeout_s": _positive("MCPFLEET_BODY_TIMEOUT_S", 30),
         "breaker_failures": _positive("MCPFLEET_BREAKER_FAILURES", 3),
         "breaker_cooldown_s": _positive("MCPFLEET_BREAKER_COOLDOWN_S", 30),
+        "key_cache_s": _positive("MCPFLEET_KEY_CACHE_S", 30),
+        "db_outage_s": _positive("MCPFLEET_DB_OUTAGE_S", 120),
         "max_connections": _positive("MCPFLEET_MAX_CONNECTIONS", 1000),
         "max_result_bytes": _positive("MCPFLEET_MAX_RESULT_BYTES", 16 * 1024 * 1024),
         "redis_url": os.environ.get("REDIS_URL") or None,

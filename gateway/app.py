@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
+import psycopg
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
@@ -16,13 +18,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from core.outage import DatabaseUnavailable
 from core.settings import Settings
 from gateway import admin, artifact_api, metrics, registry_api, secrets_api
 from gateway.admin.secret import session_secret
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.breakers import Breakers
-from gateway.call_audit import AuditedBearerBackend, missing_scope_hook, note_oauth_refusal
+from gateway.call_audit import AuditedBearerBackend, database_down_response, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
+from gateway.forward import ForwardToOwner
 from gateway.http_headers import TrimHeaderWhitespace
 from gateway.input_required import InputExchanges
 from gateway.input_required import boundary as request_state_boundary
@@ -57,9 +61,10 @@ def create_app(fleet: Fleet) -> Starlette:
     """The gateway over `fleet`, which the app's lifespan opens and closes."""
     settings = fleet.settings
     exchanges = InputExchanges(settings.input_wait_s, settings.input_held_per_user)
+    tool_sets = ToolSets(fleet, settings.db_outage_s)
     router = Router(
         fleet, bare_servers=settings.bare_servers,
-        breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s), tool_sets=ToolSets(fleet),
+        breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s), tool_sets=tool_sets,
         exchanges=exchanges, sampling=Sampling(lambda: fleet.models, settings.sampling_by_fleet),
     )
     fleet.on_tools_changed.append(router.tools_changed)
@@ -88,30 +93,44 @@ def create_app(fleet: Fleet) -> Starlette:
             finally:
                 exchanges.close()  # servers still waiting for a client's input are told the gateway stops
                 await verifier.stop_listening()
+                await mcp_endpoint.aclose()
                 await oauth.close()
                 await buckets.aclose()
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
+    down_since: list[float] = []  # when the probe first found the database away (probes come every few seconds)
+
     async def readyz(request: Request) -> JSONResponse:
+        """Ready while the database answers, and through a brief outage of it (`db_outage_s` since a
+        probe first found it away): running sandboxes' calls go on meanwhile (core/outage.py), and a
+        probe that failed at once would take every replica out of service together."""
         checks: dict[str, str] = {}
         try:
             async with fleet.pool.connection(timeout=2) as conn:
                 await conn.execute("SELECT 1")
             checks["database"] = "ok"
+            down_since.clear()
         except Exception as exc:
-            checks["database"] = f"unavailable: {type(exc).__name__}"
+            if not down_since:
+                down_since.append(time.monotonic())
+            away = time.monotonic() - down_since[0]
+            within = away < settings.db_outage_s
+            checks["database"] = f"unavailable: {type(exc).__name__}" + (f" for {away:.0f}s; serving from cache" if within else "")
+            if within:
+                return JSONResponse({"status": "degraded", "checks": checks}, status_code=200)
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
 
     calls = fleet.calls
     verifier = ApiKeyVerifier(fleet)
+    fleet.telemetry.metrics.outage_caches += [verifier.cache, tool_sets.cache]
     oauth = OAuthVerifier(settings, fleet, on_refused=note_oauth_refusal)
     admin_sessions = admin.sessions_for(fleet)
     buckets = buckets_for(settings)
     # Refusals in plain text (the transport's) become JSON-RPC errors that clients show.
-    mcp_endpoint = JsonRpcRefusals(
+    mcp_endpoint = ForwardToOwner(JsonRpcRefusals(
         RequireBearer(
             LimitsMiddleware(
                 StreamableHTTPASGIApp(sessions), settings, buckets, calls,
@@ -121,7 +140,7 @@ def create_app(fleet: Fleet) -> Starlette:
             on_missing_scope=missing_scope_hook(calls),
         ),
         max_body_bytes=settings.max_body_bytes,
-    )
+    ), owner=lambda: getattr(fleet.manager, "owner_address", None), max_body_bytes=settings.max_body_bytes)
     app = Starlette(
         routes=[
             Route("/mcp", endpoint=mcp_endpoint, methods=["GET", "POST", "DELETE"]),
@@ -140,10 +159,20 @@ def create_app(fleet: Fleet) -> Starlette:
             Middleware(
                 AuthenticationMiddleware,
                 backend=TracedAuthBackend(AuditedBearerBackend(BearerVerifier(verifier, oauth), calls)),
+                on_error=database_down_response,
             ),
             Middleware(AuthContextMiddleware),
             Middleware(admin.SessionContext, sessions=admin_sessions),
         ],
         lifespan=lifespan,
+        # What truly needs the database (approvals, new users, the registry) says so while it is away.
+        exception_handlers={psycopg.OperationalError: database_unreachable, psycopg.InterfaceError: database_unreachable,
+                            DatabaseUnavailable: database_unreachable},
     )
     return app
+
+
+async def database_unreachable(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, DatabaseUnavailable):
+        exc = DatabaseUnavailable(f"{request.method} {request.url.path}")
+    return JSONResponse({"error": "database_unavailable", "message": str(exc)}, status_code=503, headers={"Retry-After": "2"})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ from starlette.types import Scope
 from core import accounts
 from core.accounts import Identity
 from core.db import follow_notifications
+from core.outage import OutageCache
 from core.tasks import Tasks
 
 if TYPE_CHECKING:
@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A verified key is trusted for this long without asking the database again;
-# revocations also clear the cache at once through LISTEN/NOTIFY.
-CACHE_SECONDS = 30.0
 ISSUER = "mcpfleet:api-key"
 
 
@@ -59,7 +56,12 @@ def is_api_key(token: AccessToken) -> bool:
 class ApiKeyVerifier:
     def __init__(self, fleet: Fleet):
         self.fleet = fleet
-        self._cache: dict[bytes, tuple[float, Identity]] = {}
+        # A verified key is trusted for `key_cache_s` without asking the database again; revocations
+        # also clear the cache at once through LISTEN/NOTIFY. While the database cannot be reached,
+        # a key verified in the last `db_outage_s` keeps working (core.outage), and no other.
+        settings = fleet.settings
+        self.cache: OutageCache[bytes, Identity] = OutageCache(
+            "Checking this API key", fresh_s=settings.key_cache_s, outage_s=settings.db_outage_s)
         self._tasks = Tasks()
 
     async def verify_token(self, token: str) -> AccessToken | None:
@@ -76,27 +78,26 @@ class ApiKeyVerifier:
         )
 
     async def identify(self, token: str) -> Identity | None:
+        """The key's identity, None for a key not (or no longer) valid; `DatabaseUnavailable` when
+        the database cannot be reached and the key was not verified recently enough to go on."""
         digest = hashlib.sha256(token.encode()).digest()
-        hit = self._cache.get(digest)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        async with self.fleet.pool.connection() as conn:
-            verified = await accounts.verify_key_until(conn, token)
-        if verified is None:
-            self._cache.pop(digest, None)
-            return None
-        identity, expires_at = verified
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        trusted_for = CACHE_SECONDS
-        if expires_at is not None:  # an expiring key is not trusted past its expiry
-            trusted_for = min(trusted_for, (expires_at - datetime.now(UTC)).total_seconds())
-        self._cache[digest] = (now + trusted_for, identity)
-        return identity
+
+        async def load() -> tuple[Identity, float | None] | None:
+            async with self.fleet.pool.connection() as conn:
+                verified = await accounts.verify_key_until(conn, token)
+            if verified is None:
+                return None
+            identity, expires_at = verified
+            # An expiring key is not trusted past its expiry, outage or not.
+            return identity, None if expires_at is None else (expires_at - datetime.now(UTC)).total_seconds()
+
+        return await self.cache.get(digest, load)
 
     def start_listening(self, url: str) -> None:
-        listen = follow_notifications(url, "api_keys_revoked", self._cache.clear, "revocation")
+        # A lost listener keeps the cache for the outage's bound (a revocation cannot be written
+        # while the database is down); the cache is cleared when the listener is back.
+        listen = follow_notifications(url, "api_keys_revoked", self.cache.clear, "revocation",
+                                     keep_for=self.cache.outage_s)
         self._tasks.spawn(listen, name="api-key-revocations")
 
     async def stop_listening(self) -> None:

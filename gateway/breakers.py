@@ -22,6 +22,7 @@ from typing import Literal
 from mcp.shared.exceptions import MCPError
 
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
+from sandbox.lease import Standby
 
 INTERNAL_ERROR = -32603
 BREAKER_OPEN = -32003
@@ -155,7 +156,7 @@ class Breakers:
 
 def bring_up_verdict(exc: BaseException) -> Verdict:
     """A start that failed counts; a full quota or a sandbox let go of on purpose says nothing of it."""
-    if isinstance(exc, (QuotaExceeded, SandboxDetached)):
+    if isinstance(exc, (QuotaExceeded, SandboxDetached, Standby)):  # Standby: another gateway runs them
         return None
     return "failure" if isinstance(exc, SandboxUnavailable) else None
 

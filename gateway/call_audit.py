@@ -18,7 +18,12 @@ What a client sends is bounded as it is queued (`text.bounded`): a tool name of 
 a NUL in it is kept as its first characters and its SHA-256, so neither the queue nor the log
 grows with it. An entry the database still refuses is written as `audit.refused` and the rest of
 its batch goes in: one entry never holds up the others. Only when the database cannot be reached
-is a batch kept to be tried again.
+is a batch kept to be tried again: in order, every round, until the database is back (restarted,
+failed over); calls go on meanwhile and their entries queue behind it. Up to `MAX_QUEUED` entries
+(about 100 MB at worst) nothing is lost; past it each entry is counted and the count written as
+one `audit.dropped` entry, and `mcpfleet_audit_dropped_total` says so at once. A connection lost
+during the COMMIT itself leaves it unknown whether the batch went in; it is written again, so such
+a batch can appear twice, never not at all.
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ import psycopg
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, BearerAuthBackend
 from mcp.server.auth.provider import TokenVerifier
 from psycopg_pool import AsyncConnectionPool
+from starlette.authentication import AuthenticationError
 from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from core import accounts, audit
 from core.accounts import Identity
+from core.outage import UNREACHABLE, DatabaseUnavailable
 from core.tasks import Tasks
 from core.text import bounded, bounded_json
 from gateway.artifact_api import is_sandbox_request
@@ -52,8 +60,6 @@ FLUSH_EVERY_S = 1.0
 ACCEPTED_EVERY_S = 600.0
 REFUSED_EVERY_S = 10.0
 MAX_QUEUED = 100_000  # beyond this the database is not keeping up: drop and say so, rather than grow without end
-# Failures of the connection, not of an entry: the batch waits for the next round.
-_UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 _SEEN_LIMIT = 10_000
 
 
@@ -80,22 +86,30 @@ class CallAudit:
     pool: AsyncConnectionPool | None = None
     clock: Callable[[], float] = time.monotonic
     _queue: list[Pending] = field(default_factory=list)
+    _in_flight: int = 0
     _dropped: int = 0
+    written: int = 0
+    """Entries written since the gateway started (the metrics' counters read these three)."""
+    dropped: int = 0
+    """Entries lost because the queue was full (each loss is also written, as `audit.dropped`)."""
+    retries: int = 0
+    """Rounds whose batch could not be written because the database could not be reached."""
     _accepted_at: dict[bytes, float] = field(default_factory=dict)
     _refused: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
     _tasks: Tasks = field(default_factory=Tasks)
 
     @property
     def queued(self) -> int:
-        """Entries waiting to be written (the metrics' audit queue depth)."""
-        return len(self._queue)
+        """Entries waiting to be written, the batch being written included (the audit queue depth)."""
+        return len(self._queue) + self._in_flight
 
     # -- what is recorded ---------------------------------------------------------------------
 
     def record(self, action: str, outcome: str, *, tenant: str | None = None, actor: str | None = None,
                target: str | None = None, detail: dict[str, Any] | None = None) -> None:
-        if len(self._queue) >= MAX_QUEUED:
+        if len(self._queue) + self._in_flight >= MAX_QUEUED:
             self._dropped += 1
+            self.dropped += 1
             return
         self._queue.append(Pending(action, outcome, _text(tenant), _text(actor), _text(target), bounded_json(detail or {})))
 
@@ -168,7 +182,8 @@ class CallAudit:
             await asyncio.sleep(FLUSH_EVERY_S)
             try:
                 await self.flush()
-            except _UNREACHABLE as exc:  # kept queued: the next round tries again
+            except UNREACHABLE as exc:  # kept queued: the next round tries again
+                self.retries += 1
                 log.warning("could not write %d audit entries yet: %s", len(self._queue), exc)
             except Exception:  # a fault of ours: the writer goes on, or nothing is audited any more
                 log.exception("could not write %d audit entries", len(self._queue))
@@ -182,12 +197,15 @@ class CallAudit:
             batch.append(Pending("audit.dropped", "error", None, None, None, {"count": self._dropped}))
             self._dropped = 0
         rows = [(e.tenant, e.actor, e.action, e.target, e.outcome, e.detail) for e in batch]
+        # While the pool waits for a connection (up to its timeout when the database is away), the
+        # batch is neither in the queue nor written: counted apart so the depth and the bound see it.
+        self._in_flight = len(batch)
         try:
             async with self.pool.connection() as conn:
                 try:
                     async with conn.transaction():
                         await audit.append_many(conn, rows)
-                except _UNREACHABLE:
+                except UNREACHABLE:
                     raise
                 except Exception as exc:
                     log.warning("an audit batch of %d entries was refused (%s); writing them one by one", len(rows), exc)
@@ -195,6 +213,9 @@ class CallAudit:
         except BaseException:
             self._queue[:0] = batch  # in order, ahead of whatever came meanwhile
             raise
+        finally:
+            self._in_flight = 0
+        self.written += len(batch)
         return len(batch)
 
 
@@ -206,7 +227,7 @@ async def _one_by_one(conn: psycopg.AsyncConnection, rows: list[tuple[Any, ...]]
             try:
                 async with conn.transaction():
                     await audit.append_many(conn, [(tenant, actor, action, target, outcome, detail)])
-            except _UNREACHABLE:
+            except UNREACHABLE:
                 raise
             except Exception as exc:
                 log.error("the audit log refused a %s entry: %s", action, exc)
@@ -214,7 +235,7 @@ async def _one_by_one(conn: psycopg.AsyncConnection, rows: list[tuple[Any, ...]]
                     async with conn.transaction():
                         await audit.append(conn, action="audit.refused", outcome="error", tenant=tenant, actor=actor,
                                            target=target, detail={"action": action, "outcome": outcome, "why": str(exc)})
-                except _UNREACHABLE:
+                except UNREACHABLE:
                     raise
                 except Exception as again:
                     log.error("could not record the refusal either: %s", again)
@@ -258,6 +279,19 @@ def client_ip(conn: HTTPConnection) -> str:
     return conn.client.host if conn.client else "unknown"
 
 
+class DatabaseDown(AuthenticationError):
+    """Authentication needed the database and could not reach it (`database_down_response`)."""
+
+
+def database_down_response(conn: HTTPConnection, exc: Exception) -> Response:
+    """The authentication middleware's `on_error`: a 503 that says to retry, not a 401 that says the
+    credential is bad; anything else as Starlette answers it (400)."""
+    if isinstance(exc, DatabaseDown):
+        return JSONResponse({"error": "temporarily_unavailable", "error_description": str(exc)},
+                            status_code=503, headers={"Retry-After": "2"})
+    return PlainTextResponse(str(exc), status_code=400)
+
+
 class AuditedBearerBackend(BearerAuthBackend):
     """The SDK's bearer backend, with every decision it makes handed to the audit queue."""
 
@@ -273,6 +307,10 @@ class AuditedBearerBackend(BearerAuthBackend):
         reset = _oauth_refusal.set(holder)
         try:
             result = await super().authenticate(conn)
+        except UNREACHABLE as exc:  # e.g. a new OAuth user to provision: it must wait for the database
+            raise DatabaseDown(str(DatabaseUnavailable("Signing you in"))) from exc
+        except DatabaseUnavailable as exc:
+            raise DatabaseDown(str(exc)) from exc
         finally:
             _oauth_refusal.reset(reset)
         if header is None or not header.lower().startswith("bearer "):
@@ -299,8 +337,11 @@ class AuditedBearerBackend(BearerAuthBackend):
         reason = "unknown key"
         if self.calls.pool is not None:
             # One indexed lookup by the public prefix, only for refused keys, to tell why.
-            async with self.calls.pool.connection() as db:
-                row = await (await db.execute("SELECT revoked_at IS NOT NULL FROM api_keys WHERE prefix = %s", (prefix,))).fetchone()
+            try:
+                async with self.calls.pool.connection(timeout=2) as db:
+                    row = await (await db.execute("SELECT revoked_at IS NOT NULL FROM api_keys WHERE prefix = %s", (prefix,))).fetchone()
+            except UNREACHABLE:
+                row = None  # cannot tell why: refused all the same
             if row is not None:
                 reason = "revoked key" if row[0] else "wrong key secret"
         self.calls.refused(reason, ip, key_prefix=prefix)

@@ -52,6 +52,7 @@ from sandbox.factory import (
     trial_backend,
 )
 from sandbox.housekeeping import RequestDesk
+from sandbox.lease import LeasedManager, NodeLease, node_key
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class Fleet:
             registry = Registry(
                 self.settings.home, pool, backend, python, scan=scan_tools, indexer=index.version,
                 artifacts_s3_url=self.settings.artifacts_s3_url, no_trial_reason=no_trial_reason, pods=pods,
-                conformance_everywhere=self.settings.conformance_everywhere,
+                conformance_everywhere=self.settings.conformance_everywhere, outage_s=self.settings.db_outage_s,
             )
             registry.on_change.append(self._tools_changed)
             await registry.start(self.database_url)
@@ -151,6 +152,11 @@ class Fleet:
                     on_transition=self.telemetry.metrics.sandbox_transition,
                     images=SealedImages(secrets),
                 )
+            if self.settings.sandbox_backend != "kubernetes":
+                # One manager per backend and database, the others on standby (sandbox/lease.py).
+                lease = NodeLease(self.database_url, node_key(self.settings.sandbox_backend),
+                                  address=self.settings.lease_address or f"{self.settings.host}:{self.settings.port}")
+                manager = LeasedManager(manager, lease)
             await manager.start()
             stack.push_async_callback(manager.close)
             if self.settings.sandbox_backend == "kubernetes":

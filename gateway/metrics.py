@@ -10,6 +10,8 @@
 | `mcpfleet_sandboxes_running_here`              | gauge     | kind (user, warm)                          |
 | `mcpfleet_warm_pool_size`                      | gauge     |                                           |
 | `mcpfleet_audit_queue_depth`                   | gauge     |                                           |
+| `mcpfleet_audit_entries_total`                 | counter   | fate (written, dropped, retried: rounds the database could not be reached) |
+| `mcpfleet_auth_served_in_outage_total`         | counter   |                                           |
 | `mcpfleet_db_pool_connections`                 | gauge     | use (size, idle, waiting, max)             |
 
 The histogram is the OpenTelemetry `mcp.server.operation.duration` in Prometheus' spelling;
@@ -35,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from core.outage import OutageCache
 from gateway.auth import identity_of
 
 if TYPE_CHECKING:
@@ -72,6 +75,11 @@ class Metrics:
         self.warm_pool = Gauge("mcpfleet_warm_pool_size", "Warm-pool sandboxes ready to be claimed on this replica", registry=r)
         self.warm_pool_target = Gauge("mcpfleet_warm_pool_target", "The warm pool's configured size", registry=r)
         self.audit_queue = Gauge("mcpfleet_audit_queue_depth", "Audit entries queued, not yet written", registry=r)
+        self.audit_entries = Counter("mcpfleet_audit_entries", "Audit entries from the request path, by fate", ["fate"], registry=r)
+        self.auth_from_cache = Counter("mcpfleet_auth_served_in_outage", "Keys and tool sets served from cache while the database could not be reached", registry=r)
+        self._seen: dict[str, float] = {}
+        self.outage_caches: list[OutageCache[Any, Any]] = []
+        """What requests read through the database's outages (the app adds its caches)."""
         self.db_pool = Gauge("mcpfleet_db_pool_connections", "The database pool's connections", ["use"], registry=r)
         self._tools: set[str] = set()
         # When each sandbox entered the state whose end we time: {sandbox id: (event, monotonic start)}.
@@ -116,6 +124,11 @@ class Metrics:
 
     # -- read when the page is asked for ---------------------------------------------------------
 
+    def _count(self, counter: Counter, name: str, total: float) -> None:
+        """A counter that follows a running total kept elsewhere (read when the page is asked for)."""
+        counter.inc(max(0.0, total - self._seen.get(name, 0.0)))
+        self._seen[name] = total
+
     async def refresh(self, fleet: Fleet) -> None:
         manager, pool = fleet.manager, fleet.pool
         warm = len(manager.running.warm)
@@ -124,6 +137,11 @@ class Metrics:
         self.running_here.labels("warm").set(warm)
         self.running_here.labels("user").set(len(manager.running) - warm)
         self.audit_queue.set(fleet.calls.queued)
+        calls = fleet.calls
+        self._count(self.audit_entries.labels("written"), "written", calls.written)
+        self._count(self.audit_entries.labels("dropped"), "dropped", calls.dropped)
+        self._count(self.audit_entries.labels("retried"), "retried", calls.retries)
+        self._count(self.auth_from_cache, "outage", sum(c.served_in_outage for c in self.outage_caches))
         stats = pool.get_stats()
         self.db_pool.labels("size").set(stats.get("pool_size", 0))
         self.db_pool.labels("idle").set(stats.get("pool_available", 0))

@@ -30,6 +30,7 @@ from pydantic import TypeAdapter
 from starlette.datastructures import QueryParams
 
 from core.accounts import Identity
+from core.outage import DatabaseUnavailable
 from core.text import bounded
 from gateway import tool_errors
 from gateway.auth import identity_of
@@ -149,6 +150,8 @@ class Router:
             raise MCPError(code=QUOTA_EXCEEDED, message=f"No sandbox for you right now: {exc}") from None
         except SandboxUnavailable as exc:
             raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox could not be started: {exc}") from None
+        except DatabaseUnavailable as exc:  # nothing cached recently enough to go on without it
+            raise MCPError(code=types.INTERNAL_ERROR, message=str(exc)) from None
         return identity, sandbox.client
 
     async def _active_set(self, ctx: ServerRequestContext[Any, Any], identity: Identity) -> ActiveSet | None:
@@ -192,7 +195,10 @@ class Router:
             raise MCPError(code=types.INTERNAL_ERROR, message=f"Your sandbox stopped: {exc}; call again") from None
         registry = self._fleet.registry
         if registry is not None:  # approved servers only, tools whose definitions match their pins only
-            per_server = await registry.guard(identity.user_id, per_server)
+            try:
+                per_server = await registry.guard(identity.user_id, per_server)
+            except DatabaseUnavailable as exc:
+                raise MCPError(code=types.INTERNAL_ERROR, message=str(exc)) from None
         # The client (and the guard) hand out the same listing objects until a server's listing
         # changes; holding them in the key also keeps their ids from being reused.
         offers = tuple(per_server.items())

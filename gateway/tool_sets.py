@@ -8,7 +8,6 @@ that asked for a set must not silently see every tool.
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -19,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from core import tool_sets
 from core.accounts import Identity
+from core.outage import OUTAGE_S, OutageCache
 from gateway.catalog import Catalog
 
 # A set's tools are read again after this long; `toolsets set`/`rm` reach connected clients within it.
@@ -49,9 +49,11 @@ class HasPool(Protocol):
 
 
 class ToolSets:
-    def __init__(self, fleet: HasPool):
+    def __init__(self, fleet: HasPool, outage_s: float = OUTAGE_S):
         self._fleet = fleet
-        self._cache: dict[tuple[int, str], tuple[float, ActiveSet]] = {}
+        # Through a brief outage of the database, a set read in the last OUTAGE_S still narrows (core.outage).
+        self.cache: OutageCache[tuple[int, str], ActiveSet] = OutageCache("Finding your tool set", fresh_s=CACHE_SECONDS,
+                                                                           outage_s=outage_s)
         # catalog -> set name -> (the set as it was, the catalog narrowed to it)
         self._narrowed: weakref.WeakKeyDictionary[Catalog, dict[str, tuple[ActiveSet, Catalog]]] = (
             weakref.WeakKeyDictionary()
@@ -67,22 +69,17 @@ class ToolSets:
         name = identity.tool_set or requested
         if name is None:
             return None
-        key, now = (identity.user_id, name), time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        async with self._fleet.pool.connection() as conn:
-            tools = await tool_sets.tools_of(conn, identity.user_id, name)
-        if tools is None:  # not cached: a set defined a moment later works at once
-            self._cache.pop(key, None)
+        async def load() -> tuple[ActiveSet, float | None] | None:
+            async with self._fleet.pool.connection() as conn:
+                tools = await tool_sets.tools_of(conn, identity.user_id, name)
+            return None if tools is None else (ActiveSet(name, tools), None)
+
+        active = await self.cache.get((identity.user_id, name), load)
+        if active is None:  # not cached: a set defined a moment later works at once
             raise MCPError(
                 code=types.INVALID_PARAMS,
                 message=f"No tool set {name!r} for {identity.principal} (see `mcpfleet toolsets list {identity.user}`)",
             )
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        active = ActiveSet(name, tools)
-        self._cache[key] = (now + CACHE_SECONDS, active)
         return active
 
     def narrow(self, catalog: Catalog, active: ActiveSet | None) -> Catalog:

@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from core.accounts import Identity
 from core.db import follow_notifications
+from core.outage import OUTAGE_S, UNREACHABLE, DatabaseUnavailable
 from core.tasks import Tasks
 from core.version import product_version
 from registry import store
@@ -78,8 +79,11 @@ class Registry:
         indexer: Callable[[int, str, list[dict[str, Any]]], Awaitable[None]] | None = None,
         artifacts_s3_url: str | None = None,
         conformance_everywhere: bool = False,
+        outage_s: float = OUTAGE_S,
     ):
         self.home = Path(home)
+        self.outage_s = outage_s
+        """How long what users may run stays cached while the database cannot be reached."""
         self.pool = pool
         self.backend = backend
         """Where validation's trial runs; None: no trial, and a version fails validation with
@@ -121,7 +125,9 @@ class Registry:
                 await store.ensure_builtins(conn, tenant_id, builtin_entries(fixtures=fixtures))
         self._spawn(self._record_builtins())
         if database_url is not None:
-            self._spawn(follow_notifications(database_url, "registry_changed", self._changed, "registry"))
+            # Kept through a brief outage: a running sandbox's calls go on while the database is away.
+            self._spawn(follow_notifications(database_url, "registry_changed", self._changed, "registry",
+                                             keep_for=self.outage_s))
         self._spawn(self._flush_usage_periodically())
 
     async def close(self) -> None:
@@ -161,16 +167,23 @@ class Registry:
     async def approved(self, user_id: int) -> list[Approved]:
         cached = self._approved.get(user_id)
         if cached is None:
-            async with self.pool.connection() as conn:
-                cached = await store.approved_for(conn, user_id)
-                tenants_missing_builtins = not any(a.builtin for a in cached) and not await _has_builtins(conn, user_id)
-                if tenants_missing_builtins:  # a tenant made after the gateway started
-                    tenant_id, conformance = await _tenant_of(conn, user_id)
-                    fixtures = conformance or self.conformance_everywhere
-                    await store.ensure_builtins(conn, tenant_id, builtin_entries(fixtures=fixtures))
-                    cached = await store.approved_for(conn, user_id)
+            try:
+                cached = await self._read_approved(user_id)
+            except UNREACHABLE as exc:
+                raise DatabaseUnavailable("Finding which servers you may run") from exc
             self._approved[user_id] = cached
         return cached
+
+    async def _read_approved(self, user_id: int) -> list[Approved]:
+        async with self.pool.connection() as conn:
+            approved = await store.approved_for(conn, user_id)
+            tenants_missing_builtins = not any(a.builtin for a in approved) and not await _has_builtins(conn, user_id)
+            if tenants_missing_builtins:  # a tenant made after the gateway started
+                tenant_id, conformance = await _tenant_of(conn, user_id)
+                fixtures = conformance or self.conformance_everywhere
+                await store.ensure_builtins(conn, tenant_id, builtin_entries(fixtures=fixtures))
+                approved = await store.approved_for(conn, user_id)
+        return approved
 
     async def servers_for(self, user_id: int | None) -> tuple[ServerSpec, ...]:
         if user_id is None:  # the warm pool: the product's built-in servers until a user claims it

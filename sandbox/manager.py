@@ -214,12 +214,12 @@ class SandboxManager:
         return await asyncio.shield(task)
 
     async def _bring_up(self, user_id: int, tenant: str, user: str) -> Sandbox:
-        async with self.pool.connection() as conn:
-            try:
+        try:  # the pool's wait for a connection too: a PoolTimeout is a psycopg error
+            async with self.pool.connection() as conn:
                 placement = await tiers.placement(conn, user_id)
                 row = await store.live_sandbox_of(conn, user_id)
-            except psycopg.Error as exc:
-                raise SandboxUnavailable(f"the sandbox database is unavailable ({type(exc).__name__})") from exc
+        except psycopg.Error as exc:
+            raise SandboxUnavailable(f"the sandbox database is unavailable ({type(exc).__name__})") from exc
         if row is not None and row["state"] != State.HIBERNATED:
             raise SandboxUnavailable(f"{tenant}/{user} already has a live sandbox that this gateway does not manage")
         async with self.capacity.lock:
