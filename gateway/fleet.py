@@ -31,6 +31,7 @@ from core.settings import Settings
 from core.vault import SecretStore, open_secrets
 from gateway.call_audit import CallAudit
 from gateway.egress import SandboxEgress
+from gateway.limits import buckets_for
 from gateway.secret_servers import SecretServers
 from gateway.services import RunningSandbox
 from gateway.telemetry import Telemetry
@@ -123,7 +124,10 @@ class Fleet:
             servers = SecretServers(registry, secrets, pool)
             manager: Sandboxes
             # Whichever backend: a server's declared hosts are reached over its sandbox's channel.
-            egress = SandboxEgress(self.calls, per_min=self.settings.egress_per_min)
+            # Its rate limit in Redis when REDIS_URL is set, as the other limits: shared by the gateways.
+            egress_buckets = buckets_for(self.settings)
+            stack.push_async_callback(egress_buckets.aclose)
+            egress = SandboxEgress(self.calls, per_min=self.settings.egress_per_min, buckets=egress_buckets)
             if self.settings.sandbox_backend == "kubernetes":
                 kube = await kubernetes_sandboxes(self.settings, servers, database_tiers(pool), egress=egress)
                 # Before the clients are told to list again: their sandboxes run the new set by then.
