@@ -9,8 +9,9 @@ else: it asks the gateway (`tunnel_open`), which checks the host against what th
 declared, resolves and vets the address, connects, audits and rate-limits; then bytes flow both
 ways as `tunnel_data` under the window of `wire.Tunnel`.
 
-Credentials alone are not enough: the sandbox's processes share a uid, so a neighbour can read
-a server's environment (/proc/PID/environ) and with it the token. So the proxy also asks the
+Credentials alone are not enough where the sandbox's processes share a uid (a pod run as non-root:
+`uids`), since a neighbour can read a server's memory and with it the token; where each server has
+a uid of its own, its token comes through the launcher's pipe, out of sight. The proxy also asks the
 kernel who is on the other end of each connection (the socket's inode in /proc/net/tcp, then the
 processes holding it) and serves it only if every holder is the server's process or one of its
 descendants. Neighbours cannot become one: ptrace is limited to a process's own descendants
