@@ -30,7 +30,7 @@ from core.sealed_images import SealedImages
 from core.settings import Settings
 from core.vault import SecretStore, open_secrets
 from gateway.call_audit import CallAudit
-from gateway.egress import SandboxEgress
+from gateway.egress import SandboxEgress, pinned_resolver
 from gateway.limits import buckets_for
 from gateway.secret_servers import SecretServers
 from gateway.services import RunningSandbox
@@ -127,7 +127,8 @@ class Fleet:
             # Its rate limit in Redis when REDIS_URL is set, as the other limits: shared by the gateways.
             egress_buckets = buckets_for(self.settings)
             stack.push_async_callback(egress_buckets.aclose)
-            egress = SandboxEgress(self.calls, per_min=self.settings.egress_per_min, buckets=egress_buckets)
+            egress = SandboxEgress(self.calls, per_min=self.settings.egress_per_min, buckets=egress_buckets,
+                                   resolver=pinned_resolver(self.settings.egress_hosts))
             if self.settings.sandbox_backend == "kubernetes":
                 kube = await kubernetes_sandboxes(self.settings, servers, database_tiers(pool), egress=egress)
                 # Before the clients are told to list again: their sandboxes run the new set by then.
