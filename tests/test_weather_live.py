@@ -131,5 +131,5 @@ async def test_the_weather_tool_calls_its_api_with_the_users_key_through_the_egr
     # Bob's own key, a wrong one: the API refuses it, and the tool says so.
     secrets_cli(fleet, "set", "bob", SERVER, "WEATHER_API_KEY", stdin="not-a-good-key")
     wrong = await call(fleet, keys["bob"], "Oslo")
-    assert wrong.isError and "401" in text_of(wrong), text_of(wrong)
+    assert wrong.is_error and "the weather API answered 401" in text_of(wrong), text_of(wrong)
     assert [r["key"] for r in weather_api.requests()] == [weather_api.good_key, "not-a-good-key"]

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import ssl
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
 
 from mcpfleet_sdk import secret
@@ -40,8 +42,11 @@ def current(city: str) -> Current:
     key = secret("WEATHER_API_KEY")  # a clear error naming the secret and how to set it, when it is not set
     request = urllib.request.Request(f"{API}?{urllib.parse.urlencode({'city': city})}", headers={"X-Api-Key": key})
     context = ssl.create_default_context(cafile=str(CA) if CA.exists() else None)
-    with urllib.request.urlopen(request, context=context, timeout=30) as response:
-        answer = json.load(response)
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as exc:  # the API's answer, without the key: the caller sees why
+        raise ToolError(f"the weather API answered {exc.code} {exc.reason}") from None
     return Current(city=answer["city"], condition=answer["condition"], temp_c=answer["temp_c"])
 
 
