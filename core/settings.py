@@ -85,6 +85,9 @@ class Settings:
     max_concurrent_calls: int = 16
     # Per user (gateway/egress.py): connections out of their sandbox per minute, all servers together.
     egress_per_min: int = 120
+    egress_hosts: tuple[str, ...] = ()
+    """`name=address` entries the gateway resolves egress names with before DNS (`gateway.egress`):
+    a name pinned to an address, as /etc/hosts would; the address is vetted all the same."""
     # Per user (gateway/sessions.py): open 2025-11-25 sessions and open GET streams; over the session
     # limit the user's oldest idle session is closed, and with none idle the new one is refused.
     max_sessions_per_user: int = 32
@@ -160,6 +163,7 @@ def load_settings(**overrides: object) -> Settings:
         "tool_rate_limit_per_min": _int("MCPFLEET_TOOL_RATE_LIMIT_PER_MIN", 0),
         "max_concurrent_calls": _int("MCPFLEET_MAX_CONCURRENT_CALLS", 16),
         "egress_per_min": _int("MCPFLEET_EGRESS_PER_MIN", 120),
+        "egress_hosts": _list("MCPFLEET_EGRESS_HOSTS"),
         "max_sessions_per_user": _int("MCPFLEET_MAX_SESSIONS_PER_USER", 32),
         "max_streams_per_user": _int("MCPFLEET_MAX_STREAMS_PER_USER", 16),
         "session_idle_s": _positive("MCPFLEET_SESSION_IDLE_S", 600),

@@ -53,6 +53,24 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+def pinned_resolver(entries: tuple[str, ...], fallback: Resolver = system_resolver) -> Resolver:
+    """Names pinned to addresses (`MCPFLEET_EGRESS_HOSTS`, `name=address` entries, a name repeated
+    for several), the rest by `fallback`. The addresses go through the same vetting as DNS's."""
+    table: dict[str, list[str]] = {}
+    for entry in entries:
+        name, sep, address = entry.partition("=")
+        if not sep or not name.strip() or not address.strip():
+            raise ValueError(f"MCPFLEET_EGRESS_HOSTS entries are name=address, not {entry!r}")
+        ipaddress.ip_address(address.strip())  # a name must not be pinned to another name
+        table.setdefault(name.strip().lower().rstrip("."), []).append(address.strip())
+
+    async def resolve(host: str, port: int) -> list[str]:
+        pinned = table.get(host.lower().rstrip("."))
+        return list(pinned) if pinned is not None else await fallback(host, port)
+
+    return resolve
+
+
 def declared_ports(declared: tuple[str, ...], host: str) -> set[int]:
     """The ports `declared` allows on `host` (names compared without case or a final dot)."""
     ports: set[int] = set()

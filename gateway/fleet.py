@@ -34,7 +34,8 @@ from core.sealed_images import SealedImages
 from core.settings import Settings
 from core.vault import SecretStore, open_secrets
 from gateway.call_audit import CallAudit
-from gateway.egress import SandboxEgress
+from gateway.egress import SandboxEgress, pinned_resolver
+from gateway.limits import buckets_for
 from gateway.model_relay import SandboxModels
 from gateway.secret_servers import SecretServers
 from gateway.services import RunningSandbox
@@ -135,7 +136,11 @@ class Fleet:
             servers = SecretServers(registry, secrets, pool)
             manager: Sandboxes
             # Whichever backend: a server's declared hosts are reached over its sandbox's channel.
-            egress = SandboxEgress(self.calls, per_min=self.settings.egress_per_min)
+            # Its rate limit in Redis when REDIS_URL is set, as the other limits: shared by the gateways.
+            egress_buckets = buckets_for(self.settings)
+            stack.push_async_callback(egress_buckets.aclose)
+            egress = SandboxEgress(self.calls, per_min=self.settings.egress_per_min, buckets=egress_buckets,
+                                   resolver=pinned_resolver(self.settings.egress_hosts))
             # ... and servers declaring inference ask the router over it, each as its user and itself.
             sandbox_models = SandboxModels(models)
             if self.settings.sandbox_backend == "kubernetes":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sandbox import wire
 from sandbox.backends.base import SandboxBackend, SandboxSpec
+from sandbox.bundle import SERVER_UIDS
 from sandbox.client import SupervisorClient
 from sandbox.layout import SandboxLayout, make_channel, write_token
 from sandbox.servers import ServerSpec, server_configs, without_secrets
@@ -47,6 +48,8 @@ def prepare(
         # Written to disk: never a secret in it (those come over the channel, `configure`).
         servers=server_configs(without_secrets(servers)),
         token=token,
+        server_uids=SERVER_UIDS,
+        server_gid=gid,
     )
     config.write(channel / wire.CONFIG_NAME, owner=(uid, gid))
 

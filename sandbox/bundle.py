@@ -43,6 +43,16 @@ TOOLS_DIR = "tools"
 """Its host side, in the sandbox's dir."""
 HOSTNAME = "sandbox"
 USER_NAME = "mcp"
+SERVER_UIDS = 2000
+"""The first uid of the servers, one each (`sandbox.supervisor.uids`); all in the workspace's group."""
+NAMED_SERVER_UIDS = 64
+"""How many of them /etc/passwd names (`server-N`), for tools that ask who they are."""
+SUPERVISOR_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE", "CAP_SYS_PTRACE")
+"""The supervisor runs as root inside (gVisor's, not the host's) with these only: to start each server
+under its own uid and group (SETUID, SETGID), stop them (KILL), make their private dirs and share the
+workspace (CHOWN, FOWNER), read its channel dir and the workspace, owned by the sandbox's uid
+(DAC_OVERRIDE), and tell which server holds a connection to the egress proxy (SYS_PTRACE, for
+/proc/PID/fd). A server started under its own uid keeps none of them (setuid from root clears them)."""
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/alternatives")
 """/etc/alternatives: Debian's names for programs (awk, editor, pager) are symlinks through it."""
@@ -60,8 +70,8 @@ answers with gVisor's own tmpfs instead of the host disk that holds the bundle. 
 runsc with it (the Docker backend through the runtime's flags in scripts/docker.sh)."""
 ROOT_READONLY = False
 """runsc leaves a read-only root without its overlay (and then `df /` shows the host's disk). The root
-stays read-only all the same for everything inside: all of it belongs to root, and the sandbox's
-processes run as another user without capabilities (EACCES instead of EROFS)."""
+stays read-only all the same for the servers and what they run: all of it belongs to root, and they run
+as other users without capabilities (EACCES instead of EROFS); only the supervisor runs as root."""
 
 _RO = ["rbind", "ro", "nosuid", "nodev"]
 _RW = ["rbind", "rw", "nosuid", "nodev"]
@@ -204,11 +214,15 @@ def build_bundle(
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": spec.uid, "gid": spec.gid},
+            "user": {"uid": 0, "gid": 0},  # the servers run under uids of their own (`SUPERVISOR_CAPS`)
             "args": supervisor_argv(),
             "env": [f"{k}={v}" for k, v in environment(runtime).items()],
             "cwd": INIT_CWD,
-            "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
+            "capabilities": {
+                **{k: list(SUPERVISOR_CAPS) for k in ("bounding", "effective", "permitted")},
+                "inheritable": [],
+                "ambient": [],
+            },
             "rlimits": [
                 {"type": "RLIMIT_NOFILE", "hard": OPEN_FILES, "soft": OPEN_FILES},
                 {"type": "RLIMIT_NPROC", "hard": spec.limits.pids, "soft": spec.limits.pids},
@@ -261,6 +275,7 @@ def _write_etc(etc: Path, uid: int, gid: int) -> None:
     users = [("root", 0, 0, "/root")]
     if uid != 0:
         users.append((USER_NAME, uid, gid, WORKSPACE))
+    users += [(f"server-{i}", SERVER_UIDS + i, gid, WORKSPACE) for i in range(NAMED_SERVER_UIDS)]
     users.append(("nobody", 65534, 65534, "/nonexistent"))
     (etc / "passwd").write_text("".join(f"{n}:x:{u}:{g}:{n}:{h}:/bin/sh\n" for n, u, g, h in users))
     groups = {0: "root", gid: USER_NAME if gid != 0 else "root", 65534: "nogroup"}

@@ -1,9 +1,9 @@
 """Attacks on what a sandbox can write on the host: its channel dir (/run/mcpfleet inside).
 
-- The gateway (root) binds its socket in that dir, which code in the sandbox (uid 1000) can
-  write: a symlink renamed over the socket's name between the bind and the chmod/chown must not
-  make the gateway hand a host file to uid 1000. The listen that follows a hibernation the user
-  made fail (they stopped their own supervisor, so it cannot detach) is where the attack was made.
+- The gateway (root) binds its socket in that dir, which the sandbox's uid (1000) can write (the
+  supervisor, root inside, writes there; servers run under uids of their own and cannot): a symlink
+  renamed over the socket's name between the bind and the chmod/chown must not make the gateway
+  hand a host file to uid 1000. The listen that follows a resume is where the attack is made.
 - Nothing the sandbox can write may live outside its quota: a `dd` into every writable place that
   is neither /workspace (its quota) nor /tmp (its memory) fails at once or stops small; in a
   registry trial run (a publisher's code), /workspace too stops at the trial's quota.
@@ -14,6 +14,7 @@ Against real runsc sandboxes run by a SandboxManager.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -81,21 +82,23 @@ async def test_a_symlink_raced_over_the_socket_never_hands_a_host_file_to_the_sa
             planted.append(address)
 
     monkeypatch.setattr(socket.socket, "bind", bind_then_race)
-    # The user makes hibernation fail: their stopped supervisor cannot let go of the channel,
-    # so the gateway listens again, next to a sandbox that lives on.
+    # The user would make hibernation fail by stopping their supervisor, so that the gateway listens
+    # again next to a sandbox that lives on; but servers run under uids of their own and may not
+    # signal the supervisor (root inside), so the sandbox hibernates, and the gateway listens again
+    # when it resumes: the racer wins there.
     supervisor = sandbox.client.supervisor["pid"]
-    stop = STOP_LATER.replace("PID", str(supervisor))
-    await call(sandbox, "run_python", code=stop)  # answered before the supervisor stops
-    await asyncio.sleep(2)
-    await manager.hibernate(user_id, "the attack's")
+    stop = STOP_LATER.replace("PID", str(supervisor)).replace("sleep 1; ", "")
+    await call(sandbox, "run_python", code=stop + "\nimport time; time.sleep(1)")
+    assert text(await call(sandbox, "echo", text="not stopped")) == "not stopped"
+    assert await manager.hibernate(user_id, "the attack's") is True
+    with contextlib.suppress(Exception):  # the racer's symlink may cost the resume: a fresh sandbox then
+        await manager.ensure(user_id, tenant, name)
     monkeypatch.undo()
 
-    assert planted, "the gateway never listened again after the failed hibernation"
+    assert planted, "the gateway never listened again"
     after = shadow.stat()
     assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (before.st_uid, before.st_gid, 0o640)
     assert shadow.read_text().startswith("root:")
-    # Not hibernated: it runs on, or (its channel refused) was let go as Failed.
-    assert sandbox.state in (State.RUNNING, State.FAILED)
 
 
 FILL = r"""
@@ -141,8 +144,8 @@ async def test_a_disk_filler_finds_no_writable_place_outside_its_quota(manager, 
     sandbox = await manager.ensure(*await users("filler"))
     outcome = text(await call(sandbox, "run_python", code=FILL.replace("EXTRA", '("/workspace",)')))
     written = json.loads(outcome.splitlines()[-1])
-    # The channel is writable (the supervisor deletes its config there): it must be bounded too.
-    assert "/run/mcpfleet" in written, written
+    # The channel is the supervisor's (root inside); a server, under a uid of its own, cannot write it.
+    assert "/run/mcpfleet" not in written, written
     over = {place: n for place, n in written.items() if n > 2 * 1024 * 1024}
     assert not over, f"written outside the quota (bytes): {over}"
     # The sandbox is unharmed, and its channel still carries calls.
@@ -155,7 +158,7 @@ async def test_code_on_trial_fills_nothing_but_its_own_small_workspace(backend, 
     trial = await trial_run(backend, home, spec, None, call=("run_python", {"code": code}))
     assert trial.error is None, trial.error
     written = json.loads(text(trial.call_result).splitlines()[-1])
-    assert {"/workspace", "/run/mcpfleet"} <= written.keys(), written
+    assert "/workspace" in written and "/run/mcpfleet" not in written, written
     assert written.pop("/workspace") <= TRIAL_TIER.disk_bytes
     over = {place: n for place, n in written.items() if n > 2 * 1024 * 1024}
     assert not over, f"written outside the quota (bytes): {over}"

@@ -99,6 +99,10 @@ def fetch_in_child(url: str) -> str:
     done = subprocess.run([sys.executable, "-c", code, url, os.path.join(HERE, "ca.pem")], capture_output=True, text=True)
     return f"200 {done.stdout.strip()}" if done.returncode == 0 else f"failed {done.stderr[-300:]}"
 
+@server.tool(description="The proxy's credentials: a careless server leaking them")
+def leak_token() -> str:
+    return os.environ.get("HTTPS_PROXY", "").partition("//")[2].rpartition("@")[0]
+
 @server.tool(description="The proxy's address, without the credentials")
 def proxy() -> str:
     url = os.environ.get("HTTPS_PROXY", "")
@@ -170,18 +174,23 @@ def run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def test_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A network namespace with the test host in it; yields its certificate (also its CA)."""
-    tag = f"{os.getpid() % 100000}"
-    ns, host_if, ns_if = f"mcpf-eg{tag}", f"veg{tag}h", f"veg{tag}n"
-    work = tmp_path_factory.mktemp("egress-host")
+def make_certificate(work: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (also its own CA) and its key."""
     cert, key = work / "cert.pem", work / "key.pem"
     run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={API}",
-        "-addext", f"subjectAltName=DNS:{API}", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
+        "-addext", f"subjectAltName=DNS:{name}", "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,digitalSignature,keyCertSign")
-    (work / "host.py").write_text(HOST_SERVER)
+    return cert, key
+
+
+@contextlib.contextmanager
+def namespace_host(work: Path, code: str, *args: str, tag: str = "eg") -> Iterator[None]:
+    """A network namespace answering on PUBLIC and PRIVATE (routed from here over a veth pair), running
+    the Python `code` with `args` until the block ends; it prints "ready" once it listens."""
+    tag = f"{tag}{os.getpid() % 100000}"
+    ns, host_if, ns_if = f"mcpf-{tag}", f"v{tag}h", f"v{tag}n"
+    (work / "host.py").write_text(code)
     server = None
     try:
         run("ip", "netns", "add", ns)
@@ -194,16 +203,25 @@ def test_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             run("ip", "-n", ns, "addr", "add", address, "dev", ns_if)
         run("ip", "-n", ns, "link", "set", ns_if, "up")
         run("ip", "-n", ns, "link", "set", "lo", "up")
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(work / "host.py"), str(cert), str(key)],
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(work / "host.py"), *args],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert server.stdout is not None and server.stdout.readline().strip() == b"ready", server.stderr.read() if server.stderr else ""
-        yield cert
+        yield
     finally:
         if server is not None:
             server.kill()
             server.wait()
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def test_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A network namespace with the test host in it; yields its certificate (also its CA)."""
+    work = tmp_path_factory.mktemp("egress-host")
+    cert, key = make_certificate(work, API)
+    with namespace_host(work, HOST_SERVER, str(cert), str(key)):
+        yield cert
 
 
 @pytest.fixture
@@ -327,11 +345,13 @@ async def test_a_declared_host_answers_and_nothing_else_is_reached(fleets, db_po
         for credentials in (None, "fetcher:guessed", "exec:guessed", "exec:"):
             attempt = await sh(sandbox, python_inside(CONNECT_PROBE.format(proxy=proxy, target=f"{API}:443", credentials=credentials)))
             assert attempt["stdout"].startswith("HTTP/1.1 407 "), (credentials, attempt)
-        # The sandbox's processes share a uid, so a neighbour can read the fetcher's environment and
-        # its token; the proxy serves the token only to the fetcher's own processes.
-        stolen = await sh(sandbox, "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -m1 '^HTTPS_PROXY='")
-        token = stolen["stdout"].strip().partition("//")[2].rpartition("@")[0]
-        assert token.startswith("fetcher:") and len(token) > 30, stolen
+        # The fetcher's token is in no environment a neighbour can read (gVisor shows /proc/PID/environ
+        # to every uid: the launcher's pipe brought it, sandbox/supervisor/launch.py) ...
+        stolen = await sh(sandbox, "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -m1 '^HTTPS_PROXY=' || echo none")
+        assert stolen["stdout"].strip() == "none", stolen
+        # ... and were it leaked (here by the fetcher itself), the proxy serves it only to the fetcher's own processes.
+        token = text(await call(sandbox, "leak_token", server="fetcher"))
+        assert token.startswith("fetcher:") and len(token) > 30
         attempt = await sh(sandbox, python_inside(CONNECT_PROBE.format(proxy=proxy, target=f"{API}:443", credentials=token)))
         assert attempt["stdout"].startswith("HTTP/1.1 407 ") and "is not server 'fetcher' or one of its children" in attempt["stdout"]
         # ... whereas a process the fetcher starts is its own.

@@ -24,6 +24,9 @@ MAX_READ_BYTES = 4 * 1024 * 1024
 # call's JSON envelope and escapes: a write the tool advertises fits through the gateway.
 MAX_WRITE_BYTES = 3 * 1024 * 1024
 MAX_LIST_ENTRIES = 1000
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once at import, while nothing else runs: os.umask can only be read by setting it
+"""The supervisor starts servers with umask 007 in a sandbox, so that they share the workspace by group."""
 
 RelativePath = Annotated[
     str,
@@ -220,7 +223,7 @@ def _write_atomically(real: Path, data: bytes) -> None:
     try:
         mode = stat.S_IMODE(os.stat(real).st_mode)
     except FileNotFoundError:
-        mode = 0o644
+        mode = 0o666 & ~UMASK  # as open() would: in a sandbox, group-writable for the other servers
     temp = real.with_name(f".{real.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:

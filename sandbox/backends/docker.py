@@ -47,6 +47,7 @@ from sandbox.bundle import (
     INIT_CWD,
     OPEN_FILES,
     ROOT_READONLY,
+    SUPERVISOR_CAPS,
     environment,
     host_pids,
     sandbox_binds,
@@ -207,8 +208,9 @@ class DockerBackend:
                         Mount(b.destination, str(b.source), type="bind", read_only=not b.writable)
                         for b in sandbox_binds(spec, self.python)
                     ],
-                    user=f"{spec.uid}:{spec.gid}",
+                    user="0:0",  # the supervisor; each server runs under a uid of its own (`SUPERVISOR_CAPS`)
                     cap_drop=["ALL"],
+                    cap_add=[c.removeprefix("CAP_") for c in SUPERVISOR_CAPS],
                     security_opt=["no-new-privileges"],
                     mem_limit=limits.memory_bytes,
                     memswap_limit=limits.memory_bytes,

@@ -157,8 +157,9 @@ class ChildServer:
         model_env: dict[str, str] = {}
         if config.inference:
             self._model_token, model_env = supervisor.models.credentials(config.name, config.env)
-        # Servers inherit the sandbox's environment (PATH, PYTHONPATH, HOME) and add their own.
-        self._env = {**os.environ, **supervisor_config.env, **config.env, **proxy_env, **model_env}
+        # Servers inherit the sandbox's environment (PATH, PYTHONPATH, HOME) and add their own,
+        # which `uids` hands them out of their neighbours' sight.
+        self._own_env = {**supervisor_config.env, **config.env, **proxy_env, **model_env}
         # Values given to this server (its secrets and tokens among them) never leave through its stderr.
         self._secrets = sorted(
             {v.encode() for v in (*supervisor_config.env.values(), *config.env.values(), self._proxy_token or "",
@@ -233,16 +234,20 @@ class ChildServer:
         self._stderr_tail.clear()
         loop = asyncio.get_running_loop()
         try:
-            proc = subprocess.Popen(
-                python_argv(self.config.argv),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self._env,
-                cwd=self.config.cwd,
-                start_new_session=True,  # its own process group, so it is killed with its children
-            )
-        except OSError as exc:
+            start = self._supervisor.uids.start(self.name, python_argv(self.config.argv), dict(os.environ), self._own_env)
+            try:
+                proc = subprocess.Popen(
+                    start.argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=self.config.cwd,
+                    start_new_session=True,  # its own process group, so it is killed with its children
+                    **start.options,  # its own uid, environment and private dir
+                )
+            finally:
+                start.close()
+        except (OSError, RuntimeError) as exc:
             failure = f"could not be started: {exc}"
             self._set_state("failed", failure)
             return failure

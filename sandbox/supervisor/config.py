@@ -65,6 +65,11 @@ class SupervisorConfig:
     """Seconds a server has to answer `initialize`."""
     token: str = ""
     """Proves to the gateway that a connection comes from the supervisor and not from other code in the sandbox."""
+    server_uids: int = 0
+    """The first of the uids the servers run under, one uid each (`sandbox.supervisor.uids`), so that no
+    server reads another's environment, memory or files nor signals it; 0: they run as the supervisor."""
+    server_gid: int = 0
+    """Their shared group, the workspace's: what one server writes there the others may change."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

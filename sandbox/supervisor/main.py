@@ -18,6 +18,7 @@ from sandbox.supervisor.init import run_as_init
 from sandbox.supervisor.link import Link, Listener
 from sandbox.supervisor.models import ModelEndpoint
 from sandbox.supervisor.proxy import EgressProxy
+from sandbox.supervisor.uids import ServerUids
 
 
 class Supervisor:
@@ -25,6 +26,8 @@ class Supervisor:
         """`listen`: (host, port) to listen on TCP for the gateway (a pod), else connect to `config.socket`;
         `token_file`: on TCP, where the token is read anew at every attach."""
         self.config = config
+        self.uids = ServerUids(config.server_uids, config.server_gid)
+        self.uids.prepare()
         self.proxy = EgressProxy(self.emit, self._pid_of, lambda: self.link.connected)
         self.models = ModelEndpoint(self.emit, self._pid_of, lambda: self.link.connected)
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
@@ -243,8 +246,8 @@ M_MMAP_THRESHOLD = -3
 
 
 def keep_memory_private() -> None:
-    """Servers and code they run share the supervisor's uid; not being dumpable keeps them out of
-    its memory and /proc files (its token, and every server's environment)."""
+    """Servers and code they run may share the supervisor's uid (where it is not root: `uids`); not
+    being dumpable keeps them out of its memory and /proc files (its token, and every server's environment)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     except (OSError, AttributeError):

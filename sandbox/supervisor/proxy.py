@@ -9,10 +9,11 @@ else: it asks the gateway (`tunnel_open`), which checks the host against what th
 declared, resolves and vets the address, connects, audits and rate-limits; then bytes flow both
 ways as `tunnel_data` under the window of `wire.Tunnel`.
 
-Credentials alone are not enough: the sandbox's processes share a uid, so a neighbour can read
-a server's environment (/proc/PID/environ) and with it the token. So the proxy also asks the
-kernel who is on the other end of each connection and serves it only if that is the server or
-one of its descendants (`peers`).
+Credentials alone are not enough where the sandbox's processes share a uid (a pod run as non-root:
+`uids`), since a neighbour can read a server's memory and with it the token; where each server has
+a uid of its own, its token comes through the launcher's pipe, out of sight. The proxy also asks the
+kernel who is on the other end of each connection and serves it only if that is the server or one
+of its descendants (`peers`).
 
 CONNECT host:port (https, any TLS: the proxy never sees inside) and plain http requests in
 absolute form (`GET http://host/path`, one request per connection) are served.
