@@ -70,7 +70,9 @@ if __name__ == "__main__" or os.environ.get("THINKER_RUN"):
     server.run()
 """
 
-# Code run by the exec server (no inference): the thinker's endpoint, with the token read from /proc.
+# Code run by the exec server (no inference): it looks for the thinker's endpoint in /proc (each
+# server runs under a uid of its own and gets its token over the launcher's pipe, so none is there),
+# then tries the endpoint with the token leaked to it (LEAKED) and without it.
 STOLEN = """
 import glob, json, urllib.error, urllib.request
 found = None
@@ -82,13 +84,13 @@ for path in glob.glob("/proc/[0-9]*/environ"):
     except OSError:
         pass
 print(json.dumps({"host": found}))
-if found:
-    for url in (found + "/api/tags", found.rpartition("/")[0] + "/api/tags"):
-        try:
-            urllib.request.urlopen(url, timeout=30)
-            print(json.dumps({"url": url, "status": 200}))
-        except urllib.error.HTTPError as exc:
-            print(json.dumps({"url": url, "status": exc.code, "body": json.loads(exc.read())}))
+leaked = LEAKED
+for url in (leaked + "/api/tags", leaked.rpartition("/")[0] + "/api/tags"):
+    try:
+        urllib.request.urlopen(url, timeout=30)
+        print(json.dumps({"url": url, "status": 200}))
+    except urllib.error.HTTPError as exc:
+        print(json.dumps({"url": url, "status": exc.code, "body": json.loads(exc.read())}))
 """
 
 
@@ -201,13 +203,15 @@ async def test_nothing_but_the_declaring_server_can_ask(fleets, db_pool, local_m
     fleet.managers.append(manager)
     alice = await fleet.user("alice")
     sandbox = await manager.ensure(*alice)
-    await call(sandbox, "env", server="thinker")  # the thinker runs, its endpoint is bound
+    # The thinker runs, its endpoint is bound; a careless tool shows its own environment, token included.
+    leaked = json.loads(text(await call(sandbox, "env", server="thinker")))["OLLAMA_HOST"]
+    assert leaked.startswith("http://127.0.0.1:")
 
-    # Code run by the exec server reads the thinker's token from /proc (same uid) and tries it, and
-    # tries without it: refused by the supervisor, which asks the kernel who connected.
-    out = await sh(sandbox, python_inside(STOLEN))
+    # Code run by the exec server finds no token in /proc, and the leaked one is refused by the
+    # supervisor, which asks the kernel who connected; without the token, 401.
+    out = await sh(sandbox, python_inside(STOLEN.replace("LEAKED", repr(leaked))))
     found, *tries = [json.loads(line) for line in out["stdout"].splitlines()]
-    assert found["host"] and found["host"].startswith("http://127.0.0.1:"), out
+    assert found["host"] is None, out
     assert [t["status"] for t in tries] == [403, 401], tries
     assert "is not server 'thinker' or one of its children" in tries[0]["body"]["error"]
     # No network was opened: the sandbox's only interface is its loopback.
