@@ -13,11 +13,17 @@ import time
 
 import psycopg
 import pytest
+from playwright.async_api import expect
 
+from tests.browser import browser, context  # noqa: F401  (fixtures)
 from tests.conftest import Fleet, make_fleet
+from tests.test_admin_page import admin_page, pending
 from tests.test_registry import WEATHER, cli
 
 pytestmark = [pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed"), pytest.mark.timeout(900)]
+
+
+MARKUP = "asks to <b>read</b> files <img src=x id=injected onerror=alert(1)>"
 
 
 def publish_and_show(fleet: Fleet, publisher: str, admin: str) -> dict:
@@ -40,7 +46,7 @@ def started_fleet(tmp_path_factory, postgres_url, **env: str) -> Fleet:
     return running
 
 
-def test_review_on_gives_each_tool_a_verdict_charged_to_the_publisher(tmp_path_factory, postgres_url):
+async def test_review_on_gives_each_tool_a_verdict_charged_to_the_publisher(tmp_path_factory, postgres_url, context):
     fleet = started_fleet(tmp_path_factory, postgres_url, MCPFLEET_LOCAL_MODEL="auto", MCPFLEET_MODEL_REVIEW="on")
     try:
         deadline = time.monotonic() + 180
@@ -49,6 +55,7 @@ def test_review_on_gives_each_tool_a_verdict_charged_to_the_publisher(tmp_path_f
             time.sleep(0.5)
         version = publish_and_show(fleet, fleet.keys["publisher"], fleet.keys["admin"])
         [review] = [c for c in version["validation"] if c["check"] == "model review"]
+        print("model review:", json.dumps(review))
         assert review["ok"] is True and review["advisory"] is True, review
         assert not review["detail"].startswith("review not done"), review
         assert sorted(r["tool"] for r in review["reviews"]) == ["alerts", "forecast"]
@@ -67,6 +74,23 @@ def test_review_on_gives_each_tool_a_verdict_charged_to_the_publisher(tmp_path_f
         assert [(name, purpose, asks) for name, purpose, asks, _ in rows] == [("publisher-1", "review", 2)]
         assert rows[0][3] > 0
         assert [(outcome, d["purpose"]) for outcome, d in model_asks(fleet)] == [("ok", "review"), ("ok", "review")]
+
+        # How a flagged tool is shown. The tiny model's verdicts are arbitrary, so a suspicious one is
+        # written here as the review writes it, its reason carrying markup (a model's words are untrusted).
+        flagged = {**review, "reviews": [{"tool": "forecast", "verdict": "suspicious", "reasons": [MARKUP]}],
+                   "findings": [{"check": "model review", "tool": "forecast", "path": "", "message": "suspicious: " + MARKUP}]}
+        with psycopg.connect(fleet.database_url) as conn:
+            conn.execute("UPDATE registry_versions SET validation = %s::jsonb WHERE version = '1.0.0'",
+                         (json.dumps([c if c["check"] != "model review" else flagged for c in version["validation"]]),))
+        shown = cli(fleet, fleet.keys["admin"], "registry", "show", "io.example/weather", "1.0.0").stdout
+        assert "NOTE model review" in shown and "forecast" in shown, shown
+        page = await admin_page(context, fleet, fleet.keys["admin"])
+        card = pending(page, "1.0.0")
+        check = card.locator('li.check.advisory[data-check="model review"]')
+        await expect(check.locator(".mark")).to_have_text("!")
+        await expect(check.locator(".findings li")).to_contain_text("suspicious: " + MARKUP)
+        await expect(card.locator("li.check.failed")).to_have_count(0)
+        await expect(page.locator("#injected")).to_have_count(0)
     finally:
         fleet.stop()
 
