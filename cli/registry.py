@@ -12,7 +12,7 @@ from typing import Any
 from cli.run import api_command
 from cli.table import add_json_flag, print_rows
 from mcpfleet_sdk.api import FleetApi
-from mcpfleet_sdk.publish import format_validation, wait_for_verdict
+from mcpfleet_sdk.publish import check_mark, format_validation, wait_for_verdict
 
 
 def _version_path(name: str, version: str) -> str:
@@ -24,7 +24,7 @@ def _version_path(name: str, version: str) -> str:
 def print_validation(version: dict[str, Any]) -> None:
     print(f"{version['name']} {version['version']}: {version['status']}")
     for check in version.get("validation") or []:
-        print(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['check']}: {check.get('detail', '')}")
+        print(f"  {check_mark(check)} {check['check']}: {check.get('detail', '')}")
         for finding in check.get("findings") or []:
             print(f"         {finding.get('tool')} {finding.get('path')}: {finding.get('message')}")
 

@@ -69,6 +69,9 @@ class Settings:
     bare_servers: frozenset[str] = frozenset()
     sampling_by_fleet: frozenset[str] = frozenset()
     """Tenants whose servers' sampling the fleet's models answer, not the client ("*": all; gateway/sampling.py)."""
+    model_review: bool = False
+    """Validation also asks the fleet's model to review each published tool (registry/review.py): off by
+    default, since the default local model (Gemma 3 270M, a base model) is far too small to judge."""
     conformance_everywhere: bool = False
     """Run the conformance fixture server (a test fixture, not product) for every tenant, not only
     for those added with `--with-conformance`: for fleets that the MCP conformance suite tests."""
@@ -154,6 +157,7 @@ def load_settings(**overrides: object) -> Settings:
         "allowed_origins": _list("MCPFLEET_ALLOWED_ORIGINS"),
         "bare_servers": frozenset(_list("MCPFLEET_BARE_TOOL_NAMES")),
         "sampling_by_fleet": frozenset(_list("MCPFLEET_SAMPLING_BY_FLEET")),
+        "model_review": _choice("MCPFLEET_MODEL_REVIEW", ("off", "on"), "off") == "on",
         "conformance_everywhere": _choice("MCPFLEET_CONFORMANCE", ("off", "on"), "off") == "on",
         "configured_public_url": os.environ.get("MCPFLEET_PUBLIC_URL") or None,
         # Unset means "mcp"; set but empty means no scope is required.

@@ -41,6 +41,7 @@ from gateway.secret_servers import SecretServers
 from gateway.services import RunningSandbox
 from gateway.telemetry import Telemetry
 from registry.embeddings import embedder_from_env
+from registry.review import ModelReview
 from registry.scan import scan_tools
 from registry.search import Index, ToolSearch
 from registry.service import ChangeListener, Registry
@@ -125,6 +126,7 @@ class Fleet:
                 self.settings.home, pool, backend, python, scan=scan_tools, indexer=index.version,
                 artifacts_s3_url=self.settings.artifacts_s3_url, no_trial_reason=no_trial_reason, pods=pods,
                 conformance_everywhere=self.settings.conformance_everywhere, outage_s=self.settings.db_outage_s,
+                review=ModelReview(models) if self.settings.model_review else None,
             )
             registry.on_change.append(self._tools_changed)
             await registry.start(self.database_url)

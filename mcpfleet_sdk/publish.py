@@ -118,12 +118,20 @@ def format_validation(version: dict[str, Any]) -> str:
     checks = version.get("validation") or []
     width = max((len(str(c.get("check", ""))) for c in checks), default=0)
     for check in checks:
-        mark = "ok  " if check.get("ok") else "FAIL"
+        mark = check_mark(check)
         detail = check.get("detail") or ""
         lines.append(f"  {mark}  {str(check.get('check', '')).ljust(width)}  {detail}".rstrip())
         for finding in check.get("findings") or []:
             lines.append(f"          - {_finding_text(finding)}")
     return "\n".join(lines)
+
+
+def check_mark(check: dict[str, Any]) -> str:
+    """`ok  `, `FAIL`, or `NOTE` for an advisory check (the model review) that flags something: it never
+    fails validation, but an admin should read what it says."""
+    if not check.get("ok"):
+        return "FAIL"
+    return "NOTE" if check.get("advisory") and check.get("findings") else "ok  "
 
 
 def _finding_text(finding: Any) -> str:

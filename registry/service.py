@@ -36,6 +36,7 @@ from registry.builtins import builtin_tools
 from registry.definitions import INSTRUCTIONS_PIN, KINDS, PROMPTS, definition_sha256, instructions_sha256, offering_sha256, pin_key
 from registry.dependencies import dependency_check, layer_digest
 from registry.manifest import Manifest, ManifestError, parse_manifest
+from registry.review import ModelReview
 from registry.store import Approved, RegistryError
 from registry.trial import PodTrials, TrialResult, trial_in_pod, trial_run
 from sandbox.backends.base import SandboxBackend
@@ -80,6 +81,7 @@ class Registry:
         artifacts_s3_url: str | None = None,
         conformance_everywhere: bool = False,
         outage_s: float = OUTAGE_S,
+        review: ModelReview | None = None,
     ):
         self.home = Path(home)
         self.outage_s = outage_s
@@ -94,6 +96,8 @@ class Registry:
         self.python = python
         self.artifacts = ArtifactStore(self.home, S3Artifacts(artifacts_s3_url) if artifacts_s3_url else None)
         self._scan = scan
+        self._review = review
+        """The advisory model review (MCPFLEET_MODEL_REVIEW=on), one more check; None: not asked."""
         self.conformance_everywhere = conformance_everywhere
         """Every tenant gets the conformance fixture server, not only those that enabled it."""
         self._indexer = indexer
@@ -265,10 +269,10 @@ class Registry:
                 artifact_sha256=sha256,
                 artifact_bytes=len(wheel),
             )
-        self._spawn(self._validate(who.tenant, version_id, manifest, sha256))
+        self._spawn(self._validate(who, version_id, manifest, sha256))
         return {"name": manifest.name, "version": manifest.version, "status": "validating", "artifact_sha256": sha256}
 
-    async def _validate(self, tenant: str, version_id: int, manifest: Manifest, sha256: str) -> None:
+    async def _validate(self, who: Identity, version_id: int, manifest: Manifest, sha256: str) -> None:
         checks: list[dict[str, Any]] = [{"check": "manifest", "ok": True, "detail": "server.json is valid", "findings": []}]
         trial = TrialResult()
         try:
@@ -296,8 +300,10 @@ class Registry:
                 else:
                     trial.error = f"not run: {self.no_trial_reason}"
             checks.append(_trial_check(trial, manifest, runnable))
-            others = await self._other_tools(tenant, manifest.name)
+            others = await self._other_tools(who.tenant, manifest.name)
             checks.extend(self._scan_checks(manifest.prefix, trial.tools, others, trial.offerings))
+            if self._review is not None and trial.tools:
+                checks.append(await self._review.check(who, trial.tools))
         except Exception as exc:  # validation must end in a verdict, whatever broke
             log.exception("validating %s %s failed", manifest.name, manifest.version)
             checks.append({"check": "validation", "ok": False, "detail": f"validation could not finish: {exc}", "findings": []})

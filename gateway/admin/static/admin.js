@@ -89,11 +89,15 @@
     return el(
       "ul",
       { className: "checks" },
-      validation.map((check) =>
-        el(
+      validation.map((check) => {
+        // An advisory check (the model review) never fails validation; what it flags is marked, not failed.
+        const flagged = check.ok && check.advisory && check.findings && check.findings.length > 0;
+        const state = flagged ? "advisory" : check.ok ? "ok" : "failed";
+        return el(
           "li",
-          { className: `check ${check.ok ? "ok" : "failed"}`, dataset: { check: check.check } },
-          el("span", { className: "mark", "aria-label": check.ok ? "passed" : "failed" }, check.ok ? "✓" : "✗"),
+          { className: `check ${state}`, dataset: { check: check.check } },
+          el("span", { className: "mark", "aria-label": flagged ? "flagged (advisory)" : check.ok ? "passed" : "failed" },
+             flagged ? "!" : check.ok ? "✓" : "✗"),
           el("strong", {}, check.check),
           check.detail ? el("span", { className: "detail" }, ` ${check.detail}`) : null,
           check.findings && check.findings.length
@@ -112,8 +116,8 @@
                 ),
               )
             : null,
-        ),
-      ),
+        );
+      }),
     );
   }
 
