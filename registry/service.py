@@ -33,9 +33,9 @@ from registry.artifacts import (
     wheel_metadata,
 )
 from registry.builtins import builtin_tools
-from registry.definitions import INSTRUCTIONS_PIN, KINDS, PROMPTS, definition_sha256, instructions_sha256, offering_sha256, pin_key
 from registry.dependencies import dependency_check, layer_digest
 from registry.manifest import Manifest, ManifestError, parse_manifest
+from registry.offers import guarded_offer
 from registry.review import ModelReview
 from registry.store import Approved, RegistryError
 from registry.trial import PodTrials, TrialResult, trial_in_pod, trial_run
@@ -394,7 +394,7 @@ class Registry:
                 out[server] = cached[2]
                 self._withheld[user_id][server] = cached[3]
                 continue
-            filtered, reasons, drifted = _guarded_offer(server, entry, grant)
+            filtered, reasons, drifted = guarded_offer(server, entry, grant)
             for key, live, definition in drifted:
                 self._note_drift(user_id, grant, key, live, definition)
             self._guarded[(user_id, server)] = (entry, grant, filtered, reasons)
@@ -488,57 +488,6 @@ class Registry:
                 await store.record_usage(conn, rows)
         except Exception as exc:
             log.warning("tool usage of %d tools not recorded: %s", len(rows), exc)
-
-
-def _guarded_offer(
-    server: str, entry: Mapping[str, Any], grant: Approved
-) -> tuple[dict[str, Any], dict[str, str], list[tuple[str, str, dict[str, Any]]]]:
-    """What of one server's offer the grant lets through, why the rest is held back (by the keys of
-    `Registry.why_unavailable`), and what drifted: (pin key, live hash, live definition)."""
-    reasons: dict[str, str] = {}
-    drifted: list[tuple[str, str, dict[str, Any]]] = []
-    whose = f"{grant.server} {grant.version}"
-    until = "until an admin accepts the new one"
-    tools = []
-    for tool in entry.get("tools") or []:
-        public = f"{server}__{tool['name']}"
-        if grant.tools is not None and tool["name"] not in grant.tools:
-            reasons[public] = f"{public} is not approved for you (the approval of {whose} allows only some of its tools)"
-            continue
-        live = definition_sha256(tool)
-        if grant.allows(tool["name"], live):
-            tools.append(tool)
-        else:
-            drifted.append((tool["name"], live, dict(tool)))
-            reasons[public] = f"{public} is withheld: its definition differs from the one approved for {whose}, {until}"
-    filtered: dict[str, Any] = {**entry, "tools": tools}
-    for kind in KINDS:
-        allowed = grant.prompts if kind is PROMPTS else grant.resources
-        kept = []
-        for item in entry.get(kind.listing) or []:
-            ident = item.get(kind.ident)
-            if not isinstance(ident, str):
-                continue
-            public = f"{server}__{ident}" if kind is PROMPTS else ident
-            reason_key = f"prompt:{public}" if kind is PROMPTS else f"resource:{public}"
-            if allowed is not None and ident not in allowed:
-                reasons.setdefault(reason_key, f"{kind.pin} {public} is not approved for you (the approval of {whose} does not allow it)")
-                continue
-            key, live = pin_key(kind, item), offering_sha256(kind, item)
-            if grant.allows(key, live):
-                kept.append(item)
-            else:
-                drifted.append((key, live, dict(item)))
-                reasons.setdefault(reason_key, f"{kind.pin} {public} is withheld: its definition differs from the one approved for {whose}, {until}")
-        filtered[kind.listing] = kept
-    # Instructions go on only as pinned (the gateway's own initialize does not pass any on today).
-    instructions = entry.get("instructions")
-    if instructions:
-        live = instructions_sha256(instructions)
-        if not grant.allows(INSTRUCTIONS_PIN, live):
-            filtered["instructions"] = None
-            drifted.append((INSTRUCTIONS_PIN, live, {"instructions": instructions}))
-    return filtered, reasons, drifted
 
 
 def _trial_check(trial: TrialResult, manifest: Manifest, ran: bool) -> dict[str, Any]:
