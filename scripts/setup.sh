@@ -103,6 +103,23 @@ elif [ -e .venv-sandbox ]; then
   rm -rf .venv-sandbox "$STAMPS/venv-sandbox"
 fi
 
+# The sandboxes' Node runtime (npm servers onboarded with `registry add npm:...`), bound read-only into each
+# sandbox at /opt/mcpfleet/node: a pinned Node 22 from npm's per-platform package (a plain binary; no install
+# script runs), whatever Node the host has or lacks. `npm` itself comes with Debian's nodejs package.
+NODE_VERSION=22.23.3
+case "$(uname -m)" in x86_64) node_arch=x64 ;; aarch64) node_arch=arm64 ;; *) node_arch="" ;; esac
+if [ -n "$node_arch" ] && [ "$(cat /opt/mcpfleet/node/version 2>/dev/null)" != "$NODE_VERSION-$node_arch" ]; then
+  command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
+  echo "setup: installing Node $NODE_VERSION for sandboxes in /opt/mcpfleet/node"
+  rm -rf /opt/mcpfleet/node.partial && mkdir -p /opt/mcpfleet/node.partial/bin
+  npm install --prefix /opt/mcpfleet/node.partial --ignore-scripts --no-audit --no-fund --no-save --loglevel=error \
+    "node-linux-$node_arch@$NODE_VERSION"
+  ln -s "../node_modules/node-linux-$node_arch/bin/node" /opt/mcpfleet/node.partial/bin/node
+  /opt/mcpfleet/node.partial/bin/node --version >/dev/null
+  echo "$NODE_VERSION-$node_arch" > /opt/mcpfleet/node.partial/version
+  rm -rf /opt/mcpfleet/node && mv /opt/mcpfleet/node.partial /opt/mcpfleet/node
+fi
+
 # Node tooling for the test suite only: the conformance suite (with its own Node 22) and the MCP Inspector.
 if [ "${1:-}" = "test" ] && [ -f tests/conformance/package-lock.json ]; then
   want=$(sha256sum tests/conformance/package-lock.json | cut -c1-16)
