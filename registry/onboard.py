@@ -7,7 +7,7 @@ its one console script (or the one named like the package, or the one the caller
 it is published like any upload (`Registry.publish`): its dependencies resolved into a layer,
 a trial in a sandbox that lists its tools, the scans; and it waits for an admin's approval.
 
-npm packages are not onboarded: the sandbox image has no Node runtime (`npm:` is refused, saying so).
+npm packages: `registry.onboard_npm` (`npm:NAME[@VERSION]`), run with the sandboxes' Node.
 """
 
 from __future__ import annotations
@@ -47,10 +47,8 @@ class Onboarded:
 def parse_source(source: str) -> Requirement:
     """`pypi:NAME` or `pypi:NAME==VERSION`, as a requirement."""
     kind, _, spec = source.partition(":")
-    if kind == "npm":
-        raise OnboardError("npm packages cannot be onboarded yet: the sandbox image has no Node runtime; use a pypi: package")
     if kind != "pypi" or not spec:
-        raise OnboardError(f"the source {source!r} must read pypi:NAME or pypi:NAME==VERSION")
+        raise OnboardError(f"the source {source!r} must read pypi:NAME, pypi:NAME==VERSION, npm:NAME or npm:NAME@VERSION")
     try:
         requirement = Requirement(spec)
     except InvalidRequirement as exc:
