@@ -31,7 +31,7 @@ PYPI_NAMESPACE = "io.pypi"
 DOWNLOAD_TIMEOUT = 300.0
 MAX_DESCRIPTION = 100
 """The official registry's limit on a server's description."""
-_SCHEMA = "https://static.modelcontextprotocol.io/schemas/2025-10-17/server.schema.json"
+SERVER_JSON_SCHEMA = "https://static.modelcontextprotocol.io/schemas/2025-10-17/server.schema.json"
 
 
 class OnboardError(ValueError):
@@ -102,12 +102,16 @@ def manifest_for(metadata: dict[str, Any], scripts: dict[str, str], *, name: str
     elif command not in scripts:
         raise OnboardError(f"{package} {version} has no console script {command!r} (it has: {', '.join(sorted(scripts)) or 'none'})")
     server_name = name or f"{PYPI_NAMESPACE}/{re.sub(r'[^a-z0-9-]', '-', canonicalize_name(package))}"
-    summary = str(metadata.get("Summary") or f"{package} from PyPI").strip().splitlines()[0]
+    return server_json(server_name, str(metadata.get("Summary") or f"{package} from PyPI"), "pypi", package, version, command)
+
+
+def server_json(name: str, summary: str, registry_type: str, package: str, version: str, command: str) -> dict[str, Any]:
+    """A generated server.json: one package on stdio, run by its `command` (console script or bin)."""
     return {
-        "$schema": _SCHEMA,
-        "name": server_name,
-        "description": summary[:MAX_DESCRIPTION],
+        "$schema": SERVER_JSON_SCHEMA,
+        "name": name,
+        "description": (summary.strip().splitlines() or [package])[0][:MAX_DESCRIPTION],
         "version": version,
-        "packages": [{"registryType": "pypi", "identifier": package, "version": version, "transport": {"type": "stdio"}}],
+        "packages": [{"registryType": registry_type, "identifier": package, "version": version, "transport": {"type": "stdio"}}],
         "_meta": {FLEET_META_KEY: {"command": command}},
     }

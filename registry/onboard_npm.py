@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from registry.artifacts import MAX_MEMBERS
-from registry.manifest import FLEET_META_KEY, NPM_NAME_PATTERN
-from registry.onboard import _SCHEMA, MAX_DESCRIPTION, Onboarded, OnboardError
+from registry.manifest import NPM_NAME_PATTERN
+from registry.onboard import Onboarded, OnboardError, server_json
 from sandbox.bundle import NODE
 
 NPM_NAMESPACE = "io.npmjs"
@@ -126,15 +126,7 @@ def manifest_for_npm(installed: dict[str, Any], command: str, *, name: str | Non
     scope, _, bare = package.lstrip("@").rpartition("/")
     namespace = f"{NPM_NAMESPACE}.{re.sub(r'[^a-z0-9-]', '-', scope)}" if scope else NPM_NAMESPACE
     server_name = name or f"{namespace}/{re.sub(r'[^a-z0-9-]', '-', bare)}"
-    summary = str(installed.get("description") or f"{package} from npm").strip().splitlines()[0]
-    return {
-        "$schema": _SCHEMA,
-        "name": server_name,
-        "description": summary[:MAX_DESCRIPTION],
-        "version": version,
-        "packages": [{"registryType": "npm", "identifier": package, "version": version, "transport": {"type": "stdio"}}],
-        "_meta": {FLEET_META_KEY: {"command": command}},
-    }
+    return server_json(server_name, str(installed.get("description") or f"{package} from npm"), "npm", package, version, command)
 
 
 def pack_wheel(app: Path, package: str, version: str, command: str, entry: str) -> bytes:

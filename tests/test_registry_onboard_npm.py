@@ -6,16 +6,18 @@ pending; approved, its tool answers through the gateway."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
 
 from registry.onboard import OnboardError
-from registry.onboard_npm import _bin_entry, manifest_for_npm, parse_npm
+from registry.onboard_npm import LAUNCHER, _bin_entry, manifest_for_npm, pack_wheel, parse_npm
 from sandbox.bundle import NODE
 from tests.clients import connect, text_of
 from tests.test_registry import api, cli, registry_fleet  # noqa: F401  (a fixture)
@@ -83,3 +85,18 @@ def test_npm_sources_bins_and_generated_manifests():
     with pytest.raises(OnboardError, match="not a file of the package"):
         _bin_entry({"bin": {"demo": "../../etc/passwd"}}, "demo", None)
     assert manifest_for_npm({"name": "plain", "version": "1.0.0"}, "plain")["name"] == "io.npmjs/plain"
+
+
+def test_a_packed_install_leaves_out_links_and_is_reproducible(tmp_path):
+    """A package's symlink (to a file of the gateway's) is never packed; npm's .bin links neither."""
+    app = tmp_path / "app"
+    (app / "node_modules" / "demo" / "dist").mkdir(parents=True)
+    (app / "node_modules" / "demo" / "dist" / "index.js").write_text("console.log('hi')\n")
+    (app / "node_modules" / "demo" / "secrets").symlink_to("/etc/passwd")
+    (app / "node_modules" / ".bin").mkdir()
+    (app / "node_modules" / ".bin" / "demo").symlink_to("../demo/dist/index.js")
+    wheel = pack_wheel(app, "demo", "1.0.0", "demo", "node_modules/demo/dist/index.js")
+    names = zipfile.ZipFile(io.BytesIO(wheel)).namelist()
+    assert f"{LAUNCHER}/app/node_modules/demo/dist/index.js" in names
+    assert not any("secrets" in n or ".bin" in n for n in names), names
+    assert pack_wheel(app, "demo", "1.0.0", "demo", "node_modules/demo/dist/index.js") == wheel
