@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
 import shutil
 import time
 import zipfile
@@ -20,6 +21,7 @@ from registry.onboard import OnboardError
 from registry.onboard_npm import LAUNCHER, _bin_entry, manifest_for_npm, pack_wheel, parse_npm
 from sandbox.bundle import NODE
 from tests.clients import connect, text_of
+from tests.test_attacks import sh
 from tests.test_registry import api, cli, registry_fleet  # noqa: F401  (a fixture)
 
 pytestmark = [
@@ -100,3 +102,14 @@ def test_a_packed_install_leaves_out_links_and_is_reproducible(tmp_path):
     assert f"{LAUNCHER}/app/node_modules/demo/dist/index.js" in names
     assert not any("secrets" in n or ".bin" in n for n in names), names
     assert pack_wheel(app, "demo", "1.0.0", "demo", "node_modules/demo/dist/index.js") == wheel
+
+
+async def test_a_sandbox_runs_the_pinned_node_and_cannot_change_it(fleet):
+    """The host's own Node (Debian's, under /usr, visible in the sandbox) is not the one on PATH; the
+    sandboxes' Node is read-only to what runs inside."""
+    key = fleet.add_user(f"npm-node-{secrets.token_hex(3)}", role="member")
+    pinned = (Path(NODE) / "version").read_text().split("-")[0].strip()
+    out = await sh(fleet, key, f"node --version; touch {NODE}/planted || echo REFUSED; "
+                               f"cp /bin/true {NODE}/bin/node || echo REFUSED; {NODE}/bin/node -e 'console.log(6*7)'")
+    assert out["stdout"].split() == [f"v{pinned}", "REFUSED", "REFUSED", "42"], out
+    assert not (Path(NODE) / "planted").exists()
