@@ -176,6 +176,8 @@ class Manifest:
     command: str
     fleet: FleetMeta
     raw: dict[str, Any]
+    registry_type: str = "pypi"
+    """Of the package run: "pypi", or "npm" (`registry.onboard_npm`: its wheel holds the npm install)."""
 
 
 def load_manifest(project_dir: Path) -> Manifest:
@@ -235,6 +237,7 @@ def parse_manifest(document: dict[str, Any]) -> Manifest:
             cpus=float(fleet["cpus"]) if "cpus" in fleet else None,
         ),
         raw=copy.deepcopy(document),
+        registry_type=document["packages"][index]["registryType"],
     )
 
 

@@ -46,6 +46,10 @@ async def test_sequential_thinking_from_npm_is_added_validated_approved_and_call
     assert version["manifest"]["packages"][0]["registryType"] == "npm"
     assert version["manifest"]["_meta"]["io.mcpfleet"]["command"] == "mcp-server-sequential-thinking"
     assert {t["name"] for t in version["tools"]} == {"sequentialthinking"}
+    npm = next(c for c in version["validation"] if c["check"] == "npm packages")  # what npm resolved, reported
+    names = {p["name"] for p in npm["packages"]}
+    assert {"@modelcontextprotocol/server-sequential-thinking", "@modelcontextprotocol/sdk", "chalk", "yargs"} <= names, npm
+    assert all(p["integrity"].startswith("sha512-") for p in npm["packages"]), npm
 
     # The same package installed again packs to the same wheel: the digest an approval pins names its files.
     again = httpx.post(f"{fleet.base_url}/registry/v1/add", headers={"Authorization": f"Bearer {fleet.keys['publisher']}"},
