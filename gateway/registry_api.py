@@ -27,6 +27,7 @@ from registry import decisions, store
 from registry.decisions import Decision
 from registry.definitions import KINDS, definition_sha256, instructions_sha256, offering_sha256
 from registry.onboard import OnboardError, fetch_pypi
+from registry.onboard_npm import fetch_npm
 from registry.service import MAX_WHEEL_BYTES
 from registry.store import RegistryError
 
@@ -173,9 +174,12 @@ def routes(fleet: Fleet) -> list[Route]:
         body = await _body(request)
         source, name, command = body.get("source"), body.get("name"), body.get("command")
         if not isinstance(source, str) or not all(v is None or isinstance(v, str) for v in (name, command)):
-            return _error(400, "expected a JSON object with source (pypi:NAME or pypi:NAME==VERSION) and optional name and command")
+            return _error(400, "expected a JSON object with source (pypi:NAME[==VERSION] or npm:NAME[@VERSION]) and optional name and command")
         try:
-            onboarded = await asyncio.to_thread(fetch_pypi, source, fleet.registry.python, name=name, command=command)
+            if source.startswith("npm:"):
+                onboarded = await asyncio.to_thread(fetch_npm, source, name=name, command=command)
+            else:
+                onboarded = await asyncio.to_thread(fetch_pypi, source, fleet.registry.python, name=name, command=command)
         except OnboardError as exc:
             return _error(400, str(exc))
         result = await fleet.registry.publish(who, onboarded.manifest, onboarded.wheel)

@@ -31,6 +31,7 @@ NAME_PATTERN = r"^[a-zA-Z0-9.-]+/[a-zA-Z0-9._-]+$"
 PREFIX_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # PEP 508 distribution names (https://packaging.python.org/en/latest/specifications/name-normalization/).
 DISTRIBUTION_PATTERN = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
+NPM_NAME_PATTERN = re.compile(r"^(@[a-z0-9][a-z0-9._~-]{0,100}/)?[a-z0-9][a-z0-9._~-]{0,100}$")
 # A console script is started by name, never through a shell: no paths, spaces or options.
 COMMAND_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -175,6 +176,8 @@ class Manifest:
     command: str
     fleet: FleetMeta
     raw: dict[str, Any]
+    registry_type: str = "pypi"
+    """Of the package run: "pypi", or "npm" (`registry.onboard_npm`: its wheel holds the npm install)."""
 
 
 def load_manifest(project_dir: Path) -> Manifest:
@@ -234,6 +237,7 @@ def parse_manifest(document: dict[str, Any]) -> Manifest:
             cpus=float(fleet["cpus"]) if "cpus" in fleet else None,
         ),
         raw=copy.deepcopy(document),
+        registry_type=document["packages"][index]["registryType"],
     )
 
 
@@ -301,7 +305,9 @@ def _parse_version(value: str, field: str, problems: list[str]) -> Version | Non
 
 
 def _runnable_package(shape: _Shape, problems: list[str]) -> int | None:
-    """Index of the one `pypi` entry on stdio, the only kind of package mcpfleet runs."""
+    """Index of the one `pypi` entry on stdio, the kind of package mcpfleet runs; or, in a manifest
+    without one, of its one `npm` entry (a server onboarded with `registry add npm:`, whose wheel
+    holds its install and starts it with the sandbox's Node: `registry.onboard_npm`)."""
     packages = shape.get("packages")
     if not isinstance(packages, list) or not packages:
         return None
@@ -310,21 +316,23 @@ def _runnable_package(shape: _Shape, problems: list[str]) -> int | None:
         for i in range(len(packages))
         if shape.sound("packages", i, "registryType") and shape.sound("packages", i, "transport", "type")
     ]
-    pypi = [i for i in usable if packages[i]["registryType"] == "pypi"]
-    if not pypi:
+    kind = "pypi" if any(packages[i]["registryType"] == "pypi" for i in usable) else "npm"
+    runnable = [i for i in usable if packages[i]["registryType"] == kind]
+    if not runnable:
         if len(usable) == len(packages):  # else a broken entry may be the pypi one; its problem is reported
             kinds = ", ".join(sorted({repr(p["registryType"]) for p in packages}))
             problems.append(
-                f"packages must include an entry with registryType 'pypi' (mcpfleet runs Python servers; found {kinds})"
+                f"packages must include an entry with registryType 'pypi' (mcpfleet runs Python servers, and npm servers "
+                f"added with `mcpfleet registry add npm:NAME`; found {kinds})"
             )
         return None
-    stdio = [i for i in pypi if packages[i]["transport"]["type"] == "stdio"]
+    stdio = [i for i in runnable if packages[i]["transport"]["type"] == "stdio"]
     if not stdio:
-        problems += [f"packages[{i}].transport.type must be 'stdio'" for i in pypi]
+        problems += [f"packages[{i}].transport.type must be 'stdio'" for i in runnable]
         return None
     if len(stdio) > 1:
         places = ", ".join(f"packages[{i}]" for i in stdio)
-        problems.append(f"packages must have exactly one 'pypi' entry with stdio transport, not {len(stdio)} ({places})")
+        problems.append(f"packages must have exactly one {kind!r} entry with stdio transport, not {len(stdio)} ({places})")
         return None
     return stdio[0]
 
@@ -334,7 +342,10 @@ def _check_package(shape: _Shape, index: int, version: str | None) -> list[str]:
     where = f"packages[{index}]"
     package = shape.get("packages", index)
     problems: list[str] = []
-    if shape.sound("packages", index, "identifier") and not DISTRIBUTION_PATTERN.match(package["identifier"]):
+    if package.get("registryType") == "npm":
+        if shape.sound("packages", index, "identifier") and not NPM_NAME_PATTERN.match(package["identifier"]):
+            problems.append(f"{where}.identifier {package['identifier']!r} must be an npm package name (name or @scope/name)")
+    elif shape.sound("packages", index, "identifier") and not DISTRIBUTION_PATTERN.match(package["identifier"]):
         problems.append(
             f"{where}.identifier {package['identifier']!r} must be a Python distribution name "
             "(letters, digits, '.', '_' and '-')"

@@ -7,7 +7,7 @@ its one console script (or the one named like the package, or the one the caller
 it is published like any upload (`Registry.publish`): its dependencies resolved into a layer,
 a trial in a sandbox that lists its tools, the scans; and it waits for an admin's approval.
 
-npm packages are not onboarded: the sandbox image has no Node runtime (`npm:` is refused, saying so).
+npm packages: `registry.onboard_npm` (`npm:NAME[@VERSION]`), run with the sandboxes' Node.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ PYPI_NAMESPACE = "io.pypi"
 DOWNLOAD_TIMEOUT = 300.0
 MAX_DESCRIPTION = 100
 """The official registry's limit on a server's description."""
-_SCHEMA = "https://static.modelcontextprotocol.io/schemas/2025-10-17/server.schema.json"
+SERVER_JSON_SCHEMA = "https://static.modelcontextprotocol.io/schemas/2025-10-17/server.schema.json"
 
 
 class OnboardError(ValueError):
@@ -47,10 +47,8 @@ class Onboarded:
 def parse_source(source: str) -> Requirement:
     """`pypi:NAME` or `pypi:NAME==VERSION`, as a requirement."""
     kind, _, spec = source.partition(":")
-    if kind == "npm":
-        raise OnboardError("npm packages cannot be onboarded yet: the sandbox image has no Node runtime; use a pypi: package")
     if kind != "pypi" or not spec:
-        raise OnboardError(f"the source {source!r} must read pypi:NAME or pypi:NAME==VERSION")
+        raise OnboardError(f"the source {source!r} must read pypi:NAME, pypi:NAME==VERSION, npm:NAME or npm:NAME@VERSION")
     try:
         requirement = Requirement(spec)
     except InvalidRequirement as exc:
@@ -104,12 +102,16 @@ def manifest_for(metadata: dict[str, Any], scripts: dict[str, str], *, name: str
     elif command not in scripts:
         raise OnboardError(f"{package} {version} has no console script {command!r} (it has: {', '.join(sorted(scripts)) or 'none'})")
     server_name = name or f"{PYPI_NAMESPACE}/{re.sub(r'[^a-z0-9-]', '-', canonicalize_name(package))}"
-    summary = str(metadata.get("Summary") or f"{package} from PyPI").strip().splitlines()[0]
+    return server_json(server_name, str(metadata.get("Summary") or f"{package} from PyPI"), "pypi", package, version, command)
+
+
+def server_json(name: str, summary: str, registry_type: str, package: str, version: str, command: str) -> dict[str, Any]:
+    """A generated server.json: one package on stdio, run by its `command` (console script or bin)."""
     return {
-        "$schema": _SCHEMA,
-        "name": server_name,
-        "description": summary[:MAX_DESCRIPTION],
+        "$schema": SERVER_JSON_SCHEMA,
+        "name": name,
+        "description": (summary.strip().splitlines() or [package])[0][:MAX_DESCRIPTION],
         "version": version,
-        "packages": [{"registryType": "pypi", "identifier": package, "version": version, "transport": {"type": "stdio"}}],
+        "packages": [{"registryType": registry_type, "identifier": package, "version": version, "transport": {"type": "stdio"}}],
         "_meta": {FLEET_META_KEY: {"command": command}},
     }

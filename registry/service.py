@@ -36,6 +36,7 @@ from registry.builtins import builtin_tools
 from registry.dependencies import dependency_check, layer_digest
 from registry.manifest import Manifest, ManifestError, parse_manifest
 from registry.offers import guarded_offer
+from registry.onboard_npm import npm_packages_check
 from registry.review import ModelReview
 from registry.store import Approved, RegistryError
 from registry.trial import PodTrials, TrialResult, trial_in_pod, trial_run
@@ -280,6 +281,10 @@ class Registry:
             checks.append(package)
             layers: dict[str, Path] = {}
             runnable = package["ok"]
+            if runnable and manifest.registry_type == "npm":  # what npm resolved, packed in the wheel: reported, pinned by its digest
+                npm = await asyncio.to_thread(npm_packages_check, self.artifacts.wheel_path(sha256))
+                checks.append(npm)
+                runnable = npm["ok"]
             if runnable:
                 deps = await asyncio.to_thread(dependency_check, package["requires"], self.python, self.artifacts.store)
                 checks.append(deps)

@@ -36,6 +36,9 @@ OPT = "/opt/mcpfleet"
 LIB = f"{OPT}/lib"
 BIN = f"{OPT}/bin"
 SITE_PACKAGES = f"{OPT}/site-packages"
+NODE = f"{OPT}/node"
+"""The Node runtime of npm servers (`registry.onboard_npm`): scripts/setup.sh puts a pinned Node 22 there
+on the host, and every sandbox sees the same dir read-only at the same path (its bin/ is on PATH)."""
 WORKSPACE = "/workspace"
 TOOLS = "/opt/tools"
 """Published servers' installs, those of the sandbox's own servers only (`registry.artifacts`)."""
@@ -137,6 +140,8 @@ def system_binds(runtime: PythonRuntime) -> list[Bind]:
         binds.append(Bind(path, _site_inside(i)))
     for name, path in product_packages().items():
         binds.append(Bind(path, f"{LIB}/{name}"))
+    if Path(NODE, "bin", "node").exists():  # a host without it runs no npm server (onboarding refuses them)
+        binds.append(Bind(Path(NODE), NODE))
     return binds
 
 
@@ -254,7 +259,7 @@ def environment(runtime: PythonRuntime) -> dict[str, str]:
     """The supervisor's environment (its servers inherit it)."""
     site_inside = [_site_inside(i) for i in range(len(runtime.site_packages))]
     return {
-        "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
+        "PATH": f"{BIN}:{NODE}/bin:/usr/local/bin:/usr/bin:/bin",
         "PYTHONPATH": ":".join([LIB, *site_inside]),
         "PYTHONDONTWRITEBYTECODE": "1",  # everything but /workspace and /tmp is read-only
         "PYTHONUNBUFFERED": "1",

@@ -20,6 +20,9 @@ if [ "${1:-}" = "test" ]; then command -v chromium >/dev/null 2>&1 || need_apt+=
 if [ "${1:-}" = "test" ]; then command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server); fi
 # promtool checks the alert rules under k8s/monitoring (tests/test_telemetry.py); it comes with Debian's prometheus.
 if [ "${1:-}" = "test" ]; then command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus); fi
+# npm installs the sandboxes' Node and npm servers onboarded by name (`registry add npm:`); Node needs libstdc++.
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+[ -e /usr/lib/x86_64-linux-gnu/libstdc++.so.6 ] || [ -e /usr/lib/aarch64-linux-gnu/libstdc++.so.6 ] || need_apt+=(libstdc++6)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -101,6 +104,22 @@ PY
 elif [ -e .venv-sandbox ]; then
   echo "setup: no Python 3.12 or later any more: sandboxes run .venv's Python"
   rm -rf .venv-sandbox "$STAMPS/venv-sandbox"
+fi
+
+# The sandboxes' Node runtime (npm servers onboarded with `registry add npm:...`), bound read-only into each
+# sandbox at /opt/mcpfleet/node: a pinned Node 22 from npm's per-platform package (a plain binary; no install
+# script runs), whatever Node the host has or lacks (Debian 12's is 18; its npm, installed above, only fetches).
+NODE_VERSION=22.23.3
+case "$(uname -m)" in x86_64) node_arch=x64 ;; aarch64) node_arch=arm64 ;; *) node_arch="" ;; esac
+if [ -n "$node_arch" ] && [ "$(cat /opt/mcpfleet/node/version 2>/dev/null)" != "$NODE_VERSION-$node_arch" ]; then
+  echo "setup: installing Node $NODE_VERSION for sandboxes in /opt/mcpfleet/node"
+  rm -rf /opt/mcpfleet/node.partial && mkdir -p /opt/mcpfleet/node.partial/bin
+  npm install --prefix /opt/mcpfleet/node.partial --ignore-scripts --no-audit --no-fund --no-save --loglevel=error \
+    "node-linux-$node_arch@$NODE_VERSION"
+  ln -s "../node_modules/node-linux-$node_arch/bin/node" /opt/mcpfleet/node.partial/bin/node
+  /opt/mcpfleet/node.partial/bin/node --version >/dev/null
+  echo "$NODE_VERSION-$node_arch" > /opt/mcpfleet/node.partial/version
+  rm -rf /opt/mcpfleet/node && mv /opt/mcpfleet/node.partial /opt/mcpfleet/node
 fi
 
 # Node tooling for the test suite only: the conformance suite (with its own Node 22) and the MCP Inspector.

@@ -224,9 +224,10 @@ def test_unknown_transport_type() -> None:
 
 
 def test_a_pypi_package_is_required() -> None:
-    document = manifest(packages=[{"registryType": "npm", "identifier": "@example/weather", "transport": {"type": "stdio"}}])
+    document = manifest(packages=[{"registryType": "oci", "identifier": "example/weather", "transport": {"type": "stdio"}}])
     assert problems_of(document) == [
-        "packages must include an entry with registryType 'pypi' (mcpfleet runs Python servers; found 'npm')"
+        "packages must include an entry with registryType 'pypi' (mcpfleet runs Python servers, and npm servers "
+        "added with `mcpfleet registry add npm:NAME`; found 'oci')"
     ]
 
 
@@ -326,7 +327,7 @@ def test_every_problem_is_reported_at_once() -> None:
         parse_manifest(document)
 
 
-def test_the_official_npm_example_is_refused_for_its_package_only() -> None:
+def test_the_official_npm_example_needs_only_its_secret_declared() -> None:
     """The registry's own example (docs/reference/server-json/examples/valid/with-package.json)."""
     example = {
         "$schema": "https://static.modelcontextprotocol.io/schemas/2025-12-11/server.schema.json",
@@ -344,9 +345,12 @@ def test_the_official_npm_example_is_refused_for_its_package_only() -> None:
             }
         ],
     }
+    # An npm package is run (`registry add npm:` packs it with its launcher); its required secret must be declared.
     assert problems_of(example) == [
-        "packages must include an entry with registryType 'pypi' (mcpfleet runs Python servers; found 'npm')"
+        "packages[0].environmentVariables[0] (API_KEY) is a required secret, so _meta['io.mcpfleet'].secrets must list it"
     ]
+    declared = {**copy.deepcopy(example), "_meta": fleet(secrets=["API_KEY"])}
+    assert parse_manifest(declared).package == "@modelcontextprotocol/server-weather"
     as_python = copy.deepcopy(example)
     as_python["packages"][0].update(registryType="pypi", identifier="local-weather", runtimeHint="uvx")
     as_python["_meta"] = fleet(secrets=["API_KEY"])
