@@ -3,7 +3,8 @@
 The page itself is static HTML and a script that reads and changes the registry
 through its JSON API (`/registry/v1`) with the session cookie; this module only
 serves it to a live session, and turns a pasted API key into a session. Only
-admins and auditors (read-only) get one.
+admins and auditors (read-only) get one. The same sign-in, with a `Place` of its
+own, opens the user page's sessions (gateway/admin/mine.py), for any role.
 """
 
 from __future__ import annotations
