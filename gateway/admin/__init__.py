@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from core.settings import Settings
-from gateway.admin import console
+from gateway.admin import console, mine
 from gateway.admin.oidc import CALLBACK_PATH, Clients, OidcSignIn
 from gateway.admin.pages import Pages
 from gateway.admin.secret import session_secret
@@ -51,5 +51,6 @@ def routes(sessions: Sessions, settings: Settings, oauth: OAuthVerifier) -> list
         Route("/admin/oidc/start", sso.start, methods=["GET"]),
         Route(CALLBACK_PATH, sso.callback, methods=["GET"]),
         *console.routes(sessions),
+        *mine.routes(sessions),
         Mount("/admin/static", StaticFiles(directory=STATIC), name="admin-static"),
     ]

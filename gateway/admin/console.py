@@ -83,6 +83,11 @@ def forbidden(message: str) -> HTMLResponse:
     return _html(_env.get_template("refused.html").render(message=message), 403)
 
 
+def page_html(name: str, status: int = 200, **values: Any) -> HTMLResponse:
+    """One of the console's templates rendered (the user page's too, gateway/admin/mine.py)."""
+    return _html(_env.get_template(name).render(**values), status)
+
+
 def _html(text: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(text, status_code=status, headers=SECURITY_HEADERS)
 

@@ -3,7 +3,8 @@
 The page itself is static HTML and a script that reads and changes the registry
 through its JSON API (`/registry/v1`) with the session cookie; this module only
 serves it to a live session, and turns a pasted API key into a session. Only
-admins and auditors (read-only) get one.
+admins and auditors (read-only) get one. The same sign-in, with a `Place` of its
+own, opens the user page's sessions (gateway/admin/mine.py), for any role.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import html
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from urllib.parse import urlencode
@@ -22,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from core import accounts, audit
-from gateway.admin.session import CSRF_FIELD, ROLES, Sessions, check_csrf
+from gateway.admin.session import CSRF_FIELD, Sessions, check_csrf
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +67,33 @@ def redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303, headers={"Cache-Control": "no-store"})
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a kind of session signs in and lands: the admin page's, or the user page's (gateway/admin/mine.py)."""
+
+    home: str = "/admin"
+    login: str = "/admin/login"
+    template: str = "login.html"
+    audit: str = "admin"
+    """The audit actions' prefix: `admin.login`, `admin.logout`."""
+    refused: str = "Only admins and auditors may use this page."
+    login_cookie: str = LOGIN_COOKIE
+
+
+ADMIN = Place()
+
+
 class Pages:
-    def __init__(self, sessions: Sessions):
+    def __init__(self, sessions: Sessions, place: Place = ADMIN):
         self.sessions = sessions
+        self.place = place
         # Identity providers the login page offers besides the key form (set when SSO is on).
         self.identity_providers: Callable[[], Awaitable[list[str]]] | None = None
 
     async def admin(self, request: Request) -> Response:
         session = await self.sessions.current(request)
         if session is None:
-            return redirect("/admin/login")
+            return redirect(self.place.login)
         who = session.identity
         return render(
             "admin.html",
@@ -93,7 +112,7 @@ class Pages:
             for url in providers
         )
         response = render(
-            "login.html",
+            self.place.template,
             status_code=status_code,
             markup={"providers": f'<nav class="sso" aria-label="single sign-on">{links}</nav>' if links else ""},
             csrf_token=token,
@@ -101,19 +120,19 @@ class Pages:
             warning=_cookie_warning(request),
         )
         response.set_cookie(
-            LOGIN_COOKIE, token, max_age=LOGIN_COOKIE_S, path="/", secure=True, httponly=True, samesite="strict"
+            self.place.login_cookie, token, max_age=LOGIN_COOKIE_S, path="/", secure=True, httponly=True, samesite="strict"
         )
         return response
 
     async def login_page(self, request: Request) -> Response:
         if await self.sessions.current(request) is not None:
-            return redirect("/admin")
+            return redirect(self.place.home)
         # Only our own words: a link must not be able to put text of its choosing on this page.
         return await self.login_form(request, error=NOTICES.get(request.query_params.get("notice", ""), ""))
 
     async def login(self, request: Request) -> Response:
         form = await request.form()
-        sent, expected = form.get(CSRF_FIELD), request.cookies.get(LOGIN_COOKIE)
+        sent, expected = form.get(CSRF_FIELD), request.cookies.get(self.place.login_cookie)
         if not isinstance(sent, str) or not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
             return await self.login_form(request, error="The form expired; please try again.", status_code=403)
         key = form.get("api_key")
@@ -121,25 +140,23 @@ class Pages:
         async with self.sessions.pool.connection() as conn:
             identity = await accounts.verify_key(conn, key)
             if identity is None:
-                await audit.append(conn, action="admin.login", outcome="denied", detail={"reason": "invalid key"})
+                await audit.append(conn, action=f"{self.place.audit}.login", outcome="denied", detail={"reason": "invalid key"})
                 return await self.login_form(request, error="That key is not valid.", status_code=401)
-            if identity.role not in ROLES:
+            if identity.role not in self.sessions.roles:
                 await audit.append(
-                    conn, action="admin.login", outcome="denied", tenant=identity.tenant, actor=identity.principal,
+                    conn, action=f"{self.place.audit}.login", outcome="denied", tenant=identity.tenant, actor=identity.principal,
                     detail={"reason": f"role {identity.role}"},
                 )
-                return await self.login_form(
-                    request, error="Only admins and auditors may use this page.", status_code=403
-                )
+                return await self.login_form(request, error=self.place.refused, status_code=403)
             prefix, key_id = await _key_of(conn, key)
             cookie = await self.sessions.open(conn, identity, api_key_id=key_id)
             await audit.append(
-                conn, action="admin.login", outcome="ok", tenant=identity.tenant, actor=identity.principal,
+                conn, action=f"{self.place.audit}.login", outcome="ok", tenant=identity.tenant, actor=identity.principal,
                 detail={"via": "api-key", "prefix": prefix},
             )
-        response = redirect("/admin")
+        response = redirect(self.place.home)
         self.sessions.set_cookie(response, cookie)
-        response.delete_cookie(LOGIN_COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+        response.delete_cookie(self.place.login_cookie, path="/", secure=True, httponly=True, samesite="strict")
         return response
 
     async def logout(self, request: Request) -> Response:
@@ -149,10 +166,10 @@ class Pages:
             await self.sessions.end(request)
             async with self.sessions.pool.connection() as conn:
                 await audit.append(
-                    conn, action="admin.logout", outcome="ok", tenant=session.identity.tenant,
+                    conn, action=f"{self.place.audit}.logout", outcome="ok", tenant=session.identity.tenant,
                     actor=session.identity.principal,
                 )
-        response = redirect("/admin/login")
+        response = redirect(self.place.login)
         self.sessions.clear_cookie(response)
         return response
 

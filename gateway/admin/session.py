@@ -87,11 +87,19 @@ SELECT u.id, u.name, t.name, u.role, s.csrf_token, s.expires_at, coalesce(s.issu
 class Sessions:
     """Opens, finds and ends admin sessions, in the fleet's database (open while the app serves)."""
 
-    def __init__(self, secret: bytes, fleet: Fleet, *, lifetime_s: int = LIFETIME_S):
+    def __init__(
+        self, secret: bytes, fleet: Fleet, *, lifetime_s: int = LIFETIME_S, roles: tuple[str, ...] = ROLES,
+        cookie: str = COOKIE, salt: str = "mcpfleet.admin-session",
+    ):
+        """`roles`, `cookie` and `salt` make another kind of session in the same table (the user page's,
+        gateway/admin/mine.py): a cookie signed under one salt never unsigns under another, so a session
+        of one kind is never taken for one of the other, and each re-checks its own roles."""
         self.secret = secret  # also signs the sign-in flows of gateway/admin/oidc.py, under another salt
-        self._signer = itsdangerous.TimestampSigner(secret, salt="mcpfleet.admin-session")
+        self._signer = itsdangerous.TimestampSigner(secret, salt=salt)
         self.fleet = fleet
         self.lifetime_s = lifetime_s
+        self.roles = roles
+        self.cookie = cookie
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -120,7 +128,7 @@ class Sessions:
         session_id = self._session_id(request)
         if session_id is not None:
             async with self.pool.connection() as conn:
-                row = await (await conn.execute(_CURRENT, (_digest(session_id), list(ROLES)))).fetchone()
+                row = await (await conn.execute(_CURRENT, (_digest(session_id), list(self.roles)))).fetchone()
             if row is not None:
                 identity = Identity(user_id=row[0], user=row[1], tenant=row[2], role=row[3])
                 found = AdminSession(identity=identity, csrf_token=row[4], expires_at=row[5], via=row[6])
@@ -141,15 +149,14 @@ class Sessions:
 
     def set_cookie(self, response: Response, value: str) -> None:
         response.set_cookie(
-            COOKIE, value, max_age=self.lifetime_s, path="/", secure=True, httponly=True, samesite="strict"
+            self.cookie, value, max_age=self.lifetime_s, path="/", secure=True, httponly=True, samesite="strict"
         )
 
-    @staticmethod
-    def clear_cookie(response: Response) -> None:
-        response.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+    def clear_cookie(self, response: Response) -> None:
+        response.delete_cookie(self.cookie, path="/", secure=True, httponly=True, samesite="strict")
 
     def _session_id(self, request: Request) -> str | None:
-        value = request.cookies.get(COOKIE)
+        value = request.cookies.get(self.cookie)
         if not value:
             return None
         try:
