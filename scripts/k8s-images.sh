@@ -12,9 +12,11 @@ cd "$(dirname "$0")/.."
 TAG=${1:-dev}
 BASE=${MCPFLEET_BASE_IMAGE:-mcpfleet-base:local}
 
-if ! docker image inspect "$BASE" >/dev/null 2>&1; then
-  python=$(readlink -f /usr/bin/python3)   # e.g. /usr/bin/python3.11: Debian's, not a pyenv one
-  roots=(dash coreutils ca-certificates "$(dpkg -S "$python" | cut -d: -f1)" "$(basename "$python")-venv" python3-venv)
+python=$(readlink -f /usr/bin/python3)   # e.g. /usr/bin/python3.11: Debian's, not a pyenv one
+# libstdc++6: for Node (servers added from npm, in the sandbox image).
+roots=(dash coreutils ca-certificates libstdc++6 "$(dpkg -S "$python" | cut -d: -f1)" "$(basename "$python")-venv" python3-venv)
+# A base made from other roots (an older version of this script) is made again.
+if [ "$(docker image inspect -f '{{ index .Config.Labels "mcpfleet.roots" }}' "$BASE" 2>/dev/null)" != "${roots[*]}" ]; then
   # Every installed package those need, without recommends: the image's whole userland.
   mapfile -t packages < <(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
       --no-replaces --no-enhances "${roots[@]}" | grep -v '^ ' | sort -u \
@@ -27,7 +29,7 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
   printf '%s\n' bin sbin lib lib64 etc/ssl/certs/ca-certificates.crt etc/passwd etc/group >> "$files"
   # Once each: a name listed twice goes into the archive as a hard link to itself, which import refuses.
   sort -u -o "$files" "$files"
-  tar -C / --no-recursion -cf - -T "$files" 2>/dev/null | docker import -c 'ENV PATH=/usr/bin:/bin' - "$BASE"
+  tar -C / --no-recursion -cf - -T "$files" 2>/dev/null | docker import -c 'ENV PATH=/usr/bin:/bin' -c "LABEL mcpfleet.roots=\"${roots[*]}\"" - "$BASE"
 fi
 
 [ "$TAG" = --base-only ] && exit 0

