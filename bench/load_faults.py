@@ -47,6 +47,7 @@ from load_traffic import Record, call, first_errors, load, phase_row, recovery  
 from core.db import start_embedded  # noqa: E402
 from gateway.call_audit import arguments_hash  # noqa: E402
 from sandbox.gvisor import choose  # noqa: E402
+from sandbox.lease import APPLICATION  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "cli"]
@@ -141,11 +142,13 @@ class Fleet:
         return psutil.Process(self.process.pid).children() if self.process else []
 
     def holder(self) -> psutil.Process | None:
-        """The replica that runs the sandboxes: the one with runsc processes under it."""
-        for child in self.children():
-            if any("runsc" in " ".join(p.cmdline()) for p in child.children(recursive=True)):
-                return child
-        return None
+        """The replica that runs the sandboxes: the one whose lease connection the database shows
+        (sandbox/lease.py names it "mcpfleet sandbox manager pid N address")."""
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            names = [r[0] for r in conn.execute("SELECT application_name FROM pg_stat_activity "
+                                                "WHERE application_name LIKE %s", (f"{APPLICATION} pid %",))]
+        pids = {int(name.split()[len(APPLICATION.split()) + 1]) for name in names}
+        return next((c for c in self.children() if c.pid in pids), None)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -191,7 +194,7 @@ async def read_back(fleet: Fleet, keys: dict[str, str], written: dict[str, dict[
     return lost
 
 
-def audit_missing(fleet: Fleet, record: Record, timeout: float = 120) -> int:
+def audit_missing(fleet: Fleet, record: Record, timeout: float = 120) -> Counter:
     """Successful calls with no ok `tool.call` entry of the same tool and arguments (entries are
     appended in batches, queued through an outage: wait for them)."""
     wanted = Counter((c.tool, arguments_hash(c.arguments)) for c in record.calls if c.ok)
@@ -200,8 +203,8 @@ def audit_missing(fleet: Fleet, record: Record, timeout: float = 120) -> int:
         entries = [json.loads(line) for line in fleet.cli("audit", "export", "--json").stdout.splitlines()]
         have = Counter((e["target"], (e.get("detail") or {}).get("args_sha256")) for e in entries
                        if e["action"] == "tool.call" and e["outcome"] == "ok")
-        missing = sum(max(0, n - have[k]) for k, n in wanted.items())
-        if missing == 0 or time.monotonic() > deadline:
+        missing = Counter({k: n - have[k] for k, n in wanted.items() if n > have[k]})
+        if not missing or time.monotonic() > deadline:
             return missing
         time.sleep(3)
 
@@ -282,7 +285,7 @@ def main() -> int:
         if not all(c.ok for c in warm.calls):
             raise SystemExit(f"warm-up calls failed: {first_errors(warm.calls)}")
 
-        plain = Record()
+        plain, plain_started = Record(), time.monotonic()
         asyncio.run(load(fleet.url, keys, args.clients, args.seconds, plain, "plain"))
         print(f"plain phase done: {len(plain.calls)} calls", flush=True)
 
@@ -315,7 +318,20 @@ def main() -> int:
         for part in (warm, plain, faulted):
             for user, files in part.written.items():
                 record.written.setdefault(user, {}).update(files)
-        missing = audit_missing(fleet, record)
+        unaudited = audit_missing(fleet, record)
+        missing = sum(unaudited.values())
+        by_tool = Counter()
+        for (tool, _), n in unaudited.items():
+            by_tool[tool] += n
+        if by_tool:
+            print(f"  successful calls with no ok audit entry, by tool: {dict(by_tool)}")
+        for name, part, t0 in (("plain", plain, plain_started), ("faults", faulted, started)):
+            # Writes only: their arguments are unique, so each unaudited one is placed in time exactly.
+            times = sorted(c.ended - t0 for c in part.calls if c.ok and c.tool == "workspace__write_file"
+                           and (c.tool, arguments_hash(c.arguments)) in unaudited)
+            if times:
+                print(f"  unaudited successful writes of the {name} phase ended between {times[0]:.1f} and "
+                      f"{times[-1]:.1f} s")
         verify = fleet.cli("audit", "verify", check=False)
         lost_files = asyncio.run(read_back(fleet, keys, record.written))
         after = approvals(pg.url)

@@ -66,11 +66,11 @@ async def call(client: httpx.AsyncClient, url: str, key: str, tool: str, argumen
                "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": tool}
     try:
         response = await client.post(url, json=body, headers=headers, timeout=CALL_TIMEOUT_S)
+        if response.status_code != 200:
+            return False, f"HTTP {response.status_code}: {response.text[:200]}", {}
         reply = _answer(response)
     except (httpx.HTTPError, ValueError) as exc:
         return False, f"{type(exc).__name__}: {exc}"[:200], {}
-    if response.status_code != 200:
-        return False, f"HTTP {response.status_code}: {response.text[:200]}", {}
     if "error" in reply:
         return False, f"JSON-RPC error {json.dumps(reply['error'])[:200]}", {}
     result = reply.get("result")
@@ -89,12 +89,12 @@ async def _client(n: int, user: str, key: str, url: str, until: float, record: R
         while time.monotonic() < until:
             kind = step % 3
             if kind == 0 or last_written is None:
-                path, content = f"c{n}/w{step}.txt", f"{run} client {n} step {step} {uuid.uuid4().hex}"
+                path, content = f"{run}/c{n}/w{step}.txt", f"{run} client {n} step {step} {uuid.uuid4().hex}"
                 tool, arguments = "workspace__write_file", {"path": path, "content": content}
             elif kind == 1:
                 tool, arguments = "workspace__read_file", {"path": last_written[0]}
             else:
-                tool, arguments = "workspace__list_dir", {"path": f"c{n}"}
+                tool, arguments = "workspace__list_dir", {"path": f"{run}/c{n}"}
             started = time.monotonic()
             ok, error, result = await call(client, url, key, tool, arguments)
             if ok and tool == "workspace__read_file" and last_written and last_written[1] not in _text(result):
