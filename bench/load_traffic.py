@@ -130,14 +130,16 @@ def phase_row(name: str, calls: list[Call], seconds: float) -> str:
 
 
 def recovery(calls: list[Call], at: float, end: float) -> tuple[int, str]:
-    """Failed calls that started in [at, end), and seconds from the fault to the first success that
-    started after the last of them ended ("-" if none failed, "not recovered" if none succeeded)."""
+    """Failed calls that started in [at, end), and seconds from the fault to the end of the first
+    success that started after the last of them started (a call left hanging until its timeout
+    would otherwise count its 30 s as downtime); "-" if none failed, "not recovered" if none
+    succeeded after."""
     window = [c for c in calls if at <= c.started < end]
     failed = [c for c in window if not c.ok]
     if not failed:
         return 0, "- (none failed)"
-    last = max(c.ended for c in failed)
-    after = [c.ended for c in calls if c.ok and c.started >= last]
+    last = max(c.started for c in failed)
+    after = [c.ended for c in calls if c.ok and c.started > last]
     return len(failed), (f"{min(after) - at:.1f}" if after else "not recovered")
 
 
