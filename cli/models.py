@@ -14,11 +14,17 @@ from core.models import usage
 from core.models.factory import providers_from_env
 from core.models.local import LocalProvider, running_state
 from core.settings import load_settings
+from core.vault import open_secrets
 
 
 async def _list() -> list[dict[str, object]]:
     """As the running fleet sees them: hosted providers asked now, the local model's state from the fleet's home."""
-    providers = providers_from_env(load_settings().home / "models")
+    home = load_settings().home
+    model_key = None
+    if os.environ.get("MCPFLEET_MODEL_URL"):  # a hosted API's key, as the gateway reads it: Vault first
+        with open_secrets(home) as store:
+            model_key = await store.fleet_value("MCPFLEET_MODEL_KEY")
+    providers = providers_from_env(home / "models", model_key=model_key)
     rows: list[dict[str, object]] = []
     default = os.environ.get("MCPFLEET_MODEL", "").strip() or None
     for provider in providers:

@@ -4,6 +4,7 @@
     mcpfleet secrets set --tenant acme io.example/jira JIRA_TOKEN   # tenant-wide: every user's fallback
     mcpfleet secrets list alice                                     # names, servers, versions, dates
     mcpfleet secrets rm alice io.example/github GITHUB_TOKEN
+    mcpfleet secrets set --fleet MCPFLEET_MODEL_KEY                 # the fleet's own: a hosted model API's key
 
 A user is `NAME` (tenant "default") or `TENANT/NAME`. A value is never taken from the command
 line (it would stay in the shell's history and in every process listing) and never printed.
@@ -21,9 +22,9 @@ import sys
 import psycopg
 
 from cli.run import on_database
-from core import accounts
+from core import accounts, audit
 from core.settings import load_settings
-from core.vault import SecretError, open_secrets, remove_secret, set_secret
+from core.vault import FLEET_SECRETS, SecretError, open_secrets, remove_secret, set_secret
 
 
 def _user(text: str) -> tuple[str, str]:
@@ -59,7 +60,35 @@ def _read_value(name: str) -> str:
     return value
 
 
+def _fleet_name(args: argparse.Namespace) -> str:
+    if args.tenant is not None or len(args.args) != 1:
+        raise SecretError(f"with --fleet give only the secret's NAME ({', '.join(FLEET_SECRETS)})")
+    return str(args.args[0])
+
+
+async def _fleet_set(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
+    name = _fleet_name(args)
+    with open_secrets(load_settings().home) as store:
+        version = await store.put_fleet(name, _read_value(name))
+    await audit.append(conn, action="secret.set", outcome="ok", actor=getpass.getuser(), target="fleet",
+                       detail={"name": name, "version": version})
+    print(f"{name} of the fleet: version {version} (gateways read it when they start)")
+    return 0
+
+
+async def _fleet_rm(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
+    name = _fleet_name(args)
+    with open_secrets(load_settings().home) as store:
+        if not await store.delete_fleet(name):
+            raise SecretError(f"the fleet has no secret {name}")
+    await audit.append(conn, action="secret.remove", outcome="ok", actor=getpass.getuser(), target="fleet", detail={"name": name})
+    print(f"removed the fleet's {name}")
+    return 0
+
+
 async def set_(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
+    if args.fleet:
+        return await _fleet_set(args, conn)
     tenant, user, (server, name) = await _owner(args, conn, 2)
     value = _read_value(name)
     with open_secrets(load_settings().home) as store:
@@ -83,6 +112,8 @@ async def list_(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
 
 
 async def rm(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
+    if args.fleet:
+        return await _fleet_rm(args, conn)
     tenant, user, (server, name) = await _owner(args, conn, 2)
     with open_secrets(load_settings().home) as store:
         removed = await remove_secret(store, conn, actor=getpass.getuser(), tenant=tenant, user=user, server=server, name=name)
@@ -99,6 +130,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     put.add_argument("args", nargs="+", metavar="[USER] SERVER NAME",
                      help="the user (TENANT/USER, or USER of the default tenant; left out with --tenant), the server (namespace/name), the secret's NAME")
     put.add_argument("--tenant", help="tenant-wide: the value every user of the tenant falls back to")
+    put.add_argument("--fleet", action="store_true",
+                     help=f"one of the fleet's own secrets, given as NAME alone ({', '.join(FLEET_SECRETS)})")
     put.set_defaults(func=on_database(set_))
     ls = actions.add_parser("list", help="a user's secrets (or --tenant T's): names, servers, versions, dates")
     ls.add_argument("args", nargs="*", metavar="USER", help="whose secrets: TENANT/USER, or USER of the default tenant (none with --tenant)")
@@ -108,4 +141,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     remove = actions.add_parser("rm", help="remove a secret (all its versions)")
     remove.add_argument("args", nargs="+", metavar="[USER] SERVER NAME", help="as for set: [USER] SERVER NAME")
     remove.add_argument("--tenant", help="remove the tenant-wide secret of that tenant")
+    remove.add_argument("--fleet", action="store_true", help="remove one of the fleet's own secrets: NAME alone")
     remove.set_defaults(func=on_database(rm))

@@ -89,6 +89,24 @@ def _check(tenant: str, user: str | None, server: str, name: str | None = None) 
         raise SecretError(f"invalid secret name {name!r}: UPPER_SNAKE_CASE, e.g. WEATHER_API_KEY")
 
 
+FLEET_SECRETS = ("MCPFLEET_MODEL_KEY",)
+"""The fleet's own secrets (no tool's): what a gateway reads from Vault when it starts, here rather
+than in its environment. `mcpfleet secrets set --fleet NAME`."""
+
+
+def _fleet_path(name: str) -> str:
+    if name not in FLEET_SECRETS:
+        raise SecretError(f"{name!r} is not one of the fleet's own secrets ({', '.join(FLEET_SECRETS)})")
+    return f"fleet/{name}"
+
+
+def _check_value(name: str, value: str) -> None:
+    if not value or len(value.encode()) > MAX_VALUE_BYTES:
+        raise SecretError(f"the value of {name} must be 1 to {MAX_VALUE_BYTES} bytes")
+    if "\x00" in value:
+        raise SecretError(f"the value of {name} holds a NUL byte, which no environment variable can")
+
+
 def _base(tenant: str, user: str | None) -> str:
     return f"tenants/{tenant}/users/{user}" if user is not None else f"tenants/{tenant}/shared"
 
@@ -177,16 +195,31 @@ class SecretStore:
     async def put(self, tenant: str, user: str | None, server: str, name: str, value: str) -> int:
         """Set (or rotate) a secret; returns its new version."""
         _check(tenant, user, server, name)
-        if not value or len(value.encode()) > MAX_VALUE_BYTES:
-            raise SecretError(f"the value of {name} must be 1 to {MAX_VALUE_BYTES} bytes")
-        if "\x00" in value:
-            raise SecretError(f"the value of {name} holds a NUL byte, which no environment variable can")
-        path = f"{_base(tenant, user)}/{server}/{name}"
+        _check_value(name, value)
+        return await self._write(f"{_base(tenant, user)}/{server}/{name}", value)
 
+    async def _write(self, path: str, value: str) -> int:
         def op(kv: Any) -> int:
             return int(kv.create_or_update_secret(path=path, secret={"value": value}, mount_point=self.mount)["data"]["version"])
 
         return await asyncio.to_thread(self._run, op)
+
+    async def put_fleet(self, name: str, value: str) -> int:
+        """Set or rotate one of the fleet's own secrets (`FLEET_SECRETS`); returns its new version."""
+        path = _fleet_path(name)
+        _check_value(name, value)
+        return await self._write(path, value)
+
+    async def fleet_value(self, name: str) -> str | None:
+        """One of the fleet's own secrets, or None when it is not set."""
+        return await asyncio.to_thread(self._read, _fleet_path(name))
+
+    async def delete_fleet(self, name: str) -> bool:
+        path = _fleet_path(name)
+        if await asyncio.to_thread(self._read, path) is None:
+            return False
+        await asyncio.to_thread(self._run, lambda kv: kv.delete_metadata_and_all_versions(path=path, mount_point=self.mount))
+        return True
 
     async def delete(self, tenant: str, user: str | None, server: str, name: str) -> bool:
         """Remove a secret and all its versions; False if there was none."""

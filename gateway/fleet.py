@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -108,9 +109,15 @@ class Fleet:
             stack.push_async_callback(pool.close)
             self.calls.start(pool)
             stack.push_async_callback(self.calls.close)
+            # Opened before the models (a hosted API's key is the fleet's own secret) and the manager (its
+            # sandboxes' servers get their secrets from it), closed after them.
+            opening = open_secrets(self.settings.home)
+            secrets = await asyncio.to_thread(opening.__enter__)
+            stack.push_async_callback(asyncio.to_thread, opening.__exit__, None, None, None)
+            model_key = await secrets.fleet_value("MCPFLEET_MODEL_KEY") if os.environ.get("MCPFLEET_MODEL_URL") else None
             # Started early: the local model server takes seconds to be ready (or waits for its build),
             # and gets ready in the background while the rest opens and the fleet serves.
-            models = router_from_env(pool, self.settings.home / "models")
+            models = router_from_env(pool, self.settings.home / "models", model_key=model_key)
             await models.start()
             stack.push_async_callback(models.close)
             python = sandbox_python()
@@ -131,10 +138,6 @@ class Fleet:
             registry.on_change.append(self._tools_changed)
             await registry.start(self.database_url)
             stack.push_async_callback(registry.close)
-            # Opened before the manager (its sandboxes' servers get their secrets from it), closed after it.
-            opening = open_secrets(self.settings.home)
-            secrets = await asyncio.to_thread(opening.__enter__)
-            stack.push_async_callback(asyncio.to_thread, opening.__exit__, None, None, None)
             servers = SecretServers(registry, secrets, pool)
             manager: Sandboxes
             # Whichever backend: a server's declared hosts are reached over its sandbox's channel.

@@ -7,12 +7,14 @@ pieces that join to the answer, JSON that fits the schema, vectors of one size),
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import math
 import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 
 import jsonschema
@@ -25,7 +27,7 @@ from core.models.factory import router_from_env
 from core.models.local import MODEL_NAME, LocalProvider
 from core.models.router import Router
 from registry.embeddings import LocalEmbedder, RouterEmbedder, embedder_from_env
-from tests.conftest import ROOT, make_fleet
+from tests.conftest import MCPFLEET, ROOT, make_fleet
 from tests.models_fixtures import local_model, people
 
 pytestmark = pytest.mark.timeout(600)
@@ -268,3 +270,51 @@ def test_the_fleet_serves_at_once_and_the_local_model_joins(tmp_path_factory, po
         assert (local["provider"], local["state"], local["default"]) == ("local", "ready", True)
     finally:
         running.stop()
+
+
+class HostedStandIn(http.server.BaseHTTPRequestHandler):
+    """Stands in for a hosted OpenAI-compatible API (none is reachable here), only to see which key the
+    fleet sends: it lists one model, and keeps every Authorization header it is sent."""
+
+    seen: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        HostedStandIn.seen.append(self.headers.get("Authorization", ""))
+        body = json.dumps({"object": "list", "data": [{"id": "hosted-1", "object": "model"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_hosted_apis_key_is_the_fleets_own_secret_in_vault(tmp_path_factory, postgres_url):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostedStandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    running = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_MODEL_URL=url, MCPFLEET_MODEL_KEY="sk-from-the-environment")
+    try:
+        vault_key = f"sk-{secrets.token_hex(8)}"
+        put = subprocess.run([*MCPFLEET, "secrets", "set", "--fleet", "MCPFLEET_MODEL_KEY"], env=running.env,
+                             input=vault_key + "\n", capture_output=True, text=True, timeout=120)
+        assert put.returncode == 0 and vault_key not in put.stdout + put.stderr, put.stderr
+        refused = subprocess.run([*MCPFLEET, "secrets", "set", "--fleet", "GITHUB_TOKEN"], env=running.env,
+                                 input="x\n", capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "not one of the fleet's own secrets" in refused.stderr
+        HostedStandIn.seen.clear()
+        [row] = json.loads(running.cli("models", "list", "--json").stdout)
+        assert (row["provider"], row["model"], row["state"]) == ("openai", "hosted-1", "ready")
+        assert HostedStandIn.seen == [f"Bearer {vault_key}"]  # Vault's, not the environment's
+        running.start()  # the gateway reads it at start too (and starts with it)
+        running.cli("secrets", "rm", "--fleet", "MCPFLEET_MODEL_KEY")
+        HostedStandIn.seen.clear()
+        running.cli("models", "list", "--json")
+        assert HostedStandIn.seen == ["Bearer sk-from-the-environment"]  # without it in Vault, the variable's
+        exported = running.cli("audit", "export", "--json").stdout
+        assert '"secret.set"' in exported and '"secret.remove"' in exported and vault_key not in exported
+    finally:
+        running.stop()
+        server.shutdown()

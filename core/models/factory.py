@@ -3,7 +3,7 @@
 | variable                               | what                                                              |
 |----------------------------------------|-------------------------------------------------------------------|
 | `MCPFLEET_MODEL_URL`                   | an OpenAI-compatible API (`https://host/v1`): provider `openai`    |
-| `MCPFLEET_MODEL_KEY`                   | its key (sent as a bearer token; never logged or audited)         |
+| `MCPFLEET_MODEL_KEY`                   | its key (sent as a bearer token; never logged or audited); held in Vault with `mcpfleet secrets set --fleet MCPFLEET_MODEL_KEY`, which wins over the variable |
 | `OLLAMA_HOST`                          | an Ollama server: provider `ollama`                               |
 | `MCPFLEET_LOCAL_MODEL`                 | `auto` (default: the local model when neither of the above is set), `on`, `off` |
 | `MCPFLEET_MODEL`                       | the default model's name                                          |
@@ -42,10 +42,11 @@ def _quota(environ: Mapping[str, str], name: str) -> int | None:
 
 
 def providers_from_env(log_dir: Path, environ: Mapping[str, str] = os.environ,
-                       on_ready: Callable[[], None] | None = None) -> list[Provider]:
+                       on_ready: Callable[[], None] | None = None, model_key: str | None = None) -> list[Provider]:
+    """`model_key`: the OpenAI-compatible API's key from Vault (the fleet's own secret), else the variable's."""
     providers: list[Provider] = []
     if url := environ.get("MCPFLEET_MODEL_URL", "").strip():
-        providers.append(OpenAIProvider(url, environ.get("MCPFLEET_MODEL_KEY") or None))
+        providers.append(OpenAIProvider(url, model_key or environ.get("MCPFLEET_MODEL_KEY") or None))
     if host := environ.get("OLLAMA_HOST", "").strip():
         from core.models.ollama import OllamaProvider  # the `ollama` extra, only when asked for
 
@@ -58,10 +59,11 @@ def providers_from_env(log_dir: Path, environ: Mapping[str, str] = os.environ,
     return providers
 
 
-def router_from_env(pool: AsyncConnectionPool, log_dir: Path, environ: Mapping[str, str] = os.environ) -> Router:
+def router_from_env(pool: AsyncConnectionPool, log_dir: Path, environ: Mapping[str, str] = os.environ,
+                    model_key: str | None = None) -> Router:
     """Not started: `await router.start()` (returns at once; the local model gets ready in the background)."""
     return Router(
-        providers_from_env(log_dir, environ), pool,
+        providers_from_env(log_dir, environ, model_key=model_key), pool,
         default_model=environ.get("MCPFLEET_MODEL", "").strip() or None,
         quotas=Quotas(_quota(environ, "MCPFLEET_MODEL_TOKENS_PER_DAY"), _quota(environ, "MCPFLEET_MODEL_TENANT_TOKENS_PER_DAY")),
     )
