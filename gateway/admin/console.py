@@ -72,9 +72,15 @@ def _size(value: int | None) -> str:
     return f"{value / 2**20:.1f} MiB" if value else ""
 
 
+def _definition(value: Any) -> str:
+    """A field of a tool definition as compact text (absent: a dash)."""
+    return "—" if value is None else value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)
 _env.filters["when"] = _when
 _env.filters["size"] = _size
+_env.filters["definition"] = _definition
 
 Handler = Callable[[Request, AdminSession, psycopg.AsyncConnection], Awaitable[Response]]
 
