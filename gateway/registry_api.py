@@ -8,7 +8,6 @@ revoke and accept drift; auditors read. Everything is scoped to the caller's ten
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -23,11 +22,9 @@ from core.accounts import Identity
 from core.text import storable
 from gateway.admin.session import session_identity
 from gateway.auth import identity_of
-from registry import decisions, store
+from registry import decisions, onboarding, store
 from registry.changes import diff_offerings, diff_tools
 from registry.decisions import Decision
-from registry.onboard import OnboardError, fetch_pypi
-from registry.onboard_npm import fetch_npm
 from registry.service import MAX_WHEEL_BYTES
 from registry.store import RegistryError
 
@@ -142,16 +139,8 @@ def routes(fleet: Fleet) -> list[Route]:
         source, name, command = body.get("source"), body.get("name"), body.get("command")
         if not isinstance(source, str) or not all(v is None or isinstance(v, str) for v in (name, command)):
             return _error(400, "expected a JSON object with source (pypi:NAME[==VERSION] or npm:NAME[@VERSION]) and optional name and command")
-        try:
-            if source.startswith("npm:"):
-                onboarded = await asyncio.to_thread(fetch_npm, source, name=name, command=command)
-            else:
-                onboarded = await asyncio.to_thread(fetch_pypi, source, fleet.registry.python, name=name, command=command)
-        except OnboardError as exc:
-            return _error(400, str(exc))
-        result = await fleet.registry.publish(who, onboarded.manifest, onboarded.wheel)
+        result = await onboarding.add(fleet.registry, who, source, name=name, command=command)
         result["url"] = f"/registry/v1/servers/{result['name']}/versions/{result['version']}"
-        result["manifest"] = onboarded.manifest
         return _json(result, 202)
 
     async def list_servers(request: Request, who: Identity) -> Response:

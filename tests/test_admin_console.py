@@ -293,7 +293,7 @@ async def test_secrets_are_set_and_deleted_by_name_and_never_shown(fleet, keys, 
 # -- attacks -------------------------------------------------------------------------------------
 
 
-ACTIONS = ("versions/approve", "versions/reject", "drift/accept", "sandboxes/hibernate", "sandboxes/resume", "sandboxes/reclaim")
+ACTIONS = ("versions/approve", "versions/reject", "versions/add", "drift/accept", "sandboxes/hibernate", "sandboxes/resume", "sandboxes/reclaim")
 
 
 def all_views() -> list[str]:
@@ -341,6 +341,8 @@ def test_an_admin_acts_only_with_the_csrf_token_and_only_in_their_tenant(fleet, 
     # Without the token (or with another), nothing is done.
     for sent in ({}, {"csrf_token": "wrong"}):
         answer = post(fleet, "/admin/console/versions/reject", cookie=cookie, data={**sent, "name": "io.bulk/s33", "version": "1.0.0"})
+        assert answer.status_code == 403
+        answer = post(fleet, "/admin/console/versions/add", cookie=cookie, data={**sent, "source": "pypi:mcpfleet-never-added"})
         assert answer.status_code == 403
     # Another tenant's versions are neither shown nor decided; its users' sandboxes are out of reach.
     assert "io.bulk/" not in get(fleet, "/admin/console/versions?status=pending", cookie=cookie).text
@@ -433,3 +435,32 @@ async def test_a_pending_version_is_shown_as_what_changed_since_the_approved_one
     await expect(row.locator(".diff")).to_have_attribute("data-against", "1.1.0")
     await expect(row.locator(".no-change")).to_have_text("no tool changed")
     await expect(row.locator(".unchanged")).to_have_text("unchanged: hello, wave")
+
+
+async def test_an_admin_adds_a_server_from_pypi_by_name(fleet, keys, context, tmp_path):  # noqa: F811
+    """Through the same code as `POST /registry/v1/add`: a source that is not one, and a package
+    PyPI does not have, are refused in the registry's own words; the official `mcp-server-time`
+    (real PyPI; tens of seconds) becomes a pending version."""
+    page = await console(context, fleet, keys["admin"], "versions?status=pending")
+    await page.fill('#add input[name="source"]', "gopher:time")
+    await page.click("#add-button")
+    await expect(page.locator("#error")).to_contain_text("the source 'gopher:time' must read pypi:NAME")
+    await page.goto(f"{fleet.base_url}/admin/console/versions?status=pending")
+    await page.fill('#add input[name="source"]', "pypi:mcpfleet-no-such-package-xyz==1.0")
+    await page.click("#add-button")
+    await expect(page.locator("#error")).to_contain_text("mcpfleet-no-such-package-xyz==1.0 has no wheel pip can download",
+                                                         timeout=120_000)
+    assert not db(fleet, "SELECT 1 FROM registry_servers WHERE name LIKE %s", "%no-such-package%")
+
+    await page.goto(f"{fleet.base_url}/admin/console/versions?status=pending")
+    await page.fill('#add input[name="source"]', "pypi:mcp-server-time==2026.10.19")
+    await page.click("#add-button")
+    await expect(page).to_have_url(re.compile(r"status=pending&notice=added$"), timeout=600_000)
+    await expect(page.locator("#status")).to_have_text("Added: the new version is pending while it is validated.")
+    row = page.locator('tr.version[data-name="io.pypi/mcp-server-time"][data-version="2026.10.19"]')
+    await expect(row).to_have_count(1)
+    await page.screenshot(path=str(tmp_path / "added.png"), full_page=True)
+    published_by = db(fleet, "SELECT u.name FROM registry_versions v JOIN registry_servers s ON s.id = v.server_id"
+                             " JOIN users u ON u.id = v.published_by WHERE s.name = 'io.pypi/mcp-server-time'")
+    assert published_by == [("con-admin",)]
+

@@ -1,6 +1,8 @@
 """The admin console: one server-rendered view per subject under /admin/console, each paged.
 
-    /admin/console/versions?status=pending|approved|rejected   approve (group, tier, tools) or reject
+    /admin/console/versions?status=pending|approved|rejected   approve (group, tier, tools) or reject; a pending
+                                                               version's diff against the approved one; add a
+                                                               server from PyPI or npm by name
     /admin/console/drift                                       accept a drifted definition
     /admin/console/users, /admin/console/users/NAME            a user's keys, sandbox and secret names
     /admin/console/keys, /admin/console/sandboxes              hibernate, resume, reclaim
@@ -38,7 +40,7 @@ from core.vault import SecretError
 from gateway.admin import console_data as data
 from gateway.admin.pages import SECURITY_HEADERS, redirect
 from gateway.admin.session import AdminSession, Sessions, check_csrf
-from registry import decisions, store
+from registry import decisions, onboarding, store
 from registry.store import RegistryError
 from sandbox import requests as sandbox_requests
 
@@ -47,6 +49,7 @@ BASE = "/admin/console"
 # Fixed words only: a link must not be able to put text of its choosing on the page.
 NOTICES = {
     "approved": "Approved.",
+    "added": "Added: the new version is pending while it is validated.",
     "rejected": "Rejected.",
     "accepted": "The drifted definition is accepted.",
     "done": "Done.",
@@ -227,6 +230,12 @@ class Console:
         )
         return redirect(f"{BASE}/versions?status=approved&notice=approved")
 
+    async def add(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
+        """A server from PyPI or npm by name, through the same code as `POST /registry/v1/add`."""
+        form = await request.form()
+        await onboarding.add(self.sessions.fleet.registry, session.identity, _field(form, "source")[:300])
+        return redirect(f"{BASE}/versions?status=pending&notice=added")
+
     async def reject(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
         form = await request.form()
         await decisions.decide(conn, session.identity, _field(form, "name"), _field(form, "version"), "rejected",
@@ -285,6 +294,7 @@ def routes(sessions: Sessions) -> list[Route]:
         Route(f"{BASE}/users/{{name}}", console.view(console.user), methods=["GET"]),
         Route(f"{BASE}/audit/export", console.view(console.audit_export), methods=["GET"]),
         Route(f"{BASE}/versions/approve", console.view(console.approve, act=True), methods=["POST"]),
+        Route(f"{BASE}/versions/add", console.view(console.add, act=True), methods=["POST"]),
         Route(f"{BASE}/versions/reject", console.view(console.reject, act=True), methods=["POST"]),
         Route(f"{BASE}/drift/accept", console.view(console.accept_drift, act=True), methods=["POST"]),
         Route(f"{BASE}/sandboxes/{{action}}", console.view(console.sandbox_action, act=True), methods=["POST"]),
