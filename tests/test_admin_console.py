@@ -17,6 +17,8 @@ import hashlib
 import json
 import re
 import secrets
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import httpx
 import psycopg
@@ -464,3 +466,38 @@ async def test_an_admin_adds_a_server_from_pypi_by_name(fleet, keys, context, tm
                              " JOIN users u ON u.id = v.published_by WHERE s.name = 'io.pypi/mcp-server-time'")
     assert published_by == [("con-admin",)]
 
+
+
+TIME_ELEMENT = re.compile(r'<time datetime="(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)" title="([^"]+)">([^<]+)</time>')
+
+
+async def test_every_time_is_written_in_utc_and_shown_in_the_browsers_zone(fleet, keys, bulk, browser):  # noqa: F811
+    # As sent: every time of every view is one <time> element holding the UTC instant, with UTC text,
+    # and no time of day appears anywhere else on the page.
+    for key in (keys["admin"], bulk):
+        cookie = cookie_value(login_by_hand(fleet, key))
+        for view in all_views()[1:]:
+            html = get(fleet, f"/admin/console/{view}", cookie=cookie).text
+            found = TIME_ELEMENT.findall(html)
+            assert found, view  # the header's "signed in until" at least
+            for instant, title, text in found:
+                expected = datetime.fromisoformat(instant).strftime("%Y-%m-%d %H:%M:%S UTC")
+                assert title == text == expected, (view, instant, title, text)
+            assert not re.search(r"\d\d:\d\d:\d\d", TIME_ELEMENT.sub("", html)), view
+
+    # Shown: a browser in Tokyo sees Tokyo's time, named, for the same instant.
+    tokyo = await browser.new_context(timezone_id="Asia/Tokyo")
+    try:
+        page = await console(tokyo, fleet, bulk, "audit")
+        times = page.locator("tr.entry time")
+        await expect(times.first).to_have_class(re.compile(r"\blocal\b"))
+        count = await times.count()
+        assert count > 0
+        for i in range(min(count, 5)):
+            element = times.nth(i)
+            instant = datetime.fromisoformat(await element.get_attribute("datetime"))
+            local = instant.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%Y-%m-%d %H:%M:%S Asia/Tokyo")
+            await expect(element).to_have_text(local)
+            assert (await element.get_attribute("title")).endswith(" UTC")
+    finally:
+        await tokyo.close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -64,11 +64,20 @@ MODEL_USAGE_ROWS = 25
 """The usage view's model table: `mcpfleet models usage --days N --tenant T` shows the rest."""
 
 
-def _when(value: datetime | None) -> Markup | str:
-    """Every time in the gateway's zone, one format; kept on one line."""
+def _when(value: datetime | str | None) -> Markup | str:
+    """Every time shown one way: a <time> holding the UTC instant, written as UTC text, which the
+    console's script (static/console.js) rewrites in the browser's own zone. `value`: a datetime, or
+    an ISO 8601 text (OpenBao's secret times); a text that is not one is shown as it is."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
     if value is None:
         return ""
-    return Markup('<time datetime="{}">{}</time>').format(value.isoformat(), value.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"))
+    utc = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)  # naive: the database's UTC
+    text = utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return Markup('<time datetime="{}" title="{}">{}</time>').format(utc.strftime("%Y-%m-%dT%H:%M:%SZ"), text, text)
 
 
 def _size(value: int | None) -> str:
