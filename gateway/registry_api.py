@@ -8,7 +8,6 @@ revoke and accept drift; auditors read. Everything is scoped to the caller's ten
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -23,11 +22,9 @@ from core.accounts import Identity
 from core.text import storable
 from gateway.admin.session import session_identity
 from gateway.auth import identity_of
-from registry import decisions, store
+from registry import decisions, onboarding, store
+from registry.changes import diff_offerings, diff_tools
 from registry.decisions import Decision
-from registry.definitions import KINDS, definition_sha256, instructions_sha256, offering_sha256
-from registry.onboard import OnboardError, fetch_pypi
-from registry.onboard_npm import fetch_npm
 from registry.service import MAX_WHEEL_BYTES
 from registry.store import RegistryError
 
@@ -106,39 +103,6 @@ def _tools(body: dict[str, Any], field: str = "tools") -> list[str] | None:
     return tools
 
 
-def diff_tools(before: list[dict[str, Any]] | None, after: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per tool: added, removed, changed or same, between the approved version and this one."""
-    old = {t["name"]: t for t in before or []}
-    new = {t["name"]: t for t in after}
-    out = []
-    for name in sorted(old.keys() | new.keys()):
-        a, b = old.get(name), new.get(name)
-        change = "added" if a is None else "removed" if b is None else "same" if definition_sha256(a) == definition_sha256(b) else "changed"
-        out.append({"tool": name, "change": change, "before": a, "after": b})
-    return out
-
-
-def diff_offerings(before: dict[str, Any] | None, after: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per prompt, resource, resource template and the server's instructions: added, removed,
-    changed or same, between the approved version and this one (`kind`, `name`, `before`, `after`)."""
-    out = []
-    for kind in KINDS:
-        old = {str(item.get(kind.ident)): item for item in (before or {}).get(kind.listing) or []}
-        new = {str(item.get(kind.ident)): item for item in after.get(kind.listing) or []}
-        for name in sorted(old.keys() | new.keys()):
-            a, b = old.get(name), new.get(name)
-            same = a is not None and b is not None and offering_sha256(kind, a) == offering_sha256(kind, b)
-            change = "added" if a is None else "removed" if b is None else "same" if same else "changed"
-            out.append({"kind": kind.pin, "name": name, "change": change, "before": a, "after": b})
-    a, b = (before or {}).get("instructions"), after.get("instructions")
-    if a or b:
-        same = bool(a and b) and instructions_sha256(a) == instructions_sha256(b)
-        change = "added" if not a else "removed" if not b else "same" if same else "changed"
-        out.append({"kind": "instructions", "name": "instructions", "change": change,
-                    "before": {"description": a} if a else None, "after": {"description": b} if b else None})
-    return out
-
-
 def routes(fleet: Fleet) -> list[Route]:
     """The API over the fleet's registry, database and search (open while the app serves)."""
 
@@ -175,16 +139,8 @@ def routes(fleet: Fleet) -> list[Route]:
         source, name, command = body.get("source"), body.get("name"), body.get("command")
         if not isinstance(source, str) or not all(v is None or isinstance(v, str) for v in (name, command)):
             return _error(400, "expected a JSON object with source (pypi:NAME[==VERSION] or npm:NAME[@VERSION]) and optional name and command")
-        try:
-            if source.startswith("npm:"):
-                onboarded = await asyncio.to_thread(fetch_npm, source, name=name, command=command)
-            else:
-                onboarded = await asyncio.to_thread(fetch_pypi, source, fleet.registry.python, name=name, command=command)
-        except OnboardError as exc:
-            return _error(400, str(exc))
-        result = await fleet.registry.publish(who, onboarded.manifest, onboarded.wheel)
+        result = await onboarding.add(fleet.registry, who, source, name=name, command=command)
         result["url"] = f"/registry/v1/servers/{result['name']}/versions/{result['version']}"
-        result["manifest"] = onboarded.manifest
         return _json(result, 202)
 
     async def list_servers(request: Request, who: Identity) -> Response:

@@ -17,6 +17,8 @@ import hashlib
 import json
 import re
 import secrets
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import httpx
 import psycopg
@@ -293,7 +295,7 @@ async def test_secrets_are_set_and_deleted_by_name_and_never_shown(fleet, keys, 
 # -- attacks -------------------------------------------------------------------------------------
 
 
-ACTIONS = ("versions/approve", "versions/reject", "drift/accept", "sandboxes/hibernate", "sandboxes/resume", "sandboxes/reclaim")
+ACTIONS = ("versions/approve", "versions/reject", "versions/add", "drift/accept", "sandboxes/hibernate", "sandboxes/resume", "sandboxes/reclaim")
 
 
 def all_views() -> list[str]:
@@ -342,6 +344,8 @@ def test_an_admin_acts_only_with_the_csrf_token_and_only_in_their_tenant(fleet, 
     for sent in ({}, {"csrf_token": "wrong"}):
         answer = post(fleet, "/admin/console/versions/reject", cookie=cookie, data={**sent, "name": "io.bulk/s33", "version": "1.0.0"})
         assert answer.status_code == 403
+        answer = post(fleet, "/admin/console/versions/add", cookie=cookie, data={**sent, "source": "pypi:mcpfleet-never-added"})
+        assert answer.status_code == 403
     # Another tenant's versions are neither shown nor decided; its users' sandboxes are out of reach.
     assert "io.bulk/" not in get(fleet, "/admin/console/versions?status=pending", cookie=cookie).text
     for action in ("versions/approve", "versions/reject"):
@@ -387,3 +391,113 @@ async def test_the_audit_chain_is_verified_and_the_tenants_log_exported(fleet, k
         db(fleet, "ALTER TABLE audit_entries ENABLE TRIGGER USER")
     await page.click("#verify")
     await expect(page.locator("#verified")).to_contain_text(f"The chain is broken at entry {ids[0]}: hash mismatch")
+
+
+# -- diffs, adding from an index, times --------------------------------------------------------
+
+async def test_a_pending_version_is_shown_as_what_changed_since_the_approved_one(fleet, keys, context, tmp_path):  # noqa: F811
+    """Versions written to the database as publishing leaves them (what is compared is the stored
+    definitions); the diff is computed by the same code as the registry API's version view."""
+    tenant = db(fleet, "SELECT tenant_id FROM users WHERE name = 'con-admin'")[0][0]
+    server = db(fleet, "INSERT INTO registry_servers (tenant_id, name, prefix) VALUES (%s, 'io.con/diffed', 'diffed') RETURNING id",
+                tenant)[0][0]
+    changed = [{"name": "hello", "description": "Says hello, louder.",
+                "inputSchema": {"type": "object", "properties": {"loud": {"type": "boolean"}}}},
+               {"name": "wave", "description": "Waves.", "inputSchema": {"type": "object", "properties": {}}}]
+    ids = {}
+    for version, tools in (("1.0.0", TOOLS), ("1.1.0", changed)):
+        ids[version] = db(fleet, "INSERT INTO registry_versions (server_id, version, manifest, status, validation, tools, validated_at)"
+                                 " VALUES (%s, %s, '{}', 'passed', %s, %s, now()) RETURNING id",
+                          server, version, json.dumps([{"check": "trial run", "ok": True, "detail": ""}]), json.dumps(tools))[0][0]
+    db(fleet, "INSERT INTO approvals (version_id, server_id, pins, approved_by) VALUES (%s, %s, '{}', 'con-admin')", ids["1.0.0"], server)
+
+    page = await console(context, fleet, keys["admin"], "versions?status=pending")
+    row = page.locator('tr.version[data-name="io.con/diffed"]')
+    await expect(row.locator(".diff")).to_have_attribute("data-against", "1.0.0")
+    await expect(row.locator(".tool-change")).to_have_count(3)
+    await expect(row.locator('.tool-change[data-tool="wave"]')).to_have_attribute("data-change", "added")
+    await expect(row.locator('.tool-change[data-tool="bye"]')).to_have_attribute("data-change", "removed")
+    hello = row.locator('.tool-change[data-tool="hello"]')
+    await expect(hello).to_have_attribute("data-change", "changed")
+    await expect(hello.locator("summary")).to_have_text("description, inputSchema")
+    await hello.locator("summary").click()
+    await expect(hello.locator('.field[data-field="description"] del')).to_have_text("Says hello.")
+    await expect(hello.locator('.field[data-field="description"] ins')).to_have_text("Says hello, louder.")
+    await expect(hello.locator('.field[data-field="inputSchema"] ins')).to_contain_text('"loud"')
+    await page.screenshot(path=str(tmp_path / "diff.png"), full_page=True)
+
+    # Once 1.1.0 is approved there is nothing to compare it with on the pending view; a 1.2.0 with the
+    # same tools as 1.1.0 is compared with 1.1.0 (the newest approved) and shows no change.
+    db(fleet, "UPDATE approvals SET revoked_at = now(), revoked_by = 'con-admin' WHERE server_id = %s", server)
+    db(fleet, "INSERT INTO approvals (version_id, server_id, pins, approved_by) VALUES (%s, %s, '{}', 'con-admin')", ids["1.1.0"], server)
+    db(fleet, "INSERT INTO registry_versions (server_id, version, manifest, status, validation, tools, validated_at)"
+              " VALUES (%s, '1.2.0', '{}', 'passed', '[]', %s, now())", server, json.dumps(changed))
+    await page.reload()
+    row = page.locator('tr.version[data-name="io.con/diffed"][data-version="1.2.0"]')
+    await expect(row.locator(".diff")).to_have_attribute("data-against", "1.1.0")
+    await expect(row.locator(".no-change")).to_have_text("no tool changed")
+    await expect(row.locator(".unchanged")).to_have_text("unchanged: hello, wave")
+
+
+async def test_an_admin_adds_a_server_from_pypi_by_name(fleet, keys, context, tmp_path):  # noqa: F811
+    """Through the same code as `POST /registry/v1/add`: a source that is not one, and a package
+    PyPI does not have, are refused in the registry's own words; the official `mcp-server-time`
+    (real PyPI; tens of seconds) becomes a pending version."""
+    page = await console(context, fleet, keys["admin"], "versions?status=pending")
+    await page.fill('#add input[name="source"]', "gopher:time")
+    await page.click("#add-button")
+    await expect(page.locator("#error")).to_contain_text("the source 'gopher:time' must read pypi:NAME")
+    await page.goto(f"{fleet.base_url}/admin/console/versions?status=pending")
+    await page.fill('#add input[name="source"]', "pypi:mcpfleet-no-such-package-xyz==1.0")
+    await page.click("#add-button")
+    await expect(page.locator("#error")).to_contain_text("mcpfleet-no-such-package-xyz==1.0 has no wheel pip can download",
+                                                         timeout=120_000)
+    assert not db(fleet, "SELECT 1 FROM registry_servers WHERE name LIKE %s", "%no-such-package%")
+
+    await page.goto(f"{fleet.base_url}/admin/console/versions?status=pending")
+    await page.fill('#add input[name="source"]', "pypi:mcp-server-time==2026.10.19")
+    await page.click("#add-button")
+    await expect(page).to_have_url(re.compile(r"status=pending&notice=added$"), timeout=600_000)
+    await expect(page.locator("#status")).to_have_text("Added: the new version is pending while it is validated.")
+    row = page.locator('tr.version[data-name="io.pypi/mcp-server-time"][data-version="2026.10.19"]')
+    await expect(row).to_have_count(1)
+    await page.screenshot(path=str(tmp_path / "added.png"), full_page=True)
+    published_by = db(fleet, "SELECT u.name FROM registry_versions v JOIN registry_servers s ON s.id = v.server_id"
+                             " JOIN users u ON u.id = v.published_by WHERE s.name = 'io.pypi/mcp-server-time'")
+    assert published_by == [("con-admin",)]
+
+
+
+TIME_ELEMENT = re.compile(r'<time datetime="(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)" title="([^"]+)">([^<]+)</time>')
+
+
+async def test_every_time_is_written_in_utc_and_shown_in_the_browsers_zone(fleet, keys, bulk, browser):  # noqa: F811
+    # As sent: every time of every view is one <time> element holding the UTC instant, with UTC text,
+    # and no time of day appears anywhere else on the page.
+    for key in (keys["admin"], bulk):
+        cookie = cookie_value(login_by_hand(fleet, key))
+        for view in all_views()[1:]:
+            html = get(fleet, f"/admin/console/{view}", cookie=cookie).text
+            found = TIME_ELEMENT.findall(html)
+            assert found, view  # the header's "signed in until" at least
+            for instant, title, text in found:
+                expected = datetime.fromisoformat(instant).strftime("%Y-%m-%d %H:%M:%S UTC")
+                assert title == text == expected, (view, instant, title, text)
+            assert not re.search(r"\d\d:\d\d:\d\d", TIME_ELEMENT.sub("", html)), view
+
+    # Shown: a browser in Tokyo sees Tokyo's time, named, for the same instant.
+    tokyo = await browser.new_context(timezone_id="Asia/Tokyo")
+    try:
+        page = await console(tokyo, fleet, bulk, "audit")
+        times = page.locator("tr.entry time")
+        await expect(times.first).to_have_class(re.compile(r"\blocal\b"))
+        count = await times.count()
+        assert count > 0
+        for i in range(min(count, 5)):
+            element = times.nth(i)
+            instant = datetime.fromisoformat(await element.get_attribute("datetime"))
+            local = instant.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%Y-%m-%d %H:%M:%S Asia/Tokyo")
+            await expect(element).to_have_text(local)
+            assert (await element.get_attribute("title")).endswith(" UTC")
+    finally:
+        await tokyo.close()

@@ -1,6 +1,8 @@
 """The admin console: one server-rendered view per subject under /admin/console, each paged.
 
-    /admin/console/versions?status=pending|approved|rejected   approve (group, tier, tools) or reject
+    /admin/console/versions?status=pending|approved|rejected   approve (group, tier, tools) or reject; a pending
+                                                               version's diff against the approved one; add a
+                                                               server from PyPI or npm by name
     /admin/console/drift                                       accept a drifted definition
     /admin/console/users, /admin/console/users/NAME            a user's keys, sandbox and secret names
     /admin/console/keys, /admin/console/sandboxes              hibernate, resume, reclaim
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -38,7 +40,7 @@ from core.vault import SecretError
 from gateway.admin import console_data as data
 from gateway.admin.pages import SECURITY_HEADERS, redirect
 from gateway.admin.session import AdminSession, Sessions, check_csrf
-from registry import decisions, store
+from registry import decisions, onboarding, store
 from registry.store import RegistryError
 from sandbox import requests as sandbox_requests
 
@@ -47,6 +49,7 @@ BASE = "/admin/console"
 # Fixed words only: a link must not be able to put text of its choosing on the page.
 NOTICES = {
     "approved": "Approved.",
+    "added": "Added: the new version is pending while it is validated.",
     "rejected": "Rejected.",
     "accepted": "The drifted definition is accepted.",
     "done": "Done.",
@@ -61,20 +64,35 @@ MODEL_USAGE_ROWS = 25
 """The usage view's model table: `mcpfleet models usage --days N --tenant T` shows the rest."""
 
 
-def _when(value: datetime | None) -> Markup | str:
-    """Every time in the gateway's zone, one format; kept on one line."""
+def _when(value: datetime | str | None) -> Markup | str:
+    """Every time shown one way: a <time> holding the UTC instant, written as UTC text, which the
+    console's script (static/console.js) rewrites in the browser's own zone. `value`: a datetime, or
+    an ISO 8601 text (OpenBao's secret times); a text that is not one is shown as it is."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
     if value is None:
         return ""
-    return Markup('<time datetime="{}">{}</time>').format(value.isoformat(), value.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"))
+    utc = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)  # naive: the database's UTC
+    text = utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return Markup('<time datetime="{}" title="{}">{}</time>').format(utc.strftime("%Y-%m-%dT%H:%M:%SZ"), text, text)
 
 
 def _size(value: int | None) -> str:
     return f"{value / 2**20:.1f} MiB" if value else ""
 
 
+def _definition(value: Any) -> str:
+    """A field of a tool definition as compact text (absent: a dash)."""
+    return "—" if value is None else value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)
 _env.filters["when"] = _when
 _env.filters["size"] = _size
+_env.filters["definition"] = _definition
 
 Handler = Callable[[Request, AdminSession, psycopg.AsyncConnection], Awaitable[Response]]
 
@@ -221,6 +239,12 @@ class Console:
         )
         return redirect(f"{BASE}/versions?status=approved&notice=approved")
 
+    async def add(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
+        """A server from PyPI or npm by name, through the same code as `POST /registry/v1/add`."""
+        form = await request.form()
+        await onboarding.add(self.sessions.fleet.registry, session.identity, _field(form, "source")[:300])
+        return redirect(f"{BASE}/versions?status=pending&notice=added")
+
     async def reject(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
         form = await request.form()
         await decisions.decide(conn, session.identity, _field(form, "name"), _field(form, "version"), "rejected",
@@ -279,6 +303,7 @@ def routes(sessions: Sessions) -> list[Route]:
         Route(f"{BASE}/users/{{name}}", console.view(console.user), methods=["GET"]),
         Route(f"{BASE}/audit/export", console.view(console.audit_export), methods=["GET"]),
         Route(f"{BASE}/versions/approve", console.view(console.approve, act=True), methods=["POST"]),
+        Route(f"{BASE}/versions/add", console.view(console.add, act=True), methods=["POST"]),
         Route(f"{BASE}/versions/reject", console.view(console.reject, act=True), methods=["POST"]),
         Route(f"{BASE}/drift/accept", console.view(console.accept_drift, act=True), methods=["POST"]),
         Route(f"{BASE}/sandboxes/{{action}}", console.view(console.sandbox_action, act=True), methods=["POST"]),

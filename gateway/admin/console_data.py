@@ -13,6 +13,8 @@ from typing import Any, Literal
 import psycopg
 from psycopg.rows import dict_row
 
+from registry.changes import diff_tools
+
 PAGE_SIZE = 25
 # A pending version's row carries its approve and reject forms: fewer to a page.
 VERSIONS_PAGE_SIZE = 10
@@ -20,6 +22,13 @@ VersionStatus = Literal["pending", "approved", "rejected"]
 VERSION_STATUSES: tuple[VersionStatus, ...] = ("pending", "approved", "rejected")
 
 _LIVE_APPROVAL = "EXISTS (SELECT 1 FROM approvals a WHERE a.version_id = v.id AND a.revoked_at IS NULL)"
+# The server's newest other version with a live approval: what a pending version is compared with.
+_APPROVED_BEFORE = (
+    "(SELECT jsonb_build_object('version', w.version, 'tools', w.tools) FROM registry_versions w"
+    "  WHERE w.server_id = v.server_id AND w.id <> v.id"
+    "    AND EXISTS (SELECT 1 FROM approvals a WHERE a.version_id = w.id AND a.revoked_at IS NULL)"
+    "  ORDER BY w.published_at DESC, w.id DESC LIMIT 1)"
+)
 _VERSION_FILTER = {
     # Not yet decided: neither approved (a live approval) nor closed (rejected or withdrawn).
     "pending": f"v.status IN ('validating', 'passed', 'failed') AND NOT s.builtin AND NOT {_LIVE_APPROVAL}",
@@ -59,7 +68,8 @@ async def versions(conn: psycopg.AsyncConnection, tenant: str, status: VersionSt
         "       coalesce((SELECT array_agg(coalesce('group ' || a.group_name, 'tenant') || coalesce(', tier ' || a.tier, '')"
         "                               || coalesce(', tools ' || array_to_string(a.tools, ' '), '')"
         "                               || ' by ' || a.approved_by ORDER BY a.approved_at)"
-        "                 FROM approvals a WHERE a.version_id = v.id AND a.revoked_at IS NULL), '{}') AS approvals"
+        "                 FROM approvals a WHERE a.version_id = v.id AND a.revoked_at IS NULL), '{}') AS approvals,"
+        f"      {_APPROVED_BEFORE if status == 'pending' else 'NULL'} AS approved_before"
         "  FROM registry_versions v JOIN registry_servers s ON s.id = v.server_id"
         "  JOIN tenants t ON t.id = s.tenant_id LEFT JOIN users u ON u.id = v.published_by"
         f" WHERE t.name = %s AND {_VERSION_FILTER[status]} ORDER BY v.published_at DESC, v.id DESC"
@@ -68,6 +78,9 @@ async def versions(conn: psycopg.AsyncConnection, tenant: str, status: VersionSt
     for row in page.rows:
         row["failed"] = [c["check"] for c in row["validation"] if not c.get("ok")]
         row["tool_names"] = [t["name"] for t in row["tools"]]
+        before = row.pop("approved_before")
+        # A pending version of a server with an approved one: what changed, tool by tool (as the registry API's diff).
+        row["diff"] = {"against": before["version"], "tools": diff_tools(before["tools"], row["tools"])} if before else None
     return page
 
 
