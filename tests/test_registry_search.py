@@ -24,7 +24,7 @@ from registry.embeddings import (
 )
 from registry.search import Hit, index_version, search
 from tests.conftest import ROOT, free_port
-from tests.ollama_standin import OllamaStandIn
+from tests.ollama_embed_standin import OllamaStandIn
 
 FORECAST = {
     "name": "forecast",
