@@ -14,6 +14,7 @@ import pytest
 
 from core.accounts import add_user
 from sandbox.backends.docker import FLEET_LABEL, LABEL, DockerBackend, docker_backend
+from sandbox.bundle import SERVER_UIDS, SUPERVISOR_CAPS
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.factory import sandbox_python
 from sandbox.manager import SANDBOX_UID, SandboxManager
@@ -88,14 +89,20 @@ async def test_the_container_is_locked_down(manager, users, backend):
     out = await sh(sandbox, "cat /proc/version; dmesg; id -u; id -g")
     assert out["exit_code"] == 0, out
     assert "gVisor" in out["stdout"]  # its kernel log is gVisor's own
-    assert out["stdout"].split()[-2:] == [str(SANDBOX_UID), str(SANDBOX_UID)]
+    # The exec server runs under a uid of its own, in the workspace's group (sandbox.bundle.SERVER_UIDS).
+    uid, gid = (int(v) for v in out["stdout"].split()[-2:])
+    assert uid >= SERVER_UIDS and gid == SANDBOX_UID, out
     attrs = ENGINE.api.inspect_container(sandbox.id)
     host = attrs["HostConfig"]
     assert (host["Runtime"], host["NetworkMode"]) == ("runsc", "none")
     # Not read-only to the engine: runsc keeps the root in memory instead (scripts/docker.sh), and nothing inside may write it.
     assert "--overlay2=root:memory" in ENGINE.info()["Runtimes"]["runsc"]["runtimeArgs"]
     assert host["CapDrop"] == ["ALL"] and "no-new-privileges" in host["SecurityOpt"]
-    assert attrs["Config"]["User"] == f"{SANDBOX_UID}:{SANDBOX_UID}"
+    # The supervisor is gVisor's root with only what starting servers under their uids needs; they get none.
+    assert attrs["Config"]["User"] == "0:0"
+    assert sorted(host["CapAdd"]) == sorted(c.removeprefix("CAP_") for c in SUPERVISOR_CAPS)
+    caps = (await sh(sandbox, "grep CapEff /proc/self/status"))["stdout"].split()[-1]
+    assert int(caps, 16) == 0, caps
     assert host["Memory"] == STANDARD.memory_bytes
     assert "eth0" not in (await sh(sandbox, "cat /proc/net/dev"))["stdout"]
     # The root is in memory (the runtime's --overlay2=root:memory): `df /` shows nothing of the host's disk.
