@@ -22,15 +22,13 @@ import asyncio
 import hmac
 import itertools
 import json
-import secrets
-import socket
 from collections.abc import Callable
 from typing import Any
 
 from sandbox import wire
+from sandbox.supervisor.listener import LoopbackListener
 from sandbox.supervisor.peers import stranger
 
-HEAD_LIMIT = 16 * 1024
 HEAD_TIMEOUT = 10.0
 MAX_BODY = 8 * 1024 * 1024
 """Largest request body taken (a chat with its history, a batch of texts to embed)."""
@@ -39,59 +37,23 @@ PIECE_TIMEOUT = 600.0
 DEFAULT_MODEL = "default"
 
 
-class ModelEndpoint:
+class ModelEndpoint(LoopbackListener):
     def __init__(self, send: Callable[[Any], None], pid_of: Callable[[str], int | None],
                  connected: Callable[[], bool]):
-        """As `EgressProxy`: `send` queues a message for the gateway, `pid_of` gives a server's
-        process id, `connected` tells whether a gateway is there."""
-        self._send = send
-        self._pid_of = pid_of
-        self._connected = connected
-        self._sock: socket.socket | None = None
-        self._accepting = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._servers_by_token: dict[str, str] = {}
+        """As `LoopbackListener`."""
+        super().__init__(send, pid_of, connected)
         self._ids = itertools.count(1)
         self.asks: dict[int, asyncio.Queue[dict[str, Any]]] = {}
-
-    @property
-    def port(self) -> int | None:
-        return self._sock.getsockname()[1] if self._sock is not None else None
 
     def credentials(self, server: str, env: dict[str, str]) -> tuple[str, dict[str, str]]:
         """A new token for `server` and the environment that names the endpoint to it (`env`: the
         server's own, whose OPENAI_API_KEY, if it has one, is left alone)."""
-        if self._sock is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(64)
-            sock.setblocking(False)
-            self._sock = sock
-        token = secrets.token_urlsafe(24)
-        self._servers_by_token[token] = server
+        token = self._new_token(server)
         base = f"http://127.0.0.1:{self.port}/{token}"
         given = {"OLLAMA_HOST": base, "OPENAI_BASE_URL": f"{base}/v1", "MCPFLEET_MODEL": DEFAULT_MODEL}
         if "OPENAI_API_KEY" not in env:
             given["OPENAI_API_KEY"] = token  # not a provider's key: the path's token is what counts here
         return token, given
-
-    def forget(self, token: str) -> None:
-        self._servers_by_token.pop(token, None)
-
-    def serve(self) -> None:
-        if self._sock is not None and not self._accepting:
-            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
-            self._accepting = True
-
-    def pause(self) -> None:
-        """As the proxy's: nothing may wait on a loopback socket while gVisor checkpoints."""
-        if self._sock is not None and self._accepting:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._accepting = False
-
-    def close(self) -> None:
-        self.pause()
-        self.drop_all("the supervisor is stopping")
 
     def on_message(self, message: dict[str, Any]) -> None:
         queue = self.asks.get(message.get("ask"))  # type: ignore[arg-type]
@@ -102,30 +64,6 @@ class ModelEndpoint:
         """No answer in progress can go on (a new gateway knows none of them)."""
         for queue in self.asks.values():
             queue.put_nowait({"status": 503, "error": reason, "done": True})
-
-    def _accept(self) -> None:
-        assert self._sock is not None
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError, OSError):
-            return
-        conn.setblocking(False)
-        task = asyncio.get_running_loop().create_task(self._connection(conn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _connection(self, conn: socket.socket) -> None:
-        try:
-            reader, writer = await asyncio.open_connection(sock=conn, limit=HEAD_LIMIT)
-        except OSError:
-            conn.close()
-            return
-        try:
-            await self._serve_one(reader, writer)
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
-            pass
-        finally:
-            writer.close()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)

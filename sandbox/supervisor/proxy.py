@@ -26,17 +26,14 @@ import base64
 import binascii
 import hmac
 import itertools
-import secrets
-import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from sandbox import wire
+from sandbox.supervisor.listener import LoopbackListener
 from sandbox.supervisor.peers import stranger
 
-HEAD_LIMIT = 16 * 1024
-"""Longest request head the proxy reads."""
 HEAD_TIMEOUT = 10.0
 OPEN_TIMEOUT = 30.0
 """Seconds the gateway has to resolve, vet and connect."""
@@ -44,83 +41,24 @@ REALM = "mcpfleet egress"
 PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
 
 
-class EgressProxy:
+class EgressProxy(LoopbackListener):
     def __init__(self, send: Callable[[Any], None], pid_of: Callable[[str], int | None],
                  connected: Callable[[], bool]):
-        """`send` queues a message for the gateway (dropped while none is connected, which
-        `connected` tells); `pid_of` gives a server's process id (None while it is not running)."""
-        self._send = send
-        self._connected = connected
-        self._pid_of = pid_of
-        self._sock: socket.socket | None = None
-        self._accepting = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._servers_by_token: dict[str, str] = {}
+        """As `LoopbackListener`."""
+        super().__init__(send, pid_of, connected)
         self._ids = itertools.count(1)
         self._opening: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.tunnels: dict[int, wire.Tunnel] = {}
-
-    @property
-    def port(self) -> int | None:
-        return self._sock.getsockname()[1] if self._sock is not None else None
 
     def credentials(self, server: str) -> tuple[str, dict[str, str]]:
         """A new token for `server` and the environment that hands it to it (the proxy's URL in
         the variables urllib, requests, httpx and curl read). Binds the proxy's socket on first use;
         connections wait in its backlog until `serve()`."""
-        if self._sock is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(64)
-            sock.setblocking(False)
-            self._sock = sock
-        token = secrets.token_urlsafe(24)
-        self._servers_by_token[token] = server
+        token = self._new_token(server)
         url = f"http://{server}:{token}@127.0.0.1:{self.port}"
         # The sandbox's own loopback is not out: a server talking to a helper of its own goes direct.
         local = "localhost,127.0.0.1,::1"
         return token, {**{name: url for name in PROXY_ENV}, "NO_PROXY": local, "no_proxy": local}
-
-    def forget(self, token: str) -> None:
-        """The server holding `token` stopped: its credentials no longer open anything."""
-        self._servers_by_token.pop(token, None)
-
-    def serve(self) -> None:
-        """Accept connections (once the socket is bound): again after `pause()`."""
-        if self._sock is not None and not self._accepting:
-            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
-            self._accepting = True
-
-    def pause(self) -> None:
-        """Stop watching the socket, which stays bound (servers keep their proxy's address and
-        connections wait in its backlog). gVisor cannot checkpoint a loopback socket someone
-        waits on ("endpoint still has waiters upon save"), so the proxy pauses before a detach."""
-        if self._sock is not None and self._accepting:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._accepting = False
-
-    def close(self) -> None:
-        self.pause()
-        self.drop_all("the supervisor is stopping")
-
-    def _accept(self) -> None:
-        assert self._sock is not None
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError, OSError):
-            return
-        conn.setblocking(False)
-        task = asyncio.get_running_loop().create_task(self._connection(conn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _connection(self, conn: socket.socket) -> None:
-        try:
-            reader, writer = await asyncio.open_connection(sock=conn, limit=HEAD_LIMIT)
-        except OSError:
-            conn.close()
-            return
-        await self._client(reader, writer)
 
     # -- from the gateway ---------------------------------------------------------------
 
@@ -145,14 +83,6 @@ class EgressProxy:
             tunnel.close(reason, tell=False)
 
     # -- from a server ------------------------------------------------------------------
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await self._serve_one(reader, writer)
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
-            pass
-        finally:
-            writer.close()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
