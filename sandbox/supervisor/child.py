@@ -18,12 +18,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from sandbox import wire
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig, python_argv
+from sandbox.supervisor.pipes import PipeReader, Pipes
 
 if TYPE_CHECKING:
     from sandbox.supervisor.main import Supervisor
@@ -35,9 +35,9 @@ STABLE_AFTER = 60.0
 STOP_GRACE = 2.0
 STDERR_TAIL = 20
 MIN_SECRET = 6
+"""Environment values this long or longer are masked in a server's stderr."""
 REFUSED_WHEN_UNAVAILABLE = frozenset({"tools/call", "prompts/get", "resources/read"})
 """What a server marked unavailable (a declared secret is missing) is not asked to do."""
-"""Environment values this long or longer are masked in a server's stderr."""
 
 # Notifications about the session rather than one request; never tied to a call.
 _SESSION_NOTIFICATIONS = frozenset(
@@ -48,74 +48,6 @@ _SESSION_NOTIFICATIONS = frozenset(
         "notifications/resources/updated",
     }
 )
-
-
-class _PipeReader(asyncio.Protocol):
-    def __init__(self, pipes: _Pipes, fd: int):
-        self._pipes = pipes
-        self._fd = fd
-
-    def data_received(self, data: bytes) -> None:
-        self._pipes.pipe_data_received(self._fd, data)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._pipes.pipe_connection_lost(self._fd, exc)
-
-
-class _Pipes:
-    """The child's stdout and stderr, cut into lines and handed to the ChildServer as they arrive."""
-
-    def __init__(self, child: ChildServer):
-        loop = asyncio.get_running_loop()
-        self._child = child
-        self._stdout = wire.LineSplitter()
-        self._stderr = wire.LineSplitter(limit=64 * 1024)
-        self._stdout_closed = loop.create_future()
-        self._exited = loop.create_future()
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd == 1:
-            try:
-                lines = self._stdout.feed(data)
-            except ValueError as exc:
-                log(f"server {self._child.name}: stdout unreadable ({exc}); stopping it")
-                self._child.kill()
-                return
-            for line in lines:
-                self._child.on_stdout_line(line)
-        else:
-            try:
-                lines = self._stderr.feed(data)
-            except ValueError:
-                lines = [b"(a line too long to keep)"]
-            for line in lines:
-                self._child.on_stderr_line(line)
-
-    def pipe_connection_lost(self, fd: int, exc: BaseException | None) -> None:
-        if fd == 1 and not self._stdout_closed.done():
-            self._stdout_closed.set_result(None)
-            self._child.on_stdout_closed()
-
-    def process_exited(self) -> None:
-        if not self._exited.done():
-            self._exited.set_result(None)
-
-    def watch(self, proc: subprocess.Popen[bytes]) -> None:
-        """Wait for the child in a thread (what asyncio's own child watcher does, too)."""
-        loop = asyncio.get_running_loop()
-
-        def wait() -> None:
-            proc.wait()
-            loop.call_soon_threadsafe(self.process_exited)
-
-        threading.Thread(target=wait, name=f"wait-{proc.pid}", daemon=True).start()
-
-    async def exited(self) -> None:
-        await self._exited
-
-    async def finished(self) -> None:
-        """Exited, and everything it wrote has been handled."""
-        await asyncio.gather(self._stdout_closed, self._exited)
 
 
 class Call:
@@ -175,7 +107,7 @@ class ChildServer:
         self._settled = asyncio.Event()  # set whenever state is not "starting"
         self._proc: subprocess.Popen[bytes] | None = None
         self._stdin: asyncio.WriteTransport | None = None
-        self._pipes: _Pipes | None = None
+        self._pipes: Pipes | None = None
         self._next_id = 0
         self.pending: dict[int, Call] = {}
         self.asks: dict[int, Any] = {}  # supervisor's ask key -> the child's request id
@@ -251,10 +183,10 @@ class ChildServer:
             failure = f"could not be started: {exc}"
             self._set_state("failed", failure)
             return failure
-        pipes = _Pipes(self)
+        pipes = Pipes(self)
         transports = [
-            (await loop.connect_read_pipe(lambda: _PipeReader(pipes, 1), proc.stdout))[0],
-            (await loop.connect_read_pipe(lambda: _PipeReader(pipes, 2), proc.stderr))[0],
+            (await loop.connect_read_pipe(lambda: PipeReader(pipes, 1), proc.stdout))[0],
+            (await loop.connect_read_pipe(lambda: PipeReader(pipes, 2), proc.stderr))[0],
             (await loop.connect_write_pipe(asyncio.Protocol, proc.stdin))[0],
         ]
         # asyncio watches a write pipe for readability and takes any event on it for the reader
@@ -287,7 +219,7 @@ class ChildServer:
             self._fail_pending(f"server {self.name!r} {how} while handling the request")
         return reason
 
-    async def _initialize(self, pipes: _Pipes) -> str | None:
+    async def _initialize(self, pipes: Pipes) -> str | None:
         """The MCP handshake; None when it succeeded, else why not."""
         cfg = self._supervisor_config
         params = {
@@ -459,6 +391,10 @@ class ChildServer:
             log(f"[{self.name}] not JSON-RPC on stdout: {line[:200]!r}")
             return
         self._dispatch(message)
+
+    def stdout_unreadable(self, exc: ValueError) -> None:
+        log(f"server {self.name}: stdout unreadable ({exc}); stopping it")
+        self.kill()
 
     def on_stdout_closed(self) -> None:
         for future in self._own.values():
