@@ -65,3 +65,8 @@ def build_catalog(per_server: Mapping[str, Mapping[str, Any]], bare_servers: fro
     catalog.tools.sort(key=lambda t: t["name"])
     catalog.prompts.sort(key=lambda p: p["name"])
     return catalog
+
+
+def same_offers(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -> bool:
+    """The same servers' offers, each the very same object: a catalog built from them would be the same."""
+    return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] for x, y in zip(a, b))

@@ -27,7 +27,6 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.methods import INPUT_REQUIRED_METHODS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter
-from starlette.datastructures import QueryParams
 
 from core.accounts import Identity
 from core.outage import DatabaseUnavailable
@@ -35,11 +34,12 @@ from core.text import bounded
 from gateway import tool_errors
 from gateway.auth import identity_of
 from gateway.breakers import BREAKER_OPEN, Breakers, Verdict, bring_up_verdict, server_verdict
-from gateway.catalog import Catalog, build_catalog
+from gateway.catalog import Catalog, build_catalog, same_offers
 from gateway.input_required import Exchange, InputExchanges, client_capabilities, relay_to_client, with_client_capabilities
+from gateway.request_meta import forwarded_meta
 from gateway.sampling import Sampling
 from gateway.services import SandboxClient, Services
-from gateway.tool_sets import QUERY_PARAM, ActiveSet, ToolSets
+from gateway.tool_sets import ActiveSet, ToolSets, requested_set
 from gateway.tracing import channel_hop
 from sandbox.channel import RequestHandler
 from sandbox.errors import QuotaExceeded, SandboxDetached, SandboxRpcError, SandboxUnavailable
@@ -161,14 +161,14 @@ class Router:
         connection = getattr(ctx.session, "_connection", None)
         if connection is not None and connection in self._session_sets:
             return await self._tool_sets.resolve(identity, self._session_sets[connection])
-        return await self._tool_sets.resolve(identity, _requested_set(ctx))
+        return await self._tool_sets.resolve(identity, requested_set(ctx.request))
 
     async def session_sets(self, ctx: ServerRequestContext[Any, Any], call_next: Any) -> Any:
         """Server middleware: a 2025-11-25 session keeps the tool set its `initialize` asked for, and an
         unknown set fails the handshake itself (a JSON-RPC error at the client's first request)."""
         identity = identity_of(getattr(ctx.request, "scope", None))
         if ctx.method == "initialize" and self._tool_sets is not None and identity is not None:
-            requested = _requested_set(ctx)
+            requested = requested_set(ctx.request)
             await self._tool_sets.resolve(identity, requested)
             connection = getattr(ctx.session, "_connection", None)
             if connection is not None:
@@ -203,7 +203,7 @@ class Router:
         # changes; holding them in the key also keeps their ids from being reused.
         offers = tuple(per_server.items())
         merged = self._merged.get(client)
-        if merged is None or not _same_offers(merged[0], offers):
+        if merged is None or not same_offers(merged[0], offers):
             merged = (offers, build_catalog(per_server, self._bare_servers))
             self._merged[client] = merged
         catalog = self._tool_sets.narrow(merged[1], active) if self._tool_sets is not None else merged[1]
@@ -381,7 +381,7 @@ class Router:
         if where is not None:  # tells call_tool which server and tool the call went to
             where.update(server=server, tool=inner)
         forwarded: dict[str, Any] = {"name": inner, "arguments": arguments or {}}
-        if meta := _forwarded_meta(ctx):
+        if meta := forwarded_meta(ctx):
             forwarded["_meta"] = meta
         return await self._forward(ctx, client, server, method, forwarded)
 
@@ -526,7 +526,7 @@ class Router:
     async def complete(self, ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams) -> dict[str, Any]:
         forwarded = params.model_dump(by_alias=True, mode="json", exclude_none=True)
         forwarded.pop("_meta", None)
-        if meta := _forwarded_meta(ctx):
+        if meta := forwarded_meta(ctx):
             forwarded["_meta"] = meta
         ref = forwarded["ref"]
         if ref.get("type") == "ref/prompt":
@@ -536,33 +536,6 @@ class Router:
         else:
             client, server = await self._resource_server(ctx, ref.get("uri", ""))
         return await self._forward(ctx, client, server, "completion/complete", forwarded)
-
-
-# The 2026-07-28 request envelope describes the client's connection to the gateway, not
-# the gateway's connection to the server, which has its own handshake.
-_ENVELOPE_KEYS = frozenset(
-    {types.PROTOCOL_VERSION_META_KEY, types.CLIENT_INFO_META_KEY, types.CLIENT_CAPABILITIES_META_KEY, types.LOG_LEVEL_META_KEY}
-)
-
-
-def _forwarded_meta(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
-    """What of a request's `_meta` travels on to the server: progress tokens and the like, which it answers through us.
-
-    Read from the request as it came on the wire (`ctx.params`), where keys keep their wire names.
-    """
-    raw = (ctx.params or {}).get("_meta")
-    if not isinstance(raw, Mapping):
-        return {}
-    return {k: v for k, v in raw.items() if k not in _ENVELOPE_KEYS}
-
-
-def _same_offers(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -> bool:
-    return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] for x, y in zip(a, b))
-
-
-def _requested_set(ctx: ServerRequestContext[Any, Any]) -> str | None:
-    scope = getattr(ctx.request, "scope", None) or {}
-    return QueryParams(scope.get("query_string", b"")).get(QUERY_PARAM)
 
 
 def _owner(owners: dict[str, tuple[str, str]], name: str, kind: str) -> tuple[str, str]:

@@ -15,6 +15,7 @@ from typing import Protocol
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 from psycopg_pool import AsyncConnectionPool
+from starlette.datastructures import QueryParams
 
 from core import tool_sets
 from core.accounts import Identity
@@ -95,3 +96,9 @@ class ToolSets:
                 tool_owner={name: owner for name, owner in catalog.tool_owner.items() if active.allows(name)},
             ))
         return known[1]
+
+
+def requested_set(request: object) -> str | None:
+    """The set a client asked for in its URL (`/mcp?set=NAME`), from the HTTP request behind an MCP one."""
+    scope = getattr(request, "scope", None) or {}
+    return QueryParams(scope.get("query_string", b"")).get(QUERY_PARAM)
