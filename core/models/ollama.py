@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from core.models.api import ChatAnswer, ChatAsk, ChatDelta, Embeddings, ModelError
+from core.models.provider import HostedProvider
 from core.optional import require
 
 
@@ -27,7 +28,7 @@ def _options(ask: ChatAsk) -> dict[str, Any]:
     return options
 
 
-class OllamaProvider:
+class OllamaProvider(HostedProvider):
     name = "ollama"
 
     def __init__(self, host: str, *, timeout: float = 300.0):
@@ -37,17 +38,6 @@ class OllamaProvider:
         self._response_error = ollama.ResponseError
         self._client = ollama.AsyncClient(host=host, timeout=timeout)
         self._detail = ""
-
-    @property
-    def state(self) -> str:
-        return "ready"
-
-    @property
-    def detail(self) -> str:
-        return self._detail
-
-    async def start(self) -> None:
-        pass
 
     async def close(self) -> None:
         await self._client._client.aclose()  # the client has no close of its own; its httpx client does

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from core.models.api import ChatAnswer, ChatAsk, ChatDelta, Embeddings, ModelError
+from core.models.provider import HostedProvider
 
 # Generation on two CPU threads is slow; a long answer may take minutes. The connect timeout stays short
 # so a provider that is down fails fast.
@@ -37,24 +38,13 @@ def request_body(ask: ChatAsk, model: str) -> dict[str, Any]:
     return body
 
 
-class OpenAIProvider:
+class OpenAIProvider(HostedProvider):
     def __init__(self, base_url: str, key: str | None = None, *, name: str = "openai", timeout: httpx.Timeout = TIMEOUT):
         self.name = name
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
         self._detail = ""
-
-    @property
-    def state(self) -> str:
-        return "ready"
-
-    @property
-    def detail(self) -> str:
-        return self._detail
-
-    async def start(self) -> None:
-        pass
 
     async def close(self) -> None:
         await self._client.aclose()

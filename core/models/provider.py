@@ -50,3 +50,21 @@ class Provider(Protocol):
         ...
 
     async def embed(self, texts: list[str], model: str) -> Embeddings: ...
+
+
+class HostedProvider:
+    """What a provider served elsewhere (Ollama, an OpenAI-compatible API) has in common: nothing to
+    start, always `ready` to be asked; `_detail` says why its last listing failed, if it did."""
+
+    _detail = ""
+
+    @property
+    def state(self) -> str:
+        return "ready"
+
+    @property
+    def detail(self) -> str:
+        return self._detail
+
+    async def start(self) -> None:
+        pass
