@@ -75,7 +75,7 @@ def create_app(fleet: Fleet) -> Starlette:
     # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own.
     # requestState (2026-07-28 input_required) is sealed on the way out and verified on the way in.
     mcp_server.middleware = [
-        fleet.telemetry.mcp_middleware(), router.session_sets,
+        fleet.telemetry.mcp_middleware(), router.session_sets, tasks.name_header,
         request_state_boundary(session_secret(settings.home), settings.input_wait_s),
     ]
     sessions = StreamableHTTPSessionManager(

@@ -32,7 +32,9 @@ import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
 from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import MCP_NAME_HEADER, decode_header_value
 from mcp_types import RequestParams
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from core.mcp_tasks import TaskRow, TaskStore
 from core.tasks import Tasks
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 EXTENSION = "io.modelcontextprotocol/tasks"
 CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
 POLL_INTERVAL_MS = 500
+TASK_METHODS = frozenset({"tasks/get", "tasks/update", "tasks/cancel"})
 # Set while a call runs as a task: no client request is open to take its notifications.
 RUNNING_AS_TASK: contextvars.ContextVar[bool] = contextvars.ContextVar("running_as_task", default=False)
 
@@ -150,6 +153,21 @@ class TaskCalls:
         server.add_request_handler("tasks/get", TaskIdParams, self.get)
         server.add_request_handler("tasks/cancel", TaskIdParams, self.cancel)
         server.add_request_handler("tasks/update", TaskUpdateParams, self.update)
+
+    @staticmethod
+    async def name_header(ctx: ServerRequestContext[Any, Any], call_next: Any) -> Any:
+        """Server middleware: at 2026-07-28 a tasks request names its task in `Mcp-Name` too (SEP-2663's
+        routing headers; the SDK checks them only for the core methods), and the two must agree."""
+        if ctx.method in TASK_METHODS and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            headers = getattr(ctx.request, "headers", None)
+            task_id = (ctx.params or {}).get("taskId")
+            if headers is not None and isinstance(task_id, str):
+                if decode_header_value(headers.get(MCP_NAME_HEADER)) != task_id:
+                    raise MCPError(
+                        code=types.HEADER_MISMATCH,
+                        message=f"{MCP_NAME_HEADER} header does not match the request body's 'taskId' parameter",
+                    )
+        return await call_next(ctx)
 
     # -- creating ------------------------------------------------------------------------------
 
