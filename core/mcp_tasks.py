@@ -36,6 +36,7 @@ class TaskRow:
     tool: str
     status: str
     status_message: str | None
+    input_requests: dict[str, Any] | None
     result: dict[str, Any] | None
     error: dict[str, Any] | None
     created_at: datetime
@@ -43,7 +44,7 @@ class TaskRow:
     ttl_ms: int
 
 
-_COLUMNS = "id, tool, status, status_message, result, error, created_at, updated_at, ttl_ms"
+_COLUMNS = "id, tool, status, status_message, input_requests, result, error, created_at, updated_at, ttl_ms"
 
 
 def new_task_id() -> str:
@@ -91,7 +92,7 @@ class TaskStore:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 """UPDATE mcp_tasks SET status = 'cancelled', status_message = 'Cancelled by the client.',
-                          updated_at = now()
+                          updated_at = now(), input_requests = NULL
                     WHERE id = %s AND user_id = %s AND expires_at > now() AND status = ANY(%s)""",
                 (task_id, user_id, list(ACTIVE)),
             )
@@ -101,6 +102,33 @@ class TaskStore:
                 "SELECT 1 FROM mcp_tasks WHERE id = %s AND user_id = %s AND expires_at > now()", (task_id, user_id)
             )
             return False if await cur.fetchone() else None
+
+    async def ask(self, task_id: str, input_requests: dict[str, Any]) -> bool:
+        """The server asks the client for input: the task waits, listing the questions."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                """UPDATE mcp_tasks SET status = 'input_required', input_requests = %s, updated_at = now()
+                    WHERE id = %s AND status = 'working'""",
+                (Jsonb(input_requests), task_id),
+            )
+            return cur.rowcount == 1
+
+    async def answer(self, user_id: int, task_id: str, keys: list[str]) -> dict[str, Any] | None:
+        """The owner answered `keys`: they leave the questions; with none left the task works again.
+        Returns what is still unanswered (empty: nothing), None when the task was not waiting."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                """UPDATE mcp_tasks
+                      SET input_requests = NULLIF(input_requests - %(keys)s::text[], '{}'::jsonb),
+                          status = CASE WHEN input_requests - %(keys)s::text[] = '{}'::jsonb
+                                        THEN 'working' ELSE status END,
+                          updated_at = now()
+                    WHERE id = %(id)s AND user_id = %(user)s AND status = 'input_required' AND expires_at > now()
+                    RETURNING input_requests""",
+                {"keys": keys, "id": task_id, "user": user_id},
+            )
+            row = await cur.fetchone()
+        return None if row is None else (row[0] or {})
 
     async def complete(self, task_id: str, result: dict[str, Any]) -> bool:
         """The tool's result (a tool error included: isError is part of a completed result)."""
@@ -116,7 +144,8 @@ class TaskStore:
     async def _settle(self, task_id: str, status: str, message: str | None, result: Any, error: Any) -> bool:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                """UPDATE mcp_tasks SET status = %s, status_message = %s, result = %s, error = %s, updated_at = now()
+                """UPDATE mcp_tasks SET status = %s, status_message = %s, result = %s, error = %s, updated_at = now(),
+                          input_requests = NULL
                     WHERE id = %s AND status = ANY(%s)""",
                 (status, message, result, error, task_id, list(ACTIVE)),
             )
@@ -141,6 +170,7 @@ class TaskStore:
         """Active tasks whose runner has not heartbeaten for `orphan_after_s` are failed, with a message
         that says so: their work died with the process, and no one will ever store a result."""
         query = """UPDATE mcp_tasks SET status = 'failed', status_message = %(message)s, updated_at = now(),
+                          input_requests = NULL,
                           error = jsonb_build_object('code', %(code)s::int, 'message', %(message)s::text)
                     WHERE status = ANY(%(active)s) AND runner <> %(runner)s
                       AND heartbeat_at < now() - %(after)s * interval '1 second'"""

@@ -329,7 +329,7 @@ class Router:
         if self._tasks is not None and not RUNNING_AS_TASK.get():  # a task's own run comes back here
             _, _, catalog = await self._catalog(ctx)
             task = await self._tasks.dispatch(
-                ctx, params.name, tool_definition(catalog, params.name), lambda: self.call_tool(ctx, params)
+                ctx, params.name, tool_definition(catalog, params.name), lambda c: self.call_tool(c, params)
             )
             if task is not None:
                 return task

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import os
 import secrets
@@ -50,6 +51,9 @@ POLL_INTERVAL_MS = 500
 TASK_METHODS = frozenset({"tasks/get", "tasks/update", "tasks/cancel"})
 # Set while a call runs as a task: no client request is open to take its notifications.
 RUNNING_AS_TASK: contextvars.ContextVar[bool] = contextvars.ContextVar("running_as_task", default=False)
+
+
+Ctx = ServerRequestContext[Any, Any]
 
 
 class TaskIdParams(RequestParams):
@@ -91,6 +95,13 @@ def tool_definition(catalog: Catalog, name: str) -> Mapping[str, Any] | None:
     return next((tool for tool in catalog.tools if tool.get("name") == name), None)
 
 
+def input_first(tool: Mapping[str, Any] | None) -> bool:
+    """The tool's server asks its first round of input before the long part: that round is answered
+    as a plain call's (input_required), and the client's retry with the answers becomes the task."""
+    own = ((tool or {}).get("_meta") or {}).get(EXTENSION)
+    return isinstance(own, Mapping) and own.get("inputFirst") is True
+
+
 def missing_extension(what: str) -> MCPError:
     return MCPError(
         code=types.MISSING_REQUIRED_CLIENT_CAPABILITY,
@@ -124,6 +135,8 @@ class TaskCalls:
         self._sweep_s = sweep_s
         self._background = Tasks()
         self._running: dict[str, asyncio.Task[None]] = {}  # task id -> its call, in this process
+        # task id -> where tasks/update puts the answers for its call, and the keys it waits for
+        self._answers: dict[str, tuple[asyncio.Queue[dict[str, Any]], set[str]]] = {}
 
     @property
     def store(self) -> TaskStore:
@@ -172,38 +185,32 @@ class TaskCalls:
     # -- creating ------------------------------------------------------------------------------
 
     async def dispatch(
-        self, ctx: ServerRequestContext[Any, Any], name: str, tool: Mapping[str, Any] | None,
-        run: Callable[[], Awaitable[dict[str, Any]]],
+        self, ctx: Ctx, name: str, tool: Mapping[str, Any] | None, run: Callable[[Ctx], Awaitable[dict[str, Any]]],
     ) -> dict[str, Any] | None:
-        """A CreateTaskResult when this call becomes a task; None when it runs as a plain call."""
+        """A CreateTaskResult when this call becomes a task; None when it runs as a plain call.
+        `run(ctx)` makes the call for the request `ctx` (its input answers in `ctx.params`)."""
         support = task_support(tool)
-        if support == "forbidden":
-            return None
+        if support == "forbidden" or ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            return None  # the extension is one of 2026-07-28: a 2025-11-25 session's calls run as ever
         if not declared(ctx):
             if support == "required":
                 raise missing_extension(f"Tool {name!r} runs only as a task: it")
             return None
+        if input_first(tool) and "inputResponses" not in (ctx.params or {}):
+            return None  # its first round of input is asked at once (input_required); the retry becomes the task
         identity = identity_of(getattr(ctx.request, "scope", None))
         if identity is None:
             raise MCPError(code=types.INVALID_REQUEST, message="Not authenticated")
         row = await self.store.create(identity.user_id, name, self._ttl_ms)  # committed: tasks/get finds it at once
-        self._running[row.id] = self._background.spawn(self._run(row.id, run), name=f"mcp-task-{row.id}")
+        self._running[row.id] = self._background.spawn(self._run(row.id, ctx, run), name=f"mcp-task-{row.id}")
         return {"resultType": "task", **envelope(row)}
 
-    async def _run(self, task_id: str, run: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    async def _run(self, task_id: str, ctx: Ctx, run: Callable[[Ctx], Awaitable[dict[str, Any]]]) -> None:
         RUNNING_AS_TASK.set(True)
-        call = asyncio.ensure_future(run())
-        watcher = asyncio.ensure_future(self._watch_cancel(task_id, call))
+        work = asyncio.ensure_future(self._rounds(task_id, ctx, run))
+        watcher = asyncio.ensure_future(self._watch_cancel(task_id, work))
         try:
-            result = await call
-            if result.pop("resultType", None) == "input_required" or "inputRequests" in result:
-                await self.store.fail(
-                    task_id, types.INTERNAL_ERROR,
-                    "The tool asked the client for input, which a task cannot carry through this gateway yet; "
-                    "call it without the tasks extension.",
-                )
-            else:
-                await self.store.complete(task_id, result)
+            await work
         except asyncio.CancelledError:
             # Cancelled by the client (the row says so already) or by the gateway stopping (close() says so).
             raise
@@ -215,6 +222,28 @@ class TaskCalls:
         finally:
             watcher.cancel()
             self._running.pop(task_id, None)
+            self._answers.pop(task_id, None)
+
+    async def _rounds(self, task_id: str, ctx: Ctx, run: Callable[[Ctx], Awaitable[dict[str, Any]]]) -> None:
+        """The call, and a round more each time its server asks the client for input: the task shows the
+        questions (input_required) until tasks/update has answered every one, then the call goes on."""
+        while True:
+            result = await run(ctx)
+            if result.get("resultType") != "input_required":
+                result.pop("resultType", None)
+                await self.store.complete(task_id, result)
+                return
+            asked: dict[str, Any] = result.get("inputRequests") or {}
+            answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            self._answers[task_id] = (answers, set(asked))
+            await self.store.ask(task_id, asked)
+            collected: dict[str, Any] = {}
+            while set(asked) - set(collected):
+                collected.update(await answers.get())
+            extra = {"inputResponses": collected}
+            if "requestState" in result:
+                extra["requestState"] = result["requestState"]
+            ctx = dataclasses.replace(ctx, params={**(ctx.params or {}), **extra})
 
     async def _watch_cancel(self, task_id: str, call: asyncio.Future[Any]) -> None:
         """A tasks/cancel may reach any replica: it writes the row, and the runner stops the call."""
@@ -247,7 +276,9 @@ class TaskCalls:
         if row is None:
             raise self._unknown(params.task_id)
         detailed: dict[str, Any] = {"resultType": "complete", **envelope(row)}
-        if row.status == "completed" and row.result is not None:
+        if row.status == "input_required" and row.input_requests:
+            detailed["inputRequests"] = row.input_requests
+        elif row.status == "completed" and row.result is not None:
             detailed["result"] = row.result
         elif row.status == "failed" and row.error is not None:
             detailed["error"] = row.error
@@ -262,11 +293,17 @@ class TaskCalls:
         return {"resultType": "complete"}
 
     async def update(self, ctx: ServerRequestContext[Any, Any], params: TaskUpdateParams) -> dict[str, Any]:
-        row = await self.store.get(self._owner(ctx, "tasks/update"), params.task_id)
+        """Answers to what the task's server asked; answers to questions not (or no longer) asked are
+        ignored, as the extension says. The task shows only what is still unanswered at once."""
+        user_id = self._owner(ctx, "tasks/update")
+        row = await self.store.get(user_id, params.task_id)
         if row is None:
             raise self._unknown(params.task_id)
-        # No task here ever waits for input (see _run), so there is nothing to deliver: an ack, as for
-        # responses to requests no longer pending.
+        responses = {k: v for k, v in (params.input_responses or {}).items() if k in (row.input_requests or {})}
+        waiting = self._answers.get(params.task_id)
+        if responses and waiting is not None:
+            await self.store.answer(user_id, params.task_id, list(responses))
+            waiting[0].put_nowait(responses)
         return {"resultType": "complete"}
 
     # -- upkeep --------------------------------------------------------------------------------

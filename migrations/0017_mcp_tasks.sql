@@ -1,6 +1,7 @@
 -- Durable long calls: the tasks of the MCP Tasks extension (io.modelcontextprotocol/tasks, SEP-2663).
 -- A tools/call the gateway answers with a task runs on in the background; its state lives here so
 -- that any gateway replica answers tasks/get, tasks/update and tasks/cancel, across restarts.
+-- A task waiting for its client's input (input_required) lists what is still unanswered in input_requests.
 -- A task belongs to one user (and through them to one tenant); only its owner ever sees it.
 -- `runner` names the gateway process running it and `heartbeat_at` when that process last said it
 -- still was: a working task whose heartbeat is stale lost its runner and is marked failed.
@@ -13,6 +14,7 @@ CREATE TABLE mcp_tasks (
     tool text NOT NULL,
     status text NOT NULL CHECK (status IN ('working', 'input_required', 'completed', 'failed', 'cancelled')),
     status_message text,
+    input_requests jsonb,  -- while input_required: what the server asks the client, by key
     result jsonb,
     error jsonb,
     created_at timestamptz NOT NULL DEFAULT now(),

@@ -11,15 +11,32 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError
-from mcp_types import INTERNAL_ERROR, CallToolResult, TextContent
+from mcp_types import INTERNAL_ERROR, CallToolResult, ElicitResult, InputRequiredResult, TextContent
+
+from mcp_servers.conformance.client_input import ClientInput, elicitation
 
 TASKS = "io.modelcontextprotocol/tasks"
+CONFIRM_SCHEMA = {"type": "object", "properties": {"confirm": {"type": "boolean"}, "name": {"type": "string"}}}
+NAME_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 
 
-def _supports(level: str) -> dict[str, Any]:
-    return {TASKS: {"taskSupport": level}}
+def _supports(level: str, *, input_first: bool = False) -> dict[str, Any]:
+    # `inputFirst`: the gateway asks the first round of input before the task starts (gateway/tasks.py).
+    return {TASKS: {"taskSupport": level, **({"inputFirst": True} if input_first else {})}}
+
+
+def _answer(answer: Any) -> str:
+    if not isinstance(answer, ElicitResult):
+        return "no answer"
+    if answer.action != "accept" or not answer.content:
+        return f"the user chose {answer.action}"
+    return ", ".join(f"{k}={v}" for k, v in sorted(answer.content.items()))
+
+
+def _text(text: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=text)])
 
 
 def register(server: MCPServer[Any]) -> None:
@@ -48,3 +65,30 @@ def register(server: MCPServer[Any]) -> None:
     async def protocol_error_job() -> str:
         await anyio.sleep(0.2)
         raise MCPError(code=INTERNAL_ERROR, message="The job broke down before it could produce a result.")
+
+    @server.tool(description="Asks to confirm deleting `filename`, then says what it did; may run as a task.",
+                 meta=_supports("optional"))
+    async def confirm_delete(ctx: Context, filename: str = "file.txt") -> CallToolResult | InputRequiredResult:
+        answers = await ClientInput(ctx).ask({"confirm": elicitation(f"Delete {filename}?", CONFIRM_SCHEMA)})
+        if isinstance(answers, InputRequiredResult):
+            return answers
+        return _text(f"{filename}: {_answer(answers['confirm'])}")
+
+    @server.tool(description="Asks two questions at once (first, second); may run as a task.",
+                 meta=_supports("optional"))
+    async def multi_input(ctx: Context) -> CallToolResult | InputRequiredResult:
+        answers = await ClientInput(ctx).ask(
+            {"first": elicitation("First question", CONFIRM_SCHEMA), "second": elicitation("Second question", CONFIRM_SCHEMA)}
+        )
+        if isinstance(answers, InputRequiredResult):
+            return answers
+        return _text(f"first: {_answer(answers['first'])}; second: {_answer(answers['second'])}")
+
+    @server.tool(description="Asks the user's name (user_name) before it becomes a task, then greets them from it.",
+                 meta=_supports("required", input_first=True))
+    async def test_tool_with_task(ctx: Context) -> CallToolResult | InputRequiredResult:
+        answers = await ClientInput(ctx).ask({"user_name": elicitation("What is your name?", NAME_SCHEMA)})
+        if isinstance(answers, InputRequiredResult):
+            return answers
+        await anyio.sleep(0.5)  # the long part, done as a task
+        return _text(f"Hello, {_answer(answers['user_name'])}!")
