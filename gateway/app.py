@@ -64,7 +64,9 @@ def create_app(fleet: Fleet) -> Starlette:
     settings = fleet.settings
     exchanges = InputExchanges(settings.input_wait_s, settings.input_held_per_user)
     tool_sets = ToolSets(fleet, settings.db_outage_s)
-    tasks = TaskCalls(int(settings.task_ttl_s * 1000), settings.task_heartbeat_s, settings.task_orphan_s / 2)
+    tasks = TaskCalls(
+        int(settings.task_ttl_s * 1000), settings.task_heartbeat_s, settings.task_orphan_s / 2, settings.input_wait_s
+    )
     router = Router(
         fleet, bare_servers=settings.bare_servers,
         breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s), tool_sets=tool_sets,

@@ -5,7 +5,15 @@ answered at once with a task (`resultType: "task"`); the call itself goes on in 
 through the router, to the user's sandbox as any call does, and its outcome is written to
 PostgreSQL (core/mcp_tasks.py). The client polls `tasks/get`, which carries the result inline once
 the task is terminal, and may `tasks/cancel` it. Any replica answers either: both only read and
-write the row, so they work across a gateway restart and while the sandbox hibernates.
+write the row, so they work across a gateway restart and while the sandbox hibernates. There is
+no `tasks/list` and no `tasks/result` (SEP-2663 removed both): they answer -32601.
+
+A server that asks its client for input mid-task (elicitation, sampling, roots) is held as any
+2026-07-28 call's is (gateway/input_required.py): the task turns `input_required` and lists the
+questions on `tasks/get`; `tasks/update` delivers answers, and once all are in the call goes on.
+The held call lives in the process running the task, which every replica hands `/mcp` to
+(gateway/forward.py). A tool whose definition also says `inputFirst` asks its first round before
+it becomes a task: that round is answered as a plain call's, and the client's retry is the task.
 
 Which tools support tasks is the server's to say, in the tool's definition: `execution.taskSupport`
 (`optional` or `required`), or the same under `_meta["io.modelcontextprotocol/tasks"]` for servers
@@ -128,15 +136,16 @@ def envelope(row: TaskRow) -> dict[str, Any]:
 class TaskCalls:
     """The tasks one gateway process creates and runs, and the three methods that read them."""
 
-    def __init__(self, ttl_ms: int, heartbeat_s: float, sweep_s: float):
+    def __init__(self, ttl_ms: int, heartbeat_s: float, sweep_s: float, input_wait_s: float):
+        self._input_wait_s = input_wait_s  # as long as a held server waits for its client (input_required)
         self._store: TaskStore | None = None  # from start(), once the database is open
         self._ttl_ms = ttl_ms
         self._heartbeat_s = heartbeat_s
         self._sweep_s = sweep_s
         self._background = Tasks()
         self._running: dict[str, asyncio.Task[None]] = {}  # task id -> its call, in this process
-        # task id -> where tasks/update puts the answers for its call, and the keys it waits for
-        self._answers: dict[str, tuple[asyncio.Queue[dict[str, Any]], set[str]]] = {}
+        # task id -> where tasks/update puts the answers its call waits for (input_required)
+        self._answers: dict[str, asyncio.Queue[dict[str, Any]]] = {}
 
     @property
     def store(self) -> TaskStore:
@@ -235,11 +244,17 @@ class TaskCalls:
                 return
             asked: dict[str, Any] = result.get("inputRequests") or {}
             answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-            self._answers[task_id] = (answers, set(asked))
+            self._answers[task_id] = answers
             await self.store.ask(task_id, asked)
             collected: dict[str, Any] = {}
             while set(asked) - set(collected):
-                collected.update(await answers.get())
+                try:
+                    collected.update(await asyncio.wait_for(answers.get(), self._input_wait_s))
+                except TimeoutError:  # the held server has been released meanwhile: the call is over
+                    raise MCPError(
+                        code=types.INTERNAL_ERROR,
+                        message=f"No answer to the server's questions came within {self._input_wait_s:g} s.",
+                    ) from None
             extra = {"inputResponses": collected}
             if "requestState" in result:
                 extra["requestState"] = result["requestState"]
@@ -303,7 +318,7 @@ class TaskCalls:
         waiting = self._answers.get(params.task_id)
         if responses and waiting is not None:
             await self.store.answer(user_id, params.task_id, list(responses))
-            waiting[0].put_nowait(responses)
+            waiting.put_nowait(responses)
         return {"resultType": "complete"}
 
     # -- upkeep --------------------------------------------------------------------------------

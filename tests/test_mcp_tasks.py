@@ -58,7 +58,7 @@ def call(fleet: Any, key: str, method: str, params: dict[str, Any], *, declare: 
     """One stateless request with the 2026-07-28 envelope; the JSON-RPC response."""
     meta = {
         "io.modelcontextprotocol/protocolVersion": REVISION,
-        "io.modelcontextprotocol/clientCapabilities": {"extensions": {EXTENSION: {}}} if declare else {},
+        "io.modelcontextprotocol/clientCapabilities": {"elicitation": {}, "extensions": {EXTENSION: {}}} if declare else {},
         "io.modelcontextprotocol/clientInfo": {"name": "tasks-tests", "version": "1"},
     }
     name = params.get("name") or params.get("taskId")
@@ -142,6 +142,26 @@ def test_another_user_cannot_get_cancel_update_or_list_a_task(fleet: Any, keys: 
     assert f"private-{intruder}" in done["result"]["content"][0]["text"]
 
 
+def test_a_task_waits_for_its_owners_input_and_nobody_elses(fleet: Any, keys: dict[str, str]) -> None:
+    answer = call(fleet, keys["alice"], "tools/call", {"name": "conformance__confirm_delete", "arguments": {"filename": "a.txt"}})
+    task_id = answer["result"]["taskId"]
+    deadline = time.monotonic() + 60
+    while (task := get(fleet, keys["alice"], task_id))["status"] != "input_required":
+        assert time.monotonic() < deadline and task["status"] == "working", task
+        time.sleep(0.3)
+    (key,) = task["inputRequests"]
+    assert task["inputRequests"][key]["method"] == "elicitation/create"
+    forged = {key: {"action": "accept", "content": {"confirm": False, "name": "intruder"}}}
+    for intruder in ("bob", "carol"):
+        refused = call(fleet, keys[intruder], "tasks/update", {"taskId": task_id, "inputResponses": forged})
+        assert refused["error"]["code"] == -32602, refused
+    assert get(fleet, keys["alice"], task_id)["status"] == "input_required", "an intruder's answer reached the task"
+    mine = {key: {"action": "accept", "content": {"confirm": True}}}
+    assert call(fleet, keys["alice"], "tasks/update", {"taskId": task_id, "inputResponses": mine})["result"]["resultType"] == "complete"
+    done = wait_terminal(fleet, keys["alice"], task_id)
+    assert done["status"] == "completed" and done["result"]["content"][0]["text"] == "a.txt: confirm=True", done
+
+
 def test_a_cancelled_task_stays_cancelled(fleet: Any, keys: dict[str, str]) -> None:
     task_id = start_task(fleet, keys["alice"], 60, "to-cancel")
     ack = call(fleet, keys["alice"], "tasks/cancel", {"taskId": task_id})["result"]
@@ -151,6 +171,15 @@ def test_a_cancelled_task_stays_cancelled(fleet: Any, keys: dict[str, str]) -> N
     task = get(fleet, keys["alice"], task_id)
     assert task["status"] == "cancelled" and "result" not in task, task
     assert call(fleet, keys["alice"], "tasks/cancel", {"taskId": task_id})["result"]["resultType"] == "complete"
+
+
+def test_a_result_is_read_while_the_sandbox_hibernates(fleet: Any, keys: dict[str, str]) -> None:
+    task_id = start_task(fleet, keys["alice"], 1, "before-sleep")
+    done = wait_terminal(fleet, keys["alice"], task_id)
+    assert "done" in fleet.cli("sandboxes", "hibernate", "alice-tasks").stdout
+    assert get(fleet, keys["alice"], task_id) == done
+    [row] = [r for r in json.loads(fleet.cli("sandboxes", "list", "--json").stdout) if r["user"] == "alice-tasks"]
+    assert row["state"] == "Hibernated", "reading a task's result must not need (or wake) the sandbox"
 
 
 def test_a_result_survives_a_gateway_restart(fleet: Any, keys: dict[str, str]) -> None:
