@@ -65,7 +65,7 @@ def create_app(fleet: Fleet) -> Starlette:
     exchanges = InputExchanges(settings.input_wait_s, settings.input_held_per_user)
     tool_sets = ToolSets(fleet, settings.db_outage_s)
     tasks = TaskCalls(
-        int(settings.task_ttl_s * 1000), settings.task_heartbeat_s, settings.task_orphan_s / 2, settings.input_wait_s
+        int(settings.task_ttl_s * 1000), settings.task_heartbeat_s, settings.task_orphan_s / 2, exchanges
     )
     router = Router(
         fleet, bare_servers=settings.bare_servers,

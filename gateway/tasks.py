@@ -27,7 +27,6 @@ replica finds it first (a tasks/get, or the periodic sweep that also deletes exp
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import logging
 import os
@@ -49,7 +48,7 @@ from core.mcp_tasks import TaskRow, TaskStore
 from core.tasks import Tasks
 from gateway.auth import identity_of
 from gateway.catalog import Catalog
-from gateway.input_required import client_capabilities
+from gateway.input_required import RUNNING_AS_TASK, InputExchanges, client_capabilities
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,6 @@ EXTENSION = "io.modelcontextprotocol/tasks"
 CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
 POLL_INTERVAL_MS = 500
 TASK_METHODS = frozenset({"tasks/get", "tasks/update", "tasks/cancel"})
-# Set while a call runs as a task: no client request is open to take its notifications.
-RUNNING_AS_TASK: contextvars.ContextVar[bool] = contextvars.ContextVar("running_as_task", default=False)
 
 
 Ctx = ServerRequestContext[Any, Any]
@@ -136,8 +133,9 @@ def envelope(row: TaskRow) -> dict[str, Any]:
 class TaskCalls:
     """The tasks one gateway process creates and runs, and the three methods that read them."""
 
-    def __init__(self, ttl_ms: int, heartbeat_s: float, sweep_s: float, input_wait_s: float):
-        self._input_wait_s = input_wait_s  # as long as a held server waits for its client (input_required)
+    def __init__(self, ttl_ms: int, heartbeat_s: float, sweep_s: float, exchanges: InputExchanges):
+        self._exchanges = exchanges  # where a server asking its client for input is held
+        self._input_wait_s = exchanges.wait_s  # as long as a held server waits for its client
         self._store: TaskStore | None = None  # from start(), once the database is open
         self._ttl_ms = ttl_ms
         self._heartbeat_s = heartbeat_s
@@ -255,6 +253,9 @@ class TaskCalls:
                         code=types.INTERNAL_ERROR,
                         message=f"No answer to the server's questions came within {self._input_wait_s:g} s.",
                     ) from None
+                except asyncio.CancelledError:  # cancelled while waiting: the held server's call ends now
+                    self._exchanges.drop(result.get("requestState"))
+                    raise
             extra = {"inputResponses": collected}
             if "requestState" in result:
                 extra["requestState"] = result["requestState"]

@@ -224,3 +224,22 @@ def test_expired_tasks_are_gone_and_purged(fleet: Any, keys: dict[str, str]) -> 
         while conn.execute("SELECT count(*) FROM mcp_tasks WHERE id = %s", (task_id,)).fetchone()[0]:
             assert time.monotonic() < deadline, "the expired task was never purged"
             time.sleep(0.5)
+
+
+def test_a_tasks_request_whose_mcp_name_differs_from_its_task_id_is_refused(fleet: Any, keys: dict[str, str]) -> None:
+    task_id = start_task(fleet, keys["alice"], 0, "routed")
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": REVISION,
+        "io.modelcontextprotocol/clientCapabilities": {"extensions": {EXTENSION: {}}},
+    }
+    response = httpx.post(
+        fleet.mcp_url,
+        json={"jsonrpc": "2.0", "id": 1, "method": "tasks/get", "params": {"taskId": task_id, "_meta": meta}},
+        headers={
+            "Authorization": f"Bearer {keys['alice']}", "MCP-Protocol-Version": REVISION, "Mcp-Method": "tasks/get",
+            "Mcp-Name": "some-other-task", "Accept": "application/json, text/event-stream",
+        },
+        timeout=60,
+    )
+    # A router in front that reads the header must never be sent one task while the gateway reads another.
+    assert response.status_code == 400 and response.json()["error"]["code"] == -32020, response.text
