@@ -21,7 +21,6 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 ACTIVE = ("working", "input_required")
-TERMINAL = ("completed", "failed", "cancelled")
 
 ORPHANED_MESSAGE = (
     "The gateway process running this task stopped before it finished; its outcome is unknown. "

@@ -104,9 +104,13 @@ def wait_terminal(fleet: Any, key: str, task_id: str, timeout: float = 120) -> d
 
 
 def test_a_task_is_created_polled_to_completion_and_its_result_read(fleet: Any, keys: dict[str, str]) -> None:
+    started = time.perf_counter()
     task_id = start_task(fleet, keys["alice"], 2, "first")
+    created = time.perf_counter()
     # Durable before it is handed out: the very next tasks/get finds it.
     assert get(fleet, keys["alice"], task_id)["status"] == "working"
+    print(f"\ntask created in {(created - started) * 1e3:.0f} ms, "
+          f"a tasks/get answered in {(time.perf_counter() - created) * 1e3:.0f} ms")
     done = wait_terminal(fleet, keys["alice"], task_id)
     assert done["status"] == "completed", done
     assert done["result"]["content"][0]["text"] == "Computed first after 2 s.", done
