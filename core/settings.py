@@ -107,6 +107,8 @@ class Settings:
     task_ttl_s: float = 3600.0
     task_heartbeat_s: float = 5.0
     task_orphan_s: float = 30.0
+    tasks_per_user: int = 16
+    """Tasks of one user that may run at once (each holds a call in their sandbox, off any request's limits)."""
     # The HTTP edge (gateway/http_edge.py): a request's headers, then its body, must arrive within
     # these; connections beyond `max_connections` are closed at once.
     header_timeout_s: float = 10.0
@@ -182,6 +184,7 @@ def load_settings(**overrides: object) -> Settings:
         "task_ttl_s": _positive("MCPFLEET_TASK_TTL_S", 3600),
         "task_heartbeat_s": _positive("MCPFLEET_TASK_HEARTBEAT_S", 5),
         "task_orphan_s": _positive("MCPFLEET_TASK_ORPHAN_S", 30),
+        "tasks_per_user": _positive("MCPFLEET_TASKS_PER_USER", 16),
         "header_timeout_s": _positive("MCPFLEET_HEADER_TIMEOUT_S", 10),
         "body_timeout_s": _positive("MCPFLEET_BODY_TIMEOUT_S", 30),
         "breaker_failures": _positive("MCPFLEET_BREAKER_FAILURES", 3),

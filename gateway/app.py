@@ -65,7 +65,8 @@ def create_app(fleet: Fleet) -> Starlette:
     exchanges = InputExchanges(settings.input_wait_s, settings.input_held_per_user)
     tool_sets = ToolSets(fleet, settings.db_outage_s)
     tasks = TaskCalls(
-        int(settings.task_ttl_s * 1000), settings.task_heartbeat_s, settings.task_orphan_s / 2, exchanges
+        int(settings.task_ttl_s * 1000), settings.task_heartbeat_s, settings.task_orphan_s / 2, exchanges,
+        settings.tasks_per_user,
     )
     router = Router(
         fleet, bare_servers=settings.bare_servers,

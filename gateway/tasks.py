@@ -133,7 +133,9 @@ def envelope(row: TaskRow) -> dict[str, Any]:
 class TaskCalls:
     """The tasks one gateway process creates and runs, and the three methods that read them."""
 
-    def __init__(self, ttl_ms: int, heartbeat_s: float, sweep_s: float, exchanges: InputExchanges):
+    def __init__(self, ttl_ms: int, heartbeat_s: float, sweep_s: float, exchanges: InputExchanges, per_user: int):
+        self._per_user = per_user  # tasks one user may run at once
+        self._owners: dict[str, int] = {}  # running task id -> its user
         self._exchanges = exchanges  # where a server asking its client for input is held
         self._input_wait_s = exchanges.wait_s  # as long as a held server waits for its client
         self._store: TaskStore | None = None  # from start(), once the database is open
@@ -208,7 +210,14 @@ class TaskCalls:
         identity = identity_of(getattr(ctx.request, "scope", None))
         if identity is None:
             raise MCPError(code=types.INVALID_REQUEST, message="Not authenticated")
+        if sum(1 for owner in self._owners.values() if owner == identity.user_id) >= self._per_user:
+            # A task's call runs past its request, so the limits on requests no longer hold it back.
+            raise MCPError(
+                code=types.INVALID_REQUEST,
+                message=f"You have {self._per_user} tasks running already: wait for one to end, or cancel one",
+            )
         row = await self.store.create(identity.user_id, name, self._ttl_ms)  # committed: tasks/get finds it at once
+        self._owners[row.id] = identity.user_id
         self._running[row.id] = self._background.spawn(self._run(row.id, ctx, run), name=f"mcp-task-{row.id}")
         return {"resultType": "task", **envelope(row)}
 
@@ -229,6 +238,7 @@ class TaskCalls:
         finally:
             watcher.cancel()
             self._running.pop(task_id, None)
+            self._owners.pop(task_id, None)
             self._answers.pop(task_id, None)
 
     async def _rounds(self, task_id: str, ctx: Ctx, run: Callable[[Ctx], Awaitable[dict[str, Any]]]) -> None:

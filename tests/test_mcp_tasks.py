@@ -26,6 +26,7 @@ REVISION = "2026-07-28"
 EXTENSION = "io.modelcontextprotocol/tasks"
 SLOW = "conformance__slow_compute"
 ORPHAN_S = 4  # a running task whose gateway has been silent this long is declared failed, in this fleet
+PER_USER = 3  # tasks one user may run at once, in this fleet
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.timeout(900)
 def fleet(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[Any]:
     running = make_fleet(
         tmp_path_factory, postgres_url, MCPFLEET_CONFORMANCE="on",
-        MCPFLEET_TASK_HEARTBEAT_S="1", MCPFLEET_TASK_ORPHAN_S=str(ORPHAN_S),
+        MCPFLEET_TASK_HEARTBEAT_S="1", MCPFLEET_TASK_ORPHAN_S=str(ORPHAN_S), MCPFLEET_TASKS_PER_USER=str(PER_USER),
     )
     running.start()
     yield running
@@ -175,6 +176,20 @@ def test_a_cancelled_task_stays_cancelled(fleet: Any, keys: dict[str, str]) -> N
     task = get(fleet, keys["alice"], task_id)
     assert task["status"] == "cancelled" and "result" not in task, task
     assert call(fleet, keys["alice"], "tasks/cancel", {"taskId": task_id})["result"]["resultType"] == "complete"
+
+
+def test_one_user_cannot_run_tasks_without_bound(fleet: Any, keys: dict[str, str]) -> None:
+    running = [start_task(fleet, keys["bob"], 120, f"hog-{n}") for n in range(PER_USER)]
+    refused = call(fleet, keys["bob"], "tools/call", {"name": SLOW, "arguments": {"seconds": 120}})
+    assert refused["error"]["code"] == -32600 and "tasks running already" in refused["error"]["message"], refused
+    assert start_task(fleet, keys["carol"], 0, "not-held-back")  # the bound is per user
+    for task_id in running:
+        call(fleet, keys["bob"], "tasks/cancel", {"taskId": task_id})
+    deadline = time.monotonic() + 60  # a cancelled task's slot is free once its call has ended
+    while "error" in (answer := call(fleet, keys["bob"], "tools/call", {"name": SLOW, "arguments": {"seconds": 0}})):
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.5)
+    assert answer["result"]["resultType"] == "task"
 
 
 def test_a_result_is_read_while_the_sandbox_hibernates(fleet: Any, keys: dict[str, str]) -> None:
