@@ -101,6 +101,14 @@ class Settings:
     """A server asking a 2026-07-28 client for input (input_required) waits this long for the retry."""
     input_held_per_user: int = 32
     """Calls of one user that may wait for their input at once (each holds a server's call open)."""
+    # Durable long calls (the MCP Tasks extension, gateway/tasks.py): a task and its result are kept
+    # this long after it was created; a running task whose gateway process has not heartbeaten for
+    # `task_orphan_s` is declared failed (the process died with its work).
+    task_ttl_s: float = 3600.0
+    task_heartbeat_s: float = 5.0
+    task_orphan_s: float = 30.0
+    tasks_per_user: int = 16
+    """Tasks of one user that may run at once (each holds a call in their sandbox, off any request's limits)."""
     # The HTTP edge (gateway/http_edge.py): a request's headers, then its body, must arrive within
     # these; connections beyond `max_connections` are closed at once.
     header_timeout_s: float = 10.0
@@ -173,6 +181,10 @@ def load_settings(**overrides: object) -> Settings:
         "session_idle_s": _positive("MCPFLEET_SESSION_IDLE_S", 600),
         "input_wait_s": _positive("MCPFLEET_INPUT_WAIT_S", 300),
         "input_held_per_user": _positive("MCPFLEET_INPUT_HELD_PER_USER", 32),
+        "task_ttl_s": _positive("MCPFLEET_TASK_TTL_S", 3600),
+        "task_heartbeat_s": _positive("MCPFLEET_TASK_HEARTBEAT_S", 5),
+        "task_orphan_s": _positive("MCPFLEET_TASK_ORPHAN_S", 30),
+        "tasks_per_user": _positive("MCPFLEET_TASKS_PER_USER", 16),
         "header_timeout_s": _positive("MCPFLEET_HEADER_TIMEOUT_S", 10),
         "body_timeout_s": _positive("MCPFLEET_BODY_TIMEOUT_S", 30),
         "breaker_failures": _positive("MCPFLEET_BREAKER_FAILURES", 3),

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from core.mcp_tasks import TaskStore
 from core.outage import DatabaseUnavailable
 from core.settings import Settings
 from gateway import admin, artifact_api, metrics, registry_api, secrets_api
@@ -37,6 +38,7 @@ from gateway.refusals import JsonRpcRefusals
 from gateway.routing import Router
 from gateway.sampling import Sampling
 from gateway.sessions import SessionBook
+from gateway.tasks import TaskCalls, runner_name
 from gateway.tool_sets import ToolSets
 from gateway.tracing import HttpTracing, TracedAuthBackend
 
@@ -62,17 +64,21 @@ def create_app(fleet: Fleet) -> Starlette:
     settings = fleet.settings
     exchanges = InputExchanges(settings.input_wait_s, settings.input_held_per_user)
     tool_sets = ToolSets(fleet, settings.db_outage_s)
+    tasks = TaskCalls(
+        int(settings.task_ttl_s * 1000), settings.task_heartbeat_s, settings.task_orphan_s / 2, exchanges,
+        settings.tasks_per_user,
+    )
     router = Router(
         fleet, bare_servers=settings.bare_servers,
         breakers=Breakers(settings.breaker_failures, settings.breaker_cooldown_s), tool_sets=tool_sets,
-        exchanges=exchanges, sampling=Sampling(lambda: fleet.models, settings.sampling_by_fleet),
+        exchanges=exchanges, sampling=Sampling(lambda: fleet.models, settings.sampling_by_fleet), tasks=tasks,
     )
     fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()
     # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own.
     # requestState (2026-07-28 input_required) is sealed on the way out and verified on the way in.
     mcp_server.middleware = [
-        fleet.telemetry.mcp_middleware(), router.session_sets,
+        fleet.telemetry.mcp_middleware(), router.session_sets, tasks.name_header,
         request_state_boundary(session_secret(settings.home), settings.input_wait_s),
     ]
     sessions = StreamableHTTPSessionManager(
@@ -87,10 +93,12 @@ def create_app(fleet: Fleet) -> Starlette:
         async with fleet:
             verifier.start_listening(fleet.database_url)
             oauth.start_listening(fleet.database_url)
+            tasks.start(TaskStore(fleet.pool, runner_name(), settings.task_orphan_s))
             try:
                 async with sessions.run():
                     yield
             finally:
+                await tasks.close()  # its running calls are failed with the reason, not left to look orphaned
                 exchanges.close()  # servers still waiting for a client's input are told the gateway stops
                 await verifier.stop_listening()
                 await mcp_endpoint.aclose()

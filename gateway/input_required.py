@@ -21,6 +21,7 @@ client as it came.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -50,6 +51,10 @@ SETTLE_S = 0.3
 """Questions a server sends together (each its own request) arrive within this of each other: asked in one round."""
 RELEASE_GRACE_S = 30.0
 """A released server has this long to end its call on its own before the gateway cancels it."""
+# Set while a call runs as a task (gateway/tasks.py): no client request is open to take its
+# notifications, and the task's cancellation ends the server's call too (a plain call whose client
+# went away stays held for the retry instead).
+RUNNING_AS_TASK: contextvars.ContextVar[bool] = contextvars.ContextVar("running_as_task", default=False)
 STALE_STATE = "This requestState is no longer awaited (the call finished, timed out, or was answered already)"
 
 
@@ -193,6 +198,10 @@ class InputExchanges:
             exchange.deliver((ctx.params or {}).get("inputResponses"))
         try:
             return await self._outcome(exchange)
+        except asyncio.CancelledError:
+            if RUNNING_AS_TASK.get():
+                self.drop(f"{exchange.id}.{exchange.round}")
+            raise
         finally:
             exchange.ctx = None
             # Also when the client went away mid-round: the server is released if nobody comes back.
@@ -261,6 +270,14 @@ class InputExchanges:
         if exchange.task is not None:
             exchange.task.add_done_callback(lambda task: _log_released(task, exchange.label))
         exchange.release(f"the client did not answer within {self.wait_s:.0f} s (input_required was never retried)")
+
+    def drop(self, state: Any) -> None:
+        """Ends the server's call held under this requestState at once (its task was cancelled)."""
+        exchange = self._held.get(str(state).rpartition(".")[0])
+        if exchange is not None:
+            self._forget(exchange)
+            if exchange.task is not None:
+                exchange.task.cancel()
 
     def _forget(self, exchange: Exchange) -> None:
         if exchange.expiry is not None:

@@ -39,6 +39,7 @@ from gateway.input_required import Exchange, InputExchanges, client_capabilities
 from gateway.request_meta import forwarded_meta
 from gateway.sampling import Sampling
 from gateway.services import SandboxClient, Services
+from gateway.tasks import RUNNING_AS_TASK, TaskCalls, tool_definition
 from gateway.tool_sets import ActiveSet, ToolSets, requested_set
 from gateway.tracing import channel_hop
 from sandbox.channel import RequestHandler
@@ -78,8 +79,10 @@ class Router:
     def __init__(
         self, fleet: Services, bare_servers: frozenset[str] = frozenset(), breakers: Breakers | None = None,
         tool_sets: ToolSets | None = None, exchanges: InputExchanges | None = None, sampling: Sampling | None = None,
+        tasks: TaskCalls | None = None,
     ):
         self._fleet = fleet
+        self._tasks = tasks  # None: no call becomes a task (the Tasks extension is not offered)
         # Sandboxes whose start keeps failing, and servers that keep failing, are fenced for a while.
         self._breakers = breakers or Breakers(3, 30.0)
         self._breakers.on_refused = lambda: fleet.telemetry.metrics.refused("breaker")
@@ -109,7 +112,7 @@ class Router:
             return self._server()
 
     def _server(self) -> Server[Any]:
-        return Server(
+        server: Server[Any] = Server(
             "mcpfleet",
             version="0.1.0",
             instructions="Tools of your own mcpfleet sandbox, named <server>__<tool>.",
@@ -129,6 +132,9 @@ class Router:
             # results are theirs alone and stale at once.
             cache_hints={method: CacheHint(ttl_ms=0, scope="private") for method in CACHEABLE_METHODS},
         )
+        if self._tasks is not None:
+            self._tasks.register(server)
+        return server
 
     @staticmethod
     def notification_options() -> NotificationOptions:
@@ -247,8 +253,8 @@ class Router:
             if n_method == "notifications/message" and (n_params or {}).get("level") not in log_levels:
                 return  # a 2026-07-28 request gets log messages only at the level it asked for
             ctx = current()
-            if ctx is None:
-                return  # between rounds of input_required: no client request to tell
+            if ctx is None or RUNNING_AS_TASK.get():
+                return  # between rounds of input_required, or a task's: no client request to tell
             try:
                 notification = _notification_adapter.validate_python(
                     {"method": n_method, **({"params": n_params} if n_params is not None else {})}
@@ -320,6 +326,13 @@ class Router:
     async def call_tool(self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> dict[str, Any]:
         if params.name == SEARCH_TOOL and self._fleet.search is not None:
             return await self._search_tools(ctx, params.arguments or {})
+        if self._tasks is not None and not RUNNING_AS_TASK.get():  # a task's own run comes back here
+            _, _, catalog = await self._catalog(ctx)
+            task = await self._tasks.dispatch(
+                ctx, params.name, tool_definition(catalog, params.name), lambda c: self.call_tool(c, params)
+            )
+            if task is not None:
+                return task
         registry = self._fleet.registry
         if self._calls is None and registry is None:
             return tool_errors.readable(await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments), params.name)

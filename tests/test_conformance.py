@@ -90,6 +90,43 @@ def run_suite(url: str, revision: str, out_dir: Path) -> Verdicts:
     return Verdicts(failed=failed, passed_checks=passed, output=output)
 
 
+def extension_scenarios(prefix: str) -> list[str]:
+    """The suite's extension scenarios whose names start with `prefix` (they are on no revision's
+    timeline, so `--suite all --spec-version` leaves them out: each runs on its own)."""
+    env = {**os.environ, "PATH": f"{SUITE_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "NO_COLOR": "1"}
+    listed = subprocess.run(
+        [str(SUITE_BIN / "conformance"), "list", "--server"], env=env, cwd=SUITE_DIR, capture_output=True, text=True,
+        timeout=120, check=True,
+    ).stdout
+    return re.findall(rf"^\s*- ({re.escape(prefix)}\S*) \[extension\]$", listed, flags=re.MULTILINE)
+
+
+def run_scenarios(url: str, scenarios: list[str], out_dir: Path) -> Verdicts:
+    """Each scenario on its own (`--scenario`), verdicts as `run_suite` reads them."""
+    env = {**os.environ, "PATH": f"{SUITE_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "NO_COLOR": "1"}
+    output = ""
+    for scenario in scenarios:
+        done = subprocess.run(
+            [str(SUITE_BIN / "conformance"), "server", "--url", url, "--scenario", scenario, "--output-dir", str(out_dir)],
+            env=env, cwd=SUITE_DIR, capture_output=True, text=True, timeout=300,
+        )
+        output += f"=== Running scenario: {scenario} ===\n{done.stdout}{done.stderr}"
+    verdicts = Verdicts(failed={}, passed_checks={}, output=output)
+    results = {
+        re.sub(r"-\d{4}-\d{2}-\d{2}T[\d-]+Z$", "", r.parent.name.removeprefix("server-")): r
+        for r in out_dir.glob("server-*/checks.json")
+    }
+    for scenario in scenarios:
+        if scenario not in results:
+            verdicts.failed[scenario] = {scenario: "the scenario did not complete (no results were written)"}
+            verdicts.passed_checks[scenario] = set()
+            continue
+        checks = json.loads(results[scenario].read_text())
+        verdicts.failed[scenario] = {c["id"]: c.get("errorMessage") or c["status"] for c in checks if c["status"] == "FAILURE"}
+        verdicts.passed_checks[scenario] = {c["id"] for c in checks if c["status"] == "SUCCESS"}
+    return verdicts
+
+
 def expected_failures(target: str, revision: str) -> dict[str, str]:
     listed = json.loads(EXPECTED_FAILURES.read_text())[target][revision]
     for key, reason in listed.items():
@@ -307,3 +344,11 @@ def _require_conformance_server(url: str) -> None:
 def test_gateway(gateway_view: str, revision: str, tmp_path: Path) -> None:
     verdicts = run_suite(gateway_view, revision, tmp_path)
     judge(verdicts, expected_failures("gateway", revision), f"gateway at {revision}")
+
+
+def test_gateway_tasks_extension(gateway_view: str, tmp_path: Path) -> None:
+    """The Tasks extension (SEP-2663) through the gateway: every `tasks-*` scenario of the suite."""
+    scenarios = extension_scenarios("tasks-")
+    assert len(scenarios) >= 10, f"the suite lists fewer tasks scenarios than expected: {scenarios}"
+    verdicts = run_scenarios(gateway_view, scenarios, tmp_path)
+    judge(verdicts, expected_failures("gateway", "tasks-extension"), "gateway, tasks extension")

@@ -15,7 +15,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPDeprecationWarning
 from mcp_types import EmptyResult, SetLevelRequestParams, SubscribeRequestParams, UnsubscribeRequestParams
 
-from mcp_servers.conformance import interactive, list_changes, prompts, resources, tools
+from mcp_servers.conformance import interactive, list_changes, prompts, resources, task_tools, tools
 from mcp_servers.conformance.logs import SessionLogLevels, session_id_of
 
 # Lists that the trigger tools change go stale at once; the rest never change.
@@ -43,6 +43,7 @@ def create_server() -> MCPServer[Any]:
     logs = SessionLogLevels()
     tools.register(server, logs)
     interactive.register(server)
+    task_tools.register(server)
     list_changes.register(server)
     resources.register(server)
     prompts.register(server)
