@@ -243,6 +243,25 @@ async def test_a_client_cannot_route_a_session_nor_use_another_users(replicas, k
             again = await as_(sam, session.id, first, **{HOP_HEADER.decode(): genuine.hop(scope, "203.0.113.9").decode()})
             assert again.status_code == 404 and "does not hold it" in again.text, again.text
 
+            # What a good hop carries is the client's own address: the owner audits that one, not the
+            # address of the replica that passed the request on (here both are loopback, so the test
+            # mints a hop naming another). Hugo's first request to this replica opens a session.
+            hugo = await asyncio.to_thread(first.add_user, "hugo")
+            opening = {"method": "POST", "path": "/mcp", "headers": []}
+            opened = await http.post(second.mcp_url, json=INIT, headers={
+                **LEGACY, "Authorization": f"Bearer {hugo}", HOP_HEADER.decode(): genuine.hop(opening, "203.0.113.9").decode()})
+            assert opened.status_code == 200, opened.text
+
+            def accepted() -> list[dict[str, Any]]:
+                exported = first.cli("audit", "export", "--json").stdout.splitlines()
+                return [e for e in map(json.loads, exported) if e["action"] == "auth.accepted" and e["actor"].endswith("/hugo")]
+
+            deadline = time.monotonic() + 20
+            while not (found := await asyncio.to_thread(accepted)):
+                assert time.monotonic() < deadline, "hugo's request was not audited"
+                await asyncio.sleep(0.5)
+            assert [e["detail"]["ip"] for e in found] == ["203.0.113.9"], found
+
 
 async def test_the_owner_gone_its_sessions_answer_404_and_a_new_one_works(replicas, kube, workdir):
     """Runs last: it kills the second replica. What its death costs is its sessions (404, so the client
