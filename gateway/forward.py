@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 
 import httpx
+from opentelemetry import propagate
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,12 @@ class Forwarder:
         Raises Unreachable when no connection could be made (nothing was sent to the client)."""
         query = scope.get("query_string", b"").decode("latin-1")
         url = f"http://{address}{scope['path']}" + (f"?{query}" if query else "")
-        kept = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP] + (headers or [])
+        # The trace goes on through the hop: the owner's span is a child of this replica's, not a sibling.
+        trace: dict[str, str] = {}
+        propagate.inject(trace)
+        dropped = _HOP | ({b"traceparent", b"tracestate"} if trace else set())
+        kept = [(k, v) for k, v in scope["headers"] if k.lower() not in dropped] + (headers or [])
+        kept += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trace.items()]
         request = self.client.build_request(scope["method"], url, headers=kept, content=body)
         try:
             response = await self.client.send(request, stream=True)

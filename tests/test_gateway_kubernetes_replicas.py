@@ -30,6 +30,7 @@ from tests.clients import connect
 from tests.conftest import Fleet, free_port, make_fleet
 from tests.kube_sandboxes import KEY, NS, Operator, PodSupervisor, spec_pod, write_kubeconfig
 from tests.test_gateway_kubernetes import kube, workdir  # noqa: F401  (the stand-in API server and the pods' directory, per module)
+from tests.test_telemetry import receiver, traceparent  # noqa: F401  (a stand-in OTLP collector)
 
 WITHIN = 120.0
 """Each test's bound: a wait that never ends fails the test instead of hanging it."""
@@ -40,8 +41,9 @@ INIT = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
 
 
 @pytest.fixture(scope="module")
-async def replicas(kube, workdir, tmp_path_factory, postgres_url) -> AsyncIterator[tuple[Fleet, Fleet]]:
-    """Two gateways of one fleet (one database, one sandbox key), each naming its own address."""
+async def replicas(kube, workdir, receiver, tmp_path_factory, postgres_url) -> AsyncIterator[tuple[Fleet, Fleet]]:
+    """Two gateways of one fleet (one database, one sandbox key), each naming its own address,
+    exporting their traces to the receiver (tests/test_telemetry.py's stand-in for a collector)."""
     key_file = workdir / "sandbox.key"
     key_file.write_bytes(KEY + b"\n")
     first = make_fleet(
@@ -49,6 +51,7 @@ async def replicas(kube, workdir, tmp_path_factory, postgres_url) -> AsyncIterat
         MCPFLEET_SANDBOX_BACKEND="kubernetes", MCPFLEET_K8S_NAMESPACE=NS, MCPFLEET_SANDBOX_KEY_FILE=str(key_file),
         KUBECONFIG=str(write_kubeconfig(workdir / "kubeconfig", kube)), MCPFLEET_CONFORMANCE="on",
         PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "runsc").exists()),
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100",
     )  # fmt: skip
     first.env["MCPFLEET_REPLICA_ADDRESS"] = f"127.0.0.1:{first.port}"
     port = free_port()
@@ -117,7 +120,7 @@ def route_of(session_id: str) -> str:
     return base64.urlsafe_b64decode(route + "=" * (-len(route) % 4)).decode()
 
 
-async def test_one_session_is_served_by_both_replicas_in_turn(replicas, kube, workdir):
+async def test_one_session_is_served_by_both_replicas_in_turn(replicas, kube, workdir, receiver):
     """Opened on the first replica; tools/list, tools/call, the GET stream and DELETE sent to either."""
     first, second = replicas
     async with asyncio.timeout(WITHIN):
@@ -134,6 +137,17 @@ async def test_one_session_is_served_by_both_replicas_in_turn(replicas, kube, wo
             await session.call(second, "workspace__write_file", path="turns.txt", content="and the other")
             assert "and the other" in await session.call(first, "workspace__read_file", path="turns.txt")
             assert played.started == 1  # one pod for the user, whichever replica served
+
+            # One trace through the hop: the owner's span is the child of the other replica's.
+            header, trace_id, client_span = traceparent()
+            session.next_id += 1
+            call = {"jsonrpc": "2.0", "id": session.next_id, "method": "tools/call",
+                    "params": {"name": "workspace__list_dir", "arguments": {"path": "."}}}
+            assert (await session.post(second, call, traceparent=header)).status_code == 200
+            spans = await asyncio.to_thread(receiver.trace, trace_id, "tools/call workspace__list_dir")
+            (passed_on,) = [s for s in spans if s["name"] == "POST /mcp" and s["parent"] == client_span]
+            (served,) = [s for s in spans if s["name"] == "POST /mcp" and s["parent"] == passed_on["span_id"]]
+            assert [s["parent"] for s in spans if s["name"] == "tools/call workspace__list_dir"] == [served["span_id"]]
 
             # The session's GET stream through the replica that does not hold it: a change of what
             # rosa may use (an approval revoked) reaches it from the one that does.
