@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from gateway.session_routes import HOP_HEADER, SessionSeal
@@ -66,6 +67,10 @@ async def replicas(kube, workdir, receiver, tmp_path_factory, postgres_url) -> A
     finally:
         for fleet in (first, second):
             await asyncio.to_thread(fleet.stop)  # in a thread: the stand-in answers it meanwhile
+        # A replica killed outright (the last test) leaves its embedded OpenBao behind: stopped here.
+        for process in psutil.process_iter(["cmdline"]):
+            if any(str(second.home) in part for part in process.info["cmdline"] or ()):
+                process.terminate()
 
 
 def operator(kube, workdir: Path, *users: str) -> Operator:
