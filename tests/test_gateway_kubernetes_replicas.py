@@ -145,6 +145,15 @@ async def test_one_session_is_served_by_both_replicas_in_turn(replicas, kube, wo
             await session.call(second, "workspace__write_file", path="turns.txt", content="and the other")
             assert "and the other" in await session.call(first, "workspace__read_file", path="turns.txt")
             assert played.started == 1  # one pod for the user, whichever replica served
+            # What the hop costs, printed (no wall-clock assertion on a shared machine): ping on the
+            # owner and through the other replica, alternately.
+            took: dict[str, list[float]] = {"owner": [], "hop": []}
+            for _ in range(20):
+                for where, replica in (("owner", first), ("hop", second)):
+                    started = time.perf_counter()
+                    await session.request(replica, "ping")
+                    took[where].append(time.perf_counter() - started)
+            print("ping median ms: " + ", ".join(f"{k} {sorted(v)[len(v) // 2] * 1000:.1f}" for k, v in took.items()))
 
             # One trace through the hop: the owner's span is the child of the other replica's.
             header, trace_id, client_span = traceparent()
