@@ -79,6 +79,9 @@ class Settings:
     configured_public_url: str | None = None
     # Where the other replicas reach this one (`up --replicas`: a loopback port of its own); None: host:port.
     lease_address: str | None = None
+    replica_address: str | None = None
+    """kubernetes: where the other replicas reach this one (POD_IP:PORT). Set, each 2025-11-25 session is
+    served by the replica that opened it and the others pass its requests on (gateway/session_routes.py)."""
     required_scopes: tuple[str, ...] = ("mcp",)
     # Loopback and private issuers (tests, an IdP on the same network); also allows plain http.
     allow_private_issuers: bool = False
@@ -193,6 +196,7 @@ def load_settings(**overrides: object) -> Settings:
         "db_outage_s": _positive("MCPFLEET_DB_OUTAGE_S", 120),
         "max_connections": _positive("MCPFLEET_MAX_CONNECTIONS", 1000),
         "max_result_bytes": _positive("MCPFLEET_MAX_RESULT_BYTES", 16 * 1024 * 1024),
+        "replica_address": os.environ.get("MCPFLEET_REPLICA_ADDRESS") or None,
         "redis_url": os.environ.get("REDIS_URL") or None,
         "artifacts_s3_url": os.environ.get("MCPFLEET_ARTIFACTS_S3_URL") or None,
         "log_format": _choice("MCPFLEET_LOG_FORMAT", ("text", "json"), "text"),

@@ -27,7 +27,7 @@ from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.breakers import Breakers
 from gateway.call_audit import AuditedBearerBackend, database_down_response, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
-from gateway.forward import ForwardToOwner
+from gateway.forward import Forwarder, ForwardToOwner
 from gateway.http_headers import TrimHeaderWhitespace
 from gateway.input_required import InputExchanges
 from gateway.input_required import boundary as request_state_boundary
@@ -37,6 +37,7 @@ from gateway.oauth.tokens import OAuthVerifier
 from gateway.refusals import JsonRpcRefusals
 from gateway.routing import Router
 from gateway.sampling import Sampling
+from gateway.session_routes import CONNECT_S, ReplicaHops, SessionRouting, SessionSeal, fleet_key
 from gateway.sessions import SessionBook
 from gateway.tasks import TaskCalls, runner_name
 from gateway.tool_sets import ToolSets
@@ -101,7 +102,7 @@ def create_app(fleet: Fleet) -> Starlette:
                 await tasks.close()  # its running calls are failed with the reason, not left to look orphaned
                 exchanges.close()  # servers still waiting for a client's input are told the gateway stops
                 await verifier.stop_listening()
-                await mcp_endpoint.aclose()
+                await forwarder.aclose()
                 await oauth.close()
                 await buckets.aclose()
 
@@ -138,7 +139,7 @@ def create_app(fleet: Fleet) -> Starlette:
     admin_sessions = admin.sessions_for(fleet)
     buckets = buckets_for(settings)
     # Refusals in plain text (the transport's) become JSON-RPC errors that clients show.
-    mcp_endpoint = ForwardToOwner(JsonRpcRefusals(
+    refusing = JsonRpcRefusals(
         RequireBearer(
             LimitsMiddleware(
                 StreamableHTTPASGIApp(sessions), settings, buckets, calls,
@@ -148,7 +149,12 @@ def create_app(fleet: Fleet) -> Starlette:
             on_missing_scope=missing_scope_hook(calls),
         ),
         max_body_bytes=settings.max_body_bytes,
-    ), owner=lambda: getattr(fleet.manager, "owner_address", None), max_body_bytes=settings.max_body_bytes)
+    )
+    forwarder = Forwarder(settings.max_body_bytes, connect_timeout=CONNECT_S)
+    # Several replicas on Kubernetes: a session's requests go to the replica that opened it.
+    seal = SessionSeal(fleet_key(settings.sandbox_key_file), settings.replica_address) if settings.replica_address else None
+    mcp_endpoint = ForwardToOwner(refusing if seal is None else SessionRouting(refusing, seal, forwarder),
+                                  owner=lambda: getattr(fleet.manager, "owner_address", None), forwarder=forwarder)
     app = Starlette(
         routes=[
             Route("/mcp", endpoint=mcp_endpoint, methods=["GET", "POST", "DELETE"]),
@@ -162,6 +168,7 @@ def create_app(fleet: Fleet) -> Starlette:
             *admin.routes(admin_sessions, settings, oauth),
         ],
         middleware=[
+            *([Middleware(ReplicaHops, seal=seal)] if seal is not None else []),
             Middleware(HttpTracing, metrics=fleet.telemetry.metrics),
             Middleware(TrimHeaderWhitespace),
             Middleware(

@@ -450,6 +450,13 @@ def test_gateway_deployment(objects: list[dict[str, Any]]) -> None:
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(key_file.parent))
     volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["secretName"] == "mcpfleet-sandbox-key" and key_file.name == "key"
+    # Each replica names the address the others reach it at (its pod IP and its port): the replicas
+    # pass a session's requests to the one that holds it. POD_IP comes first: $(VAR) only sees earlier ones.
+    names = [e["name"] for e in container["env"]]
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == "http"]
+    assert env["MCPFLEET_REPLICA_ADDRESS"] == f"$(POD_IP):{port}" == f"$(POD_IP):{env['MCPFLEET_PORT']}"
+    assert names.index("POD_IP") < names.index("MCPFLEET_REPLICA_ADDRESS")
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["requests"]["cpu"], "the HPA scales on CPU: requests must be set"
@@ -469,6 +476,10 @@ def test_gateway_replicas_pdb_hpa_service_and_network_policy(objects: list[dict[
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     to_sandboxes = [r for r in policy["egress"] for t in r.get("to", []) if t.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/component": "sandbox"}]
     assert to_sandboxes and to_sandboxes[0]["ports"] == [{"port": 7070, "protocol": "TCP"}]
+    # Replica to replica on the gateway's own port (and that port is open to them on the way in).
+    to_gateways = [r for r in policy["egress"] for t in r.get("to", []) if t.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/component": "gateway"}]
+    assert to_gateways and to_gateways[0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert any({"port": 8080, "protocol": "TCP"} in r["ports"] and "from" not in r for r in policy["ingress"])
     # Declared egress hosts on any port, but no private, link-local or CGNAT address: the policy keeps
     # the gateway's own vetting (gateway/egress.py) from being the only line.
     internet = [r for r in policy["egress"] for t in r.get("to", []) if t.get("ipBlock", {}).get("cidr") == "0.0.0.0/0"]
