@@ -250,7 +250,8 @@ async def test_an_admin_hibernates_resumes_and_reclaims_a_sandbox(fleet, keys, c
 async def test_secrets_are_set_and_deleted_by_name_and_never_shown(fleet, keys, context):  # noqa: F811
     shared, own, members = (f"value-{secrets.token_hex(12)}" for _ in range(3))
     # The member sets one of their own through the API: the console names it, nothing more.
-    answer = httpx.put(f"{fleet.base_url}/api/secrets/io.example/jira/JIRA_TOKEN", json={"value": members},
+    # None of these servers is approved in this tenant: each is set ahead of approval (force).
+    answer = httpx.put(f"{fleet.base_url}/api/secrets/io.example/jira/JIRA_TOKEN?force=1", json={"value": members},
                        headers={"Authorization": f"Bearer {keys['member']}"}, timeout=60)
     assert answer.status_code == 200, answer.text
 
@@ -259,6 +260,11 @@ async def test_secrets_are_set_and_deleted_by_name_and_never_shown(fleet, keys, 
     await form.locator('input[name="server"]').fill("io.example/github")
     await form.locator('input[name="name"]').fill("GITHUB_TOKEN")
     await form.locator('input[name="value"]').fill(shared)
+    await form.locator("button").click()
+    await expect(page.locator("#status")).to_contain_text(
+        "Not set: no approved server of tenant default declares a secret GITHUB_TOKEN for io.example/github")
+    await form.locator('input[name="value"]').fill(shared)
+    await form.locator('input[name="force"]').check()
     await form.locator("button").click()
     await expect(page.locator("table.secrets")).to_contain_text("GITHUB_TOKEN")
     assert shared not in await page.content()
@@ -271,6 +277,7 @@ async def test_secrets_are_set_and_deleted_by_name_and_never_shown(fleet, keys, 
     await form.locator('input[name="server"]').fill("io.example/weather")
     await form.locator('input[name="name"]').fill("API_KEY")
     await form.locator('input[name="value"]').fill(own)
+    await form.locator('input[name="force"]').check()
     await form.locator("button").click()
     await expect(page.locator("table.secrets")).to_contain_text("API_KEY")
     assert own not in await page.content()
