@@ -5,7 +5,8 @@
                                                                server from PyPI or npm by name
     /admin/console/drift                                       accept a drifted definition
     /admin/console/users, /admin/console/users/NAME            a user's keys, sandbox and secret names
-    /admin/console/keys, /admin/console/sandboxes              hibernate, resume, reclaim
+    /admin/console/keys, /admin/console/sandboxes              hibernate, resume, reclaim; a running runsc
+                                                               sandbox's live memory (PSS, sandbox/memory.py)
     /admin/console/audit                                       filter by action, actor, target, outcome;
                                                                verify the chain; export the tenant's log
     /admin/console/usage, /admin/console/tenants, /admin/console/secrets
