@@ -38,7 +38,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import hvac
@@ -58,6 +57,7 @@ from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.factory import sandbox_python
 from sandbox.gvisor import PINNED_RUNSC, Gvisor, choose
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
+from sandbox.memory import pss_bytes
 from sandbox.servers import BUILTIN_SERVERS
 from sandbox.steps import ImageSealer
 
@@ -114,19 +114,6 @@ def sandbox_pids(backend: RunscBackend, sandbox_id: str) -> set[int]:
     expose them, and PSS needs the same set."""
     pids = backend._processes(sandbox_id)
     return set(pids + [child for pid in pids for child in descendant_pids(pid)])
-
-
-def pss_bytes(pids: Iterable[int]) -> int:
-    """Proportional set size: a page shared by k processes counts 1/k to each, so summing over the
-    sandbox's processes counts the runsc binary's pages and memory shared among them once, unlike RSS."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-    return total
 
 
 def disk_bytes(root: Path) -> int:

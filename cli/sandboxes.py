@@ -19,6 +19,7 @@ from cli.table import add_json_flag, print_rows
 from core import accounts
 from core.settings import load_settings
 from sandbox import requests, tiers
+from sandbox.memory import runsc_pss
 from sandbox.store import list_sandboxes
 
 
@@ -33,17 +34,23 @@ async def list_(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
         )
         return 2
     rows = await list_sandboxes(conn, include_ended=args.all)
+    # Live PSS of the running ones, where this host runs them (runsc); other backends have no figure here.
+    running = [r["id"] for r in rows if r["backend"] == "runsc" and r["state"] == "Running"]
+    measured = runsc_pss(settings.home / "runsc", running) if running else {}
+    for r in rows:
+        r["memory_bytes"] = measured.get(r["id"])
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     shown = [
         {"owner": f"{r['tenant']}/{r['user']}" if r["user_id"] is not None else "(warm pool)", "state": r["state"],
          "id": r["id"], "last_used": r["last_used_at"].strftime("%Y-%m-%d %H:%M:%S"),
+         "memory": f"{r['memory_bytes'] / 2**20:.0f} MiB" if r["memory_bytes"] else "n/a" if r["backend"] != "runsc" else None,
          "checkpoint": f"{r['checkpoint_bytes'] / 2**20:.0f} MiB" if r["checkpoint_bytes"] else None}
         for r in rows
     ]
     print_rows(args, (("owner", "USER"), ("state", "STATE"), ("id", "SANDBOX"), ("last_used", "LAST USED"),
-                      ("checkpoint", "CHECKPOINT")), shown)
+                      ("memory", "MEMORY (PSS)"), ("checkpoint", "CHECKPOINT")), shown)
     return 0
 
 

@@ -6,7 +6,8 @@
     mcpfleet secrets rm alice io.example/github GITHUB_TOKEN
     mcpfleet secrets set --fleet MCPFLEET_MODEL_KEY                 # the fleet's own: a hosted model API's key
 
-A user is `NAME` (tenant "default") or `TENANT/NAME`. A value is never taken from the command
+A user is `NAME` (tenant "default") or `TENANT/NAME`. `set` refuses a NAME that no approved server
+of the tenant declares for SERVER, naming what they declare; `--force` sets it ahead of an approval. A value is never taken from the command
 line (it would stay in the shell's history and in every process listing) and never printed.
 The Vault is the one the fleet uses: VAULT_ADDR's, else the fleet home's OpenBao (attached to if
 the gateway runs it, else started for the command).
@@ -25,6 +26,7 @@ from cli.run import on_database
 from core import accounts, audit
 from core.settings import load_settings
 from core.vault import FLEET_SECRETS, SecretError, open_secrets, remove_secret, set_secret
+from registry.secret_names import UndeclaredSecret, check_declared
 
 
 def _user(text: str) -> tuple[str, str]:
@@ -90,6 +92,11 @@ async def set_(args: argparse.Namespace, conn: psycopg.AsyncConnection) -> int:
     if args.fleet:
         return await _fleet_set(args, conn)
     tenant, user, (server, name) = await _owner(args, conn, 2)
+    if not args.force:
+        try:
+            await check_declared(conn, tenant, server, name)
+        except UndeclaredSecret as exc:
+            raise SecretError(str(exc).replace(" (API: ?force=1)", "")) from None
     value = _read_value(name)
     with open_secrets(load_settings().home) as store:
         version = await set_secret(store, conn, actor=getpass.getuser(), tenant=tenant, user=user, server=server, name=name, value=value)
@@ -132,6 +139,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     put.add_argument("--tenant", help="tenant-wide: the value every user of the tenant falls back to")
     put.add_argument("--fleet", action="store_true",
                      help=f"one of the fleet's own secrets, given as NAME alone ({', '.join(FLEET_SECRETS)})")
+    put.add_argument("--force", action="store_true",
+                     help="set it even if no approved server of the tenant declares NAME for SERVER (ahead of an approval)")
     put.set_defaults(func=on_database(set_))
     ls = actions.add_parser("list", help="a user's secrets (or --tenant T's): names, servers, versions, dates")
     ls.add_argument("args", nargs="*", metavar="USER", help="whose secrets: TENANT/USER, or USER of the default tenant (none with --tenant)")

@@ -2,12 +2,15 @@
 
     GET    /api/secrets                                  the caller's secrets and the tenant's (names, never values)
     PUT    /api/secrets/{namespace}/{server}/{NAME}      set or rotate the caller's own: {"value": "..."}
+                                                   (?force=1: even if no approved server declares NAME)
     DELETE /api/secrets/{namespace}/{server}/{NAME}
     PUT    /api/tenant-secrets/{namespace}/{server}/{NAME}   admins: the tenant-wide value (every user's fallback)
     DELETE /api/tenant-secrets/{namespace}/{server}/{NAME}
 
 A user's key (or token) reaches only that user's secrets: the path holds no user, the caller's
-identity decides. Values go in and never come out; changes are audited with names only.
+identity decides. Values go in and never come out; changes are audited with names only. A PUT of a
+name that no approved server of the tenant declares for that server is refused (409, naming what is
+declared) unless it says `?force=1`: setting ahead of an approval is a choice, a typo is not.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from core.accounts import Identity
 from core.vault import SecretError, VaultUnavailable, remove_secret, set_secret
 from gateway.admin.session import session_identity
 from gateway.auth import identity_of
+from registry.secret_names import UndeclaredSecret, check_declared
 
 if TYPE_CHECKING:
     from gateway.fleet import Fleet
@@ -74,6 +78,11 @@ def routes(fleet: Fleet) -> list[Route]:
             return _error(400, 'send {"value": "..."} as JSON')
         server, name = where(request)
         async with fleet.pool.connection() as conn:
+            if request.query_params.get("force", "").lower() not in ("1", "true", "yes"):
+                try:
+                    await check_declared(conn, who.tenant, server, name)
+                except UndeclaredSecret as exc:
+                    return _error(409, str(exc).replace("use --force (API: ?force=1)", "add ?force=1"))
             version = await set_secret(fleet.secrets, conn, actor=who.principal, tenant=who.tenant, user=user,
                                        server=server, name=name, value=value)
         return JSONResponse({"server": server, "name": name, "version": version, "user": user, "tenant": who.tenant})

@@ -33,7 +33,8 @@ def diff_tools(before: list[dict[str, Any]] | None, after: list[dict[str, Any]])
 
 def diff_offerings(before: dict[str, Any] | None, after: dict[str, Any]) -> list[dict[str, Any]]:
     """Per prompt, resource, resource template and the server's instructions: added, removed,
-    changed or same, between the approved version and this one (`kind`, `name`, `before`, `after`)."""
+    changed or same, between the approved version and this one (`kind`, `name`, `change`, `before`,
+    `after`, and for a changed one `fields`: those of its pinned fields that differ)."""
     out = []
     for kind in KINDS:
         old = {str(item.get(kind.ident)): item for item in (before or {}).get(kind.listing) or []}
@@ -42,12 +43,13 @@ def diff_offerings(before: dict[str, Any] | None, after: dict[str, Any]) -> list
             a, b = old.get(name), new.get(name)
             same = a is not None and b is not None and offering_sha256(kind, a) == offering_sha256(kind, b)
             change = "added" if a is None else "removed" if b is None else "same" if same else "changed"
-            out.append({"kind": kind.pin, "name": name, "change": change, "before": a, "after": b})
+            fields = [key for key in kind.fields if (a or {}).get(key) != (b or {}).get(key)] if change == "changed" else []
+            out.append({"kind": kind.pin, "name": name, "change": change, "fields": fields, "before": a, "after": b})
     a, b = (before or {}).get("instructions"), after.get("instructions")
     if a or b:
         same = bool(a and b) and instructions_sha256(a) == instructions_sha256(b)
         change = "added" if not a else "removed" if not b else "same" if same else "changed"
         out.append({"kind": "instructions", "name": "instructions", "change": change,
-                    "before": {"description": a} if a else None, "after": {"description": b} if b else None})
+                    "fields": ["description"] if change == "changed" else [], "before": {"description": a} if a else None, "after": {"description": b} if b else None})
     return out
 

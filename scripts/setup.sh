@@ -16,6 +16,8 @@ command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 # The admin page's tests drive Debian's chromium with Playwright (tests/browser.py); no browser of Playwright's own.
 if [ "${1:-}" = "test" ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
+# The console's reference screenshots are rendered with fonts-dejavu-core's six files only (tests/screenshots/fonts.conf).
+if [ "${1:-}" = "test" ]; then [ -e /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf ] || need_apt+=(fonts-dejavu-core); fi
 # The rate limits' tests share buckets through a private redis-server (tests/test_limits.py).
 if [ "${1:-}" = "test" ]; then command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server); fi
 # promtool checks the alert rules under k8s/monitoring (tests/test_telemetry.py); it comes with Debian's prometheus.

@@ -18,6 +18,9 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import subprocess
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import httpx
 import psycopg
@@ -26,7 +29,7 @@ from playwright.async_api import BrowserContext, Page, expect
 
 from gateway.admin.mine import COOKIE
 from tests.browser import browser, context  # noqa: F401  (fixtures)
-from tests.conftest import make_fleet
+from tests.conftest import MCPFLEET, make_fleet
 from tests.test_admin_page import cookie_value
 
 SERVER = "io.example/mine-weather"
@@ -228,3 +231,72 @@ async def test_a_revoked_or_expired_key_cannot_sign_in_and_revoking_ends_the_ses
 def db_one(fleet, sql: str):
     with psycopg.connect(fleet.database_url, autocommit=True) as conn:
         return conn.execute(sql).fetchone()[0]
+
+
+async def test_times_are_utc_time_elements_shown_in_the_browsers_zone(fleet, keys, browser):  # noqa: F811
+    """As on the console: the page sends <time datetime="...Z"> with UTC text (the secret's update
+    time, the session's end), and a browser in Tokyo shows Tokyo's time for the same instant."""
+    assert api_put(fleet, keys["bob"], f"/api/secrets/{SERVER}/{DECLARED}").status_code == 200
+    cookie, _ = session_of(fleet, keys["bob"])
+    html = httpx.get(f"{fleet.base_url}/me", headers={"Cookie": f"{COOKIE}={cookie}"}, timeout=30).text
+    found = re.findall(r'<time datetime="(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)" title="([^"]+)">([^<]+)</time>', html)
+    assert len(found) == 2, found  # "until ..." and the secret's "updated"
+    assert all(title == text and text.endswith(" UTC") for _, title, text in found)
+    assert not re.search(r"\d\d:\d\d:\d\d", re.sub(r"<time [^>]*>[^<]*</time>", "", html))  # no raw ISO text left
+    tokyo = await browser.new_context(timezone_id="Asia/Tokyo")
+    try:
+        page = await sign_in(tokyo, fleet, keys["bob"])
+        updated = row(page, DECLARED).locator("time")
+        await expect(updated).to_have_class(re.compile(r"\blocal\b"))
+        instant = datetime.fromisoformat(await updated.get_attribute("datetime"))
+        await expect(updated).to_have_text(instant.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%Y-%m-%d %H:%M:%S Asia/Tokyo"))
+        assert (await updated.get_attribute("title")).endswith(" UTC")
+        await expect(page.locator("header time")).to_contain_text("Asia/Tokyo")
+    finally:
+        await tokyo.close()
+        assert api_delete(fleet, keys["bob"], f"/api/secrets/{SERVER}/{DECLARED}").status_code == 204
+
+
+def api_put(fleet, key: str, path: str) -> httpx.Response:
+    return httpx.put(f"{fleet.base_url}{path}", json={"value": f"v-{secrets.token_hex(8)}"},
+                     headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def api_delete(fleet, key: str, path: str) -> httpx.Response:
+    return httpx.delete(f"{fleet.base_url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_a_name_no_approved_server_declares_is_refused_unless_forced(fleet, keys):
+    """The secrets API and `mcpfleet secrets set` refuse a name no approved server of the tenant
+    declares for that server, naming what is declared; ?force=1 / --force set it ahead of approval."""
+    typo = api_put(fleet, keys["alice"], f"/api/secrets/{SERVER}/WEATHER_APIKEY")
+    assert typo.status_code == 409, typo.text
+    assert f"{SERVER} declares {OTHER}, {DECLARED}" in typo.json()["error"] and "?force=1" in typo.json()["error"]
+    # The right name on a server that is not approved (or not there): which server declares it is named.
+    elsewhere = api_put(fleet, keys["me-admin"], f"/api/tenant-secrets/io.example/not-approved/{DECLARED}")
+    assert elsewhere.status_code == 409
+    assert "no approved server of tenant default is called io.example/not-approved" in elsewhere.json()["error"]
+    assert f"{DECLARED} is declared by {SERVER}" in elsewhere.json()["error"]
+    tenant_wide = lambda: sorted(s["name"] for s in api_secrets(fleet, keys["me-admin"])["tenant"])  # noqa: E731
+    before = tenant_wide()  # the earlier test's OTHER_TOKEN
+    assert own(fleet, keys["alice"]) == [] and DECLARED not in before
+    # Declared: no flag needed. Forced: set ahead of an approval.
+    assert api_put(fleet, keys["alice"], f"/api/secrets/{SERVER}/{DECLARED}").status_code == 200
+    assert api_put(fleet, keys["alice"], "/api/secrets/io.example/later/LATER_TOKEN?force=1").status_code == 200
+    assert sorted(own(fleet, keys["alice"])) == [("io.example/later", "LATER_TOKEN", "alice"), (SERVER, DECLARED, "alice")]
+
+    def cli_set(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*MCPFLEET, "secrets", "set", *args], env=fleet.env, input="cli-value\n",
+                              capture_output=True, text=True, timeout=120)
+
+    refused = cli_set("--tenant", "default", SERVER, "NOT_DECLARED")
+    assert refused.returncode != 0
+    assert f"declares a secret NOT_DECLARED for {SERVER} ({SERVER} declares {OTHER}, {DECLARED})" in refused.stderr, refused.stderr
+    assert "--force" in refused.stderr
+    assert cli_set("--tenant", "default", SERVER, DECLARED).returncode == 0
+    assert cli_set("--force", "--tenant", "default", SERVER, "NOT_DECLARED").returncode == 0
+    assert tenant_wide() == sorted([*before, DECLARED, "NOT_DECLARED"])
+    for path in (f"/api/secrets/{SERVER}/{DECLARED}", "/api/secrets/io.example/later/LATER_TOKEN"):
+        assert api_delete(fleet, keys["alice"], path).status_code == 204
+    for name in (DECLARED, "NOT_DECLARED"):
+        assert api_delete(fleet, keys["me-admin"], f"/api/tenant-secrets/{SERVER}/{name}").status_code == 204

@@ -130,20 +130,21 @@ def test_the_embedded_openbao_is_set_up_privately(vault_fleet):
 
 
 def test_set_list_rm_from_the_cli_never_show_the_value(vault_fleet):
+    """io.example/other is approved nowhere: set with --force (ahead of an approval)."""
     fleet = vault_fleet
     secret = value()
-    done = secrets_cli(fleet, "set", "alice", "io.example/other", "OTHER_KEY", stdin=secret + "\n")
+    done = secrets_cli(fleet, "set", "--force", "alice", "io.example/other", "OTHER_KEY", stdin=secret + "\n")
     assert "version 1" in done.stdout and secret not in done.stdout + done.stderr
-    secrets_cli(fleet, "set", "alice", "io.example/other", "OTHER_KEY", stdin=value())
+    secrets_cli(fleet, "set", "--force", "alice", "io.example/other", "OTHER_KEY", stdin=value())
     listed = json.loads(secrets_cli(fleet, "list", "alice", "--json").stdout)
     assert [(s["server"], s["name"], s["version"]) for s in listed] == [("io.example/other", "OTHER_KEY", 2)]
     assert listed[0]["updated_at"] and "value" not in listed[0]
     table = secrets_cli(fleet, "list", "alice").stdout
     assert "OTHER_KEY" in table and not any(v in table for v in VALUES)
     # Bad names, an unknown user, no value: refused with a reason.
-    assert "invalid secret name" in secrets_cli(fleet, "set", "alice", "io.example/other", "lower", stdin="x", check=False).stderr
+    assert "invalid secret name" in secrets_cli(fleet, "set", "--force", "alice", "io.example/other", "lower", stdin="x", check=False).stderr
     assert "no user" in secrets_cli(fleet, "set", "nobody", "io.example/other", "OTHER_KEY", stdin="x", check=False).stderr
-    assert "no value" in secrets_cli(fleet, "set", "alice", "io.example/other", "OTHER_KEY", stdin="", check=False).stderr
+    assert "no value" in secrets_cli(fleet, "set", "--force", "alice", "io.example/other", "OTHER_KEY", stdin="", check=False).stderr
     secrets_cli(fleet, "rm", "alice", "io.example/other", "OTHER_KEY")
     assert json.loads(secrets_cli(fleet, "list", "alice", "--json").stdout) == []
     assert secrets_cli(fleet, "rm", "alice", "io.example/other", "OTHER_KEY", check=False).returncode == 1

@@ -5,7 +5,8 @@
                                                                server from PyPI or npm by name
     /admin/console/drift                                       accept a drifted definition
     /admin/console/users, /admin/console/users/NAME            a user's keys, sandbox and secret names
-    /admin/console/keys, /admin/console/sandboxes              hibernate, resume, reclaim
+    /admin/console/keys, /admin/console/sandboxes              hibernate, resume, reclaim; a running runsc
+                                                               sandbox's live memory (PSS, sandbox/memory.py)
     /admin/console/audit                                       filter by action, actor, target, outcome;
                                                                verify the chain; export the tenant's log
     /admin/console/usage, /admin/console/tenants, /admin/console/secrets
@@ -20,6 +21,7 @@ sandbox.requests). Secrets are set and deleted by the page's small script throug
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -43,6 +45,7 @@ from gateway.admin.session import AdminSession, Sessions, check_csrf
 from registry import decisions, onboarding, store
 from registry.store import RegistryError
 from sandbox import requests as sandbox_requests
+from sandbox.memory import MemoryGauge
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "console"
 BASE = "/admin/console"
@@ -113,6 +116,7 @@ def _html(text: str, status: int = 200) -> HTMLResponse:
 class Console:
     def __init__(self, sessions: Sessions):
         self.sessions = sessions
+        self.memory = MemoryGauge(sessions.fleet.settings.home / "runsc")
 
     def view(self, handler: Handler, *, act: bool = False) -> Callable[[Request], Awaitable[Response]]:
         """A view (GET, admins and auditors) or an action (POST, admins, CSRF-checked)."""
@@ -182,6 +186,11 @@ class Console:
     async def sandboxes(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:
         live_only = request.query_params.get("show") != "all"
         page = await data.sandboxes(conn, session.identity.tenant, data.page_number(request.query_params.get("page")), live_only=live_only)
+        # Live PSS of the running runsc sandboxes (kept a few seconds by the gauge); other backends: n/a.
+        running = [b["id"] for b in page.rows if b["backend"] == "runsc" and b["state"] == "Running"]
+        measured = await asyncio.to_thread(self.memory.measure, running) if running else {}
+        for b in page.rows:
+            b["memory"] = measured.get(b["id"]) if b["backend"] == "runsc" else "n/a"
         return self.render(request, session, "sandboxes.html", page=page, live_only=live_only)
 
     async def audit(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection) -> Response:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.rows import dict_row
 
-from registry.changes import diff_tools
+from registry.changes import diff_offerings, diff_tools
 
 PAGE_SIZE = 25
 # A pending version's row carries its approve and reject forms: fewer to a page.
@@ -24,7 +24,7 @@ VERSION_STATUSES: tuple[VersionStatus, ...] = ("pending", "approved", "rejected"
 _LIVE_APPROVAL = "EXISTS (SELECT 1 FROM approvals a WHERE a.version_id = v.id AND a.revoked_at IS NULL)"
 # The server's newest other version with a live approval: what a pending version is compared with.
 _APPROVED_BEFORE = (
-    "(SELECT jsonb_build_object('version', w.version, 'tools', w.tools) FROM registry_versions w"
+    "(SELECT jsonb_build_object('version', w.version, 'tools', w.tools, 'offerings', w.offerings) FROM registry_versions w"
     "  WHERE w.server_id = v.server_id AND w.id <> v.id"
     "    AND EXISTS (SELECT 1 FROM approvals a WHERE a.version_id = w.id AND a.revoked_at IS NULL)"
     "  ORDER BY w.published_at DESC, w.id DESC LIMIT 1)"
@@ -64,7 +64,7 @@ async def _paged(conn: psycopg.AsyncConnection, sql: str, params: tuple[Any, ...
 async def versions(conn: psycopg.AsyncConnection, tenant: str, status: VersionStatus, number: int) -> Page:
     sql = (
         "SELECT s.name, v.version, v.status, v.published_at, u.name AS published_by, v.decided_by,"
-        "       v.decision_reason, v.tools, v.validation, s.builtin,"
+        "       v.decision_reason, v.tools, v.offerings, v.validation, s.builtin,"
         "       coalesce((SELECT array_agg(coalesce('group ' || a.group_name, 'tenant') || coalesce(', tier ' || a.tier, '')"
         "                               || coalesce(', tools ' || array_to_string(a.tools, ' '), '')"
         "                               || ' by ' || a.approved_by ORDER BY a.approved_at)"
@@ -79,8 +79,10 @@ async def versions(conn: psycopg.AsyncConnection, tenant: str, status: VersionSt
         row["failed"] = [c["check"] for c in row["validation"] if not c.get("ok")]
         row["tool_names"] = [t["name"] for t in row["tools"]]
         before = row.pop("approved_before")
-        # A pending version of a server with an approved one: what changed, tool by tool (as the registry API's diff).
-        row["diff"] = {"against": before["version"], "tools": diff_tools(before["tools"], row["tools"])} if before else None
+        # A pending version of a server with an approved one: what changed, tool by tool, then prompt,
+        # resource, template and instructions (as the registry API's diff).
+        row["diff"] = {"against": before["version"], "tools": diff_tools(before["tools"], row["tools"]),
+                       "offerings": diff_offerings(before["offerings"], row["offerings"] or {})} if before else None
     return page
 
 

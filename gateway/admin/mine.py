@@ -26,15 +26,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.accounts import ROLES, Identity
+from core.accounts import ROLES
 from core.vault import SecretError, SecretInfo, remove_secret, set_secret
 from gateway.admin.console import page_html
 from gateway.admin.pages import Pages, Place, redirect
 from gateway.admin.session import AdminSession, Sessions, check_csrf
 from gateway.secrets_api import MAX_BODY
-from registry import store
-from registry.manifest import ManifestError, parse_manifest
-from sandbox.servers import BUILTIN_SERVERS
+from registry.secret_names import declared_for_user
 
 HOME = "/me"
 PLACE = Place(home=HOME, login="/me/login", template="me_login.html", audit="me",
@@ -57,25 +55,6 @@ class Row:
     """"set by you", "set tenant-wide" or "missing"."""
     version: int | None = None
     updated_at: str | None = None
-
-
-async def declared(conn: psycopg.AsyncConnection, who: Identity) -> dict[str, tuple[str, ...]]:
-    """Server -> the secret names it declares, for each server version approved for `who`."""
-    builtins = {spec.name: spec.secret_names for spec in BUILTIN_SERVERS}
-    found: dict[str, tuple[str, ...]] = {}
-    for approved in await store.approved_for(conn, who.user_id):
-        if approved.builtin:
-            names = builtins.get(approved.prefix, ())
-        else:
-            row = await (await conn.execute("SELECT manifest FROM registry_versions WHERE id = %s",
-                                            (approved.version_id,))).fetchone()
-            try:
-                names = parse_manifest(row[0]).fleet.secrets if row else ()
-            except ManifestError:  # a version that cannot run declares nothing usable
-                names = ()
-        if names:
-            found[approved.server] = tuple(names)
-    return found
 
 
 def rows_of(declares: dict[str, tuple[str, ...]], own: list[SecretInfo], shared: list[SecretInfo]) -> list[Row]:
@@ -118,7 +97,7 @@ class MyPage:
     async def page(self, request: Request, session: AdminSession, conn: psycopg.AsyncConnection, *,
                    error: str = "", status: int = 200) -> Response:
         who = session.identity
-        declares = await declared(conn, who)
+        declares = await declared_for_user(conn, who.user_id)
         try:
             own = await self.sessions.fleet.secrets.list_secrets(who.tenant, who.user)
             shared = await self.sessions.fleet.secrets.list_secrets(who.tenant, None)
@@ -132,7 +111,7 @@ class MyPage:
         form = await request.form()
         server, name, value = _field(form, "server"), _field(form, "name"), form.get("value")
         who = session.identity
-        if name not in (await declared(conn, who)).get(server, ()):
+        if name not in (await declared_for_user(conn, who.user_id)).get(server, ()):
             return await self.page(request, session, conn, status=400,
                                    error=f"No server approved for you declares a secret {name} for {server}.")
         if not isinstance(value, str) or not value or len(value.encode()) > MAX_BODY:

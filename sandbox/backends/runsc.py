@@ -144,7 +144,7 @@ class RunscBackend:
         sentry's shared memory), and runsc 2024-07's sentry then waits on it forever: the call hangs
         and the sandbox stays. The sentry goes first instead (its stubs die with it); the stubs that
         exist already were forked before this and keep their score, as do those they fork later."""
-        for pid, argv in _runsc_processes(self.root):
+        for pid, argv in runsc_processes(self.root):
             if argv[0] == "runsc-sandbox" and any(sandbox_id in arg for arg in argv):
                 with contextlib.suppress(OSError):
                     Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
@@ -274,7 +274,7 @@ class RunscBackend:
     def stray_processes(self, keep: set[str]) -> builtins.list[int]:
         """runsc processes under our root that belong to no sandbox in `keep`."""
         strays = []
-        for pid, argv in _runsc_processes(self.root):
+        for pid, argv in runsc_processes(self.root):
             if not any(sandbox_id in arg for arg in argv for sandbox_id in keep):
                 strays.append(pid)
         return strays
@@ -287,7 +287,7 @@ class RunscBackend:
         return len(strays)
 
     def _processes(self, sandbox_id: str) -> builtins.list[int]:
-        return [pid for pid, argv in _runsc_processes(self.root) if any(sandbox_id in arg for arg in argv)]
+        return [pid for pid, argv in runsc_processes(self.root) if any(sandbox_id in arg for arg in argv)]
 
     def _remove_cgroups(self, sandbox_id: str) -> None:
         relative = f"{self.cgroup_parent}/{sandbox_id}".lstrip("/")
@@ -298,7 +298,7 @@ class RunscBackend:
                     path.rmdir()
 
 
-def _runsc_processes(root: Path) -> list[tuple[int, list[str]]]:
+def runsc_processes(root: Path) -> list[tuple[int, list[str]]]:
     """(pid, argv) of the live runsc processes (gofer, sandbox, commands) that use `root`."""
     marker = f"--root={root}"
     found = []

@@ -1,21 +1,7 @@
-// The console's only script: times shown in the browser's own zone, and setting and deleting secrets
+// The console's script (times are times.js's): setting and deleting secrets
 // through the secrets API (PUT and DELETE, which plain forms cannot send), with the session cookie
 // and its CSRF token. Values are sent once and never read back.
 "use strict";
-
-// The server writes every time as <time datetime="...Z">YYYY-MM-DD HH:MM:SS UTC</time>; here the same
-// instant is written in the browser's zone, named, with the UTC text kept as the tooltip.
-(function localTimes() {
-  const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
-  const two = (n) => String(n).padStart(2, "0");
-  for (const element of document.querySelectorAll("time[datetime]")) {
-    const d = new Date(element.getAttribute("datetime"));
-    if (Number.isNaN(d.getTime())) continue;
-    element.textContent = `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} `
-      + `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())} ${zone}`;
-    element.classList.add("local");
-  }
-})();
 
 const csrf = document.querySelector('meta[name="csrf-token"]').content;
 const status = document.getElementById("status");
@@ -42,7 +28,10 @@ for (const form of document.querySelectorAll("form.secret-set")) {
     const f = new FormData(form);
     const value = form.elements.value;
     try {
-      await call("PUT", `/api/${form.dataset.scope}/${path(f.get("server").trim(), f.get("name").trim())}`, { value: f.get("value") });
+      // Unless ticked, the API refuses a name no approved server declares, and says which are declared.
+      const force = f.get("force") ? "?force=1" : "";
+      await call("PUT", `/api/${form.dataset.scope}/${path(f.get("server").trim(), f.get("name").trim())}${force}`,
+                 { value: f.get("value") });
       value.value = "";
       location.reload();
     } catch (error) {
