@@ -10,13 +10,19 @@ matches when at most `MAX_SHARE` of its pixels differ and its size is the refere
 does not match is written next to the test's output as NAME.actual.png with NAME.diff.png (the
 differing pixels in red over a faded copy), and the failure names both files.
 
-MCPFLEET_UPDATE_SCREENSHOTS=1 writes the shots as the new references instead of comparing.
+MCPFLEET_UPDATE_SCREENSHOTS=1 writes the shots as the new references instead of comparing, and
+records the renderer that took them in tests/screenshots/RENDERER (chromium's major version and the
+Debian release). Another renderer draws text a little differently, so references are compared only
+on the renderer that took them: elsewhere the comparison says so and is skipped (`renderer_mismatch`),
+while the check that a changed style fails compares shots taken in the same run.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +31,7 @@ from PIL import Image, ImageChops
 REFERENCES = Path(__file__).resolve().parent / "screenshots"
 FONTS_CONF = REFERENCES / "fonts.conf"
 UPDATE = os.environ.get("MCPFLEET_UPDATE_SCREENSHOTS") == "1"
+RENDERER_FILE = REFERENCES / "RENDERER"
 PIXEL_THRESHOLD = 40
 MAX_SHARE = 0.002
 
@@ -40,13 +47,36 @@ class Comparison:
     diff: Path | None = None
 
 
+def renderer(chromium: str) -> str:
+    """'chromium-MAJOR debian-RELEASE': what decides how the references look."""
+    version = subprocess.run([chromium, "--version"], capture_output=True, text=True, check=True).stdout
+    major = re.search(r"(\d+)\.\d+\.\d+", version)
+    release = ""
+    if Path("/etc/debian_version").exists():
+        release = Path("/etc/debian_version").read_text().strip().split(".")[0]
+    return f"chromium-{major.group(1) if major else 'unknown'} debian-{release or 'unknown'}"
+
+
+def renderer_mismatch(chromium: str) -> str | None:
+    """Why the references cannot be compared on this machine, or None when they can (or are being made)."""
+    if UPDATE:
+        RENDERER_FILE.write_text(renderer(chromium) + "\n")
+        return None
+    taken = RENDERER_FILE.read_text().strip() if RENDERER_FILE.exists() else "an unrecorded renderer"
+    here = renderer(chromium)
+    if taken == here:
+        return None
+    return (f"the references were taken with {taken} and this machine has {here}: "
+            "MCPFLEET_UPDATE_SCREENSHOTS=1 takes references for it")
+
+
 def compare(name: str, shot: bytes, out_dir: Path, *, threshold: int = PIXEL_THRESHOLD, max_share: float = MAX_SHARE,
-            update: bool = UPDATE) -> Comparison:
-    """Compare a PNG screenshot with tests/screenshots/NAME.png (or, with `update`, make it the reference)."""
-    reference = REFERENCES / f"{name}.png"
+            update: bool = UPDATE, references: Path = REFERENCES) -> Comparison:
+    """Compare a PNG screenshot with REFERENCES/NAME.png (or, with `update`, make it the reference)."""
+    reference = references / f"{name}.png"
     actual = Image.open(io.BytesIO(shot)).convert("RGB")
     if update:
-        REFERENCES.mkdir(exist_ok=True)
+        references.mkdir(exist_ok=True)
         actual.save(reference, optimize=True)
         return Comparison(name, True, 0, 0.0, f"{reference} written")
     if not reference.exists():
