@@ -14,6 +14,7 @@ from typing import Any
 from sandbox import wire
 from sandbox.supervisor.child import ChildServer, log
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig
+from sandbox.supervisor.forks import ForkServer
 from sandbox.supervisor.init import run_as_init
 from sandbox.supervisor.link import Link, Listener
 from sandbox.supervisor.models import ModelEndpoint
@@ -28,6 +29,7 @@ class Supervisor:
         self.config = config
         self.uids = ServerUids(config.server_uids, config.server_gid)
         self.uids.prepare()
+        self.forks = ForkServer(config.fork_modules)
         self.proxy = EgressProxy(self.emit, self._pid_of, lambda: self.link.connected)
         self.models = ModelEndpoint(self.emit, self._pid_of, lambda: self.link.connected)
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
@@ -179,6 +181,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         self._serve_endpoints()
+        if self.forks.modules:
+            self.forks.start()  # its imports go on while the servers that are executed start
         self._runs = {name: asyncio.create_task(child.run()) for name, child in self.children.items()}
         # The first hello should say how every server fared, so connect once all have settled.
         await asyncio.gather(*(child.wait_settled() for child in self.children.values()))
@@ -190,6 +194,7 @@ class Supervisor:
         self.proxy.close()
         self.models.close()
         await asyncio.gather(*(child.stop() for child in self.children.values()))
+        await asyncio.to_thread(self.forks.close)
         for task in self._runs.values():
             task.cancel()
         await asyncio.gather(link, *self._runs.values(), return_exceptions=True)
