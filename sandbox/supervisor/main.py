@@ -180,6 +180,7 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        log(f"up at {time.time():.3f}")  # wall clock, which gVisor shares with the host: for bench/sandbox_lifecycle.py
         self._serve_endpoints()
         if self.forks.modules:
             self.forks.start()  # its imports go on while the servers that are executed start
