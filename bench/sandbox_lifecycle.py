@@ -14,6 +14,12 @@ then the pinned 2024-07 runsc on systrap when scripts/setup.sh has unpacked it) 
 turn in the same run, each with its own runsc root and cgroup parent, and a last table sets them
 side by side, as ratios to the first.
 
+Each gVisor is measured twice by default (--fork-server both): with each built-in server executed
+as a Python of its own (MCPFLEET_FORK_SERVER=0, the baseline), then with them forked from the
+sandbox's fork server (sandbox/supervisor/zygote.py). Each run also says where its cold starts went:
+`runsc run`, the supervisor up after it, each server from its start to its answer to `initialize`
+(from the supervisor's log in the sandbox's console.log).
+
 The first gVisor is measured a second time with its checkpoint images sealed (core.sealed_images,
 as the fleet does), against an embedded OpenBao the bench starts under its temporary home and
 stops at the end: hibernate and resume then include the seal and unseal, whose own seconds are
