@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,14 @@ def test_the_built_in_servers_are_forked_unless_turned_off(monkeypatch):
     assert fork_modules() == ["mcp_servers.workspace", "mcp_servers.exec", "mcp_servers.conformance"]
     monkeypatch.setenv(FORK_SERVER_SETTING, "0")
     assert fork_modules() == []
+
+
+def test_the_fork_server_may_import_each_forked_modules_main():
+    """It does (sandbox/supervisor/zygote.py, `preload`): their `main()` must run only as __main__."""
+    code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m + '.__main__')\nprint('imported')"
+    done = subprocess.run([sys.executable, "-c", code, *fork_modules()], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (0, "imported\n"), done.stderr
 
 
 def test_what_is_forked_and_what_is_executed():

@@ -56,7 +56,9 @@ class Child:
 def preload(modules: list[str]) -> None:
     """Import what every forked server would import on its own; a module that fails to import is
     left to its server, which then fails as it would have without the fork server."""
-    for name in ["mcp.server.mcpserver", "mcp.server.stdio", "anyio", *modules]:
+    # A module's __main__ too, as a module of its own name: what `python -m` runs imports what it
+    # needs, and its `main()` runs only under the name __main__ (the built-in servers' are guarded so).
+    for name in ["mcp.server.mcpserver", "mcp.server.stdio", "anyio", *modules, *(f"{m}.__main__" for m in modules)]:
         try:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - any error of a module's import is its server's to report
