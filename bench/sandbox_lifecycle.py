@@ -362,7 +362,8 @@ async def bench(
     images = TimedSealer(SealedImages(secrets), samples) if config.sealed and secrets else None
     if config.sealed and images is None:
         raise RuntimeError("a sealed configuration without a secret store")
-    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle, images=images)
+    servers = [s for s in BUILTIN_SERVERS if not args.servers or s.name in args.servers.split(",")]
+    manager = SandboxManager(home, pool, backend, servers, lifecycle=lifecycle, images=images)
     try:
         await manager.start()
         users = Users(manager, prefix=f"g{index}-")
@@ -453,6 +454,10 @@ if __name__ == "__main__":
         help="each gVisor with its servers executed (the baseline) and forked from the fork server (default both)",
     )
     cli.add_argument(
+        "--servers", default="", metavar="NAME,...",
+        help="only these built-in servers (default all; the workspace server answers the first call)",
+    )
+    cli.add_argument(
         "--timeout",
         type=float,
         default=1800.0,
@@ -477,7 +482,7 @@ if __name__ == "__main__":
         f"# Sandbox lifecycle on runsc ({os.cpu_count()} CPUs, {mem_info('MemTotal') / 2**30:.1f} GiB)\n"
     )
     print(
-        f"--runs {args.runs} --density {args.density}; load average before (1, 5, 15 min): {load}; "
+        f"--runs {args.runs} --density {args.density} --servers {args.servers or 'all'}; load average before (1, 5, 15 min): {load}; "
         f"first tool result = `{FIRST_CALL[0]}` `{FIRST_CALL[1]}`; home {home}{' (kept)' if args.keep else ''}"
     )
     asyncio.run(main(home, url, args))
