@@ -87,8 +87,11 @@ Process = subprocess.Popen[bytes] | ForkedProcess
 
 
 class ForkServer:
-    def __init__(self, modules: list[str]):
+    def __init__(self, modules: list[str], umask: int = -1):
+        """`umask`: the servers' (-1: the supervisor's), the fork server's too, since a module may read
+        it at import (the workspace server does: `os.umask` can only be read by setting it)."""
         self.modules = list(modules)
+        self.umask = umask
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -178,7 +181,7 @@ class ForkServer:
         try:
             argv = [sys.executable, *PYTHON_FLAGS, "-m", ZYGOTE, str(theirs.fileno()), *self.modules]
             # The sandbox's common environment only, as the launcher's: no server's own (`zygote`).
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), umask=self.umask)
         finally:
             theirs.close()
         self._sock = ours

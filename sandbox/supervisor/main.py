@@ -19,7 +19,7 @@ from sandbox.supervisor.init import run_as_init
 from sandbox.supervisor.link import Link, Listener
 from sandbox.supervisor.models import ModelEndpoint
 from sandbox.supervisor.proxy import EgressProxy
-from sandbox.supervisor.uids import ServerUids
+from sandbox.supervisor.uids import SERVER_UMASK, ServerUids
 
 
 class Supervisor:
@@ -29,7 +29,7 @@ class Supervisor:
         self.config = config
         self.uids = ServerUids(config.server_uids, config.server_gid)
         self.uids.prepare()
-        self.forks = ForkServer(config.fork_modules)
+        self.forks = ForkServer(config.fork_modules, SERVER_UMASK if self.uids.enabled else -1)
         self.proxy = EgressProxy(self.emit, self._pid_of, lambda: self.link.connected)
         self.models = ModelEndpoint(self.emit, self._pid_of, lambda: self.link.connected)
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
