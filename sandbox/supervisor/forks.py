@@ -87,11 +87,14 @@ Process = subprocess.Popen[bytes] | ForkedProcess
 
 
 class ForkServer:
-    def __init__(self, modules: list[str], umask: int = -1):
+    def __init__(self, modules: list[str], umask: int = -1, preload: list[str] | None = None):
         """`umask`: the servers' (-1: the supervisor's), the fork server's too, since a module may read
-        it at import (the workspace server does: `os.umask` can only be read by setting it)."""
+        it at import (the workspace server does: `os.umask` can only be read by setting it).
+        `preload`: the modules it imports before its first fork (default all); a module not among them
+        (a server configured later) is imported by its server after the fork."""
         self.modules = list(modules)
         self.umask = umask
+        self.preload = self.modules if preload is None else [m for m in preload if m in self.modules]
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -179,7 +182,7 @@ class ForkServer:
             return self._sock
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            argv = [sys.executable, *PYTHON_FLAGS, "-m", ZYGOTE, str(theirs.fileno()), *self.modules]
+            argv = [sys.executable, *PYTHON_FLAGS, "-m", ZYGOTE, str(theirs.fileno()), *self.preload]
             # The sandbox's common environment only, as the launcher's: no server's own (`zygote`).
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), umask=self.umask)
         finally:

@@ -29,7 +29,10 @@ class Supervisor:
         self.config = config
         self.uids = ServerUids(config.server_uids, config.server_gid)
         self.uids.prepare()
-        self.forks = ForkServer(config.fork_modules, SERVER_UMASK if self.uids.enabled else -1)
+        # Only the modules of the servers it runs now: a sandbox without the conformance fixture
+        # should not pay for its import.
+        used = [m for m in config.fork_modules if any(m in s.argv for s in config.servers)]
+        self.forks = ForkServer(config.fork_modules, SERVER_UMASK if self.uids.enabled else -1, preload=used)
         self.proxy = EgressProxy(self.emit, self._pid_of, lambda: self.link.connected)
         self.models = ModelEndpoint(self.emit, self._pid_of, lambda: self.link.connected)
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
