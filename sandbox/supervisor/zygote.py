@@ -19,6 +19,13 @@ The child does what `subprocess.Popen` with `user`, `group`, `extra_groups=[]`, 
 `start_new_session` does before executing, then what the launcher does after: its environment
 from the pipe, then the module as `python -m` runs it. It runs the server at the top of this
 module's `main`, out of the request loop, so the interpreter ends as it would after `python -m`.
+
+What a module computes at import from its process is the fork server's, not its server's: so the
+fork server runs with the servers' umask (the workspace server reads it at import); its uid,
+environment and pid are root's and the common ones, and no built-in module reads them at import.
+Forked servers share the fork server's address layout and hash seed (an executed one has its own).
+Under gVisor a forked server shares few pages with the fork server for long: gVisor breaks
+copy-on-write 2 MiB at a time, and Python writes to most of its pages (reference counts).
 """
 
 from __future__ import annotations
