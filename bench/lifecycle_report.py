@@ -26,6 +26,12 @@ class Samples:
     pss_mib: list[float] = field(default_factory=list)
     seal_ms: list[float] = field(default_factory=list)
     unseal_ms: list[float] = field(default_factory=list)
+    runsc_run_ms: list[float] = field(default_factory=list)
+    last_runsc_run: tuple[float, float] = (0.0, 0.0)
+    """The last `runsc run`'s milliseconds and the wall clock when it returned."""
+    ensure_ms: list[float] = field(default_factory=list)
+    supervisor_up_ms: list[float] = field(default_factory=list)
+    servers_ready_ms: dict[str, list[float]] = field(default_factory=dict)
     warm_misses: int = 0
     """Claims that started cold after all (the pooled sandbox was not the one handed out)."""
 
@@ -35,6 +41,8 @@ class Config:
     gvisor: Gvisor
     sealed: bool = False
     """Checkpoint images sealed with data keys from the bench's embedded OpenBao."""
+    fork_server: bool = True
+    """The built-in servers forked from the sandbox's fork server (`MCPFLEET_FORK_SERVER`), else each executed."""
 
 
 @dataclass
@@ -96,6 +104,36 @@ MEASURES: list[tuple[str, str, str, str, bool]] = [
     ("rss_mib", "idle running sandbox, RSS sum of its runsc processes", "MiB", "≤ 40 MB (38.1 MiB)", False),
     ("pss_mib", "idle running sandbox, PSS of the same processes", "MiB", "≤ 40 MB (38.1 MiB)", False),
 ]
+
+
+def cold_parts(samples: Samples, console: str) -> None:
+    """What the supervisor's log (the sandbox's console.log) says of its cold start: how long after the
+    `runsc run` returned it was up, and each server's start to its answer to `initialize`."""
+    took, returned_at = samples.last_runsc_run
+    samples.runsc_run_ms.append(took)
+    for line in console.splitlines():
+        if line.startswith("supervisor: up at "):
+            samples.supervisor_up_ms.append((float(line.split()[3]) - returned_at) * 1e3)
+        elif line.startswith("supervisor: server ") and " ready in " in line:
+            words = line.split()
+            samples.servers_ready_ms.setdefault(f"{words[2]} ({words[-1].strip('()')})", []).append(float(words[5]))
+
+
+def report_parts(samples: Samples) -> None:
+    print("\n### Where a cold start goes (medians of the cold starts above)\n")
+    print("| part | median | p99 | n |")
+    print("|---|---|---|---|")
+    parts = [
+        ("`manager.ensure` (prepare: database, workspace image, bundle; runsc run; supervisor hello)", samples.ensure_ms),
+        ("of which `runsc run --detach` (create and start of the sandbox)", samples.runsc_run_ms),
+        ("of which the supervisor up after `runsc run` returned (Python start, its imports)", samples.supervisor_up_ms),
+        *((f"of which server {name}: start → `initialize` answered", values)
+          for name, values in sorted(samples.servers_ready_ms.items())),
+        ("first tool result after `ensure` returned", [c - e for c, e in zip(samples.cold_ms, samples.ensure_ms)]),
+    ]
+    for what, values in parts:
+        if values:
+            print(f"| {what} | {statistics.median(values):,.0f} ms | {p99(values):,.0f} ms | {len(values)} |")
 
 
 def report(samples: Samples, dense: Density | None, home: Path) -> None:
@@ -183,6 +221,6 @@ def compare(results: list[tuple[Config, Samples]]) -> None:
 def label(config: Config) -> str:
     gvisor = config.gvisor
     return (f"runsc {gvisor.release or '?'} {gvisor.platform}" + (" uncompressed" if gvisor.uncompressed_checkpoints else "")
-            + (" sealed" if config.sealed else ""))
+            + (" sealed" if config.sealed else "") + ("" if config.fork_server else " executed"))
 
 

@@ -14,13 +14,20 @@ then the pinned 2024-07 runsc on systrap when scripts/setup.sh has unpacked it) 
 turn in the same run, each with its own runsc root and cgroup parent, and a last table sets them
 side by side, as ratios to the first.
 
+Each gVisor is measured twice by default (--fork-server both): with each built-in server executed
+as a Python of its own (MCPFLEET_FORK_SERVER=0, the baseline), then with them forked from the
+sandbox's fork server (sandbox/supervisor/zygote.py). Each run also says where its cold starts went:
+`runsc run`, the supervisor up after it, each server from its start to its answer to `initialize`
+(from the supervisor's log in the sandbox's console.log).
+
 The first gVisor is measured a second time with its checkpoint images sealed (core.sealed_images,
 as the fleet does), against an embedded OpenBao the bench starts under its temporary home and
 stops at the end: hibernate and resume then include the seal and unseal, whose own seconds are
 shown too (--no-sealed skips it; a seal or unseal that fails, or an image left in the clear,
 stops the bench).
 
-    .venv/bin/python bench/sandbox_lifecycle.py [--runs 5] [--density 10] [--gvisor runsc:ptrace ...] [--no-sealed] [--keep]
+    .venv/bin/python bench/sandbox_lifecycle.py [--runs 5] [--density 10] [--gvisor runsc:ptrace ...] [--fork-server both|on|off]
+        [--no-sealed] [--keep]
 
 p99 is nearest-rank: with fewer than 100 samples it is the slowest one.
 """
@@ -38,13 +45,25 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import hvac
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lifecycle_report import Config, Density, MiB, Samples, compare, label, mem_info, report  # beside this script
+from lifecycle_report import (  # beside this script
+    Config,
+    Density,
+    MiB,
+    Samples,
+    cold_parts,
+    compare,
+    label,
+    mem_info,
+    report,
+    report_parts,
+)
 
 from core.accounts import add_user
 from core.db import migrate, open_pool, start_embedded
@@ -52,13 +71,14 @@ from core.openbao import EmbeddedOpenBao
 from core.sealed_images import KEY_FILE, SUFFIX, SealedImages
 from core.vault import MOUNT, SecretStore
 from sandbox import store
+from sandbox.backends.base import SandboxSpec
 from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend, descendant_pids
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.factory import sandbox_python
 from sandbox.gvisor import PINNED_RUNSC, Gvisor, choose
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
 from sandbox.memory import pss_bytes
-from sandbox.servers import BUILTIN_SERVERS
+from sandbox.servers import BUILTIN_SERVERS, FORK_SERVER_SETTING
 from sandbox.steps import ImageSealer
 
 TENANT = "bench"
@@ -96,6 +116,17 @@ async def first_result(sandbox: Sandbox) -> dict:
     if result.get("isError"):
         raise RuntimeError(f"{server}/{tool} failed: {result}")
     return result
+
+
+def timed(start: Callable[[SandboxSpec], Awaitable[None]], samples: Samples) -> Callable[[SandboxSpec], Awaitable[None]]:
+    """`backend.start` (runsc run), keeping how long each took and when it returned."""
+
+    async def start_timed(spec: SandboxSpec) -> None:
+        started = time.perf_counter()
+        await start(spec)
+        samples.last_runsc_run = (ms_since(started), time.time())
+
+    return start_timed
 
 
 def ms_since(started: float) -> float:
@@ -169,8 +200,10 @@ async def lifecycle_runs(
         user = await users.new("cold")
         started = time.perf_counter()
         sandbox = await manager.ensure(*user)
+        samples.ensure_ms.append(ms_since(started))
         await first_result(sandbox)
         samples.cold_ms.append(ms_since(started))
+        cold_parts(samples, (sandbox.layout.dir / "console.log").read_text(errors="replace"))
 
         for _ in range(BASELINE_CALLS):
             started = time.perf_counter()
@@ -264,10 +297,12 @@ async def density(manager: SandboxManager, users: Users, n: int) -> Density:
     return found
 
 
-def configs(gvisors: list[Gvisor], sealed: bool) -> list[Config]:
-    """Each gVisor, and the first one again sealed right after it (so the two sit side by side)."""
-    found = [Config(g) for g in gvisors]
-    return found[:1] + [Config(gvisors[0], sealed=True)] + found[1:] if sealed else found
+def configs(gvisors: list[Gvisor], sealed: bool, fork_server: str) -> list[Config]:
+    """Each gVisor, with its servers executed (the baseline) and forked from the fork server, as
+    `fork_server` says; and the first one again sealed right after it (so the two sit side by side)."""
+    forks = {"both": (False, True), "on": (True,), "off": (False,)}[fork_server]
+    found = [Config(g, fork_server=f) for g in gvisors for f in forks]
+    return found[:1] + [Config(gvisors[0], sealed=True, fork_server=forks[-1])] + found[1:] if sealed else found
 
 
 def gvisors(given: list[str]) -> list[Gvisor]:
@@ -299,21 +334,24 @@ async def bench(
     print(f"\n## {label(config)} ({gvisor.runsc})\n")
     home = home / f"g{index}"  # short: the channel's socket path must stay within 107 bytes
     pool = await open_pool(url)
+    samples, dense = Samples(), None
     cgroup_parent = f"/mcpfleet-bench-{os.getpid()}-{index}"
     backend = RunscBackend(
         home / "runsc", runsc=gvisor.runsc, platform=gvisor.platform, cgroup_parent=cgroup_parent, python=sandbox_python()
     )
+    os.environ[FORK_SERVER_SETTING] = "1" if config.fork_server else "0"  # read where each sandbox's config is written
+    backend.start = timed(backend.start, samples)  # type: ignore[method-assign]
     # No housekeeping during the bench: nothing should hibernate or reclaim on its own.
     lifecycle = Lifecycle(
         warm_pool_size=0,
         max_running=max(50, args.density + 2),
         housekeeping_interval_s=3600.0,
     )
-    samples, dense = Samples(), None
     images = TimedSealer(SealedImages(secrets), samples) if config.sealed and secrets else None
     if config.sealed and images is None:
         raise RuntimeError("a sealed configuration without a secret store")
-    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle, images=images)
+    servers = [s for s in BUILTIN_SERVERS if not args.servers or s.name in args.servers.split(",")]
+    manager = SandboxManager(home, pool, backend, servers, lifecycle=lifecycle, images=images)
     try:
         await manager.start()
         users = Users(manager, prefix=f"g{index}-")
@@ -335,6 +373,7 @@ async def bench(
         await pool.close()
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
         report(samples, dense, home)
+        report_parts(samples)
     return samples
 
 
@@ -362,7 +401,7 @@ async def run(home: Path, url: str, args: argparse.Namespace, bao: EmbeddedOpenB
     try:
         async with asyncio.timeout(args.timeout):
             results = []
-            for index, config in enumerate(configs(gvisors(args.gvisor), sealed=args.sealed)):
+            for index, config in enumerate(configs(gvisors(args.gvisor), args.sealed, args.fork_server)):
                 secrets = await asyncio.to_thread(vault, home, bao) if config.sealed else None
                 results.append((config, await bench(home, url, args, config, index, secrets)))
         if len(results) > 1:
@@ -399,6 +438,14 @@ if __name__ == "__main__":
         help="skip the first gVisor's second run with sealed checkpoint images",
     )
     cli.add_argument(
+        "--fork-server", choices=("both", "on", "off"), default="both",
+        help="each gVisor with its servers executed (the baseline) and forked from the fork server (default both)",
+    )
+    cli.add_argument(
+        "--servers", default="", metavar="NAME,...",
+        help="only these built-in servers (default all; the workspace server answers the first call)",
+    )
+    cli.add_argument(
         "--timeout",
         type=float,
         default=1800.0,
@@ -423,7 +470,7 @@ if __name__ == "__main__":
         f"# Sandbox lifecycle on runsc ({os.cpu_count()} CPUs, {mem_info('MemTotal') / 2**30:.1f} GiB)\n"
     )
     print(
-        f"--runs {args.runs} --density {args.density}; load average before (1, 5, 15 min): {load}; "
+        f"--runs {args.runs} --density {args.density} --servers {args.servers or 'all'}; load average before (1, 5, 15 min): {load}; "
         f"first tool result = `{FIRST_CALL[0]}` `{FIRST_CALL[1]}`; home {home}{' (kept)' if args.keep else ''}"
     )
     asyncio.run(main(home, url, args))

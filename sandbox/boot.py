@@ -17,7 +17,7 @@ from sandbox.backends.base import SandboxBackend, SandboxSpec
 from sandbox.bundle import SERVER_UIDS
 from sandbox.client import SupervisorClient
 from sandbox.layout import SandboxLayout, make_channel, write_token
-from sandbox.servers import ServerSpec, server_configs, without_secrets
+from sandbox.servers import ServerSpec, fork_modules, server_configs, without_secrets
 from sandbox.supervisor.config import SupervisorConfig
 
 START_BOOST_S = 10.0
@@ -50,6 +50,7 @@ def prepare(
         token=token,
         server_uids=SERVER_UIDS,
         server_gid=gid,
+        fork_modules=fork_modules(),
     )
     config.write(channel / wire.CONFIG_NAME, owner=(uid, gid))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,18 @@ BUILTIN_SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("exec", ("python", "-m", "mcp_servers.exec")),
     ServerSpec("conformance", ("python", "-m", "mcp_servers.conformance")),
 )
+
+FORK_SERVER_SETTING = "MCPFLEET_FORK_SERVER"
+
+
+def fork_modules() -> list[str]:
+    """The built-in servers' modules: in a sandbox, those servers are forked from one fork server that
+    imported them and the `mcp` SDK once (`sandbox.supervisor.forks`). None when MCPFLEET_FORK_SERVER
+    is 0: each is executed as a Python of its own, as before (the baseline of bench/sandbox_lifecycle.py)."""
+    if os.environ.get(FORK_SERVER_SETTING, "1").lower() in ("0", "false", "no", "off"):
+        return []
+    return [s.argv[2] for s in BUILTIN_SERVERS if s.argv[:2] == ("python", "-m")]
+
 
 FIXTURE_SERVERS = frozenset({"conformance"})
 """Built-in servers that are test fixtures, not product: a tenant runs them only when enabled."""

@@ -16,12 +16,12 @@ import asyncio
 import collections
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from sandbox import wire
+from sandbox.supervisor import forks
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig, python_argv
 from sandbox.supervisor.pipes import PipeReader, Pipes
 
@@ -105,7 +105,7 @@ class ChildServer:
         self.error: str | None = None
         self._ready = asyncio.Event()
         self._settled = asyncio.Event()  # set whenever state is not "starting"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: forks.Process | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._pipes: Pipes | None = None
         self._next_id = 0
@@ -165,20 +165,12 @@ class ChildServer:
         self.initialize_result = None
         self._stderr_tail.clear()
         loop = asyncio.get_running_loop()
+        began = time.monotonic()
         try:
-            start = self._supervisor.uids.start(self.name, python_argv(self.config.argv), dict(os.environ), self._own_env)
-            try:
-                proc = subprocess.Popen(
-                    start.argv,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    cwd=self.config.cwd,
-                    start_new_session=True,  # its own process group, so it is killed with its children
-                    **start.options,  # its own uid, environment and private dir
-                )
-            finally:
-                start.close()
+            proc = await forks.start_server(
+                self._supervisor.forks, self._supervisor.uids, self.name, python_argv(self.config.argv), self.config.cwd,
+                self._own_env,
+            )
         except (OSError, RuntimeError) as exc:
             failure = f"could not be started: {exc}"
             self._set_state("failed", failure)
@@ -200,6 +192,8 @@ class ChildServer:
         try:
             reason = await self._initialize(pipes)
             if reason is None:
+                how = "forked" if isinstance(proc, forks.ForkedProcess) else "executed"
+                log(f"server {self.name} ready in {(time.monotonic() - began) * 1e3:.0f} ms ({how})")
                 self._set_state("ready")
             else:
                 self.kill()

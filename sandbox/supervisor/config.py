@@ -70,6 +70,9 @@ class SupervisorConfig:
     server reads another's environment, memory or files nor signals it; 0: they run as the supervisor."""
     server_gid: int = 0
     """Their shared group, the workspace's: what one server writes there the others may change."""
+    fork_modules: list[str] = field(default_factory=list)
+    """Modules (`python -m MODULE`) whose servers are forked from one fork server that imported them
+    and the `mcp` SDK once (`forks`), rather than each executed as a Python of its own; empty: none."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -42,7 +42,11 @@ def main() -> None:
     if len(sys.argv) < 3 or not runnable(sys.argv[2:]):
         sys.exit("usage: python -m sandbox.supervisor.launch FD (-m MODULE | -c CODE | SCRIPT) [ARG...]")
     os.environ.update(read_environment(int(sys.argv[1])))
-    argv = sys.argv[2:]
+    run(sys.argv[2:])
+
+
+def run(argv: list[str]) -> None:
+    """Run `-m MODULE`, `-c CODE` or a script, each with its arguments, as the interpreter would."""
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]  # runpy puts the module's path first, as `python -m` does
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)

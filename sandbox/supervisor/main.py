@@ -14,11 +14,12 @@ from typing import Any
 from sandbox import wire
 from sandbox.supervisor.child import ChildServer, log
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig
+from sandbox.supervisor.forks import ForkServer
 from sandbox.supervisor.init import run_as_init
 from sandbox.supervisor.link import Link, Listener
 from sandbox.supervisor.models import ModelEndpoint
 from sandbox.supervisor.proxy import EgressProxy
-from sandbox.supervisor.uids import ServerUids
+from sandbox.supervisor.uids import SERVER_UMASK, ServerUids
 
 
 class Supervisor:
@@ -28,6 +29,10 @@ class Supervisor:
         self.config = config
         self.uids = ServerUids(config.server_uids, config.server_gid)
         self.uids.prepare()
+        # Only the modules of the servers it runs now: a sandbox without the conformance fixture
+        # should not pay for its import.
+        used = [m for m in config.fork_modules if any(m in s.argv for s in config.servers)]
+        self.forks = ForkServer(config.fork_modules, SERVER_UMASK if self.uids.enabled else -1, preload=used)
         self.proxy = EgressProxy(self.emit, self._pid_of, lambda: self.link.connected)
         self.models = ModelEndpoint(self.emit, self._pid_of, lambda: self.link.connected)
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
@@ -178,7 +183,10 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        log(f"up at {time.time():.3f}")  # wall clock, which gVisor shares with the host: for bench/sandbox_lifecycle.py
         self._serve_endpoints()
+        if self.forks.modules:
+            self.forks.start()  # its imports go on while the servers that are executed start
         self._runs = {name: asyncio.create_task(child.run()) for name, child in self.children.items()}
         # The first hello should say how every server fared, so connect once all have settled.
         await asyncio.gather(*(child.wait_settled() for child in self.children.values()))
@@ -190,6 +198,7 @@ class Supervisor:
         self.proxy.close()
         self.models.close()
         await asyncio.gather(*(child.stop() for child in self.children.values()))
+        await asyncio.to_thread(self.forks.close)
         for task in self._runs.values():
             task.cancel()
         await asyncio.gather(link, *self._runs.values(), return_exceptions=True)

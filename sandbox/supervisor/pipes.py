@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sandbox import wire
+
+if TYPE_CHECKING:
+    from sandbox.supervisor.forks import ForkedProcess
 
 
 class PipeOwner(Protocol):
@@ -68,7 +71,7 @@ class Pipes:
         if not self._exited.done():
             self._exited.set_result(None)
 
-    def watch(self, proc: subprocess.Popen[bytes]) -> None:
+    def watch(self, proc: subprocess.Popen[bytes] | ForkedProcess) -> None:
         """Wait for the child in a thread (what asyncio's own child watcher does, too)."""
         loop = asyncio.get_running_loop()
 

@@ -78,16 +78,7 @@ class ServerUids:
         uid = self.uid_of(name)
         if uid is None:
             return Start(argv, {"env": {**common_env, **own_env}})
-        private = os.path.join(self.private_root, name)
-        try:
-            os.mkdir(private, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(private)
-        if not stat.S_ISDIR(st.st_mode):
-            raise RuntimeError(f"{private} is not a directory")
-        os.chown(private, uid, 0)
-        os.chmod(private, 0o700)
+        private = self.private_dir(name, uid)
         options: dict[str, Any] = {"user": uid, "group": self.gid, "extra_groups": [], "umask": SERVER_UMASK}
         common_env = {**common_env, "TMPDIR": private}
         if not (_PYTHON.match(os.path.basename(argv[0])) and launch.runnable(argv[1 + _flags(argv):])):
@@ -103,6 +94,20 @@ class ServerUids:
         at = 1 + _flags(argv)
         launcher = [*argv[:at], "-m", LAUNCHER, str(read_end), *argv[at:]]
         return Start(launcher, {**options, "env": common_env, "pass_fds": (read_end,)}, (read_end,))
+
+    def private_dir(self, name: str, uid: int) -> str:
+        """/tmp/.servers/NAME, the server's alone (0700), made anew if anything else holds the name."""
+        private = os.path.join(self.private_root, name)
+        try:
+            os.mkdir(private, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(private)
+        if not stat.S_ISDIR(st.st_mode):
+            raise RuntimeError(f"{private} is not a directory")
+        os.chown(private, uid, 0)
+        os.chmod(private, 0o700)
+        return private
 
 
 @dataclass
