@@ -248,7 +248,8 @@ class Registry:
 
     # -- publish and validate ---------------------------------------------------------------
 
-    async def publish(self, who: Identity, document: dict[str, Any], wheel: bytes) -> dict[str, Any]:
+    async def publish(self, who: Identity, document: dict[str, Any], wheel: bytes, *, manifest_source: str = "") -> dict[str, Any]:
+        """`manifest_source`: where an onboarded package's server.json came from (registry.onboard_manifest)."""
         try:
             manifest = parse_manifest(document)
         except ManifestError as exc:
@@ -271,11 +272,12 @@ class Registry:
                 artifact_sha256=sha256,
                 artifact_bytes=len(wheel),
             )
-        self._spawn(self._validate(who, version_id, manifest, sha256))
+        self._spawn(self._validate(who, version_id, manifest, sha256, manifest_source))
         return {"name": manifest.name, "version": manifest.version, "status": "validating", "artifact_sha256": sha256}
 
-    async def _validate(self, who: Identity, version_id: int, manifest: Manifest, sha256: str) -> None:
-        checks: list[dict[str, Any]] = [{"check": "manifest", "ok": True, "detail": "server.json is valid", "findings": []}]
+    async def _validate(self, who: Identity, version_id: int, manifest: Manifest, sha256: str, source: str = "") -> None:
+        checks: list[dict[str, Any]] = [{"check": "manifest", "ok": True, "detail": "server.json is valid" + (f", {source}" if source else ""),
+                                         "findings": [], "source": source or "the upload"}]
         trial = TrialResult()
         try:
             package = await asyncio.to_thread(self._check_package, manifest, sha256)
