@@ -79,14 +79,20 @@ def in_sdist(name: str, version: str, *, index: str = PYPI_JSON, timeout: float 
     """The server.json at the root of the release's sdist, as the index's JSON API names it (its
     sha256 checked). None when there is no sdist or it has none; SdistUnavailable when it cannot be
     fetched; OnboardError when what it holds is refused."""
-    api = f"{index.rstrip('/')}/{canonicalize_name(name)}/{version}/json"
+    project = f"{index.rstrip('/')}/{canonicalize_name(name)}"
     try:
         with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+            api = f"{project}/{version}/json"
             answer = client.get(api)
-            if answer.status_code == 404:
-                return None
+            if answer.status_code == 404:  # a mirror without the per-release API: the project's, by version
+                api = f"{project}/json"
+                answer = client.get(api)
+                if answer.status_code == 404:
+                    return None
             answer.raise_for_status()
-            sdists = [u for u in answer.json().get("urls") or [] if u.get("packagetype") == "sdist"
+            described = answer.json()
+            files = described.get("urls") if api.endswith(f"/{version}/json") else (described.get("releases") or {}).get(version)
+            sdists = [u for u in files or [] if isinstance(u, dict) and u.get("packagetype") == "sdist"
                       and str(u.get("filename", "")).endswith(".tar.gz")]
             if not sdists:
                 return None

@@ -136,6 +136,26 @@ def test_an_sdists_server_json_is_found_at_its_root_and_checked(index):
         in_sdist("shipped-server", "4.0", index=url)
     with pytest.raises(SdistUnavailable):
         in_sdist("shipped-server", "1.0", index="http://127.0.0.1:9/pypi", timeout=5)
+    # A mirror without the per-release API: the project's, by version.
+    publish_sdist(root, "5.0", {"shipped_server-5.0/server.json": json.dumps(shipped_json(version="5.0")).encode()})
+    release = root / "pypi" / "shipped-server" / "5.0"
+    (root / "pypi" / "shipped-server" / "json").write_text(json.dumps({"releases": {"5.0": json.loads((release / "json").read_text())["urls"]}})
+                                                           .replace("../../../files/", "../../files/"))
+    (release / "json").unlink()
+    release.rmdir()
+    found = in_sdist("shipped-server", "5.0", index=url)
+    assert found is not None and found.document["version"] == "5.0"
+
+
+def test_a_real_package_that_ships_its_server_json_in_its_sdist():
+    """albumentationsx-mcp on PyPI ships the server.json it is in the official registry with."""
+    try:
+        onboarded = fetch_pypi("pypi:albumentationsx-mcp==1.21.1", current_python())
+    except OnboardError as exc:
+        pytest.skip(f"PyPI cannot be reached: {exc}")
+    assert onboarded.manifest_source == "taken from the sdist albumentationsx_mcp-1.21.1.tar.gz (albumentationsx_mcp-1.21.1/server.json)"
+    assert onboarded.manifest["name"] == "io.github.dKosarevsky/albu-mcp"
+    assert onboarded.manifest["_meta"]["io.mcpfleet"] == {"command": "albumentationsx-mcp"}
 
 
 def test_an_npm_packages_server_json_must_be_its_own(tmp_path):
