@@ -28,7 +28,7 @@ from urllib.parse import urljoin
 import httpx
 from packaging.utils import canonicalize_name
 
-from registry.artifacts import ArtifactError, _stream, check_wheel
+from registry.artifacts import ArtifactError, check_wheel, stream_member
 from registry.manifest import FLEET_META_KEY, MANIFEST_FILE, ManifestError, parse_manifest
 
 PYPI_JSON = "https://pypi.org/pypi"
@@ -71,7 +71,7 @@ def in_wheel(wheel: Path) -> Shipped | None:
         raise OnboardError(f"the wheel's {member.filename} is over {MAX_SERVER_JSON} bytes")
     blocks: list[bytes] = []
     with zipfile.ZipFile(wheel) as archive:
-        _stream(archive, member, blocks.append)
+        stream_member(archive, member, blocks.append)
     return Shipped(_json(b"".join(blocks), f"the wheel's {member.filename}"), f"the wheel's {member.filename}")
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from packaging.utils import canonicalize_name
 
-from registry.artifacts import ArtifactError, _stream, check_wheel, wheel_metadata
+from registry.artifacts import ArtifactError, check_wheel, stream_member, wheel_metadata
 
 CODE_CHECK = "dependency code"
 NOTES_CHECK = "dependency notes"
@@ -180,13 +180,13 @@ def _digest(archive: zipfile.ZipFile, member: zipfile.ZipInfo, algorithms: set[s
         for hasher in hashers.values():
             hasher.update(block)
 
-    _stream(archive, member, sink)
+    stream_member(archive, member, sink)
     return {name: base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode() for name, h in hashers.items()}, bytes(head)
 
 
 def _text(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> str:
     blocks: list[bytes] = []
-    _stream(archive, member, blocks.append)
+    stream_member(archive, member, blocks.append)
     return b"".join(blocks).decode(errors="replace")
 
 
