@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -300,7 +301,14 @@ def _scripts(path: Path, label: str, command: str, report: _Report) -> None:
 
 
 def _runtime_files(site: Iterable[Path]) -> dict[str, tuple[str, str]]:
-    """The runtime's installed files (path -> (distribution, RECORD's sha256 value)), from each RECORD."""
+    """The runtime's installed files (path -> (distribution, RECORD's sha256 value)), from each RECORD:
+    read once per state of its site-packages (a directory's mtime changes as a distribution comes or goes)."""
+    dirs = tuple(Path(d) for d in site)
+    return _read_runtime(dirs, tuple(d.stat().st_mtime_ns if d.is_dir() else 0 for d in dirs))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_runtime(site: tuple[Path, ...], _stamps: tuple[int, ...]) -> dict[str, tuple[str, str]]:
     files: dict[str, tuple[str, str]] = {}
     for directory in site:
         for record in sorted(Path(directory).glob("*.dist-info/RECORD")):
