@@ -108,6 +108,7 @@ def add(args: argparse.Namespace, api: FleetApi) -> int:
     answer = api.request("POST", "/registry/v1/add", json={"source": args.source, "name": args.name, "command": args.command}).json()
     print(f"{answer['name']} {answer['version']}: {answer['status']} (console script "
           f"{answer['manifest']['_meta']['io.mcpfleet']['command']}, wheel sha256 {answer['artifact_sha256']})", flush=True)
+    print(f"server.json {answer.get('server_json') or 'generated'}", flush=True)
     status = answer["status"]
     if not args.no_wait:
         print(f"waiting up to {args.wait:g} s for validation (dependencies, a trial run in a sandbox, the scans)", flush=True)

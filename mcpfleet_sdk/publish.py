@@ -139,7 +139,8 @@ def _finding_text(finding: Any) -> str:
         return finding
     if isinstance(finding, dict):
         message = finding.get("message") or finding.get("detail")
-        where = finding.get("tool") or finding.get("field")
+        # A scan finding names its tool and where in it; a code finding, its package and file.
+        where = " ".join(str(part) for part in (finding.get("tool") or finding.get("field"), finding.get("path")) if part)
         if message:
             return f"{where}: {message}" if where else str(message)
     return json.dumps(finding, sort_keys=True)

@@ -234,7 +234,7 @@ def _inside(filename: str) -> None:
         raise ArtifactError(f"the wheel names a path outside itself: {filename!r}")
 
 
-def _stream(archive: zipfile.ZipFile, member: zipfile.ZipInfo, sink: Callable[[bytes], object]) -> int:
+def stream_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, sink: Callable[[bytes], object]) -> int:
     """Hand the member's bytes to `sink` block by block; returns how many there were. A member that
     yields more than its header declares is refused as soon as it does (zipfile alone would stop at
     the declared size without saying so, or decompress the rest in one go), and so is one whose
@@ -265,7 +265,7 @@ def verify_wheel(wheel: Path | bytes) -> None:
         with zipfile.ZipFile(io.BytesIO(wheel) if isinstance(wheel, bytes) else wheel) as archive:
             for member in members:
                 if not member.is_dir():
-                    _stream(archive, member, lambda block: None)
+                    stream_member(archive, member, lambda block: None)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as exc:
         raise ArtifactError(f"the wheel is damaged or uses what wheels do not ({exc})") from None
 
@@ -291,7 +291,7 @@ def install_wheel(wheel: Path, target: Path, *, merge: bool = False) -> None:
                 destination = target.joinpath(*parts)
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 with open(destination, "wb") as out:
-                    _stream(archive, member, out.write)
+                    stream_member(archive, member, out.write)
     except zipfile.BadZipFile as exc:
         if not merge:
             shutil.rmtree(target, ignore_errors=True)
@@ -310,7 +310,7 @@ def _read_small(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> str:
     if member.file_size > MAX_METADATA_BYTES:  # check_wheel refuses these; a direct caller may not have
         raise ArtifactError(f"the wheel's {member.filename!r} is {member.file_size} bytes; at most {MAX_METADATA_BYTES} are taken for it")
     blocks: list[bytes] = []
-    _stream(archive, member, blocks.append)
+    stream_member(archive, member, blocks.append)
     try:
         return b"".join(blocks).decode()
     except UnicodeDecodeError:

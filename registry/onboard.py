@@ -1,8 +1,9 @@
 """Existing MCP servers onboarded by name: `pypi:NAME[==VERSION]` becomes a published version.
 
 The package's wheel is downloaded by pip, run with the sandbox's interpreter (a wheel for its
-Python and platform; wheels only: no sdist's build code runs here), and a `server.json` is
-generated for it: the name `io.pypi/<name>` (or one the caller gives), the package's summary,
+Python and platform; wheels only: no sdist's build code runs here). Its `server.json` is the one
+the package ships, if it does (in the wheel or at the root of its sdist: `registry.onboard_manifest`),
+else one generated for it: the name `io.pypi/<name>` (or one the caller gives), the package's summary,
 its one console script (or the one named like the package, or the one the caller names). Then
 it is published like any upload (`Registry.publish`): its dependencies resolved into a layer,
 a trial in a sandbox that lists its tools, the scans; and it waits for an admin's approval.
@@ -25,6 +26,7 @@ from packaging.utils import canonicalize_name
 
 from registry.artifacts import ArtifactError, wheel_metadata
 from registry.manifest import FLEET_META_KEY
+from registry.onboard_manifest import GENERATED, OnboardError, SdistUnavailable, adopt, in_sdist, in_wheel, shipped_command
 from sandbox.runtime import PythonRuntime
 
 PYPI_NAMESPACE = "io.pypi"
@@ -34,14 +36,12 @@ MAX_DESCRIPTION = 100
 SERVER_JSON_SCHEMA = "https://static.modelcontextprotocol.io/schemas/2025-10-17/server.schema.json"
 
 
-class OnboardError(ValueError):
-    """A package that cannot be onboarded; the message says why and what to do."""
-
-
 @dataclass(frozen=True)
 class Onboarded:
     manifest: dict[str, Any]
     wheel: bytes
+    manifest_source: str = GENERATED
+    """Where its server.json came from: the package's own (which file of which archive), or generated."""
 
 
 def parse_source(source: str) -> Requirement:
@@ -60,7 +60,8 @@ def parse_source(source: str) -> Requirement:
 
 
 def fetch_pypi(source: str, python: PythonRuntime, *, name: str | None = None, command: str | None = None) -> Onboarded:
-    """The package's wheel and a generated server.json. Blocking (pip): run it in a thread."""
+    """The package's wheel and its server.json: the package's own (`registry.onboard_manifest`), or
+    one generated when it ships none. Blocking (pip, the index): run it in a thread."""
     requirement = parse_source(source)
     with tempfile.TemporaryDirectory(prefix="mcpfleet-onboard-") as scratch:
         env = {**os.environ, "PYTHONNOUSERSITE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "HOME": scratch}
@@ -82,13 +83,29 @@ def fetch_pypi(source: str, python: PythonRuntime, *, name: str | None = None, c
         except ArtifactError as exc:
             raise OnboardError(f"the wheel of {requirement} is refused: {exc}") from None
         data = wheels[0].read_bytes()
-    return Onboarded(manifest_for(metadata, scripts, name=name, command=command), data)
+        package, version = str(metadata.get("Name") or ""), str(metadata.get("Version") or "")
+        unread = ""
+        try:
+            shipped = in_wheel(wheels[0]) or in_sdist(package, version)
+        except SdistUnavailable as exc:  # an index without the JSON API (a mirror, a proxy): generated, and said so
+            shipped, unread = None, f" ({exc}: a server.json in it was not looked for)"
+    if shipped is None:
+        return Onboarded(manifest_for(metadata, scripts, name=name, command=command), data, GENERATED + unread)
+    chosen = choose_script(package, version, scripts, command or shipped_command(shipped))
+    return Onboarded(adopt(shipped, "pypi", package, version, chosen, name=name), data, f"taken from {shipped.where}")
 
 
 def manifest_for(metadata: dict[str, Any], scripts: dict[str, str], *, name: str | None = None,
                  command: str | None = None) -> dict[str, Any]:
     """A server.json for a package of the index: its one stdio console script."""
     package, version = str(metadata.get("Name") or ""), str(metadata.get("Version") or "")
+    command = choose_script(package, version, scripts, command)
+    server_name = name or f"{PYPI_NAMESPACE}/{re.sub(r'[^a-z0-9-]', '-', canonicalize_name(package))}"
+    return server_json(server_name, str(metadata.get("Summary") or f"{package} from PyPI"), "pypi", package, version, command)
+
+
+def choose_script(package: str, version: str, scripts: dict[str, str], command: str | None) -> str:
+    """The console script to run: the one named, the only one, or the one named like the package."""
     if command is None:
         named = [s for s in scripts if canonicalize_name(s) == canonicalize_name(package)]
         if len(scripts) == 1:
@@ -101,8 +118,7 @@ def manifest_for(metadata: dict[str, Any], scripts: dict[str, str], *, name: str
                                " name one with --command")
     elif command not in scripts:
         raise OnboardError(f"{package} {version} has no console script {command!r} (it has: {', '.join(sorted(scripts)) or 'none'})")
-    server_name = name or f"{PYPI_NAMESPACE}/{re.sub(r'[^a-z0-9-]', '-', canonicalize_name(package))}"
-    return server_json(server_name, str(metadata.get("Summary") or f"{package} from PyPI"), "pypi", package, version, command)
+    return command
 
 
 def server_json(name: str, summary: str, registry_type: str, package: str, version: str, command: str) -> dict[str, Any]:

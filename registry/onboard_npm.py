@@ -28,6 +28,7 @@ from typing import Any
 from registry.artifacts import MAX_MEMBERS
 from registry.manifest import NPM_NAME_PATTERN
 from registry.onboard import Onboarded, OnboardError, server_json
+from registry.onboard_manifest import GENERATED, adopt, in_npm, shipped_command
 from sandbox.bundle import NODE
 
 NPM_NAMESPACE = "io.npmjs"
@@ -68,7 +69,7 @@ def parse_npm(spec: str) -> tuple[str, str | None]:
 
 def fetch_npm(source: str, *, name: str | None = None, command: str | None = None) -> Onboarded:
     """The package installed by npm (no scripts, production dependencies only), packed as a wheel
-    with a launcher, and a generated server.json. Blocking (npm): run it in a thread."""
+    with a launcher, and its server.json: the package's own, or one generated when it ships none. Blocking (npm): run it in a thread."""
     package, version = parse_npm(source.removeprefix("npm:"))
     if not Path(NODE, "bin", "node").exists():
         raise OnboardError(f"npm servers need the sandboxes' Node runtime in {NODE}, which this host lacks: run scripts/setup.sh")
@@ -91,10 +92,15 @@ def fetch_npm(source: str, *, name: str | None = None, command: str | None = Non
                      if ln.startswith("npm error") and "A complete log" not in ln and ln.removeprefix("npm error").strip()]
             raise OnboardError(f"npm cannot install {wanted}: {' '.join(lines)[-600:] or 'no reason given'}")
         installed = json.loads((app / "node_modules" / package / "package.json").read_text())
-        entry = _bin_entry(installed, package, command)
-        manifest = manifest_for_npm(installed, entry[0], name=name)
+        shipped = in_npm(app / "node_modules" / package, package)
+        entry = _bin_entry(installed, package, command or shipped_command(shipped))
+        if shipped is None:
+            manifest, source = manifest_for_npm(installed, entry[0], name=name), GENERATED
+        else:
+            manifest = adopt(shipped, "npm", str(installed["name"]), str(installed["version"]), entry[0], name=name)
+            source = f"taken from {shipped.where}"
         wheel = pack_wheel(app, installed["name"], installed["version"], entry[0], f"node_modules/{package}/{entry[1]}")
-    return Onboarded(manifest, wheel)
+    return Onboarded(manifest, wheel, source)
 
 
 def _bin_entry(installed: dict[str, Any], package: str, command: str | None) -> tuple[str, str]:

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 async def add(registry: Registry, who: Identity, source: str, *, name: str | None = None,
               command: str | None = None) -> dict[str, Any]:
-    """The publish result of the package (its version is validated as any publish), with the
-    generated `manifest`. A source that cannot be onboarded is a RegistryError 400 saying why."""
+    """The publish result of the package (its version is validated as any publish), with its
+    `manifest` and where that came from (`server_json`: the package's own file, or generated). A source that cannot be onboarded is a RegistryError 400 saying why."""
     try:
         if source.startswith("npm:"):
             onboarded = await asyncio.to_thread(fetch_npm, source, name=name, command=command)
@@ -29,6 +29,6 @@ async def add(registry: Registry, who: Identity, source: str, *, name: str | Non
             onboarded = await asyncio.to_thread(fetch_pypi, source, registry.python, name=name, command=command)
     except OnboardError as exc:
         raise RegistryError(400, str(exc)) from None
-    result = await registry.publish(who, onboarded.manifest, onboarded.wheel)
-    result["manifest"] = onboarded.manifest
+    result = await registry.publish(who, onboarded.manifest, onboarded.wheel, manifest_source=onboarded.manifest_source)
+    result["manifest"], result["server_json"] = onboarded.manifest, onboarded.manifest_source
     return result

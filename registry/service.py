@@ -38,8 +38,9 @@ from registry.manifest import Manifest, ManifestError, parse_manifest
 from registry.offers import guarded_offer
 from registry.onboard_npm import npm_packages_check
 from registry.review import ModelReview
+from registry.scan_code import code_checks
 from registry.store import Approved, RegistryError
-from registry.trial import PodTrials, TrialResult, trial_in_pod, trial_run
+from registry.trial import PodTrials, TrialResult, trial_check, trial_in_pod, trial_run
 from sandbox.backends.base import SandboxBackend
 from sandbox.runtime import PythonRuntime
 from sandbox.servers import BUILTIN_SERVERS, FIXTURE_SERVERS, PRODUCT_SERVERS, ServerSpec
@@ -247,7 +248,8 @@ class Registry:
 
     # -- publish and validate ---------------------------------------------------------------
 
-    async def publish(self, who: Identity, document: dict[str, Any], wheel: bytes) -> dict[str, Any]:
+    async def publish(self, who: Identity, document: dict[str, Any], wheel: bytes, *, manifest_source: str = "") -> dict[str, Any]:
+        """`manifest_source`: where an onboarded package's server.json came from (registry.onboard_manifest)."""
         try:
             manifest = parse_manifest(document)
         except ManifestError as exc:
@@ -270,11 +272,12 @@ class Registry:
                 artifact_sha256=sha256,
                 artifact_bytes=len(wheel),
             )
-        self._spawn(self._validate(who, version_id, manifest, sha256))
+        self._spawn(self._validate(who, version_id, manifest, sha256, manifest_source))
         return {"name": manifest.name, "version": manifest.version, "status": "validating", "artifact_sha256": sha256}
 
-    async def _validate(self, who: Identity, version_id: int, manifest: Manifest, sha256: str) -> None:
-        checks: list[dict[str, Any]] = [{"check": "manifest", "ok": True, "detail": "server.json is valid", "findings": []}]
+    async def _validate(self, who: Identity, version_id: int, manifest: Manifest, sha256: str, source: str = "") -> None:
+        checks: list[dict[str, Any]] = [{"check": "manifest", "ok": True, "detail": "server.json is valid" + (f", {source}" if source else ""),
+                                         "findings": [], "source": source or "the upload"}]
         trial = TrialResult()
         try:
             package = await asyncio.to_thread(self._check_package, manifest, sha256)
@@ -294,6 +297,10 @@ class Registry:
                     wheels = [p["sha256"] for p in deps["packages"]]
                     layers[deps["layer_sha256"]] = await asyncio.to_thread(self.artifacts.install_layer, deps["layer_sha256"], wheels)
                 runnable = deps["ok"]  # the trial runs the tool with its dependencies, or not at all
+                # What the wheels would do besides being imported (.pth, shadowing, RECORD, install scripts...)
+                checks += await asyncio.to_thread(code_checks, self.artifacts.wheel_path(sha256), manifest.command, deps["packages"],
+                                                  self.artifacts.wheel_path, self.python.site_packages,
+                                                  npm=manifest.registry_type == "npm")
             if runnable:
                 spec = server_spec(manifest.prefix, sha256, package["entry_point"], manifest.fleet.secrets, manifest.name,
                                    layer=deps["layer_sha256"], layer_wheels=tuple(p["sha256"] for p in deps["packages"]))
@@ -304,7 +311,7 @@ class Registry:
                     trial = await trial_in_pod(self.pods, spec)
                 else:
                     trial.error = f"not run: {self.no_trial_reason}"
-            checks.append(_trial_check(trial, manifest, runnable))
+            checks.append(trial_check(trial, manifest.fleet.memory_mb, runnable))
             others = await self._other_tools(who.tenant, manifest.name)
             checks.extend(self._scan_checks(manifest.prefix, trial.tools, others, trial.offerings))
             if self._review is not None and trial.tools:
@@ -493,22 +500,6 @@ class Registry:
                 await store.record_usage(conn, rows)
         except Exception as exc:
             log.warning("tool usage of %d tools not recorded: %s", len(rows), exc)
-
-
-def _trial_check(trial: TrialResult, manifest: Manifest, ran: bool) -> dict[str, Any]:
-    if not ran:
-        return {"check": "trial", "ok": False, "detail": "not run: the package or dependencies check failed", "findings": []}
-    if trial.error is not None:
-        return {"check": "trial", "ok": False, "detail": trial.error, "findings": []}
-    if not trial.tools:
-        return {"check": "trial", "ok": False, "detail": "the server lists no tools", "findings": []}
-    detail = f"{len(trial.tools)} tool(s); started in {trial.start_ms} ms"
-    if trial.memory_bytes is not None:
-        detail += f"; sandbox memory {trial.memory_bytes / 2**20:.0f} MiB"
-    limit = manifest.fleet.memory_mb
-    if limit is not None and trial.memory_bytes is not None and trial.memory_bytes > limit * 2**20:
-        return {"check": "trial", "ok": False, "detail": detail + f", over the {limit} MiB it declares", "findings": []}
-    return {"check": "trial", "ok": True, "detail": detail, "findings": []}
 
 
 async def _tenant_of(conn: Any, user_id: int) -> tuple[int, bool]:

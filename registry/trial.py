@@ -158,3 +158,20 @@ def _strings(value: Any) -> list[str]:
     if isinstance(value, dict):
         return [s for key, item in value.items() for s in ([item] if key == "text" and isinstance(item, str) else _strings(item))]
     return []
+
+
+def trial_check(trial: TrialResult, memory_mb: int | None, ran: bool) -> dict[str, Any]:
+    """Validation's `trial` check; `memory_mb`: what the manifest declares the server needs at most."""
+    if not ran:
+        return {"check": "trial", "ok": False, "detail": "not run: the package or dependencies check failed", "findings": []}
+    if trial.error is not None:
+        return {"check": "trial", "ok": False, "detail": trial.error, "findings": []}
+    if not trial.tools:
+        return {"check": "trial", "ok": False, "detail": "the server lists no tools", "findings": []}
+    detail = f"{len(trial.tools)} tool(s); started in {trial.start_ms} ms"
+    if trial.memory_bytes is not None:
+        detail += f"; sandbox memory {trial.memory_bytes / 2**20:.0f} MiB"
+    limit = memory_mb
+    if limit is not None and trial.memory_bytes is not None and trial.memory_bytes > limit * 2**20:
+        return {"check": "trial", "ok": False, "detail": detail + f", over the {limit} MiB it declares", "findings": []}
+    return {"check": "trial", "ok": True, "detail": detail, "findings": []}

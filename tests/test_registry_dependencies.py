@@ -63,6 +63,10 @@ async def test_a_tool_with_dependencies_runs_with_its_resolved_read_only_layer(r
     assert names["python-slugify"]["version"] == "8.0.4"
     assert all(len(p["sha256"]) == 64 and p["url"].startswith(("https://", "file://")) for p in deps["packages"])
     assert deps["layer_sha256"] == layer_digest(deps["packages"]) == version["layer_sha256"]
+    # The code they bring is scanned too (registry/scan_code.py): real wheels, nothing to flag.
+    code = {c["check"]: c for c in version["validation"]}
+    assert code["dependency code"]["ok"] and code["dependency code"]["detail"] == "3 wheel(s) scanned: nothing found", code
+    assert code["dependency notes"]["findings"] == [], code
     layer = fleet.home / "registry" / "installed" / deps["layer_sha256"]
     assert (layer / "slugify" / "__init__.py").is_file() and (layer / "text_unidecode").is_dir()
 

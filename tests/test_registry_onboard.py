@@ -27,7 +27,11 @@ async def test_mcp_server_time_from_pypi_is_added_validated_approved_and_called(
     print(f"\nregistry add pypi:mcp-server-time (download, resolve, trial, scans) {time.perf_counter() - started:.1f} s")
     assert added.stdout.strip().splitlines()[-1] == f"{TIME} {TIME_VERSION}", added.stdout
     assert "passed" in added.stdout, added.stdout
+    assert "server.json generated from the package's metadata" in added.stdout, added.stdout  # it ships none (wheel, sdist)
     version = json.loads(cli(fleet, fleet.keys["admin"], "registry", "show", TIME, TIME_VERSION, "--json").stdout)
+    checks = {c["check"]: c for c in version["validation"]}
+    assert checks["manifest"]["source"] == "generated from the package's metadata"
+    assert checks["dependency code"]["detail"] == "3 wheel(s) scanned: nothing found", checks["dependency code"]
     assert version["status"] == "passed"
     assert version["manifest"]["_meta"]["io.mcpfleet"]["command"] == "mcp-server-time"
     assert {t["name"] for t in version["tools"]} == {"get_current_time", "convert_time"}
