@@ -64,6 +64,8 @@ class Settings:
     workspace_quotas: bool | None = None
     """Disk quotas for workspaces (loop-mounted images): None probes whether this machine can."""
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+    """Host names clients reach the gateway by beyond its own address (a Service's, an ingress's), any port."""
     # Servers whose tools and prompts are shown under their own names, not `<server>__<name>`:
     # for clients that call fixed names (the MCP conformance suite calls `test_simple_text`).
     bare_servers: frozenset[str] = frozenset()
@@ -166,6 +168,7 @@ def load_settings(**overrides: object) -> Settings:
             _choice("MCPFLEET_WORKSPACE_QUOTAS", ("auto", "on", "off"), "auto")
         ],
         "allowed_origins": _list("MCPFLEET_ALLOWED_ORIGINS"),
+        "allowed_hosts": _list("MCPFLEET_ALLOWED_HOSTS"),
         "bare_servers": frozenset(_list("MCPFLEET_BARE_TOOL_NAMES")),
         "sampling_by_fleet": frozenset(_list("MCPFLEET_SAMPLING_BY_FLEET")),
         "model_review": _choice("MCPFLEET_MODEL_REVIEW", ("off", "on"), "off") == "on",

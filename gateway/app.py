@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import psycopg
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
@@ -55,6 +56,16 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
     if settings.host in LOOPBACK_HOSTS or settings.host == "0.0.0.0":
         hosts |= {"127.0.0.1:*", "localhost:*", "[::1]:*"}
         origins |= {"http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"}
+    # Names a client reaches the gateway by through a proxy: the public URL's, and those configured
+    # (a Kubernetes Service's DNS names). A Host header carries a port only when it is not the default.
+    named = set(settings.allowed_hosts)
+    if settings.configured_public_url:
+        public = urlsplit(settings.configured_public_url)
+        if public.hostname:
+            named.add(public.hostname)
+            origins.add(f"{public.scheme}://{public.netloc}")
+    for name in named:
+        hosts |= {name, f"{name}:*"}
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True, allowed_hosts=sorted(hosts), allowed_origins=sorted(origins)
     )
