@@ -26,7 +26,7 @@ from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.breakers import Breakers
 from gateway.call_audit import AuditedBearerBackend, database_down_response, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
-from gateway.forward import ForwardToOwner
+from gateway.forward import ForwardToOwner, ReplicaClient
 from gateway.http_headers import TrimHeaderWhitespace
 from gateway.input_required import InputExchanges
 from gateway.input_required import boundary as request_state_boundary
@@ -140,7 +140,8 @@ def create_app(fleet: Fleet) -> Starlette:
             on_missing_scope=missing_scope_hook(calls),
         ),
         max_body_bytes=settings.max_body_bytes,
-    ), owner=lambda: getattr(fleet.manager, "owner_address", None), max_body_bytes=settings.max_body_bytes)
+    ), owner=lambda: getattr(fleet.manager, "owner_address", None), max_body_bytes=settings.max_body_bytes,
+        secret=settings.replica_secret, behind_proxy=settings.trusted_proxies is not None)
     app = Starlette(
         routes=[
             Route("/mcp", endpoint=mcp_endpoint, methods=["GET", "POST", "DELETE"]),
@@ -154,6 +155,8 @@ def create_app(fleet: Fleet) -> Starlette:
             *admin.routes(admin_sessions, settings, oauth),
         ],
         middleware=[
+            # First: a request passed on by another replica is the client's, for the audit and the limits.
+            Middleware(ReplicaClient, secret=settings.replica_secret),
             Middleware(HttpTracing, metrics=fleet.telemetry.metrics),
             Middleware(TrimHeaderWhitespace),
             Middleware(

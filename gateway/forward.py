@@ -5,7 +5,12 @@ replica that holds the sandbox lock; a request reaching another replica (one por
 `SO_REUSEPORT`, or a load balancer) is passed on to it over loopback as it came, headers and body,
 and its answer streamed back as it is made. So any replica serves any request of any session of
 either revision, and no sandbox is started by two. The owner authenticates, limits and audits the
-request itself; the standby adds nothing but the hop.
+request itself; the standby adds nothing but the hop and who the client is: the address it took the
+request from goes in `X-Forwarded-For` (appended to the one a trusted proxy sent, else in place of
+whatever the client sent), with `X-Mcpfleet-Replica` carrying the replicas' shared secret. The owner
+(`ReplicaClient`) takes the client's address from the header's last entry only when both hold and
+the request came over loopback; from anyone else the two headers change nothing, so a client cannot
+pick the address its calls are audited and limited under.
 
 What a hop costs when a replica dies: the owner's death ends its sessions (clients open new ones,
 as after any expiry) and the calls in flight; a standby takes the lock within seconds and adopts
@@ -14,6 +19,8 @@ the sandboxes. A standby's death costs only the requests it was passing on.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 from collections.abc import Callable
 
@@ -25,15 +32,24 @@ log = logging.getLogger(__name__)
 # Not passed on: they describe one hop, not the request (RFC 9110 §7.6.1), or httpx sets them.
 _HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
         b"host", b"content-length"}
+REPLICA_HEADER = b"x-mcpfleet-replica"
+FORWARDED_FOR = b"x-forwarded-for"
+SECRET_ENV = "MCPFLEET_REPLICA_SECRET"
+"""How `up --replicas` hands the shared secret to its replicas (each takes it out of its environment)."""
 
 
 class ForwardToOwner:
     """`app` when this replica runs the sandboxes; otherwise the request goes to `owner()`'s address."""
 
-    def __init__(self, app: ASGIApp, owner: Callable[[], str | None], max_body_bytes: int):
+    def __init__(self, app: ASGIApp, owner: Callable[[], str | None], max_body_bytes: int, *, secret: str | None = None,
+                 behind_proxy: bool = False):
+        """`secret`: the replicas' shared one; `behind_proxy`: trusted proxies are set (their
+        X-Forwarded-For is kept and the client appended to it)."""
         self.app = app
         self.owner = owner
         self.max_body_bytes = max_body_bytes
+        self.secret = secret
+        self.behind_proxy = behind_proxy
         # No timeout on reading: an SSE stream stays open as long as the client keeps it.
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
 
@@ -55,7 +71,8 @@ class ForwardToOwner:
                 return
         query = scope.get("query_string", b"").decode("latin-1")
         url = f"http://{address}{scope['path']}" + (f"?{query}" if query else "")
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP]
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP | {REPLICA_HEADER, FORWARDED_FOR}]
+        headers += self._client_headers(scope)
         request = self.client.build_request(scope["method"], url, headers=headers, content=bytes(body))
         try:
             response = await self.client.send(request, stream=True)
@@ -75,8 +92,58 @@ class ForwardToOwner:
         finally:
             await response.aclose()
 
+    def _client_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        client = scope.get("client")
+        if client is None or self.secret is None:
+            return []
+        address = client[0].encode("latin-1")
+        sent = [v for k, v in scope["headers"] if k.lower() == FORWARDED_FOR]
+        chain = b", ".join([*sent, address]) if self.behind_proxy and sent else address
+        return [(FORWARDED_FOR, chain), (REPLICA_HEADER, self.secret.encode())]
+
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+class ReplicaClient:
+    """Outermost on the owner: a request another replica passed on is taken as coming from the client
+    that replica named (see the module's docstring). The replica header never goes further in."""
+
+    def __init__(self, app: ASGIApp, secret: str | None):
+        self.app = app
+        self.secret = secret.encode() if secret else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            offered = [v for k, v in scope["headers"] if k == REPLICA_HEADER]
+            if offered:
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != REPLICA_HEADER]}
+                address = self._named(scope, offered)
+                if address is not None:
+                    scope["client"] = (address, 0)
+        await self.app(scope, receive, send)
+
+    def _named(self, scope: Scope, offered: list[bytes]) -> str | None:
+        client = scope.get("client")
+        if self.secret is None or len(offered) != 1 or not hmac.compare_digest(offered[0], self.secret):
+            return None
+        if client is None or not _loopback(client[0]):
+            return None
+        forwarded = [v for k, v in scope["headers"] if k == FORWARDED_FOR]
+        if not forwarded:
+            return None
+        last = forwarded[-1].decode("latin-1").split(",")[-1].strip()
+        try:
+            return str(ipaddress.ip_address(last))
+        except ValueError:
+            return None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _answer(send: Send, status: int, text: bytes, *, retry: bool = False) -> None:
