@@ -195,3 +195,15 @@ def kill_sandboxes(fleet: Fleet, ids: list[str]) -> None:
     for sandbox_id in ids:
         subprocess.run([choose().runsc, "--root", str(fleet.home / "runsc"), "kill", sandbox_id, "KILL"], check=False,
                        capture_output=True)
+
+
+async def warm_up(fleet: Fleet, keys: dict[str, str]) -> None:
+    """Every user's sandbox up before any fault: the load measures serving, not cold starts."""
+    async with httpx.AsyncClient() as client:
+        for key in keys.values():
+            for _ in range(4):  # a cold start on a loaded machine may outlast one call's timeout
+                ok, error, _ = await call(client, fleet.url, key, "workspace__list_dir", {"path": "."})
+                if ok:
+                    break
+            if not ok:
+                raise RuntimeError(f"a warm-up call failed: {error}")

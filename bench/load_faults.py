@@ -49,6 +49,7 @@ from bench.fleet_faults import (  # noqa: E402
     kill_sandboxes,
     read_back,
     sandbox_ids,
+    warm_up,
 )
 from bench.load_traffic import Record, first_errors, load, phase_row, recovery  # noqa: E402
 from gateway.call_audit import arguments_hash  # noqa: E402
@@ -126,10 +127,8 @@ def main() -> int:
         keys = add_users(fleet, args.users)
         before = approvals(pg.url)
         # Each user's sandbox started before the clock runs: the phases measure serving, not cold starts.
+        asyncio.run(warm_up(fleet, keys))
         warm = Record()
-        asyncio.run(load(fleet.url, keys, args.users, 0.1, warm, "warm"))
-        if not all(c.ok for c in warm.calls):
-            raise SystemExit(f"warm-up calls failed: {first_errors(warm.calls)}")
 
         plain, plain_started = Record(), time.monotonic()
         asyncio.run(load(fleet.url, keys, args.clients, args.seconds, plain, "plain"))
