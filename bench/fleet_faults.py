@@ -96,11 +96,11 @@ class Fleet:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([*CLI, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, check=check)
 
-    def up(self) -> None:
+    def up(self, timeout: float = 180) -> None:
         log = open(self.home.parent / "gateway.log", "ab")
         self.process = subprocess.Popen([*CLI, "up", "--replicas", str(self.replicas)], cwd=ROOT, env=self.env,
                                         stdout=log, stderr=log)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + timeout
         while len(self.children()) < self.replicas or not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the fleet did not come up; see {self.home.parent / 'gateway.log'}")

@@ -49,7 +49,7 @@ def loaded(tmp_path_factory):
         env = {**os.environ, **SETTINGS, "MCPFLEET_HOME": str(work / "fleet"), "MCPFLEET_PORT": str(free_port()),
                "DATABASE_URL": pg.url, "REDIS_URL": redis.url, "MCPFLEET_WARM_POOL_SIZE": "0"}
         fleet = Fleet(work / "fleet", env, 2)
-        fleet.up()
+        fleet.up(timeout=600)  # generous: the suite runs on loaded machines
         keys = add_users(fleet, 3)
         asyncio.run(warm_up(fleet, keys))
         yield fleet, pg, redis, keys
