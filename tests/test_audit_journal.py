@@ -12,12 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import psycopg
 
+from bench.load_traffic import call
 from core import audit, audit_journal
 from core.db import open_pool
 from gateway.call_audit import CallAudit, append_rows, arguments_hash
-from tests.clients import connect, text_of
 from tests.conftest import ROOT, fresh_database, make_fleet
 
 
@@ -50,23 +51,18 @@ async def test_a_gateway_killed_right_after_answering_loses_no_audit_entry(tmp_p
     try:
         key = fleet.add_user("kate")
         answered: list[str] = []
-        killed = False
-        try:
-            async with connect(fleet.mcp_url, key) as client:
-                async def write(n: int) -> None:
-                    arguments = {"path": f"k{n}.txt", "content": f"call {n}"}
-                    result = await client.call_tool("workspace__write_file", arguments)
-                    assert not result.is_error, text_of(result)
-                    answered.append(arguments_hash(arguments))
-                await write(0)  # the sandbox up, so the calls below are quick
-                await asyncio.gather(*(write(n) for n in range(1, 25)))
-                # Killed within a millisecond or so of the last answer: the batch writer (once a second)
-                # has not written these calls yet, so only the journal has them.
-                fleet.process.send_signal(signal.SIGKILL)
-                killed = True
-        except BaseException:
-            if not killed:
-                raise  # the client's goodbye to a dead gateway fails: expected only after the kill
+        # Stateless 2026-07-28 calls over plain HTTP (bench/load_traffic.py), many at once: group fsyncs.
+        async with httpx.AsyncClient() as client:
+            async def write(n: int) -> None:
+                arguments = {"path": f"k{n}.txt", "content": f"call {n}"}
+                ok, error, _ = await call(client, fleet.mcp_url, key, "workspace__write_file", arguments)
+                assert ok, error
+                answered.append(arguments_hash(arguments))
+            await write(0)  # the sandbox up, so the calls below are quick
+            await asyncio.gather(*(write(n) for n in range(1, 13)))  # within the 16 calls a user may have in flight
+        # Killed within a millisecond or so of the last answer: the batch writer (once a second) has not
+        # written these calls yet, so only the journal has them.
+        fleet.process.send_signal(signal.SIGKILL)
         fleet.process.wait(timeout=30)
         fleet.process = None
         journal_dir = fleet.home / "audit-journal"
