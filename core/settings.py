@@ -84,6 +84,11 @@ class Settings:
     replica_address: str | None = None
     """kubernetes: where the other replicas reach this one (POD_IP:PORT). Set, each 2025-11-25 session is
     served by the replica that opened it and the others pass its requests on (gateway/session_routes.py)."""
+    # Shared by the replicas of one `up --replicas` (never by anything else): a request passed on by one
+    # of them names its client in X-Forwarded-For, trusted only with this (gateway/forward.py).
+    replica_secret: str | None = None
+    # Proxies whose X-Forwarded-For is trusted (uvicorn's FORWARDED_ALLOW_IPS); None: nobody's.
+    trusted_proxies: str | None = None
     required_scopes: tuple[str, ...] = ("mcp",)
     # Loopback and private issuers (tests, an IdP on the same network); also allows plain http.
     allow_private_issuers: bool = False
@@ -154,6 +159,7 @@ def load_settings(**overrides: object) -> Settings:
         "host": os.environ.get("MCPFLEET_HOST") or "127.0.0.1",
         "port": _int("MCPFLEET_PORT", 8080),
         "database_url": os.environ.get("DATABASE_URL") or None,
+        "trusted_proxies": os.environ.get("FORWARDED_ALLOW_IPS") or None,
         "max_body_bytes": _int("MCPFLEET_MAX_BODY_BYTES", 4 * 1024 * 1024),
         "sandbox_backend": _choice("MCPFLEET_SANDBOX_BACKEND", ("runsc", "docker", "kubernetes"), "runsc"),
         "k8s_namespace": os.environ.get("MCPFLEET_K8S_NAMESPACE") or "mcpfleet",

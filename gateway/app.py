@@ -28,7 +28,7 @@ from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.breakers import Breakers
 from gateway.call_audit import AuditedBearerBackend, database_down_response, missing_scope_hook, note_oauth_refusal
 from gateway.fleet import Fleet
-from gateway.forward import Forwarder, ForwardToOwner
+from gateway.forward import Forwarder, ForwardToOwner, ReplicaClient
 from gateway.http_headers import TrimHeaderWhitespace
 from gateway.input_required import InputExchanges
 from gateway.input_required import boundary as request_state_boundary
@@ -165,7 +165,8 @@ def create_app(fleet: Fleet) -> Starlette:
     # Several replicas on Kubernetes: a session's requests go to the replica that opened it.
     seal = SessionSeal(fleet_key(settings.sandbox_key_file), settings.replica_address) if settings.replica_address else None
     mcp_endpoint = ForwardToOwner(refusing if seal is None else SessionRouting(refusing, seal, forwarder),
-                                  owner=lambda: getattr(fleet.manager, "owner_address", None), forwarder=forwarder)
+                                  owner=lambda: getattr(fleet.manager, "owner_address", None), forwarder=forwarder,
+                                  secret=settings.replica_secret, behind_proxy=settings.trusted_proxies is not None)
     app = Starlette(
         routes=[
             Route("/mcp", endpoint=mcp_endpoint, methods=["GET", "POST", "DELETE"]),
@@ -180,6 +181,8 @@ def create_app(fleet: Fleet) -> Starlette:
         ],
         middleware=[
             *([Middleware(ReplicaHops, seal=seal)] if seal is not None else []),
+            # A request passed on by another replica of this box is the client's, for the audit and the limits.
+            Middleware(ReplicaClient, secret=settings.replica_secret),
             Middleware(HttpTracing, metrics=fleet.telemetry.metrics),
             Middleware(TrimHeaderWhitespace),
             Middleware(

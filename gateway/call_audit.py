@@ -1,9 +1,14 @@
 """Audit entries for what happens on the request path: authentication decisions and tool calls.
 
-Nothing here writes to the database while a request waits. Entries go into an in-memory queue
-and a background task appends them in batches, one transaction per batch, about once a second;
-the chain's head is locked per insert inside that transaction, so a batch holds it once for all
-its rows. The queue is flushed when the gateway shuts down; a crash loses at most the last second.
+Nothing here writes to the database while a request waits. Each entry is appended to this process's
+journal on local disk as it is recorded (core/audit_journal.py) and kept in an in-memory queue; a
+background task appends the queue in batches, one transaction per batch, about once a second; the
+chain's head is locked per insert inside that transaction, so a batch holds it once for all its rows.
+A tool call's answer waits only for the journal's group fsync (`durable`), never for the database.
+The queue is flushed when the gateway shuts down. A process killed outright loses nothing: its
+journal is replayed into the chain by the next process of the fleet that finds it (on start and
+every few seconds), and the journal's mark in the database, moved in the same transaction as the
+entries, makes every entry go in once.
 
 Bounds, so that the hot path and a flood of bad credentials cannot fill the log:
 - `auth.accepted` is written for a credential (keyed by the SHA-256 of the bearer string) the
@@ -20,22 +25,24 @@ grows with it. An entry the database still refuses is written as `audit.refused`
 its batch goes in: one entry never holds up the others. Only when the database cannot be reached
 is a batch kept to be tried again: in order, every round, until the database is back (restarted,
 failed over); calls go on meanwhile and their entries queue behind it. Up to `MAX_QUEUED` entries
-(about 100 MB at worst) nothing is lost; past it each entry is counted and the count written as
-one `audit.dropped` entry, and `mcpfleet_audit_dropped_total` says so at once. A connection lost
-during the COMMIT itself leaves it unknown whether the batch went in; it is written again, so such
-a batch can appear twice, never not at all.
+(about 100 MB at worst) nothing is lost; past it each entry is counted (and not journaled) and the
+count written as one `audit.dropped` entry, and `mcpfleet_audit_dropped_total` says so at once. A
+connection lost during the COMMIT itself leaves it unknown whether the batch went in; it is tried
+again, and the journal's mark tells what of it is already there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -46,7 +53,7 @@ from starlette.authentication import AuthenticationError
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from core import accounts, audit
+from core import accounts, audit, audit_journal
 from core.accounts import Identity
 from core.outage import UNREACHABLE, DatabaseUnavailable
 from core.tasks import Tasks
@@ -59,6 +66,7 @@ log = logging.getLogger(__name__)
 FLUSH_EVERY_S = 1.0
 ACCEPTED_EVERY_S = 600.0
 REFUSED_EVERY_S = 10.0
+REPLAY_EVERY_S = 5.0  # how often journals of dead processes are looked for (also at once on start)
 MAX_QUEUED = 100_000  # beyond this the database is not keeping up: drop and say so, rather than grow without end
 _SEEN_LIMIT = 10_000
 
@@ -71,6 +79,9 @@ class Pending:
     actor: str | None
     target: str | None
     detail: dict[str, Any]
+    journal: str | None = None
+    """The journal the entry is in and its number there (core/audit_journal.py); None if it is not."""
+    seq: int = 0
 
 
 def arguments_hash(arguments: Any) -> str:
@@ -84,6 +95,8 @@ class CallAudit:
     """The queue and its writer, which writes once `start` gives it the pool."""
 
     pool: AsyncConnectionPool | None = None
+    journal_dir: Path | None = None
+    """Where this process's journal goes (under the fleet home); None keeps entries in memory only."""
     clock: Callable[[], float] = time.monotonic
     _queue: list[Pending] = field(default_factory=list)
     _in_flight: int = 0
@@ -97,6 +110,9 @@ class CallAudit:
     _accepted_at: dict[bytes, float] = field(default_factory=dict)
     _refused: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
     _tasks: Tasks = field(default_factory=Tasks)
+    journal: audit_journal.Journal | None = None
+    replayed: int = 0
+    """Entries replayed from the journals of processes that died before writing them."""
 
     @property
     def queued(self) -> int:
@@ -111,7 +127,18 @@ class CallAudit:
             self._dropped += 1
             self.dropped += 1
             return
-        self._queue.append(Pending(action, outcome, _text(tenant), _text(actor), _text(target), bounded_json(detail or {})))
+        entry = Pending(action, outcome, _text(tenant), _text(actor), _text(target), bounded_json(detail or {}))
+        key = self.journal.append((entry.tenant, entry.actor, entry.action, entry.target, entry.outcome, entry.detail)) \
+            if self.journal is not None else None
+        if key is not None:
+            entry = dataclasses.replace(entry, journal=key[0], seq=key[1])
+        self._queue.append(entry)
+
+    async def durable(self) -> None:
+        """Returns once every entry recorded so far is on disk (one fsync shared by the callers that
+        wait meanwhile): a tool call's answer goes out after this. Never raises."""
+        if self.journal is not None:
+            await self.journal.durable()
 
     def tool_call(self, identity: Identity, *, tool: str, server: str, arguments: Any, outcome: str,
                   latency_ms: float, version: str | None = None, error_code: int | None = None,
@@ -168,17 +195,28 @@ class CallAudit:
 
     def start(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
+        if self.journal_dir is not None:
+            self.journal = audit_journal.Journal(self.journal_dir)
+            self.journal.open()
         self._tasks.spawn(self._run(), name="call-audit")
 
     async def close(self) -> None:
         await self._tasks.close()
         try:
             await self.flush()
-        except Exception as exc:  # the gateway still stops; what was queued is lost, and said so
-            log.error("could not write %d audit entries before stopping: %s", len(self._queue), exc)
+        except Exception as exc:  # the gateway still stops; the journal keeps what was queued for the next start
+            log.error("could not write %d audit entries before stopping%s: %s", len(self._queue),
+                      "; they stay in the journal for the next start" if self.journal is not None else "", exc)
+        if self.journal is not None:
+            self.journal.close(all_written=not self._queue and not self.journal.failed)
+            self.journal = None
 
     async def _run(self) -> None:
+        replay_at = 0.0  # at once: a process that died before this one started may have left entries
         while True:
+            if self.journal_dir is not None and self.clock() >= replay_at:
+                replay_at = self.clock() + REPLAY_EVERY_S
+                await self._replay()
             await asyncio.sleep(FLUSH_EVERY_S)
             try:
                 await self.flush()
@@ -188,6 +226,22 @@ class CallAudit:
             except Exception:  # a fault of ours: the writer goes on, or nothing is audited any more
                 log.exception("could not write %d audit entries", len(self._queue))
 
+    async def _replay(self) -> None:
+        assert self.pool is not None and self.journal_dir is not None
+        own = self.journal.ids if self.journal is not None else set()
+        try:
+            count = await audit_journal.replay_orphans(self.pool, self.journal_dir, own, append_rows)
+        except UNREACHABLE as exc:  # the journals stay: the next round tries again
+            log.warning("could not replay audit journals yet: %s", exc)
+            return
+        except Exception:
+            log.exception("could not replay audit journals")
+            return
+        if count:
+            self.replayed += count
+            self.written += count
+            log.warning("wrote %d audit entries that a process which ended abruptly had journaled", count)
+
     async def flush(self) -> int:
         """Appends everything queued in one transaction; returns how many entries were written."""
         if self.pool is None or (not self._queue and not self._dropped):
@@ -196,30 +250,42 @@ class CallAudit:
         if self._dropped:
             batch.append(Pending("audit.dropped", "error", None, None, None, {"count": self._dropped}))
             self._dropped = 0
-        rows = [(e.tenant, e.actor, e.action, e.target, e.outcome, e.detail) for e in batch]
         # While the pool waits for a connection (up to its timeout when the database is away), the
         # batch is neither in the queue nor written: counted apart so the depth and the bound see it.
         self._in_flight = len(batch)
         try:
-            async with self.pool.connection() as conn:
-                try:
-                    async with conn.transaction():
-                        await audit.append_many(conn, rows)
-                except UNREACHABLE:
-                    raise
-                except Exception as exc:
-                    log.warning("an audit batch of %d entries was refused (%s); writing them one by one", len(rows), exc)
-                    await _one_by_one(conn, rows)
+            async with self.pool.connection() as conn, conn.transaction():
+                # What a lost COMMIT (or a replay) already put in the chain is left out (the journal's mark).
+                marks = await audit_journal.written_upto(conn, (e.journal for e in batch if e.journal is not None))
+                await append_rows(conn, [(e.tenant, e.actor, e.action, e.target, e.outcome, e.detail) for e in batch
+                                     if e.journal is None or e.seq > marks[e.journal]])
+                await audit_journal.mark_written(conn, {e.journal: e.seq for e in batch if e.journal is not None})
         except BaseException:
             self._queue[:0] = batch  # in order, ahead of whatever came meanwhile
             raise
         finally:
             self._in_flight = 0
         self.written += len(batch)
+        if self.journal is not None:
+            self.journal.written(e.journal for e in self._queue)
         return len(batch)
 
 
-async def _one_by_one(conn: psycopg.AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+async def append_rows(conn: psycopg.AsyncConnection, rows: list[audit_journal.Row]) -> None:
+    """Appends in the caller's transaction; if the database refuses the batch, entry by entry."""
+    if not rows:
+        return
+    try:
+        async with conn.transaction():
+            await audit.append_many(conn, rows)
+    except UNREACHABLE:
+        raise
+    except Exception as exc:
+        log.warning("an audit batch of %d entries was refused (%s); writing them one by one", len(rows), exc)
+        await _one_by_one(conn, rows)
+
+
+async def _one_by_one(conn: psycopg.AsyncConnection, rows: list[audit_journal.Row]) -> None:
     """Each entry in a savepoint of one transaction; those the database refuses become `audit.refused`
     entries saying what was refused and why."""
     async with conn.transaction():

@@ -1,7 +1,8 @@
 """The fleet's services, opened together with `async with Fleet(...)` and closed in reverse.
 
     pool      the database (core.db)
-    calls     the audit writer: tool calls and auth decisions, queued off the request's path
+    calls     the audit writer: tool calls and auth decisions, journaled on local disk and written to
+              the database off the request's path
     registry  what each user may run (registry.service), the sandbox manager's server source
     search    tool search over embeddings (registry.search)
     secrets   users' and tenants' secrets in Vault (core.vault): the embedded OpenBao unless VAULT_ADDR is set
@@ -94,7 +95,7 @@ class Fleet:
         self.settings = settings
         self.database_url = database_url
         # Made now, written from once open: the middleware queues refusals into it from the start.
-        self.calls = CallAudit()
+        self.calls = CallAudit(journal_dir=settings.home / "audit-journal")
         self.telemetry = Telemetry()
         self.on_tools_changed: list[ChangeListener] = []
         """Told the ids of users whose tools changed (approvals, pins): the router tells their clients."""

@@ -7,7 +7,13 @@ live in that one. On Kubernetes every replica runs sandboxes (the operator decid
 and a request of a session goes to the replica that opened it (gateway/session_routes.py).
 
 The receiving replica passes headers and body on and streams the answer back as it is made; the
-owner authenticates, limits and audits the request itself. When the client goes away mid-answer (an
+owner authenticates, limits and audits the request itself. On one box the standby also says who the
+client is: the address it took the request from goes in `X-Forwarded-For` (appended to the one a
+trusted proxy sent, else in place of whatever the client sent), with `X-Mcpfleet-Replica` carrying
+the replicas' shared secret. The owner (`ReplicaClient`) takes the client's address from the
+header's last entry only when both hold and the request came over loopback; from anyone else the two
+headers change nothing, so a client cannot pick the address its calls are audited and limited under.
+(On Kubernetes the keyed hop header of gateway/session_routes.py does the same job.) When the client goes away mid-answer (an
 SSE stream it closes), the hop is closed too, so the owner frees the stream at once.
 
 What a hop costs when a replica dies: the owner's death ends its sessions (clients open new ones,
@@ -18,6 +24,8 @@ the sandboxes. A forwarding replica's death costs only the requests it was passi
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 from collections.abc import Callable
 
@@ -31,6 +39,10 @@ log = logging.getLogger(__name__)
 # Host header is kept: the owner checks it (DNS-rebinding protection) as the client sent it.
 _HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
         b"content-length"}
+REPLICA_HEADER = b"x-mcpfleet-replica"
+FORWARDED_FOR = b"x-forwarded-for"
+SECRET_ENV = "MCPFLEET_REPLICA_SECRET"
+"""How `up --replicas` hands the shared secret to its replicas (each takes it out of its environment)."""
 
 
 class Unreachable(Exception):
@@ -69,7 +81,8 @@ class Forwarder:
         # The trace goes on through the hop: the owner's span is a child of this replica's, not a sibling.
         trace: dict[str, str] = {}
         propagate.inject(trace)
-        dropped = _HOP | ({b"traceparent", b"tracestate"} if trace else set())
+        # Headers this hop sets itself replace any the client sent under the same names.
+        dropped = _HOP | {k.lower() for k, _ in headers or []} | ({b"traceparent", b"tracestate"} if trace else set())
         kept = [(k, v) for k, v in scope["headers"] if k.lower() not in dropped] + (headers or [])
         kept += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trace.items()]
         request = self.client.build_request(scope["method"], url, headers=kept, content=body)
@@ -119,10 +132,15 @@ async def _disconnected(receive: Receive) -> None:
 class ForwardToOwner:
     """`app` when this replica runs the sandboxes; otherwise the request goes to `owner()`'s address."""
 
-    def __init__(self, app: ASGIApp, owner: Callable[[], str | None], forwarder: Forwarder):
+    def __init__(self, app: ASGIApp, owner: Callable[[], str | None], forwarder: Forwarder, *,
+                 secret: str | None = None, behind_proxy: bool = False):
+        """`secret`: the replicas' shared one; `behind_proxy`: trusted proxies are set (their
+        X-Forwarded-For is kept and the client appended to it)."""
         self.app = app
         self.owner = owner
         self.forwarder = forwarder
+        self.secret = secret
+        self.behind_proxy = behind_proxy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         address = self.owner() if scope["type"] == "http" else None
@@ -133,11 +151,61 @@ class ForwardToOwner:
         if body is None:
             return
         try:
-            await self.forwarder.pass_on(scope, body, receive, send, address)
+            await self.forwarder.pass_on(scope, body, receive, send, address, headers=self._client_headers(scope))
         except Unreachable as exc:
             log.warning("could not pass a request on to the replica that runs the sandboxes: %s", exc)
             await answer(send, 503, b"the replica that runs the sandboxes cannot be reached; try again in a moment",
                          retry=True)
+
+    def _client_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        client = scope.get("client")
+        if client is None or self.secret is None:
+            return []
+        address = client[0].encode("latin-1")
+        sent = [v for k, v in scope["headers"] if k.lower() == FORWARDED_FOR]
+        chain = b", ".join([*sent, address]) if self.behind_proxy and sent else address
+        return [(FORWARDED_FOR, chain), (REPLICA_HEADER, self.secret.encode())]
+
+
+class ReplicaClient:
+    """Outermost on the owner: a request another replica passed on is taken as coming from the client
+    that replica named (see the module's docstring). The replica header never goes further in."""
+
+    def __init__(self, app: ASGIApp, secret: str | None):
+        self.app = app
+        self.secret = secret.encode() if secret else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            offered = [v for k, v in scope["headers"] if k == REPLICA_HEADER]
+            if offered:
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != REPLICA_HEADER]}
+                address = self._named(scope, offered)
+                if address is not None:
+                    scope["client"] = (address, 0)
+        await self.app(scope, receive, send)
+
+    def _named(self, scope: Scope, offered: list[bytes]) -> str | None:
+        client = scope.get("client")
+        if self.secret is None or len(offered) != 1 or not hmac.compare_digest(offered[0], self.secret):
+            return None
+        if client is None or not _loopback(client[0]):
+            return None
+        forwarded = [v for k, v in scope["headers"] if k == FORWARDED_FOR]
+        if not forwarded:
+            return None
+        last = forwarded[-1].decode("latin-1").split(",")[-1].strip()
+        try:
+            return str(ipaddress.ip_address(last))
+        except ValueError:
+            return None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def answer(send: Send, status: int, text: bytes, *, retry: bool = False,

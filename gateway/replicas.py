@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import time
 from types import FrameType
 
 from core.settings import Settings
+from gateway.forward import SECRET_ENV
 
 log = logging.getLogger("mcpfleet")
 
@@ -43,7 +45,9 @@ def replica_sockets(settings: Settings) -> tuple[list[socket.socket], str]:
 
 def run_replicas(settings: Settings, database_url: str, count: int) -> int:
     """Run `count` replicas until told to stop; 0 on an orderly stop."""
-    env = {**os.environ, "DATABASE_URL": database_url, "MCPFLEET_HOST": settings.host, "MCPFLEET_PORT": str(settings.port)}
+    env = {**os.environ, "DATABASE_URL": database_url, "MCPFLEET_HOST": settings.host, "MCPFLEET_PORT": str(settings.port),
+           # New each run: what a replica that passes a request on says of its client is trusted with it alone.
+           SECRET_ENV: secrets.token_urlsafe(32)}
     command = [sys.executable, "-m", "cli", "up"]
     stopping = False
 

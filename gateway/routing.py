@@ -92,7 +92,7 @@ class Router:
         self._sampling = sampling  # None: a server's sampling always goes to the client
         # The tool set each 2025-11-25 session asked for when it opened holds for the session.
         self._session_sets: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
-        self._calls = fleet.calls  # every tool call goes to the audit log, queued off the call's path
+        self._calls = fleet.calls  # every tool call goes to the audit log: journaled before its answer, written to the database off its path
         # Connected clients per user, to tell them when what they may use changes.
         self._sessions: dict[int, weakref.WeakSet[Any]] = {}
         self._buses: dict[int, InMemorySubscriptionBus] = {}
@@ -354,6 +354,7 @@ class Router:
             if identity is not None and self._calls is not None:
                 self._calls.tool_call(identity, tool=params.name, server=server, arguments=params.arguments, version=version,
                                       outcome=outcome, error_code=code, latency_ms=elapsed_ms)
+                await self._calls.durable()  # on disk before the answer goes out: a killed gateway loses no entry
 
     async def _search_tools(self, ctx: ServerRequestContext[Any, Any], arguments: Mapping[str, Any]) -> dict[str, Any]:
         identity = identity_of(getattr(ctx.request, "scope", None))
@@ -468,6 +469,7 @@ class Router:
             if identity is not None:
                 self._calls.tool_call(identity, action=action, tool=target, server=server, arguments=arguments, version=version,
                                       outcome=outcome, error_code=code, latency_ms=(time.perf_counter() - started) * 1e3)
+                await self._calls.durable()
 
     # -- resources --------------------------------------------------------------------------
 

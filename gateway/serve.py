@@ -15,6 +15,7 @@ from core.db import migrate, resolve_database_url
 from core.settings import Settings
 from gateway.app import create_app
 from gateway.fleet import Fleet
+from gateway.forward import SECRET_ENV
 from gateway.http_edge import protocol_for
 from gateway.replicas import REPLICA_ENV, replica_sockets, run_replicas
 
@@ -43,7 +44,8 @@ def serve(settings: Settings, replicas: int = 1) -> int:
     replica = os.environ.get(REPLICA_ENV)
     if replica is not None:  # one of `up --replicas`: the shared port, and one of its own to be reached at
         sockets, own = replica_sockets(settings)
-        settings = dataclasses.replace(settings, lease_address=own)
+        # Out of the environment, so nothing this process starts inherits it.
+        settings = dataclasses.replace(settings, lease_address=own, replica_secret=os.environ.pop(SECRET_ENV, None))
         log.info("replica %s, reached by the others at %s", replica, own)
     app = create_app(Fleet(settings, url))
     log.info("fleet home %s; MCP at %s", settings.home, settings.public_url)
@@ -56,6 +58,10 @@ def serve(settings: Settings, replicas: int = 1) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # X-Forwarded-For only from the proxies named in FORWARDED_ALLOW_IPS (uvicorn would trust loopback's
+        # by default: any local process could then name the address it is audited under).
+        proxy_headers=settings.trusted_proxies is not None,
+        forwarded_allow_ips=settings.trusted_proxies,
         # Slow clients: deadlines for headers and body, a cap on connections (gateway/http_edge.py).
         http=protocol_for(settings),
     )

@@ -14,6 +14,7 @@ import time
 
 import httpx
 import psutil
+import psycopg
 import pytest
 
 from tests.clients import connect, structured
@@ -26,13 +27,15 @@ def replicated(tmp_path_factory, postgres_url):
     log = open(fleet.log_path, "ab")
     fleet.process = subprocess.Popen([*MCPFLEET, "up", "--port", str(fleet.port), "--replicas", "2"],
                                      env=fleet.env, stdout=log, stderr=log)
-    deadline = time.monotonic() + 120
-    while len(replicas(fleet)) < 2 or not all_ready(fleet):
-        assert fleet.process.poll() is None, fleet.log()
-        assert time.monotonic() < deadline, f"the replicas did not become ready:\n{fleet.log()}"
-        time.sleep(0.5)
-    yield fleet
-    fleet.stop()
+    try:  # stopped even if it never became ready: a parent left running restarts its replicas for ever
+        deadline = time.monotonic() + 240
+        while len(replicas(fleet)) < 2 or not all_ready(fleet):
+            assert fleet.process.poll() is None, fleet.log()
+            assert time.monotonic() < deadline, f"the replicas did not become ready:\n{fleet.log()}"
+            time.sleep(0.5)
+        yield fleet
+    finally:
+        fleet.stop()
 
 
 def replicas(fleet) -> list[psutil.Process]:
@@ -76,3 +79,30 @@ async def test_two_replicas_behind_one_port_serve_one_sandbox_per_user(replicate
     while len([p for p in replicas(fleet) if p.pid != victim.pid]) < 2:
         assert time.monotonic() < deadline, "the dead replica was not started again"
         time.sleep(0.5)
+
+
+def refused_ips(fleet) -> list[str]:
+    with psycopg.connect(fleet.database_url) as conn:
+        rows = conn.execute("SELECT detail->>'ip' FROM audit_entries WHERE action = 'auth.refused' "
+                            "AND detail->>'reason' = 'malformed key'").fetchall()
+    return [r[0] for r in rows]
+
+
+async def test_the_owner_audits_a_passed_on_request_under_the_clients_address_which_the_client_cannot_choose(replicated):
+    """Attack: a client names another address in X-Forwarded-For (and guesses at the replicas' header).
+    It connects from 127.0.0.2, so the address a replica passes on differs from the hop's own (127.0.0.1)."""
+    fleet = replicated
+    spoof = {"Authorization": "Bearer mcpf_not-a-key", "X-Forwarded-For": "203.0.113.7",
+             "X-Mcpfleet-Replica": "guessed", "Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    deadline = time.monotonic() + 90
+    # Each replica audits a refusal once per reason and address per 10 s: the standby's own, and the
+    # owner's of the requests passed on to it. Sent until both are in (a replica may still be starting).
+    while len(ips := refused_ips(fleet)) < 2:
+        assert time.monotonic() < deadline, f"expected the refusals of both replicas, got {ips}"
+        for _ in range(8):  # fresh connections: the kernel spreads them over both replicas
+            transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+            async with httpx.AsyncClient(transport=transport, timeout=30) as client:
+                assert (await client.post(fleet.mcp_url, json=body, headers=spoof)).status_code == 401
+        time.sleep(1)
+    assert set(ips) == {"127.0.0.2"}
