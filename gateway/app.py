@@ -25,6 +25,7 @@ from gateway.admin.secret import session_secret
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.breakers import Breakers
 from gateway.call_audit import AuditedBearerBackend, database_down_response, missing_scope_hook, note_oauth_refusal
+from gateway.fast_call import FastToolCall
 from gateway.fleet import Fleet
 from gateway.forward import ForwardToOwner
 from gateway.http_headers import TrimHeaderWhitespace
@@ -133,7 +134,8 @@ def create_app(fleet: Fleet) -> Starlette:
     mcp_endpoint = ForwardToOwner(JsonRpcRefusals(
         RequireBearer(
             LimitsMiddleware(
-                StreamableHTTPASGIApp(sessions), settings, buckets, calls,
+                FastToolCall(StreamableHTTPASGIApp(sessions), sessions, router, fleet.telemetry.metrics, settings.fast_path),
+                settings, buckets, calls,
                 SessionBook(sessions, settings.max_sessions_per_user) if settings.max_sessions_per_user > 0 else None,
             ),
             public_url=settings.public_url, required_scopes=settings.required_scopes,
