@@ -9,9 +9,9 @@ only then serves the call from a task group of two tasks joined by a memory stre
 
 Here the same call is served from the message the limits middleware parsed (`limits.PARSED_BODY`):
 the same checks in the same order (DNS-rebinding, Accept, duplicated routing headers, the SDK's own
-classifier of the request envelope), the tool's schema for the `Mcp-Param-*` check read from the
-caller's catalog (`Router.caller_catalog`, the one the call itself is routed with), and the call
-served in the request's own task by the SDK's `serve_one`: the same server middleware (the MCP span
+classifier of the request envelope), and the call served in the request's own task by the SDK's
+`serve_one`, the `Mcp-Param-*` check first in it (`param_headers`, with the tool's schema read from
+the caller's catalog, the one the call itself is routed with): the same server middleware (the MCP span
 and its metrics, `requestState` sealing and checking) and the same handler (`Router.call_tool`:
 sandbox, registry guard, pins, policy, tool sets, breakers, audit, input_required, sampling). One
 helper task watches for the client going away and keeps a long call's stream alive with pings, as
@@ -35,20 +35,24 @@ from typing import Any, TypeGuard
 
 import anyio
 from mcp.server._streamable_http_modern import (
+    _SSE_HEADERS,
+    _SSE_PING_INTERVAL,
     _SingleExchangeDispatchContext,
     _sse_event,
     _to_jsonrpc_response,
     _write,
-    _write_rejection,
 )
 from mcp.server.connection import Connection
-from mcp.server.runner import ServerRunner, aclose_shielded, serve_one
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.runner import serve_one
 from mcp.server.streamable_http import check_accept_headers
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecurityMiddleware
+from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import (
     MCP_PARAM_HEADER_PREFIX,
     MCP_PROTOCOL_VERSION_HEADER,
+    InboundLadderRejection,
     InboundModernRoute,
     classify_inbound_request,
     find_duplicated_routing_header,
@@ -75,18 +79,16 @@ from gateway.limits import PARSED_BODY
 from gateway.metrics import Metrics
 from gateway.routing import Router
 
-PING_S = 15.0
-"""A call silent this long commits its answer to an event stream and pings on it (the SDK's interval)."""
+# The SDK's own (private) pieces of the general path, so both paths answer with the same bytes.
+PING_S = _SSE_PING_INTERVAL
+"""A call silent this long commits its answer to an event stream and pings on it."""
 _PING = b": ping\r\n\r\n"
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache, no-transform"),
-    (b"connection", b"keep-alive"),
-    (b"x-accel-buffering", b"no"),
-]
 _VERSION_HEADER = MCP_PROTOCOL_VERSION_HEADER.lower().encode()
 _PARAM_PREFIX = MCP_PARAM_HEADER_PREFIX.lower()
 _ENVELOPE_KEYS = frozenset({"jsonrpc", "id", "method", "params"})
+_LISTING_ENVELOPE = (PROTOCOL_VERSION_META_KEY, CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY)
+_FAST = "mcpfleet.fast_call"
+"""Set in the ASGI scope of a request the fast path serves."""
 
 
 class FastToolCall:
@@ -143,16 +145,11 @@ class FastToolCall:
             progress_token=progress_token_from_params(params),
         )
 
-        def connection() -> Connection:  # one per serve: serve_one closes it on the way out
-            return Connection.from_envelope(verdict.protocol_version, verdict.client_info, verdict.client_capabilities)
-
-        rejection = await self._param_headers(request, params, verdict, dctx, connection)
-        if rejection is not None:
-            await _write_rejection(rejection, request_id, scope, receive, send)
-            return True
+        connection = Connection.from_envelope(verdict.protocol_version, verdict.client_info, verdict.client_capabilities)
+        scope[_FAST] = True  # the Mcp-Param-* check runs in the chain (`param_headers`)
         if json_only:
             await _write(await _to_jsonrpc_response(request_id, serve_one(
-                server, dctx, "tools/call", params, connection=connection(), lifespan_state=lifespan_state)), scope, receive, send)
+                server, dctx, "tools/call", params, connection=connection, lifespan_state=lifespan_state)), scope, receive, send)
             return True
 
         stream = _Stream(send)
@@ -161,7 +158,7 @@ class FastToolCall:
             watcher = asyncio.create_task(_watch(receive, stream, call))
             try:
                 reply = await _to_jsonrpc_response(request_id, serve_one(
-                    server, dctx, "tools/call", params, connection=connection(), lifespan_state=lifespan_state))
+                    server, dctx, "tools/call", params, connection=connection, lifespan_state=lifespan_state))
             finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -174,38 +171,43 @@ class FastToolCall:
             await _write(reply, scope, receive, send)
         return True
 
-    async def _param_headers(self, request: Request, params: dict[str, Any], verdict: InboundModernRoute,
-                             dctx: Any, connection: Any) -> Any:
-        """The SDK's `Mcp-Param-*` check (its `_mcp_param_rejection`), with the schema from the caller's catalog."""
+    async def param_headers(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        """Server middleware (right after the MCP span): a fast call's `Mcp-Param-*` check, the SDK's
+        `_mcp_param_rejection` with the schema from the caller's catalog; the general path's ran before the chain.
+
+        Here it runs inside the call's MCP span, so a sandbox brought up for the catalog is traced in
+        the call, and a mismatch is that span's error; on the wire it is the general path's 400."""
+        scope = getattr(ctx.request, "scope", None)
+        if ctx.method == "tools/call" and isinstance(scope, dict) and scope.get(_FAST) and isinstance(ctx.params, Mapping):
+            rejection = await self._param_rejection(ctx, ctx.params, ctx.request.headers)
+            if rejection is not None:
+                raise MCPError(code=rejection.code, message=rejection.message, data=rejection.data)
+        return await call_next(ctx)
+
+    async def _param_rejection(self, ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any],
+                               headers: Mapping[str, str]) -> InboundLadderRejection | None:
         arguments = params.get("arguments")
         if arguments is not None and not isinstance(arguments, Mapping):
             return None
-        if not arguments and not any(header.startswith(_PARAM_PREFIX) for header in request.headers):
+        if not arguments and not any(header.startswith(_PARAM_PREFIX) for header in headers):
             return None
-        meta: dict[str, Any] = {PROTOCOL_VERSION_META_KEY: verdict.protocol_version,
-                                CLIENT_CAPABILITIES_META_KEY: verdict.client_capabilities}
-        if verdict.client_info is not None:
-            meta[CLIENT_INFO_META_KEY] = verdict.client_info
+        envelope = params.get("_meta") or {}
+        meta = {key: envelope[key] for key in _LISTING_ENVELOPE if envelope.get(key) is not None}
         try:  # as the SDK: an envelope the listing would refuse skips the check (the call itself is refused)
-            mcp_methods.validate_client_request("tools/list", verdict.protocol_version, {"_meta": meta})
+            mcp_methods.validate_client_request("tools/list", ctx.protocol_version, {"_meta": meta})
         except ValidationError:
             return None
-        listing = connection()
-        runner = ServerRunner(self.sessions.app, listing, self.sessions._lifespan_state)  # noqa: SLF001
-        ctx = runner._make_context(dctx, "tools/list", {"_meta": meta}, None, verdict.protocol_version)  # noqa: SLF001
         try:
             catalog = await self.router.caller_catalog(ctx)
-        except Exception:  # fail-open as the SDK's: the call reports what is wrong
+        except Exception:  # fail-open as the SDK's: the call itself reports what is wrong
             return None
-        finally:
-            await aclose_shielded(listing)
         by_name = self._by_name.get(catalog)
         if by_name is None:
             by_name = self._by_name[catalog] = {tool["name"]: tool for tool in catalog.tools}
         tool = by_name.get(params["name"])
         if tool is None:
             return None
-        return validate_mcp_param_headers(tool.get("inputSchema"), arguments or {}, request.headers)
+        return validate_mcp_param_headers(tool.get("inputSchema"), arguments or {}, headers)
 
 
 def _is_tool_call(payload: Any) -> TypeGuard[dict[str, Any]]:

@@ -9,6 +9,7 @@ and 2025-11-25 sessions (served by the general path, counted as such).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -32,7 +33,8 @@ TOOL_LIMIT = 30  # tools/call per tool per minute, per user: only the rate-limit
 
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory, postgres_url) -> Iterator[Fleet]:
-    running = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_TOOL_RATE_LIMIT_PER_MIN=str(TOOL_LIMIT))
+    running = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_TOOL_RATE_LIMIT_PER_MIN=str(TOOL_LIMIT),
+                         MCPFLEET_CONFORMANCE="on")
     running.start()
     running.keys = {role: running.add_user(f"{role}-1", role=role) for role in ("admin", "publisher", "member")}
     yield running
@@ -42,7 +44,7 @@ def fast(tmp_path_factory, postgres_url) -> Iterator[Fleet]:
 @pytest.fixture(scope="module")
 def general(tmp_path_factory, postgres_url) -> Iterator[Fleet]:
     running = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_FAST_PATH="off",
-                         MCPFLEET_TOOL_RATE_LIMIT_PER_MIN=str(TOOL_LIMIT))
+                         MCPFLEET_TOOL_RATE_LIMIT_PER_MIN=str(TOOL_LIMIT), MCPFLEET_CONFORMANCE="on")
     running.start()
     running.keys = {"member": running.add_user("member-1")}
     yield running
@@ -50,10 +52,10 @@ def general(tmp_path_factory, postgres_url) -> Iterator[Fleet]:
 
 
 def call(fleet: Fleet, key: str, name: str, arguments: object, *, request_id: int | str = 7,
-         headers: dict[str, str] | None = None) -> httpx.Response:
+         headers: dict[str, str] | None = None, meta: dict | None = None) -> httpx.Response:
     """One stateless 2026-07-28 `tools/call`, as a client sends it."""
     meta = {"io.modelcontextprotocol/protocolVersion": REVISION, "io.modelcontextprotocol/clientCapabilities": {},
-            "io.modelcontextprotocol/clientInfo": {"name": "test", "version": "0"}}
+            "io.modelcontextprotocol/clientInfo": {"name": "test", "version": "0"}, **(meta or {})}
     body = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
             "params": {"name": name, "arguments": arguments, "_meta": meta}}
     sent = {"Authorization": f"Bearer {key}", "Accept": "application/json, text/event-stream",
@@ -131,6 +133,36 @@ def test_requests_the_transport_refuses_go_the_general_way_and_are_refused_alike
         assert fast_reply.status_code == general_reply.status_code and fast_reply.text == general_reply.text, headers
         after = served(fast)
         assert counted(before, after, "fast") == 0 and counted(before, after, "general") == 1, headers
+
+
+def test_mcp_param_headers_are_checked_against_the_tools_schema_on_the_fast_path(fast, general):
+    tool = "conformance__test_custom_headers"  # its `region` argument is mirrored in Mcp-Param-Region
+    cases = [({"region": "eu"}, {"Mcp-Param-Region": "eu"}, 200), ({"region": "eu"}, {}, 400),
+             ({"region": "eu"}, {"Mcp-Param-Region": "us"}, 400)]
+    for arguments, headers, status in cases:
+        before = served(fast)
+        fast_reply = call(fast, fast.keys["member"], tool, arguments, headers=headers)
+        assert fast_reply.status_code == status, (headers, fast_reply.text)
+        same_answer(fast_reply, call(general, general.keys["member"], tool, arguments, headers=headers))
+        assert counted(before, served(fast), "fast") == 1
+    assert call(fast, fast.keys["member"], tool, {"region": "eu"}, headers={"Mcp-Param-Region": "eu"}).json()[
+        "result"]["content"][0]["text"] == "Region: eu"
+
+
+def events(reply: httpx.Response) -> list[dict]:
+    return [json.loads(line.removeprefix("data:").strip()) for line in reply.text.splitlines() if line.startswith("data:")]
+
+
+def test_notifications_of_a_fast_call_stream_before_its_result_as_on_the_general_path(fast, general):
+    tool, opt_in = "conformance__test_logging_tool", {"io.modelcontextprotocol/logLevel": "info"}
+    fast_reply = call(fast, fast.keys["member"], tool, {}, meta=opt_in)
+    general_reply = call(general, general.keys["member"], tool, {}, meta=opt_in)
+    assert fast_reply.headers["content-type"].startswith("text/event-stream"), fast_reply.text
+    assert fast_reply.headers["content-type"] == general_reply.headers["content-type"]
+    assert events(fast_reply) == events(general_reply)
+    *logs, result = events(fast_reply)
+    assert [n["params"]["data"] for n in logs] == [f"Log message {n} of 3" for n in (1, 2, 3)], logs
+    assert result["id"] == 7 and "result" in result
 
 
 def test_the_per_tool_rate_limit_holds_on_the_fast_path(fast):
