@@ -250,7 +250,7 @@ class Fleet:
         self.log = work / f"{name}.log"
         self.process = subprocess.Popen([PYTHON, "-m", "cli", "up", *up_args], cwd=ROOT, env=self.env,
                                         stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-        wait_ready(f"http://127.0.0.1:{self.port}/healthz", self.process)
+        wait_ready(f"http://127.0.0.1:{self.port}/healthz", self.process, timeout=600)  # a loaded machine is slow
         subprocess.run([PYTHON, "-m", "cli", "users", "add", "bench"], cwd=ROOT, env=self.env, check=True,
                        capture_output=True)
         self.key = subprocess.run([PYTHON, "-m", "cli", "keys", "create", "bench"], cwd=ROOT, env=self.env, check=True,
