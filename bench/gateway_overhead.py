@@ -250,14 +250,18 @@ class Fleet:
         self.log = work / f"{name}.log"
         self.process = subprocess.Popen([PYTHON, "-m", "cli", "up", *up_args], cwd=ROOT, env=self.env,
                                         stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-        wait_ready(f"http://127.0.0.1:{self.port}/healthz", self.process, timeout=600)  # a loaded machine is slow
-        subprocess.run([PYTHON, "-m", "cli", "users", "add", "bench"], cwd=ROOT, env=self.env, check=True,
-                       capture_output=True)
-        self.key = subprocess.run([PYTHON, "-m", "cli", "keys", "create", "bench"], cwd=ROOT, env=self.env, check=True,
-                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        started = time.perf_counter()
-        check_call(self.url, "workspace__write_file", {"path": "hello.txt", "content": "hello\n"}, self.key)
-        self.cold_ms = (time.perf_counter() - started) * 1e3
+        try:
+            wait_ready(f"http://127.0.0.1:{self.port}/healthz", self.process, timeout=600)  # a loaded machine is slow
+            subprocess.run([PYTHON, "-m", "cli", "users", "add", "bench"], cwd=ROOT, env=self.env, check=True,
+                           capture_output=True)
+            self.key = subprocess.run([PYTHON, "-m", "cli", "keys", "create", "bench"], cwd=ROOT, env=self.env,
+                                      check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            started = time.perf_counter()
+            check_call(self.url, "workspace__write_file", {"path": "hello.txt", "content": "hello\n"}, self.key)
+            self.cold_ms = (time.perf_counter() - started) * 1e3
+        except BaseException:  # a fleet that never served is stopped all the same
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
