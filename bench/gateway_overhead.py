@@ -195,16 +195,20 @@ def summarize_profile(raw: Path, top: int = 12) -> str:
         for name in {f[1] for f in frames}:
             by_inclusive[name] = by_inclusive.get(name, 0) + n
 
-    def table(title: str, totals: dict[str, int]) -> str:
-        rows = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    def table(title: str, totals: dict[str, int], rows_shown: int = top) -> str:
+        rows = sorted(totals.items(), key=lambda kv: -kv[1])[:rows_shown]
         return title + "\n" + "\n".join(f"  {100 * n / max(overall, 1):5.1f}%  {name}" for name, n in rows)
 
     return "\n\n".join([
         table("self time by package:", by_area),
         table("self time by function:", by_self),
-        table("inclusive time by function (gateway and SDK frames; the event loop's own run loop left out):",
-              {k: v for k, v in by_inclusive.items() if k.split(" ")[-1].startswith(("(gateway", "(mcp", "(starlette",
-                                                                                        "(anyio", "(pydantic"))}),
+        # Below the ASGI layers every request passes (each near the top, with the same share), the steps.
+        table("inclusive time by function, the ASGI layers every request passes through left out:",
+              {k: v for k, v in by_inclusive.items() if k.split(" ")[-1].startswith(("(gateway", "(mcp", "(sandbox",
+                                                                                        "(registry", "(pydantic"))
+               and not k.endswith(("(gateway/serve)", "(gateway/tracing)", "(gateway/http_headers)", "(gateway/limits)",
+                                   "(gateway/oauth/resource)", "(gateway/refusals)", "(gateway/forward)"))
+               or k.startswith(("HttpTracing", "McpTracing", "LimitsMiddleware"))}, rows_shown=20),
     ])
 
 
