@@ -11,7 +11,13 @@ bottleneck), sequentially (one connection) and with 50 concurrent connections, u
 The fleet runs with the rate limits lifted (LOAD_SETTINGS); any answer that is not a tool result
 (a 429, a JSON-RPC error, an isError result, a socket error) stops the run with what it said.
 
-    .venv/bin/python bench/gateway_overhead.py [--seconds 10] [--profile]
+Each gateway variant (`--variants`) is a fleet of its own, started and measured one after the other in
+this run: by default the general path (`MCPFLEET_FAST_PATH=off`, the baseline) and the fast path
+(gateway/fast_call.py); `replicas2` adds `up --replicas 2`. The fast path's own counter
+(`mcpfleet_tool_calls_by_path_total` on /metrics) must show it served every call of the fast runs
+and none of the baseline's, or the run stops. `--profile` samples each gateway with py-spy.
+
+    .venv/bin/python bench/gateway_overhead.py [--seconds 10] [--profile] [--variants general,fast,replicas2]
 """
 
 from __future__ import annotations
@@ -169,9 +175,12 @@ def profile(pid: int, seconds: int, out: Path) -> str:
     return summarize_profile(out)
 
 
-def summarize_profile(raw: Path, top: int = 15) -> str:
-    """Self time per package (where the sampled frame itself was), from py-spy's collapsed stacks."""
-    totals: dict[str, int] = {}
+def summarize_profile(raw: Path, top: int = 12) -> str:
+    """Where the samples were, from py-spy's collapsed stacks: by package (self time), by function
+    (self time: the frame on top of the stack) and by function inclusive (anywhere on the stack)."""
+    by_area: dict[str, int] = {}
+    by_self: dict[str, int] = {}
+    by_inclusive: dict[str, int] = {}
     overall = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -179,25 +188,124 @@ def summarize_profile(raw: Path, top: int = 15) -> str:
             continue
         n = int(count)
         overall += n
-        leaf = stack.split(";")[-1]
-        m = re.search(r"\((?:.*/site-packages/|.*/lib/python3\.\d+/|.*/main/)?([^/:()]+)", leaf)
-        area = m.group(1).removesuffix(".py") if m else leaf
-        totals[area] = totals.get(area, 0) + n
-    rows = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-    return "\n".join(f"  {100 * n / max(overall, 1):5.1f}%  {area}" for area, n in rows)
+        frames = [_frame(f) for f in stack.split(";")]
+        area = frames[-1][0]
+        by_area[area] = by_area.get(area, 0) + n
+        by_self[frames[-1][1]] = by_self.get(frames[-1][1], 0) + n
+        for name in {f[1] for f in frames}:
+            by_inclusive[name] = by_inclusive.get(name, 0) + n
+
+    def table(title: str, totals: dict[str, int], rows_shown: int = top) -> str:
+        rows = sorted(totals.items(), key=lambda kv: -kv[1])[:rows_shown]
+        return title + "\n" + "\n".join(f"  {100 * n / max(overall, 1):5.1f}%  {name}" for name, n in rows)
+
+    return "\n\n".join([
+        table("self time by package:", by_area),
+        table("self time by function:", by_self),
+        # Below the ASGI layers every request passes (each near the top, with the same share), the steps.
+        table("inclusive time by function, the ASGI layers every request passes through left out:",
+              {k: v for k, v in by_inclusive.items() if k.split(" ")[-1].startswith(("(gateway", "(mcp", "(sandbox",
+                                                                                        "(registry", "(pydantic"))
+               and not k.endswith(("(gateway/serve)", "(gateway/tracing)", "(gateway/http_headers)", "(gateway/limits)",
+                                   "(gateway/oauth/resource)", "(gateway/refusals)", "(gateway/forward)"))
+               or k.startswith(("HttpTracing", "McpTracing", "LimitsMiddleware"))}, rows_shown=20),
+    ])
+
+
+def _frame(frame: str) -> tuple[str, str]:
+    """(package, "function (module:line)") of one collapsed-stack frame `function (path:line)`."""
+    m = re.match(r"(?P<fn>.*?) \((?:.*/site-packages/|.*/lib/python3\.\d+/|.*?/(?=gateway/|sandbox/|core/|registry/))?"
+                 r"(?P<module>[^:()]+)(?::(?P<line>\d+))?\)$", frame)
+    if m is None:
+        return frame, frame
+    module = m["module"].removesuffix(".py")
+    return module.split("/")[0], f"{m['fn']} ({module})"
+
+
+def gateway_pids(pid: int) -> list[int]:
+    """The gateway process and, with `--replicas`, its replica processes (Python ones: not the database, not runsc)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    pids = [pid]
+    for child in parent.children(recursive=True):
+        try:
+            if Path(child.exe()).name.startswith("python"):
+                pids.append(child.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+class Fleet:
+    """`mcpfleet up` with its own home and embedded database, one user and an API key."""
+
+    def __init__(self, work: Path, name: str, settings: dict[str, str], up_args: list[str]):
+        self.home = work / name
+        self.port = free_port()
+        self.env = {**os.environ, "MCPFLEET_HOME": str(self.home), "MCPFLEET_PORT": str(self.port), **LOAD_SETTINGS,
+                    **settings}
+        self.env.pop("DATABASE_URL", None)
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.log = work / f"{name}.log"
+        self.process = subprocess.Popen([PYTHON, "-m", "cli", "up", *up_args], cwd=ROOT, env=self.env,
+                                        stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        try:
+            wait_ready(f"http://127.0.0.1:{self.port}/healthz", self.process, timeout=600)  # a loaded machine is slow
+            subprocess.run([PYTHON, "-m", "cli", "users", "add", "bench"], cwd=ROOT, env=self.env, check=True,
+                           capture_output=True)
+            self.key = subprocess.run([PYTHON, "-m", "cli", "keys", "create", "bench"], cwd=ROOT, env=self.env,
+                                      check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            started = time.perf_counter()
+            check_call(self.url, "workspace__write_file", {"path": "hello.txt", "content": "hello\n"}, self.key)
+            self.cold_ms = (time.perf_counter() - started) * 1e3
+        except BaseException:  # a fleet that never served is stopped all the same
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    def fast_calls(self) -> float:
+        """tools/call requests the fast path served, from /metrics (loopback may read it)."""
+        page = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
+        return sum(float(m.group(1)) for m in re.finditer(r'^mcpfleet_tool_calls_by_path_total\{path="fast"[^}]*\} (\S+)$',
+                                                             page, re.M))
+
+
+# What each gateway run is: its name in the tables, its settings, its `up` arguments.
+VARIANTS = {
+    "general": ("gateway, general path (MCPFLEET_FAST_PATH=off)", {"MCPFLEET_FAST_PATH": "off"}, []),
+    "fast": ("gateway, fast path", {"MCPFLEET_FAST_PATH": "on"}, []),
+    "replicas2": ("gateway, fast path, up --replicas 2", {"MCPFLEET_FAST_PATH": "on"}, ["--replicas", "2"]),
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10, help="length of each load run")
     parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--profile", action="store_true", help="profile the gateway with py-spy under load")
+    parser.add_argument("--profile", action="store_true", help="profile each gateway with py-spy under load")
+    parser.add_argument("--variants", default="general,fast",
+                        help=f"gateway runs to compare, in order, comma-separated, of: {', '.join(VARIANTS)}")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk (make bench installs it)")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
 
     work = Path(tempfile.mkdtemp(prefix="mcpfleet-bench-"))
-    processes: list[subprocess.Popen] = []
+    direct: subprocess.Popen | None = None
+    fleet: Fleet | None = None
     try:
         # (a) the workspace server alone.
         direct_root = work / "direct-workspace"
@@ -208,74 +316,87 @@ def main() -> int:
             [PYTHON, "-m", "mcp_servers.workspace", "--transport", "streamable-http", "--port", str(direct_port)],
             cwd=ROOT, env={**os.environ, "MCPFLEET_WORKSPACE_ROOT": str(direct_root)},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        processes.append(direct)
         direct_url = f"http://127.0.0.1:{direct_port}/mcp"
         wait_ready(direct_url, direct)
-
-        # (b) the fleet, with its own home and embedded database.
-        gateway_port = free_port()
-        env = {**os.environ, "MCPFLEET_HOME": str(work / "fleet"), "MCPFLEET_PORT": str(gateway_port), **LOAD_SETTINGS}
-        env.pop("DATABASE_URL", None)
-        cli = [PYTHON, "-m", "cli"]
-        gateway = subprocess.Popen([*cli, "up"], cwd=ROOT, env=env, stdout=open(work / "gateway.log", "wb"),
-                                   stderr=subprocess.STDOUT)
-        processes.append(gateway)
-        gateway_url = f"http://127.0.0.1:{gateway_port}/mcp"
-        wait_ready(f"http://127.0.0.1:{gateway_port}/healthz", gateway)
-        subprocess.run([*cli, "users", "add", "bench"], cwd=ROOT, env=env, check=True, capture_output=True)
-        key = subprocess.run([*cli, "keys", "create", "bench"], cwd=ROOT, env=env, check=True, capture_output=True,
-                             text=True).stdout.strip().splitlines()[-1]
-        started = time.perf_counter()
-        check_call(gateway_url, "workspace__write_file", {"path": "hello.txt", "content": "hello\n"}, key)
-        cold = time.perf_counter() - started
-
         read = {"path": "hello.txt"}
         check_call(direct_url, "read_file", read, None)
-        check_call(gateway_url, "workspace__read_file", read, key)
+        levels = (1, args.concurrency)
+        baseline = {c: {**wrk(direct_url, "read_file", read, None, c, args.seconds, work), "load": load_average()}
+                    for c in levels}
 
-        rows = []
-        sandbox = sandbox_pids(work / "fleet")
-        for connections in (1, args.concurrency):
-            a = wrk(direct_url, "read_file", read, None, connections, args.seconds, work)
-            before = (cpu_seconds([direct.pid]), cpu_seconds([gateway.pid]), cpu_seconds(sandbox))
-            b = wrk(gateway_url, "workspace__read_file", read, key, connections, args.seconds, work)
-            after = (cpu_seconds([direct.pid]), cpu_seconds([gateway.pid]), cpu_seconds(sandbox))
-            b["gateway_cpu_ms"] = (after[1] - before[1]) * 1e3 / max(b["calls"], 1)
-            b["sandbox_cpu_ms"] = (after[2] - before[2]) * 1e3 / max(b["calls"], 1)
-            rows.append((connections, a, b))
+        # (b) the same call through each gateway variant, one fleet at a time (each its own home and sandbox).
+        results: dict[str, dict[int, dict]] = {}
+        colds: dict[str, float] = {}
+        profiles: dict[str, str] = {}
+        for variant in variants:
+            label, settings, up_args = VARIANTS[variant]
+            fleet = Fleet(work, variant, settings, up_args)
+            colds[variant] = fleet.cold_ms
+            check_call(fleet.url, "workspace__read_file", read, fleet.key)
+            sandbox = sandbox_pids(fleet.home)
+            gateway = gateway_pids(fleet.process.pid)
+            fast_before = fleet.fast_calls()
+            results[variant] = {}
+            for connections in levels:
+                before = (cpu_seconds(gateway), cpu_seconds(sandbox))
+                row = wrk(fleet.url, "workspace__read_file", read, fleet.key, connections, args.seconds, work)
+                after = (cpu_seconds(gateway), cpu_seconds(sandbox))
+                row["gateway_cpu_ms"] = (after[0] - before[0]) * 1e3 / max(row["calls"], 1)
+                row["sandbox_cpu_ms"] = (after[1] - before[1]) * 1e3 / max(row["calls"], 1)
+                row["load"] = load_average()
+                results[variant][connections] = row
+            served_fast = fleet.fast_calls() - fast_before
+            measured = sum(r["calls"] for r in results[variant].values())
+            # (A standby replica keeps its own counter: `replicas2` is not checked.)
+            if (variant == "general" and served_fast) or (variant == "fast" and served_fast < measured):
+                raise SystemExit(f"{label}: the fast path served {served_fast:.0f} of {measured} calls")
+            if args.profile:
+                load = subprocess.Popen(["wrk", "-t", "2", "-c", str(args.concurrency), "-d", f"{args.seconds + 2}s",
+                                         "-s", str(work / f"workspace__read_file-{args.concurrency}.lua"), fleet.url],
+                                        stdout=subprocess.DEVNULL)
+                time.sleep(1)
+                profiles[variant] = f"(load {load_average()})\n" + profile(fleet.process.pid, args.seconds,
+                                                                            work / f"{variant}.pyspy")
+                load.wait()
+            fleet.stop()
+            fleet = None
 
-        print(f"\nGateway overhead: one workspace read_file call, {args.seconds} s per run, wrk, this machine "
-              f"({os.cpu_count()} cores). First call through the gateway (cold sandbox start): {cold * 1e3:.0f} ms.\n")
-        print("| clients | path | p50 ms | p99 ms | calls/s |")
-        print("|---:|---|---:|---:|---:|")
-        for connections, a, b in rows:
-            print(f"| {connections} | (a) direct | {a['p50_ms']:.2f} | {a['p99_ms']:.2f} | {a['rate']:.0f} |")
-            print(f"| {connections} | (b) gateway + sandbox | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | {b['rate']:.0f} |")
-            print(f"| {connections} | ratio b/a | {b['p50_ms'] / a['p50_ms']:.2f}x | {b['p99_ms'] / a['p99_ms']:.2f}x | "
-                  f"{b['rate'] / a['rate']:.2f}x |")
-
-        print("\nCPU per call through the gateway (ms of CPU time, user + system):\n")
-        print("| clients | gateway process | sandbox (runsc sentry + gofer) |")
-        print("|---:|---:|---:|")
-        for connections, _, b in rows:
-            print(f"| {connections} | {b['gateway_cpu_ms']:.2f} | {b['sandbox_cpu_ms']:.2f} |")
-
-        if args.profile:
-            print(f"\nWhere the gateway's time goes under {args.concurrency} clients (py-spy, inclusive share of samples):")
-            load = subprocess.Popen(["wrk", "-t", "2", "-c", str(args.concurrency), "-d", f"{args.seconds + 2}s",
-                                     "-s", str(work / f"workspace__read_file-{args.concurrency}.lua"), gateway_url],
-                                    stdout=subprocess.DEVNULL)
-            time.sleep(1)
-            print(profile(gateway.pid, args.seconds, work / "gateway.pyspy"))
-            load.wait()
+        print(f"\nGateway overhead: one workspace read_file call (2026-07-28, stateless), {args.seconds} s per run, "
+              f"wrk, this machine ({os.cpu_count()} cores; load = 1/5/15-minute load average after the run).")
+        print("First call through each gateway (cold sandbox start): "
+              + ", ".join(f"{v} {colds[v]:.0f} ms" for v in variants) + ".\n")
+        print("| clients | path | p50 ms | p99 ms | calls/s | p50 vs direct | calls/s vs direct | gateway CPU ms/call "
+              "| sandbox CPU ms/call | load |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for connections in levels:
+            a = baseline[connections]
+            print(f"| {connections} | (a) direct | {a['p50_ms']:.2f} | {a['p99_ms']:.2f} | {a['rate']:.0f} | 1.00x | 1.00x "
+                  f"| - | - | {a['load']} |")
+            for variant in variants:
+                b = results[variant][connections]
+                print(f"| {connections} | {VARIANTS[variant][0]} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | {b['rate']:.0f} "
+                      f"| {b['p50_ms'] / a['p50_ms']:.2f}x | {b['rate'] / a['rate']:.2f}x | {b['gateway_cpu_ms']:.2f} "
+                      f"| {b['sandbox_cpu_ms']:.2f} | {b['load']} |")
+        if "general" in results and "fast" in results:
+            print("\nFast path against the general path (same run):\n")
+            print("| clients | p50 | p99 | calls/s | gateway CPU per call |")
+            print("|---:|---:|---:|---:|---:|")
+            for connections in levels:
+                g, f = results["general"][connections], results["fast"][connections]
+                print(f"| {connections} | {f['p50_ms'] / g['p50_ms']:.2f}x | {f['p99_ms'] / g['p99_ms']:.2f}x "
+                      f"| {f['rate'] / g['rate']:.2f}x | {f['gateway_cpu_ms'] / max(g['gateway_cpu_ms'], 1e-9):.2f}x |")
+        for variant, text in profiles.items():
+            print(f"\nWhere the gateway's time goes under {args.concurrency} clients, {VARIANTS[variant][0]} "
+                  f"(py-spy, share of samples) {text}")
     finally:
-        for process in reversed(processes):
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
+        if fleet is not None:
+            fleet.stop()
+        if direct is not None:
+            direct.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=60)
+                direct.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                process.kill()
+                direct.kill()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

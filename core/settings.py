@@ -96,6 +96,9 @@ class Settings:
     rate_limit_per_min: int = 600
     tool_rate_limit_per_min: int = 0
     max_concurrent_calls: int = 16
+    fast_path: bool = True
+    """`tools/call` served by gateway/fast_call.py beside the SDK's general path (off: every request takes
+    the general path; the benchmark's baseline)."""
     # Per user (gateway/egress.py): connections out of their sandbox per minute, all servers together.
     egress_per_min: int = 120
     egress_hosts: tuple[str, ...] = ()
@@ -186,6 +189,7 @@ def load_settings(**overrides: object) -> Settings:
         "rate_limit_per_min": _int("MCPFLEET_RATE_LIMIT_PER_MIN", 600),
         "tool_rate_limit_per_min": _int("MCPFLEET_TOOL_RATE_LIMIT_PER_MIN", 0),
         "max_concurrent_calls": _int("MCPFLEET_MAX_CONCURRENT_CALLS", 16),
+        "fast_path": _choice("MCPFLEET_FAST_PATH", ("on", "off"), "on") == "on",
         "egress_per_min": _int("MCPFLEET_EGRESS_PER_MIN", 120),
         "egress_hosts": _list("MCPFLEET_EGRESS_HOSTS"),
         "max_sessions_per_user": _int("MCPFLEET_MAX_SESSIONS_PER_USER", 32),

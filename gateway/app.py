@@ -27,6 +27,7 @@ from gateway.admin.secret import session_secret
 from gateway.auth import ApiKeyVerifier, BearerVerifier
 from gateway.breakers import Breakers
 from gateway.call_audit import AuditedBearerBackend, database_down_response, missing_scope_hook, note_oauth_refusal
+from gateway.fast_call import FastToolCall
 from gateway.fleet import Fleet
 from gateway.forward import Forwarder, ForwardToOwner, ReplicaClient
 from gateway.http_headers import TrimHeaderWhitespace
@@ -87,18 +88,20 @@ def create_app(fleet: Fleet) -> Starlette:
     )
     fleet.on_tools_changed.append(router.tools_changed)
     mcp_server = router.server()
-    # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own.
-    # requestState (2026-07-28 input_required) is sealed on the way out and verified on the way in.
-    mcp_server.middleware = [
-        fleet.telemetry.mcp_middleware(), router.session_sets, tasks.name_header,
-        request_state_boundary(session_secret(settings.home), settings.input_wait_s),
-    ]
     sessions = StreamableHTTPSessionManager(
         app=mcp_server,
         security_settings=transport_security(settings),
         max_request_body_size=settings.max_body_bytes,
         session_idle_timeout=settings.session_idle_s,
     )
+    fast_calls = FastToolCall(StreamableHTTPASGIApp(sessions), sessions, router, fleet.telemetry.metrics, settings.fast_path)
+    # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own; a
+    # fast call's Mcp-Param-* check inside it. requestState (2026-07-28 input_required) is sealed on the
+    # way out and verified on the way in.
+    mcp_server.middleware = [
+        fleet.telemetry.mcp_middleware(), fast_calls.param_headers, router.session_sets, tasks.name_header,
+        request_state_boundary(session_secret(settings.home), settings.input_wait_s),
+    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -153,7 +156,7 @@ def create_app(fleet: Fleet) -> Starlette:
     refusing = JsonRpcRefusals(
         RequireBearer(
             LimitsMiddleware(
-                StreamableHTTPASGIApp(sessions), settings, buckets, calls,
+                fast_calls, settings, buckets, calls,
                 SessionBook(sessions, settings.max_sessions_per_user) if settings.max_sessions_per_user > 0 else None,
             ),
             public_url=settings.public_url, required_scopes=settings.required_scopes,

@@ -3,6 +3,7 @@
 | metric                                         | type      | labels                                    |
 |------------------------------------------------|-----------|-------------------------------------------|
 | `mcp_server_operation_duration_seconds`        | histogram | mcp_method_name, gen_ai_tool_name, outcome, error_type |
+| `mcpfleet_tool_calls_by_path_total`            | counter   | path (fast, general), revision (2025-11-25, 2026-07-28) |
 | `mcpfleet_refusals_total`                      | counter   | reason (rate_limit, auth, scope, policy, breaker) |
 | `mcpfleet_sandbox_events_total`                | counter   | event (cold_start, claim, hibernate, resume, failed, reclaim) |
 | `mcpfleet_sandbox_event_duration_seconds`      | histogram | event (cold_start, hibernate, resume)      |
@@ -64,6 +65,10 @@ class Metrics:
             "mcp_server_operation_duration_seconds", "MCP requests served, by method, tool and outcome",
             ["mcp_method_name", "gen_ai_tool_name", "outcome", "error_type"], buckets=DURATION_BUCKETS, registry=r,
         )
+        self.call_paths = Counter(
+            "mcpfleet_tool_calls_by_path", "tools/call requests by the path that served them (gateway/fast_call.py)",
+            ["path", "revision"], registry=r,
+        )
         self.refusals = Counter("mcpfleet_refusals", "Requests refused before any tool ran, by reason", ["reason"], registry=r)
         self.sandbox_events = Counter("mcpfleet_sandbox_events", "Sandbox lifecycle events on this replica", ["event"], registry=r)
         self.sandbox_durations = Histogram(
@@ -98,6 +103,9 @@ class Metrics:
             return OTHER_TOOL
         self._tools.add(tool)
         return tool
+
+    def call_path(self, path: str, revision: str) -> None:
+        self.call_paths.labels(path, revision).inc()
 
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason).inc()

@@ -181,6 +181,10 @@ class Router:
                 self._session_sets[connection] = requested
         return await call_next(ctx)
 
+    async def caller_catalog(self, ctx: ServerRequestContext[Any, Any]) -> Catalog:
+        """What this caller may call, in the tool set its request is under (gateway/fast_call.py reads schemas here)."""
+        return (await self._catalog_in_set(ctx))[2]
+
     async def _catalog(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Identity, SandboxClient, Catalog]:
         identity, client, catalog, _ = await self._catalog_in_set(ctx)
         return identity, client, catalog

@@ -168,8 +168,9 @@ def test_a_call_is_one_trace_from_the_clients_traceparent_header_to_the_channel(
         "mcp.method.name": "tools/call", "gen_ai.tool.name": "workspace__list_dir", "gen_ai.operation.name": "execute_tool",
         "jsonrpc.request.id": "7", "mcp.protocol.version": "2026-07-28", "network.transport": "tcp",
     }
-    # The first call of this user brought a sandbox up, inside an MCP span of this request (the SDK
-    # lists the tools to check a 2026-07-28 call against, and that listing needs the sandbox).
+    # The first call of this user brought a sandbox up, inside an MCP span of this request (a 2026-07-28
+    # call's Mcp-Param-* check reads the tool's schema from the catalog, which needs the sandbox: inside
+    # the call's own span on the fast path, inside the SDK's tools/list span on the general path).
     mcp_spans = {s["span_id"] for s in spans.values() if s["kind"] == 2 and s["parent"] == http_span["span_id"]}
     bring_up = [s for s in spans.values() if s["name"] in ("sandbox cold start", "sandbox claim", "sandbox resume")]
     assert bring_up and all(s["parent"] in mcp_spans for s in bring_up)
