@@ -39,6 +39,7 @@ from gateway.sampling import Sampling
 from gateway.sessions import SessionBook
 from gateway.tool_sets import ToolSets
 from gateway.tracing import HttpTracing, TracedAuthBackend
+from gateway.wake import wake_sandboxes
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def create_app(fleet: Fleet) -> Starlette:
     # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own.
     # requestState (2026-07-28 input_required) is sealed on the way out and verified on the way in.
     mcp_server.middleware = [
-        fleet.telemetry.mcp_middleware(), router.session_sets,
+        fleet.telemetry.mcp_middleware(), wake_sandboxes(fleet), router.session_sets,
         request_state_boundary(session_secret(settings.home), settings.input_wait_s),
     ]
     sessions = StreamableHTTPSessionManager(

@@ -137,3 +137,22 @@ async def test_a_caller_over_the_tenant_cap_gets_a_clear_error(fleet):
         assert "exit code 0" in text_of(await client.call_tool("exec__run", {"command": "true"}))
     states = {r["user"]: r["state"] for r in sandboxes(fleet) if r["tenant"] == "capped"}
     assert states == {"dan": "Hibernated", "eve": "Running"}
+
+
+async def test_a_client_that_connects_wakes_its_hibernated_sandbox_before_its_first_call(fleet):
+    key = fleet.add_user("erin")
+    await run(fleet, key, "echo only-in-memory > /tmp/note")
+    [mine] = [r for r in sandboxes(fleet) if r["user"] == "erin"]
+    # The 2025-11-25 handshake (`initialize`), then the 2026-07-28 one (`server/discover`, probed by "auto").
+    for mode in ("legacy", "auto"):
+        assert "hibernate default/erin: done" in fleet.cli("sandboxes", "hibernate", "erin").stdout
+        async with connect(fleet.mcp_url, key, mode=mode):  # connected, and not one call made
+            deadline = time.monotonic() + 120
+            while not [r for r in sandboxes(fleet) if r["user"] == "erin" and r["state"] == "Running"]:
+                assert time.monotonic() < deadline, f"the {mode} handshake did not wake the sandbox"
+                await asyncio.sleep(0.2)
+    out = await run(fleet, key, "cat /tmp/note")
+    assert out["stdout"] == "only-in-memory\n"  # resumed with its memory, not started afresh
+    assert [(r["id"], r["state"]) for r in sandboxes(fleet) if r["user"] == "erin"] == [(mine["id"], "Running")]
+    audit = [json.loads(line) for line in fleet.cli("audit", "export", "--json").stdout.splitlines()]
+    assert [e["action"] for e in audit if e["target"] == mine["id"]].count("sandbox.resuming") == 2  # one per wake
