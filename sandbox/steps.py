@@ -33,9 +33,12 @@ from sandbox.state import StateRecorder
 from sandbox.store import State
 from sandbox.tiers import Tier
 from sandbox.tunnels import EgressPolicy
-from sandbox.workspaces import Workspaces
+from sandbox.workspaces import WorkspaceInUse, Workspaces
 
 log = logging.getLogger(__name__)
+
+RELEASE_WAIT_S = 15.0
+"""How long a resume waits for its workspace to be let go by the sandbox's own last run."""
 
 
 class ImageSealer(Protocol):
@@ -305,7 +308,17 @@ class Steps:
         layout = sandbox.layout
 
         async def mount() -> None:
-            await asyncio.to_thread(self.mount_workspace, sandbox)
+            deadline = time.monotonic() + RELEASE_WAIT_S
+            while True:
+                try:
+                    await asyncio.to_thread(self.mount_workspace, sandbox)
+                    break
+                except WorkspaceInUse:
+                    # Most likely its own last run letting go (the gofer's exit, then the loop
+                    # device's release), which takes seconds on a loaded host: wait, do not fail.
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
             make_channel(layout, self.uid, self.gid)
             await sandbox.client.listen()
 

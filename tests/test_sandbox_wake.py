@@ -61,6 +61,11 @@ async def test_a_wake_resumes_in_the_background_and_racing_calls_join_that_one_r
     assert {s.id for s in results} == {sandbox.id}
     assert int(text(await call(results[0], "counter"))) == first + 1  # the same process, memory and all
     assert (await row_of(fleet.pool, sandbox.id))["state"] == "Running"
+    # The used image is deleted after the resume returned, not left behind.
+    deadline = time.monotonic() + 60
+    while (sandbox.layout.checkpoint_spent).exists() or sandbox.layout.checkpoint.exists():
+        assert time.monotonic() < deadline, "the used checkpoint image stayed on disk"
+        await asyncio.sleep(0.1)
 
 
 async def test_a_wake_alone_brings_the_sandbox_up_before_any_call(fleets):  # noqa: F811
