@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 
+import psycopg
 import pytest
 from mcp.shared.exceptions import MCPError
 
@@ -35,12 +36,12 @@ async def run(fleet, key: str, command: str, **options) -> dict:
         return structured(await client.call_tool("exec__run", {"command": command, **options}))
 
 
-def wait_for(predicate, timeout: float = 120.0, what: str = "the condition"):
+def wait_for(predicate, timeout: float = 120.0, what: str = "the condition", interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (found := predicate()):
             return found
-        time.sleep(0.2)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -94,7 +95,13 @@ async def test_a_gateway_killed_while_hibernating_recovers_a_consistent_sandbox(
         await run(fleet, key, "echo remembered > /tmp/note")
         request = subprocess.Popen([*MCPFLEET, "sandboxes", "hibernate", "carol"], env=fleet.env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        wait_for(lambda: any(r["state"] == "Hibernating" for r in sandboxes(fleet)), what="Hibernating")
+        # Watched in the database, not with `sandboxes list`: on a loaded host one CLI run (an
+        # interpreter start) can take longer than the whole checkpoint, and a poll would miss it.
+        with psycopg.connect(fleet.database_url, autocommit=True) as conn:
+            wait_for(
+                lambda: conn.execute("SELECT 1 FROM sandboxes WHERE state = 'Hibernating'").fetchone(),
+                what="Hibernating", interval=0.02,
+            )  # fmt: skip
         time.sleep(0.5)  # somewhere inside the checkpoint
         fleet.stop(signal.SIGKILL)
         request.kill()
