@@ -38,7 +38,7 @@ from sandbox.workspaces import WorkspaceInUse, Workspaces
 log = logging.getLogger(__name__)
 
 RELEASE_WAIT_S = 15.0
-"""How long a resume waits for its workspace to be let go by the sandbox's own last run."""
+"""How long a resume waits for its workspace to be let go by the mount namespaces still holding it."""
 
 
 class ImageSealer(Protocol):
@@ -314,8 +314,11 @@ class Steps:
                     await asyncio.to_thread(self.mount_workspace, sandbox)
                     break
                 except WorkspaceInUse:
-                    # Most likely its own last run letting go (the gofer's exit, then the loop
-                    # device's release), which takes seconds on a loaded host: wait, do not fail.
+                    # Its loop device is still mounted in another mount namespace: its own last
+                    # gofer's, still exiting, or that of any runsc gofer or sandbox that started on
+                    # this host while it was mounted (each copies every mount there is, mounts here
+                    # are private, and it keeps the copy until it has pivoted into its own root).
+                    # Both let go within seconds on a loaded host: wait, do not fail.
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.1)
