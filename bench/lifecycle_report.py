@@ -21,6 +21,7 @@ class Samples:
     baseline_ms: list[float] = field(default_factory=list)
     hibernate_ms: list[float] = field(default_factory=list)
     resume_ms: list[float] = field(default_factory=list)
+    woken_ms: list[float] = field(default_factory=list)
     checkpoint_mib: list[float] = field(default_factory=list)
     rss_mib: list[float] = field(default_factory=list)
     pss_mib: list[float] = field(default_factory=list)
@@ -34,6 +35,15 @@ class Samples:
     servers_ready_ms: dict[str, list[float]] = field(default_factory=dict)
     warm_misses: int = 0
     """Claims that started cold after all (the pooled sandbox was not the one handed out)."""
+    resume_phases: dict[str, list[float]] = field(default_factory=dict)
+    """Where each resume's time went: `Steps.resume`'s phases, the rest of `manager.ensure`, the call."""
+
+    def add_resume_phases(self, phases: dict[str, float], ensure_ms: float, call_ms: float) -> None:
+        for name, ms in phases.items():
+            self.resume_phases.setdefault(name, []).append(ms)
+        rest = ensure_ms - sum(phases.values())
+        self.resume_phases.setdefault("rest of ensure (lock, row read, configure)", []).append(rest)
+        self.resume_phases.setdefault("first tool call", []).append(call_ms)
 
 
 @dataclass
@@ -43,6 +53,10 @@ class Config:
     """Checkpoint images sealed with data keys from the bench's embedded OpenBao."""
     fork_server: bool = True
     """The built-in servers forked from the sandbox's fork server (`MCPFLEET_FORK_SERVER`), else each executed."""
+    quick: bool = True
+    """The quick restore and resume (`RunscBackend.quick_restore`, `SandboxManager(quick_resume=)`)."""
+    wake: bool = True
+    """Also measure a resume woken by the client's handshake (`SandboxManager.wake`)."""
 
 
 @dataclass
@@ -98,6 +112,7 @@ MEASURES: list[tuple[str, str, str, str, bool]] = [
     ("warm_ms", "warm-pool claim → first tool result (pool of 1)", "ms", "≤ 100 ms", True),
     ("hibernate_ms", "hibernate (`manager.hibernate`)", "ms", "", False),
     ("resume_ms", "resume → first tool result", "ms", "≤ 300 ms", True),
+    ("woken_ms", "resume woken at the handshake, call 200 ms later → its result", "ms", "≤ 300 ms", True),
     ("checkpoint_mib", "checkpoint size (row `checkpoint_bytes`)", "MiB", "", False),
     ("seal_ms", "seal of the image (part of hibernate)", "ms", "", False),
     ("unseal_ms", "unseal of the image (part of resume)", "ms", "", False),
@@ -142,6 +157,12 @@ def report(samples: Samples, dense: Density | None, home: Path) -> None:
     print("|---|---|---|---|---|---|")
     for key, what, unit, target, against_baseline in MEASURES:
         print(row(what, getattr(samples, key), unit, target, base if against_baseline else None))
+    if samples.resume_phases:
+        print("\nWhere a resume's time goes (`Steps.resume` phases, then the rest of `manager.ensure` and the call):\n")
+        print("| phase | median | p99 | n |")
+        print("|---|---|---|---|")
+        for name, values in samples.resume_phases.items():
+            print(f"| {name} | {statistics.median(values):,.1f} ms | {p99(values):,.1f} ms | {len(values)} |")
     if samples.warm_misses:
         print(
             f"\n{samples.warm_misses} of {len(samples.warm_ms)} warm claims started cold after all."
@@ -221,6 +242,7 @@ def compare(results: list[tuple[Config, Samples]]) -> None:
 def label(config: Config) -> str:
     gvisor = config.gvisor
     return (f"runsc {gvisor.release or '?'} {gvisor.platform}" + (" uncompressed" if gvisor.uncompressed_checkpoints else "")
-            + (" sealed" if config.sealed else "") + ("" if config.fork_server else " executed"))
+            + (" sealed" if config.sealed else "") + ("" if config.fork_server else " executed")
+            + ("" if config.quick else " before"))
 
 

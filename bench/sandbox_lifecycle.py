@@ -26,8 +26,16 @@ stops at the end: hibernate and resume then include the seal and unseal, whose o
 shown too (--no-sealed skips it; a seal or unseal that fails, or an image left in the clear,
 stops the bench).
 
+Before the first gVisor (and before its sealed run), the same gVisor is measured as resume was
+before its changes, for a before/after in one run (--no-before skips it): compressed images,
+`RunscBackend(quick_restore=False)` (a `runsc delete` before each restore, `runsc state` in
+settle), `SandboxManager(quick_resume=False)` (unseal after the mount, the used image deleted
+before the resume returns) and no wake. Each resume's time is split into its phases (the table
+under each configuration); the other configurations also measure a resume woken by the client's
+handshake (`SandboxManager.wake`) whose first call comes WAKE_GAP_S later.
+
     .venv/bin/python bench/sandbox_lifecycle.py [--runs 5] [--density 10] [--gvisor runsc:ptrace ...] [--fork-server both|on|off]
-        [--no-sealed] [--keep]
+        [--no-before] [--no-sealed] [--keep]
 
 p99 is nearest-rank: with fewer than 100 samples it is the slowest one.
 """
@@ -88,6 +96,9 @@ BASELINE_CALLS = 5
 IDLE_SETTLE_S = 2.0
 """How long a sandbox sits idle after its first call before its memory is read."""
 WARM_WAIT_S = 180.0
+WAKE_GAP_S = 0.2
+"""Between a client's handshake and its first `tools/call`: an assumption (a model deciding on a
+tool takes longer), so the woken row is read as what that gap buys, not as a measured client."""
 
 
 class TimedSealer:
@@ -193,9 +204,11 @@ class Users:
 
 
 async def lifecycle_runs(
-    manager: SandboxManager, users: Users, runs: int, samples: Samples, sealed: bool
+    manager: SandboxManager, users: Users, runs: int, samples: Samples, config: Config
 ) -> None:
-    """Per run: a new user's cold start, the baseline calls, idle memory, hibernate, resume."""
+    """Per run: a new user's cold start, the baseline calls, idle memory, hibernate, resume; with
+    `config.wake`, hibernate again and resume woken by the client's handshake."""
+    sealed = config.sealed
     for _ in range(runs):
         user = await users.new("cold")
         started = time.perf_counter()
@@ -225,11 +238,29 @@ async def lifecycle_runs(
 
         started = time.perf_counter()
         resumed = await manager.ensure(*user)
+        ensured = time.perf_counter()
         await first_result(resumed)
         samples.resume_ms.append(ms_since(started))
+        samples.add_resume_phases(resumed.resume_phases, (ensured - started) * 1e3, ms_since(ensured))
+        if config.wake:
+            samples.woken_ms.append(await woken_resume(manager, user))
         await manager.reclaim(user[0])
-    if sealed and not (len(samples.seal_ms) == len(samples.unseal_ms) == runs):
-        raise RuntimeError(f"{runs} runs but {len(samples.seal_ms)} seals and {len(samples.unseal_ms)} unseals")
+    hibernations = runs * (2 if config.wake else 1)
+    if sealed and not (len(samples.seal_ms) == len(samples.unseal_ms) == hibernations):
+        raise RuntimeError(f"{hibernations} hibernations but {len(samples.seal_ms)} seals and {len(samples.unseal_ms)} unseals")
+
+
+async def woken_resume(manager: SandboxManager, user: tuple[int, str, str]) -> float:
+    """Hibernate, then as the gateway does when a client says `initialize` or `server/discover`
+    (`gateway.wake`): wake, and send the first `tools/call` WAKE_GAP_S later. Milliseconds from
+    that call to its result."""
+    if not await manager.hibernate(user[0]):
+        raise RuntimeError(f"the sandbox of {user[2]} did not hibernate")
+    manager.wake(*user)
+    await asyncio.sleep(WAKE_GAP_S)
+    started = time.perf_counter()
+    await first_result(await manager.ensure(*user))
+    return ms_since(started)
 
 
 async def warm_claims(
@@ -297,12 +328,20 @@ async def density(manager: SandboxManager, users: Users, n: int) -> Density:
     return found
 
 
-def configs(gvisors: list[Gvisor], sealed: bool, fork_server: str) -> list[Config]:
+def configs(gvisors: list[Gvisor], sealed: bool, fork_server: str, before: bool) -> list[Config]:
     """Each gVisor, with its servers executed (the baseline) and forked from the fork server, as
-    `fork_server` says; and the first one again sealed right after it (so the two sit side by side)."""
+    `fork_server` says; the first one again sealed right after it (so the two sit side by side); with
+    `before`, the first one (and its sealed run) first as it was before the resume changes:
+    compressed images, no quick restore or resume, no wake."""
     forks = {"both": (False, True), "on": (True,), "off": (False,)}[fork_server]
-    found = [Config(g, fork_server=f) for g in gvisors for f in forks]
-    return found[:1] + [Config(gvisors[0], sealed=True, fork_server=forks[-1])] + found[1:] if sealed else found
+    first = gvisors[0]
+    old = choose(first.runsc, first.platform, compress=True)
+    found = [Config(old, quick=False, wake=False, fork_server=forks[0])] if before else []
+    found += [Config(first, fork_server=f) for f in forks]
+    if sealed:
+        found += ([Config(old, sealed=True, quick=False, wake=False, fork_server=forks[0])] if before else [])
+        found.append(Config(first, sealed=True, fork_server=forks[-1]))
+    return found + [Config(g, fork_server=f) for g in gvisors[1:] for f in forks]
 
 
 def gvisors(given: list[str]) -> list[Gvisor]:
@@ -337,9 +376,11 @@ async def bench(
     samples, dense = Samples(), None
     cgroup_parent = f"/mcpfleet-bench-{os.getpid()}-{index}"
     backend = RunscBackend(
-        home / "runsc", runsc=gvisor.runsc, platform=gvisor.platform, cgroup_parent=cgroup_parent, python=sandbox_python()
+        home / "runsc", runsc=gvisor.runsc, platform=gvisor.platform, cgroup_parent=cgroup_parent, python=sandbox_python(),
+        quick_restore=config.quick,
     )
     os.environ[FORK_SERVER_SETTING] = "1" if config.fork_server else "0"  # read where each sandbox's config is written
+    backend.gvisor = gvisor  # as chosen, compression included
     backend.start = timed(backend.start, samples)  # type: ignore[method-assign]
     # No housekeeping during the bench: nothing should hibernate or reclaim on its own.
     lifecycle = Lifecycle(
@@ -351,11 +392,11 @@ async def bench(
     if config.sealed and images is None:
         raise RuntimeError("a sealed configuration without a secret store")
     servers = [s for s in BUILTIN_SERVERS if not args.servers or s.name in args.servers.split(",")]
-    manager = SandboxManager(home, pool, backend, servers, lifecycle=lifecycle, images=images)
+    manager = SandboxManager(home, pool, backend, servers, lifecycle=lifecycle, images=images, quick_resume=config.quick)
     try:
         await manager.start()
         users = Users(manager, prefix=f"g{index}-")
-        await lifecycle_runs(manager, users, args.runs, samples, config.sealed)
+        await lifecycle_runs(manager, users, args.runs, samples, config)
         # Sealing touches only hibernate and resume: density and the warm pool are the unsealed run's.
         if args.density > 0 and not config.sealed:
             dense = await density(manager, users, args.density)
@@ -401,7 +442,7 @@ async def run(home: Path, url: str, args: argparse.Namespace, bao: EmbeddedOpenB
     try:
         async with asyncio.timeout(args.timeout):
             results = []
-            for index, config in enumerate(configs(gvisors(args.gvisor), args.sealed, args.fork_server)):
+            for index, config in enumerate(configs(gvisors(args.gvisor), args.sealed, args.fork_server, args.before)):
                 secrets = await asyncio.to_thread(vault, home, bao) if config.sealed else None
                 results.append((config, await bench(home, url, args, config, index, secrets)))
         if len(results) > 1:
@@ -432,6 +473,10 @@ if __name__ == "__main__":
     cli.add_argument(
         "--gvisor", action="append", default=[], metavar="RUNSC:PLATFORM[:compressed]",
         help="a runsc and its platform to measure, in turn (repeat; the first is the baseline)",
+    )
+    cli.add_argument(
+        "--no-before", dest="before", action="store_false",
+        help="skip the first gVisor's baseline run as before the resume changes (compressed images, no quick resume, no wake)",
     )
     cli.add_argument(
         "--no-sealed", dest="sealed", action="store_false",

@@ -44,6 +44,7 @@ from gateway.sessions import SessionBook
 from gateway.tasks import TaskCalls, runner_name
 from gateway.tool_sets import ToolSets
 from gateway.tracing import HttpTracing, TracedAuthBackend
+from gateway.wake import wake_sandboxes
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def create_app(fleet: Fleet) -> Starlette:
     # fast call's Mcp-Param-* check inside it. requestState (2026-07-28 input_required) is sealed on the
     # way out and verified on the way in.
     mcp_server.middleware = [
-        fleet.telemetry.mcp_middleware(), fast_calls.param_headers, router.session_sets, tasks.name_header,
+        fleet.telemetry.mcp_middleware(), wake_sandboxes(fleet), fast_calls.param_headers, router.session_sets,
+        tasks.name_header,
         request_state_boundary(session_secret(settings.home), settings.input_wait_s),
     ]
 

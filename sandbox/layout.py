@@ -8,6 +8,7 @@
 | `workspace/`           | the user's workspace, mounted here while the sandbox lives  | the sandbox too |
 | `checkpoint.partial/`  | a checkpoint being written                                  | the backend |
 | `checkpoint/`          | a complete checkpoint image (renamed from `.partial` only after the backend succeeded) | the backend |
+| `checkpoint.spent/`    | an image a resume used, being deleted (off the resume's path)  | the gateway |
 | `bundle/`, `*.log`     | the backend's own files and the logs that explain a failure | the backend |
 
 The dir is 0711 and root's: the sandbox sees only what is bound into it (channel, tools,
@@ -82,9 +83,17 @@ class SandboxLayout:
         return self.dir / "checkpoint.partial"
 
     @property
+    def checkpoint_spent(self) -> Path:
+        """An image a resume used, renamed out of the way and deleted after the resume returned."""
+        return self.dir / "checkpoint.spent"
+
+    @property
     def runtime_dirs(self) -> tuple[Path, ...]:
         """What goes when the sandbox does, though its logs stay to explain a failure."""
-        return (self.dir / "bundle", self.channel, self.checkpoint, self.checkpoint_partial, self.workspace)
+        return (
+            self.dir / "bundle", self.channel, self.checkpoint, self.checkpoint_partial, self.checkpoint_spent,
+            self.workspace,
+        )  # fmt: skip
 
 
 def write_token(layout: SandboxLayout, token: str) -> None:

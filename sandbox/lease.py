@@ -107,6 +107,7 @@ class Managing(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def ensure(self, user_id: int, tenant: str, user: str) -> Any: ...
+    def wake(self, user_id: int, tenant: str, user: str) -> None: ...
     async def hibernate(self, user_id: int, reason: str = ...) -> bool: ...
     async def reclaim(self, user_id: int, reason: str = ...) -> bool: ...
 
@@ -174,6 +175,11 @@ class LeasedManager:
         if not self.active:
             raise self._standby()
         return await self.inner.ensure(user_id, tenant, user)
+
+    def wake(self, user_id: int, tenant: str, user: str) -> None:
+        """On standby there is nothing here to wake (the gateway that runs the sandboxes does it)."""
+        if self.active:
+            self.inner.wake(user_id, tenant, user)
 
     async def hibernate(self, user_id: int, reason: str = "requested") -> bool:
         if not self.active:

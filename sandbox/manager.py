@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 # A span for each way a call's sandbox comes up (the gateway's tracer provider exports them, if any).
 tracer = trace.get_tracer("mcpfleet.sandbox")
 
+WAKE_FAILURE_HOLD_S = 30.0
+"""How long the failure of a resume begun by `wake` is kept for the user's next call to raise
+(after that the call tries afresh)."""
+
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 """Who the servers run as inside (an unprivileged user; also the owner of workspaces on the host)."""
@@ -105,6 +109,7 @@ class SandboxManager:
         egress: EgressPolicy | None = None,
         models: ModelGate | None = None,
         images: ImageSealer | None = None,
+        quick_resume: bool = True,
     ):
         """`home` is the fleet home: sandboxes live in home/sandboxes, workspaces in home/workspaces.
         With `database_url`, requests from the CLI are heard at once (LISTEN), else at the next sweep.
@@ -124,13 +129,15 @@ class SandboxManager:
             self.home, backend, self.workspaces, self.servers, self.states,
             uid=uid, gid=gid, start_timeout=start_timeout, start_boost_s=start_boost_s,
             adopt_timeout=adopt_timeout, stop_grace=stop_grace, drain_timeout=drain_timeout,
-            max_result_bytes=max_result_bytes, egress=egress, models=models, images=images,
+            max_result_bytes=max_result_bytes, egress=egress, models=models, images=images, quick_resume=quick_resume,
         )  # fmt: skip
         self.running = Running()
         """Every running sandbox: users' and the warm pool's."""
         self.capacity = Capacity(self.running, lifecycle.max_running, lifecycle.warm_pool_size)
         self._configuring: dict[str, asyncio.Lock] = {}
         self._bringing_up: dict[int, asyncio.Task[Sandbox]] = {}
+        self._waking: set[int] = set()
+        self._wake_failures: dict[int, tuple[float, BaseException]] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._tasks = Tasks()
         self._closing = False
@@ -165,12 +172,17 @@ class SandboxManager:
         await asyncio.gather(
             *(self._retire(s, State.RECLAIMED, "the gateway stopped", graceful=True) for s in self.running)
         )
+        await self.steps.background.close()
 
     # -- per user -------------------------------------------------------------------------
 
     async def ensure(self, user_id: int, tenant: str, user: str) -> Sandbox:
         """The user's running sandbox: resumed, claimed from the pool or started, and waited for;
-        running the servers the user may run now."""
+        running the servers the user may run now. If a resume begun by `wake` failed moments ago,
+        that failure is raised here rather than tried again at once."""
+        failed = self._wake_failures.pop(user_id, None)
+        if failed is not None and time.monotonic() - failed[0] < WAKE_FAILURE_HOLD_S:
+            raise failed[1]
         sandbox = self.running.of_user(user_id)
         if sandbox is not None and sandbox.state is State.RUNNING and sandbox.client.connected:
             self.usage.touch(sandbox)
@@ -180,6 +192,32 @@ class SandboxManager:
         if sandbox.servers != wanted:
             await self._configure(sandbox, wanted)
         return sandbox
+
+    def wake(self, user_id: int, tenant: str, user: str) -> None:
+        """Begin resuming the user's sandbox if it is hibernated, and return at once: the gateway
+        calls this when it sees the user's client (its `initialize` or `server/discover`, any
+        authenticated request), so the first `tools/call` finds it running or resuming. Never a
+        second restore: a call joins the bring-up under way (`_ensure_running`), and a failure is
+        kept for the user's next `ensure` to raise."""
+        if self._closing or user_id in self._waking or user_id in self._bringing_up or self.running.of_user(user_id):
+            return  # up, coming up, or being hibernated (its next call resumes it, as before)
+        self._waking.add(user_id)
+        self._tasks.spawn(self._wake(user_id, tenant, user), name=f"wake sandbox of {tenant}/{user}")
+
+    async def _wake(self, user_id: int, tenant: str, user: str) -> None:
+        try:
+            async with self.pool.connection() as conn:
+                row = await store.live_sandbox_of(conn, user_id)
+            if row is None or row["state"] != State.HIBERNATED:
+                return  # nothing to resume: a new user's sandbox starts on their first call, as before
+            await self._ensure_running(user_id, tenant, user)
+        except psycopg.Error as exc:  # the call will find the database down itself, and say so
+            log.warning("could not look up the sandbox of %s/%s to wake it: %s", tenant, user, exc)
+        except SandboxUnavailable as exc:
+            log.warning("waking the sandbox of %s/%s failed: %s", tenant, user, exc)
+            self._wake_failures[user_id] = (time.monotonic(), exc)
+        finally:
+            self._waking.discard(user_id)
 
     async def _configure(self, sandbox: Sandbox, wanted: tuple[ServerSpec, ...]) -> None:
         """Tell a running sandbox's supervisor which servers to run (what the user may run changed

@@ -69,3 +69,29 @@ def loops() -> list[Loop]:
             continue  # unbound, or its file deleted
         found.append(Loop(f"/dev/{sysfs.name}", device, (majmin(st.st_dev), st.st_ino)))
     return found
+
+
+def holders(device: str, limit: int = 3) -> list[str]:
+    """Processes of other mount namespaces that mount `device` ("major:minor"), one per namespace:
+    "pid N (command)". A loop device unmounted here stays attached while any namespace holds a copy
+    of its mount, and every namespace made on this host (each runsc gofer and sandbox, until it has
+    pivoted into its own root) copies all the mounts there were. For the message of a refused mount."""
+    ours = os.readlink("/proc/self/ns/mnt")
+    seen: set[str] = {ours}
+    found: list[str] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or len(found) >= limit:
+            continue
+        try:
+            namespace = os.readlink(proc / "ns" / "mnt")
+            if namespace in seen:
+                continue
+            seen.add(namespace)
+            with open(proc / "mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+                if not any(line.split()[2] == device for line in f):
+                    continue
+            command = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        found.append(f"pid {proc.name} ({Path(command).name or '?'})")
+    return found

@@ -77,6 +77,8 @@ async def _recover_one(
     layout = steps.layout(sandbox_id)
     alive = container is not None and container.status == "running"
     partial = layout.checkpoint_partial
+    # A used image whose deletion the previous gateway did not finish (it may be unsealed memory).
+    shutil.rmtree(layout.checkpoint_spent, ignore_errors=True)
     if state == State.HIBERNATING and partial.is_dir():
         # The checkpoint is the sandbox's own work: it goes on after the gateway that asked for it
         # died. Let it end; if the sandbox then stopped with an image written, the hibernation is

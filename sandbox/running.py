@@ -3,6 +3,8 @@ by user and in the warm pool (`Running`). Only the manager changes `Running`, un
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -13,6 +15,22 @@ from sandbox.layout import SandboxLayout
 from sandbox.servers import ServerSpec
 from sandbox.store import State
 from sandbox.tiers import Tier
+
+
+class Phases(dict[str, float]):
+    """Milliseconds spent in each named phase of a step (a resume's restore, reconnect...), for the
+    log and the lifecycle bench; a phase timed twice adds up."""
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + (time.perf_counter() - started) * 1e3
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {ms:.0f} ms" for name, ms in self.items())
 
 
 @dataclass
@@ -30,6 +48,8 @@ class Sandbox:
     state: State = State.RUNNING
     servers: tuple[ServerSpec, ...] | None = None
     """What its supervisor was last told to run; None when unknown (resumed or adopted)."""
+    resume_phases: Phases = field(default_factory=Phases)
+    """Where its last resume's time went (empty if it was started, not resumed)."""
 
     def __post_init__(self) -> None:
         # The channel's egress tunnels are decided by who the sandbox is for and what it runs now.

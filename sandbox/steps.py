@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import psycopg
 
+from core.tasks import Tasks
 from sandbox import wire
 from sandbox.backends.base import SandboxBackend, SandboxSpec
 from sandbox.boot import START_BOOST_S, boot, prepare, wait_ready
@@ -32,9 +33,12 @@ from sandbox.state import StateRecorder
 from sandbox.store import State
 from sandbox.tiers import Tier
 from sandbox.tunnels import EgressPolicy
-from sandbox.workspaces import Workspaces
+from sandbox.workspaces import WorkspaceInUse, Workspaces
 
 log = logging.getLogger(__name__)
+
+RELEASE_WAIT_S = 15.0
+"""How long a resume waits for its workspace to be let go by the mount namespaces still holding it."""
 
 
 class ImageSealer(Protocol):
@@ -66,8 +70,14 @@ class Steps:
         egress: EgressPolicy | None = None,
         models: ModelGate | None = None,
         images: ImageSealer | None = None,
+        quick_resume: bool = True,
     ):
+        """`quick_resume` (off only to measure against): a resume unseals while it mounts, and
+        deletes the used image after it returned."""
         self.home = home
+        self.quick_resume = quick_resume
+        self.background = Tasks()
+        """Work left after a step returned (deleting a used image)."""
         self.images = images
         self.backend = backend
         self.workspaces = workspaces
@@ -268,16 +278,18 @@ class Steps:
             created_at=row["created_at"],
             last_used_at=row["last_used_at"],
         )
+        phases = sandbox.resume_phases
         try:
-            await self.states.set(sandbox.id, State.RESUMING, user_id=user_id)
-            await asyncio.to_thread(self.mount_workspace, sandbox)
-            make_channel(layout, self.uid, self.gid)
-            await sandbox.client.listen()
-            if self.images is not None:
-                await asyncio.to_thread(self.images.unseal, layout.checkpoint)
-            await self.backend.restore(self.spec(sandbox), layout.checkpoint)
-            await wait_ready(self.backend, sandbox.client, sandbox.id, self.start_timeout, self.start_boost_s)
-            await self.states.set(sandbox.id, State.RUNNING, "resumed", user_id=user_id)
+            with phases.timed("row"):
+                await self.states.set(sandbox.id, State.RESUMING, user_id=user_id)
+            with phases.timed("mount, unseal"):
+                await self._before_restore(sandbox)
+            with phases.timed("restore"):
+                await self.backend.restore(self.spec(sandbox), layout.checkpoint)
+            with phases.timed("reconnect"):
+                await wait_ready(self.backend, sandbox.client, sandbox.id, self.start_timeout, self.start_boost_s)
+            with phases.timed("row"):
+                await self.states.set(sandbox.id, State.RUNNING, "resumed", user_id=user_id)
         except BaseException as exc:
             reason = "its resume was cancelled" if isinstance(exc, asyncio.CancelledError) else f"its resume failed: {exc}"
             await asyncio.shield(self.abandon(sandbox, reason))
@@ -285,9 +297,59 @@ class Steps:
                 raise
             log.warning("sandbox %s of %s/%s: %s; starting a fresh one", sandbox.id, tenant, user, reason)
             return None
-        shutil.rmtree(layout.checkpoint, ignore_errors=True)
-        log.info("sandbox %s of %s/%s resumed in %.2fs", sandbox.id, tenant, user, time.perf_counter() - started)
+        with phases.timed("drop image"):
+            self._drop_image(layout)
+        log.info("sandbox %s of %s/%s resumed in %.2fs (%s)", sandbox.id, tenant, user, time.perf_counter() - started, phases)
         return sandbox
+
+    async def _before_restore(self, sandbox: Sandbox) -> None:
+        """The workspace mounted, the channel listening and the image unsealed; the mount and the
+        unseal (both blocking, in threads) side by side unless `quick_resume` is off."""
+        layout = sandbox.layout
+
+        async def mount() -> None:
+            deadline = time.monotonic() + RELEASE_WAIT_S
+            while True:
+                try:
+                    await asyncio.to_thread(self.mount_workspace, sandbox)
+                    break
+                except WorkspaceInUse:
+                    # Its loop device is still mounted in another mount namespace: its own last
+                    # gofer's, still exiting, or that of any runsc gofer or sandbox that started on
+                    # this host while it was mounted (each copies every mount there is, mounts here
+                    # are private, and it keeps the copy until it has pivoted into its own root).
+                    # Both let go within seconds on a loaded host: wait, do not fail.
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            make_channel(layout, self.uid, self.gid)
+            await sandbox.client.listen()
+
+        if self.images is None:
+            await mount()
+        elif not self.quick_resume:
+            await mount()
+            await asyncio.to_thread(self.images.unseal, layout.checkpoint)
+        else:
+            # Both run to their end before a failure is raised: abandon() then undoes all of it.
+            done = await asyncio.gather(mount(), asyncio.to_thread(self.images.unseal, layout.checkpoint), return_exceptions=True)
+            for outcome in done:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+
+    def _drop_image(self, layout: SandboxLayout) -> None:
+        """The image is used up: renamed out of the way (the next hibernation writes a new one) and
+        deleted in a thread, off the resume's path; unless `quick_resume` is off, deleted here."""
+        if not self.quick_resume:
+            shutil.rmtree(layout.checkpoint, ignore_errors=True)
+            return
+        shutil.rmtree(layout.checkpoint_spent, ignore_errors=True)
+        try:
+            os.rename(layout.checkpoint, layout.checkpoint_spent)
+        except OSError:
+            shutil.rmtree(layout.checkpoint, ignore_errors=True)
+            return
+        self.background.spawn(asyncio.to_thread(shutil.rmtree, layout.checkpoint_spent, ignore_errors=True))
 
     async def adopt(self, row: dict[str, Any], tier: Tier) -> Sandbox | str:
         """The running sandbox of `row` (left by a previous gateway) if its supervisor answers, else why not."""
@@ -348,9 +410,13 @@ class Steps:
             self.workspaces.delete(sandbox.workspace_key)  # a pooled workspace was nobody's
 
     async def abandon(self, sandbox: Sandbox, reason: str) -> None:
-        """A start or resume that failed: whatever it got to is undone, the row is Failed."""
+        """A start or resume that failed: whatever it got to is undone, the row is Failed (also when
+        the backend cannot destroy what it started: the row must not stay Starting or Resuming)."""
         await sandbox.client.close()
-        await self.backend.destroy(sandbox.id)
+        try:
+            await self.backend.destroy(sandbox.id)
+        except SandboxUnavailable as exc:
+            log.warning("sandbox %s: what its failed start or resume left could not be destroyed: %s", sandbox.id, exc)
         await asyncio.to_thread(self.workspaces.unmount, sandbox.workspace)
         if sandbox.user_id is None:
             self.workspaces.delete(sandbox.workspace_key)

@@ -215,7 +215,11 @@ class Workspaces:
         with self._image_lock(target):
             if self.quotas and (loop := self._attached(target)) is not None:
                 where = next((m.mountpoint for m in hostmounts.mounts() if m.device == loop.device), None)
-                elsewhere = f"{loop.name}, a sandbox may still use it" if where is None else f"mounted at {where}"
+                if where is None:  # no mount here: which other mount namespace still has one
+                    held = hostmounts.holders(loop.device)
+                    elsewhere = f"{loop.name}, mounted by {', '.join(held)}" if held else f"{loop.name}, being released"
+                else:
+                    elsewhere = f"mounted at {where}"
                 raise WorkspaceInUse(f"workspace {key} is in use ({elsewhere})")
             if not self.quotas and (where := self.mounted(key)) is not None:
                 raise WorkspaceInUse(f"workspace {key} is in use (mounted at {where})")

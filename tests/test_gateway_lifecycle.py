@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 
+import psycopg
 import pytest
 from mcp.shared.exceptions import MCPError
 
@@ -35,12 +36,12 @@ async def run(fleet, key: str, command: str, **options) -> dict:
         return structured(await client.call_tool("exec__run", {"command": command, **options}))
 
 
-def wait_for(predicate, timeout: float = 120.0, what: str = "the condition"):
+def wait_for(predicate, timeout: float = 120.0, what: str = "the condition", interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (found := predicate()):
             return found
-        time.sleep(0.2)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -94,7 +95,13 @@ async def test_a_gateway_killed_while_hibernating_recovers_a_consistent_sandbox(
         await run(fleet, key, "echo remembered > /tmp/note")
         request = subprocess.Popen([*MCPFLEET, "sandboxes", "hibernate", "carol"], env=fleet.env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        wait_for(lambda: any(r["state"] == "Hibernating" for r in sandboxes(fleet)), what="Hibernating")
+        # Watched in the database, not with `sandboxes list`: on a loaded host one CLI run (an
+        # interpreter start) can take longer than the whole checkpoint, and a poll would miss it.
+        with psycopg.connect(fleet.database_url, autocommit=True) as conn:
+            wait_for(
+                lambda: conn.execute("SELECT 1 FROM sandboxes WHERE state = 'Hibernating'").fetchone(),
+                what="Hibernating", interval=0.02,
+            )  # fmt: skip
         time.sleep(0.5)  # somewhere inside the checkpoint
         fleet.stop(signal.SIGKILL)
         request.kill()
@@ -137,3 +144,22 @@ async def test_a_caller_over_the_tenant_cap_gets_a_clear_error(fleet):
         assert "exit code 0" in text_of(await client.call_tool("exec__run", {"command": "true"}))
     states = {r["user"]: r["state"] for r in sandboxes(fleet) if r["tenant"] == "capped"}
     assert states == {"dan": "Hibernated", "eve": "Running"}
+
+
+async def test_a_client_that_connects_wakes_its_hibernated_sandbox_before_its_first_call(fleet):
+    key = fleet.add_user("erin")
+    await run(fleet, key, "echo only-in-memory > /tmp/note")
+    [mine] = [r for r in sandboxes(fleet) if r["user"] == "erin"]
+    # The 2025-11-25 handshake (`initialize`), then the 2026-07-28 one (`server/discover`, probed by "auto").
+    for mode in ("legacy", "auto"):
+        assert "hibernate default/erin: done" in fleet.cli("sandboxes", "hibernate", "erin").stdout
+        async with connect(fleet.mcp_url, key, mode=mode):  # connected, and not one call made
+            deadline = time.monotonic() + 120
+            while not [r for r in sandboxes(fleet) if r["user"] == "erin" and r["state"] == "Running"]:
+                assert time.monotonic() < deadline, f"the {mode} handshake did not wake the sandbox"
+                await asyncio.sleep(0.2)
+    out = await run(fleet, key, "cat /tmp/note")
+    assert out["stdout"] == "only-in-memory\n"  # resumed with its memory, not started afresh
+    assert [(r["id"], r["state"]) for r in sandboxes(fleet) if r["user"] == "erin"] == [(mine["id"], "Running")]
+    audit = [json.loads(line) for line in fleet.cli("audit", "export", "--json").stdout.splitlines()]
+    assert [e["action"] for e in audit if e["target"] == mine["id"]].count("sandbox.resuming") == 2  # one per wake

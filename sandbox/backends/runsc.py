@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ class RunscBackend:
         cgroup_parent: str = "/mcpfleet",
         start_cpus: float | None = float(os.cpu_count() or 1),
         python: PythonRuntime | None = None,
+        quick_restore: bool = True,
     ):
         """`root` holds runsc's state; `cgroup_parent` is where each sandbox's cgroup goes (v1 or v2).
 
@@ -58,6 +60,9 @@ class RunscBackend:
         importing the servers' code is most of a cold start, and it is CPU-bound.
         `python` is the runtime bound into every sandbox (default: the gateway's own).
         `runsc` and `platform` default as `sandbox.gvisor.choose` says (the newest runsc here).
+        `quick_restore` (off only to measure against): a restore runs no `runsc delete` unless runsc
+        keeps state for the id, and `settle` reads the bundle it knows instead of asking `runsc state`
+        (each runsc command is a process start, 20-70 ms on a loaded host).
         """
         self.root = Path(root)
         self.gvisor = choose(runsc, platform)
@@ -66,6 +71,9 @@ class RunscBackend:
         self.cgroup_parent = cgroup_parent.rstrip("/")
         self.start_cpus = start_cpus
         self.python = python or current_python()
+        self.quick_restore = quick_restore
+        self._bundles: dict[str, Path] = {}
+        """The bundle of each sandbox this backend started or restored, by id (`settle` reads it)."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _flags(self) -> list[str]:
@@ -105,6 +113,7 @@ class RunscBackend:
             runtime=self.python,
         )
         await self._launch(spec, "run", "--detach", "--bundle", str(bundle), spec.id)
+        self._bundles[spec.id] = bundle
 
     async def _launch(self, spec: SandboxSpec, *args: str) -> None:
         """`runsc run` or `restore`, whose sandbox keeps the console log as its stdout and stderr."""
@@ -173,12 +182,16 @@ class RunscBackend:
         while any(map(_is_live_process, processes)) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         self._remove_cgroups(sandbox_id)
+        self._bundles.pop(sandbox_id, None)
 
     async def settle(self, sandbox_id: str) -> None:
-        state = await self._state(sandbox_id)
-        if state is None:
-            raise RunscError(f"no sandbox {sandbox_id}")
-        config = json.loads((Path(state["bundle"]) / "config.json").read_text())
+        bundle = self._bundles.get(sandbox_id) if self.quick_restore else None
+        if bundle is None:  # not started or restored by this backend (adopted): runsc knows where it is
+            state = await self._state(sandbox_id)
+            if state is None:
+                raise RunscError(f"no sandbox {sandbox_id}")
+            bundle = Path(state["bundle"])
+        config = json.loads((bundle / "config.json").read_text())
         quota = int(config.get("annotations", {}).get(CPU_QUOTA_ANNOTATION, 0))
         cpu = config["linux"]["resources"]["cpu"]
         if quota <= 0 or quota == cpu["quota"]:
@@ -259,7 +272,8 @@ class RunscBackend:
 
     async def restore(self, spec: SandboxSpec, image_dir: Path) -> None:
         """Run a checkpointed sandbox again, from its bundle and `image_dir`, under the same id."""
-        await self._run("delete", "--force", spec.id)
+        if not self.quick_restore or self._has_state(spec.id):
+            await self._run("delete", "--force", spec.id)  # what a gateway that died left of it
         await self._launch(
             spec,
             "restore",
@@ -270,6 +284,11 @@ class RunscBackend:
             str(image_dir),
             spec.id,
         )
+        self._bundles[spec.id] = spec.directory / "bundle"
+
+    def _has_state(self, sandbox_id: str) -> bool:
+        """Whether runsc keeps state for the id (`<container>_sandbox:<sandbox>.state` in its root)."""
+        return any(self.root.glob(f"{glob.escape(sandbox_id)}_sandbox:*"))
 
     def stray_processes(self, keep: set[str]) -> builtins.list[int]:
         """runsc processes under our root that belong to no sandbox in `keep`."""
