@@ -318,6 +318,15 @@ class TaskCalls:
             call.cancel()  # here: at once; on another replica: its watcher sees the row
         return {"resultType": "complete"}
 
+    async def route_of(self, message: Any, user_id: int) -> str | None:
+        """The replica running the task a tasks/update (a parsed JSON-RPC message) answers, looked up by
+        its owner: a task id of someone else's, or of no task awaiting input, has none."""
+        params = message.get("params") if isinstance(message, dict) else None
+        task_id = params.get("taskId") if isinstance(params, dict) else None
+        if message.get("method") != "tasks/update" or not isinstance(task_id, str) or self._store is None:
+            return None
+        return await self._store.runner_address(user_id, task_id)
+
     async def update(self, ctx: ServerRequestContext[Any, Any], params: TaskUpdateParams) -> dict[str, Any]:
         """Answers to what the task's server asked; answers to questions not (or no longer) asked are
         ignored, as the extension says. The task shows only what is still unanswered at once."""
