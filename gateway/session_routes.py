@@ -18,6 +18,8 @@ one that holds its session:
 | ...unless a retry     | its `requestState` (sealed by the fleet, gateway/input_required.py) names the |
 |                       | replica holding the waiting call and its user: passed on there with the same  |
 |                       | hop; its holder gone → the "no longer awaited" error (-32602)                 |
+| ...or a tasks/update  | the task's row names the replica running it (looked up by its owner): the     |
+|                       | same; a task id not the caller's has no route and is refused where it came    |
 
 Why the route is in the id, not in Redis or PostgreSQL: nothing to look up per request, nothing to
 expire or clean up, and sessions keep working while Redis or the database is away (the outage

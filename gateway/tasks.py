@@ -12,7 +12,8 @@ A server that asks its client for input mid-task (elicitation, sampling, roots) 
 2026-07-28 call's is (gateway/input_required.py): the task turns `input_required` and lists the
 questions on `tasks/get`; `tasks/update` delivers answers, and once all are in the call goes on.
 The held call lives in the process running the task, which every replica hands `/mcp` to
-(gateway/forward.py). A tool whose definition also says `inputFirst` asks its first round before
+(gateway/forward.py); on Kubernetes the row keeps that replica's address, and a tasks/update
+reaching another replica is passed on to it (gateway/session_routes.py). A tool whose definition also says `inputFirst` asks its first round before
 it becomes a task: that round is answered as a plain call's, and the client's retry is the task.
 
 Which tools support tasks is the server's to say, in the tool's definition: `execution.taskSupport`
