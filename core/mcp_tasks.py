@@ -52,21 +52,24 @@ def new_task_id() -> str:
 
 
 class TaskStore:
-    def __init__(self, pool: AsyncConnectionPool, runner: str, orphan_after_s: float):
+    def __init__(self, pool: AsyncConnectionPool, runner: str, orphan_after_s: float, address: str | None = None):
         self._pool = pool
         self.runner = runner  # this gateway process
+        self.address = address  # where other replicas reach it (Kubernetes), for a tasks/update
         self._orphan_after_s = orphan_after_s
 
     async def create(self, user_id: int, tool: str, ttl_ms: int) -> TaskRow:
         """A new working task, committed before its id is given to anyone (tasks/get finds it at once)."""
         async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
-                f"""INSERT INTO mcp_tasks (id, user_id, tenant_id, tool, status, ttl_ms, expires_at, runner)
+                f"""INSERT INTO mcp_tasks (id, user_id, tenant_id, tool, status, ttl_ms, expires_at, runner,
+                                           runner_address)
                     SELECT %(id)s, u.id, u.tenant_id, %(tool)s, 'working', %(ttl)s,
-                           now() + %(ttl)s * interval '1 millisecond', %(runner)s
+                           now() + %(ttl)s * interval '1 millisecond', %(runner)s, %(address)s
                       FROM users u WHERE u.id = %(user)s
                     RETURNING {_COLUMNS}""",
-                {"id": new_task_id(), "tool": tool, "ttl": ttl_ms, "runner": self.runner, "user": user_id},
+                {"id": new_task_id(), "tool": tool, "ttl": ttl_ms, "runner": self.runner, "user": user_id,
+                 "address": self.address},
             )
             row = await cur.fetchone()
         if row is None:
@@ -84,6 +87,18 @@ class TaskStore:
             )
             row = await cur.fetchone()
         return TaskRow(**row) if row else None
+
+    async def runner_address(self, user_id: int, task_id: str) -> str | None:
+        """The address of the replica running the owner's task while it awaits input, else None
+        (someone else's, unknown, finished, or run where replicas have no addresses)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT runner_address FROM mcp_tasks
+                    WHERE id = %s AND user_id = %s AND expires_at > now() AND status = 'input_required'""",
+                (task_id, user_id),
+            )
+            row = await cur.fetchone()
+        return row[0] if row else None
 
     async def cancel(self, user_id: int, task_id: str) -> bool | None:
         """Cancels the owner's task if it still runs. True: cancelled now; False: already terminal;

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -31,7 +32,7 @@ from gateway.fast_call import FastToolCall
 from gateway.fleet import Fleet
 from gateway.forward import Forwarder, ForwardToOwner, ReplicaClient
 from gateway.http_headers import TrimHeaderWhitespace
-from gateway.input_required import InputExchanges
+from gateway.input_required import HeldCallRoutes, InputExchanges
 from gateway.input_required import boundary as request_state_boundary
 from gateway.limits import LimitsMiddleware, buckets_for
 from gateway.oauth.resource import RequireBearer, metadata_routes
@@ -39,7 +40,7 @@ from gateway.oauth.tokens import OAuthVerifier
 from gateway.refusals import JsonRpcRefusals
 from gateway.routing import Router
 from gateway.sampling import Sampling
-from gateway.session_routes import CONNECT_S, ReplicaHops, SessionRouting, SessionSeal, fleet_key
+from gateway.session_routes import CONNECT_S, ReplicaHops, SessionRouting, SessionSeal, fleet_key, reachable
 from gateway.sessions import SessionBook
 from gateway.tasks import TaskCalls, runner_name
 from gateway.tool_sets import ToolSets
@@ -76,7 +77,9 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 def create_app(fleet: Fleet) -> Starlette:
     """The gateway over `fleet`, which the app's lifespan opens and closes."""
     settings = fleet.settings
-    exchanges = InputExchanges(settings.input_wait_s, settings.input_held_per_user)
+    # Several replicas on Kubernetes: a held call's requestState names its replica (a retry may reach another).
+    route = reachable(settings.replica_address) if settings.replica_address else None
+    exchanges = InputExchanges(settings.input_wait_s, settings.input_held_per_user, route)
     tool_sets = ToolSets(fleet, settings.db_outage_s)
     tasks = TaskCalls(
         int(settings.task_ttl_s * 1000), settings.task_heartbeat_s, settings.task_orphan_s / 2, exchanges,
@@ -95,6 +98,7 @@ def create_app(fleet: Fleet) -> Starlette:
         max_request_body_size=settings.max_body_bytes,
         session_idle_timeout=settings.session_idle_s,
     )
+    state_secret = session_secret(settings.home)
     fast_calls = FastToolCall(StreamableHTTPASGIApp(sessions), sessions, router, fleet.telemetry.metrics, settings.fast_path)
     # Our span per request (the HTTP span as its parent, metrics beside it) in place of the SDK's own; a
     # fast call's Mcp-Param-* check inside it. requestState (2026-07-28 input_required) is sealed on the
@@ -102,7 +106,7 @@ def create_app(fleet: Fleet) -> Starlette:
     mcp_server.middleware = [
         fleet.telemetry.mcp_middleware(), wake_sandboxes(fleet), fast_calls.param_headers, router.session_sets,
         tasks.name_header,
-        request_state_boundary(session_secret(settings.home), settings.input_wait_s),
+        request_state_boundary(state_secret, settings.input_wait_s),
     ]
 
     @contextlib.asynccontextmanager
@@ -110,7 +114,7 @@ def create_app(fleet: Fleet) -> Starlette:
         async with fleet:
             verifier.start_listening(fleet.database_url)
             oauth.start_listening(fleet.database_url)
-            tasks.start(TaskStore(fleet.pool, runner_name(), settings.task_orphan_s))
+            tasks.start(TaskStore(fleet.pool, runner_name(), settings.task_orphan_s, route))
             try:
                 async with sessions.run():
                     yield
@@ -169,7 +173,13 @@ def create_app(fleet: Fleet) -> Starlette:
     forwarder = Forwarder(settings.max_body_bytes, connect_timeout=CONNECT_S)
     # Several replicas on Kubernetes: a session's requests go to the replica that opened it.
     seal = SessionSeal(fleet_key(settings.sandbox_key_file), settings.replica_address) if settings.replica_address else None
-    mcp_endpoint = ForwardToOwner(refusing if seal is None else SessionRouting(refusing, seal, forwarder),
+    held_calls = HeldCallRoutes(state_secret, settings.input_wait_s)
+
+    async def holder(message: dict[str, Any], user_id: int) -> str | None:
+        """The replica holding what a 2026-07-28 request answers: a call waiting on its requestState, or a task."""
+        return held_calls.route_of(message, user_id) or await tasks.route_of(message, user_id)
+
+    mcp_endpoint = ForwardToOwner(refusing if seal is None else SessionRouting(refusing, seal, forwarder, holder),
                                   owner=lambda: getattr(fleet.manager, "owner_address", None), forwarder=forwarder,
                                   secret=settings.replica_secret, behind_proxy=settings.trusted_proxies is not None)
     app = Starlette(

@@ -33,6 +33,8 @@ import httpx
 from opentelemetry import propagate
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.refusals import body_too_large, jsonrpc_error
+
 log = logging.getLogger(__name__)
 
 # Not passed on: they describe one hop, not the request (RFC 9110 §7.6.1), or httpx sets them. The
@@ -68,7 +70,9 @@ class Forwarder:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:  # the owner would refuse it too: not carried over
-                await answer(send, 413, b"request body too large")
+                # As the owner would say it: a JSON-RPC error that SDK clients show, naming the setting.
+                await answer(send, 413, jsonrpc_error(body_too_large(self.max_body_bytes)),
+                             content_type=b"application/json")
                 return None
         return bytes(body)
 

@@ -12,7 +12,10 @@ from the gateway's secret), bound to the user, the method, the tool/prompt/resou
 arguments, and expires; inside it is only the id of the held exchange and its round, which
 must also match what this gateway holds for that user. A server whose client never comes back
 gets an error after `input_wait_s` and its exchange is forgotten. Held exchanges live in this
-gateway's memory: a retry must reach the gateway that answered the round before it.
+gateway's memory. With several replicas (Kubernetes, `route` set) the exchange's id also names
+its user and the replica holding it, inside the sealed state, so no client can change either:
+`HeldCallRoutes` reads it back for gateway/session_routes.py, which passes a retry that reached
+another replica on to the holder.
 
 A 2025-11-25 session keeps its back-channel: `relay_to_client` sends the server's request to the
 client as it came.
@@ -21,17 +24,21 @@ client as it came.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextvars
 import hashlib
 import hmac
+import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
-from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
+from mcp.server.request_state import InvalidRequestState, RequestStateBoundary, RequestStateSecurity
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 from pydantic import BaseModel, ConfigDict, TypeAdapter
@@ -58,11 +65,61 @@ RUNNING_AS_TASK: contextvars.ContextVar[bool] = contextvars.ContextVar("running_
 STALE_STATE = "This requestState is no longer awaited (the call finished, timed out, or was answered already)"
 
 
+def _security(secret: bytes, wait_s: float) -> RequestStateSecurity:
+    key = hmac.new(secret, b"mcpfleet/request-state", hashlib.sha256).hexdigest()  # its own key, not the cookie key's
+    return RequestStateSecurity(keys=[key], ttl=wait_s, bind_principal=_principal)
+
+
 def boundary(secret: bytes, wait_s: float) -> RequestStateBoundary:
     """The SDK middleware that seals outgoing and verifies incoming `requestState`, bound to the user."""
-    key = hmac.new(secret, b"mcpfleet/request-state", hashlib.sha256).hexdigest()  # its own key, not the cookie key's
-    security = RequestStateSecurity(keys=[key], ttl=wait_s, bind_principal=_principal)
-    return RequestStateBoundary(security, default_audience="mcpfleet")
+    return RequestStateBoundary(_security(secret, wait_s), default_audience="mcpfleet")
+
+
+_ROUTED = "~"
+"""Separates an exchange's random part from its user and replica (none of them ever holds it)."""
+_CARRIERS = frozenset({"tools/call", "prompts/get", "resources/read"})
+"""The requests that may carry a `requestState` (the SDK's multi-round-trip methods)."""
+
+
+def _exchange_id(user_id: int, route: str | None) -> str:
+    token = secrets.token_urlsafe(16)
+    if route is None:
+        return token
+    return f"{token}{_ROUTED}{user_id}{_ROUTED}{base64.urlsafe_b64encode(route.encode()).rstrip(b'=').decode()}"
+
+
+class HeldCallRoutes:
+    """Which replica holds the call a retry answers: read from the sealed `requestState` itself.
+
+    The state is AES-GCM sealed with the fleet's secret (every replica has it, no client does), so the
+    route in it is the fleet's word. Anything that is not such a state for this user (forged, expired,
+    another user's, malformed) has no route: it is served where it arrived, whose boundary refuses it
+    as usual; nothing a client writes makes a replica connect anywhere."""
+
+    def __init__(self, secret: bytes, wait_s: float):
+        self._codec = _security(secret, wait_s).codec
+
+    def route_of(self, message: Any, user_id: int) -> str | None:
+        """The holder's address, for a request (a parsed JSON-RPC message) that retries with a state."""
+        params = message.get("params") if isinstance(message, dict) else None
+        state = params.get("requestState") if isinstance(params, dict) else None
+        if not isinstance(state, str) or message.get("method") not in _CARRIERS:
+            return None
+        try:
+            claims = json.loads(self._codec.unseal(state))
+        except (InvalidRequestState, ValueError):
+            return None
+        inner = claims.get("s") if isinstance(claims, dict) else None
+        expires = claims.get("exp") if isinstance(claims, dict) else None
+        if not isinstance(inner, str) or not isinstance(expires, int | float) or not time.time() < expires:
+            return None
+        parts = inner.rpartition(".")[0].split(_ROUTED)
+        if len(parts) != 3 or parts[1] != str(user_id):
+            return None
+        try:
+            return base64.urlsafe_b64decode(parts[2] + "=" * (-len(parts[2]) % 4)).decode("ascii")
+        except (binascii.Error, ValueError):
+            return None
 
 
 def _principal(ctx: ServerRequestContext[Any, Any]) -> str | None:
@@ -89,8 +146,8 @@ class _Ask:
 class Exchange:
     """One client call whose server asks the client for input, across the rounds it takes."""
 
-    def __init__(self, user_id: int, capabilities: dict[str, Any], label: str = ""):
-        self.id = secrets.token_urlsafe(16)
+    def __init__(self, user_id: int, capabilities: dict[str, Any], label: str = "", route: str | None = None):
+        self.id = _exchange_id(user_id, route)
         self.user_id = user_id
         self.label = label  # what the call was and whose, for the log
         self.capabilities = capabilities
@@ -169,8 +226,10 @@ def _without_result_type(answer: dict[str, Any]) -> dict[str, Any]:
 class InputExchanges:
     """The exchanges this gateway holds, by id; each belongs to one user."""
 
-    def __init__(self, wait_s: float, held_per_user: int = 32):
+    def __init__(self, wait_s: float, held_per_user: int = 32, route: str | None = None):
+        """`route`: this replica's address, when a retry may reach another replica (see HeldCallRoutes)."""
         self.wait_s = wait_s
+        self.route = route
         self.held_per_user = held_per_user
         """Calls one user may have waiting for their input at once: each holds a server's call open."""
         self._held: dict[str, Exchange] = {}
@@ -185,7 +244,8 @@ class InputExchanges:
         state = (ctx.params or {}).get("requestState")
         if state is None:
             target = (ctx.params or {}).get("name") or (ctx.params or {}).get("uri") or ""
-            exchange = Exchange(identity.user_id, client_capabilities(ctx), f"{ctx.method} {bounded(str(target), 200)} of {identity.principal}")
+            exchange = Exchange(identity.user_id, client_capabilities(ctx), f"{ctx.method} {bounded(str(target), 200)} of {identity.principal}",
+                                self.route)
             exchange.ctx = ctx
             exchange.task = asyncio.create_task(start(exchange))
             exchange.task.add_done_callback(exchange.ended)

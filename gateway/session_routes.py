@@ -14,7 +14,12 @@ one that holds its session:
 | the route is elsewhere| passed on to it (gateway/forward.py), with a hop header that the owner checks |
 | the owner is gone     | no connection can be made → 404: the client opens a new session, as the spec  |
 |                       | says after any expiry                                                         |
-| 2026-07-28 (no id)    | served here: stateless, nothing to route                                      |
+| 2026-07-28 (no id)    | served here: stateless, nothing to route...                                   |
+| ...unless a retry     | its `requestState` (sealed by the fleet, gateway/input_required.py) names the |
+|                       | replica holding the waiting call and its user: passed on there with the same  |
+|                       | hop; its holder gone → the "no longer awaited" error (-32602)                 |
+| ...or a tasks/update  | the task's row names the replica running it (looked up by its owner): the     |
+|                       | same; a task id not the caller's has no route and is refused where it came    |
 
 Why the route is in the id, not in Redis or PostgreSQL: nothing to look up per request, nothing to
 expire or clean up, and sessions keep working while Redis or the database is away (the outage
@@ -38,14 +43,18 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import principal_components
 from mcp.server.streamable_http import MCP_SESSION_ID_HEADER
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.auth import identity_of
 from gateway.forward import Forwarder, Unreachable, answer
+from gateway.input_required import STALE_STATE
 from gateway.refusals import jsonrpc_error
 from gateway.sessions import session_id_of
 
@@ -60,6 +69,9 @@ HOP_FRESH_S = 60
 CONNECT_S = 5.0
 """How long a replica tries to reach a session's owner before taking it as gone (404)."""
 _MAC_BYTES = 16
+TASK_GONE = "This task's answers are no longer awaited: the gateway replica running it is gone (the task fails)"
+Holder = Callable[[dict[str, Any], int], Awaitable[str | None]]
+"""The address of the replica holding what a request (parsed) of this user answers, or None: serve it here."""
 
 
 def _b64(data: bytes) -> str:
@@ -153,10 +165,12 @@ async def _not_found(send: Send, why: str) -> None:
 class SessionRouting:
     """`/mcp` on a replica of many: each request of a session is served by the replica that opened it."""
 
-    def __init__(self, app: ASGIApp, seal: SessionSeal, forwarder: Forwarder):
+    def __init__(self, app: ASGIApp, seal: SessionSeal, forwarder: Forwarder, held: Holder | None = None):
+        """`held`: which replica holds what a 2026-07-28 request answers (a held call, a task)."""
         self.app = app
         self.seal = seal
         self.forwarder = forwarder
+        self.held = held
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         user = scope.get("user")
@@ -166,7 +180,10 @@ class SessionRouting:
         principal = principal_of(user)
         sealed = session_id_of(scope)
         if sealed is None:  # opens a session, or a stateless 2026-07-28 request
-            await self.app(scope, receive, self._sealing(send, principal))
+            if self.held is not None and scope["method"] == "POST" and not scope.get(HOPPED):
+                await self._stateless(scope, receive, send, principal)
+            else:
+                await self.app(scope, receive, self._sealing(send, principal))
             return
         opened = self.seal.open(sealed, principal)
         if opened is None:
@@ -183,14 +200,40 @@ class SessionRouting:
         body = await self.forwarder.read_body(receive, send)
         if body is None:
             return
-        client = scope["client"][0] if scope.get("client") else "unknown"
         try:
-            await self.forwarder.pass_on(scope, body, receive, send, address,
-                                         headers=[(HOP_HEADER, self.seal.hop(scope, client))])
+            await self._pass_on(scope, body, receive, send, address)
         except Unreachable as exc:
             log.info("the replica holding a session of %s is gone (%s): 404, so the client opens a new one",
                      user.username, exc)
             await _not_found(send, "the gateway replica that held it is gone; open a new session")
+
+    async def _pass_on(self, scope: Scope, body: bytes, receive: Receive, send: Send, address: str) -> None:
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        await self.forwarder.pass_on(scope, body, receive, send, address,
+                                     headers=[(HOP_HEADER, self.seal.hop(scope, client))])
+
+    async def _stateless(self, scope: Scope, receive: Receive, send: Send, principal: str) -> None:
+        """A POST without a session: a retry answering a call another replica holds goes there; the
+        body, read once here, is handed on as it came either way."""
+        body = await self.forwarder.read_body(receive, send)
+        if body is None:
+            return
+        identity = identity_of(scope)
+        try:
+            message = json.loads(body)
+        except ValueError:
+            message = None  # refused where it is served
+        address = None
+        if identity is not None and self.held is not None and isinstance(message, dict):
+            address = await self.held(message, identity.user_id)
+        if address is None or address == self.seal.address:
+            await self.app(scope, _replaying(body, receive), self._sealing(send, principal))
+            return
+        try:
+            await self._pass_on(scope, body, receive, send, address)
+        except Unreachable as exc:
+            log.info("the replica holding a waiting call of %s is gone (%s)", identity and identity.principal, exc)
+            await answer(send, 200, _stale(message or {}), content_type=b"application/json")
 
     def _sealing(self, send: Send, principal: str) -> Send:
         async def sealing(message: Message) -> None:
@@ -201,6 +244,27 @@ class SessionRouting:
             await send(message)
 
         return sealing
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """The request's body as read already, then whatever else the client sends (its disconnect)."""
+    sent = False
+
+    async def replaying() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replaying
+
+
+def _stale(message: dict[str, Any]) -> bytes:
+    """The error a retry (or a task's answers) gets when nothing awaits it any more, under the request's own id."""
+    text = STALE_STATE if message.get("method") != "tasks/update" else TASK_GONE
+    return json.dumps({"jsonrpc": "2.0", "id": message.get("id"), "error": {
+        "code": -32602, "message": text, "data": {"reason": "stale_request_state"}}}).encode()
 
 
 class ReplicaHops:

@@ -12,7 +12,8 @@ A server that asks its client for input mid-task (elicitation, sampling, roots) 
 2026-07-28 call's is (gateway/input_required.py): the task turns `input_required` and lists the
 questions on `tasks/get`; `tasks/update` delivers answers, and once all are in the call goes on.
 The held call lives in the process running the task, which every replica hands `/mcp` to
-(gateway/forward.py). A tool whose definition also says `inputFirst` asks its first round before
+(gateway/forward.py); on Kubernetes the row keeps that replica's address, and a tasks/update
+reaching another replica is passed on to it (gateway/session_routes.py). A tool whose definition also says `inputFirst` asks its first round before
 it becomes a task: that round is answered as a plain call's, and the client's retry is the task.
 
 Which tools support tasks is the server's to say, in the tool's definition: `execution.taskSupport`
@@ -317,6 +318,15 @@ class TaskCalls:
         if outcome and (call := self._running.get(params.task_id)) is not None:
             call.cancel()  # here: at once; on another replica: its watcher sees the row
         return {"resultType": "complete"}
+
+    async def route_of(self, message: Any, user_id: int) -> str | None:
+        """The replica running the task a tasks/update (a parsed JSON-RPC message) answers, looked up by
+        its owner: a task id of someone else's, or of no task awaiting input, has none."""
+        params = message.get("params") if isinstance(message, dict) else None
+        task_id = params.get("taskId") if isinstance(params, dict) else None
+        if message.get("method") != "tasks/update" or not isinstance(task_id, str) or self._store is None:
+            return None
+        return await self._store.runner_address(user_id, task_id)
 
     async def update(self, ctx: ServerRequestContext[Any, Any], params: TaskUpdateParams) -> dict[str, Any]:
         """Answers to what the task's server asked; answers to questions not (or no longer) asked are

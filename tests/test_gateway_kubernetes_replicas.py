@@ -1,4 +1,5 @@
-"""Two gateway replicas on the kubernetes backend share every 2025-11-25 session (gateway/session_routes.py).
+"""Two gateway replicas on the kubernetes backend share every 2025-11-25 session (gateway/session_routes.py),
+and every 2026-07-28 call held waiting for its client's input (gateway/input_required.py).
 
 Two real `mcpfleet up` processes on one database, each with MCPFLEET_REPLICA_ADDRESS (its own port
 here; a pod's IP and port in a cluster), as a Deployment's replicas behind a Service. The test plays
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -23,8 +26,11 @@ from typing import Any
 
 import httpx
 import psutil
+import psycopg
 import pytest
+from mcp.server.request_state import AESGCMRequestStateCodec
 
+from gateway.input_required import HeldCallRoutes
 from gateway.session_routes import HOP_HEADER, SessionSeal
 from registry.service import BUILTIN_NAMESPACE, product_version
 from tests.clients import connect
@@ -54,6 +60,7 @@ async def replicas(kube, workdir, receiver, tmp_path_factory, postgres_url) -> A
         KUBECONFIG=str(write_kubeconfig(config / "kubeconfig", kube)), MCPFLEET_CONFORMANCE="on",
         PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "runsc").exists()),
         OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100",
+        MCPFLEET_SESSION_SECRET="one secret for every replica of the fleet, 0123456789",
     )  # fmt: skip
     first.env["MCPFLEET_REPLICA_ADDRESS"] = f"127.0.0.1:{first.port}"
     port = free_port()
@@ -121,6 +128,42 @@ class Session:
         result = await self.request(replica, "tools/call", {"name": tool, "arguments": arguments})
         assert not result.get("isError"), result
         return "\n".join(block.get("text", "") for block in result["content"])
+
+
+ELICIT = "conformance__test_input_required_result_elicitation"
+REVISION = "2026-07-28"
+TASKS = "io.modelcontextprotocol/tasks"
+
+
+async def stateless(http: httpx.AsyncClient, replica: Fleet, key: str, params: dict[str, Any],
+                    method: str = "tools/call") -> dict[str, Any]:
+    """One 2026-07-28 request with no session (as tests/test_input_required.py and test_mcp_tasks.py
+    send them, the tasks extension declared): its JSON-RPC answer."""
+    meta = {"io.modelcontextprotocol/protocolVersion": REVISION,
+            "io.modelcontextprotocol/clientCapabilities": {"elicitation": {}, "sampling": {}, "extensions": {TASKS: {}}},
+            "io.modelcontextprotocol/clientInfo": {"name": "replica-tests", "version": "1"}}
+    response = await http.post(replica.mcp_url, json={"jsonrpc": "2.0", "id": 3, "method": method,
+                                                       "params": {**params, "_meta": meta}}, headers={
+        "Authorization": f"Bearer {key}", "MCP-Protocol-Version": REVISION, "Mcp-Method": method,
+        "Mcp-Name": params.get("name") or params["taskId"], "Accept": "application/json, text/event-stream"})
+    answers = [m for m in messages(response) if "result" in m or "error" in m]
+    assert answers and answers[-1]["id"] == 3, response.text[-500:]
+    return answers[-1]
+
+
+async def ask_name(http: httpx.AsyncClient, replica: Fleet, key: str) -> str:
+    """Round one of the elicitation fixture on `replica`: the requestState its retry must bring."""
+    answer = await stateless(http, replica, key, {"name": ELICIT, "arguments": {}})
+    assert "result" in answer, answer
+    result = answer["result"]
+    assert result["resultType"] == "input_required" and "user_name" in result["inputRequests"], result
+    return result["requestState"]
+
+
+async def answer_name(http: httpx.AsyncClient, replica: Fleet, key: str, state: str, name: str) -> dict[str, Any]:
+    responses = {"user_name": {"action": "accept", "content": {"name": name}}}
+    return await stateless(http, replica, key, {"name": ELICIT, "arguments": {}, "inputResponses": responses,
+                                                "requestState": state})
 
 
 def route_of(session_id: str) -> str:
@@ -294,6 +337,119 @@ async def test_a_client_cannot_route_a_session_nor_use_another_users(replicas, k
             assert [e["detail"]["ip"] for e in found] == ["203.0.113.9"], found
 
 
+async def test_a_retry_answering_input_required_reaches_the_replica_holding_the_call(replicas, kube, workdir):
+    """A 2026-07-28 call whose server asks for input is held by the replica that answered
+    input_required; the Service sends the retry to the other one, which passes it on: it completes.
+    Attacks: a state forged or sealed by a stranger, another user's state, a genuine state with a
+    forged hop, none of which reaches the held call nor makes a replica connect elsewhere."""
+    first, second = replicas
+    async with asyncio.timeout(WITHIN):
+        ines = await asyncio.to_thread(first.add_user, "ines")
+        mallory = await asyncio.to_thread(first.add_user, "mallory-input")
+        admin = await asyncio.to_thread(first.add_user, "ines-admin", "default", "admin")
+        async with operator(kube, workdir, "ines", "mallory-input") as played, httpx.AsyncClient(timeout=180) as http:
+            # The conformance fixture approved again (the first test revokes it), in case that one ran.
+            path = f"/registry/v1/servers/{BUILTIN_NAMESPACE}/conformance/versions/{product_version()}/approve"
+            approved = await http.post(first.base_url + path, json={}, headers={"Authorization": f"Bearer {admin}"})
+            assert approved.status_code == 200, approved.text
+            for held, other in ((first, second), (second, first)):
+                state = await ask_name(http, held, ines)
+                done = await answer_name(http, other, ines, state, "Ada")
+                assert done["result"]["content"][0]["text"] == "Hello, Ada!", done  # the server read the answer
+                # Good for one retry, wherever the second one lands.
+                for replica in (first, second):
+                    again = await answer_name(http, replica, ines, state, "Eve")
+                    assert again["error"]["code"] == -32602, again
+            assert played.started == 1  # one pod for ines, whichever replica held her calls
+
+            # Attacks on a call held by the first replica, sent to the second.
+            trapped: list[str] = []
+
+            async def trap(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                trapped.append(str(writer.get_extra_info("peername")))
+                writer.close()
+
+            server = await asyncio.start_server(trap, "127.0.0.1", 0)
+            trap_address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            async with server:
+                state = await ask_name(http, first, ines)
+                # Sealed with another secret, naming the trap as the holder: never followed.
+                stranger_secret = b"not the fleet's secret, but long enough 0123"
+                stranger = AESGCMRequestStateCodec([hmac.new(stranger_secret, b"mcpfleet/request-state", hashlib.sha256).hexdigest()])
+                async with await psycopg.AsyncConnection.connect(first.database_url) as conn:
+                    row = await (await conn.execute("SELECT id FROM users WHERE name = 'ines'")).fetchone()
+                    assert row is not None
+                    user_id = row[0]
+                trap_route = base64.urlsafe_b64encode(trap_address.encode()).rstrip(b"=").decode()
+                claims = {"v": 1, "iat": time.time(), "exp": time.time() + 300, "m": "tools/call", "s": f"x~{user_id}~{trap_route}.1"}
+                forged = [stranger.seal(json.dumps(claims).encode()), state[:-4] + ("AAAA" if not state.endswith("AAAA") else "BBBB"),
+                          state + "x", "not-a-state"]
+                # Well made but for the key: a replica with the stranger's secret would follow it.
+                assert HeldCallRoutes(stranger_secret, 300).route_of(
+                    {"method": "tools/call", "params": {"requestState": forged[0]}}, user_id) == trap_address
+                for bad in forged:
+                    refused = await answer_name(http, second, ines, bad, "Mallory")
+                    assert refused["error"]["code"] == -32602 and "requestState" in refused["error"]["message"], refused
+                # Mallory with ines's genuine state, on either replica: refused, her answer reaches nobody.
+                for replica in (second, first):
+                    stolen = await answer_name(http, replica, mallory, state, "Mallory")
+                    assert stolen["error"]["code"] == -32602, stolen
+                    assert "Ada" not in str(stolen) and "Mallory" not in str(stolen)
+                # A hop header of the client's own making with the genuine state: refused before anything reads it.
+                scope = {"method": "POST", "path": "/mcp", "headers": []}
+                hop = SessionSeal(b"not-the-fleet-key-0123456789", "x:1").hop(scope, "203.0.113.9")
+                refused_hop = await http.post(second.mcp_url, json={"jsonrpc": "2.0", "id": 3, "method": "tools/call"},
+                                              headers={"Authorization": f"Bearer {ines}", HOP_HEADER.decode(): hop.decode()})
+                assert refused_hop.status_code == 403, refused_hop.text
+                assert trapped == [], "a replica connected to an address a client wrote"
+                # The held call waited on, untouched: ines's own retry, through the other replica, completes it.
+                done = await answer_name(http, second, ines, state, "Ada")
+                assert done["result"]["content"][0]["text"] == "Hello, Ada!", done
+
+
+async def task_status(http: httpx.AsyncClient, replica: Fleet, key: str, task_id: str, until: set[str]) -> dict[str, Any]:
+    """tasks/get on `replica` until the task is in one of `until` (any replica answers: the row is in PostgreSQL)."""
+    while True:
+        answer = await stateless(http, replica, key, {"taskId": task_id}, "tasks/get")
+        if answer["result"]["status"] in until:
+            return answer["result"]
+        assert answer["result"]["status"] in ("working", "input_required"), answer
+        await asyncio.sleep(0.3)
+
+
+async def test_a_tasks_answers_reach_the_replica_running_it(replicas, kube, workdir):
+    """A task whose server asks for input runs on the replica that created it; tasks/update sent to the
+    other is passed on there (the runner's address is kept with the task), and the task completes.
+    Attack: another user's tasks/update with its id, through either replica, reaches nothing."""
+    first, second = replicas
+    async with asyncio.timeout(WITHIN):
+        uma = await asyncio.to_thread(first.add_user, "uma")
+        mallory = await asyncio.to_thread(first.add_user, "mallory-tasks")
+        admin = await asyncio.to_thread(first.add_user, "uma-admin", "default", "admin")
+        async with operator(kube, workdir, "uma") as played, httpx.AsyncClient(timeout=180) as http:
+            path = f"/registry/v1/servers/{BUILTIN_NAMESPACE}/conformance/versions/{product_version()}/approve"
+            approved = await http.post(first.base_url + path, json={}, headers={"Authorization": f"Bearer {admin}"})
+            assert approved.status_code == 200, approved.text
+            for runner, other in ((first, second), (second, first)):
+                created = await stateless(http, runner, uma, {"name": "conformance__confirm_delete",
+                                                              "arguments": {"filename": "a.txt"}})
+                assert created["result"]["resultType"] == "task", created
+                task_id = created["result"]["taskId"]
+                task = await task_status(http, other, uma, task_id, {"input_required"})
+                (key,) = task["inputRequests"]
+                forged = {key: {"action": "accept", "content": {"confirm": False}}}
+                for replica in (other, runner):
+                    refused = await stateless(http, replica, mallory, {"taskId": task_id, "inputResponses": forged},
+                                              "tasks/update")
+                    assert refused["error"]["code"] == -32602, refused
+                mine = {key: {"action": "accept", "content": {"confirm": True}}}
+                updated = await stateless(http, other, uma, {"taskId": task_id, "inputResponses": mine}, "tasks/update")
+                assert updated["result"]["resultType"] == "complete", updated
+                done = await task_status(http, other, uma, task_id, {"completed", "failed", "cancelled"})
+                assert done["status"] == "completed" and done["result"]["content"][0]["text"] == "a.txt: confirm=True", done
+            assert played.started == 1
+
+
 async def test_the_owner_gone_its_sessions_answer_404_and_a_new_one_works(replicas, kube, workdir):
     """Runs last: it kills the second replica. What its death costs is its sessions (404, so the client
     opens a new one); the user's pod, and what is in its workspace, stay."""
@@ -304,7 +460,17 @@ async def test_the_owner_gone_its_sessions_answer_404_and_a_new_one_works(replic
             session = Session(http, tara)
             await session.open(second)
             await session.call(first, "workspace__write_file", path="kept.txt", content="outlives a replica")
+            held = await ask_name(http, second, tara)  # a 2026-07-28 call the second replica holds
+            created = await stateless(http, second, tara, {"name": "conformance__confirm_delete", "arguments": {"filename": "b"}})
+            task_id = created["result"]["taskId"]  # and a task it runs, waiting for input
+            (key,) = (await task_status(http, first, tara, task_id, {"input_required"}))["inputRequests"]
             await asyncio.to_thread(second.stop, signal.SIGKILL)
+            # Their answers through the first: the "no longer awaited" error, not a hang.
+            late = await answer_name(http, first, tara, held, "Ada")
+            assert late["error"]["code"] == -32602 and "no longer awaited" in late["error"]["message"], late
+            update = {"taskId": task_id, "inputResponses": {key: {"action": "accept", "content": {"confirm": True}}}}
+            late = await stateless(http, first, tara, update, "tasks/update")
+            assert late["error"]["code"] == -32602 and "no longer awaited" in late["error"]["message"], late
             gone = await session.post(first, {"jsonrpc": "2.0", "id": 5, "method": "tools/list"})
             assert gone.status_code == 404, gone.text
             assert "replica that held it is gone" in gone.json()["error"]["message"], gone.text
