@@ -155,7 +155,7 @@ async def test_a_server_gets_its_users_value_and_bob_never_reaches_alices(vault_
     alices = value()
     secrets_cli(fleet, "set", "alice", KEYED, TOKEN, stdin=alices)
     # An undeclared secret of the same server never reaches it.
-    secrets_cli(fleet, "set", "alice", KEYED, "OTHER_UNDECLARED", stdin=value())
+    secrets_cli(fleet, "set", "--force", "alice", KEYED, "OTHER_UNDECLARED", stdin=value())
 
     got = structured(await call(fleet, keys["alice"], "keyed__fingerprint"))
     assert got == {"sha256": sha(alices), "undeclared": []}
