@@ -185,8 +185,10 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         log(f"up at {time.time():.3f}")  # wall clock, which gVisor shares with the host: for bench/sandbox_lifecycle.py
         self._serve_endpoints()
-        if self.forks.modules:
-            self.forks.start()  # its imports go on while the servers that are executed start
+        if self.forks.preload:
+            # Its imports go on while the servers that are executed start. With none of its servers
+            # to run (a trial of a published server) it is not started: the first fork would start it.
+            self.forks.start()
         self._runs = {name: asyncio.create_task(child.run()) for name, child in self.children.items()}
         # The first hello should say how every server fared, so connect once all have settled.
         await asyncio.gather(*(child.wait_settled() for child in self.children.values()))
