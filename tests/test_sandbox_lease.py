@@ -54,7 +54,9 @@ async def refusal(fleet, key: str) -> str | None:
 
 
 def rows_of(fleet, user: str) -> list[dict]:
-    return [r for r in json.loads(fleet.cli("sandboxes", "list", "--all", "--json").stdout) if r.get("user") == user]
+    """The user's sandbox rows, without the live memory figure (measured anew at each listing)."""
+    rows = [r for r in json.loads(fleet.cli("sandboxes", "list", "--all", "--json").stdout) if r.get("user") == user]
+    return [{k: v for k, v in r.items() if k != "memory_bytes"} for r in rows]
 
 
 async def test_one_gateway_runs_the_sandboxes_and_the_other_takes_over_when_it_dies(pair):
