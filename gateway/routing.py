@@ -38,6 +38,7 @@ from gateway.catalog import Catalog, build_catalog, same_offers
 from gateway.input_required import Exchange, InputExchanges, client_capabilities, relay_to_client, with_client_capabilities
 from gateway.request_meta import forwarded_meta
 from gateway.sampling import Sampling
+from gateway.search_tool import SEARCH_TOOL, SEARCH_TOOL_DEFINITION, search_arguments, search_hits, search_result
 from gateway.services import SandboxClient, Services
 from gateway.tasks import RUNNING_AS_TASK, TaskCalls, tool_definition
 from gateway.tool_sets import ActiveSet, ToolSets, requested_set
@@ -53,26 +54,6 @@ QUOTA_EXCEEDED = -32001
 # Codes of errors the gateway raises itself when the sandbox, not the tool, failed.
 _SANDBOX_FAILURES = frozenset({types.INTERNAL_ERROR, QUOTA_EXCEEDED, BREAKER_OPEN})
 _notification_adapter: TypeAdapter[Any] = TypeAdapter(types.ServerNotification)
-
-
-SEARCH_TOOL = "fleet__search_tools"
-SEARCH_TOOL_DEFINITION: dict[str, Any] = {
-    "name": SEARCH_TOOL,
-    "title": "Search the tools you may use",
-    "description": (
-        "Find tools approved for you by what they do, best match first. Use it instead of listing every tool: "
-        "describe the task in plain words and call the tools it names."
-    ),
-    "inputSchema": {
-        "type": "object",
-        "properties": {
-            "query": {"type": "string", "description": "What you want to do, in plain words"},
-            "limit": {"type": "integer", "minimum": 1, "maximum": 50, "default": 10},
-        },
-        "required": ["query"],
-    },
-    "annotations": {"readOnlyHint": True, "openWorldHint": False},
-}
 
 
 class Router:
@@ -364,20 +345,9 @@ class Router:
         identity = identity_of(getattr(ctx.request, "scope", None))
         if identity is None:
             raise MCPError(code=types.INVALID_REQUEST, message="Not authenticated")
-        query, limit = arguments.get("query"), arguments.get("limit", 10)
-        if not isinstance(query, str) or not query.strip():
-            raise MCPError(code=types.INVALID_PARAMS, message="query must be a non-empty string")
-        if not isinstance(limit, int) or not 1 <= limit <= 50:
-            raise MCPError(code=types.INVALID_PARAMS, message="limit must be an integer from 1 to 50")
-        active = await self._active_set(ctx, identity)
-        if active is None:
-            hits = [hit.as_dict() for hit in await self._fleet.search(identity, query, limit)]
-        else:  # ask for the most, keep the set's: the set narrows what search may name
-            hits = [hit.as_dict() for hit in await self._fleet.search(identity, query, 50) if active.allows(hit.name)][:limit]
-        lines = [f"{hit['name']}: {hit['description']}" for hit in hits] or ["no approved tool matches"]
-        return self._result(
-            ctx, {"content": [{"type": "text", "text": "\n".join(lines)}], "structuredContent": {"tools": hits}, "isError": False}
-        )
+        query, limit = search_arguments(arguments)
+        hits = await search_hits(self._fleet, identity, await self._active_set(ctx, identity), query, limit)
+        return self._result(ctx, search_result(hits))
 
     async def _call_named(
         self, ctx: ServerRequestContext[Any, Any], kind: str, method: str, name: str, arguments: Any,
