@@ -197,13 +197,18 @@ def kill_sandboxes(fleet: Fleet, ids: list[str]) -> None:
                        capture_output=True)
 
 
-async def warm_up(fleet: Fleet, keys: dict[str, str]) -> None:
-    """Every user's sandbox up before any fault: the load measures serving, not cold starts."""
-    async with httpx.AsyncClient() as client:
-        for key in keys.values():
+async def warm_up(fleet: Fleet, keys: dict[str, str], at_once: int = 4) -> None:
+    """Every user's sandbox up before any fault: the load measures serving, not cold starts.
+    A few start at once: one at a time, 100 users' cold starts would take longer than the load."""
+    gate = asyncio.Semaphore(at_once)
+
+    async def one(client: httpx.AsyncClient, key: str) -> None:
+        async with gate:
             for _ in range(4):  # a cold start on a loaded machine may outlast one call's timeout
                 ok, error, _ = await call(client, fleet.url, key, "workspace__list_dir", {"path": "."})
                 if ok:
-                    break
-            if not ok:
-                raise RuntimeError(f"a warm-up call failed: {error}")
+                    return
+            raise RuntimeError(f"a warm-up call failed: {error}")
+
+    async with httpx.AsyncClient() as client:
+        await asyncio.gather(*(one(client, key) for key in keys.values()))
