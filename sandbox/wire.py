@@ -51,6 +51,8 @@ supervisor -> gateway
                                                    server's token (`/api/chat`, `/v1/chat/completions`)
                                                    and the body as text; answered by `model_reply`s
     model_cancel {"ask"}                           the server hung up before the answer's last piece
+    spans   {"server", "data"}                     an OTLP/HTTP trace export a server POSTed to its trace
+                                                   endpoint (`supervisor.traces`): the protobuf body, base64
 
 either way, for an open tunnel (see `Tunnel`)
     tunnel_data {"tunnel", "data"}                 bytes (base64), at most TUNNEL_CHUNK before encoding
@@ -109,6 +111,8 @@ MAX_TUNNELS = 32
 """Tunnels open at once per sandbox; beyond them the egress proxy answers 503."""
 MAX_MODEL_ASKS = 16
 """Model requests in progress at once per sandbox; beyond them the model endpoint answers 429."""
+MAX_SPANS_BODY = 2 * 1024 * 1024
+"""Largest trace export (OTLP protobuf, before base64) a server may send; beyond it the endpoint answers 413."""
 
 MAX_LINE = 64 * 1024 * 1024
 """Longest message either side accepts; a tool result can be large. The gateway sets its own,
@@ -307,8 +311,14 @@ class ModelCancel(TypedDict):
     ask: int
 
 
+class Spans(TypedDict):
+    type: Literal["spans"]
+    server: str
+    data: str
+
+
 SupervisorMessage = (Hello | Result | Error | Note | Ask | Server | Pong | TunnelOpen | TunnelMessage | ModelAsk
-                     | ModelCancel)
+                     | ModelCancel | Spans)
 
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
