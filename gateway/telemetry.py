@@ -25,6 +25,7 @@ from opentelemetry import trace
 from core.optional import require
 from gateway.metrics import Metrics
 from gateway.tracing import McpTracing
+from sandbox.span_relay import SpanSink
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class Telemetry:
         self.metrics = Metrics()
         self._provider: Any = None
         self._relay: SandboxSpans | None = None
+        self.server_spans: SpanSink | None = None
+        """Exports the spans servers make in their sandboxes, once open and exporting (`gateway.server_spans`)."""
 
     def relay(self, hop: trace.Span, name: str, attributes: dict[str, Any], timings: list[dict[str, Any]]) -> None:
         """Export the spans a supervisor made inside its sandbox (`gateway.tracing.SpanRelay`)."""
@@ -74,6 +77,9 @@ class Telemetry:
         processor = export.BatchSpanProcessor(otlp.OTLPSpanExporter())
         provider.add_span_processor(processor)
         self._relay = SandboxSpans(processor, provider.resource.merge(resources.Resource({"service.name": SANDBOX_SERVICE_NAME})))
+        from gateway.server_spans import ServerSpans  # the SDK and the OTLP messages: the telemetry extra
+
+        self.server_spans = ServerSpans(processor)
         # The API keeps the first provider for the life of the process (one fleet per process).
         trace.set_tracer_provider(provider)
         self._provider = provider
@@ -81,7 +87,7 @@ class Telemetry:
 
     async def close(self) -> None:
         """Exports what is still batched (bounded by the SDK's own export timeout)."""
-        provider, self._provider, self._relay = self._provider, None, None
+        provider, self._provider, self._relay, self.server_spans = self._provider, None, None, None
         if provider is not None:
             await asyncio.to_thread(provider.shutdown)
 
