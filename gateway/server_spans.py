@@ -44,7 +44,8 @@ _OWN_KEYS = ("service.", "mcpfleet.")
 
 
 class ServerSpans:
-    """A `sandbox.span_relay.SpanSink`: the spans of an export, to `processor` (the gateway's)."""
+    """A `sandbox.span_relay.SpanSink`: the spans of an export, to `processor` (the gateway's, which
+    takes spans from any thread)."""
 
     def __init__(self, processor: Any):
         self.processor = processor

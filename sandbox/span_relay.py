@@ -3,11 +3,14 @@
 A `spans` message names a server and carries one OTLP export (protobuf) that server made inside the
 sandbox. What becomes of it is the `SpanSink`'s to decide (the gateway's `gateway.server_spans`,
 which exports its spans under the fleet's service name for servers); this module only ties it to
-the sandbox it came from, and drops what no server of that sandbox can have sent.
+the sandbox it came from, drops what no server of that sandbox can have sent, and has the sink
+decode and export it on a thread (a full export takes tens of milliseconds, not the channel's to
+wait for), at most MAX_PENDING at a time per sandbox: beyond, an export is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -18,6 +21,8 @@ from sandbox.tunnels import Sandbox
 
 log = logging.getLogger(__name__)
 
+MAX_PENDING = 4
+"""Exports of one sandbox being decoded at once; the supervisor paces each server (`supervisor.traces`)."""
 _MAX_DATA = (wire.MAX_SPANS_BODY + 2) // 3 * 4
 """The longest base64 text of an export of MAX_SPANS_BODY bytes."""
 
@@ -37,6 +42,9 @@ class SpanRelay:
         self.sink = sink
         self.sandbox: Sandbox | None = None
         """Set once the manager holds the sandbox, as `ModelRelay.sandbox`; before, exports are dropped."""
+        self.pending = 0
+        self.dropped = 0
+        """Exports dropped since the channel opened, for lack of room."""
 
     def on_message(self, message: dict[str, Any]) -> None:
         sink, sandbox = self.sink, self.sandbox
@@ -51,7 +59,21 @@ class SpanRelay:
             body = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             return
-        try:
-            sink.export(sandbox, server, body)
-        except Exception:
-            log.exception("the spans of server %s in sandbox %s could not be exported", server, sandbox.id)
+        if self.pending >= MAX_PENDING:
+            self.dropped += 1
+            if self.dropped in (1, 10, 100, 1000):
+                log.warning("sandbox %s: %d span exports dropped (more than %d at once)", sandbox.id, self.dropped, MAX_PENDING)
+            return
+        self.pending += 1
+        done = asyncio.get_running_loop().run_in_executor(None, _export, sink, sandbox, server, body)
+        done.add_done_callback(self._finished)
+
+    def _finished(self, _: asyncio.Future[None]) -> None:
+        self.pending -= 1
+
+
+def _export(sink: SpanSink, sandbox: Sandbox, server: str, body: bytes) -> None:
+    try:
+        sink.export(sandbox, server, body)
+    except Exception:
+        log.exception("the spans of server %s in sandbox %s could not be exported", server, sandbox.id)

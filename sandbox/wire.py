@@ -111,7 +111,7 @@ MAX_TUNNELS = 32
 """Tunnels open at once per sandbox; beyond them the egress proxy answers 503."""
 MAX_MODEL_ASKS = 16
 """Model requests in progress at once per sandbox; beyond them the model endpoint answers 429."""
-MAX_SPANS_BODY = 2 * 1024 * 1024
+MAX_SPANS_BODY = 1024 * 1024
 """Largest trace export (OTLP protobuf, before base64) a server may send; beyond it the endpoint answers 413."""
 
 MAX_LINE = 64 * 1024 * 1024

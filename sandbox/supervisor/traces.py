@@ -35,7 +35,7 @@ PATH = "/v1/traces"
 BUDGET_BYTES = 8 * 1024 * 1024
 """What a server may send in a burst; it comes back at BUDGET_PER_S."""
 BUDGET_PER_S = 1024 * 1024
-MIN_COST = 64 * 1024
+MIN_COST = 16 * 1024
 """What any export costs of the budget, however small: at most BUDGET_PER_S / MIN_COST exports a second."""
 
 
