@@ -111,6 +111,17 @@ if os.environ.get("TRACED_RUN"):
 """
 
 
+# Run by the exec server: an export to the traced server's endpoint, with its token.
+NEIGHBOUR = """
+import urllib.error, urllib.request
+request = urllib.request.Request(URL, data=b"", method="POST", headers={"Content-Type": "application/x-protobuf"})
+try:
+    print(urllib.request.urlopen(request, timeout=30).status)
+except urllib.error.HTTPError as exc:
+    print(exc.code)
+"""
+
+
 class TracedServers:
     """The fixture servers plus `traced`, its code and the OpenTelemetry SDK put in the tools dir."""
 
@@ -205,7 +216,8 @@ async def test_a_servers_own_spans_join_the_callers_trace_under_the_servers_serv
                              spans=server_spans)
     await manager.start()
     fleet.managers.append(manager)
-    sandbox = await manager.ensure(*await fleet.user("alice"))
+    alice = await fleet.user("alice")
+    sandbox = await manager.ensure(*alice)
 
     env = json.loads(text(await call(sandbox, "env", server="traced")))
     assert set(OTEL_ENV) <= set(env), env
@@ -240,11 +252,23 @@ async def test_a_servers_own_spans_join_the_callers_trace_under_the_servers_serv
     oversized = json.loads(text(await call(sandbox, "post", server="traced", size=wire.MAX_SPANS_BODY + 1)))
     assert oversized[0] == 413 or "reset" in str(oversized[0]).lower() or "broken" in str(oversized[0]).lower(), oversized
     assert json.loads(text(await call(sandbox, "post", server="traced", size=10, token=secrets.token_urlsafe(24)))) == [401]
-    flood = json.loads(text(await call(sandbox, "post", server="traced", size=wire.MAX_SPANS_BODY // 2, times=24)))
+    flood = json.loads(text(await call(sandbox, "post", server="traced", size=wire.MAX_SPANS_BODY // 2, times=40)))
     assert 200 in flood and 429 in flood, flood
     trace_id, _, _ = await traced_call(provider, relay, sandbox, "work")
     assert any(s["name"] == "work" for s in receiver.trace(trace_id, until="work", timeout=60))
     assert (await listening_ports(sandbox))  # the endpoint, served
+
+    # A neighbour (the exec server, or code it runs) holding the traced server's URL cannot send as it.
+    stolen = await sh(sandbox, python_inside(NEIGHBOUR.replace("URL", repr(env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]))))
+    assert stolen["stdout"].strip() == "403", stolen
+
+    # Hibernated and resumed (the endpoint's socket is saved with the sandbox), the server exports again.
+    assert await manager.hibernate(alice[0]) is True
+    resumed = await manager.ensure(*alice)
+    assert resumed.id == sandbox.id
+    trace_id, _, _ = await traced_call(provider, relay, resumed, "work")
+    assert any(s["name"] == "work" and s["service"] == SERVER_SERVICE_NAME
+               for s in receiver.trace(trace_id, until="work", timeout=60))
 
 
 async def test_with_tracing_off_nothing_is_served_and_servers_are_told_nothing(fleets):
