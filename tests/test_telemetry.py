@@ -217,6 +217,22 @@ async def test_the_trace_context_goes_on_to_the_server_in_meta(traced, receiver,
     assert "mcp.session.id" in spans["tools/call exec__run"]["attributes"]
 
 
+def test_servers_are_told_of_the_trace_endpoint_only_by_a_gateway_that_exports(traced, receiver, fleet, dana):
+    """The fleet's wiring of `tests/test_server_spans.py`: a gateway exporting traces has its
+    sandboxes serve the trace endpoint (processes the exec server runs inherit its variables); one
+    that does not, none."""
+    def otel_env(running, key: str) -> dict[str, str]:
+        answer = modern_call(running.mcp_url, key, "exec__run", {"command": "env", "timeout_s": 30})
+        stdout = answer["result"]["structuredContent"]["stdout"]
+        return dict(line.split("=", 1) for line in stdout.splitlines() if line.startswith("OTEL_"))
+
+    exported = otel_env(traced, dana)
+    assert exported["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"].startswith("http://127.0.0.1:")
+    assert (exported["OTEL_EXPORTER_OTLP_PROTOCOL"], exported["OTEL_SERVICE_NAME"]) == ("http/protobuf", "exec")
+    assert not any(receiver.endpoint in value for value in exported.values())  # the collector is the gateway's alone
+    assert otel_env(fleet, fleet.add_user("otel-off")) == {}
+
+
 # -- metrics ----------------------------------------------------------------------------------------
 
 
