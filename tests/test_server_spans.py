@@ -40,7 +40,7 @@ from sandbox.servers import ServerSpec
 from tests.test_egress import python_inside
 from tests.test_sandbox_lifecycle import SERVERS, call, fleets, sh  # noqa: F401  (fleets is a fixture)
 from tests.test_sandbox_supervisor import text
-from tests.test_telemetry import OtlpReceiver, _value
+from tests.test_telemetry import OtlpReceiver
 
 pytestmark = [pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed"),
               pytest.mark.timeout(900)]
@@ -149,28 +149,9 @@ class TracedServers:
                 os.chmod(os.path.join(root, name), 0o644)
 
 
-class Receiver(OtlpReceiver):
-    """The test's collector, keeping each span's resource too."""
-
-    def take(self, body: bytes) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        for resource_spans in ExportTraceServiceRequest.FromString(body).resource_spans:
-            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    with self.lock:
-                        self.spans.append({
-                            "service": resource.get("service.name"), "resource": resource, "name": span.name,
-                            "kind": span.kind, "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
-                            "parent": span.parent_span_id.hex(), "scope": scope_spans.scope.name,
-                            "attributes": {a.key: _value(a.value) for a in span.attributes},
-                        })
-
-
 @pytest.fixture
 def receiver():
-    running = Receiver()
+    running = OtlpReceiver()
     yield running
     running.close()
 
@@ -283,7 +264,7 @@ async def test_with_tracing_off_nothing_is_served_and_servers_are_told_nothing(f
     assert await listening_ports(sandbox) == []
 
 
-def _wait_named(receiver: Receiver, name: str, timeout: float = 60) -> list[dict[str, Any]]:
+def _wait_named(receiver: OtlpReceiver, name: str, timeout: float = 60) -> list[dict[str, Any]]:
     import time
 
     deadline = time.monotonic() + timeout
