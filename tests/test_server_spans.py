@@ -77,22 +77,27 @@ def work() -> str:
         span.set_attribute("work.items", 3)
     return "done"
 
-@server.tool(description="A span exported by a provider that claims to be another service")
+@server.tool(description="A span exported (gzipped) by a provider that claims to be another service")
 def impostor() -> str:
+    from opentelemetry.exporter.otlp.proto.http import Compression
     other = TracerProvider(resource=Resource.create({"service.name": "mcpfleet-gateway", "mcpfleet.server": "exec"}))
-    other.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
+    other.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(compression=Compression.Gzip)))
     other.get_tracer("impostor").start_span("impostor").end()
     return "sent"
 
 @server.tool(description="POST bytes to the trace endpoint; the answers' statuses")
-def post(size: int, times: int = 1, token: str = "") -> str:
+def post(size: int, times: int = 1, token: str = "", bomb: bool = False) -> str:
+    import gzip
     url = os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
     if token:
         url = url.replace(url.split("/")[3], token)
     statuses = []
     for _ in range(times):
-        request = urllib.request.Request(url, data=os.urandom(size), method="POST",
-                                         headers={"Content-Type": "application/x-protobuf"})
+        headers = {"Content-Type": "application/x-protobuf"}
+        data = os.urandom(size)
+        if bomb:  # small on the wire, `size` zeros once inflated
+            data, headers["Content-Encoding"] = gzip.compress(bytes(size)), "gzip"
+        request = urllib.request.Request(url, data=data, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 statuses.append(response.status)
@@ -233,6 +238,7 @@ async def test_a_servers_own_spans_join_the_callers_trace_under_the_servers_serv
     oversized = json.loads(text(await call(sandbox, "post", server="traced", size=wire.MAX_SPANS_BODY + 1)))
     assert oversized[0] == 413 or "reset" in str(oversized[0]).lower() or "broken" in str(oversized[0]).lower(), oversized
     assert json.loads(text(await call(sandbox, "post", server="traced", size=10, token=secrets.token_urlsafe(24)))) == [401]
+    assert json.loads(text(await call(sandbox, "post", server="traced", size=64 * wire.MAX_SPANS_BODY, bomb=True))) == [413]
     flood = json.loads(text(await call(sandbox, "post", server="traced", size=wire.MAX_SPANS_BODY // 2, times=40)))
     assert 200 in flood and 429 in flood, flood
     trace_id, _, _ = await traced_call(provider, relay, sandbox, "work")
