@@ -70,6 +70,7 @@ A `span` {"id", "start_ns", "end_ns"} comes with the answer to a call whose `par
 `traceparent`: the supervisor continued that trace with a span of its own (the id, 16 hex digits,
 which is the parent in the `traceparent` the server got; its times in ns since the epoch). The
 sandbox has no network, so the gateway exports that span for it (`traced_params`, `SpanTiming`).
+A server's own spans (its OpenTelemetry SDK's) come as `spans` exports, whenever it sends them.
 
 A server status is {"state": "starting" | "ready" | "failed", "initialize": <its
 initialize result> | null, "error": str | null, "revision": str | null}.
