@@ -263,6 +263,8 @@ GOOD = {
     "size in Mi": _with(SANDBOX, "spec.workspace.size", "512Mi"),
     "full pool": POOL,
     "empty pool": _with(_with(POOL, "spec.replicas", 0), "status", ...),
+    "traces on": _with(SANDBOX, "spec.traces", True),
+    "pool with traces": _with(POOL, "spec.template.traces", True),
 }
 
 BAD = {
@@ -284,6 +286,8 @@ BAD = {
     "negative replicas": _with(POOL, "spec.replicas", -1),
     "pool without replicas": _with(POOL, "spec.replicas", ...),
     "replicas as text": _with(POOL, "spec.replicas", "3"),
+    "traces as text": _with(SANDBOX, "spec.traces", "true"),
+    "pool traces as text": _with(POOL, "spec.template.traces", "yes"),
 }
 
 
