@@ -308,7 +308,9 @@ def test_what_the_gateway_writes_passes_the_crd() -> None:
     user = sandbox_spec(7, "acme", "alice", Tier("standard", 1.0, 512, 128, 1024), (published,))
     assert user["servers"][0]["egress"] == ["api.example.com", "tiles.example.com:8443"]
     assert "MCPFLEET_DECLARED_SECRETS" not in str(user) + str(trial)  # a server's environment never goes into the object
-    for obj_name, spec in ((name, trial), ("acme-alice", user)):
+    traced = sandbox_spec(7, "acme", "alice", Tier("standard", 1.0, 512, 128, 1024), (published,), traces=True)
+    assert traced["traces"] is True and user["traces"] is False
+    for obj_name, spec in ((name, trial), ("acme-alice", user), ("acme-alice", traced)):
         validate_custom({"apiVersion": "mcpfleet.dev/v1alpha1", "kind": "McpSandbox", "metadata": {"name": obj_name}, "spec": spec})
 
 
