@@ -151,7 +151,7 @@ class Fleet:
             sandbox_models = SandboxModels(models)
             if self.settings.sandbox_backend == "kubernetes":
                 kube = await kubernetes_sandboxes(self.settings, servers, database_tiers(pool), egress=egress,
-                                                  models=sandbox_models)
+                                                  models=sandbox_models, spans=self.telemetry.server_spans)
                 # Before the clients are told to list again: their sandboxes run the new set by then.
                 registry.on_change.insert(0, kube.servers_changed)
                 manager = kube

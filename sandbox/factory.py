@@ -87,18 +87,19 @@ def _kubernetes_key(settings: Settings) -> bytes:
 
 async def kubernetes_sandboxes(
     settings: Settings, servers: ServerSource, tier_of: TierOf, *, kubeconfig: str | None = None,
-    egress: EgressPolicy | None = None, models: ModelGate | None = None,
+    egress: EgressPolicy | None = None, models: ModelGate | None = None, spans: SpanSink | None = None,
 ) -> KubernetesSandboxes:
     """The kubernetes backend's manager (`MCPFLEET_SANDBOX_BACKEND=kubernetes`): McpSandbox objects
     in `MCPFLEET_K8S_NAMESPACE`, tokens derived with the key in `MCPFLEET_SANDBOX_KEY_FILE`; the API
-    as the pod's service account (or the kubeconfig) allows. `egress`, `models`: as for the local manager."""
+    as the pod's service account (or the kubeconfig) allows. `egress`, `models`, `spans`: as for the
+    local manager."""
     key = _kubernetes_key(settings)  # first: it names the extra when kubernetes_asyncio is missing
     from sandbox.kubernetes import KubernetesSandboxes, api_client
 
     return KubernetesSandboxes(
         await api_client(kubeconfig), servers, tier_of, key,
         namespace=settings.k8s_namespace, max_result_bytes=settings.max_result_bytes,
-        start_timeout=float(settings.k8s_start_timeout_s), egress=egress, models=models,
+        start_timeout=float(settings.k8s_start_timeout_s), egress=egress, models=models, spans=spans,
     )  # fmt: skip
 
 

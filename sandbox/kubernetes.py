@@ -18,7 +18,11 @@ When what a user may run changes (`servers_changed`, the registry's `on_change`)
 Any gateway replica may do all this for any user: the object is the shared state, and the
 supervisor keeps the last gateway that attached. A server that declares egress hosts reaches them
 through the channel: the gateway that attached makes each connection (`egress`, the fleet's
-`gateway.egress.SandboxEgress`), so the pod itself needs no route out.
+`gateway.egress.SandboxEgress`), so the pod itself needs no route out. So do the spans its servers
+make, when this gateway exports traces (`spans`): `spec.traces` is true, the operator has the pod's
+supervisor serve them an OTLP endpoint on its loopback, and each export comes over the channel to
+`sandbox.span_relay`, as from a local sandbox. An object whose `spec.traces` is not this gateway's is
+patched when the gateway brings it up; a running pod keeps what it started with (its next pod follows).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxError, SandboxUnavailable
 from sandbox.model_asks import ModelGate
 from sandbox.servers import ServerSource, ServerSpec, server_configs
+from sandbox.span_relay import SpanSink
 from sandbox.tiers import Tier
 from sandbox.tunnels import EgressPolicy
 
@@ -87,8 +92,11 @@ def sandbox_token(key: bytes, namespace: str, name: str, uid: str) -> str:
     return base64.urlsafe_b64encode(digest).decode()
 
 
-def sandbox_spec(user_id: int, tenant: str, user: str, tier: Tier, servers: tuple[ServerSpec, ...]) -> dict[str, Any]:
-    """The McpSandbox spec for a user (operatingMode Running)."""
+def sandbox_spec(
+    user_id: int, tenant: str, user: str, tier: Tier, servers: tuple[ServerSpec, ...], traces: bool = False
+) -> dict[str, Any]:
+    """The McpSandbox spec for a user (operatingMode Running). `traces`: this gateway exports traces,
+    so the pod's supervisor serves its servers a trace endpoint and relays their spans."""
     return {
         "user": user,
         "tenant": tenant,
@@ -97,6 +105,7 @@ def sandbox_spec(user_id: int, tenant: str, user: str, tier: Tier, servers: tupl
         "servers": spec_servers(servers),
         "operatingMode": "Running",
         "workspace": {"size": f"{tier.disk_mb}Mi"},
+        "traces": traces,
     }
 
 
@@ -264,10 +273,12 @@ class KubernetesSandboxes(McpSandboxObjects):
         max_result_bytes: int = wire.MAX_LINE,
         egress: EgressPolicy | None = None,
         models: ModelGate | None = None,
+        spans: SpanSink | None = None,
     ):
         """`egress` decides the connections servers that declare egress hosts ask for over the
         channel (None: none is made); the pod itself has no route out but to the gateway.
-        `models` answers the model asks of servers that declare inference (None: none is answered)."""
+        `models` answers the model asks of servers that declare inference (None: none is answered);
+        `spans` exports the spans servers make (None: their pods are not offered a trace endpoint)."""
         super().__init__(api, namespace, start_timeout, poll_interval)
         self.servers = servers
         self.tier_of = tier_of
@@ -276,6 +287,7 @@ class KubernetesSandboxes(McpSandboxObjects):
         self.max_result_bytes = max_result_bytes
         self.egress = egress
         self.models = models
+        self.spans = spans
         self._key = key
         self._sandboxes: dict[int, KubeSandbox] = {}
         self._locks: dict[int, asyncio.Lock] = {}
@@ -432,12 +444,18 @@ class KubernetesSandboxes(McpSandboxObjects):
         name = sandbox_name(tenant, user)
         wanted = await self.servers.servers_for(user_id)
         obj = await self._get(name)
+        traces = self.spans is not None
         if obj is None:
-            spec = sandbox_spec(user_id, tenant, user, await self.tier_of(user_id), wanted)
+            spec = sandbox_spec(user_id, tenant, user, await self.tier_of(user_id), wanted, traces)
             obj = await self._create(name, spec, {USER_LABEL: str(user_id)})
-        elif (obj.get("spec") or {}).get("operatingMode") == "Hibernated":
-            log.info("waking sandbox %s of %s/%s", name, tenant, user)
-            obj = await self._patch(name, {"spec": {"operatingMode": "Running"}})
+        else:
+            # Made by a gateway that exported traces, or did not: its next pod is as this one wants.
+            change: dict[str, Any] = {} if bool((obj.get("spec") or {}).get("traces")) == traces else {"traces": traces}
+            if (obj.get("spec") or {}).get("operatingMode") == "Hibernated":
+                log.info("waking sandbox %s of %s/%s", name, tenant, user)
+                change["operatingMode"] = "Running"
+            if change:
+                obj = await self._patch(name, {"spec": change})
         if not is_ready(obj):
             obj = await self._wait_ready(name)
         uid = obj["metadata"]["uid"]
@@ -449,7 +467,7 @@ class KubernetesSandboxes(McpSandboxObjects):
                 await held.client.close()
             token = sandbox_token(self._key, self.namespace, name, uid)
             client = SupervisorClient(token=token, max_result_bytes=self.max_result_bytes, egress=self.egress,
-                                      models=self.models)
+                                      models=self.models, spans=self.spans)
             held = None
         await client.connect(*_host_port(endpoint), timeout=self.connect_timeout)
         sandbox = held or KubeSandbox(name, uid, user_id, tenant, user, client, endpoint)

@@ -9,13 +9,15 @@ the CRD's schema and validation, resourceVersion conflicts, RBAC, label selector
 
 `Operator` plays the operator: for each McpSandbox that wants to run it starts a real supervisor
 listening on loopback TCP with the token derived from the object's uid (the pod), and sets status
-Ready with that endpoint; for one that is Hibernated it stops the pod.
+Ready with that endpoint; for one that is Hibernated it stops the pod. Its config says `traces` as
+`spec.traces` does (the real operator's rendering of it is tests/test_operator_traces.py's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -233,6 +235,9 @@ class Operator:
             self.started += 1
             token = sandbox_token(KEY, NS, name, uid)
             pod = self.pod(directory, self.pod_servers(obj, directory), token)
+            if obj["spec"].get("traces"):
+                config = SupervisorConfig.from_json(pod.config_path.read_text())
+                dataclasses.replace(config, traces=True).write(pod.config_path)
             if isinstance(pod, PodSupervisor):
                 pod.workspace = self.workdir / f"workspace-{name}"
                 digests = sorted({s["artifactSha256"] for s in obj["spec"].get("servers") or [] if s.get("artifactSha256")})

@@ -263,6 +263,8 @@ GOOD = {
     "size in Mi": _with(SANDBOX, "spec.workspace.size", "512Mi"),
     "full pool": POOL,
     "empty pool": _with(_with(POOL, "spec.replicas", 0), "status", ...),
+    "traces on": _with(SANDBOX, "spec.traces", True),
+    "pool with traces": _with(POOL, "spec.template.traces", True),
 }
 
 BAD = {
@@ -284,6 +286,8 @@ BAD = {
     "negative replicas": _with(POOL, "spec.replicas", -1),
     "pool without replicas": _with(POOL, "spec.replicas", ...),
     "replicas as text": _with(POOL, "spec.replicas", "3"),
+    "traces as text": _with(SANDBOX, "spec.traces", "true"),
+    "pool traces as text": _with(POOL, "spec.template.traces", "yes"),
 }
 
 
@@ -304,7 +308,9 @@ def test_what_the_gateway_writes_passes_the_crd() -> None:
     user = sandbox_spec(7, "acme", "alice", Tier("standard", 1.0, 512, 128, 1024), (published,))
     assert user["servers"][0]["egress"] == ["api.example.com", "tiles.example.com:8443"]
     assert "MCPFLEET_DECLARED_SECRETS" not in str(user) + str(trial)  # a server's environment never goes into the object
-    for obj_name, spec in ((name, trial), ("acme-alice", user)):
+    traced = sandbox_spec(7, "acme", "alice", Tier("standard", 1.0, 512, 128, 1024), (published,), traces=True)
+    assert traced["traces"] is True and user["traces"] is False
+    for obj_name, spec in ((name, trial), ("acme-alice", user), ("acme-alice", traced)):
         validate_custom({"apiVersion": "mcpfleet.dev/v1alpha1", "kind": "McpSandbox", "metadata": {"name": obj_name}, "spec": spec})
 
 

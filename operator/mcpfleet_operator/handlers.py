@@ -5,7 +5,7 @@ States (`status.state`) and what an SRE sees:
 | From          | Trigger                                              | To          | Conditions                         | Event (reason)      |
 |---------------|------------------------------------------------------|-------------|------------------------------------|---------------------|
 | (new)         | McpSandbox created, operatingMode Running            | Starting    | WorkspaceReady True, Ready False   | Starting            |
-| (new)         | created with poolRef, a ready pool pod relabelled (none ready, or published servers to fetch: cold, as above) | Running | Ready True | Claimed |
+| (new)         | created with poolRef, a ready pool pod relabelled (none ready with its spec.traces, or published servers to fetch: cold, as above) | Running | Ready True | Claimed |
 | (new)         | created with operatingMode Hibernated                | Hibernated  | Hibernated True, Ready False       | Hibernated          |
 | Starting      | the pod is Running and Ready                         | Running     | Ready True (endpoint podIP:7070)   | Ready               |
 | Resuming      | the pod is Running and Ready                         | Running     | Ready True, Hibernated False       | Ready               |
@@ -134,7 +134,7 @@ def _ensure_servers(body: dict[str, Any]) -> None:
     meta, spec = body["metadata"], body.get("spec") or {}
     ns, name = meta["namespace"], meta["name"]
     labels = objects.sandbox_labels(name)
-    config = objects.config_map(objects.config_map_name(name), spec.get("servers"), labels)
+    config = objects.config_map(objects.config_map_name(name), spec.get("servers"), labels, bool(spec.get("traces")))
     kopf.adopt(config, owner=body)
     if not kube.create("ConfigMap", ns, config):
         kube.patch("ConfigMap", ns, config["metadata"]["name"], {"data": config["data"]})
@@ -163,9 +163,11 @@ def _claim(body: dict[str, Any], logger: logging.Logger) -> dict[str, Any] | Non
     """Relabel one ready, unclaimed pod of spec.poolRef as this sandbox's; None when the pool has none ready."""
     meta = body["metadata"]
     ns, name, pool = meta["namespace"], meta["name"], body["spec"]["poolRef"]
+    traces = bool(body["spec"].get("traces"))
     for _attempt in range(5):
+        # Only a pod whose supervisor relays spans as this sandbox wants (it reads that once, at start).
         ready = [p for p in kube.list_("Pod", ns, objects.pool_labels(pool)) if objects.pod_ready(p)
-                 and not p["metadata"].get("deletionTimestamp")]
+                 and not p["metadata"].get("deletionTimestamp") and objects.pod_traces(p) == traces]
         if not ready:
             return None
         pod = sorted(ready, key=lambda p: p["metadata"]["name"])[0]
@@ -220,7 +222,7 @@ def sandbox_created(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, logger:
             _transition(body, patch, "Running", f"Claimed the warm pod {pod_name} from pool {spec['poolRef']}.",
                         Ready=("True", "Claimed"), Hibernated=("False", "Claimed"), WorkspaceReady=("True", "Claimed"))
             return
-        logger.info(f"Pool {spec['poolRef']} has no ready pod; starting cold.")
+        logger.info(f"Pool {spec['poolRef']} has no ready pod with traces {bool(spec.get('traces'))}; starting cold.")
     _ensure_support(body, logger)
     _ensure_pod(body)
     patch.status.update({"podName": name, "tokenSecret": objects.secret_name(name)})
@@ -263,6 +265,15 @@ def operating_mode_changed(body: kopf.Body, old: Any, new: Any, reason: kopf.Rea
         patch.status.update({"podName": body["metadata"]["name"]})
         _transition(body, patch, "Resuming", "Recreating the pod on the same workspace volume.",
                     Hibernated=("False", "OperatingMode"), Ready=("False", "PodStarting"))
+
+
+@kopf.on.field(GROUP, VERSION, SANDBOXES, field="spec.traces")
+def traces_changed(body: kopf.Body, reason: kopf.Reason, **_: Any) -> None:
+    """The gateway began or stopped exporting traces: the ConfigMap follows. The running pod keeps what
+    its supervisor read at its start (restarting it would end its user's work); its next pod (a wake,
+    a lost pod) serves its servers the trace endpoint, or not."""
+    if reason != kopf.Reason.CREATE:
+        _ensure_servers(dict(body))
 
 
 @kopf.on.field(GROUP, VERSION, SANDBOXES, field="spec.servers")
@@ -445,11 +456,17 @@ def _fill(pool: dict[str, Any], logger: logging.Logger) -> dict[str, Any]:
     with lock:
         wanted = int((pool.get("spec") or {}).get("replicas") or 0)
         pods = [p for p in kube.list_("Pod", ns, objects.pool_labels(name)) if not p["metadata"].get("deletionTimestamp")]
+        traces = objects.pool_traces(pool)
+        # Pods started before the template's traces changed are replaced (unclaimed: nobody's work ends).
+        for stale in [p for p in pods if objects.pod_traces(p) != traces]:
+            _delete_pool_pod(ns, stale["metadata"]["name"])
+        pods = [p for p in pods if objects.pod_traces(p) == traces]
         policy = objects.network_policy(f"{name}-pool", objects.pool_labels(name), None)
-        config = objects.config_map(objects.pool_config_name(name), [], objects.pool_labels(name))
+        config = objects.config_map(objects.pool_config_name(name), [], objects.pool_labels(name), traces)
         for shared in (policy, config):
             kopf.adopt(shared, owner=pool)
-            kube.create(shared["kind"], ns, shared)
+            if not kube.create(shared["kind"], ns, shared) and shared is config:
+                kube.patch("ConfigMap", ns, config["metadata"]["name"], {"data": config["data"]})
         for _ in range(wanted - len(pods)):
             pod_name = f"{name}-{secrets.token_hex(3)}"
             labels = objects.pool_labels(name)
@@ -464,18 +481,22 @@ def _fill(pool: dict[str, Any], logger: logging.Logger) -> dict[str, Any]:
             logger.info(f"Started warm pod {pod_name}.")
         # Too many: the not-ready ones go first.
         for extra in sorted(pods, key=objects.pod_ready)[:max(0, len(pods) - wanted)]:
-            pod_name = extra["metadata"]["name"]
-            for kind, child in (("Pod", pod_name), ("Secret", objects.secret_name(pod_name)),
-                                ("PersistentVolumeClaim", objects.workspace_name(pod_name))):
-                kube.delete(kind, ns, child)
+            _delete_pool_pod(ns, extra["metadata"]["name"])
         ready = sum(1 for p in pods if objects.pod_ready(p))
     return {"replicas": min(ready, wanted),
             "selector": f"{objects.POOL_LABEL}={name},{objects.CLAIMED_LABEL}=false"}
 
 
+def _delete_pool_pod(ns: str, pod_name: str) -> None:
+    for kind, child in (("Pod", pod_name), ("Secret", objects.secret_name(pod_name)),
+                        ("PersistentVolumeClaim", objects.workspace_name(pod_name))):
+        kube.delete(kind, ns, child)
+
+
 @kopf.on.create(GROUP, VERSION, POOLS)
 @kopf.on.resume(GROUP, VERSION, POOLS)
 @kopf.on.field(GROUP, VERSION, POOLS, field="spec.replicas")
+@kopf.on.field(GROUP, VERSION, POOLS, field="spec.template.traces")
 def pool_reconciled(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
     patch.status.update(_fill(dict(body), logger))
 

@@ -17,7 +17,10 @@ A warm pool's pods are named POOL-XXXXX and carry their own PVC (POOL-XXXXX-work
 (POOL-XXXXX-token); a claim relabels them to the McpSandbox, which records the PVC's name in the
 annotation `mcpfleet.dev/workspace-claim` so that a woken sandbox mounts the same volume. They all
 mount the pool's ConfigMap (POOL-pool-config: no servers, since nobody's servers are known before a
-claim); the gateway configures a claimed pod's servers over the channel.
+claim); the gateway configures a claimed pod's servers over the channel. Whether a supervisor relays
+its servers' spans (`spec.traces`, set by a gateway that exports traces) is read once at the pod's
+start: the pool's ConfigMap carries the pool's `spec.template.traces`, each pool pod the annotation
+`mcpfleet.dev/traces`, and a sandbox claims only a pod whose setting is its own (else starts cold).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ POOL_LABEL = "mcpfleet.dev/pool"
 CLAIMED_LABEL = "mcpfleet.dev/claimed"
 LAST_ACTIVITY = "mcpfleet.dev/last-activity"
 WORKSPACE_CLAIM = "mcpfleet.dev/workspace-claim"
+TRACES = "mcpfleet.dev/traces"
+"""On a pool pod: "true" when its supervisor serves its servers a trace endpoint (`spec.template.traces`)."""
 RETRY = "mcpfleet.dev/retry"
 """Any new value retries a Failed sandbox (as a change of its spec does)."""
 
@@ -90,7 +95,7 @@ def config_map_name(name: str) -> str:
     return f"{name}-config"
 
 
-def supervisor_config(servers: list[Mapping[str, Any]] | None) -> str:
+def supervisor_config(servers: list[Mapping[str, Any]] | None, traces: bool = False) -> str:
     """The supervisor's config (sandbox/supervisor/config.py, `SupervisorConfig.from_json`) for `spec.servers`.
 
     As the gateway's `sandbox.servers.server_configs` builds it: each server by its tool prefix, its
@@ -99,6 +104,8 @@ def supervisor_config(servers: list[Mapping[str, Any]] | None) -> str:
     No environment: a server's secrets reach it only over the channel (`configure`), never through
     an object anyone with read access to ConfigMaps could see. A server without a command has
     nothing to run and is left out. The token is the Secret volume's (`--token-file`), not here.
+    `traces` (`spec.traces`: the gateway exports traces): the supervisor serves its servers an OTLP
+    endpoint on the pod's loopback and relays their spans over the channel (read at the pod's start).
     """
     rendered = []
     for s in servers or []:
@@ -115,15 +122,15 @@ def supervisor_config(servers: list[Mapping[str, Any]] | None) -> str:
             # Its supervisor offers it the model endpoint; the gateway answers every ask.
             "inference": bool(s.get("inference")),
         })
-    return json.dumps({"socket": "", "servers": rendered, "env": {}}, indent=2, sort_keys=True)
+    return json.dumps({"socket": "", "servers": rendered, "env": {}, "traces": bool(traces)}, indent=2, sort_keys=True)
 
 
-def config_map(name: str, servers: list[Mapping[str, Any]] | None, labels: Mapping[str, str]) -> Body:
+def config_map(name: str, servers: list[Mapping[str, Any]] | None, labels: Mapping[str, str], traces: bool = False) -> Body:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": name, "labels": dict(labels)},
-        "data": {CONFIG_KEY: supervisor_config(servers)},
+        "data": {CONFIG_KEY: supervisor_config(servers, traces)},
     }
 
 
@@ -289,8 +296,21 @@ def sandbox_pod(sandbox: Mapping[str, Any], image: str, *, tools_image: str = "m
 def pool_pod(pool: Mapping[str, Any], name: str, image: str) -> Body:
     pool_name = pool["metadata"]["name"]
     image = (pool.get("spec", {}).get("template") or {}).get("image") or image
-    return pod(name, image=image, tier=pool.get("spec", {}).get("tier"), workspace_claim=workspace_name(name),
+    body = pod(name, image=image, tier=pool.get("spec", {}).get("tier"), workspace_claim=workspace_name(name),
                token_secret=secret_name(name), config=pool_config_name(pool_name), labels=pool_labels(pool_name))
+    # What its supervisor read at start, so a claim takes only a pod that relays spans as the sandbox wants.
+    body["metadata"]["annotations"] = {TRACES: "true" if pool_traces(pool) else "false"}
+    return body
+
+
+def pool_traces(pool: Mapping[str, Any]) -> bool:
+    """The pool's `spec.template.traces`: its pods' supervisors serve the servers a trace endpoint."""
+    return bool((pool.get("spec", {}).get("template") or {}).get("traces"))
+
+
+def pod_traces(pod_body: Mapping[str, Any]) -> bool:
+    """A pool pod started with traces on (its annotation; a pod from before it has traces off)."""
+    return (pod_body.get("metadata", {}).get("annotations") or {}).get(TRACES) == "true"
 
 
 def pool_config_name(pool: str) -> str:
