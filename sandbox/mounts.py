@@ -83,7 +83,8 @@ def holders(device: str, limit: int = 3) -> list[str]:
     """Processes of other mount namespaces that mount `device` ("major:minor"), one per namespace:
     "pid N (command)". A loop device unmounted here stays attached while any namespace holds a copy
     of its mount, and every namespace made on this host (each runsc gofer and sandbox, until it has
-    pivoted into its own root) copies all the mounts there were. For the message of a refused mount."""
+    pivoted into its own root) copies all the mounts there were; below a shared mount (`share`) the
+    unmount reaches those copies, elsewhere it does not. For the message of a refused mount."""
     ours = os.readlink("/proc/self/ns/mnt")
     seen: set[str] = {ours}
     found: list[str] = []
