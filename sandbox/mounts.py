@@ -4,10 +4,13 @@
 Workspaces (loop-mounted images) and the channels' tmpfs mounts outlive the gateway that made
 them; a gateway starting after a crash reads these to find what it must adopt or remove.
 
-They are all made below one shared mount (`share`), the fleet home's sandboxes dir: every
-mount namespace made on this host copies the mounts there are (each runsc gofer and sandbox
-does, and keeps its copies until it has pivoted into its own root), and only below a shared
-mount does an unmount here reach those copies, and with them the loop device of the image.
+They are all made below one shared mount, the fleet home's sandboxes dir, which `share` makes
+(with `mount`, the one command here): every mount namespace made on this host copies the mounts
+there are (each runsc gofer and sandbox does, and keeps its copies until it has pivoted into its
+own root), and only below a shared mount does an unmount here reach those copies, and with them
+the loop device of the image. Not unbindable, which would also keep it out of other namespaces'
+binds: runsc binds the sandbox's own dirs from below it. A namespace that makes its copies
+private (`unshare --mount` does by default) still keeps them until it ends.
 """
 
 from __future__ import annotations
