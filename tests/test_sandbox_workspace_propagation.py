@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import mounts as hostmounts
+from sandbox import tmpfs
 from sandbox.workspaces import WorkspaceInUse, Workspaces
 from tests.test_sandbox_workspaces import GID, QUOTA, UID, _loops_under, needs_loops, tmp, workspaces
 
@@ -77,12 +78,17 @@ def test_an_unmount_below_the_shared_mount_reaches_a_namespace_copied_while_it_w
     workspaces.create("private", QUOTA)
     workspaces.mount("shared", parent / "a")
     workspaces.mount("private", tmp / "private")  # below no shared mount: how it was before
+    tmpfs.mount(parent / "channel", size_bytes=tmpfs.CHANNEL_BYTES, inodes=tmpfs.CHANNEL_INODES, uid=UID, gid=GID)
+    mounted = hostmounts.mount_at(parent / "channel")  # a sandbox's channel, mounted there too
+    assert mounted is not None
+    channel = mounted.device
     shared, private = loop_device(workspaces, "shared"), loop_device(workspaces, "private")
     with namespace_copied_now(*options) as other:
-        assert {shared, private} <= devices_in(other)
+        assert {shared, private, channel} <= devices_in(other)
         workspaces.unmount(parent / "a")
         workspaces.unmount(tmp / "private")
-        assert shared not in devices_in(other)
+        tmpfs.unmount(parent / "channel")
+        assert shared not in devices_in(other) and channel not in devices_in(other)
         workspaces.mount("shared", parent / "b")  # at once: the copy went with the unmount here
         # The control: the copy of the private mount stays in the namespace, holding the image.
         assert private in devices_in(other)
