@@ -68,6 +68,30 @@ def loop_device(workspaces: Workspaces, key: str) -> str:
     return loop.device
 
 
+def mount_unheld(workspaces: Workspaces, key: str, at: Path) -> None:
+    """Mount `key`, which no mount namespace may hold: refused only while the kernel is still letting go
+    of its loop device after the last unmount (asynchronous, and slow on a loaded host), never because a
+    namespace still mounts it ("mounted by pid N")."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            workspaces.mount(key, at)
+            return
+        except WorkspaceInUse as exc:
+            assert "being released" in str(exc) and time.monotonic() < deadline, exc
+            time.sleep(0.1)
+
+
+def released(workspaces: Workspaces, key: str) -> bool:
+    """Whether the image of `key` is let go of its loop device, waited for as `mount_unheld` does."""
+    deadline = time.monotonic() + 60
+    while workspaces._loop_of(workspaces.path(key)) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @needs_loops
 @pytest.mark.parametrize("options", RUNSC_LIKE.values(), ids=RUNSC_LIKE.keys())
 def test_an_unmount_below_the_shared_mount_reaches_a_namespace_copied_while_it_was_mounted(workspaces, tmp, options):
@@ -89,7 +113,7 @@ def test_an_unmount_below_the_shared_mount_reaches_a_namespace_copied_while_it_w
         workspaces.unmount(tmp / "private")
         tmpfs.unmount(parent / "channel")
         assert shared not in devices_in(other) and channel not in devices_in(other)
-        workspaces.mount("shared", parent / "b")  # at once: the copy went with the unmount here
+        mount_unheld(workspaces, "shared", parent / "b")  # the copy went with the unmount here
         # The control: the copy of the private mount stays in the namespace, holding the image.
         assert private in devices_in(other)
         with pytest.raises(WorkspaceInUse, match=rf"mounted by pid {other} \(sleep\)"):
@@ -99,8 +123,8 @@ def test_an_unmount_below_the_shared_mount_reaches_a_namespace_copied_while_it_w
         again = loop_device(workspaces, "shared")
         assert again in devices_in(other)
         workspaces.unmount(parent / "b")
-        assert again not in devices_in(other) and workspaces._loop_of(workspaces.path("shared")) is None
-    workspaces.mount("private", tmp / "again")  # the namespace is gone, and its copy with it
+        assert again not in devices_in(other) and released(workspaces, "shared")
+    mount_unheld(workspaces, "private", tmp / "again")  # the namespace is gone, and its copy with it
     workspaces.unmount(tmp / "again")
 
 
@@ -193,13 +217,13 @@ async def test_a_running_gvisor_sandbox_never_holds_another_workspace_mounted_la
         seen = inside("cat /workspace/note; ls -a /workspace; find / -xdev -name secret 2>/dev/null; true")
         assert seen.stdout.startswith("mine\n") and "secret" not in seen.stdout, seen
         workspaces.unmount(parent / "other" / "workspace")
-        workspaces.mount("theirs", parent / "other" / "again")  # at once: nobody held it
+        mount_unheld(workspaces, "theirs", parent / "other" / "again")  # nobody held it
         workspaces.unmount(parent / "other" / "again")
         assert inside("cat /workspace/note").stdout == "mine\n"  # its own stays bound in its gofer
     finally:
         await backend.destroy(sandbox_id)
     workspaces.unmount(workspace)
-    workspaces.mount("mine", tmp / "mine")  # the gofer is gone, and its hold on the image with it
+    mount_unheld(workspaces, "mine", tmp / "mine")  # the gofer is gone, and its hold on the image with it
     assert (tmp / "mine" / "note").read_text() == "mine\n"
     workspaces.unmount(tmp / "mine")
     assert _loops_under(tmp) == []
