@@ -74,6 +74,27 @@ def check_loop_devices(settings: Settings) -> Check:
                  "(run the gateway as root with e2fsprogs, or set MCPFLEET_WORKSPACE_QUOTAS=off)")
 
 
+def check_sandbox_mounts(settings: Settings) -> Check:
+    if settings.sandbox_backend == "kubernetes":
+        return Check("sandbox mounts", "ok", "not used here: the sandboxes are pods")
+    from sandbox import mounts as hostmounts
+    from sandbox.layout import SandboxLayout
+
+    root = SandboxLayout.root(settings.home)
+    mount = hostmounts.mount_at(root)
+    if mount is not None and hostmounts.is_shared(mount):
+        return Check("sandbox mounts", "ok", f"{root} is a shared mount: a workspace unmounted there is free at once")
+    # Without it, a runsc process started while a workspace is mounted holds it until it has pivoted.
+    if mount is not None:
+        return Check("sandbox mounts", "warn", f"{root} is a mount but not shared: run `mount --make-shared {root}` "
+                     "(the gateway does at its next start)")
+    below = [m.mountpoint for m in hostmounts.mounts() if m.mountpoint.is_relative_to(root)]
+    if below:
+        return Check("sandbox mounts", "warn", f"{root} is no shared mount, and {len(below)} mounts are below it: "
+                     "a gateway of old runs there; the next start of the gateway without them makes it")
+    return Check("sandbox mounts", "ok", f"{root} becomes a shared mount when the gateway starts")
+
+
 def check_database(settings: Settings) -> Check:
     if settings.database_url:
         url, which = settings.database_url, "DATABASE_URL"
@@ -156,6 +177,7 @@ def run_checks(settings: Settings, url: str | None) -> list[Check]:
     checks: list[Callable[[], Check]] = [
         lambda: check_gvisor(settings),
         lambda: check_loop_devices(settings),
+        lambda: check_sandbox_mounts(settings),
         lambda: check_database(settings),
         lambda: check_vault(settings),
         check_node,
@@ -180,7 +202,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    doctor = sub.add_parser("doctor", help="check gVisor, loop devices, the database, Vault, Node and the gateway")
+    doctor = sub.add_parser("doctor", help="check gVisor, loop devices, the sandboxes' mounts, the database, Vault, Node and the gateway")
     doctor.add_argument("--url", help="the gateway's base URL (default: MCPFLEET_URL, else where `mcpfleet up` of "
                         "this fleet home serves)")
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON: check, status, detail")

@@ -40,6 +40,7 @@ from opentelemetry import trace
 from psycopg_pool import AsyncConnectionPool
 
 from core.tasks import Tasks
+from sandbox import mounts as hostmounts
 from sandbox import recovery, store, tiers, wire
 from sandbox.backends.base import SandboxBackend
 from sandbox.boot import START_BOOST_S
@@ -152,6 +153,11 @@ class SandboxManager:
         """Take over from the previous gateway (`sandbox.recovery`), then keep the pool warm."""
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.sandboxes_dir, 0o711)
+        # The workspaces and channels are mounted below it: shared, their unmounts here reach the
+        # copies that runsc processes started meanwhile hold until they pivot (`sandbox.mounts`).
+        if (problem := await asyncio.to_thread(hostmounts.share, self.sandboxes_dir)) is not None:
+            log.warning("%s is not a shared mount (%s): a workspace unmounted here may stay held by a "
+                        "runsc process started meanwhile, and its next mount wait for it", self.sandboxes_dir, problem)
         await recovery.recover(self.steps, self.running, self.pool)
         self._tasks.spawn(self.usage.flush_periodically())
         self.housekeeper.start()
@@ -176,6 +182,7 @@ class SandboxManager:
             *(self._retire(s, State.RECLAIMED, "the gateway stopped", graceful=True) for s in self.running)
         )
         await self.steps.background.close()
+        await asyncio.to_thread(hostmounts.unshare, self.sandboxes_dir)  # only once nothing is mounted below it
 
     # -- per user -------------------------------------------------------------------------
 

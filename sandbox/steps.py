@@ -312,16 +312,21 @@ class Steps:
 
         async def mount() -> None:
             deadline = time.monotonic() + RELEASE_WAIT_S
+            waited: WorkspaceInUse | None = None
             while True:
                 try:
                     await asyncio.to_thread(self.mount_workspace, sandbox)
                     break
-                except WorkspaceInUse:
-                    # Its loop device is still mounted in another mount namespace: its own last
-                    # gofer's, still exiting, or that of any runsc gofer or sandbox that started on
-                    # this host while it was mounted (each copies every mount there is, mounts here
-                    # are private, and it keeps the copy until it has pivoted into its own root).
-                    # Both let go within seconds on a loaded host: wait, do not fail.
+                except WorkspaceInUse as exc:
+                    if waited is None:
+                        waited = exc
+                        log.info("the resume of sandbox %s waits for its workspace: %s", sandbox.id, exc)
+                    # Its loop device is still mounted in another mount namespace: most likely its
+                    # own last gofer's, still exiting, which lets go within seconds on a loaded host:
+                    # wait, do not fail. (The copies that other runsc gofers and sandboxes make while
+                    # it is mounted go with its unmount here: the sandboxes dir is a shared mount,
+                    # `sandbox.mounts.share`; only where it could not be made do they hold it too,
+                    # until they have pivoted into their own roots.)
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.1)

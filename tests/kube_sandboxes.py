@@ -156,8 +156,11 @@ done
 mount --bind {shlex.quote(str(workspace))} {r}/workspace
 exec chroot {r} {shlex.join(argv)}
 """
+        # A slave, not private: the pod's copies of the host's mounts (its rbinds of / included) are
+        # made while other sandboxes' workspaces are mounted, and only a slave's go with their unmount
+        # on the host; a private copy would hold such a workspace's image as long as the pod lives.
         self.process = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script],
             stdout=self.log, stderr=self.log, env=pod_environment(), cwd="/",
         )  # fmt: skip
 

@@ -16,7 +16,7 @@ import pytest
 from tests.clients import connect
 from tests.conftest import MCPFLEET, Fleet
 
-CHECKS = ["gvisor", "loop devices", "database", "vault", "node", "gateway"]
+CHECKS = ["gvisor", "loop devices", "sandbox mounts", "database", "vault", "node", "gateway"]
 
 
 def run(fleet: Fleet, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -42,6 +42,8 @@ def test_doctor_on_a_running_fleet_passes_and_names_every_check(fleet):
     # The fleet's gateway runs the embedded OpenBao: doctor finds it running and unsealed.
     assert checks["vault"]["status"] == "ok" and "unsealed" in checks["vault"]["detail"]
     assert checks["gvisor"]["status"] == "ok" and "runsc" in checks["gvisor"]["detail"]
+    # The gateway made its sandboxes dir a shared mount when it started.
+    assert checks["sandbox mounts"]["status"] == "ok" and "is a shared mount" in checks["sandbox mounts"]["detail"]
 
     plain = run(fleet, "doctor")
     assert plain.returncode == 0

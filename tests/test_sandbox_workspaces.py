@@ -294,30 +294,6 @@ def test_mount_refuses_what_would_corrupt_or_hide_data(workspaces, tmp):
 
 
 @needs_loops
-def test_a_mount_namespace_made_while_a_workspace_was_mounted_holds_it_and_is_named(workspaces, tmp):
-    # Every mount namespace made on the host copies the mounts there are; runsc makes two per sandbox
-    # (gofer, sandbox), which keep the copies until they have pivoted into their own roots. Mounts here
-    # are private, so unmounting on the host leaves such a copy, and the loop device, to its namespace.
-    workspaces.create("copied", QUOTA)
-    workspaces.mount("copied", tmp / "a")
-    other = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sleep", "60"])
-    try:
-        deadline = time.monotonic() + 30
-        while os.readlink(f"/proc/{other.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
-            assert time.monotonic() < deadline, "unshare made no mount namespace"
-            time.sleep(0.01)
-        time.sleep(0.2)  # past the unshare: its exec of sleep holds the namespace now
-        workspaces.unmount(tmp / "a")
-        with pytest.raises(WorkspaceInUse, match=rf"mounted by pid {other.pid} \(sleep\)"):
-            workspaces.mount("copied", tmp / "b")
-    finally:
-        other.kill()
-        other.wait()
-    workspaces.mount("copied", tmp / "b")  # the namespace is gone, and the copy with it
-    workspaces.unmount(tmp / "b")
-
-
-@needs_loops
 def test_cleanup_unmounts_stray_workspaces_and_frees_their_loop_devices(workspaces, tmp):
     under = tmp / "workspaces"
     for key in ("kept", "stray-1", "stray-2"):
