@@ -17,7 +17,7 @@ from sandbox.backends.base import SandboxBackend, SandboxSpec
 from sandbox.bundle import SERVER_UIDS
 from sandbox.client import SupervisorClient
 from sandbox.layout import SandboxLayout, make_channel, write_token
-from sandbox.servers import ServerSpec, fork_modules, server_configs, without_secrets
+from sandbox.servers import ServerSpec, fork_modules, server_configs, start_servers, without_secrets
 from sandbox.supervisor.config import SupervisorConfig
 
 START_BOOST_S = 10.0
@@ -51,6 +51,7 @@ def prepare(
         server_uids=SERVER_UIDS,
         server_gid=gid,
         fork_modules=fork_modules(),
+        start_servers=start_servers(),
     )
     config.write(channel / wire.CONFIG_NAME, owner=(uid, gid))
 

@@ -160,7 +160,7 @@ class Steps:
             if isinstance(exc, SandboxUnavailable | asyncio.CancelledError):
                 raise
             raise SandboxUnavailable(reason) from exc
-        failed = [f"{name}: {s.get('error')}" for name, s in sandbox.client.servers.items() if s.get("state") != "ready"]
+        failed = [f"{name}: {s.get('error')}" for name, s in sandbox.client.servers.items() if s.get("state") not in ("ready", "idle")]
         log.info(
             "sandbox %s %s running after %.1fs%s",
             sandbox_id,

@@ -69,8 +69,9 @@ A `span` {"id", "start_ns", "end_ns"} comes with the answer to a call whose `par
 which is the parent in the `traceparent` the server got; its times in ns since the epoch). The
 sandbox has no network, so the gateway exports that span for it (`traced_params`, `SpanTiming`).
 
-A server status is {"state": "starting" | "ready" | "failed", "initialize": <its
-initialize result> | null, "error": str | null, "revision": str | null}.
+A server status is {"state": "idle" | "starting" | "ready" | "failed", "initialize": <its
+initialize result> | null, "error": str | null, "revision": str | null}; "idle": not started yet
+(servers start on first use): the first `call` to it starts it and waits for it, as for "starting".
 
 Each message is typed below (`GatewayMessage`, `SupervisorMessage`): both ends build them as
 these TypedDicts, so the type checker holds them to this table.

@@ -73,6 +73,9 @@ class SupervisorConfig:
     fork_modules: list[str] = field(default_factory=list)
     """Modules (`python -m MODULE`) whose servers are forked from one fork server that imported them
     and the `mcp` SDK once (`forks`), rather than each executed as a Python of its own; empty: none."""
+    start_servers: str = "boot"
+    """"boot": every server starts with the supervisor; "first-use": a server starts when the first
+    message that needs it arrives (`sandbox.servers.start_servers`), and the fork server with the first fork."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
