@@ -149,6 +149,8 @@ class Steps:
                 mount_workspace=lambda _: self.mount_workspace(sandbox),
                 provision=lambda tools: self.servers.provision(tools, servers),
                 uid=self.uid, gid=self.gid,
+                # A warm sandbox starts its servers now: it is there to answer its claimant's first call at once.
+                start="boot" if user_id is None else None,
             )  # fmt: skip
             await self.states.set(sandbox_id, State.STARTING, user_id=user_id)
             await boot(self.backend, self.spec(sandbox), sandbox.client, self.start_timeout, self.start_boost_s)
