@@ -18,10 +18,10 @@ import pytest
 
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxRpcError
-from sandbox.servers import START_SERVERS_SETTING, start_servers
+from sandbox.servers import START_SERVERS_SETTING, ServerSpec, start_servers
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig
 from tests.clients import connect, text_of
-from tests.test_sandbox_lifecycle import call, fleets, row_of  # noqa: F401 (fleets: the fixture)
+from tests.test_sandbox_lifecycle import SERVERS, call, fleets, row_of  # noqa: F401 (fleets: the fixture)
 from tests.test_sandbox_supervisor import BROKEN_SERVER, RunningSupervisor, payload, text, tool, write_fixture
 
 TOKEN = "first-use-token"
@@ -194,3 +194,18 @@ async def test_tools_list_through_the_gateway_on_a_fresh_sandbox(fleet):
         assert {"workspace__list_dir", "exec__run"} <= set(names)
         listed = await client.call_tool("workspace__write_file", {"path": "lazy.txt", "content": "up"})
         assert not listed.is_error, text_of(listed)
+
+
+@runsc
+async def test_in_a_sandbox_a_server_that_cannot_start_fails_its_first_call_with_the_reason(fleets, monkeypatch):  # noqa: F811
+    monkeypatch.setenv(START_SERVERS_SETTING, "first-use")
+    fleet = await fleets("first-use-broken")
+    manager = await fleet.manager(servers=[*SERVERS, ServerSpec("broken", ("python", "-c", BROKEN_SERVER))])
+    bob = await fleet.user("bob")
+    sandbox = await manager.ensure(*bob)  # not held up by it: nothing has started yet
+    assert sandbox.client.servers["broken"]["state"] == "idle"
+    with pytest.raises(SandboxRpcError) as caught:
+        await asyncio.wait_for(call(sandbox, "anything", server="broken"), 120)
+    assert "not running" in caught.value.message and "code 7" in caught.value.message
+    assert "no such luck" in caught.value.message
+    assert int(text(await call(sandbox, "counter"))) == 1  # the others are unaffected
