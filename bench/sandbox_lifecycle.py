@@ -20,6 +20,12 @@ sandbox's fork server (sandbox/supervisor/zygote.py). Each run also says where i
 `runsc run`, the supervisor up after it, each server from its start to its answer to `initialize`
 (from the supervisor's log in the sandbox's console.log).
 
+Each configuration is measured with its servers started at boot (MCPFLEET_START_SERVERS=boot, the
+baseline) and on first use (--start-servers both, the default): a fresh sandbox's memory is read
+after `ensure` and an idle pause, before its first call (by runsc process, and by process inside
+the sandbox), and that first call, which then starts the workspace server, is timed on its own.
+The cold start is `ensure` plus that first call (the pause left out).
+
 The first gVisor is measured a second time with its checkpoint images sealed (core.sealed_images,
 as the fleet does), against an embedded OpenBao the bench starts under its temporary home and
 stops at the end: hibernate and resume then include the seal and unseal, whose own seconds are
@@ -35,7 +41,7 @@ under each configuration); the other configurations also measure a resume woken 
 handshake (`SandboxManager.wake`) whose first call comes WAKE_GAP_S later.
 
     .venv/bin/python bench/sandbox_lifecycle.py [--runs 5] [--density 10] [--gvisor runsc:ptrace ...] [--fork-server both|on|off]
-        [--no-before] [--no-sealed] [--keep]
+        [--start-servers both|boot|first-use] [--no-before] [--no-sealed] [--keep]
 
 p99 is nearest-rank: with fewer than 100 samples it is the slowest one.
 """
@@ -46,6 +52,7 @@ import argparse
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -60,6 +67,7 @@ import hvac
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fresh_memory import fresh_memory, sandbox_pids  # beside this script
 from lifecycle_report import (  # beside this script
     Config,
     Density,
@@ -80,13 +88,13 @@ from core.sealed_images import KEY_FILE, SUFFIX, SealedImages
 from core.vault import MOUNT, SecretStore
 from sandbox import store
 from sandbox.backends.base import SandboxSpec
-from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend, descendant_pids
+from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.factory import sandbox_python
 from sandbox.gvisor import PINNED_RUNSC, Gvisor, choose
 from sandbox.manager import Lifecycle, Sandbox, SandboxManager
 from sandbox.memory import pss_bytes
-from sandbox.servers import BUILTIN_SERVERS, FORK_SERVER_SETTING
+from sandbox.servers import BUILTIN_SERVERS, FORK_SERVER_SETTING, START_SERVERS_SETTING
 from sandbox.steps import ImageSealer
 
 TENANT = "bench"
@@ -151,13 +159,6 @@ def check_sealed(image: Path) -> None:
         raise RuntimeError(f"checkpoint {image} is not sealed: key {'present' if (image / KEY_FILE).is_file() else 'missing'}, in the clear: {clear}")
 
 
-def sandbox_pids(backend: RunscBackend, sandbox_id: str) -> set[int]:
-    """The processes `RunscBackend.memory_bytes` sums (sentry, gofer, platform stubs); it does not
-    expose them, and PSS needs the same set."""
-    pids = backend._processes(sandbox_id)
-    return set(pids + [child for pid in pids for child in descendant_pids(pid)])
-
-
 def disk_bytes(root: Path) -> int:
     """Blocks actually allocated under `root` (as du counts them), not the files' apparent size."""
     total = 0
@@ -213,9 +214,16 @@ async def lifecycle_runs(
         user = await users.new("cold")
         started = time.perf_counter()
         sandbox = await manager.ensure(*user)
-        samples.ensure_ms.append(ms_since(started))
+        ensure_ms = ms_since(started)
+        samples.ensure_ms.append(ensure_ms)
+        # Fresh and idle: what a sandbox holds before anything is asked of it (with servers started on
+        # first use, its supervisor alone), then its first call, which starts the server it needs.
+        await asyncio.sleep(IDLE_SETTLE_S)
+        await fresh_memory(manager, sandbox, samples)
+        started = time.perf_counter()
         await first_result(sandbox)
-        samples.cold_ms.append(ms_since(started))
+        samples.first_call_ms.append(ms_since(started))
+        samples.cold_ms.append(ensure_ms + samples.first_call_ms[-1])
         cold_parts(samples, (sandbox.layout.dir / "console.log").read_text(errors="replace"))
 
         for _ in range(BASELINE_CALLS):
@@ -328,7 +336,7 @@ async def density(manager: SandboxManager, users: Users, n: int) -> Density:
     return found
 
 
-def configs(gvisors: list[Gvisor], sealed: bool, fork_server: str, before: bool) -> list[Config]:
+def configs(gvisors: list[Gvisor], sealed: bool, fork_server: str, before: bool, start_servers: str = "first-use") -> list[Config]:
     """Each gVisor, with its servers executed (the baseline) and forked from the fork server, as
     `fork_server` says; the first one again sealed right after it (so the two sit side by side); with
     `before`, the first one (and its sealed run) first as it was before the resume changes:
@@ -341,7 +349,11 @@ def configs(gvisors: list[Gvisor], sealed: bool, fork_server: str, before: bool)
     if sealed:
         found += ([Config(old, sealed=True, quick=False, wake=False, fork_server=forks[0])] if before else [])
         found.append(Config(first, sealed=True, fork_server=forks[-1]))
-    return found + [Config(g, fork_server=f) for g in gvisors[1:] for f in forks]
+    found += [Config(g, fork_server=f) for g in gvisors[1:] for f in forks]
+    if start_servers != "both":
+        return [dataclasses.replace(c, start_servers=start_servers) for c in found]
+    # Each with its servers started at boot (the baseline) and then on first use, side by side.
+    return [dataclasses.replace(c, start_servers=m) for c in found for m in ("boot", "first-use")]
 
 
 def gvisors(given: list[str]) -> list[Gvisor]:
@@ -380,6 +392,7 @@ async def bench(
         quick_restore=config.quick,
     )
     os.environ[FORK_SERVER_SETTING] = "1" if config.fork_server else "0"  # read where each sandbox's config is written
+    os.environ[START_SERVERS_SETTING] = config.start_servers
     backend.gvisor = gvisor  # as chosen, compression included
     backend.start = timed(backend.start, samples)  # type: ignore[method-assign]
     # No housekeeping during the bench: nothing should hibernate or reclaim on its own.
@@ -442,7 +455,8 @@ async def run(home: Path, url: str, args: argparse.Namespace, bao: EmbeddedOpenB
     try:
         async with asyncio.timeout(args.timeout):
             results = []
-            for index, config in enumerate(configs(gvisors(args.gvisor), args.sealed, args.fork_server, args.before)):
+            found = configs(gvisors(args.gvisor), args.sealed, args.fork_server, args.before, args.start_servers)
+            for index, config in enumerate(found):
                 secrets = await asyncio.to_thread(vault, home, bao) if config.sealed else None
                 results.append((config, await bench(home, url, args, config, index, secrets)))
         if len(results) > 1:
@@ -485,6 +499,10 @@ if __name__ == "__main__":
     cli.add_argument(
         "--fork-server", choices=("both", "on", "off"), default="both",
         help="each gVisor with its servers executed (the baseline) and forked from the fork server (default both)",
+    )
+    cli.add_argument(
+        "--start-servers", choices=("both", "boot", "first-use"), default="both",
+        help="each configuration with its servers started at boot (the baseline) and on first use (default both)",
     )
     cli.add_argument(
         "--servers", default="", metavar="NAME,...",

@@ -17,7 +17,7 @@ from sandbox.backends.base import SandboxBackend, SandboxSpec
 from sandbox.bundle import SERVER_UIDS
 from sandbox.client import SupervisorClient
 from sandbox.layout import SandboxLayout, make_channel, write_token
-from sandbox.servers import ServerSpec, fork_modules, server_configs, without_secrets
+from sandbox.servers import ServerSpec, fork_modules, server_configs, start_servers, without_secrets
 from sandbox.supervisor.config import SupervisorConfig
 
 START_BOOST_S = 10.0
@@ -35,9 +35,11 @@ def prepare(
     uid: int,
     gid: int,
     traces: bool = False,
+    start: str | None = None,
 ) -> None:
     """Everything the sandbox finds when it starts. Blocking (a workspace's mkfs and mount take a while).
-    `traces`: the gateway exports traces, so the supervisor relays its servers' spans."""
+    `traces`: the gateway exports traces, so the supervisor relays its servers' spans.
+    `start`: when its servers start, "boot" or "first-use" (None: as `sandbox.servers.start_servers` says)."""
     layout.dir.parent.mkdir(parents=True, exist_ok=True)
     layout.dir.mkdir(mode=0o711)
     # Outside the channel dir, so out of the sandbox's sight; a successor gateway reads it.
@@ -54,6 +56,7 @@ def prepare(
         server_gid=gid,
         fork_modules=fork_modules(),
         traces=traces,
+        start_servers=start or start_servers(),
     )
     config.write(channel / wire.CONFIG_NAME, owner=(uid, gid))
 

@@ -61,6 +61,10 @@ class Catalogs:
 
     async def _fetch_catalog(self, server: str, generation: int) -> dict[str, Any]:
         status = self.status_of(server) or {"state": "failed", "error": "unknown server"}
+        if status.get("state") in ("idle", "starting"):
+            # Not up yet (servers start on first use, or it is restarting): its lists need it up,
+            # so ask it something; the supervisor starts it, and tells its new status before the answer.
+            status, generation = await self._started(server, status)
         initialize = status.get("initialize") or {}
         capabilities = initialize.get("capabilities") or {}
         entry: dict[str, Any] = {
@@ -90,6 +94,14 @@ class Catalogs:
         if complete and self._generation.get(server, 0) == generation:
             self._catalog[server] = entry
         return entry
+
+    async def _started(self, server: str, status: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """`server`'s status once it started (or failed to), and the generation its lists are of then."""
+        try:
+            await self.request(server, "ping", None)
+        except SandboxRpcError:
+            pass  # a failed start says why in the status; a server without ping started all the same
+        return self.status_of(server) or status, self._generation.get(server, 0)
 
     async def _list_all(self, server: str, method: str, field: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []

@@ -69,6 +69,19 @@ def fork_modules() -> list[str]:
     return [s.argv[2] for s in BUILTIN_SERVERS if s.argv[:2] == ("python", "-m")]
 
 
+START_SERVERS_SETTING = "MCPFLEET_START_SERVERS"
+
+
+def start_servers() -> str:
+    """When a sandbox's servers start: "first-use" (the default), each when the first message that
+    needs it arrives (a call, a listing), so that an idle sandbox holds its supervisor alone; "boot",
+    all of them with the supervisor, as before (the baseline of bench/sandbox_lifecycle.py)."""
+    value = os.environ.get(START_SERVERS_SETTING, "first-use").strip().lower()
+    if value not in ("boot", "first-use"):
+        raise ValueError(f"{START_SERVERS_SETTING} must be boot or first-use, not {value!r}")
+    return value
+
+
 FIXTURE_SERVERS = frozenset({"conformance"})
 """Built-in servers that are test fixtures, not product: a tenant runs them only when enabled."""
 PRODUCT_SERVERS: tuple[ServerSpec, ...] = tuple(s for s in BUILTIN_SERVERS if s.name not in FIXTURE_SERVERS)

@@ -152,6 +152,8 @@ class Steps:
                 mount_workspace=lambda _: self.mount_workspace(sandbox),
                 provision=lambda tools: self.servers.provision(tools, servers),
                 uid=self.uid, gid=self.gid, traces=self.spans is not None,
+                # A warm sandbox starts its servers now: it is there to answer its claimant's first call at once.
+                start="boot" if user_id is None else None,
             )  # fmt: skip
             await self.states.set(sandbox_id, State.STARTING, user_id=user_id)
             await boot(self.backend, self.spec(sandbox), sandbox.client, self.start_timeout, self.start_boost_s)
@@ -163,7 +165,7 @@ class Steps:
             if isinstance(exc, SandboxUnavailable | asyncio.CancelledError):
                 raise
             raise SandboxUnavailable(reason) from exc
-        failed = [f"{name}: {s.get('error')}" for name, s in sandbox.client.servers.items() if s.get("state") != "ready"]
+        failed = [f"{name}: {s.get('error')}" for name, s in sandbox.client.servers.items() if s.get("state") not in ("ready", "idle")]
         log.info(
             "sandbox %s %s running after %.1fs%s",
             sandbox_id,

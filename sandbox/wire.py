@@ -72,8 +72,9 @@ which is the parent in the `traceparent` the server got; its times in ns since t
 sandbox has no network, so the gateway exports that span for it (`traced_params`, `SpanTiming`).
 A server's own spans (its OpenTelemetry SDK's) come as `spans` exports, whenever it sends them.
 
-A server status is {"state": "starting" | "ready" | "failed", "initialize": <its
-initialize result> | null, "error": str | null, "revision": str | null}.
+A server status is {"state": "idle" | "starting" | "ready" | "failed", "initialize": <its
+initialize result> | null, "error": str | null, "revision": str | null}; "idle": not started yet
+(servers start on first use): the first `call` to it starts it and waits for it, as for "starting".
 
 Each message is typed below (`GatewayMessage`, `SupervisorMessage`): both ends build them as
 these TypedDicts, so the type checker holds them to this table.

@@ -25,7 +25,7 @@ import pytest
 
 from sandbox.errors import SandboxRpcError, SandboxUnavailable
 from sandbox.limits import Limits
-from sandbox.servers import BUILTIN_SERVERS, ServerSpec
+from sandbox.servers import BUILTIN_SERVERS, START_SERVERS_SETTING, ServerSpec
 from tests.test_sandbox_lifecycle import call, fleets, row_of, sh  # noqa: F401  (fleets: the fixture)
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
@@ -102,7 +102,9 @@ async def test_modules_planted_in_the_workspace_never_run_in_the_supervisor_or_t
     assert mine["stdout"] == "42\n", mine
 
 
-async def test_a_start_kept_from_becoming_ready_is_held_to_its_cpu_share(fleets):
+async def test_a_start_kept_from_becoming_ready_is_held_to_its_cpu_share(fleets, monkeypatch):
+    # Servers started at boot: a server started on first use keeps no start from becoming ready.
+    monkeypatch.setenv(START_SERVERS_SETTING, "boot")
     fleet = await fleets("boost")
     # A server that answers nothing for 20 s: the supervisor says hello only once every server has settled.
     stalling = ServerSpec("stall", ("python", "-c", "import time; time.sleep(20)"))

@@ -105,11 +105,14 @@ class ChildServer:
             key=len,
             reverse=True,
         )
-        self.state = "starting"
+        # "idle": not started yet (servers start on first use); the first call that needs it starts it.
+        self.state = "idle" if supervisor_config.start_servers == "first-use" else "starting"
         self.initialize_result: dict[str, Any] | None = None
         self.error: str | None = None
         self._ready = asyncio.Event()
         self._settled = asyncio.Event()  # set whenever state is not "starting"
+        if self.state == "idle":
+            self._settled.set()
         self._proc: forks.Process | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._pipes: Pipes | None = None
@@ -143,6 +146,10 @@ class ChildServer:
         """The server's process while it runs."""
         proc = self._proc
         return proc.pid if proc is not None and proc.returncode is None else None
+
+    def set_starting(self) -> None:
+        """An idle server is about to be started (`Supervisor.start_child`)."""
+        self._set_state("starting")
 
     async def wait_settled(self) -> None:
         await self._settled.wait()
@@ -299,6 +306,11 @@ class ChildServer:
             return
         if self.state == "ready":
             entry[1] = self._send_call(gateway_id, method, params)
+        elif self.state == "idle":
+            # Servers start on first use: this call starts it (the state is "starting" before this
+            # returns, so a concurrent first call waits for the same start) and waits until it is up.
+            self._supervisor.start_child(self)
+            asyncio.create_task(self._call_when_ready(gateway_id, method, params, entry))
         elif self.state == "starting":
             asyncio.create_task(self._call_when_ready(gateway_id, method, params, entry))
         else:
@@ -353,6 +365,8 @@ class ChildServer:
         self._write(reply)
 
     def notify(self, method: str, params: dict[str, Any] | None) -> None:
+        # Not sent to a server that is not up, an idle one included: what a notification tells
+        # (roots changed, a call cancelled) a server learns anew when it starts.
         if self.state != "ready":
             return
         message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}

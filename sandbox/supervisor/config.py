@@ -75,6 +75,9 @@ class SupervisorConfig:
     and the `mcp` SDK once (`forks`), rather than each executed as a Python of its own; empty: none."""
     traces: bool = False
     """The gateway exports traces: serve the servers an OTLP endpoint and relay what they send (`traces`)."""
+    start_servers: str = "boot"
+    """"boot": every server starts with the supervisor; "first-use": a server starts when the first
+    message that needs it arrives (`sandbox.servers.start_servers`), and the fork server with the first fork."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -66,6 +66,14 @@ class Supervisor:
         self._asks[self._next_ask] = child
         return self._next_ask
 
+    def start_child(self, child: ChildServer) -> None:
+        """Start an idle server (servers start on first use): it is "starting" when this returns."""
+        if child.name in self._runs or self.children.get(child.name) is not child:
+            return
+        log(f"server {child.name} starts on first use")
+        child.set_starting()
+        self._runs[child.name] = asyncio.get_running_loop().create_task(child.run())
+
     def _pid_of(self, server: str) -> int | None:
         child = self.children.get(server)
         return child.pid if child is not None else None
@@ -147,7 +155,8 @@ class Supervisor:
         new = [ChildServer(s, self.config, self) for name, s in wanted.items() if name not in self.children]
         for child in new:
             self.children[child.name] = child
-            self._runs[child.name] = asyncio.get_running_loop().create_task(child.run())
+            if child.state != "idle":  # else it starts on first use
+                self._runs[child.name] = asyncio.get_running_loop().create_task(child.run())
         self._serve_endpoints()
         await asyncio.gather(*(child.wait_settled() for child in new))
         log(f"configured: {', '.join(f'{n}: {c.state}' for n, c in self.children.items()) or 'no servers'}")
@@ -189,11 +198,14 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         log(f"up at {time.time():.3f}")  # wall clock, which gVisor shares with the host: for bench/sandbox_lifecycle.py
         self._serve_endpoints()
-        if self.forks.preload:
+        lazy = self.config.start_servers == "first-use"
+        if self.forks.preload and not lazy:
             # Its imports go on while the servers that are executed start. With none of its servers
-            # to run (a trial of a published server) it is not started: the first fork would start it.
+            # to run now (a trial of a published server, or servers started on first use) it is not
+            # started: the first fork starts it.
             self.forks.start()
-        self._runs = {name: asyncio.create_task(child.run()) for name, child in self.children.items()}
+        if not lazy:
+            self._runs = {name: asyncio.create_task(child.run()) for name, child in self.children.items()}
         # The first hello should say how every server fared, so connect once all have settled.
         await asyncio.gather(*(child.wait_settled() for child in self.children.values()))
         log(", ".join(f"{name}: {child.state}" for name, child in self.children.items()) or "no servers")
