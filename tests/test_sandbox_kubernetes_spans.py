@@ -77,6 +77,10 @@ async def test_a_sandbox_made_without_traces_is_switched_when_a_tracing_gateway_
             assert not set(OTEL_ENV) & set(env), env
             assert await quiet.hibernate(32) is True
             await quiet.close()
+            # `hibernate` returns once the spec says so; the wake below must find the pod gone, as it
+            # would on a cluster some time later, not race the operator's reading of that spec.
+            while (stored(api, "acme-quinn").get("status") or {}).get("state") != "Hibernated":
+                await asyncio.sleep(0.05)
 
             tracing = KubernetesSandboxes(api_client(api), traced_servers(workdir), tier_of, KEY, namespace=NS, spans=server_spans)
             woken = await tracing.ensure(32, "acme", "quinn")
