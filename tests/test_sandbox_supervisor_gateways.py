@@ -24,9 +24,9 @@ from tests.test_sandbox_supervisor import text, write_fixture
 from tests.test_sandbox_supervisor_tcp import TOKEN, ListeningSupervisor, raw_exchange
 
 # A server in raw JSON-RPC whose calls finish when told, which remembers what it was told to
-# cancel and which asks its client (roots/list) on behalf of a call.
+# cancel, which asks its client (roots/list) on behalf of a call, and asks the model endpoint.
 RECORDING_SERVER = r'''
-import json, sys, threading, time
+import json, os, sys, threading, time, urllib.error, urllib.request
 
 lock = threading.Lock()
 cancelled, asked = [], {}
@@ -48,6 +48,17 @@ def later(request_id, seconds, value):
         answer(request_id, value)
 
 
+def ask_model(request_id):
+    request = urllib.request.Request(os.environ["OLLAMA_HOST"] + "/api/generate", data=b'{"prompt": "hi"}',
+                                     headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=120) as response:
+            answer(request_id, "%d %s" % (response.status, response.read().decode()))
+    except urllib.error.HTTPError as exc:
+        answer(request_id, "%d %s" % (exc.code, exc.read().decode()))
+
+
 for line in sys.stdin:
     message = json.loads(line)
     method = message.get("method")
@@ -62,6 +73,8 @@ for line in sys.stdin:
         name, arguments = message["params"]["name"], message["params"].get("arguments") or {}
         if name == "wait":
             threading.Thread(target=later, args=(message["id"], arguments["seconds"], arguments["text"])).start()
+        elif name == "model":
+            threading.Thread(target=ask_model, args=(message["id"],)).start()
         elif name == "cancelled":
             answer(message["id"], json.dumps(cancelled))
         elif name == "ask":
@@ -137,7 +150,7 @@ def supervisor():
         recording = directory / "recording_server.py"
         recording.write_text(RECORDING_SERVER)
         servers = [ServerConfig(name="fixture", argv=[sys.executable, str(fixture)]),
-                   ServerConfig(name="rec", argv=[sys.executable, str(recording)])]
+                   ServerConfig(name="rec", argv=[sys.executable, str(recording)], inference=True)]
         running = ListeningSupervisor(directory, servers, TOKEN)
         running.servers = servers
         running.start()
@@ -226,6 +239,27 @@ async def test_an_ask_of_a_gateway_that_goes_away_is_refused_to_the_server(two):
     b.call(2, "fixture", "echo", text="after")
     assert text((await b.next("result", id=2))["result"]) == "after"
     assert not [m for m in b.got if m.get("type") == "ask"]
+
+
+async def test_a_model_request_stays_with_the_gateway_it_went_to(two):
+    """What no gateway asked for (a server asking the model endpoint) goes to the newest gateway,
+    and stays with it: only its answer counts, and only its going away ends it."""
+    a, b = two
+    a.call(1, "rec", "model")
+    ask = await b.next("model_ask")
+    assert ask["server"] == "rec" and ask["path"] == "/api/generate"
+    a.send({"type": "model_reply", "ask": ask["ask"], "status": 200, "data": "from a", "done": True})
+    await a.settled()
+    b.send({"type": "model_reply", "ask": ask["ask"], "status": 200, "data": '{"response": "from b"}', "done": True})
+    assert text((await a.next("result", id=1))["result"]) == '200 {"response": "from b"}'
+    assert not [m for m in a.got if m.get("type") == "model_ask"]
+    a.call(2, "rec", "model")
+    await b.next("model_ask")
+    b.close()
+    refused = text((await a.next("result", id=2))["result"])
+    assert refused.startswith("503 ") and "the gateway went away" in refused
+    a.call(3, "fixture", "echo", text="a goes on")
+    assert text((await a.next("result", id=3))["result"]) == "a goes on"
 
 
 async def test_pong_and_configure_answer_the_gateway_that_asked_and_server_news_reach_all(supervisor, two):
