@@ -7,6 +7,7 @@ be equal, and a gateway that goes away ends only what it had open."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import sys
@@ -24,7 +25,8 @@ from tests.test_sandbox_supervisor import text, write_fixture
 from tests.test_sandbox_supervisor_tcp import TOKEN, ListeningSupervisor, raw_exchange
 
 # A server in raw JSON-RPC whose calls finish when told, which remembers what it was told to
-# cancel, which asks its client (roots/list) on behalf of a call, and asks the model endpoint.
+# cancel, which asks its client (roots/list) on behalf of a call, asks the model endpoint, and
+# fetches a URL through the egress proxy.
 RECORDING_SERVER = r'''
 import json, os, sys, threading, time, urllib.error, urllib.request
 
@@ -59,6 +61,15 @@ def ask_model(request_id):
         answer(request_id, "%d %s" % (exc.code, exc.read().decode()))
 
 
+def fetch(request_id, url):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": os.environ["HTTP_PROXY"]}))
+    try:
+        with opener.open(url, timeout=120) as response:
+            answer(request_id, "%d %s" % (response.status, response.read().decode()))
+    except urllib.error.HTTPError as exc:
+        answer(request_id, "%d %s" % (exc.code, exc.read().decode()))
+
+
 for line in sys.stdin:
     message = json.loads(line)
     method = message.get("method")
@@ -73,6 +84,8 @@ for line in sys.stdin:
         name, arguments = message["params"]["name"], message["params"].get("arguments") or {}
         if name == "wait":
             threading.Thread(target=later, args=(message["id"], arguments["seconds"], arguments["text"])).start()
+        elif name == "fetch":
+            threading.Thread(target=fetch, args=(message["id"], arguments["url"])).start()
         elif name == "model":
             threading.Thread(target=ask_model, args=(message["id"],)).start()
         elif name == "cancelled":
@@ -150,7 +163,8 @@ def supervisor():
         recording = directory / "recording_server.py"
         recording.write_text(RECORDING_SERVER)
         servers = [ServerConfig(name="fixture", argv=[sys.executable, str(fixture)]),
-                   ServerConfig(name="rec", argv=[sys.executable, str(recording)], inference=True)]
+                   ServerConfig(name="rec", argv=[sys.executable, str(recording)], inference=True,
+                                egress=["example.test"])]
         running = ListeningSupervisor(directory, servers, TOKEN)
         running.servers = servers
         running.start()
@@ -258,6 +272,38 @@ async def test_a_model_request_stays_with_the_gateway_it_went_to(two):
     b.close()
     refused = text((await a.next("result", id=2))["result"])
     assert refused.startswith("503 ") and "the gateway went away" in refused
+    a.call(3, "fixture", "echo", text="a goes on")
+    assert text((await a.next("result", id=3))["result"]) == "a goes on"
+
+
+async def test_a_tunnel_stays_with_the_gateway_it_went_to(two):
+    """The egress proxy's tunnels are relayed as model requests are: by the newest gateway, and
+    only by it."""
+    a, b = two
+    a.call(1, "rec", "fetch", url="http://example.test/page")
+    opening = await b.next("tunnel_open")
+    assert (opening["server"], opening["host"], opening["port"]) == ("rec", "example.test", 80)
+    tunnel = opening["tunnel"]
+    a.send({"type": "tunnel_opened", "tunnel": tunnel, "error": "a says no", "status": 403})
+    await a.settled()
+    b.send({"type": "tunnel_opened", "tunnel": tunnel, "error": None, "status": 200})
+    request = base64.b64decode((await b.next("tunnel_data", tunnel=tunnel))["data"])
+    assert request.startswith(b"GET /page HTTP/1.1\r\n")
+    forged = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nfrom a"
+    a.send({"type": "tunnel_data", "tunnel": tunnel, "data": base64.b64encode(forged).decode()})
+    a.send({"type": "tunnel_close", "tunnel": tunnel, "error": None})
+    await a.settled()
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nfrom b"
+    b.send({"type": "tunnel_data", "tunnel": tunnel, "data": base64.b64encode(response).decode()})
+    b.send({"type": "tunnel_close", "tunnel": tunnel, "error": None})
+    assert text((await a.next("result", id=1))["result"]) == "200 from b"
+    assert not [m for m in a.got if m.get("type", "").startswith("tunnel_")]
+    # The gateway relaying a tunnel goes away: that tunnel ends, the other gateway goes on.
+    a.call(2, "rec", "fetch", url="http://example.test/again")
+    await b.next("tunnel_open")
+    b.close()
+    refused = text((await a.next("result", id=2))["result"])
+    assert refused.startswith("502 ") and "the gateway went away" in refused
     a.call(3, "fixture", "echo", text="a goes on")
     assert text((await a.next("result", id=3))["result"]) == "a goes on"
 
