@@ -10,6 +10,8 @@ import asyncio
 import base64
 import dataclasses
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -344,6 +346,14 @@ async def test_a_connection_without_the_token_is_refused_beside_attached_gateway
     b.call(1, "fixture", "echo", text="b")
     assert text((await a.next("result", id=1))["result"]) == "a"
     assert text((await b.next("result", id=1))["result"]) == "b"
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the socket's timer")
+async def test_an_attached_connection_is_kept_alive_so_a_vanished_replica_is_noticed(supervisor, two):
+    """A replica whose node dies sends no FIN: the supervisor's TCP keepalive finds it gone."""
+    listed = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{supervisor.port} )"],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(listed) >= 2 and all("timer:(keepalive," in line for line in listed), listed
 
 
 async def test_at_most_so_many_gateways_stay_attached_the_oldest_dropped():

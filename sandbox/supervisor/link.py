@@ -23,8 +23,10 @@ it had open (`Supervisor.on_disconnect`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
+import socket
 from typing import TYPE_CHECKING, Any
 
 from sandbox import wire
@@ -47,6 +49,9 @@ its old connection behind until the kernel notices; the cap bounds what a token 
 MAX_UNATTACHED = 64
 """Connections waiting to attach at once; one more drops the oldest (a flood without the token holds
 no more than this, and a gateway, which attaches as soon as it connects, still gets through)."""
+KEEPALIVE = (30, 10, 3)
+"""TCP keepalive of an attached connection (idle seconds, interval, probes): a replica whose node
+died or was cut off sends no FIN, and what it had open is ended once the probes go unanswered."""
 
 _keys = itertools.count(1)
 
@@ -235,6 +240,7 @@ class Listener(_Outbound):
             self._forget(oldest)
         self._channels[channel.key] = channel
         self._transports[channel.key] = transport
+        _keep_alive(transport)
         self._supervisor.on_connect(channel.key)
         self.send(self._supervisor.hello(token=current), channel.key)
         return True
@@ -249,3 +255,13 @@ class Listener(_Outbound):
         if self._channels.pop(channel.key, None) is not None:
             self._transports.pop(channel.key, None)
             self._supervisor.on_disconnect(channel.key)
+
+
+def _keep_alive(transport: asyncio.Transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not Linux, or a socket without these options
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE, strict=True):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
