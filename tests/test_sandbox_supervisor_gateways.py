@@ -310,6 +310,19 @@ async def test_a_tunnel_stays_with_the_gateway_it_went_to(two):
     assert text((await a.next("result", id=3))["result"]) == "a goes on"
 
 
+async def test_a_detach_of_one_gateway_leaves_the_others_served(two):
+    """A detach pauses the sandbox's loopback services for a checkpoint, which a pod never takes:
+    once the detaching gateway is gone, the others are served again."""
+    a, b = two
+    a.send({"type": "detach"})
+    with pytest.raises(EOFError):
+        await a.next("pong")
+    b.call(1, "rec", "model")
+    ask = await b.next("model_ask")
+    b.send({"type": "model_reply", "ask": ask["ask"], "status": 200, "data": "{}", "done": True})
+    assert text((await b.next("result", id=1))["result"]) == "200 {}"
+
+
 async def test_pong_and_configure_answer_the_gateway_that_asked_and_server_news_reach_all(supervisor, two):
     a, b = two
     a.send({"type": "ping", "id": 41})

@@ -192,6 +192,10 @@ class Supervisor:
         self.models.drop_gateway(gateway, "the gateway went away")
         for child in self.children.values():
             child.drop_gateway_state(gateway)
+        if self.link.connected:
+            # Other gateways are still attached (a pod): what one gateway's detach paused serves them
+            # again, since no checkpoint follows there. Over the Unix socket none is left by now.
+            self._serve_endpoints()
 
     # -- running ------------------------------------------------------------------------
 
