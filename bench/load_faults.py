@@ -120,14 +120,21 @@ def main() -> int:
     try:
         redis.start()
         pg = Postgres(work / "pg")
-        env = {**os.environ, **SETTINGS, "MCPFLEET_HOME": str(work / "fleet"), "MCPFLEET_PORT": str(free_port()),
+        # Every user's sandbox may run at once: the node's cap (50 by default) would otherwise
+        # hibernate and resume sandboxes all through the phases, which is a measure of its own.
+        running = {"MCPFLEET_MAX_RUNNING": str(max(50, args.users + 10))}
+        env = {**os.environ, **SETTINGS, **running, "MCPFLEET_HOME": str(work / "fleet"), "MCPFLEET_PORT": str(free_port()),
                "DATABASE_URL": pg.url, "REDIS_URL": redis.url}
         fleet = Fleet(work / "fleet", env, args.replicas)
         fleet.up()
         keys = add_users(fleet, args.users)
         before = approvals(pg.url)
         # Each user's sandbox started before the clock runs: the phases measure serving, not cold starts.
+        warm_started = time.monotonic()
         asyncio.run(warm_up(fleet, keys))
+        memory = psutil.virtual_memory()
+        print(f"{args.users} sandboxes up in {time.monotonic() - warm_started:.0f} s; host memory in use "
+              f"{(memory.total - memory.available) / 2**30:.1f} of {memory.total / 2**30:.1f} GiB", flush=True)
         warm = Record()
 
         plain, plain_started = Record(), time.monotonic()

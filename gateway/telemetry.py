@@ -25,6 +25,7 @@ from opentelemetry import trace
 from core.optional import require
 from gateway.metrics import Metrics
 from gateway.tracing import McpTracing
+from sandbox.span_relay import SpanSink
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,10 @@ class Telemetry:
     def __init__(self) -> None:
         self.metrics = Metrics()
         self._provider: Any = None
+        self._servers_processor: Any = None
         self._relay: SandboxSpans | None = None
+        self.server_spans: SpanSink | None = None
+        """Exports the spans servers make in their sandboxes, once open and exporting (`gateway.server_spans`)."""
 
     def relay(self, hop: trace.Span, name: str, attributes: dict[str, Any], timings: list[dict[str, Any]]) -> None:
         """Export the spans a supervisor made inside its sandbox (`gateway.tracing.SpanRelay`)."""
@@ -74,6 +78,11 @@ class Telemetry:
         processor = export.BatchSpanProcessor(otlp.OTLPSpanExporter())
         provider.add_span_processor(processor)
         self._relay = SandboxSpans(processor, provider.resource.merge(resources.Resource({"service.name": SANDBOX_SERVICE_NAME})))
+        from gateway.server_spans import ServerSpans  # the SDK and the OTLP messages: the telemetry extra
+
+        # A queue of their own: servers that send many spans crowd out one another's, not the gateway's.
+        self._servers_processor = export.BatchSpanProcessor(otlp.OTLPSpanExporter())
+        self.server_spans = ServerSpans(self._servers_processor)
         # The API keeps the first provider for the life of the process (one fleet per process).
         trace.set_tracer_provider(provider)
         self._provider = provider
@@ -81,7 +90,10 @@ class Telemetry:
 
     async def close(self) -> None:
         """Exports what is still batched (bounded by the SDK's own export timeout)."""
-        provider, self._provider, self._relay = self._provider, None, None
+        provider, self._provider, self._relay, self.server_spans = self._provider, None, None, None
+        servers, self._servers_processor = self._servers_processor, None
+        if servers is not None:
+            await asyncio.to_thread(servers.shutdown)
         if provider is not None:
             await asyncio.to_thread(provider.shutdown)
 

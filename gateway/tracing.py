@@ -11,6 +11,9 @@
           tools/call read          SERVER   the supervisor's span (service `mcpfleet-sandbox`): it
                                             hands the server a traceparent of its own and sends its
                                             times back with the answer, the gateway exports it
+            ...                    any      the server's own spans, when it has an OpenTelemetry SDK
+                                            (service `mcpfleet-server`): it exports them to the
+                                            supervisor, which relays them (`gateway.server_spans`)
 
 The MCP span's parent is the `traceparent` of the request's own `params._meta` when it has one
 (the MCP convention, SEP-414), else the HTTP span: the SDK runs a session's handlers in a task of

@@ -34,8 +34,10 @@ def prepare(
     provision: Callable[[Path], None],
     uid: int,
     gid: int,
+    traces: bool = False,
 ) -> None:
-    """Everything the sandbox finds when it starts. Blocking (a workspace's mkfs and mount take a while)."""
+    """Everything the sandbox finds when it starts. Blocking (a workspace's mkfs and mount take a while).
+    `traces`: the gateway exports traces, so the supervisor relays its servers' spans."""
     layout.dir.parent.mkdir(parents=True, exist_ok=True)
     layout.dir.mkdir(mode=0o711)
     # Outside the channel dir, so out of the sandbox's sight; a successor gateway reads it.
@@ -51,6 +53,7 @@ def prepare(
         server_uids=SERVER_UIDS,
         server_gid=gid,
         fork_modules=fork_modules(),
+        traces=traces,
     )
     config.write(channel / wire.CONFIG_NAME, owner=(uid, gid))
 

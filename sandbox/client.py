@@ -38,6 +38,7 @@ from sandbox.channel import (
 )
 from sandbox.errors import SandboxDetached, SandboxRpcError, SandboxUnavailable
 from sandbox.model_asks import ModelGate, ModelRelay
+from sandbox.span_relay import SpanRelay, SpanSink
 from sandbox.tunnels import EgressPolicy, TunnelRelay
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class SupervisorClient:
         max_result_bytes: int = wire.MAX_LINE,
         egress: EgressPolicy | None = None,
         models: ModelGate | None = None,
+        spans: SpanSink | None = None,
     ):
         """`token` is the secret the supervisor's hello must carry (None: any hello will do).
         `on_request` answers server requests that belong to no call (or whose call has no handler).
@@ -77,7 +79,8 @@ class SupervisorClient:
         the answer is skipped as it arrives, never held.
         Without `socket_path`, the client only `connect`s (to a supervisor listening on TCP).
         `egress` decides the connections the sandbox's servers ask for (None: every one is refused);
-        `models` answers their model asks (None: every one is refused)."""
+        `models` answers their model asks (None: every one is refused); `spans` exports the spans
+        they make (None: dropped)."""
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.address = str(socket_path)
         """Where the supervisor is, for messages: the socket, or host:port once connected."""
@@ -102,6 +105,7 @@ class SupervisorClient:
         self._reading: asyncio.Task[None] | None = None
         self.tunnels = TunnelRelay(egress) if egress is not None else None
         self.model_asks = ModelRelay(models)
+        self.spans = SpanRelay(spans)
 
     # -- the socket ---------------------------------------------------------------------
 
@@ -335,6 +339,8 @@ class SupervisorClient:
                                  "error": "this gateway grants no egress"})
         elif kind in ("model_ask", "model_cancel"):
             self.model_asks.on_message(connection, message)
+        elif kind == "spans":
+            self.spans.on_message(message)
         elif kind == "pong":
             call = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
             if call is not None and not call.future.done():

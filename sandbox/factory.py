@@ -22,6 +22,7 @@ from sandbox.manager import SANDBOX_GID, SANDBOX_UID, Lifecycle, SandboxManager
 from sandbox.model_asks import ModelGate
 from sandbox.runtime import PythonRuntime, current_python, venv_python
 from sandbox.servers import BUILTIN_SERVERS, ServerSource, ServerSpec
+from sandbox.span_relay import SpanSink
 from sandbox.state import Transition
 from sandbox.steps import ImageSealer
 from sandbox.tiers import Tier
@@ -161,6 +162,7 @@ def sandbox_manager(
     database_url: str | None = None,
     egress: EgressPolicy | None = None,
     models: ModelGate | None = None,
+    spans: SpanSink | None = None,
     on_transition: Transition | None = None,
     images: ImageSealer | None = None,
 ) -> SandboxManager:
@@ -186,6 +188,7 @@ def sandbox_manager(
         max_result_bytes=settings.max_result_bytes,
         egress=egress,
         models=models,
+        spans=spans,
         images=images,
     )
 

@@ -154,6 +154,7 @@ class KubeSandbox:
         if self.client.tunnels is not None:
             self.client.tunnels.sandbox = self
         self.client.model_asks.sandbox = self
+        self.client.spans.sandbox = self
 
     @property
     def id(self) -> str:

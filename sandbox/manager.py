@@ -50,6 +50,7 @@ from sandbox.layout import SandboxLayout
 from sandbox.model_asks import ModelGate
 from sandbox.running import Running, Sandbox, workspace_key
 from sandbox.servers import ServerSource, ServerSpec, StaticServers, server_configs
+from sandbox.span_relay import SpanSink
 from sandbox.state import StateRecorder, Transition, UsageStamps
 from sandbox.steps import ImageSealer, Steps
 from sandbox.store import State
@@ -108,13 +109,15 @@ class SandboxManager:
         max_result_bytes: int = wire.MAX_LINE,
         egress: EgressPolicy | None = None,
         models: ModelGate | None = None,
+        spans: SpanSink | None = None,
         images: ImageSealer | None = None,
         quick_resume: bool = True,
     ):
         """`home` is the fleet home: sandboxes live in home/sandboxes, workspaces in home/workspaces.
         With `database_url`, requests from the CLI are heard at once (LISTEN), else at the next sweep.
         `egress` decides the connections servers that declare egress hosts ask for (None: none is made);
-        `models` answers the model asks of servers that declare inference (None: none is answered)."""
+        `models` answers the model asks of servers that declare inference (None: none is answered);
+        `spans` exports the spans servers make (None: they are not offered a trace endpoint)."""
         source = servers if hasattr(servers, "servers_for") else StaticServers(servers)
         self.home = Path(home).absolute()
         self.sandboxes_dir = SandboxLayout.root(self.home)
@@ -129,7 +132,7 @@ class SandboxManager:
             self.home, backend, self.workspaces, self.servers, self.states,
             uid=uid, gid=gid, start_timeout=start_timeout, start_boost_s=start_boost_s,
             adopt_timeout=adopt_timeout, stop_grace=stop_grace, drain_timeout=drain_timeout,
-            max_result_bytes=max_result_bytes, egress=egress, models=models, images=images, quick_resume=quick_resume,
+            max_result_bytes=max_result_bytes, egress=egress, models=models, spans=spans, images=images, quick_resume=quick_resume,
         )  # fmt: skip
         self.running = Running()
         """Every running sandbox: users' and the warm pool's."""

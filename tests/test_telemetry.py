@@ -7,6 +7,7 @@ messages, as a collector would. The metrics page is read with prometheus_client'
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import re
@@ -28,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clients import connect
 from tests.conftest import make_fleet
+from tests.test_egress import python_inside
 
 MODERN = {"MCP-Protocol-Version": "2026-07-28", "Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 ENVELOPE = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {},
@@ -68,7 +70,8 @@ class OtlpReceiver:
     def take(self, body: bytes) -> None:
         request = ExportTraceServiceRequest.FromString(body)
         for resource_spans in request.resource_spans:
-            service = next(a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name")
+            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            service = resource["service.name"]
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     attributes = {a.key: _value(a.value) for a in span.attributes}
@@ -76,7 +79,7 @@ class OtlpReceiver:
                         self.spans.append({
                             "service": service, "name": span.name, "kind": span.kind, "trace_id": span.trace_id.hex(),
                             "span_id": span.span_id.hex(), "parent": span.parent_span_id.hex(), "attributes": attributes,
-                            "status": span.status.code, "scope": scope_spans.scope.name,
+                            "status": span.status.code, "scope": scope_spans.scope.name, "resource": resource,
                         })
 
     def trace(self, trace_id: str, until: str, timeout: float = 15) -> list[dict[str, Any]]:
@@ -215,6 +218,49 @@ async def test_the_trace_context_goes_on_to_the_server_in_meta(traced, receiver,
     assert spans["tools/call run"]["parent"] == spans["tools/call exec__run"]["span_id"]
     assert spans["tools/call exec__run"]["attributes"]["mcp.protocol.version"] == "2025-11-25"
     assert "mcp.session.id" in spans["tools/call exec__run"]["attributes"]
+
+
+def test_servers_are_told_of_the_trace_endpoint_only_by_a_gateway_that_exports(traced, receiver, fleet, dana):
+    """The fleet's wiring of `tests/test_server_spans.py`: a gateway exporting traces has its
+    sandboxes serve the trace endpoint (processes the exec server runs inherit its variables); one
+    that does not, none."""
+    def otel_env(running, key: str) -> dict[str, str]:
+        answer = modern_call(running.mcp_url, key, "exec__run", {"command": "env", "timeout_s": 30})
+        stdout = answer["result"]["structuredContent"]["stdout"]
+        return dict(line.split("=", 1) for line in stdout.splitlines() if line.startswith("OTEL_"))
+
+    exported = otel_env(traced, dana)
+    assert exported["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"].startswith("http://127.0.0.1:")
+    assert (exported["OTEL_EXPORTER_OTLP_PROTOCOL"], exported["OTEL_SERVICE_NAME"]) == ("http/protobuf", "exec")
+    assert not any(receiver.endpoint in value for value in exported.values())  # the collector is the gateway's alone
+    assert otel_env(fleet, fleet.add_user("otel-off")) == {}
+
+
+def test_a_servers_process_exports_spans_through_the_gateway_as_that_server_whatever_it_claims(traced, receiver, dana):
+    """What a server's OpenTelemetry SDK does, done by hand by a command the exec server runs (the
+    sandbox's Python has no SDK; `tests/test_server_spans.py` runs one): an OTLP/protobuf POST to
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT. The span reaches the gateway's collector as the exec server's."""
+    trace_id, start = secrets.token_bytes(16), time.time_ns()
+    request = ExportTraceServiceRequest()
+    claimed = request.resource_spans.add()
+    for key, value in {"service.name": "mcpfleet-gateway", "mcpfleet.server": "workspace", "host.name": "inside"}.items():
+        attribute = claimed.resource.attributes.add()
+        attribute.key, attribute.value.string_value = key, value
+    span = claimed.scope_spans.add().spans.add()
+    span.trace_id, span.span_id, span.name = trace_id, secrets.token_bytes(8), "made inside"
+    span.start_time_unix_nano, span.end_time_unix_nano = start, start + 1000
+    body = base64.b64encode(request.SerializeToString()).decode()
+    code = ("import base64, os, urllib.request\n"
+            f"sent = urllib.request.Request(os.environ['OTEL_EXPORTER_OTLP_TRACES_ENDPOINT'], data=base64.b64decode('{body}'),"
+            " headers={'Content-Type': 'application/x-protobuf'})\n"
+            "print(urllib.request.urlopen(sent, timeout=30).status)")
+    answer = modern_call(traced.mcp_url, dana, "exec__run", {"command": python_inside(code), "timeout_s": 30})
+    assert answer["result"]["structuredContent"]["stdout"].strip() == "200", answer
+
+    (got,) = receiver.trace(trace_id.hex(), until="made inside", timeout=30)
+    assert got["service"] == "mcpfleet-server"
+    assert got["resource"]["mcpfleet.server"] == "exec" and got["resource"]["mcpfleet.sandbox"].startswith("sbx-")
+    assert got["resource"]["host.name"] == "inside"  # what it says of itself but its name is kept
 
 
 # -- metrics ----------------------------------------------------------------------------------------

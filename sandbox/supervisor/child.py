@@ -80,13 +80,18 @@ class ChildServer:
         model_env: dict[str, str] = {}
         if config.inference:
             self._model_token, model_env = supervisor.models.credentials(config.name, config.env)
+        # And every server is told of the trace endpoint when the gateway exports traces.
+        self._trace_token: str | None = None
+        trace_env: dict[str, str] = {}
+        if supervisor.traces is not None:
+            self._trace_token, trace_env = supervisor.traces.credentials(config.name)
         # Servers inherit the sandbox's environment (PATH, PYTHONPATH, HOME) and add their own,
         # which `uids` hands them out of their neighbours' sight.
-        self._own_env = {**supervisor_config.env, **config.env, **proxy_env, **model_env}
+        self._own_env = {**supervisor_config.env, **config.env, **proxy_env, **model_env, **trace_env}
         # Values given to this server (its secrets and tokens among them) never leave through its stderr.
         self._secrets = sorted(
             {v.encode() for v in (*supervisor_config.env.values(), *config.env.values(), self._proxy_token or "",
-                                  self._model_token or "")
+                                  self._model_token or "", self._trace_token or "")
              if len(v) >= MIN_SECRET},
             key=len,
             reverse=True,
@@ -244,6 +249,8 @@ class ChildServer:
             self._supervisor.proxy.forget(self._proxy_token)
         if self._model_token is not None:
             self._supervisor.models.forget(self._model_token)
+        if self._trace_token is not None and self._supervisor.traces is not None:
+            self._supervisor.traces.forget(self._trace_token)
         pipes = self._pipes
         if pipes is None:
             return

@@ -73,6 +73,8 @@ class SupervisorConfig:
     fork_modules: list[str] = field(default_factory=list)
     """Modules (`python -m MODULE`) whose servers are forked from one fork server that imported them
     and the `mcp` SDK once (`forks`), rather than each executed as a Python of its own; empty: none."""
+    traces: bool = False
+    """The gateway exports traces: serve the servers an OTLP endpoint and relay what they send (`traces`)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -1,6 +1,7 @@
-"""What the supervisor's loopback services for servers share (the egress proxy, the model endpoint):
-a socket on the sandbox's loopback, bound on first use, a token per server, accepting only while
-`serve()`d, and one task per connection, each handed to `_serve_one` and closed after it.
+"""What the supervisor's loopback services for servers share (the egress proxy, the model endpoint,
+the trace endpoint): a socket on the sandbox's loopback, bound on first use, a token per server,
+accepting only while `serve()`d, and one task per connection, each handed to `_serve_one` and
+closed after it.
 
 Each request (a tunnel, a model request) is relayed to one gateway, the newest connected when it
 began (`_take_gateway`), and stays with it: only that gateway's messages reach it, and only that
@@ -21,6 +22,18 @@ HEAD_LIMIT = 16 * 1024
 """Longest request head either service reads."""
 FAILED_CONNECTION = (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError)
 """What ends one connection quietly: the server hung up, or sent too much, or too slowly."""
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            411: "Length Required", 413: "Payload Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+def http_head(status: int, content_type: str, length: int | None) -> bytes:
+    """An answer's head, one request per connection; `length` None: the body comes chunked."""
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\nContent-Type: {content_type}\r\n"
+            f"{framing}\r\nConnection: close\r\n\r\n").encode("latin-1")
 
 
 class LoopbackListener:

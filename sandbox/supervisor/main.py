@@ -24,6 +24,7 @@ from sandbox.supervisor.init import run_as_init
 from sandbox.supervisor.link import Gateway, Link, Listener
 from sandbox.supervisor.models import ModelEndpoint
 from sandbox.supervisor.proxy import EgressProxy
+from sandbox.supervisor.traces import TraceEndpoint
 from sandbox.supervisor.uids import SERVER_UMASK, ServerUids
 
 
@@ -40,6 +41,7 @@ class Supervisor:
         self.forks = ForkServer(config.fork_modules, SERVER_UMASK if self.uids.enabled else -1, preload=used)
         self.proxy = EgressProxy(self.emit, self._pid_of, self.newest_gateway)
         self.models = ModelEndpoint(self.emit, self._pid_of, self.newest_gateway)
+        self.traces = TraceEndpoint(self.emit, self._pid_of, self.newest_gateway) if config.traces else None
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
         self._runs: dict[str, asyncio.Task[None]] = {}
         self.link: Link | Listener = Listener(*listen, self, token_file) if listen else Link(config.socket, self)
@@ -169,17 +171,19 @@ class Supervisor:
         """A gateway is there (again, after a detach, a restore, a gateway restart; or one more replica)."""
         self._serve_endpoints()
 
+    def _endpoints(self) -> list[EgressProxy | ModelEndpoint | TraceEndpoint]:
+        return [self.proxy, self.models, *([self.traces] if self.traces is not None else [])]
+
     def _serve_endpoints(self) -> None:
-        self.proxy.serve()
-        self.models.serve()
+        for endpoint in self._endpoints():
+            endpoint.serve()
 
     def on_detach(self) -> None:
         """Before the channel closes for a checkpoint: nothing in the sandbox may wait on a
         loopback socket then, and no tunnel can survive it anyway."""
-        self.proxy.pause()
-        self.proxy.drop_all("the sandbox is being saved")
-        self.models.pause()
-        self.models.drop_all("the sandbox is being saved")
+        for endpoint in self._endpoints():
+            endpoint.pause()
+            endpoint.drop_all("the sandbox is being saved")
 
     def on_disconnect(self, gateway: Gateway) -> None:
         """Calls of a gateway that went away can never be answered: cancel them, and end its asks,
@@ -188,8 +192,8 @@ class Supervisor:
             del self._calls[call]
         for ask in [k for k, (_, asked) in self._asks.items() if asked == gateway]:
             del self._asks[ask]
-        self.proxy.drop_gateway(gateway, "the gateway went away")
-        self.models.drop_gateway(gateway, "the gateway went away")
+        for endpoint in self._endpoints():
+            endpoint.drop_gateway(gateway, "the gateway went away")
         for child in self.children.values():
             child.drop_gateway_state(gateway)
         if self.link.connected:
@@ -218,8 +222,8 @@ class Supervisor:
         await stop.wait()
         log("stopping")
         link.cancel()
-        self.proxy.close()
-        self.models.close()
+        for endpoint in self._endpoints():
+            endpoint.close()
         await asyncio.gather(*(child.stop() for child in self.children.values()))
         await asyncio.to_thread(self.forks.close)
         for task in self._runs.values():

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sandbox import wire
-from sandbox.supervisor.listener import Gateway, LoopbackListener
+from sandbox.supervisor.listener import Gateway, LoopbackListener, http_head
 from sandbox.supervisor.peers import stranger
 
 HEAD_TIMEOUT = 10.0
@@ -142,11 +142,11 @@ async def _relay(queue: asyncio.Queue[dict[str, Any]], writer: asyncio.StreamWri
     status, content_type = int(first.get("status") or 200), str(first.get("content_type") or "application/json")
     data = str(first.get("data") or "").encode()
     if first.get("done"):
-        writer.write(_head(status, content_type, len(data)) + data)
+        writer.write(http_head(status, content_type, len(data)) + data)
         await writer.drain()
         return True
     # Streamed: chunked, each piece flushed as it comes (a token at a time).
-    writer.write(_head(status, content_type, None) + _chunk(data))
+    writer.write(http_head(status, content_type, None) + _chunk(data))
     await writer.drain()
     while True:
         try:
@@ -163,19 +163,8 @@ async def _relay(queue: asyncio.Queue[dict[str, Any]], writer: asyncio.StreamWri
         await writer.drain()
 
 
-def _head(status: int, content_type: str, length: int | None) -> bytes:
-    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
-    return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\nContent-Type: {content_type}\r\n"
-            f"{framing}\r\nConnection: close\r\n\r\n").encode("latin-1")
-
-
 def _chunk(data: bytes) -> bytes:
     return f"{len(data):x}\r\n".encode() + data + b"\r\n" if data else b""
-
-
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            411: "Length Required", 413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
-            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 async def _refuse(writer: asyncio.StreamWriter, path: str, status: int, message: str) -> None:
@@ -186,5 +175,5 @@ async def _refuse(writer: asyncio.StreamWriter, path: str, status: int, message:
     else:
         error = {"error": message}
     body = json.dumps(error).encode()
-    writer.write(_head(status, "application/json", len(body)) + body)
+    writer.write(http_head(status, "application/json", len(body)) + body)
     await writer.drain()
