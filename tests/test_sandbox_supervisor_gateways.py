@@ -27,8 +27,8 @@ from tests.test_sandbox_supervisor import text, write_fixture
 from tests.test_sandbox_supervisor_tcp import TOKEN, ListeningSupervisor, raw_exchange
 
 # A server in raw JSON-RPC whose calls finish when told, which remembers what it was told to
-# cancel, which asks its client (roots/list) on behalf of a call, asks the model endpoint, and
-# fetches a URL through the egress proxy.
+# cancel, which asks its client (roots/list) on behalf of a call, asks the model endpoint,
+# fetches a URL through the egress proxy, and exports spans to the trace endpoint.
 RECORDING_SERVER = r'''
 import json, os, sys, threading, time, urllib.error, urllib.request
 
@@ -72,6 +72,17 @@ def fetch(request_id, url):
         answer(request_id, "%d %s" % (exc.code, exc.read().decode()))
 
 
+def export_spans(request_id):
+    request = urllib.request.Request(os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"], data=b"spans",
+                                     headers={"Content-Type": "application/x-protobuf"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=120) as response:
+            answer(request_id, "%d" % response.status)
+    except urllib.error.HTTPError as exc:
+        answer(request_id, "%d" % exc.code)
+
+
 for line in sys.stdin:
     message = json.loads(line)
     method = message.get("method")
@@ -88,6 +99,8 @@ for line in sys.stdin:
             threading.Thread(target=later, args=(message["id"], arguments["seconds"], arguments["text"])).start()
         elif name == "fetch":
             threading.Thread(target=fetch, args=(message["id"], arguments["url"])).start()
+        elif name == "spans":
+            threading.Thread(target=export_spans, args=(message["id"],)).start()
         elif name == "model":
             threading.Thread(target=ask_model, args=(message["id"],)).start()
         elif name == "cancelled":
@@ -169,6 +182,8 @@ def supervisor():
                                 egress=["example.test"])]
         running = ListeningSupervisor(directory, servers, TOKEN)
         running.servers = servers
+        config = json.loads(running.config_path.read_text())
+        running.config_path.write_text(json.dumps({**config, "traces": True}))  # as when the gateway exports traces
         running.start()
         yield running
         running.stop()
@@ -308,6 +323,18 @@ async def test_a_tunnel_stays_with_the_gateway_it_went_to(two):
     assert refused.startswith("502 ") and "the gateway went away" in refused
     a.call(3, "fixture", "echo", text="a goes on")
     assert text((await a.next("result", id=3))["result"]) == "a goes on"
+
+
+async def test_a_servers_spans_go_to_one_gateway(two):
+    """Each export is relayed once, to the newest gateway, not to every gateway (which would
+    export the same spans twice)."""
+    a, b = two
+    a.call(1, "rec", "spans")
+    assert text((await a.next("result", id=1))["result"]) == "200"
+    spans = await b.next("spans")
+    assert spans["server"] == "rec" and base64.b64decode(spans["data"]) == b"spans"
+    await a.settled()
+    assert not [m for m in a.got if m.get("type") == "spans"]
 
 
 async def test_a_detach_of_one_gateway_leaves_the_others_served(two):
