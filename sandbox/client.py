@@ -153,7 +153,8 @@ class SupervisorClient:
     async def connect(self, host: str, port: int, timeout: float) -> None:
         """Connect to a supervisor listening on TCP (a pod), attach with the token and wait for its
         hello, trying again until `timeout` while nothing listens yet. A connection this client
-        holds is closed first; the supervisor keeps only the gateway that attached last.
+        holds is closed first; other gateways' connections to the same supervisor stay (it keeps
+        every gateway that attached, each with its own calls).
         Raises SandboxUnavailable if there is no hello in time (a wrong token: the supervisor hangs up)."""
         if self._token is None:
             raise ValueError("connecting over TCP needs the sandbox's token")

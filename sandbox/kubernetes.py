@@ -16,8 +16,10 @@ sandboxes by it). `hibernate` patches `operatingMode: Hibernated`; `reclaim` del
 When what a user may run changes (`servers_changed`, the registry's `on_change`), the object's
 `spec.servers` is patched and a pod connected here is configured at once.
 Any gateway replica may do all this for any user: the object is the shared state, and the
-supervisor keeps the last gateway that attached. A server that declares egress hosts reaches them
-through the channel: the gateway that attached makes each connection (`egress`, the fleet's
+supervisor keeps every replica that attached, each with its own connection (`supervisor.link`),
+so calls of one user served at the same moment by two replicas each get their own answers. A
+server that declares egress hosts reaches them through the channel: a gateway that attached
+(the newest when the server connects) makes each connection (`egress`, the fleet's
 `gateway.egress.SandboxEgress`), so the pod itself needs no route out. So do the spans its servers
 make, when this gateway exports traces (`spans`): `spec.traces` is true, the operator has the pod's
 supervisor serve them an OTLP endpoint on its loopback, and each export comes over the channel to
@@ -461,7 +463,9 @@ class KubernetesSandboxes(McpSandboxObjects):
         uid = obj["metadata"]["uid"]
         endpoint = obj["status"]["endpoint"]
         if held is not None and held.uid == uid and held.endpoint == endpoint:
-            client = held.client  # the same pod: connect again (another replica attached meanwhile)
+            # The same pod, whose connection was lost (the pod's network, or the supervisor dropping
+            # the oldest of more than its cap of attached gateways): connect again.
+            client = held.client
         else:
             if held is not None:
                 await held.client.close()

@@ -11,8 +11,11 @@ supervisor simply connects again.
 In a Kubernetes pod it is the other way round (`python -m sandbox.supervisor --listen HOST:PORT`):
 the supervisor listens on TCP and a gateway replica connects; its first message must be an
 `attach` with the sandbox's token (else the supervisor hangs up unanswered), and only then does
-the supervisor say `hello`. The last gateway to attach has the channel; the one before is
-dropped. Everything else is the same either way.
+the supervisor say `hello`. Every gateway replica that attached keeps its connection (up to a
+cap, the oldest dropped beyond): answers, notes and asks go to the gateway whose call they belong
+to, `pong` and configure's result to the one that asked, `server` to all; a tunnel or a model
+request stays with the gateway it was sent to. Ids are each gateway's own (two may send the same).
+Everything else is the same either way.
 
 gateway -> supervisor
     attach  {"token"}                              TCP only, first on every connection: the sandbox's

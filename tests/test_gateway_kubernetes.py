@@ -190,7 +190,7 @@ async def test_two_users_get_two_sandboxes_and_one_token_opens_only_its_own(gate
             await owner.connect(host, int(port), timeout=5)
             assert "workspace" in owner.servers
             await owner.close()
-            # The gateway attaches again on dave's next call (the supervisor keeps the last to attach).
+            # The gateway's own connection stayed attached meanwhile: dave's next call goes through it.
             async with connect(gateway.mcp_url, dave) as client:
                 assert "dave's secret" in text_of(await client.call_tool("workspace__read_file", {"path": "mine.txt"}))
 

@@ -79,6 +79,9 @@ class FakeSandbox:
     user: str | None = "alice"
 
 
+GATEWAY = 1
+
+
 class Loop:
     """The channel, both ways, in this process: each end's messages go straight to the other."""
 
@@ -86,14 +89,16 @@ class Loop:
         self.relay = ModelRelay(gate)
         self.relay.sandbox = sandbox
         self.sent: list[dict[str, Any]] = []
-        self.endpoint = ModelEndpoint(self._to_gateway, lambda server: root, lambda: True)
+        # One gateway connection, with key GATEWAY (the supervisor may have several: `supervisor.link`).
+        self.endpoint = ModelEndpoint(self._to_gateway, lambda server: root, lambda: GATEWAY)
 
-    def _to_gateway(self, message: dict[str, Any]) -> None:
+    def _to_gateway(self, message: dict[str, Any], gateway: int) -> None:
+        assert gateway == GATEWAY
         self.sent.append(message)
         self.relay.on_message(self, message)  # type: ignore[arg-type]
 
     def send(self, message: dict[str, Any]) -> None:
-        self.endpoint.on_message(message)
+        self.endpoint.on_message(message, GATEWAY)
 
 
 @pytest.fixture

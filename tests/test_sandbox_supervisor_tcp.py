@@ -113,23 +113,18 @@ async def test_the_right_token_is_answered_with_the_hello(listening):
         writer.close()
 
 
-async def test_a_second_gateway_replaces_the_first(listening):
+async def test_a_second_gateway_attaches_beside_the_first(listening):
+    """Two replicas serving one user at the same moment: neither interrupts the other's call
+    (tests/test_sandbox_supervisor_gateways.py goes into what reaches whom)."""
     first = await connected(listening)
     slow = asyncio.ensure_future(tool(first, "slow", seconds=3))
     await asyncio.sleep(0.3)
     second = await connected(listening)
     try:
-        # The first gateway's channel is closed: its call in flight fails, it is no longer connected.
-        with pytest.raises(SandboxUnavailable):
-            await asyncio.wait_for(slow, 10)
-        deadline = time.monotonic() + 5
-        while first.connected:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
         assert text(await tool(second, "echo", text="second")) == "second"
-        # And the first may take over again (any replica can).
-        await first.connect("127.0.0.1", listening.port, timeout=30)
-        assert text(await tool(first, "echo", text="first again")) == "first again"
+        assert text(await asyncio.wait_for(slow, 60)) == "done"
+        assert first.connected and second.connected
+        assert text(await tool(first, "echo", text="first still")) == "first still"
     finally:
         await first.close()
         await second.close()

@@ -1,8 +1,9 @@
 """One MCP server, run as a stdio child and spoken to in raw JSON-RPC.
 
 Requests from the gateway get ids of the child's own (so calls from many
-gateway requests never collide) and their results go back untouched. The child
-is restarted when it exits; calls it had in flight fail with a clear error.
+gateway requests never collide) and their results go back untouched, to the
+gateway connection that sent them (a pod may have several: `link.Listener`).
+The child is restarted when it exits; calls it had in flight fail with a clear error.
 
 Its pipes are plain asyncio pipe transports whose callbacks handle output as it
 arrives, with no task or scheduled callback in between: under gVisor every
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox import wire
 from sandbox.supervisor import forks
+from sandbox.supervisor.calls import Ask, Call
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig, python_argv
 from sandbox.supervisor.pipes import PipeReader, Pipes
 
@@ -48,17 +50,6 @@ _SESSION_NOTIFICATIONS = frozenset(
         "notifications/resources/updated",
     }
 )
-
-
-class Call:
-    """A gateway request the child is working on; `span` its id and start when it carries a trace."""
-
-    __slots__ = ("gateway_id", "progress_token", "span")
-
-    def __init__(self, gateway_id: Any, progress_token: Any, span: tuple[str, int] | None = None):
-        self.gateway_id = gateway_id
-        self.progress_token = progress_token
-        self.span = span
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -118,7 +109,7 @@ class ChildServer:
         self._pipes: Pipes | None = None
         self._next_id = 0
         self.pending: dict[int, Call] = {}
-        self.asks: dict[int, Any] = {}  # supervisor's ask key -> the child's request id
+        self.asks: dict[int, Ask] = {}  # supervisor's ask key -> the ask
         self._own: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self._stopping = False
@@ -298,33 +289,35 @@ class ChildServer:
 
     # -- gateway -> child ---------------------------------------------------------------
 
-    def call(self, gateway_id: Any, method: str, params: dict[str, Any] | None, entry: list[Any]) -> None:
-        """Send a gateway call on; `entry` is the supervisor's record of it, filled with our id."""
+    def call(self, gateway: int, gateway_id: Any, method: str, params: dict[str, Any] | None, entry: list[Any]) -> None:
+        """Send call `gateway_id` of connection `gateway` on; `entry` is the supervisor's record of
+        it, filled with our id."""
         if self.config.unavailable and method in REFUSED_WHEN_UNAVAILABLE:
             # It runs (its tools stay listed), but cannot do its work: say why, and what to do.
-            self._supervisor.reply_error(gateway_id, wire.INVALID_PARAMS, self.config.unavailable, {"server": self.name})
+            self._supervisor.reply_error(gateway, gateway_id, wire.INVALID_PARAMS, self.config.unavailable,
+                                         {"server": self.name})
             return
         if self.state == "ready":
-            entry[1] = self._send_call(gateway_id, method, params)
+            entry[1] = self._send_call(gateway, gateway_id, method, params)
         elif self.state == "idle":
             # Servers start on first use: this call starts it (the state is "starting" before this
             # returns, so a concurrent first call waits for the same start) and waits until it is up.
             self._supervisor.start_child(self)
-            asyncio.create_task(self._call_when_ready(gateway_id, method, params, entry))
+            asyncio.create_task(self._call_when_ready(gateway, gateway_id, method, params, entry))
         elif self.state == "starting":
-            asyncio.create_task(self._call_when_ready(gateway_id, method, params, entry))
+            asyncio.create_task(self._call_when_ready(gateway, gateway_id, method, params, entry))
         else:
             message = f"server {self.name!r} is not running: {self.error}"
-            self._supervisor.reply_error(gateway_id, wire.INTERNAL_ERROR, message, {"server": self.name})
+            self._supervisor.reply_error(gateway, gateway_id, wire.INTERNAL_ERROR, message, {"server": self.name})
 
     async def _call_when_ready(
-        self, gateway_id: Any, method: str, params: dict[str, Any] | None, entry: list[Any]
+        self, gateway: int, gateway_id: Any, method: str, params: dict[str, Any] | None, entry: list[Any]
     ) -> None:
         await self._settled.wait()
-        if self._supervisor.call_entry(gateway_id) is entry:  # not cancelled, same gateway
-            self.call(gateway_id, method, params, entry)
+        if self._supervisor.call_entry(gateway, gateway_id) is entry:  # not cancelled, its gateway still there
+            self.call(gateway, gateway_id, method, params, entry)
 
-    def _send_call(self, gateway_id: Any, method: str, params: dict[str, Any] | None) -> int:
+    def _send_call(self, gateway: int, gateway_id: Any, method: str, params: dict[str, Any] | None) -> int:
         self._next_id += 1
         child_id = self._next_id
         token = None
@@ -338,7 +331,7 @@ class ChildServer:
         traced = wire.traced_params(params)
         if traced is not None:  # the trace goes on: the server's parent is this supervisor's span
             params, span = traced[0], (traced[1], time.time_ns())
-        self.pending[child_id] = Call(gateway_id, token, span)
+        self.pending[child_id] = Call(gateway, gateway_id, token, span)
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": child_id, "method": method}
         if params is not None:
             message["params"] = params
@@ -354,10 +347,10 @@ class ChildServer:
         self._write({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params})
 
     def answer(self, key: int, message: dict[str, Any]) -> None:
-        request_id = self.asks.pop(key, None)
-        if request_id is None:
+        ask = self.asks.pop(key, None)
+        if ask is None:
             return
-        reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id}
+        reply: dict[str, Any] = {"jsonrpc": "2.0", "id": ask.request_id}
         if "error" in message:
             reply["error"] = message["error"]
         else:
@@ -374,11 +367,12 @@ class ChildServer:
             message["params"] = params
         self._write(message)
 
-    def drop_gateway_state(self) -> None:
-        """The gateway went away: its calls are cancelled, its pending answers refused."""
-        for child_id in list(self.pending):
+    def drop_gateway_state(self, gateway: int) -> None:
+        """Connection `gateway` went away: its calls are cancelled, the asks sent to it refused;
+        other gateways' go on."""
+        for child_id in [i for i, call in self.pending.items() if call.gateway == gateway]:
             self.cancel(child_id, "the gateway disconnected")
-        for key in list(self.asks):
+        for key in [k for k, ask in self.asks.items() if ask.gateway == gateway]:
             self.answer(key, {"error": wire.error_object(wire.INTERNAL_ERROR, "the client went away")})
 
     def _write(self, message: dict[str, Any]) -> None:
@@ -391,7 +385,8 @@ class ChildServer:
         self.asks.clear()
         for call in pending.values():
             self._supervisor.reply_error(
-                call.gateway_id, wire.INTERNAL_ERROR, f"{message}; it is being restarted", {"server": self.name}
+                call.gateway, call.gateway_id, wire.INTERNAL_ERROR, f"{message}; it is being restarted",
+                {"server": self.name},
             )
         for future in self._own.values():
             if not future.done():
@@ -444,7 +439,7 @@ class ChildServer:
         call = self.pending.pop(request_id, None)  # type: ignore[arg-type]
         if call is None:
             return  # cancelled meanwhile
-        self._supervisor.untrack_call(call.gateway_id)
+        self._supervisor.untrack_call(call.gateway, call.gateway_id)
         answer: wire.Result | wire.Error
         if "error" in message:
             answer = {"type": "error", "id": call.gateway_id, "error": message["error"]}
@@ -452,61 +447,75 @@ class ChildServer:
             answer = {"type": "result", "id": call.gateway_id, "result": message.get("result")}
         if call.span is not None:
             answer["span"] = {"id": call.span[0], "start_ns": call.span[1], "end_ns": time.time_ns()}
-        self._supervisor.emit(answer)
+        self._supervisor.emit(answer, call.gateway)
 
-    def _sole_call(self) -> Any:
-        """The gateway id of the only call in flight, if there is exactly one.
+    def _sole_call(self) -> Call | None:
+        """The only call in flight, if there is exactly one.
 
         Over stdio nothing ties a log message or a sampling request to the
         request that caused it; with one call in flight it can only be that one.
         """
         if len(self.pending) == 1:
-            return next(iter(self.pending.values())).gateway_id
+            return next(iter(self.pending.values()))
         return None
 
-    def _asking_call(self, params: Any) -> Any:
-        """The gateway id of the call a server's request belongs to: the one it names, else the sole one."""
+    def _asking_call(self, params: Any) -> Call | None:
+        """The call a server's request belongs to: the one it names, else the sole one."""
         meta = params.get("_meta") if isinstance(params, dict) else None
         named = meta.get(wire.RELATED_REQUEST_META) if isinstance(meta, dict) else None
         call = self.pending.get(named) if isinstance(named, int) else None
-        return call.gateway_id if call is not None else self._sole_call()
+        return call if call is not None else self._sole_call()
 
     def _on_request(self, message: dict[str, Any]) -> None:
         if message["method"] == "ping":
             self._write({"jsonrpc": "2.0", "id": message["id"], "result": {}})
             return
-        key = self._supervisor.new_ask(self)
-        self.asks[key] = message["id"]
+        call = self._asking_call(message.get("params"))
+        # The gateway of the call it belongs to answers it; one tied to no call, the newest gateway.
+        gateway = call.gateway if call is not None else self._supervisor.newest_gateway()
+        if gateway is None:
+            self._write({"jsonrpc": "2.0", "id": message["id"],
+                         "error": wire.error_object(wire.INTERNAL_ERROR, "no client is connected to answer it")})
+            return
+        gateway_id = call.gateway_id if call is not None else None
+        key = self._supervisor.new_ask(self, gateway)
+        self.asks[key] = Ask(message["id"], gateway, gateway_id)
         self._supervisor.emit(
             {
                 "type": "ask",
                 "ask": key,
-                "id": self._asking_call(message.get("params")),
+                "id": gateway_id,
                 "server": self.name,
                 "method": message["method"],
                 "params": message.get("params"),
-            }
+            },
+            gateway,
         )
 
     def _on_notification(self, method: str, params: Any) -> None:
-        call_id = None
+        """To the gateway of the call it belongs to; one about the session, or tied to no call,
+        to every gateway (each tells the sessions it serves)."""
+        call_id, gateway = None, None
         if method == "notifications/progress" and isinstance(params, dict):
             call = self.pending.get(params.get("progressToken"))  # type: ignore[arg-type]
             if call is None:
                 return  # progress for a call that is over
-            call_id = call.gateway_id
+            call_id, gateway = call.gateway_id, call.gateway
             params = {**params, "progressToken": call.progress_token}
         elif method == "notifications/cancelled" and isinstance(params, dict):
-            # The server withdrew one of its own requests: tell the gateway in its terms.
-            key = next((k for k, rid in self.asks.items() if rid == params.get("requestId")), None)
+            # The server withdrew one of its own requests: tell the gateway it went to, in its terms.
+            key = next((k for k, ask in self.asks.items() if ask.request_id == params.get("requestId")), None)
             if key is None:
                 return
-            del self.asks[key]
+            ask = self.asks.pop(key)
             params = {**params, "requestId": key}
-            call_id = self._sole_call()
+            call_id, gateway = ask.gateway_id, ask.gateway
         elif method not in _SESSION_NOTIFICATIONS:
-            call_id = self._sole_call()
-        self._supervisor.emit({"type": "note", "id": call_id, "server": self.name, "method": method, "params": params})
+            sole = self._sole_call()
+            if sole is not None:
+                call_id, gateway = sole.gateway_id, sole.gateway
+        self._supervisor.emit({"type": "note", "id": call_id, "server": self.name, "method": method, "params": params},
+                              gateway)
 
 
 def log(message: str) -> None:

@@ -1,7 +1,11 @@
 """What the supervisor's loopback services for servers share (the egress proxy, the model endpoint,
 the trace endpoint): a socket on the sandbox's loopback, bound on first use, a token per server,
 accepting only while `serve()`d, and one task per connection, each handed to `_serve_one` and
-closed after it."""
+closed after it.
+
+Each request (a tunnel, a model request) is relayed to one gateway, the newest connected when it
+began (`_take_gateway`), and stays with it: only that gateway's messages reach it, and only that
+gateway going away ends it (`drop_gateway`); requests other gateways relay go on."""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ import secrets
 import socket
 from collections.abc import Callable
 from typing import Any
+
+Gateway = int
+"""A gateway connection's key (`link.Gateway`; link imports the supervisor, which imports this)."""
 
 HEAD_LIMIT = 16 * 1024
 """Longest request head either service reads."""
@@ -30,13 +37,15 @@ def http_head(status: int, content_type: str, length: int | None) -> bytes:
 
 
 class LoopbackListener:
-    def __init__(self, send: Callable[[Any], None], pid_of: Callable[[str], int | None],
-                 connected: Callable[[], bool]):
-        """`send` queues a message for the gateway (dropped while none is connected, which
-        `connected` tells); `pid_of` gives a server's process id (None while it is not running)."""
-        self._send = send
-        self._connected = connected
+    def __init__(self, send: Callable[[Any, Gateway], None], pid_of: Callable[[str], int | None],
+                 newest: Callable[[], Gateway | None]):
+        """`send(message, gateway)` queues a message for that gateway (dropped once it is gone);
+        `newest` tells the gateway a new request goes to (None while none is connected);
+        `pid_of` gives a server's process id (None while it is not running)."""
+        self._send_to = send
+        self._newest = newest
         self._pid_of = pid_of
+        self._gateway_of: dict[int, Gateway] = {}  # request id -> the gateway relaying it
         self._sock: socket.socket | None = None
         self._accepting = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -82,8 +91,36 @@ class LoopbackListener:
         self.drop_all("the supervisor is stopping")
 
     def drop_all(self, reason: str) -> None:
-        """The gateway went away: nothing in progress can go on (a new gateway knows none of it)."""
+        """Nothing in progress can go on (the sandbox is being saved, or stops)."""
+        self._drop(list(self._gateway_of), reason)
+
+    def drop_gateway(self, gateway: Gateway, reason: str) -> None:
+        """`gateway` went away: what it relayed cannot go on (another gateway knows none of it)."""
+        self._drop([r for r, g in self._gateway_of.items() if g == gateway], reason)
+
+    def _drop(self, requests: list[int], reason: str) -> None:
+        """End these requests, each telling its server `reason`."""
         raise NotImplementedError
+
+    def _take_gateway(self, request: int) -> Gateway | None:
+        """The gateway `request` is relayed to from now on (None: none is connected)."""
+        gateway = self._newest()
+        if gateway is not None:
+            self._gateway_of[request] = gateway
+        return gateway
+
+    def _release(self, request: int) -> None:
+        self._gateway_of.pop(request, None)
+
+    def _relaying(self, request: Any, gateway: Gateway) -> bool:
+        """Whether `gateway` is the one `request` is relayed to (another's messages for it are ignored)."""
+        return self._gateway_of.get(request) == gateway
+
+    def _send(self, request: int, message: Any) -> None:
+        """Queue a message of `request` for its gateway."""
+        gateway = self._gateway_of.get(request)
+        if gateway is not None:
+            self._send_to(message, gateway)
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError

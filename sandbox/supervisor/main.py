@@ -1,4 +1,9 @@
-"""The supervisor proper: servers on one side, the gateway on the other, routing between them."""
+"""The supervisor proper: servers on one side, the gateway on the other, routing between them.
+
+On a pod several gateway replicas may be connected at once (`link.Listener`): each message from
+a gateway comes with its connection's key (`Gateway`), calls are tracked by (key, id) since each
+gateway picks its ids on its own, and whatever answers one goes back over that connection only.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from sandbox.supervisor.child import ChildServer, log
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig
 from sandbox.supervisor.forks import ForkServer
 from sandbox.supervisor.init import run_as_init
-from sandbox.supervisor.link import Link, Listener
+from sandbox.supervisor.link import Gateway, Link, Listener
 from sandbox.supervisor.models import ModelEndpoint
 from sandbox.supervisor.proxy import EgressProxy
 from sandbox.supervisor.traces import TraceEndpoint
@@ -34,36 +39,41 @@ class Supervisor:
         # should not pay for its import.
         used = [m for m in config.fork_modules if any(m in s.argv for s in config.servers)]
         self.forks = ForkServer(config.fork_modules, SERVER_UMASK if self.uids.enabled else -1, preload=used)
-        self.proxy = EgressProxy(self.emit, self._pid_of, lambda: self.link.connected)
-        self.models = ModelEndpoint(self.emit, self._pid_of, lambda: self.link.connected)
-        self.traces = TraceEndpoint(self.emit, self._pid_of, lambda: self.link.connected) if config.traces else None
+        self.proxy = EgressProxy(self.emit, self._pid_of, self.newest_gateway)
+        self.models = ModelEndpoint(self.emit, self._pid_of, self.newest_gateway)
+        self.traces = TraceEndpoint(self.emit, self._pid_of, self.newest_gateway) if config.traces else None
         self.children = {s.name: ChildServer(s, config, self) for s in config.servers}
         self._runs: dict[str, asyncio.Task[None]] = {}
         self.link: Link | Listener = Listener(*listen, self, token_file) if listen else Link(config.socket, self)
-        # gateway call id -> [child, the child's request id once sent]
-        self._calls: dict[Any, list[Any]] = {}
-        self._asks: dict[int, ChildServer] = {}
+        # (gateway, its call id) -> [child, the child's request id once sent]
+        self._calls: dict[tuple[Gateway, Any], list[Any]] = {}
+        self._asks: dict[int, tuple[ChildServer, Gateway]] = {}  # ask key -> who asked, who was asked
         self._next_ask = 0
         self._started_at = time.time()
 
     # -- for the children ---------------------------------------------------------------
 
-    def emit(self, message: wire.SupervisorMessage) -> None:
-        self.link.send(message)
+    def emit(self, message: wire.SupervisorMessage, to: Gateway | None = None) -> None:
+        """To gateway `to`, or to every gateway connected (None)."""
+        self.link.send(message, to)
 
-    def reply_error(self, gateway_id: Any, code: int, message: str, data: Any = None) -> None:
-        self._calls.pop(gateway_id, None)
-        self.emit({"type": "error", "id": gateway_id, "error": wire.error_object(code, message, data)})
+    def newest_gateway(self) -> Gateway | None:
+        return self.link.newest()
 
-    def untrack_call(self, gateway_id: Any) -> None:
-        self._calls.pop(gateway_id, None)
+    def reply_error(self, gateway: Gateway, gateway_id: Any, code: int, message: str, data: Any = None) -> None:
+        self._calls.pop((gateway, gateway_id), None)
+        self.emit({"type": "error", "id": gateway_id, "error": wire.error_object(code, message, data)}, gateway)
 
-    def call_entry(self, gateway_id: Any) -> list[Any] | None:
-        return self._calls.get(gateway_id)
+    def untrack_call(self, gateway: Gateway, gateway_id: Any) -> None:
+        self._calls.pop((gateway, gateway_id), None)
 
-    def new_ask(self, child: ChildServer) -> int:
+    def call_entry(self, gateway: Gateway, gateway_id: Any) -> list[Any] | None:
+        return self._calls.get((gateway, gateway_id))
+
+    def new_ask(self, child: ChildServer, gateway: Gateway) -> int:
+        """A key for a request of `child` sent to `gateway` (keys are the supervisor's: unique across gateways)."""
         self._next_ask += 1
-        self._asks[self._next_ask] = child
+        self._asks[self._next_ask] = (child, gateway)
         return self._next_ask
 
     def start_child(self, child: ChildServer) -> None:
@@ -89,42 +99,45 @@ class Supervisor:
 
     # -- from the gateway ---------------------------------------------------------------
 
-    def on_message(self, message: dict[str, Any]) -> None:
+    def on_message(self, message: dict[str, Any], gateway: Gateway) -> None:
+        """A message from connection `gateway`: it reaches only that gateway's calls and asks."""
         kind = message.get("type")
         if kind == "call":
-            self._on_call(message)
+            self._on_call(message, gateway)
         elif kind == "cancel":
-            entry = self._calls.pop(message.get("id"), None)
+            entry = self._calls.pop((gateway, message.get("id")), None)
             if entry is not None and entry[1] is not None:
                 entry[0].cancel(entry[1], message.get("reason"))
         elif kind == "answer":
             key = message.get("ask")
-            child = self._asks.pop(key, None)  # type: ignore[arg-type]
-            if child is not None:
-                child.answer(key, message)  # type: ignore[arg-type]
+            asked = self._asks.get(key)  # type: ignore[arg-type]
+            if asked is not None and asked[1] == gateway:  # only the gateway asked answers
+                del self._asks[key]  # type: ignore[arg-type]
+                asked[0].answer(key, message)  # type: ignore[arg-type]
         elif kind == "notify":
             server = message.get("server")
             for child in self.children.values() if server is None else [self.children.get(server)]:
                 if child is not None:
                     child.notify(message["method"], message.get("params"))
         elif kind == "ping":
-            self.emit({"type": "pong", "id": message.get("id")})
+            self.emit({"type": "pong", "id": message.get("id")}, gateway)
         elif kind in ("tunnel_opened", "tunnel_data", "tunnel_ack", "tunnel_close"):
-            self.proxy.on_message(message)
+            self.proxy.on_message(message, gateway)
         elif kind == "model_reply":
-            self.models.on_message(message)
+            self.models.on_message(message, gateway)
         elif kind == "configure":
             servers = [ServerConfig(**s) for s in message.get("servers") or []]
-            asyncio.get_running_loop().create_task(self._configure(message.get("id"), servers))
+            asyncio.get_running_loop().create_task(self._configure(gateway, message.get("id"), servers))
         else:
             log(f"ignoring a message of unknown type {kind!r}")
 
-    def _on_call(self, message: dict[str, Any]) -> None:
+    def _on_call(self, message: dict[str, Any], gateway: Gateway) -> None:
         gateway_id = message.get("id")
         server = message.get("server")
         child = self.children.get(server)  # type: ignore[arg-type]
         if child is None:
             self.reply_error(
+                gateway,
                 gateway_id,
                 wire.INVALID_PARAMS,
                 f"no server named {server!r} in this sandbox",
@@ -132,10 +145,10 @@ class Supervisor:
             )
             return
         entry = [child, None]
-        self._calls[gateway_id] = entry
-        child.call(gateway_id, message.get("method", ""), message.get("params"), entry)
+        self._calls[(gateway, gateway_id)] = entry
+        child.call(gateway, gateway_id, message.get("method", ""), message.get("params"), entry)
 
-    async def _configure(self, request_id: Any, servers: list[ServerConfig]) -> None:
+    async def _configure(self, gateway: Gateway, request_id: Any, servers: list[ServerConfig]) -> None:
         """Run exactly these servers: stop the ones no longer wanted or changed, start the new ones.
 
         The gateway sends this when what its user may run changed (an approval came or went,
@@ -160,10 +173,11 @@ class Supervisor:
         self._serve_endpoints()
         await asyncio.gather(*(child.wait_settled() for child in new))
         log(f"configured: {', '.join(f'{n}: {c.state}' for n, c in self.children.items()) or 'no servers'}")
-        self.emit({"type": "result", "id": request_id, "result": {"servers": {n: c.status() for n, c in self.children.items()}}})
+        self.emit({"type": "result", "id": request_id, "result": {"servers": {n: c.status() for n, c in self.children.items()}}},
+                  gateway)
 
-    def on_connect(self) -> None:
-        """A gateway is there again (after a detach, a restore, a gateway restart)."""
+    def on_connect(self, gateway: Gateway) -> None:
+        """A gateway is there (again, after a detach, a restore, a gateway restart; or one more replica)."""
         self._serve_endpoints()
 
     def _endpoints(self) -> list[EgressProxy | ModelEndpoint | TraceEndpoint]:
@@ -180,14 +194,21 @@ class Supervisor:
             endpoint.pause()
             endpoint.drop_all("the sandbox is being saved")
 
-    def on_disconnect(self) -> None:
-        """Calls of a gateway that went away can never be answered: cancel them all."""
-        self._calls.clear()
-        self._asks.clear()
+    def on_disconnect(self, gateway: Gateway) -> None:
+        """Calls of a gateway that went away can never be answered: cancel them, and end its asks,
+        tunnels and model requests. Other gateways' go on."""
+        for call in [c for c in self._calls if c[0] == gateway]:
+            del self._calls[call]
+        for ask in [k for k, (_, asked) in self._asks.items() if asked == gateway]:
+            del self._asks[ask]
         for endpoint in self._endpoints():
-            endpoint.drop_all("the gateway went away")
+            endpoint.drop_gateway(gateway, "the gateway went away")
         for child in self.children.values():
-            child.drop_gateway_state()
+            child.drop_gateway_state(gateway)
+        if self.link.connected:
+            # Other gateways are still attached (a pod): what one gateway's detach paused serves them
+            # again, since no checkpoint follows there. Over the Unix socket none is left by now.
+            self._serve_endpoints()
 
     # -- running ------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sandbox import wire
-from sandbox.supervisor.listener import LoopbackListener, http_head
+from sandbox.supervisor.listener import Gateway, LoopbackListener, http_head
 from sandbox.supervisor.peers import stranger
 
 HEAD_TIMEOUT = 10.0
@@ -38,10 +38,10 @@ DEFAULT_MODEL = "default"
 
 
 class ModelEndpoint(LoopbackListener):
-    def __init__(self, send: Callable[[Any], None], pid_of: Callable[[str], int | None],
-                 connected: Callable[[], bool]):
+    def __init__(self, send: Callable[[Any, Gateway], None], pid_of: Callable[[str], int | None],
+                 newest: Callable[[], Gateway | None]):
         """As `LoopbackListener`."""
-        super().__init__(send, pid_of, connected)
+        super().__init__(send, pid_of, newest)
         self._ids = itertools.count(1)
         self.asks: dict[int, asyncio.Queue[dict[str, Any]]] = {}
 
@@ -55,15 +55,17 @@ class ModelEndpoint(LoopbackListener):
             given["OPENAI_API_KEY"] = token  # not a provider's key: the path's token is what counts here
         return token, given
 
-    def on_message(self, message: dict[str, Any]) -> None:
+    def on_message(self, message: dict[str, Any], gateway: Gateway) -> None:
+        """A piece from `gateway`, for a request it relays (any other gateway's is ignored)."""
         queue = self.asks.get(message.get("ask"))  # type: ignore[arg-type]
-        if queue is not None:
+        if queue is not None and self._relaying(message.get("ask"), gateway):
             queue.put_nowait(message)
 
-    def drop_all(self, reason: str) -> None:
-        """No answer in progress can go on (a new gateway knows none of them)."""
-        for queue in self.asks.values():
-            queue.put_nowait({"status": 503, "error": reason, "done": True})
+    def _drop(self, requests: list[int], reason: str) -> None:
+        for ask in requests:
+            queue = self.asks.get(ask)
+            if queue is not None:
+                queue.put_nowait({"status": 503, "error": reason, "done": True})
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
@@ -87,25 +89,26 @@ class ModelEndpoint(LoopbackListener):
         if not length.isdigit() or int(length) > MAX_BODY:
             return await _refuse(writer, path, 413, f"a request body of at most {MAX_BODY} bytes is taken")
         body = await asyncio.wait_for(reader.readexactly(int(length)), HEAD_TIMEOUT) if int(length) else b""
-        if not self._connected():
-            return await _refuse(writer, path, 503, "the gateway is not connected to this sandbox; try again")
         if len(self.asks) >= wire.MAX_MODEL_ASKS:
             return await _refuse(writer, path, 429, f"at most {wire.MAX_MODEL_ASKS} model requests at once per sandbox")
         ask = next(self._ids)
+        if self._take_gateway(ask) is None:
+            return await _refuse(writer, path, 503, "the gateway is not connected to this sandbox; try again")
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.asks[ask] = queue
         finished = False
         # A client that hangs up while the model thinks is heard at once, not at the next piece.
         watch = asyncio.ensure_future(_hangup(reader, queue))
         try:
-            self._send({"type": "model_ask", "ask": ask, "server": server, "method": method, "path": path,
-                        "body": body.decode("utf-8", "replace")})
+            self._send(ask, {"type": "model_ask", "ask": ask, "server": server, "method": method, "path": path,
+                             "body": body.decode("utf-8", "replace")})
             finished = await _relay(queue, writer, path)
         finally:
             watch.cancel()
             self.asks.pop(ask, None)
             if not finished:  # the server hung up (or we gave up): the gateway stops asking the model
-                self._send({"type": "model_cancel", "ask": ask})
+                self._send(ask, {"type": "model_cancel", "ask": ask})
+            self._release(ask)
 
     def _server_of(self, token: str) -> str | None:
         for known, server in self._servers_by_token.items():

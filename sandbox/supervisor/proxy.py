@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sandbox import wire
-from sandbox.supervisor.listener import LoopbackListener
+from sandbox.supervisor.listener import Gateway, LoopbackListener
 from sandbox.supervisor.peers import stranger
 
 HEAD_TIMEOUT = 10.0
@@ -42,10 +42,10 @@ PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
 
 
 class EgressProxy(LoopbackListener):
-    def __init__(self, send: Callable[[Any], None], pid_of: Callable[[str], int | None],
-                 connected: Callable[[], bool]):
+    def __init__(self, send: Callable[[Any, Gateway], None], pid_of: Callable[[str], int | None],
+                 newest: Callable[[], Gateway | None]):
         """As `LoopbackListener`."""
-        super().__init__(send, pid_of, connected)
+        super().__init__(send, pid_of, newest)
         self._ids = itertools.count(1)
         self._opening: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.tunnels: dict[int, wire.Tunnel] = {}
@@ -62,8 +62,11 @@ class EgressProxy(LoopbackListener):
 
     # -- from the gateway ---------------------------------------------------------------
 
-    def on_message(self, message: dict[str, Any]) -> None:
+    def on_message(self, message: dict[str, Any], gateway: Gateway) -> None:
+        """A message from `gateway`, for a tunnel it relays (any other gateway's is ignored)."""
         tunnel_id = message.get("tunnel")
+        if not self._relaying(tunnel_id, gateway):
+            return
         if message.get("type") == "tunnel_opened":
             waiting = self._opening.pop(tunnel_id, None)  # type: ignore[arg-type]
             if waiting is not None and not waiting.done():
@@ -73,14 +76,14 @@ class EgressProxy(LoopbackListener):
         if tunnel is not None:
             tunnel.receive(message)
 
-    def drop_all(self, reason: str) -> None:
-        """The gateway went away: no tunnel can go on (a new gateway knows none of them)."""
-        for waiting in self._opening.values():
-            if not waiting.done():
+    def _drop(self, requests: list[int], reason: str) -> None:
+        for tunnel_id in requests:
+            waiting = self._opening.pop(tunnel_id, None)
+            if waiting is not None and not waiting.done():
                 waiting.set_result({"error": reason, "status": 502})
-        self._opening.clear()
-        for tunnel in list(self.tunnels.values()):
-            tunnel.close(reason, tell=False)
+            tunnel = self.tunnels.get(tunnel_id)
+            if tunnel is not None:
+                tunnel.close(reason, tell=False)
 
     # -- from a server ------------------------------------------------------------------
 
@@ -98,8 +101,6 @@ class EgressProxy(LoopbackListener):
         stranger = self._stranger(server, writer.get_extra_info("peername"))
         if stranger is not None:
             return await _reply(writer, 407, stranger)
-        if not self._connected():
-            return await _reply(writer, 503, "the gateway is not connected to this sandbox; try again")
         if len(self.tunnels) + len(self._opening) >= wire.MAX_TUNNELS:
             return await _reply(writer, 503, f"at most {wire.MAX_TUNNELS} connections at once leave this sandbox")
         forward = b""
@@ -119,9 +120,19 @@ class EgressProxy(LoopbackListener):
         if not host or not port_text.isdigit():
             return await _reply(writer, 400, f"{target!r} names no host:port")
         tunnel_id = next(self._ids)
+        if self._take_gateway(tunnel_id) is None:
+            return await _reply(writer, 503, "the gateway is not connected to this sandbox; try again")
+        try:
+            await self._open_and_pump(tunnel_id, server, host, int(port_text), method, forward, reader, writer)
+        finally:
+            self._release(tunnel_id)
+
+    async def _open_and_pump(self, tunnel_id: int, server: str, host: str, port: int, method: str, forward: bytes,
+                             reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Ask the tunnel's gateway to connect, then relay until either end closes."""
         answer = asyncio.get_running_loop().create_future()
         self._opening[tunnel_id] = answer
-        self._send({"type": "tunnel_open", "tunnel": tunnel_id, "server": server, "host": host, "port": int(port_text)})
+        self._send(tunnel_id, {"type": "tunnel_open", "tunnel": tunnel_id, "server": server, "host": host, "port": port})
         try:
             opened = await asyncio.wait_for(answer, OPEN_TIMEOUT)
         except asyncio.TimeoutError:
@@ -130,7 +141,7 @@ class EgressProxy(LoopbackListener):
             self._opening.pop(tunnel_id, None)
         if opened.get("error") is not None:
             return await _reply(writer, int(opened.get("status") or 502), str(opened["error"]))
-        tunnel = wire.Tunnel(tunnel_id, reader, writer, self._send)
+        tunnel = wire.Tunnel(tunnel_id, reader, writer, lambda message: self._send(tunnel_id, message))
         self.tunnels[tunnel_id] = tunnel
         try:
             if method == "CONNECT":

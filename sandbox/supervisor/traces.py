@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sandbox import wire
-from sandbox.supervisor.listener import LoopbackListener, http_head
+from sandbox.supervisor.listener import Gateway, LoopbackListener, http_head
 from sandbox.supervisor.peers import stranger
 
 HEAD_TIMEOUT = 10.0
@@ -40,10 +40,10 @@ MIN_COST = 16 * 1024
 
 
 class TraceEndpoint(LoopbackListener):
-    def __init__(self, send: Callable[[Any], None], pid_of: Callable[[str], int | None],
-                 connected: Callable[[], bool]):
+    def __init__(self, send: Callable[[Any, Gateway], None], pid_of: Callable[[str], int | None],
+                 newest: Callable[[], Gateway | None]):
         """As `LoopbackListener`."""
-        super().__init__(send, pid_of, connected)
+        super().__init__(send, pid_of, newest)
         self._budgets: dict[str, tuple[float, float]] = {}
         """Per server: what is left of its budget, and when that was so."""
 
@@ -56,7 +56,7 @@ class TraceEndpoint(LoopbackListener):
             "OTEL_SERVICE_NAME": server,
         }
 
-    def drop_all(self, reason: str) -> None:
+    def _drop(self, requests: list[int], reason: str) -> None:
         """Nothing is held: each export is relayed as it comes."""
 
     def _server_of(self, token: str) -> str | None:
@@ -100,11 +100,12 @@ class TraceEndpoint(LoopbackListener):
                 return await _answer(writer, 413)
         elif encoding != "identity":
             return await _answer(writer, 415)
-        if not self._connected():
+        gateway = self._newest()  # one gateway exports them (of several attached to a pod: the newest)
+        if gateway is None:
             return await _answer(writer, 503)
         if not self._spend(server, max(MIN_COST, len(body))):
             return await _answer(writer, 429)
-        self._send({"type": "spans", "server": server, "data": base64.b64encode(body).decode()})
+        self._send_to({"type": "spans", "server": server, "data": base64.b64encode(body).decode()}, gateway)
         await _answer(writer, 200)
 
     def _spend(self, server: str, cost: int) -> bool:
