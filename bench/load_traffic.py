@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -81,38 +82,45 @@ async def call(client: httpx.AsyncClient, url: str, key: str, tool: str, argumen
     return True, "", result
 
 
-async def _client(n: int, user: str, key: str, url: str, until: float, record: Record, run: str) -> None:
+async def _client(client: httpx.AsyncClient, n: int, user: str, key: str, url: str, until: float, record: Record,
+                  run: str) -> None:
     last_written: tuple[str, str] | None = None
     step = 0
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    async with httpx.AsyncClient(limits=limits) as client:
-        while time.monotonic() < until:
-            kind = step % 3
-            if kind == 0 or last_written is None:
-                path, content = f"{run}/c{n}/w{step}.txt", f"{run} client {n} step {step} {uuid.uuid4().hex}"
-                tool, arguments = "workspace__write_file", {"path": path, "content": content}
-            elif kind == 1:
-                tool, arguments = "workspace__read_file", {"path": last_written[0]}
-            else:
-                tool, arguments = "workspace__list_dir", {"path": f"{run}/c{n}"}
-            started = time.monotonic()
-            ok, error, result = await call(client, url, key, tool, arguments)
-            if ok and tool == "workspace__read_file" and last_written and last_written[1] not in _text(result):
-                ok, error = False, f"read back other content than written: {_text(result)[:100]!r}"
-            record.calls.append(Call(user, tool, arguments, started, time.monotonic(), ok, error))
-            if ok and tool == "workspace__write_file":
-                last_written = (arguments["path"], arguments["content"])
-                record.written.setdefault(user, {})[arguments["path"]] = arguments["content"]
-            step += 1
-            if not ok:
-                await asyncio.sleep(0.2)
+    while time.monotonic() < until:
+        kind = step % 3
+        if kind == 0 or last_written is None:
+            path, content = f"{run}/c{n}/w{step}.txt", f"{run} client {n} step {step} {uuid.uuid4().hex}"
+            tool, arguments = "workspace__write_file", {"path": path, "content": content}
+        elif kind == 1:
+            tool, arguments = "workspace__read_file", {"path": last_written[0]}
+        else:
+            tool, arguments = "workspace__list_dir", {"path": f"{run}/c{n}"}
+        started = time.monotonic()
+        ok, error, result = await call(client, url, key, tool, arguments)
+        if ok and tool == "workspace__read_file" and last_written and last_written[1] not in _text(result):
+            ok, error = False, f"read back other content than written: {_text(result)[:100]!r}"
+        record.calls.append(Call(user, tool, arguments, started, time.monotonic(), ok, error))
+        if ok and tool == "workspace__write_file":
+            last_written = (arguments["path"], arguments["content"])
+            record.written.setdefault(user, {})[arguments["path"]] = arguments["content"]
+        step += 1
+        if not ok:
+            await asyncio.sleep(0.2)
 
 
 async def load(url: str, keys: dict[str, str], clients: int, seconds: float, record: Record, run: str) -> None:
+    """Every client made (one connection each) before the clock starts: making 500 of them takes the
+    generator a while on a loaded machine, and that must not eat the phase."""
     users = sorted(keys)
-    until = time.monotonic() + seconds
-    await asyncio.gather(*(_client(n, users[n % len(users)], keys[users[n % len(users)]], url, until, record, run)
-                           for n in range(clients)))
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    tls = ssl.create_default_context()  # one for all: each client would otherwise load the CA store again
+    made = [httpx.AsyncClient(limits=limits, verify=tls) for _ in range(clients)]
+    try:
+        until = time.monotonic() + seconds
+        await asyncio.gather(*(_client(made[n], n, users[n % len(users)], keys[users[n % len(users)]], url, until,
+                                       record, run) for n in range(clients)))
+    finally:
+        await asyncio.gather(*(client.aclose() for client in made))
 
 
 def percentile(values: list[float], q: float) -> float:
