@@ -108,11 +108,17 @@ class Fleet:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
+            replicas = self.children()
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=90)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                # An overloaded fleet may not stop in time: its replicas must not outlive the bench.
+                for process in [self.process, *replicas]:
+                    try:
+                        process.kill()
+                    except (ProcessLookupError, psutil.NoSuchProcess):
+                        pass
 
 
 def add_users(fleet: Fleet, count: int) -> dict[str, str]:

@@ -65,7 +65,7 @@ def environment() -> str:
             f"{os.getloadavg()[0]:.1f} at start; {version[0] if version else runsc}; Python {sys.version.split()[0]}")
 
 
-def faults(fleet: Fleet, pg: Postgres, redis: Redis, victim: str, started: float, seconds: float,
+def faults(fleet: Fleet, pg: Postgres, redis: Redis, victim: str, ids: list[str], started: float, seconds: float,
            log: list[tuple[str, float]]) -> None:
     """Runs in a thread while the load runs: each fault at its time, noted (name, monotonic time)."""
     def at(fraction: float) -> None:
@@ -86,8 +86,6 @@ def faults(fleet: Fleet, pg: Postgres, redis: Redis, victim: str, started: float
     pg.stop()
     time.sleep(3)
     pg.start()
-    # The victim's sandbox looked up ahead (the CLI is slow under load), so its kill comes on time.
-    ids = sandbox_ids(fleet, victim)
     at(FAULT_AT[3])
     log.append(("stop Redis (5 s down), start it", time.monotonic()))
     redis.stop()
@@ -142,11 +140,14 @@ def main() -> int:
         print(f"plain phase done: {len(plain.calls)} calls", flush=True)
 
         faulted, log = Record(), []
-        started = time.monotonic()
         import threading
 
         victim = sorted(keys)[0]
-        thread = threading.Thread(target=faults, args=(fleet, pg, redis, victim, started, args.seconds, log))
+        # The victim's sandbox is looked up before the load: under load the CLI can take minutes, and
+        # the kill must come on time (a standby that takes the lease adopts the sandboxes, ids and all).
+        ids = sandbox_ids(fleet, victim)
+        started = time.monotonic()
+        thread = threading.Thread(target=faults, args=(fleet, pg, redis, victim, ids, started, args.seconds, log))
         thread.start()
         asyncio.run(load(fleet.url, keys, args.clients, args.seconds, faulted, "faults"))
         thread.join()
