@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import configparser
 import copy
+import errno
 import hashlib
 import io
 import os
@@ -169,8 +170,20 @@ class ArtifactStore:
             source = self.install_layer(sha256, layers[sha256]) if sha256 in layers else self.install(sha256)
             staging = sandbox_tools / f".{sha256}.partial"
             shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(source, staging, copy_function=os.link, symlinks=True)
+            shutil.copytree(source, staging, copy_function=_link_or_copy, symlinks=True)
             staging.rename(sandbox_tools / sha256)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link where the two are on one mount, else a copy: the sandboxes dir is a mount of its
+    own (`sandbox.mounts.share`, or a filesystem an operator put there), and link(2) never crosses
+    mounts, even two binds of one filesystem."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copy2(source, target)
 
 
 def _check_end_record(wheel: Path | bytes) -> None:
