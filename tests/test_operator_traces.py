@@ -12,9 +12,7 @@ import json
 import time
 
 import pytest
-
-from sandbox.supervisor.config import SupervisorConfig
-from tests.test_operator import (  # noqa: F401  (cluster is a fixture)
+from test_operator import (  # noqa: F401  (cluster is a fixture; the module as pytest imported it, not a second copy)
     NS,
     Cluster,
     _pool_pods,
@@ -24,6 +22,8 @@ from tests.test_operator import (  # noqa: F401  (cluster is a fixture)
     state,
     wait_for,
 )
+
+from sandbox.supervisor.config import SupervisorConfig
 
 kopf = pytest.importorskip("kopf")
 from mcpfleet_operator import objects  # noqa: E402
