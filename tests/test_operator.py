@@ -25,6 +25,7 @@ import pytest
 # kopf and the client read these when the operator starts; the handlers read the MCPFLEET_* ones on import.
 _TMP = Path(tempfile.mkdtemp(prefix="mcpfleet-operator-"))
 os.environ["KUBECONFIG"] = str(_TMP / "kubeconfig")
+os.environ["MCPFLEET_KUBE_STANDIN"] = "1"  # this KUBECONFIG is the stand-in's: the real-cluster suite stays skipped
 os.environ["MCPFLEET_SANDBOX_KEY_FILE"] = str(_TMP / "fleet.key")
 os.environ.setdefault("MCPFLEET_IDLE_HIBERNATE_S", "600")  # the idle test lowers it
 os.environ.setdefault("MCPFLEET_IDLE_CHECK_S", "0.5")
@@ -326,6 +327,18 @@ def test_a_failed_pod_phase_fails_and_a_spec_change_retries(cluster: Cluster) ->
         assert pod["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "2"  # from the changed spec
         cluster.run_pod("acme-max")
         wait_for(lambda: state(cluster, "acme-max") == "Running", what="Running after the retry")
+
+
+def test_a_ready_pod_whose_event_was_overtaken_still_makes_the_sandbox_running(cluster: Cluster) -> None:
+    # A Starting written after the pod's Ready event was handled (two handlers racing over one sandbox) leaves
+    # no event to come: the periodic check sees the pod Ready and the sandbox Running again.
+    with operator():
+        start_ready(cluster, "acme-uma")
+        path = f"/apis/mcpfleet.dev/v1alpha1/namespaces/{NS}/mcpsandboxes/acme-uma/status"
+        r = cluster.http("PATCH", path, {"status": {"state": "Starting", "endpoint": None}})
+        assert r.status_code == 200, r.text
+        wait_for(lambda: state(cluster, "acme-uma") == "Running", what="Running again by the periodic check")
+        assert cluster.sandbox("acme-uma")["status"]["endpoint"] == "10.0.0.7:7070"
 
 
 def test_a_pod_not_ready_by_the_start_deadline_fails(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:

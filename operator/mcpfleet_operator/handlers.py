@@ -14,13 +14,14 @@ States (`status.state`) and what an SRE sees:
 | Running       | the pod vanished (node lost, evicted)                | Starting    | Ready False                        | PodLost             |
 | Starting, Resuming, Running | the pod's phase is Failed, or a container waits in CrashLoopBackOff, ImagePullBackOff, … | Failed | Ready False (that reason), no endpoint | Failed (Warning) |
 | Starting, Resuming | the pod not Ready MCPFLEET_START_DEADLINE_S after its creation | Failed | Ready False StartDeadlineExceeded | Failed (Warning) |
+| Starting, Resuming | the pod found Ready at the next check (MCPFLEET_IDLE_CHECK_S) when its event was missed | Running | Ready True | Ready |
 | Failed        | the pod comes good (Running and Ready)               | Running     | Ready True                         | Running             |
 | Failed        | the spec changes, the annotation mcpfleet.dev/retry changes, or the pod is deleted | Starting | Ready False (a new pod) | Starting |
 | Running       | no activity for MCPFLEET_IDLE_HIBERNATE_S            | (patches operatingMode Hibernated)        | IdleHibernate       |
 | any           | McpSandbox deleted (finalizer)                       | Reclaimed, then gone | Ready False Reclaimed; pod, Secret, ConfigMap, NetworkPolicy deleted; PVC too if retention Delete | Reclaimed |
 | any           | the operator restarts                                | (unchanged) | objects re-ensured (adopted), pods not duplicated  | Adopted |
 
-The pool keeps `spec.replicas` unclaimed pods (labels `mcpfleet.dev/pool: NAME`, `mcpfleet.dev/claimed: "false"`)
+The pools (pools.py, registered with these) keep `spec.replicas` unclaimed pods (labels `mcpfleet.dev/pool: NAME`, `mcpfleet.dev/claimed: "false"`)
 and reports `status.replicas` (ready unclaimed pods) and `status.selector` (for `kubectl scale`).
 
 Every handler is idempotent: creating what exists (409) is done, deleting what is gone (404) is done, and a
@@ -33,20 +34,16 @@ from __future__ import annotations
 
 import datetime
 import logging
-import secrets
-import threading
 from typing import Any
 
 import kopf
 
-from mcpfleet_operator import kube, objects
+from mcpfleet_operator import kube, objects, pools  # importing pools registers its handlers too
 from mcpfleet_operator.objects import GROUP, VERSION
 from mcpfleet_operator.settings import Settings
 
 SANDBOXES = "mcpsandboxes"
-POOLS = "mcpsandboxpools"
 CONFIG = Settings.from_env()  # timers' intervals are fixed when the handlers are registered
-_pool_locks: dict[str, threading.Lock] = {}
 
 
 def _now() -> str:
@@ -159,44 +156,6 @@ def _ensure_pod(body: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _claim(body: dict[str, Any], logger: logging.Logger) -> dict[str, Any] | None:
-    """Relabel one ready, unclaimed pod of spec.poolRef as this sandbox's; None when the pool has none ready."""
-    meta = body["metadata"]
-    ns, name, pool = meta["namespace"], meta["name"], body["spec"]["poolRef"]
-    traces = bool(body["spec"].get("traces"))
-    for _attempt in range(5):
-        # Only a pod whose supervisor relays spans as this sandbox wants (it reads that once, at start).
-        ready = [p for p in kube.list_("Pod", ns, objects.pool_labels(pool)) if objects.pod_ready(p)
-                 and not p["metadata"].get("deletionTimestamp") and objects.pod_traces(p) == traces]
-        if not ready:
-            return None
-        pod = sorted(ready, key=lambda p: p["metadata"]["name"])[0]
-        owner = {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": name, "uid": meta["uid"],
-                 "controller": True, "blockOwnerDeletion": True}
-        try:
-            # Conditional on the pod's resourceVersion: two claims racing for one pod, one wins (the other gets 409).
-            kube.patch("Pod", ns, pod["metadata"]["name"], {"metadata": {
-                "resourceVersion": pod["metadata"]["resourceVersion"],
-                "labels": {objects.CLAIMED_LABEL: "true", objects.SANDBOX_LABEL: name},
-                "ownerReferences": [owner],
-            }})
-        except kube.ApiException as e:
-            if e.status in (409, 404):
-                logger.info(f"Pool pod {pod['metadata']['name']} was taken meanwhile; re-reading the pool.")
-                continue
-            raise
-        pod_name = pod["metadata"]["name"]
-        token = objects.token(CONFIG.fleet_key(), ns, name, meta["uid"])
-        # Identity is bound late: the pool pod's Secret now carries this user's token, its volume is the user's.
-        kube.patch("Secret", ns, objects.secret_name(pod_name), {
-            "metadata": {"labels": {objects.SANDBOX_LABEL: name}, "ownerReferences": [owner]},
-            "data": objects.secret(pod_name, token, {})["data"]})
-        kube.patch("PersistentVolumeClaim", ns, objects.workspace_name(pod_name), {
-            "metadata": {"labels": {objects.SANDBOX_LABEL: name, objects.CLAIMED_LABEL: "true"}}})
-        return pod
-    raise kopf.TemporaryError("every claim on the pool lost a race", delay=1)
-
-
 @kopf.on.create(GROUP, VERSION, SANDBOXES)
 def sandbox_created(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
     body = dict(body)
@@ -210,7 +169,7 @@ def sandbox_created(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, logger:
         # A warm pod was started before anyone's servers were known, so it fetched no published wheels.
         logger.info(f"Not claiming from pool {spec['poolRef']}: published servers are fetched only at a pod's start.")
     elif spec.get("poolRef"):
-        pod = _claim(body, logger)
+        pod = pools.claim(body, logger)
         if pod is not None:
             pod_name = pod["metadata"]["name"]
             ns = body["metadata"]["namespace"]
@@ -313,6 +272,21 @@ def _mark_ready(sandbox: dict[str, Any], pod: dict[str, Any], patch: kopf.Patch 
     _transition(sandbox, patch, "Running", f"The pod is ready at {endpoint}.", Ready=("True", "PodReady"), Hibernated=("False", "PodReady"))
 
 
+def _restarting(sandbox: dict[str, Any], message: str, why: str) -> None:
+    """State Starting for a new pod, written directly (outside kopf's patch). A pod that became Ready while
+    this was written (its event read the state before it) would leave Starting for good: it is looked at
+    again afterwards, and its readiness is recorded here then."""
+    meta = sandbox["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    kube.patch_cr_status(SANDBOXES, ns, name, {"status": {"podName": name, "endpoint": None}})
+    _transition(sandbox, None, "Starting", message, Ready=("False", why))
+    pod = kube.read("Pod", ns, name)
+    if pod is not None and not pod["metadata"].get("deletionTimestamp") and objects.pod_ready(pod):
+        current = kube.read_cr(SANDBOXES, ns, name)
+        if current is not None and (current.get("status") or {}).get("state") == "Starting":
+            _mark_ready(current, pod, None)
+
+
 @kopf.on.event("", "v1", "pods", labels={objects.SANDBOX_LABEL: kopf.PRESENT})
 def sandbox_pod_changed(type: str, body: kopf.Body, namespace: str, logger: logging.Logger, **_: Any) -> None:
     """Pod Running+Ready → sandbox Running; pod gone while it should run → recreate it (Starting)."""
@@ -334,9 +308,7 @@ def sandbox_pod_changed(type: str, body: kopf.Body, namespace: str, logger: logg
         if mode == "Running" and status.get("state") in ("Running", "Starting", "Resuming", "Failed"):
             sandbox.setdefault("status", {})["podName"] = name
             _ensure_pod(sandbox)
-            kube.patch_cr_status(SANDBOXES, namespace, name, {"status": {"podName": name, "endpoint": None}})
-            _transition(sandbox, None, "Starting", "The pod was lost; a new one is starting on the same workspace.",
-                        Ready=("False", "PodLost"))
+            _restarting(sandbox, "The pod was lost; a new one is starting on the same workspace.", "PodLost")
         return
     if mode != "Running" or status.get("state") not in ("Starting", "Resuming", "Running", "Failed"):
         return
@@ -350,11 +322,18 @@ def sandbox_pod_changed(type: str, body: kopf.Body, namespace: str, logger: logg
 @kopf.timer(GROUP, VERSION, SANDBOXES, interval=CONFIG.idle_check_s, initial_delay=CONFIG.idle_check_s)
 def start_deadline(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, **_: Any) -> None:
     """A pod not Ready MCPFLEET_START_DEADLINE_S after its creation (unschedulable, a probe never passing, an
-    image still pulling) fails the sandbox, so that the gateway stops waiting and an SRE sees why."""
+    image still pulling) fails the sandbox, so that the gateway stops waiting and an SRE sees why; a pod
+    Ready while its sandbox still says Starting or Resuming makes it Running."""
     if CONFIG.start_deadline_s <= 0 or status.get("state") not in ("Starting", "Resuming"):
         return
     pod = kube.read("Pod", meta["namespace"], status.get("podName") or meta["name"])
-    if pod is None or objects.pod_ready(pod):
+    if pod is None or pod["metadata"].get("deletionTimestamp"):
+        return
+    if objects.pod_ready(pod):
+        # Ready, yet the sandbox says otherwise: a Ready event that raced a Starting written after it. Levels,
+        # not edges, decide: the sandbox is Running.
+        if (body.get("spec") or {}).get("operatingMode", "Running") == "Running":
+            _mark_ready(dict(body), pod, patch)
         return
     created = _parse_time(pod["metadata"].get("creationTimestamp"))
     if created is None:
@@ -392,14 +371,14 @@ def failed_retried(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, diff: 
         return  # a hibernation is operating_mode_changed's
     body = dict(body)
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    kube.delete("Pod", ns, status.get("podName") or name)
-    _ensure_support(body, logger)
+    old_pod = status.get("podName") or name
     body.setdefault("status", {})["podName"] = name
-    # Starting is written before the new pod exists (not through kopf's patch, applied after this returns):
-    # the new pod's first Ready event must find Starting, or its Running would be overwritten by it.
-    kube.patch_cr_status(SANDBOXES, ns, name, {"status": {"podName": name, "endpoint": None}})
-    _transition(body, None, "Starting", "Retrying after a failure: a new pod on the same workspace volume.",
-                Ready=("False", "PodStarting"))
+    # Starting is written before the old pod is deleted (and not through kopf's patch, applied after this
+    # returns): its DELETED event may recreate the pod at once, and that pod's first Ready event must find
+    # Starting, or its Running would be overwritten by it.
+    _restarting(body, "Retrying after a failure: a new pod on the same workspace volume.", "PodStarting")
+    kube.delete("Pod", ns, old_pod)
+    _ensure_support(body, logger)
     _ensure_pod(body)  # where the old pod is still terminating, its DELETED event recreates it (Starting)
 
 
@@ -445,75 +424,3 @@ def sandbox_deleted(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, logge
         logger.info(f"Deleted the pod, token, network policy and workspace {workspace} (retention Delete).")
     else:
         logger.info(f"Deleted the pod, token and network policy; kept the workspace {workspace} (retention Keep).")
-
-
-# --- McpSandboxPool: keep spec.replicas warm pods --------------------------------------------------
-
-def _fill(pool: dict[str, Any], logger: logging.Logger) -> dict[str, Any]:
-    meta = pool["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    lock = _pool_locks.setdefault(f"{ns}/{name}", threading.Lock())
-    with lock:
-        wanted = int((pool.get("spec") or {}).get("replicas") or 0)
-        pods = [p for p in kube.list_("Pod", ns, objects.pool_labels(name)) if not p["metadata"].get("deletionTimestamp")]
-        traces = objects.pool_traces(pool)
-        # Pods started before the template's traces changed are replaced (unclaimed: nobody's work ends).
-        for stale in [p for p in pods if objects.pod_traces(p) != traces]:
-            _delete_pool_pod(ns, stale["metadata"]["name"])
-        pods = [p for p in pods if objects.pod_traces(p) == traces]
-        policy = objects.network_policy(f"{name}-pool", objects.pool_labels(name), None)
-        config = objects.config_map(objects.pool_config_name(name), [], objects.pool_labels(name), traces)
-        for shared in (policy, config):
-            kopf.adopt(shared, owner=pool)
-            if not kube.create(shared["kind"], ns, shared) and shared is config:
-                kube.patch("ConfigMap", ns, config["metadata"]["name"], {"data": config["data"]})
-        for _ in range(wanted - len(pods)):
-            pod_name = f"{name}-{secrets.token_hex(3)}"
-            labels = objects.pool_labels(name)
-            disk_mb = ((pool.get("spec") or {}).get("tier") or {}).get("diskMb")
-            size = f"{int(disk_mb)}Mi" if disk_mb else "1Gi"  # the pool has no workspace spec: the tier's disk quota sizes it
-            for child in (objects.pvc(objects.workspace_name(pod_name), {"size": size}, labels),
-                          objects.secret(objects.secret_name(pod_name), secrets.token_urlsafe(32), labels),
-                          objects.pool_pod(pool, pod_name, CONFIG.image)):
-                if child["kind"] != "PersistentVolumeClaim":
-                    kopf.adopt(child, owner=pool)
-                kube.create(child["kind"], ns, child)
-            logger.info(f"Started warm pod {pod_name}.")
-        # Too many: the not-ready ones go first.
-        for extra in sorted(pods, key=objects.pod_ready)[:max(0, len(pods) - wanted)]:
-            _delete_pool_pod(ns, extra["metadata"]["name"])
-        ready = sum(1 for p in pods if objects.pod_ready(p))
-    return {"replicas": min(ready, wanted),
-            "selector": f"{objects.POOL_LABEL}={name},{objects.CLAIMED_LABEL}=false"}
-
-
-def _delete_pool_pod(ns: str, pod_name: str) -> None:
-    for kind, child in (("Pod", pod_name), ("Secret", objects.secret_name(pod_name)),
-                        ("PersistentVolumeClaim", objects.workspace_name(pod_name))):
-        kube.delete(kind, ns, child)
-
-
-@kopf.on.create(GROUP, VERSION, POOLS)
-@kopf.on.resume(GROUP, VERSION, POOLS)
-@kopf.on.field(GROUP, VERSION, POOLS, field="spec.replicas")
-@kopf.on.field(GROUP, VERSION, POOLS, field="spec.template.traces")
-def pool_reconciled(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
-    patch.status.update(_fill(dict(body), logger))
-
-
-@kopf.timer(GROUP, VERSION, POOLS, interval=CONFIG.pool_check_s, initial_delay=CONFIG.pool_check_s)
-def pool_refilled(body: kopf.Body, patch: kopf.Patch, status: kopf.Status, logger: logging.Logger, **_: Any) -> None:
-    new = _fill(dict(body), logger)
-    if new.get("replicas") != status.get("replicas") or new.get("selector") != status.get("selector"):
-        patch.status.update(new)
-
-
-@kopf.on.event("", "v1", "pods", labels={objects.POOL_LABEL: kopf.PRESENT})
-def pool_pod_changed(body: kopf.Body, namespace: str, logger: logging.Logger, **_: Any) -> None:
-    """A pool pod became ready, was claimed or vanished: refill the pool and report its ready count."""
-    pool = kube.read_cr(POOLS, namespace, body["metadata"]["labels"][objects.POOL_LABEL])
-    if pool is None or pool["metadata"].get("deletionTimestamp"):
-        return
-    new = _fill(pool, logger)
-    if new != {k: (pool.get("status") or {}).get(k) for k in new}:
-        kube.patch_cr_status(POOLS, namespace, pool["metadata"]["name"], {"status": new})
