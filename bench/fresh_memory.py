@@ -14,9 +14,8 @@ from sandbox.memory import pss_bytes
 
 
 def sandbox_pids(backend: RunscBackend, sandbox_id: str) -> set[int]:
-    """The processes `RunscBackend.memory_bytes` sums (sentry, gofer, platform stubs); it does not
-    expose them, and PSS needs the same set."""
-    pids = backend._processes(sandbox_id)
+    """The processes `RunscBackend.memory_bytes` sums (sentry, gofer, platform stubs): PSS needs the same set."""
+    pids = backend.host_processes(sandbox_id)
     return set(pids + [child for pid in pids for child in descendant_pids(pid)])
 
 
@@ -31,7 +30,7 @@ async def fresh_memory(manager: SandboxManager, sandbox: Sandbox, samples: Sampl
     parts: dict[str, float] = {}
     for pid in pids:
         parts[f"host: {runsc_role(pid)}"] = parts.get(f"host: {runsc_role(pid)}", 0.0) + pss_bytes([pid]) / MiB
-    code, out = await backend._run("exec", sandbox.id, "/bin/sh", "-c", INSIDE_RSS)
+    code, out = await backend.run_inside(sandbox.id, INSIDE_RSS)
     if code != 0:
         print(f"(the processes inside could not be read: runsc exec exited {code}: {out.strip()[-300:]})")
     for line in out.splitlines() if code == 0 else []:

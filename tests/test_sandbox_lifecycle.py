@@ -106,7 +106,7 @@ async def row_of(pool, sandbox_id: str) -> dict:
 
 
 def sandbox_processes(backend: RunscBackend, sandbox_id: str) -> list[int]:
-    return backend._processes(sandbox_id)
+    return backend.host_processes(sandbox_id)
 
 
 # -- hibernation keeps memory; a call wakes the sandbox -----------------------------------------

@@ -198,14 +198,9 @@ async def test_a_running_gvisor_sandbox_never_holds_another_workspace_mounted_la
     workspaces.mount("mine", workspace)
     (workspace / "note").write_text("mine\n")
 
-    def inside(script: str) -> subprocess.CompletedProcess[str]:
-        argv = [backend.runsc, "--root", str(backend.root), f"--platform={backend.platform}", "exec",
-                "--user", f"{UID}:{GID}", sandbox_id, "/bin/sh", "-c"]
-        return subprocess.run([*argv, script], capture_output=True, text=True, timeout=60, check=False)
-
     try:
         await backend.start(SandboxSpec(sandbox_id, directory, workspace, channel, Limits(), UID, GID))
-        processes = backend._processes(sandbox_id)
+        processes = backend.host_processes(sandbox_id)
         assert processes, "no runsc process of the sandbox"
         workspaces.mount("theirs", parent / "other" / "workspace")
         (parent / "other" / "workspace" / "secret").write_text("theirs\n")
@@ -214,12 +209,12 @@ async def test_a_running_gvisor_sandbox_never_holds_another_workspace_mounted_la
         # is left in them for the other workspace to propagate into.
         for pid in processes:
             assert theirs not in devices_in(pid), (pid, Path(f"/proc/{pid}/mountinfo").read_text())
-        seen = inside("cat /workspace/note; ls -a /workspace; find / -xdev -name secret 2>/dev/null; true")
-        assert seen.stdout.startswith("mine\n") and "secret" not in seen.stdout, seen
+        _, seen = await backend.run_inside(sandbox_id, "cat /workspace/note; ls -a /workspace; find / -xdev -name secret 2>/dev/null; true", (UID, GID))
+        assert seen.startswith("mine\n") and "secret" not in seen, seen
         workspaces.unmount(parent / "other" / "workspace")
         mount_unheld(workspaces, "theirs", parent / "other" / "again")  # nobody held it
         workspaces.unmount(parent / "other" / "again")
-        assert inside("cat /workspace/note").stdout == "mine\n"  # its own stays bound in its gofer
+        assert await backend.run_inside(sandbox_id, "cat /workspace/note", (UID, GID)) == (0, "mine")  # its own stays bound in its gofer
     finally:
         await backend.destroy(sandbox_id)
     workspaces.unmount(workspace)

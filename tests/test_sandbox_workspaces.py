@@ -416,15 +416,10 @@ async def test_a_gvisor_sandbox_writes_into_the_image_and_sees_enospc(tmp):
     )
     free = free_bytes(workspace)
 
-    def inside(script: str) -> subprocess.CompletedProcess[str]:
-        argv = [backend.runsc, "--root", str(backend.root), f"--platform={backend.platform}", "exec",
-                "--user", f"{UID}:{GID}", sandbox_id, "/bin/sh", "-c"]
-        return subprocess.run([*argv, script], capture_output=True, text=True, timeout=60, check=False)
-
     try:
         await backend.start(SandboxSpec(sandbox_id, directory, workspace, channel, Limits(), UID, GID))
-        filled = inside("echo from-inside > /workspace/note; dd if=/dev/zero of=/workspace/fill bs=1M")
-        assert "No space left on device" in filled.stderr, filled.stderr
+        _, filled = await backend.run_inside(sandbox_id, "echo from-inside > /workspace/note; dd if=/dev/zero of=/workspace/fill bs=1M", (UID, GID))
+        assert "No space left on device" in filled, filled
         assert (workspace / "note").read_text() == "from-inside\n"
         assert (workspace / "note").stat().st_uid == UID
         assert free - MiB <= (workspace / "fill").stat().st_size <= free
@@ -432,7 +427,7 @@ async def test_a_gvisor_sandbox_writes_into_the_image_and_sees_enospc(tmp):
         # Unmounted on the host too early, the workspace stays the sandbox's: runsc's gofer holds its own
         # mount of it, and with it the loop device, which is why a second mount must wait for the gofer.
         workspaces.unmount(workspace)
-        assert inside("cat /workspace/note").stdout == "from-inside\n"
+        assert await backend.run_inside(sandbox_id, "cat /workspace/note", (UID, GID)) == (0, "from-inside")
         with pytest.raises(WorkspaceInUse, match=r"mounted by pid \d+ \(runsc-gofer\)"):
             workspaces.mount("inside", tmp / "again")
     finally:

@@ -159,7 +159,7 @@ class RunscBackend:
                     Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
 
     async def destroy(self, sandbox_id: str, *, grace: float = 0.0) -> None:
-        await self._destroy(sandbox_id, grace, set(self._processes(sandbox_id)))
+        await self._destroy(sandbox_id, grace, set(self.host_processes(sandbox_id)))
 
     async def _destroy(self, sandbox_id: str, grace: float, processes: set[int]) -> None:
         """`processes`: the sandbox's, found while their command lines still named it (an exiting one's is empty)."""
@@ -172,7 +172,7 @@ class RunscBackend:
         code, out = await self._run("delete", "--force", sandbox_id)
         if code != 0 and "does not exist" not in out:
             log.warning("runsc delete %s: %s", sandbox_id, out)
-        for pid in self._processes(sandbox_id):
+        for pid in self.host_processes(sandbox_id):
             processes.add(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -246,7 +246,7 @@ class RunscBackend:
     async def memory_bytes(self, sandbox_id: str) -> int | None:
         """Resident memory of the sandbox's runsc processes (sentry, gofer, and on ptrace the
         stub processes that hold the address spaces inside); None if none runs."""
-        pids = self._processes(sandbox_id)
+        pids = self.host_processes(sandbox_id)
         pids += [child for pid in pids for child in descendant_pids(pid)]
         total = sum(_rss_bytes(pid) for pid in set(pids))
         return total or None
@@ -258,7 +258,7 @@ class RunscBackend:
         the supervisor's channel first (`SupervisorClient.detach()`).
         """
         image_dir.mkdir(parents=True, exist_ok=True)
-        processes = set(self._processes(sandbox_id))
+        processes = set(self.host_processes(sandbox_id))
         code, out = await self._run(
             "checkpoint", *self.gvisor.checkpoint_flags(), "--image-path", str(image_dir), sandbox_id, timeout=300
         )
@@ -305,8 +305,15 @@ class RunscBackend:
                 os.kill(pid, signal.SIGKILL)
         return len(strays)
 
-    def _processes(self, sandbox_id: str) -> builtins.list[int]:
+    def host_processes(self, sandbox_id: str) -> builtins.list[int]:
+        """The host pids of the sandbox's runsc processes (its sentry and gofer, and runsc commands on it)."""
         return [pid for pid, argv in runsc_processes(self.root) if any(sandbox_id in arg for arg in argv)]
+
+    async def run_inside(self, sandbox_id: str, command: str, user: tuple[int, int] | None = None) -> tuple[int, str]:
+        """`/bin/sh -c command` in the running sandbox, as `user` (uid, gid) or its root: the exit code and
+        what it printed (stdout and stderr together). For an operator looking in, and for checks."""
+        as_user = ["--user", f"{user[0]}:{user[1]}"] if user is not None else []
+        return await self._run("exec", *as_user, sandbox_id, "/bin/sh", "-c", command)
 
     def _remove_cgroups(self, sandbox_id: str) -> None:
         relative = f"{self.cgroup_parent}/{sandbox_id}".lstrip("/")
