@@ -152,7 +152,7 @@ def fleet_key(key_file: Path | None) -> bytes:
     if key_file is None:
         raise SystemExit("MCPFLEET_REPLICA_ADDRESS needs MCPFLEET_SANDBOX_KEY_FILE: session ids are sealed with "
                          "the fleet's sandbox key, which every replica must share")
-    from sandbox.kubernetes import read_key
+    from sandbox.kubernetes_objects import read_key
 
     return read_key(key_file)
 

@@ -30,7 +30,8 @@ from sandbox.tunnels import EgressPolicy
 from sandbox.workspaces import Workspaces
 
 if TYPE_CHECKING:
-    from sandbox.kubernetes import KubernetesSandboxes, TierOf
+    from sandbox.kubernetes import KubernetesSandboxes
+    from sandbox.kubernetes_objects import TierOf
     from sandbox.kubernetes_trials import KubernetesTrials
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _kubernetes_key(settings: Settings) -> bytes:
     """The fleet's sandbox key, which tokens are derived with (the kubernetes extra installed)."""
     feature = "MCPFLEET_SANDBOX_BACKEND=kubernetes"
     require("kubernetes_asyncio", extra="kubernetes", feature=feature)
-    from sandbox.kubernetes import read_key
+    from sandbox.kubernetes_objects import read_key
 
     if settings.sandbox_key_file is None:
         raise RuntimeError(f"{feature} needs MCPFLEET_SANDBOX_KEY_FILE: the fleet's sandbox key, as the operator has it")
@@ -94,7 +95,8 @@ async def kubernetes_sandboxes(
     as the pod's service account (or the kubeconfig) allows. `egress`, `models`, `spans`: as for the
     local manager."""
     key = _kubernetes_key(settings)  # first: it names the extra when kubernetes_asyncio is missing
-    from sandbox.kubernetes import KubernetesSandboxes, api_client
+    from sandbox.kubernetes import KubernetesSandboxes
+    from sandbox.kubernetes_objects import api_client
 
     return KubernetesSandboxes(
         await api_client(kubeconfig), servers, tier_of, key,
@@ -106,7 +108,7 @@ async def kubernetes_sandboxes(
 async def kubernetes_trials(settings: Settings, *, kubeconfig: str | None = None) -> KubernetesTrials:
     """Throwaway McpSandboxes for the registry's trial runs, on a gateway with no local runtime."""
     key = _kubernetes_key(settings)
-    from sandbox.kubernetes import api_client
+    from sandbox.kubernetes_objects import api_client
     from sandbox.kubernetes_trials import KubernetesTrials
 
     return KubernetesTrials(

@@ -30,118 +30,44 @@ patched when the gateway brings it up; a running pod keeps what it started with 
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import hashlib
 import hmac
 import logging
-import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from core.tasks import Tasks
 from sandbox import wire
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxError, SandboxUnavailable
+from sandbox.kubernetes_objects import (
+    ACTIVITY_ANNOTATION,
+    DEFAULT_NAMESPACE,
+    DNS_LABEL,
+    GROUP,
+    PLURAL,
+    USER_LABEL,
+    VERSION,
+    McpSandboxObjects,
+    TierOf,
+    host_port,
+    is_ready,
+    sandbox_name,
+    sandbox_spec,
+    sandbox_token,
+    spec_servers,
+    unavailable,
+)
 from sandbox.model_asks import ModelGate
 from sandbox.servers import ServerSource, ServerSpec, server_configs
 from sandbox.span_relay import SpanSink
-from sandbox.tiers import Tier
 from sandbox.tunnels import EgressPolicy
 
 log = logging.getLogger(__name__)
-
-GROUP = "mcpfleet.dev"
-VERSION = "v1alpha1"
-PLURAL = "mcpsandboxes"
-KIND = "McpSandbox"
-ACTIVITY_ANNOTATION = "mcpfleet.dev/last-activity"
-USER_LABEL = "mcpfleet.dev/user-id"
-MERGE_PATCH = "application/merge-patch+json"
-DEFAULT_NAMESPACE = "mcpfleet"
-
-TierOf = Callable[[int], Awaitable[Tier]]
-"""The user's tier (the database's, in the fleet)."""
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def sandbox_name(tenant: str, user: str) -> str:
-    """The user's McpSandbox: `<tenant>-<user>` when both are DNS labels already and the tenant has
-    no `-` (so no two users share a name), else their sanitised forms and 8 hex of a digest of both."""
-    if _DNS_LABEL.match(tenant) and _DNS_LABEL.match(user) and "-" not in tenant and len(tenant) + len(user) < 63:
-        return f"{tenant}-{user}"
-
-    def clean(text: str, most: int) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:most].strip("-") or "x"
-
-    digest = hashlib.sha256(f"{tenant}\0{user}".encode()).hexdigest()[:8]
-    return f"{clean(tenant, 20)}-{clean(user, 32)}-{digest}"
-
-
-def sandbox_token(key: bytes, namespace: str, name: str, uid: str) -> str:
-    """The supervisor's token in that sandbox's pod (the operator puts the same into its Secret):
-    derived, so the gateway needs no access to Secrets, and new with every object (its uid)."""
-    digest = hmac.new(key, f"mcpsandbox/{namespace}/{name}/{uid}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).decode()
-
-
-def sandbox_spec(
-    user_id: int, tenant: str, user: str, tier: Tier, servers: tuple[ServerSpec, ...], traces: bool = False
-) -> dict[str, Any]:
-    """The McpSandbox spec for a user (operatingMode Running). `traces`: this gateway exports traces,
-    so the pod's supervisor serves its servers a trace endpoint and relays their spans."""
-    return {
-        "user": user,
-        "tenant": tenant,
-        "userId": user_id,
-        "tier": {"name": tier.name, "cpus": tier.cpus, "memoryMb": tier.memory_mb, "pids": tier.pids, "diskMb": tier.disk_mb},
-        "servers": spec_servers(servers),
-        "operatingMode": "Running",
-        "workspace": {"size": f"{tier.disk_mb}Mi"},
-        "traces": traces,
-    }
-
-
-def spec_servers(servers: tuple[ServerSpec, ...]) -> list[dict[str, Any]]:
-    """The McpSandbox's `spec.servers`: what the user may run, by name and revision (never their
-    environment, which holds secrets and reaches a pod only over the channel), and the egress
-    hosts it declares (the operator renders them into the supervisor's config, so its proxy is
-    offered to that server; the connections are the gateway's to make)."""
-    return [
-        {
-            "name": s.name,
-            "prefix": s.name,
-            "version": s.revision,
-            "artifactSha256": s.revision if _SHA256.match(s.revision) else "",
-            "layerSha256": s.layer,
-            "layerWheels": list(s.layer_wheels),
-            "command": list(s.argv),
-            "egress": list(s.egress),  # the hosts the gateway connects it to over the channel
-            "inference": s.inference,  # its supervisor offers it the model endpoint; the gateway answers
-        }
-        for s in servers
-    ]
-
-
-def is_ready(obj: dict[str, Any]) -> bool:
-    """Ready condition True, an endpoint to connect to, and not going away."""
-    status = obj.get("status") or {}
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-    return ready and bool(status.get("endpoint")) and not (obj.get("metadata") or {}).get("deletionTimestamp")
-
-
-def _host_port(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 @dataclass
@@ -168,92 +94,6 @@ class KubeSandbox:
     @property
     def id(self) -> str:
         return self.name
-
-
-class McpSandboxObjects:
-    """McpSandbox objects in one namespace, as the gateway reads and writes them: the steps that
-    `KubernetesSandboxes` (users' sandboxes) and `KubernetesTrials` (throwaway ones) share."""
-
-    def __init__(self, api: k8s.ApiClient, namespace: str, start_timeout: float, poll_interval: float):
-        self.api = api
-        self.objects = k8s.CustomObjectsApi(api)
-        self.namespace = namespace
-        self.start_timeout = start_timeout
-        self.poll_interval = poll_interval
-
-    async def _get(self, name: str) -> dict[str, Any] | None:
-        try:
-            obj: dict[str, Any] = await self.objects.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-            return obj
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _unavailable("read", name, exc) from None
-
-    async def _create(self, name: str, spec: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": KIND,
-            "metadata": {
-                "name": name,
-                "namespace": self.namespace,
-                "labels": {"app.kubernetes.io/part-of": "mcpfleet", **labels},
-            },
-            "spec": spec,
-        }
-        try:
-            obj: dict[str, Any] = await self.objects.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
-            log.info("created sandbox %s for %s/%s", name, spec["tenant"], spec["user"])
-            return obj
-        except ApiException as exc:
-            if exc.status != 409:
-                raise _unavailable("create", name, exc) from None
-        # Another gateway replica created it first: it is the same user's, so take it as it is.
-        found = await self._get(name)
-        if found is None:
-            raise SandboxUnavailable(f"sandbox {name} was created and deleted meanwhile; try again")
-        if (found.get("spec") or {}).get("operatingMode") == "Hibernated":
-            return await self._patch(name, {"spec": {"operatingMode": "Running"}})
-        return found
-
-    async def _patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        try:
-            obj: dict[str, Any] = await self.objects.patch_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name, patch,
-                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # the stubs omit the generated client's kwargs
-            )  # fmt: skip
-            return obj
-        except ApiException as exc:
-            raise _unavailable("patch", name, exc) from None
-
-    async def _wait_ready(self, name: str) -> dict[str, Any]:
-        """Read the object every `poll_interval` until it is ready; SandboxUnavailable if it does not
-        come in time, fails or goes away. (Polling, not a watch: every API server answers a GET
-        the same way, and a start takes seconds, so a few reads cost nothing.)"""
-        try:
-            async with asyncio.timeout(self.start_timeout):
-                while True:
-                    obj = await self._get(name)
-                    if obj is None:
-                        raise SandboxUnavailable(f"sandbox {name} was deleted while starting")
-                    status = obj.get("status") or {}
-                    if status.get("state") == "Failed":
-                        raise SandboxUnavailable(f"sandbox {name} failed: {status.get('reason') or 'no reason given'}")
-                    if is_ready(obj):
-                        return obj
-                    await asyncio.sleep(self.poll_interval)
-        except TimeoutError:
-            raise SandboxUnavailable(f"sandbox {name} was not ready within {self.start_timeout:.0f}s") from None
-
-    async def _delete(self, name: str) -> bool:
-        """Delete the object (the operator's finalizer tears down what it made); False if it was gone."""
-        try:
-            await self.objects.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise _unavailable("delete", name, exc) from None
-        return True
 
 
 class KubernetesSandboxes(McpSandboxObjects):
@@ -389,7 +229,7 @@ class KubernetesSandboxes(McpSandboxObjects):
         """The McpSandbox `name` in this namespace if `token` is the one its pod holds (derived from
         its uid, compared in constant time), else None: how a pod's init container proves which
         sandbox it is (`gateway.artifact_api`). SandboxUnavailable if the API cannot be read."""
-        if not _DNS_LABEL.match(name) or len(name) > 253:
+        if not DNS_LABEL.match(name) or len(name) > 253:
             return None
         obj = await self._get(name)
         uid = ((obj or {}).get("metadata") or {}).get("uid")
@@ -473,7 +313,7 @@ class KubernetesSandboxes(McpSandboxObjects):
             client = SupervisorClient(token=token, max_result_bytes=self.max_result_bytes, egress=self.egress,
                                       models=self.models, spans=self.spans)
             held = None
-        await client.connect(*_host_port(endpoint), timeout=self.connect_timeout)
+        await client.connect(*host_port(endpoint), timeout=self.connect_timeout)
         sandbox = held or KubeSandbox(name, uid, user_id, tenant, user, client, endpoint)
         self._sandboxes[user_id] = sandbox
         log.info("sandbox %s of %s/%s connected at %s", name, tenant, user, endpoint)
@@ -492,7 +332,7 @@ class KubernetesSandboxes(McpSandboxObjects):
                 GROUP, VERSION, self.namespace, PLURAL, label_selector=f"{USER_LABEL}={user_id}"
             )
         except ApiException as exc:
-            raise _unavailable("list", f"of user {user_id}", exc) from None
+            raise unavailable("list", f"of user {user_id}", exc) from None
         # Checked here too: the label is only a way to ask for less.
         mine = [o for o in found.get("items") or [] if (o.get("spec") or {}).get("userId") == user_id]
         return mine[0] if mine else None
@@ -507,25 +347,3 @@ def _already_runs(client: SupervisorClient, wanted: tuple[ServerSpec, ...]) -> b
     that (its secrets) reaches a pod only over the channel, never through the object."""
     running = {name: status.get("revision") for name, status in client.servers.items()}
     return running == {s.name: s.revision for s in wanted} and not any(s.env or s.secrets for s in wanted)
-
-
-def _unavailable(what: str, name: str, exc: ApiException) -> SandboxUnavailable:
-    return SandboxUnavailable(f"cannot {what} McpSandbox {name}: {exc.status} {exc.reason}")
-
-
-async def api_client(kubeconfig: str | None = None) -> k8s.ApiClient:
-    """In a pod, its service account; else the kubeconfig (KUBECONFIG, ~/.kube/config)."""
-    configuration = k8s.Configuration()
-    try:
-        k8s_config.load_incluster_config(client_configuration=configuration)
-    except k8s_config.ConfigException:
-        await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    return k8s.ApiClient(configuration)
-
-
-def read_key(path: str | Path) -> bytes:
-    """The fleet's sandbox key (the Secret `mcpfleet-sandbox-key`, key `key`, mounted as a file)."""
-    key = Path(path).read_bytes().strip()
-    if len(key) < 16:
-        raise ValueError(f"the sandbox key in {path} is too short (at least 16 bytes)")
-    return key

@@ -27,7 +27,7 @@ from kubernetes_asyncio import client as k8s
 from sandbox import wire
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxUnavailable
-from sandbox.kubernetes import DEFAULT_NAMESPACE, McpSandboxObjects, _host_port, is_ready, sandbox_token, spec_servers
+from sandbox.kubernetes_objects import DEFAULT_NAMESPACE, McpSandboxObjects, host_port, is_ready, sandbox_token, spec_servers
 from sandbox.servers import ServerSpec, server_configs
 from sandbox.tiers import Tier
 
@@ -83,7 +83,7 @@ class KubernetesTrials(McpSandboxObjects):
                 token=sandbox_token(self._key, self.namespace, name, obj["metadata"]["uid"]),
                 max_result_bytes=self.max_result_bytes,
             )
-            await client.connect(*_host_port(obj["status"]["endpoint"]), timeout=self.connect_timeout)
+            await client.connect(*host_port(obj["status"]["endpoint"]), timeout=self.connect_timeout)
             await client.configure([dataclasses.asdict(c) for c in server_configs((spec,))], timeout)
             yield client, time.monotonic() - started
         finally:

@@ -32,7 +32,7 @@ import kmock
 from kubernetes_asyncio import client as k8s
 
 from sandbox.bundle import WORKSPACE
-from sandbox.kubernetes import GROUP, MERGE_PATCH, PLURAL, VERSION, sandbox_token
+from sandbox.kubernetes_objects import GROUP, MERGE_PATCH, PLURAL, VERSION, sandbox_token
 from sandbox.supervisor.config import ServerConfig, SupervisorConfig
 from tests.test_sandbox_supervisor import write_fixture
 from tests.test_sandbox_supervisor_tcp import ListeningSupervisor

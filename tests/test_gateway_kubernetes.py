@@ -35,7 +35,7 @@ from registry.fetch import SANDBOX_HEADER, FetchError, fetch_into
 from registry.service import BUILTIN_NAMESPACE, product_version
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxUnavailable
-from sandbox.kubernetes import GROUP, PLURAL, VERSION, sandbox_token
+from sandbox.kubernetes_objects import GROUP, PLURAL, VERSION, sandbox_token
 from tests.clients import connect, text_of
 from tests.conftest import make_fleet
 from tests.kube_sandboxes import (

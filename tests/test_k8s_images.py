@@ -18,7 +18,7 @@ import pytest
 from mcpfleet_operator.objects import supervisor_config
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxUnavailable
-from sandbox.kubernetes import sandbox_spec
+from sandbox.kubernetes_objects import sandbox_spec
 from sandbox.servers import PRODUCT_SERVERS
 from sandbox.tiers import Tier
 from tests.conftest import docker_engine_missing, free_port

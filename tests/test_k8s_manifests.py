@@ -296,7 +296,7 @@ def test_what_the_gateway_writes_passes_the_crd() -> None:
     (sandbox.kubernetes_trials), with a published server that declares egress hosts."""
     from registry.artifacts import server_spec
     from registry.trial import TRIAL_TIER
-    from sandbox.kubernetes import sandbox_spec
+    from sandbox.kubernetes_objects import sandbox_spec
     from sandbox.kubernetes_trials import trial_name, trial_spec
     from sandbox.tiers import Tier
 

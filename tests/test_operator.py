@@ -727,7 +727,7 @@ def test_the_config_map_is_what_the_supervisor_reads_and_what_the_gateway_would_
     .sandbox_spec); the supervisor's own parser reads it to the servers the gateway's server_configs
     gives for the same servers (bar the environment, which never goes into an object), so a pod
     started from it already runs what the gateway wants."""
-    from sandbox.kubernetes import sandbox_spec
+    from sandbox.kubernetes_objects import sandbox_spec
     from sandbox.servers import BUILTIN_SERVERS, ServerSpec, server_configs
     from sandbox.supervisor.config import SupervisorConfig
     from sandbox.tiers import Tier

@@ -28,7 +28,8 @@ from gateway.call_audit import CallAudit
 from gateway.egress import SandboxEgress
 from sandbox.errors import SandboxUnavailable
 from sandbox.factory import kubernetes_sandboxes, sandbox_manager
-from sandbox.kubernetes import ACTIVITY_ANNOTATION, GROUP, MERGE_PATCH, PLURAL, VERSION, KubernetesSandboxes, sandbox_name, sandbox_token
+from sandbox.kubernetes import KubernetesSandboxes
+from sandbox.kubernetes_objects import ACTIVITY_ANNOTATION, GROUP, MERGE_PATCH, PLURAL, VERSION, sandbox_name, sandbox_token
 from sandbox.servers import ServerSpec, StaticServers
 from sandbox.tiers import Tier
 from tests.kube_sandboxes import (
