@@ -290,6 +290,45 @@ async def test_a_memory_hog_dies_without_harming_anyone_else(manager, users, bac
     assert states == {sandbox.id: "Failed", fresh.id: "Running"}
 
 
+ORPHAN = """
+import os, time
+child = os.fork()
+if child == 0:
+    grandchild = os.fork()
+    if grandchild == 0:
+        time.sleep(1)  # outlives its parent, so it is re-parented, then exits and needs a reaper
+        print("parent", os.getppid(), flush=True)
+        os._exit(0)
+    print("pid", grandchild, flush=True)
+    os._exit(0)
+os.waitpid(child, 0)
+"""
+
+GONE = """
+import time
+deadline, state = time.monotonic() + 30, "?"
+while time.monotonic() < deadline:
+    try:
+        state = open("/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        print("reaped")
+        break
+    time.sleep(0.1)
+else:
+    print("left in state", state)
+"""
+
+
+async def test_an_orphaned_grandchild_is_reaped_by_pid_1_not_left_a_zombie(manager, users):
+    """A server's grandchild whose parent exits goes to PID 1 (tini, or the supervisor's own init
+    without it); when it exits, PID 1 must wait for it, or every such process stays a zombie, holding
+    a pid of the sandbox's limited few, until the sandbox ends."""
+    sandbox = await manager.ensure(*await users("olga"))
+    seen = dict(line.split() for line in text(await call(sandbox, "run_python", code=ORPHAN)).splitlines())
+    assert seen["parent"] == "1", seen  # re-parented to PID 1, not kept by a subreaper
+    assert text(await call(sandbox, "run_python", code=GONE.format(pid=seen["pid"]))).strip() == "reaped"
+
+
 async def test_racing_ensures_start_one_sandbox(manager, users, backend):
     dave = await users("dave")
     sandboxes = await asyncio.gather(*(manager.ensure(*dave) for _ in range(6)))
