@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,24 @@ def init_argv() -> tuple[str, ...]:
     return ()
 
 
+@functools.cache
+def compile_packages(python: Path, packages: tuple[Path, ...]) -> None:
+    """Byte-compile the product's packages on the host, once per process, by the sandbox's own Python
+    (its version names the .pyc files). They are bound read-only, so a sandbox cannot write the .pyc
+    of a module it imports: without them, each supervisor compiled its modules from source at every
+    start, which left a fresh sandbox holding about 9 MiB more (PSS, bench/fresh_memory.py).
+    Where the packages cannot be written (an install owned by root, which pip compiled), nothing changes."""
+    try:
+        done = subprocess.run(
+            [str(python), "-I", "-m", "compileall", "-q", *map(str, packages)], capture_output=True, text=True, timeout=300
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("the product's packages were not byte-compiled: %s", exc)
+        return
+    if done.returncode != 0:
+        log.info("the product's packages were not all byte-compiled: %s", (done.stdout + done.stderr).strip()[-500:])
+
+
 def supervisor_argv() -> list[str]:
     python = [f"{BIN}/python", *PYTHON_FLAGS, "-m", "sandbox.supervisor", f"{wire.CHANNEL_DIR}/{wire.CONFIG_NAME}"]
     return [*init_argv(), *python]
@@ -158,7 +177,9 @@ def system_binds(runtime: PythonRuntime) -> list[Bind]:
         binds.append(Bind(runtime.prefix, str(runtime.prefix)))
     for i, path in enumerate(runtime.site_packages):
         binds.append(Bind(path, _site_inside(i)))
-    for name, path in product_packages().items():
+    packages = product_packages()
+    compile_packages(runtime.executable, tuple(packages.values()))
+    for name, path in packages.items():
         binds.append(Bind(path, f"{LIB}/{name}"))
     if Path(NODE, "bin", "node").exists():  # a host without it runs no npm server (onboarding refuses them)
         binds.append(Bind(Path(NODE), NODE))
