@@ -6,7 +6,7 @@ import sys
 # their import fail at once. Only this process: what it executes (the fork server, each server) is a
 # Python of its own and imports them as usual.
 for _unused in ("ssl", "_ssl", "_hashlib", "bz2", "lzma"):
-    sys.modules.setdefault(_unused, None)  # type: ignore[assignment]
+    sys.modules.setdefault(_unused, None)  # type: ignore[arg-type]
 
 from sandbox.supervisor.main import main  # noqa: E402 - after the above, which must come before asyncio
 
