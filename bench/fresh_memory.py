@@ -48,6 +48,8 @@ INSIDE_RSS = "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(tr '\\0' ' ' < $p/c
 
 
 def inside_role(pid: int, cmdline: str) -> str:
+    if pid == 1 and "tini" in cmdline.split(" ", 1)[0]:
+        return "init (PID 1: tini, reaps orphans)"
     if pid == 1:
         return "init (PID 1: a fork of the supervisor's Python that reaps orphans)"
     if "sandbox.supervisor.zygote" in cmdline:

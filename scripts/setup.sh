@@ -12,6 +12,8 @@ need_apt=()
 command -v runsc >/dev/null 2>&1 || need_apt+=(runsc)
 # Sandboxes take `ls` and `stat` from busybox: this runsc refuses coreutils' statx (sandbox/bundle.py).
 command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
+# PID 1 of every sandbox is tini's static build (sandbox/bundle.py `INIT`), not a second Python.
+[ -x /usr/bin/tini-static ] || need_apt+=(tini)
 # Workspaces with a disk quota are ext4 images (sandbox/workspaces.py); without e2fsprogs they have none.
 command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 # The admin page's tests drive Debian's chromium with Playwright (tests/browser.py); no browser of Playwright's own.

@@ -290,6 +290,62 @@ async def test_a_memory_hog_dies_without_harming_anyone_else(manager, users, bac
     assert states == {sandbox.id: "Failed", fresh.id: "Running"}
 
 
+ORPHAN = """
+import os, time
+child = os.fork()
+if child == 0:
+    grandchild = os.fork()
+    if grandchild == 0:
+        time.sleep(1)  # outlives its parent, so it is re-parented, then exits and needs a reaper
+        print("parent", os.getppid(), flush=True)
+        os._exit(0)
+    print("pid", grandchild, flush=True)
+    os._exit(0)
+os.waitpid(child, 0)
+"""
+
+GONE = """
+import time
+deadline, state = time.monotonic() + 30, "?"
+while time.monotonic() < deadline:
+    try:
+        state = open("/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        print("reaped")
+        break
+    time.sleep(0.1)
+else:
+    print("left in state", state)
+"""
+
+
+async def test_an_orphaned_grandchild_is_reaped_by_pid_1_not_left_a_zombie(manager, users):
+    """A server's grandchild whose parent exits goes to PID 1 (tini, or the supervisor's own init
+    without it); when it exits, PID 1 must wait for it, or every such process stays a zombie, holding
+    a pid of the sandbox's limited few, until the sandbox ends."""
+    sandbox = await manager.ensure(*await users("olga"))
+    seen = dict(line.split() for line in text(await call(sandbox, "run_python", code=ORPHAN)).splitlines())
+    assert seen["parent"] == "1", seen  # re-parented to PID 1, not kept by a subreaper
+    assert text(await call(sandbox, "run_python", code=GONE.format(pid=seen["pid"]))).strip() == "reaped"
+
+
+FRESH_PYC = """
+import importlib.util, os, struct, sandbox.supervisor.main as module
+source = os.stat(module.__file__)
+with open(importlib.util.cache_from_source(module.__file__), "rb") as f:
+    head = f.read(16)
+print(head[:4] == importlib.util.MAGIC_NUMBER, struct.unpack("<II", head[8:16]) == (int(source.st_mtime), source.st_size))
+"""
+
+
+async def test_the_supervisors_modules_are_byte_compiled_for_the_sandboxs_python(manager, users):
+    """The product's packages are read-only inside, so a sandbox cannot write their .pyc: the host
+    compiles them (`sandbox.bundle.compile_packages`), or every supervisor compiles its modules from
+    source at its start, slower and holding more memory."""
+    sandbox = await manager.ensure(*await users("alice"))
+    assert text(await call(sandbox, "run_python", code=FRESH_PYC)).split() == ["True", "True"]
+
+
 async def test_racing_ensures_start_one_sandbox(manager, users, backend):
     dave = await users("dave")
     sandboxes = await asyncio.gather(*(manager.ensure(*dave) for _ in range(6)))

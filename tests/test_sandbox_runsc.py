@@ -73,6 +73,22 @@ async def test_a_sandbox_killed_from_outside_fails_the_call_and_is_replaced(mana
     assert not backend.stray_processes(keep={s.id for s in manager.running})
 
 
+async def test_pid_1_is_tini_and_passes_sigterm_to_the_supervisor_which_ends_the_sandbox(manager, users, backend):
+    """`destroy(grace=...)` sends SIGTERM to the sandbox's PID 1 (`runsc kill`): it must reach the
+    supervisor, which stops its servers and exits, and its exit must end the sandbox, all before
+    the grace runs out and SIGKILL is sent."""
+    sandbox = await manager.ensure(*await users("tess"))
+    code, out = await backend._run("exec", sandbox.id, "/bin/cat", "/proc/1/cmdline")
+    assert code == 0 and out.split("\0")[0] == "/usr/bin/tini-static", out  # not a second Python
+    assert (await backend._run("kill", sandbox.id, "TERM"))[0] == 0
+    for _ in range(600):
+        if not await backend.is_alive(sandbox.id):
+            break
+        await asyncio.sleep(0.1)
+    assert not await backend.is_alive(sandbox.id)
+    assert "stopping" in (sandbox.layout.dir / "console.log").read_text(errors="replace")
+
+
 DIRECT_CALLS = """
 import json, statistics, subprocess, sys, time
 argv = [sys.executable, "-m", "mcp_servers.workspace"]

@@ -340,6 +340,20 @@ async def test_catalog_lists_tools_and_is_cached(supervised):
     assert again["fixture"] is fixture
 
 
+UNUSED_LIBRARIES = ("libssl", "libcrypto", "_ssl.", "_hashlib.", "liblzma", "libbz2")
+"""What the supervisor never needs (no TLS, no compression) and keeps out of its memory (`sandbox.supervisor.__main__`)."""
+
+
+async def test_the_supervisor_keeps_openssl_and_compression_libraries_out_of_its_memory(supervised):
+    """An idle sandbox's memory is mostly its supervisor's (bench/fresh_memory.py), so it loads no
+    library it never uses; the servers it starts are Pythons of their own and import them as usual."""
+    supervisor, client = supervised
+    maps = Path(f"/proc/{supervisor.process.pid}/maps").read_text()
+    assert [lib for lib in UNUSED_LIBRARIES if lib in maps] == []
+    code = "import hashlib, lzma, ssl; print(hashlib.sha256(lzma.compress(b'x')).hexdigest() != '', ssl.OPENSSL_VERSION[:7])"
+    assert text(await tool(client, "run_python", code=code)).split() == ["True", "OpenSSL"]
+
+
 async def test_result_is_passed_through_raw(supervised, workdir):
     _, client = supervised
     params = {"name": "whoami", "arguments": {}}
