@@ -13,8 +13,8 @@ TAG=${1:-dev}
 BASE=${MCPFLEET_BASE_IMAGE:-mcpfleet-base:local}
 
 python=$(readlink -f /usr/bin/python3)   # e.g. /usr/bin/python3.11: Debian's, not a pyenv one
-# libstdc++6: for Node (servers added from npm, in the sandbox image).
-roots=(dash coreutils ca-certificates libstdc++6 "$(dpkg -S "$python" | cut -d: -f1)" "$(basename "$python")-venv" python3-venv)
+# libstdc++6: for Node (servers added from npm, in the sandbox image); tini: the sandbox pod's PID 1.
+roots=(dash coreutils ca-certificates libstdc++6 tini "$(dpkg -S "$python" | cut -d: -f1)" "$(basename "$python")-venv" python3-venv)
 # A base made from other roots (an older version of this script) is made again.
 if [ "$(docker image inspect -f '{{ index .Config.Labels "mcpfleet.roots" }}' "$BASE" 2>/dev/null)" != "${roots[*]}" ]; then
   # Every installed package those need, without recommends: the image's whole userland.
