@@ -17,6 +17,10 @@ in a loop whatever the sandbox does (gVisor fixed it upstream in 2026-06, "systr
 path monitor when the sandbox is idle", google/gvisor#13470). On ptrace the same bare sandbox costs
 nothing measurable. The supervisor and servers add nothing measurable on top of the floor.
 
+A third window freezes the fleet sandboxes in their cgroup v1 freezer (runsc puts each in
+`<cgroup parent>/<id>` there as in every controller): they then cost nothing, keep their memory, and
+after the thaw the bench checks that each reconnects and answers a `tools/call` (--no-freeze skips it).
+
     .venv/bin/python bench/idle_cpu.py [--sandboxes 5] [--bare 2] [--window 30] [--no-ptrace] [--keep]
 
 Everything lives in a temporary home under /tmp with its own runsc roots, cgroup parent and embedded
@@ -184,6 +188,52 @@ def stop_bare(backend: RunscBackend, root: Path, platform: str, sandbox_id: str)
             subprocess.run([backend.runsc, *flags, *command], capture_output=True, timeout=60)
 
 
+# -- a lever: the cgroup freezer ---------------------------------------------------------------------
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+"""cgroup v1's freezer, where runsc puts each sandbox (`cgroup_parent/<id>`) as in every controller."""
+
+
+def set_frozen(cgroup_parent: str, sandbox_id: str, frozen: bool) -> None:
+    state = FREEZER / cgroup_parent.lstrip("/") / sandbox_id / "freezer.state"
+    state.write_text("FROZEN" if frozen else "THAWED")
+    deadline = time.monotonic() + 30
+    while state.read_text().strip() != ("FROZEN" if frozen else "THAWED"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{state} did not reach {'FROZEN' if frozen else 'THAWED'}")
+        time.sleep(0.05)
+
+
+async def frozen_window(
+    manager: SandboxManager, backend: RunscBackend, cgroup_parent: str, sandboxes: list[Sandbox], groups: list[Group], window: float
+) -> None:
+    """The fleet sandboxes frozen in their cgroup (nothing of them runs, memory kept), then thawed
+    and called again: what an idle sandbox would cost if the fleet froze it instead of leaving it."""
+    if not (FREEZER / cgroup_parent.lstrip("/")).is_dir():
+        print("\n(no cgroup v1 freezer for the sandboxes here: the frozen window is skipped)")
+        return
+    thawed = []
+    try:
+        for sandbox in sandboxes:
+            set_frozen(cgroup_parent, sandbox.id, True)
+            thawed.append(sandbox)
+        await measure(groups, window)
+    finally:
+        for sandbox in thawed:
+            set_frozen(cgroup_parent, sandbox.id, False)
+    report("fleet sandboxes frozen by the cgroup v1 freezer (the bare ones as before)", groups, groups[1])
+    for sandbox in sandboxes:
+        await sandbox.client.listen()
+    for sandbox in sandboxes:  # alive after the thaw: the supervisor reconnects and a server answers
+        deadline = time.monotonic() + 60
+        while not sandbox.client.connected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{sandbox.id} did not reconnect within 60 s of its thaw")
+            await asyncio.sleep(0.1)
+        await first_result(sandbox)
+    print("\nevery fleet sandbox answered a tools/call after its thaw")
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -233,6 +283,8 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
         await asyncio.sleep(SETTLE_S)
         await measure(groups, args.window)
         report("gateway's end of each channel closed (the sandbox alone)", groups, groups[1])
+        if args.freeze:
+            await frozen_window(manager, backend, cgroup_parent, sandboxes, groups, args.window)
         print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         for platform, root, sandbox_id in bare:
@@ -265,6 +317,7 @@ if __name__ == "__main__":
     cli.add_argument("--bare", type=int, default=2, help="bare `sleep infinity` sandboxes per platform (default 2)")
     cli.add_argument("--window", type=float, default=30.0, help="seconds per measuring window (default 30)")
     cli.add_argument("--no-ptrace", dest="ptrace", action="store_false", help="skip the bare sandboxes on ptrace")
+    cli.add_argument("--no-freeze", dest="freeze", action="store_false", help="skip the window with the fleet sandboxes frozen")
     cli.add_argument("--keep", action="store_true", help="keep the temporary home (logs, database)")
     cli.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
     args = cli.parse_args()
