@@ -6,6 +6,12 @@ as the fallback. The platform is chosen by measurement on this machine (bench/sa
 the new runsc's systrap costs about 2 µs per system call against 70-90 µs for ptrace, and ptrace
 is the only platform the old runsc offers without KVM.
 
+Systrap has an idle cost that ptrace has not: on this runsc every sandbox's sentry wakes about
+3,000 times a second with nothing to do (systrap's fast-path monitor sleeps 400 µs in a loop;
+parked when idle only in gVisor releases after google/gvisor#13470, 2026-06), about 2 % of a core
+per sandbox here, the same for a bare `sleep infinity` as for a fleet sandbox; on ptrace it is
+nothing measurable. A sandbox frozen in its cgroup, or hibernated, costs nothing (bench/idle_cpu.py).
+
     MCPFLEET_RUNSC           path of the runsc to run (default: the pinned one if unpacked, else `runsc`)
     MCPFLEET_RUNSC_PLATFORM  systrap, ptrace or kvm (default: systrap where runsc has it, else ptrace)
     MCPFLEET_RUNSC_COMPRESS_CHECKPOINTS  1: runsc's default, compressed checkpoint state (slower to save)
