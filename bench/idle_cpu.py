@@ -5,7 +5,7 @@ the same bare sandbox on the ptrace platform, all measured in the same windows.
 
 CPU is utime+stime from /proc/<pid>/stat of every host process of a sandbox (the runsc sandbox
 process with the sentry, the gofer, the systrap stubs), over a fixed window, as a percentage of one
-core. Two windows: with the gateway's channel attached (as the fleet keeps an idle sandbox), then
+core. Windows: with the gateway's channel attached (as the fleet keeps an idle sandbox), then
 with the gateway's end of every channel closed (the supervisor alone; it retries connecting on its
 own backoff). The sentry's context switches per second (all its threads, voluntary and not) say how
 often it wakes.
@@ -17,9 +17,10 @@ in a loop whatever the sandbox does (gVisor fixed it upstream in 2026-06, "systr
 path monitor when the sandbox is idle", google/gvisor#13470). On ptrace the same bare sandbox costs
 nothing measurable. The supervisor and servers add nothing measurable on top of the floor.
 
-A third window freezes the fleet sandboxes in their cgroup v1 freezer (runsc puts each in
-`<cgroup parent>/<id>` there as in every controller): they then cost nothing, keep their memory, and
-after the thaw the bench checks that each reconnects and answers a `tools/call` (--no-freeze skips it).
+Between the two, a window with the fleet sandboxes frozen by the fleet's own sweep
+(`SandboxManager.freeze_idle`, as `MCPFLEET_IDLE_FREEZE_S` does it): they then cost nothing and keep
+their memory, and each is then called through its channel, which thaws it, and must answer a
+`tools/call` (--no-freeze skips it).
 
     .venv/bin/python bench/idle_cpu.py [--sandboxes 5] [--bare 2] [--window 30] [--no-ptrace] [--keep]
 
@@ -188,50 +189,31 @@ def stop_bare(backend: RunscBackend, root: Path, platform: str, sandbox_id: str)
             subprocess.run([backend.runsc, *flags, *command], capture_output=True, timeout=60)
 
 
-# -- a lever: the cgroup freezer ---------------------------------------------------------------------
-
-FREEZER = Path("/sys/fs/cgroup/freezer")
-"""cgroup v1's freezer, where runsc puts each sandbox (`cgroup_parent/<id>`) as in every controller."""
+# -- the lever: the fleet freezes idle sandboxes (sandbox.freezing) ---------------------------------
 
 
-def set_frozen(cgroup_parent: str, sandbox_id: str, frozen: bool) -> None:
-    state = FREEZER / cgroup_parent.lstrip("/") / sandbox_id / "freezer.state"
-    state.write_text("FROZEN" if frozen else "THAWED")
-    deadline = time.monotonic() + 30
-    while state.read_text().strip() != ("FROZEN" if frozen else "THAWED"):
+async def frozen_window(manager: SandboxManager, backend: RunscBackend, sandboxes: list[Sandbox], groups: list[Group], window: float) -> None:
+    """The fleet sandboxes frozen by the fleet's own sweep (idle by calls and by CPU), measured, then
+    each called through its channel, which thaws it: what an idle sandbox costs as the fleet keeps it."""
+    wanted = {s.id for s in sandboxes}
+    frozen: set[str] = set()
+    deadline = time.monotonic() + 60
+    while frozen != wanted:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{state} did not reach {'FROZEN' if frozen else 'THAWED'}")
-        time.sleep(0.05)
-
-
-async def frozen_window(
-    manager: SandboxManager, backend: RunscBackend, cgroup_parent: str, sandboxes: list[Sandbox], groups: list[Group], window: float
-) -> None:
-    """The fleet sandboxes frozen in their cgroup (nothing of them runs, memory kept), then thawed
-    and called again: what an idle sandbox would cost if the fleet froze it instead of leaving it."""
-    if not (FREEZER / cgroup_parent.lstrip("/")).is_dir():
-        print("\n(no cgroup v1 freezer for the sandboxes here: the frozen window is skipped)")
-        return
-    thawed = []
-    try:
-        for sandbox in sandboxes:
-            set_frozen(cgroup_parent, sandbox.id, True)
-            thawed.append(sandbox)
-        await measure(groups, window)
-    finally:
-        for sandbox in thawed:
-            set_frozen(cgroup_parent, sandbox.id, False)
-    report("fleet sandboxes frozen by the cgroup v1 freezer (the bare ones as before)", groups, groups[1])
-    for sandbox in sandboxes:
-        await sandbox.client.listen()
-    for sandbox in sandboxes:  # alive after the thaw: the supervisor reconnects and a server answers
-        deadline = time.monotonic() + 60
-        while not sandbox.client.connected:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{sandbox.id} did not reconnect within 60 s of its thaw")
-            await asyncio.sleep(0.1)
+            if not frozen:
+                print("\n(no sandbox could be frozen here, no cgroup freezer? the frozen window is skipped)")
+                return
+            raise RuntimeError(f"not frozen within 60 s: {sorted(wanted - frozen)}")
+        frozen |= set(await manager.freeze_idle())
+        await asyncio.sleep(1.0)
+    await measure(groups, window)
+    report("fleet sandboxes frozen by the fleet (MCPFLEET_IDLE_FREEZE_S; the bare ones as before)", groups, groups[1])
+    for sandbox in sandboxes:  # the call thaws it on its way in; a server answers
+        started = time.perf_counter()
         await first_result(sandbox)
-    print("\nevery fleet sandbox answered a tools/call after its thaw")
+        if backend.is_frozen(sandbox.id):
+            raise RuntimeError(f"{sandbox.id} answered but is still frozen")
+        print(f"{sandbox.id}: thawed and answered a tools/call in {(time.perf_counter() - started) * 1000:.1f} ms")
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -254,7 +236,8 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
     cgroup_parent = f"/mcpfleet-idle-{os.getpid()}"
     backend = RunscBackend(home / "runsc", cgroup_parent=cgroup_parent, python=sandbox_python())
     print(f"runsc {backend.runsc} (gVisor {backend.gvisor.release}), platform {backend.platform}; flags {' '.join(backend._flags()[2:])}")
-    lifecycle = Lifecycle(warm_pool_size=0, max_running=max(50, args.sandboxes + 2), housekeeping_interval_s=3600.0)
+    lifecycle = Lifecycle(warm_pool_size=0, max_running=max(50, args.sandboxes + 2), housekeeping_interval_s=3600.0,
+                          idle_freeze_s=1.0 if args.freeze else 0.0)  # the bench sweeps itself
     manager = SandboxManager(home, pool, backend, list(BUILTIN_SERVERS), lifecycle=lifecycle)
     floors = [(backend.platform, home / "bare")] + ([("ptrace", home / "bare-p")] if args.ptrace and backend.platform != "ptrace" else [])
     bundle = bare_bundle(home / "bare-bundle", backend.runsc)
@@ -275,7 +258,9 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
         await asyncio.sleep(SETTLE_S)
         print(f"\nload average before the windows: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; window {args.window:.0f} s each")
         await measure(groups, args.window)
-        report("gateway attached (an idle user's sandbox as the fleet keeps it)", groups, groups[1])
+        report("gateway attached, freezing off (an idle user's sandbox as the fleet kept it before)", groups, groups[1])
+        if args.freeze:
+            await frozen_window(manager, backend, sandboxes, groups, args.window)
         for sandbox in sandboxes:
             await sandbox.client.close()
         for pids in full.pids_of.values():
@@ -283,8 +268,6 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
         await asyncio.sleep(SETTLE_S)
         await measure(groups, args.window)
         report("gateway's end of each channel closed (the sandbox alone)", groups, groups[1])
-        if args.freeze:
-            await frozen_window(manager, backend, cgroup_parent, sandboxes, groups, args.window)
         print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         for platform, root, sandbox_id in bare:

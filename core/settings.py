@@ -55,6 +55,8 @@ class Settings:
     k8s_start_timeout_s: int = 300
     """kubernetes: how long a call waits for its sandbox to be Ready (a pod scheduled, pulled, started)."""
     idle_hibernate_s: int = 600
+    idle_freeze_s: int = 60
+    """runsc: freeze a sandbox with no call this long and nothing running inside (0: never); the next message thaws it."""
     reclaim_after_s: int = 7 * 86400
     workspace_retention: str = "keep"
     """On reclaim: "keep" the user's workspace, or "delete" it."""
@@ -169,6 +171,7 @@ def load_settings(**overrides: object) -> Settings:
         "sandbox_key_file": Path(os.environ["MCPFLEET_SANDBOX_KEY_FILE"]) if os.environ.get("MCPFLEET_SANDBOX_KEY_FILE") else None,
         "k8s_start_timeout_s": _positive("MCPFLEET_K8S_START_TIMEOUT_S", 300),
         "idle_hibernate_s": _int("MCPFLEET_IDLE_HIBERNATE_S", 600),
+        "idle_freeze_s": _int("MCPFLEET_IDLE_FREEZE_S", 60),
         "reclaim_after_s": _int("MCPFLEET_RECLAIM_AFTER_S", 7 * 86400),
         "workspace_retention": _choice("MCPFLEET_WORKSPACE_RETENTION", ("keep", "delete"), "keep"),
         "warm_pool_size": _int("MCPFLEET_WARM_POOL_SIZE", 2),

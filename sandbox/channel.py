@@ -33,11 +33,15 @@ HEAD = 64
 
 
 class Connection:
-    def __init__(self, writer: asyncio.StreamWriter):
+    def __init__(self, writer: asyncio.StreamWriter, wake: Callable[[], None] | None = None):
+        """`wake` is called before each message: a frozen sandbox is thawed to take it."""
         self.writer = writer
+        self.wake = wake
 
     def send(self, message: wire.GatewayMessage) -> None:
         if not self.writer.is_closing():
+            if self.wake is not None:
+                self.wake()
             self.writer.write(wire.encode(message))
 
     def close(self) -> None:

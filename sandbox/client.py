@@ -103,6 +103,8 @@ class SupervisorClient:
         self._listeners: list[Callable[[SandboxEvent], Any]] = []
         self._detached = False
         self._reading: asyncio.Task[None] | None = None
+        self.wake: Callable[[], None] | None = None
+        """Called before every message to the supervisor (the manager sets it to thaw a frozen sandbox)."""
         self.tunnels = TunnelRelay(egress) if egress is not None else None
         self.model_asks = ModelRelay(models)
         self.spans = SpanRelay(spans)
@@ -190,6 +192,10 @@ class SupervisorClient:
             raise SandboxUnavailable(f"the supervisor at {self.address} did not say hello (was the token right?)")
         self._reading = reading
 
+    def _wake(self) -> None:
+        if self.wake is not None:
+            self.wake()
+
     @property
     def connected(self) -> bool:
         return self._ready.is_set()
@@ -234,7 +240,7 @@ class SupervisorClient:
         self._fail_calls(None, "the gateway closed the channel")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = Connection(writer)
+        connection = Connection(writer, self._wake)
         lines = LineReader(reader, self.max_result_bytes, self._too_long, self._unwanted)
         try:
             hello = await asyncio.wait_for(lines.next(), HELLO_TIMEOUT)

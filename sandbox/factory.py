@@ -130,14 +130,16 @@ def database_tiers(pool: AsyncConnectionPool) -> TierOf:
 
 def lifecycle(settings: Settings) -> Lifecycle:
     idle = settings.idle_hibernate_s
+    waits = [s for s in (idle, settings.idle_freeze_s) if s > 0]
     return Lifecycle(
         idle_hibernate_s=idle,
+        idle_freeze_s=settings.idle_freeze_s,
         reclaim_after_s=settings.reclaim_after_s,
         delete_workspace_on_reclaim=settings.workspace_retention == "delete",
         warm_pool_size=settings.warm_pool_size,
         max_running=settings.max_running,
-        # Often enough that an idle sandbox hibernates within a quarter of its idle time.
-        housekeeping_interval_s=max(1.0, min(30.0, idle / 4 if idle > 0 else 30.0)),
+        # Often enough that an idle sandbox hibernates (or freezes) within a quarter of its idle time.
+        housekeeping_interval_s=max(1.0, min(30.0, *(s / 4 for s in waits))),
     )
 
 

@@ -36,6 +36,7 @@ class Managed(Protocol):
     def idle_since(self, now: datetime, seconds: float) -> list[Sandbox]: ...
     async def flush_usage(self) -> None: ...
     def refill_pool(self) -> None: ...
+    async def freeze_idle(self) -> list[str]: ...
 
 
 class Housekeeper:
@@ -68,6 +69,7 @@ class Housekeeper:
     async def sweep(self) -> None:
         await self.take_requests()
         await self.hibernate_idle()
+        await self.manager.freeze_idle()
         await self.reclaim_unused()
         self.manager.refill_pool()
 

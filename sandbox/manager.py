@@ -42,10 +42,11 @@ from psycopg_pool import AsyncConnectionPool
 from core.tasks import Tasks
 from sandbox import mounts as hostmounts
 from sandbox import recovery, store, tiers, wire
-from sandbox.backends.base import SandboxBackend
+from sandbox.backends.base import Freezing, SandboxBackend
 from sandbox.boot import START_BOOST_S
 from sandbox.capacity import Capacity
 from sandbox.errors import SandboxUnavailable
+from sandbox.freezing import IdleFreezer
 from sandbox.housekeeping import Housekeeper
 from sandbox.layout import SandboxLayout
 from sandbox.model_asks import ModelGate
@@ -85,6 +86,8 @@ class Lifecycle:
     max_running: int = 50
     """Running sandboxes on this node, the warm pool included."""
     housekeeping_interval_s: float = 30.0
+    idle_freeze_s: float = 0.0
+    """Freeze a running sandbox idle by calls this long and by CPU (`sandbox.freezing`); 0: never."""
 
 
 class SandboxManager:
@@ -146,6 +149,11 @@ class SandboxManager:
         self._tasks = Tasks()
         self._closing = False
         self.housekeeper = Housekeeper(self, database_url)
+        self.freezer = IdleFreezer(backend, lifecycle.idle_freeze_s) if isinstance(backend, Freezing) and lifecycle.idle_freeze_s > 0 else None
+
+    async def freeze_idle(self) -> list[str]:
+        """Freeze the sandboxes idle by calls and by CPU (`sandbox.freezing`); the ids frozen now."""
+        return await self.freezer.sweep(self.running) if self.freezer is not None and not self._closing else []
 
     # -- gateway lifecycle ----------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -21,7 +22,7 @@ import psycopg
 
 from core.tasks import Tasks
 from sandbox import wire
-from sandbox.backends.base import SandboxBackend, SandboxSpec
+from sandbox.backends.base import Freezing, SandboxBackend, SandboxSpec
 from sandbox.boot import START_BOOST_S, boot, prepare, wait_ready
 from sandbox.client import SupervisorClient
 from sandbox.errors import SandboxUnavailable
@@ -100,10 +101,13 @@ class Steps:
         return SandboxLayout(self.home, sandbox_id)
 
     def client(self, layout: SandboxLayout, token: str) -> SupervisorClient:
-        return SupervisorClient(
+        client = SupervisorClient(
             layout.socket, token=token, socket_owner=(self.uid, self.gid), max_result_bytes=self.max_result_bytes,
             egress=self.egress, models=self.models, spans=self.spans,
         )
+        if isinstance(self.backend, Freezing):  # a frozen sandbox is thawed before anything is sent to it
+            client.wake = functools.partial(self.backend.thaw, layout.sandbox_id)
+        return client
 
     def spec(self, sandbox: Sandbox) -> SandboxSpec:
         return SandboxSpec(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from sandbox.limits import Limits
 
@@ -77,3 +77,20 @@ class SandboxBackend(Protocol):
 
     async def memory_bytes(self, sandbox_id: str) -> int | None:
         """Host memory the sandbox holds now (resident set of its processes), if known."""
+
+
+@runtime_checkable
+class Freezing(Protocol):
+    """A backend that can stop a running sandbox's processes in place and let them go on
+    (`sandbox.backends.freezer`): the manager freezes sandboxes idle by calls and by CPU."""
+
+    async def freeze(self, sandbox_id: str) -> bool:
+        """True if its processes are stopped now (False: left running, e.g. no freezer here)."""
+
+    def thaw(self, sandbox_id: str) -> None:
+        """Let it go on; a no-op for a sandbox that is not frozen. Quick: called before every message."""
+
+    def is_frozen(self, sandbox_id: str) -> bool: ...
+
+    def cpu_seconds(self, sandbox_id: str) -> float | None:
+        """CPU time its processes have used (None if unknown)."""

@@ -22,6 +22,7 @@ import signal
 from pathlib import Path
 
 from sandbox.backends.base import Container, SandboxSpec
+from sandbox.backends.freezer import CgroupFreezer
 from sandbox.bundle import CPU_QUOTA_ANNOTATION, ROOT_OVERLAY, build_bundle
 from sandbox.errors import SandboxUnavailable
 from sandbox.gvisor import choose
@@ -33,6 +34,8 @@ COMMAND_TIMEOUT = 60.0
 EXIT_WAIT = 10.0
 """How long `destroy` waits for a killed sandbox's processes to finish exiting."""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+THAWING_COMMANDS = frozenset({"exec", "kill", "checkpoint", "delete", "ps", "events", "debug", "pause", "resume"})
+"""runsc commands that reach into a running sandbox (a frozen one would not answer them): it is thawed first."""
 
 
 class RunscError(SandboxUnavailable):
@@ -74,12 +77,17 @@ class RunscBackend:
         self.quick_restore = quick_restore
         self._bundles: dict[str, Path] = {}
         """The bundle of each sandbox this backend started or restored, by id (`settle` reads it)."""
+        self.freezer = CgroupFreezer(self.cgroup_parent)
+        self._frozen: set[str] = set()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _flags(self) -> list[str]:
         return ["--root", str(self.root), "--network=none", "--host-uds=open", ROOT_OVERLAY, f"--platform={self.platform}"]
 
     async def _run(self, *args: str, log_file: Path | None = None, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str]:
+        if args and args[0] in THAWING_COMMANDS:
+            for arg in args[1:]:
+                self.thaw(arg)
         argv = [self.runsc, *self._flags()]
         if log_file is not None:
             argv += ["--log", str(log_file)]
@@ -183,6 +191,7 @@ class RunscBackend:
             await asyncio.sleep(0.02)
         self._remove_cgroups(sandbox_id)
         self._bundles.pop(sandbox_id, None)
+        self._frozen.discard(sandbox_id)
 
     async def settle(self, sandbox_id: str) -> None:
         bundle = self._bundles.get(sandbox_id) if self.quick_restore else None
@@ -308,6 +317,34 @@ class RunscBackend:
     def host_processes(self, sandbox_id: str) -> builtins.list[int]:
         """The host pids of the sandbox's runsc processes (its sentry and gofer, and runsc commands on it)."""
         return [pid for pid, argv in runsc_processes(self.root) if any(sandbox_id in arg for arg in argv)]
+
+    # -- freezing an idle sandbox (sandbox.backends.freezer says why) -----------------------------
+
+    async def freeze(self, sandbox_id: str) -> bool:
+        """Stop the sandbox's processes in place; True if they are stopped now. Anything sent to it
+        must `thaw` it first (its client does, before every message: `SupervisorClient.wake`)."""
+        if sandbox_id in self._frozen:
+            return True
+        # Marked before the freezer is written: a message sent while the freeze settles thaws it
+        # (`thaw` sees the mark), and the freeze then gives up instead of stopping a sandbox with a call.
+        self._frozen.add(sandbox_id)
+        if not await self.freezer.freeze(sandbox_id, lambda: sandbox_id in self._frozen):
+            self.thaw(sandbox_id)
+            return False
+        return True
+
+    def thaw(self, sandbox_id: str) -> None:
+        """Let a frozen sandbox go on; nothing to do for one that is not frozen (the usual case: a set lookup)."""
+        if sandbox_id in self._frozen:
+            self._frozen.discard(sandbox_id)
+            self.freezer.thaw(sandbox_id)
+
+    def is_frozen(self, sandbox_id: str) -> bool:
+        return sandbox_id in self._frozen
+
+    def cpu_seconds(self, sandbox_id: str) -> float | None:
+        """CPU time the sandbox has used (its cgroup's count), None if unknown."""
+        return self.freezer.cpu_seconds(sandbox_id)
 
     async def run_inside(self, sandbox_id: str, command: str, user: tuple[int, int] | None = None) -> tuple[int, str]:
         """`/bin/sh -c command` in the running sandbox, as `user` (uid, gid) or its root: the exit code and
