@@ -26,7 +26,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from sandbox import store, tiers
-from sandbox.backends.base import Container
+from sandbox.backends.base import Container, Freezing
 from sandbox.layout import SandboxLayout, drop_channel, forget
 from sandbox.running import Running
 from sandbox.steps import Steps
@@ -42,6 +42,9 @@ async def recover(steps: Steps, running: Running, pool: AsyncConnectionPool) -> 
     async with pool.connection() as conn:
         rows = await store.live_sandboxes(conn, backend.name)
         tier_by_name = {r["name"]: tiers.Tier.from_row(r) for r in await tiers.list_tiers(conn)}
+    if isinstance(backend, Freezing) and (thawed := backend.thaw_all()):
+        # Left frozen by the gateway before this one: `runsc list` would wait on them, their supervisors never reconnect.
+        log.info("thawed %d sandboxes a previous gateway had frozen", len(thawed))
     containers = {c.id: c for c in await backend.list()}
     outcomes = await asyncio.gather(
         *(_recover_one(steps, running, row, containers.get(row["id"]), tier_by_name) for row in rows)

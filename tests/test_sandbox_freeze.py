@@ -10,8 +10,9 @@ import shutil
 import pytest
 
 from sandbox.backends.freezer import CgroupFreezer
+from sandbox.backends.runsc import RunscBackend
 from sandbox.manager import SandboxManager
-from tests.test_sandbox_lifecycle import call, fleets, sh  # noqa: F401 - fleets is a fixture
+from tests.test_sandbox_lifecycle import call, fleets, gateway_dies, sh  # noqa: F401 - fleets is a fixture
 from tests.test_sandbox_supervisor import text
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
@@ -109,6 +110,24 @@ async def test_a_message_sent_while_a_freeze_settles_wins(fleets):
     await freezing
     assert not fleet.backend.is_frozen(sandbox.id) and freezer_state(manager, sandbox.id) == "THAWED"
     assert text(await call(sandbox, "counter"))
+
+
+async def test_a_sandbox_frozen_by_a_gateway_that_died_is_adopted_by_the_next(fleets):
+    fleet = await fleets("frz4", idle_freeze_s=0.5)
+    manager = await fleet.manager()
+    finn = await fleet.user("finn")
+    sandbox = await manager.ensure(*finn)
+    counted = int(text(await call(sandbox, "counter")))
+    await asyncio.sleep(1.0)
+    assert sandbox.id in await sweep_until_frozen(manager, sandbox.id)
+    await gateway_dies(manager)
+    # The next gateway's backend knows nothing of what the last one froze.
+    fleet.backend = RunscBackend(fleet.home / "runsc", cgroup_parent=fleet.backend.cgroup_parent)
+    successor = await fleet.manager()
+    adopted = successor.get(finn[0])
+    assert adopted is not None and adopted.id == sandbox.id
+    assert int(text(await call(adopted, "counter"))) == counted + 1  # the same server process
+    assert freezer_state(successor, sandbox.id) == "THAWED"
 
 
 async def test_freezing_is_off_at_zero(fleets):

@@ -331,7 +331,7 @@ async def test_a_full_node_hibernates_the_least_recently_used(fleets):
 # -- a restarted gateway brings every state to a consistent one ---------------------------------
 
 
-async def _gateway_dies(manager: SandboxManager) -> None:
+async def gateway_dies(manager: SandboxManager) -> None:
     """What SIGKILL leaves: nothing of the manager runs any more (its sockets close with the process)."""
     await manager.stop_background()
     for sandbox in manager.running:
@@ -357,7 +357,7 @@ async def test_recovery_finishes_or_rolls_back_half_done_transitions(fleets):
         await store.set_state(conn, c.id, State.HIBERNATING)
     shutil.rmtree(d.directory / "checkpoint")
     (fleet.home / "sandboxes" / "sbx-leftover00").mkdir()  # a directory with no row
-    await _gateway_dies(manager)
+    await gateway_dies(manager)
 
     successor = await fleet.manager()
     states = {r["id"]: r["state"] for r in await successor.list(include_ended=True)}

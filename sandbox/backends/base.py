@@ -92,5 +92,8 @@ class Freezing(Protocol):
 
     def is_frozen(self, sandbox_id: str) -> bool: ...
 
+    def thaw_all(self) -> list[str]:
+        """Thaw every sandbox of the backend, whoever froze it (at a gateway's start); the ids thawed."""
+
     def cpu_seconds(self, sandbox_id: str) -> float | None:
         """CPU time its processes have used (None if unknown)."""

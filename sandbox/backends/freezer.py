@@ -80,6 +80,21 @@ class CgroupFreezer:
             elif v2.exists():
                 v2.write_text("0")
 
+    def thaw_all(self) -> list[str]:
+        """Thaw every sandbox under the parent, whoever froze it (a gateway that died): the ids thawed."""
+        thawed = []
+        for state in sorted((self.root / "freezer" / self.relative).glob("*/freezer.state")):
+            with contextlib.suppress(OSError):
+                if state.read_text().strip() != "THAWED":
+                    state.write_text("THAWED")
+                    thawed.append(state.parent.name)
+        for freeze in sorted((self.root / self.relative).glob("*/cgroup.freeze")):
+            with contextlib.suppress(OSError):
+                if freeze.read_text().strip() != "0":
+                    freeze.write_text("0")
+                    thawed.append(freeze.parent.name)
+        return thawed
+
     def cpu_seconds(self, sandbox_id: str) -> float | None:
         """CPU time the sandbox's processes have used, from its cgroup (None where it has none)."""
         v1 = self.root / "cpuacct" / self.relative / sandbox_id / "cpuacct.usage"

@@ -34,8 +34,9 @@ COMMAND_TIMEOUT = 60.0
 EXIT_WAIT = 10.0
 """How long `destroy` waits for a killed sandbox's processes to finish exiting."""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-THAWING_COMMANDS = frozenset({"exec", "kill", "checkpoint", "delete", "ps", "events", "debug", "pause", "resume"})
-"""runsc commands that reach into a running sandbox (a frozen one would not answer them): it is thawed first."""
+THAWING_COMMANDS = frozenset({"exec", "kill", "checkpoint", "delete", "ps", "events", "debug", "pause", "resume", "state"})
+"""runsc commands that reach into a running sandbox (a frozen one would not answer them): it is thawed
+first. `list` asks every sandbox: all of them are."""
 
 
 class RunscError(SandboxUnavailable):
@@ -88,6 +89,9 @@ class RunscBackend:
         if args and args[0] in THAWING_COMMANDS:
             for arg in args[1:]:
                 self.thaw(arg)
+        elif args and args[0] == "list":
+            for sandbox_id in list(self._frozen):
+                self.thaw(sandbox_id)
         argv = [self.runsc, *self._flags()]
         if log_file is not None:
             argv += ["--log", str(log_file)]
@@ -341,6 +345,12 @@ class RunscBackend:
 
     def is_frozen(self, sandbox_id: str) -> bool:
         return sandbox_id in self._frozen
+
+    def thaw_all(self) -> builtins.list[str]:
+        """Thaw every sandbox of this backend's cgroup parent, whoever froze it: a gateway starting
+        after one that died (it froze them, and nothing of it knows now) must be able to ask them."""
+        self._frozen.clear()
+        return self.freezer.thaw_all()
 
     def cpu_seconds(self, sandbox_id: str) -> float | None:
         """CPU time the sandbox has used (its cgroup's count), None if unknown."""
