@@ -50,7 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fresh_memory import runsc_role, sandbox_pids  # beside this script
-from sandbox_lifecycle import first_result, remove_cgroup_parent  # beside this script
+from sandbox_lifecycle import first_result, tear_down  # beside this script
 
 from core.accounts import add_user
 from core.db import migrate, open_pool, start_embedded
@@ -272,15 +272,7 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
     finally:
         for platform, root, sandbox_id in bare:
             stop_bare(backend, root, platform, sandbox_id)
-        with contextlib.suppress(Exception):
-            await manager.close()
-        with contextlib.suppress(Exception):
-            for container in await backend.list():
-                await backend.destroy(container.id)
-        backend.kill_strays(keep=set())
-        manager.workspaces.cleanup(home, keep=set())
-        remove_cgroup_parent(cgroup_parent)
-        await pool.close()
+        await tear_down(manager, backend, home, cgroup_parent, pool)
 
 
 async def main(home: Path, url: str, args: argparse.Namespace) -> None:

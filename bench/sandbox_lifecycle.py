@@ -370,6 +370,19 @@ def gvisors(given: list[str]) -> list[Gvisor]:
 # -- setup and teardown ---------------------------------------------------------------------------
 
 
+async def tear_down(manager: SandboxManager, backend: RunscBackend, home: Path, cgroup_parent: str, pool) -> None:
+    """Everything a bench's manager ran, on error too: its sandboxes, strays, workspaces, cgroups, pool."""
+    with contextlib.suppress(Exception):
+        await manager.close()
+    with contextlib.suppress(Exception):
+        for container in await backend.list():
+            await backend.destroy(container.id)
+    backend.kill_strays(keep=set())
+    manager.workspaces.cleanup(home, keep=set())
+    remove_cgroup_parent(cgroup_parent)
+    await pool.close()
+
+
 def remove_cgroup_parent(parent: str) -> None:
     for controller in (
         [CGROUP_ROOT, *CGROUP_ROOT.glob("*")] if CGROUP_ROOT.is_dir() else []
@@ -416,15 +429,7 @@ async def bench(
         if not config.sealed:
             await warm_claims(manager, users, args.runs, samples)
     finally:
-        with contextlib.suppress(Exception):
-            await manager.close()
-        with contextlib.suppress(Exception):
-            for container in await backend.list():
-                await backend.destroy(container.id)
-        backend.kill_strays(keep=set())
-        manager.workspaces.cleanup(home, keep=set())
-        remove_cgroup_parent(cgroup_parent)
-        await pool.close()
+        await tear_down(manager, backend, home, cgroup_parent, pool)
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
         report(samples, dense, home)
         report_parts(samples)
