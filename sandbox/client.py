@@ -465,35 +465,40 @@ class SupervisorClient:
     async def configure(self, servers: list[dict[str, Any]], timeout: float = 120.0) -> dict[str, Any]:
         """Have the supervisor run exactly these servers (`ServerConfig` fields each); returns once
         the new ones have started or failed, with every server's status."""
+        result = await self._ask({"type": "configure", "servers": servers}, timeout,
+                                 f"the supervisor did not start the servers within {timeout:.0f}s")
+        self.servers = {name: dict(status) for name, status in (result.get("servers") or {}).items()}
+        return result
+
+    async def ping(self, timeout: float = 5.0) -> None:
+        """A round trip to the supervisor itself (no server involved)."""
+        await self._ask({"type": "ping"}, timeout, f"the supervisor did not answer a ping within {timeout:.0f}s")
+
+    async def warm(self, modules: list[str], timeout: float = 120.0) -> bool:
+        """Have the supervisor start its fork server and wait for its imports (a template's, before
+        its checkpoint); False if it has none."""
+        result = await self._ask({"type": "warm", "modules": modules}, timeout, f"the fork server did not warm up within {timeout:.0f}s")
+        return bool(result.get("forks"))
+
+    async def cloned(self, token: str, timeout: float = 60.0) -> None:
+        """Tell a sandbox cloned from a template that it is one: its hellos carry `token` from now on,
+        and its workspace (its user's, not the template's) is shared with its servers' group."""
+        await self._ask({"type": "cloned", "token": token}, timeout, f"the cloned supervisor did not answer within {timeout:.0f}s")
+        self._token = token
+
+    async def _ask(self, message: dict[str, Any], timeout: float, timed_out: str) -> dict[str, Any]:
+        """A request to the supervisor itself, under a fresh id; its result, or SandboxUnavailable."""
         connection = self._connection
         if connection is None or not self._ready.is_set():
             self._raise_unavailable()
         call_id = next(self._ids)
         call = PendingCall(connection, None, None)
         self._calls[call_id] = call
-        connection.send({"type": "configure", "id": call_id, "servers": servers})
+        connection.send({**message, "id": call_id})  # type: ignore[arg-type]
         try:
-            result = await asyncio.wait_for(call.future, timeout)
+            return await asyncio.wait_for(call.future, timeout)
         except asyncio.TimeoutError:
-            raise SandboxUnavailable(f"the supervisor did not start the servers within {timeout:.0f}s") from None
-        finally:
-            self._calls.pop(call_id, None)
-        self.servers = {name: dict(status) for name, status in (result.get("servers") or {}).items()}
-        return result
-
-    async def ping(self, timeout: float = 5.0) -> None:
-        """A round trip to the supervisor itself (no server involved)."""
-        connection = self._connection
-        if connection is None or not self._ready.is_set():
-            raise SandboxUnavailable("the sandbox's supervisor is not connected")
-        call_id = next(self._ids)
-        call = PendingCall(connection, None, None)
-        self._calls[call_id] = call
-        connection.send({"type": "ping", "id": call_id})
-        try:
-            await asyncio.wait_for(call.future, timeout)
-        except asyncio.TimeoutError:
-            raise SandboxUnavailable(f"the supervisor did not answer a ping within {timeout:.0f}s") from None
+            raise SandboxUnavailable(timed_out) from None
         finally:
             self._calls.pop(call_id, None)
 

@@ -27,6 +27,12 @@ gateway -> supervisor
     configure {"id", "servers": [ServerConfig]}    run exactly these servers: stop the ones gone or
                                                    changed, start the new ones; answered by a
                                                    `result` {"servers": {name: status}} once they settled
+    warm    {"id", "modules"}                      start the fork server, preloading these modules too,
+                                                   and answer {"forks": bool} once it has imported them
+    cloned  {"id", "token"}                        to a sandbox cloned from a template, first: its
+                                                   own token for its hellos from now on, and its
+                                                   workspace is a new one to share; answered by an
+                                                   empty `result`
     detach  {}                                     close the channel and reconnect later
     ping    {"id"}
     tunnel_opened {"tunnel", "error": str | null, "status": int}   the gateway's answer to a
@@ -190,6 +196,21 @@ class Attach(TypedDict):
     token: str
 
 
+class Warm(TypedDict):
+    type: Literal["warm"]
+    id: int
+    modules: list[str]
+
+
+class Cloned(TypedDict):
+    """A sandbox cloned from a template's checkpoint (`sandbox.templates`) has the template's token in
+    memory, and prepared the template's workspace, until it is told it is a clone."""
+
+    type: Literal["cloned"]
+    id: int
+    token: str
+
+
 class Detach(TypedDict):
     type: Literal["detach"]
 
@@ -244,7 +265,7 @@ class ModelReply(TypedDict):
     done: bool
 
 
-GatewayMessage = (Attach | Call | Cancel | Answer | Notify | Configure | Detach | Ping | TunnelOpened | TunnelMessage
+GatewayMessage = (Attach | Call | Cancel | Answer | Notify | Configure | Warm | Cloned | Detach | Ping | TunnelOpened | TunnelMessage
                   | ModelReply)
 
 

@@ -136,6 +136,20 @@ def test_what_is_forked_and_what_is_executed():
     assert ForkServer([]).form([*python, "-m", "mcp_servers.exec"], {}) is None
 
 
+def test_warming_starts_the_fork_server_and_returns_once_it_imported_what_it_may_fork():
+    """What a sandbox template does before its checkpoint (`sandbox.templates`)."""
+    forks = ForkServer(["mcp_servers.exec", "mcp_servers.workspace"], preload=[])
+    try:
+        assert not forks.preloaded.is_set()
+        # Only modules it may fork are preloaded: another is left out.
+        assert forks.warm(["mcp_servers.exec", "not.a.fork.module"], timeout=300)
+        assert forks.preload == ["mcp_servers.exec"]
+        assert forks.warm(["mcp_servers.workspace"], timeout=5)  # running already: as it was started
+        assert forks.preload == ["mcp_servers.exec"]
+    finally:
+        forks.close()
+
+
 @pytest.mark.parametrize(("runsc", "platform"), RUNSC_BUILDS)
 async def test_a_forked_server_is_itself_and_its_neighbour_cannot_read_it(runsc, platform, home, db_pool, monkeypatch):
     monkeypatch.delenv(FORK_SERVER_SETTING, raising=False)

@@ -99,6 +99,8 @@ class ForkServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._asked: collections.deque[ForkedProcess] = collections.deque()
+        self.preloaded = threading.Event()
+        """The running fork server has imported what it preloads."""
         self._children: dict[int, ForkedProcess] = {}
 
     def form(self, argv: list[str], own_env: dict[str, str]) -> list[str] | None:
@@ -124,6 +126,15 @@ class ForkServer:
         """Start the fork server, if it does not run (it imports for a while: start it early)."""
         with self._lock:
             self._ensure()
+
+    def warm(self, modules: list[str], timeout: float) -> bool:
+        """Start the fork server preloading `modules` too (those it may fork) and wait until it has
+        imported them, blocking; whether it has. For a sandbox template: its clones fork at once."""
+        with self._lock:
+            if self._sock is None:
+                self.preload = list(dict.fromkeys([*self.preload, *(m for m in modules if m in self.modules)]))
+            self._ensure()
+        return self.preloaded.wait(timeout)
 
     def spawn(self, name: str, form: list[str], *, cwd: str | None, own_env: dict[str, str], uid: int | None = None,
               gid: int | None = None, umask: int | None = None, tmpdir: str | None = None) -> ForkedProcess:
@@ -181,6 +192,7 @@ class ForkServer:
         if self._sock is not None:
             return self._sock
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.preloaded.clear()
         try:
             argv = [sys.executable, *PYTHON_FLAGS, "-m", ZYGOTE, str(theirs.fileno()), *self.preload]
             # The sandbox's common environment only, as the launcher's: no server's own (`zygote`).
@@ -201,6 +213,9 @@ class ForkServer:
             if not data:
                 break
             message: dict[str, Any] = json.loads(data)
+            if "preloaded" in message:
+                self.preloaded.set()
+                continue
             if "exited" in message:
                 child = self._children.pop(message["exited"], None)
                 if child is not None:

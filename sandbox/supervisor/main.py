@@ -125,6 +125,10 @@ class Supervisor:
             self.proxy.on_message(message, gateway)
         elif kind == "model_reply":
             self.models.on_message(message, gateway)
+        elif kind == "warm":
+            asyncio.get_running_loop().create_task(self._warm(gateway, message.get("id"), list(message.get("modules") or [])))
+        elif kind == "cloned":
+            self._cloned(gateway, message.get("id"), str(message.get("token") or ""))
         elif kind == "configure":
             servers = [ServerConfig(**s) for s in message.get("servers") or []]
             asyncio.get_running_loop().create_task(self._configure(gateway, message.get("id"), servers))
@@ -175,6 +179,20 @@ class Supervisor:
         log(f"configured: {', '.join(f'{n}: {c.state}' for n, c in self.children.items()) or 'no servers'}")
         self.emit({"type": "result", "id": request_id, "result": {"servers": {n: c.status() for n, c in self.children.items()}}},
                   gateway)
+
+    async def _warm(self, gateway: Gateway, request_id: Any, modules: list[str]) -> None:
+        """A template (`sandbox.templates`): the fork server up, its imports done, before the checkpoint."""
+        warm = bool(self.forks.modules) and await asyncio.to_thread(self.forks.warm, modules, self.config.init_timeout)
+        self.emit({"type": "result", "id": request_id, "result": {"forks": warm}}, gateway)
+
+    def _cloned(self, gateway: Gateway, request_id: Any, token: str) -> None:
+        """This supervisor was restored from a template's checkpoint as a new sandbox: its hellos carry
+        the clone's own token from now on, and what it did to the template's workspace at its start
+        is done to the clone's, before any server runs (in line, as at a start: no server runs yet)."""
+        if token:
+            self.config = dataclasses.replace(self.config, token=token)
+        self.uids.prepare()
+        self.emit({"type": "result", "id": request_id, "result": {}}, gateway)
 
     def on_connect(self, gateway: Gateway) -> None:
         """A gateway is there (again, after a detach, a restore, a gateway restart; or one more replica)."""

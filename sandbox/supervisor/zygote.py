@@ -190,6 +190,7 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # root's, and nobody's to read
     preload(sys.argv[2:])
+    _send(sock, {"preloaded": True})  # a template waits for it before its checkpoint (`ForkServer.warm`)
     child = serve(sock)
     if child is None:
         return
