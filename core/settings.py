@@ -57,6 +57,8 @@ class Settings:
     idle_hibernate_s: int = 600
     idle_freeze_s: int = 60
     """runsc: freeze a sandbox with no call this long and nothing running inside (0: never); the next message thaws it."""
+    sandbox_clones: bool = True
+    """runsc: start sandboxes as clones of a tier's template checkpoint rather than booting each (`sandbox.templates`)."""
     reclaim_after_s: int = 7 * 86400
     workspace_retention: str = "keep"
     """On reclaim: "keep" the user's workspace, or "delete" it."""
@@ -172,6 +174,7 @@ def load_settings(**overrides: object) -> Settings:
         "k8s_start_timeout_s": _positive("MCPFLEET_K8S_START_TIMEOUT_S", 300),
         "idle_hibernate_s": _int("MCPFLEET_IDLE_HIBERNATE_S", 600),
         "idle_freeze_s": _int("MCPFLEET_IDLE_FREEZE_S", 60),
+        "sandbox_clones": _choice("MCPFLEET_SANDBOX_CLONES", ("on", "off"), "on") == "on",
         "reclaim_after_s": _int("MCPFLEET_RECLAIM_AFTER_S", 7 * 86400),
         "workspace_retention": _choice("MCPFLEET_WORKSPACE_RETENTION", ("keep", "delete"), "keep"),
         "warm_pool_size": _int("MCPFLEET_WARM_POOL_SIZE", 2),

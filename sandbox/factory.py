@@ -134,6 +134,7 @@ def lifecycle(settings: Settings) -> Lifecycle:
     return Lifecycle(
         idle_hibernate_s=idle,
         idle_freeze_s=settings.idle_freeze_s,
+        clone_templates=settings.sandbox_clones,
         reclaim_after_s=settings.reclaim_after_s,
         delete_workspace_on_reclaim=settings.workspace_retention == "delete",
         warm_pool_size=settings.warm_pool_size,

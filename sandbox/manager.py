@@ -42,7 +42,7 @@ from psycopg_pool import AsyncConnectionPool
 from core.tasks import Tasks
 from sandbox import mounts as hostmounts
 from sandbox import recovery, store, tiers, wire
-from sandbox.backends.base import Freezing, SandboxBackend
+from sandbox.backends.base import Cloning, Freezing, SandboxBackend
 from sandbox.boot import START_BOOST_S
 from sandbox.capacity import Capacity
 from sandbox.errors import SandboxUnavailable
@@ -56,6 +56,7 @@ from sandbox.span_relay import SpanSink
 from sandbox.state import StateRecorder, Transition, UsageStamps
 from sandbox.steps import ImageSealer, Steps
 from sandbox.store import State
+from sandbox.templates import Templates
 from sandbox.tiers import Tier
 from sandbox.tunnels import EgressPolicy
 from sandbox.workspaces import Workspaces
@@ -88,6 +89,8 @@ class Lifecycle:
     housekeeping_interval_s: float = 30.0
     idle_freeze_s: float = 0.0
     """Freeze a running sandbox idle by calls this long and by CPU (`sandbox.freezing`); 0: never."""
+    clone_templates: bool = False
+    """Start sandboxes as clones of a tier's template checkpoint (`sandbox.templates`), where the backend can."""
 
 
 class SandboxManager:
@@ -149,6 +152,7 @@ class SandboxManager:
         self._tasks = Tasks()
         self._closing = False
         self.housekeeper = Housekeeper(self, database_url)
+        self.templates = Templates(self.steps) if lifecycle.clone_templates and isinstance(backend, Cloning) else None
         self.freezer = IdleFreezer(backend, lifecycle.idle_freeze_s) if isinstance(backend, Freezing) and lifecycle.idle_freeze_s > 0 else None
 
     async def freeze_idle(self) -> list[str]:
@@ -170,6 +174,8 @@ class SandboxManager:
         self._tasks.spawn(self.usage.flush_periodically())
         self.housekeeper.start()
         self.refill_pool()
+        if self.templates is not None:
+            await self._prepare_default_template()
 
     async def stop_background(self) -> None:
         """Stop everything the manager does on its own (housekeeping, usage stamps, pool refills);
@@ -190,6 +196,8 @@ class SandboxManager:
             *(self._retire(s, State.RECLAIMED, "the gateway stopped", graceful=True) for s in self.running)
         )
         await self.steps.background.close()
+        if self.templates is not None:
+            await self.templates.close()
         await asyncio.to_thread(hostmounts.unshare, self.sandboxes_dir)  # only once nothing is mounted below it
 
     # -- per user -------------------------------------------------------------------------
@@ -291,6 +299,13 @@ class SandboxManager:
                 with tracer.start_as_current_span("sandbox claim") as span:
                     sandbox = await self._claim(user_id, tenant, user, placement.tier)
                     span.set_attribute("mcpfleet.sandbox.claimed", sandbox is not None)
+            if sandbox is None and self.templates is not None:
+                with tracer.start_as_current_span("sandbox clone") as span:
+                    sandbox = await self.templates.clone(user_id, tenant, user, placement.tier)
+                    span.set_attribute("mcpfleet.sandbox.cloned", sandbox is not None)
+                if sandbox is not None:
+                    self.running.add(sandbox)
+                    return sandbox
             if sandbox is None:
                 with tracer.start_as_current_span("sandbox cold start", attributes={"mcpfleet.sandbox.tier": placement.tier.name}):
                     sandbox = await self.steps.start(user_id, tenant, user, placement.tier)
@@ -350,6 +365,16 @@ class SandboxManager:
     async def flush_usage(self) -> None:
         """Write when each sandbox was last used to its row now (reclaiming reads the rows)."""
         await self.usage.flush()
+
+    async def _prepare_default_template(self) -> None:
+        try:
+            async with self.pool.connection() as conn:
+                tier = await tiers.get(conn, tiers.DEFAULT_TIER)
+        except psycopg.Error as exc:
+            log.warning("no sandbox template yet: the tiers could not be read (%s)", exc)
+            return
+        assert self.templates is not None
+        self.templates.prepare(tier)
 
     # -- capacity and the warm pool ---------------------------------------------------------
 

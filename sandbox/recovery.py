@@ -31,6 +31,7 @@ from sandbox.layout import SandboxLayout, drop_channel, forget
 from sandbox.running import Running
 from sandbox.steps import Steps
 from sandbox.store import State
+from sandbox.templates import TEMPLATE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ async def recover(steps: Steps, running: Running, pool: AsyncConnectionPool) -> 
             forget(steps.layout(directory.name), workspaces, keep_logs=False)
     pooled = {s.workspace_key for s in running.warm}
     for key in workspaces.keys():
-        if key.startswith("pool-") and key not in pooled:
+        # A template's workspace too: templates go with the gateway that built them (`sandbox.templates`).
+        if (key.startswith("pool-") and key not in pooled) or key.startswith(TEMPLATE_PREFIX):
             workspaces.delete(key)
     counts: dict[str, int] = {}
     for state in outcomes:

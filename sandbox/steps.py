@@ -124,15 +124,7 @@ class Steps:
 
     async def start(self, user_id: int | None, tenant: str | None, user: str | None, tier: Tier) -> Sandbox:
         """A fresh sandbox, running the servers the user may run (a warm one: nobody's, no user)."""
-        sandbox_id = f"sbx-{secrets.token_hex(6)}"
-        try:
-            row = await self.states.insert(sandbox_id, user_id, self.backend.name, tier.name)
-        except psycopg.errors.UniqueViolation:
-            raise SandboxUnavailable(
-                f"{tenant}/{user} already has a live sandbox that this gateway does not manage"
-            ) from None
-        except psycopg.Error as exc:
-            raise SandboxUnavailable(f"the sandbox database is unavailable ({type(exc).__name__})") from exc
+        sandbox_id, row = await self.new_row(user_id, tenant, user, tier)
         layout = self.layout(sandbox_id)
         token = secrets.token_urlsafe(32)
         # Servers holding secrets are not in the config file on disk: the first `ensure` configures them over the channel.
@@ -178,6 +170,18 @@ class Steps:
             f" (servers not ready: {'; '.join(failed)})" if failed else "",
         )
         return sandbox
+
+    async def new_row(self, user_id: int | None, tenant: str | None, user: str | None, tier: Tier) -> tuple[str, dict[str, Any]]:
+        """A new sandbox's id and its row (Pending); SandboxUnavailable if the user has a live one."""
+        sandbox_id = f"sbx-{secrets.token_hex(6)}"
+        try:
+            return sandbox_id, await self.states.insert(sandbox_id, user_id, self.backend.name, tier.name)
+        except psycopg.errors.UniqueViolation:
+            raise SandboxUnavailable(
+                f"{tenant}/{user} already has a live sandbox that this gateway does not manage"
+            ) from None
+        except psycopg.Error as exc:
+            raise SandboxUnavailable(f"the sandbox database is unavailable ({type(exc).__name__})") from exc
 
     def mount_workspace(self, sandbox: Sandbox) -> None:
         """The user's workspace (created at the tier's quota, or grown to it) mounted in the sandbox's dir."""

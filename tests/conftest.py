@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every fleet a test opens would start its own llama-server (350 MB, two threads): only the model tests
 # (tests/test_models*.py) ask for the local model, and they say so.
 os.environ.setdefault("MCPFLEET_LOCAL_MODEL", "off")
+# Likewise every fleet would boot and checkpoint a template sandbox at its start (two cores' worth of
+# seconds, per test): the clone tests (tests/test_sandbox_clones.py) turn it on where they measure it.
+os.environ.setdefault("MCPFLEET_SANDBOX_CLONES", "off")
 MCPFLEET = [sys.executable, "-m", "cli"]
 
 

@@ -97,3 +97,12 @@ class Freezing(Protocol):
 
     def cpu_seconds(self, sandbox_id: str) -> float | None:
         """CPU time its processes have used (None if unknown)."""
+
+
+@runtime_checkable
+class Cloning(Protocol):
+    """A backend that can run a new sandbox from another one's checkpoint (`sandbox.templates`)."""
+
+    async def clone(self, spec: SandboxSpec, image_dir: Path) -> None:
+        """Run a new sandbox under `spec` from the image `checkpoint` wrote of another: the same
+        memory, with `spec`'s id, limits and mounts; returns once it runs."""

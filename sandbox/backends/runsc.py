@@ -117,15 +117,18 @@ class RunscBackend:
     # -- SandboxBackend -----------------------------------------------------------------
 
     async def start(self, spec: SandboxSpec) -> None:
-        bundle = build_bundle(
+        bundle = self._new_bundle(spec)
+        await self._launch(spec, "run", "--detach", "--bundle", str(bundle), spec.id)
+        self._bundles[spec.id] = bundle
+
+    def _new_bundle(self, spec: SandboxSpec) -> Path:
+        return build_bundle(
             spec,
             spec.directory / "bundle",
             cgroups_path=f"{self.cgroup_parent}/{spec.id}",
             start_cpus=self.start_cpus,
             runtime=self.python,
         )
-        await self._launch(spec, "run", "--detach", "--bundle", str(bundle), spec.id)
-        self._bundles[spec.id] = bundle
 
     async def _launch(self, spec: SandboxSpec, *args: str) -> None:
         """`runsc run` or `restore`, whose sandbox keeps the console log as its stdout and stderr."""
@@ -282,6 +285,13 @@ class RunscBackend:
         # The saved sandbox is stopped; `restore` builds it anew from the bundle and the image,
         # so nothing of it needs to stay in runsc's state or in the cgroups meanwhile.
         await self._destroy(sandbox_id, 0.0, processes)
+
+    async def clone(self, spec: SandboxSpec, image_dir: Path) -> None:
+        """Run a new sandbox from another one's checkpoint (a template's, `sandbox.templates`): a bundle
+        of its own, as `start` would write it, so its mounts (workspace, tools, channel) are its own."""
+        bundle = self._new_bundle(spec)
+        await self._launch(spec, "restore", "--detach", "--bundle", str(bundle), "--image-path", str(image_dir), spec.id)
+        self._bundles[spec.id] = bundle
 
     async def restore(self, spec: SandboxSpec, image_dir: Path) -> None:
         """Run a checkpointed sandbox again, from its bundle and `image_dir`, under the same id."""

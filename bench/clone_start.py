@@ -1,0 +1,128 @@
+"""Cold start booted against cold start cloned from a template (`sandbox.templates`), on real runsc.
+
+Each run takes a new user (empty pool) through `ensure` and the first tool result
+(`workspace__list_dir`), once with the sandbox booted (the baseline) and once cloned from the tier's
+template, alternating, in one fleet home; then the fresh memory of each kind and the template's
+image. Prints medians and p99 with ratios against the booted start.
+
+    .venv/bin/python bench/clone_start.py [--runs 10] [--timeout 900]
+
+Everything lives in a temporary home under /tmp with its own runsc root, cgroup parent and
+embedded PostgreSQL, removed at the end. A start or call that fails ends the bench with an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fresh_memory import sandbox_pids  # beside this script
+from lifecycle_report import MiB, row  # beside this script
+from sandbox_lifecycle import first_result, tear_down  # beside this script
+
+from core.accounts import add_user
+from core.db import migrate, open_pool, start_embedded
+from sandbox import tiers
+from sandbox.backends.runsc import RunscBackend
+from sandbox.factory import sandbox_python
+from sandbox.layout import tree_bytes
+from sandbox.manager import Lifecycle, SandboxManager
+from sandbox.memory import pss_bytes
+from sandbox.servers import BUILTIN_SERVERS
+from sandbox.templates import Templates
+
+TENANT = "clones"
+IDLE_SETTLE_S = 2.0
+
+
+async def start_one(manager: SandboxManager, name: str, templates: Templates | None) -> tuple[float, float, float, float]:
+    """A new user's sandbox, booted (`templates` None) or cloned: ms to `ensure`, ms to the first
+    result, its fresh PSS in MiB (read after the first result and a pause), and when its supervisor
+    started (one time for every clone of a template)."""
+    async with manager.pool.connection() as conn:
+        user = (await add_user(conn, name, tenant=TENANT)).user_id
+    manager.templates = templates
+    started = time.perf_counter()
+    sandbox = await manager.ensure(user, TENANT, name)
+    ensured = time.perf_counter()
+    await first_result(sandbox)
+    done = time.perf_counter()
+    await asyncio.sleep(IDLE_SETTLE_S)
+    assert isinstance(manager.backend, RunscBackend)
+    pss = pss_bytes(sandbox_pids(manager.backend, sandbox.id)) / MiB
+    await manager.reclaim(user)
+    return (ensured - started) * 1e3, (done - started) * 1e3, pss, float(sandbox.client.supervisor["started_at"])
+
+
+async def bench(home: Path, url: str, runs: int) -> None:
+    pool = await open_pool(url)
+    cgroup_parent = f"/mcpfleet-clones-{os.getpid()}"
+    backend = RunscBackend(home / "runsc", cgroup_parent=cgroup_parent, python=sandbox_python())
+    lifecycle = Lifecycle(warm_pool_size=0, housekeeping_interval_s=3600.0, clone_templates=True)
+    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle)
+    booted: dict[str, list[float]] = {"ensure": [], "first": [], "pss": []}
+    cloned: dict[str, list[float]] = {"ensure": [], "first": [], "pss": []}
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT DO NOTHING", (TENANT,))
+            tier = await tiers.get(conn, tiers.DEFAULT_TIER)
+        started = time.perf_counter()
+        await manager.start()
+        templates = manager.templates
+        if templates is None or not await templates.wait(tier):
+            raise RuntimeError("the template was not built: see the log above")
+        template = templates.template(tier)
+        assert template is not None
+        print(f"runsc {backend.gvisor.release} on {backend.platform}; template built in {time.perf_counter() - started:.2f} s, "
+              f"image {tree_bytes(template.image) / MiB:.1f} MiB\n")
+        births: dict[str, set[float]] = {"boot": set(), "clone": set()}
+        for i in range(runs):
+            for kind, into, using in (("boot", booted, None), ("clone", cloned, templates)):
+                ensure_ms, first_ms, pss, born = await start_one(manager, f"{kind}{i}", using)
+                into["ensure"].append(ensure_ms)
+                into["first"].append(first_ms)
+                into["pss"].append(pss)
+                births[kind].add(born)
+        manager.templates = templates  # closed with the manager
+        if templates.template(tier) is not template or len(births["clone"]) != 1:
+            raise RuntimeError("a clone failed during the bench and booted instead: see the log above")
+        if len(births["boot"]) != runs:
+            raise RuntimeError("a booted start was a clone")
+    finally:
+        await tear_down(manager, backend, home, cgroup_parent, pool)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print("| measure | median | p99 | n | target | × booted |")
+    print("|---|---:|---:|---:|---|---:|")
+    for key, what, unit, target in (
+        ("ensure", "new user's `ensure`", "ms", ""),
+        ("first", "cold start → first tool result", "ms", "≤ 500 ms"),
+        ("pss", "sandbox idle after its first result, PSS", "MiB", ""),
+    ):
+        base = statistics.median(booted[key])
+        print(row(f"{what}, booted", booted[key], unit, target, base))
+        print(row(f"{what}, cloned", cloned[key], unit, target, base))
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--runs", type=int, default=10, help="new users per kind of start (default 10)")
+    cli.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
+    args = cli.parse_args()
+    if shutil.which("runsc") is None:
+        raise SystemExit("runsc is not installed")
+    home = Path(tempfile.mkdtemp(prefix="cs-", dir="/tmp"))
+    try:
+        url = start_embedded(home / "pg")
+        migrate(url)
+        asyncio.run(asyncio.wait_for(bench(home, url, args.runs), args.timeout))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
