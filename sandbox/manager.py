@@ -402,7 +402,9 @@ class SandboxManager:
         try:
             async with self.pool.connection() as conn:
                 tier = await tiers.get(conn, tiers.DEFAULT_TIER)
-            sandbox = await self.steps.start(None, None, None, tier)
+            sandbox = await self.templates.clone(None, None, None, tier) if self.templates is not None else None
+            if sandbox is None:
+                sandbox = await self.steps.start(None, None, None, tier)
         except Exception as exc:
             log.warning("could not start a warm-pool sandbox: %s", exc)
             return

@@ -191,8 +191,8 @@ class Templates:
             if isinstance(exc, SandboxUnavailable | asyncio.CancelledError):
                 raise
             raise SandboxUnavailable(reason) from exc
-        log.info("sandbox %s of %s/%s cloned from %s in %.2fs",
-                 sandbox_id, tenant, user, template.layout.sandbox_id, time.perf_counter() - started)
+        log.info("sandbox %s %s cloned from %s in %.2fs", sandbox_id,
+                 f"of {tenant}/{user}" if user_id is not None else "(warm pool)", template.layout.sandbox_id, time.perf_counter() - started)
         return sandbox
 
     def _lay_out(self, sandbox: Sandbox, token: str, servers: tuple[ServerSpec, ...]) -> None:

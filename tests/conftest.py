@@ -25,9 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every fleet a test opens would start its own llama-server (350 MB, two threads): only the model tests
 # (tests/test_models*.py) ask for the local model, and they say so.
 os.environ.setdefault("MCPFLEET_LOCAL_MODEL", "off")
-# Likewise every fleet would boot and checkpoint a template sandbox at its start (two cores' worth of
-# seconds, per test): the clone tests (tests/test_sandbox_clones.py) turn it on where they measure it.
-os.environ.setdefault("MCPFLEET_SANDBOX_CLONES", "off")
 MCPFLEET = [sys.executable, "-m", "cli"]
 
 
@@ -143,6 +140,8 @@ def make_fleet(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, **en
         "MCPFLEET_PORT": str(port),
         # Pre-started sandboxes cost two cold starts per fleet: only the tests of the pool ask for them.
         "MCPFLEET_WARM_POOL_SIZE": "0",
+        # So does a template sandbox, booted and checkpointed at the start: only the clone tests ask for it.
+        "MCPFLEET_SANDBOX_CLONES": "off",
         **env,
     }
     return Fleet(home=home, database_url=url, port=port, env=environ)

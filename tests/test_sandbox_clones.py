@@ -13,6 +13,8 @@ from sandbox.layout import read_token
 from sandbox.manager import SandboxManager
 from sandbox.store import State
 from sandbox.templates import Template
+from tests.conftest import make_fleet
+from tests.test_gateway_lifecycle import run, sandboxes, wait_for
 from tests.test_sandbox_backends import workspace_of
 from tests.test_sandbox_lifecycle import call, fleets, row_of  # noqa: F401 - fleets is a fixture
 from tests.test_sandbox_supervisor import text
@@ -86,3 +88,32 @@ async def test_a_failed_clone_boots_the_users_sandbox_instead(fleets):
     failed, running = sorted(rows, key=lambda r: r["created_at"])
     assert failed["state"] == State.FAILED and "clone did not start" in failed["reason"], failed
     assert running["id"] == sandbox.id and running["state"] == State.RUNNING
+
+
+async def test_through_the_gateway_new_users_get_clones_and_a_returning_user_keeps_their_workspace(
+    tmp_path_factory, postgres_url
+):
+    fleet = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_SANDBOX_CLONES="on", MCPFLEET_WARM_POOL_SIZE="1")
+    fleet.start()
+    try:
+        wait_for(lambda: "sandbox template" in fleet.log() and " ready in " in fleet.log(), what="the template")
+        alice = fleet.add_user("alice")
+        await run(fleet, alice, "echo kept > /workspace/kept.txt; echo in-memory > /tmp/note")
+        # Reclaimed, alice's next call starts a new sandbox for her workspace: cloned, since the
+        # pool's sandboxes are for users without one.
+        assert "reclaim default/alice: done" in fleet.cli("sandboxes", "reclaim", "alice").stdout
+        out = await run(fleet, alice, "cat /workspace/kept.txt; cat /tmp/note 2>/dev/null || echo fresh; ls /workspace")
+        assert out["stdout"] == "kept\nfresh\nkept.txt\n"
+        [row] = [r for r in sandboxes(fleet) if r["user"] == "alice"]
+        assert f"sandbox {row['id']} of default/alice cloned from tpl-" in fleet.log()
+        # The pool refills with clones, which new users claim.
+        [warm] = wait_for(lambda: [r for r in sandboxes(fleet) if r["user_id"] is None and r["state"] == "Running"],
+                          what="a warm sandbox")
+        assert f"sandbox {warm['id']} (warm pool) cloned from tpl-" in fleet.log()
+        bob = fleet.add_user("bob")
+        out = await run(fleet, bob, "ls -A /workspace; echo end")
+        assert out["stdout"] == "end\n", out
+        [mine] = [r for r in sandboxes(fleet) if r["user"] == "bob"]
+        assert mine["id"] == warm["id"]
+    finally:
+        fleet.stop()
