@@ -16,7 +16,7 @@ from sandbox.templates import Template
 from tests.conftest import make_fleet
 from tests.test_gateway_lifecycle import run, sandboxes, wait_for
 from tests.test_sandbox_backends import workspace_of
-from tests.test_sandbox_lifecycle import call, fleets, row_of  # noqa: F401 - fleets is a fixture
+from tests.test_sandbox_lifecycle import call, fleets, gateway_dies, row_of  # noqa: F401 - fleets is a fixture
 from tests.test_sandbox_supervisor import text
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
@@ -117,3 +117,19 @@ async def test_through_the_gateway_new_users_get_clones_and_a_returning_user_kee
         assert mine["id"] == warm["id"]
     finally:
         fleet.stop()
+
+
+async def test_the_next_gateway_removes_the_templates_a_killed_one_left_and_builds_its_own(fleets):
+    fleet = await fleets("clr", clone_templates=True)
+    first = await fleet.manager()
+    old = await template_of(first)
+    await gateway_dies(first)  # its template's dir, image and mounted workspace stay behind
+    assert old.image.is_dir() and first.workspaces.mounted(old.layout.sandbox_id) is not None
+    second = await fleet.manager()
+    assert not old.layout.dir.exists()
+    assert not second.workspaces.exists(old.layout.sandbox_id) and second.workspaces.mounted(old.layout.sandbox_id) is None
+    new = await template_of(second)
+    assert new.layout.sandbox_id != old.layout.sandbox_id
+    erin = await fleet.user("erin")
+    sandbox = await second.ensure(*erin)
+    assert text(await call(sandbox, "echo", text="cloned")) == "cloned"
