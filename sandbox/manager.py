@@ -183,6 +183,8 @@ class SandboxManager:
         self._closing = True
         await self.housekeeper.stop()
         await self._tasks.close()
+        if self.templates is not None:
+            await self.templates.stop()
 
     async def close(self) -> None:
         """Graceful gateway stop: running sandboxes are stopped and Reclaimed (workspaces stay),

@@ -206,8 +206,12 @@ class Templates:
         self.steps.mount_workspace(sandbox)
         self.steps.servers.provision(layout.tools, servers)
 
+    async def stop(self) -> None:
+        """Stop the builds under way: the gateway is stopping."""
+        await self._tasks.close()
+
     async def close(self) -> None:
         """Stop building and remove every template."""
-        await self._tasks.close()
+        await self.stop()
         ready, self._ready = list(self._ready.values()), {}
         await asyncio.gather(*(self._remove(t.layout) for t in ready))
