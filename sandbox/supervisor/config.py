@@ -8,8 +8,10 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path  # only where the gateway writes it: the supervisor does without pathlib's import
 
 PROTOCOL_VERSION = "2025-11-25"
 """The MCP revision the supervisor offers its servers in the initialize handshake."""
@@ -110,7 +112,8 @@ class SupervisorConfig:
 
     @classmethod
     def read(cls, path: str | Path) -> SupervisorConfig:
-        return cls.from_json(Path(path).read_text())
+        with open(path) as f:
+            return cls.from_json(f.read())
 
     @classmethod
     def consume(cls, path: str | Path) -> SupervisorConfig:
@@ -118,7 +121,7 @@ class SupervisorConfig:
         out of reach of code run in the sandbox later and off the host's disk."""
         config = cls.read(path)
         try:
-            Path(path).unlink()
+            os.unlink(path)
         except OSError as exc:
             if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
