@@ -26,6 +26,14 @@ import path: `-s`, no user site dir (HOME is /workspace: a `.pth` file or `userc
 sys.path (a planted /workspace/sandbox/ would replace the supervisor, a /workspace/mcp/ the SDK).
 What remains on the path is read-only: PYTHONPATH as the bundle sets it, the stdlib, site-packages."""
 
+SUPERVISOR_FLAGS = (*PYTHON_FLAGS, "-OO", "-S")
+"""How the supervisor itself starts: as the product's Python, without docstrings and asserts (`-OO`:
+about 1 MiB less of a fresh sandbox's own memory, bench/fresh_memory.py; its asserts only narrow
+types), and without `site` (`-S`: it imports only the stdlib and its own package, which PYTHONPATH
+names, so no .pth file of site-packages runs at its start). Its own .pyc files are compiled at both
+levels (`bundle.compile_packages`); the fork server and the servers it starts are executed with
+PYTHON_FLAGS alone (the SDK reads docstrings as tool descriptions, and they need site-packages)."""
+
 _PYTHON = re.compile(r"^python(3(\.[0-9]+)?)?$")
 
 
