@@ -27,6 +27,7 @@ async def fresh_memory(manager: SandboxManager, sandbox: Sandbox, samples: Sampl
     assert isinstance(backend, RunscBackend)
     pids = sandbox_pids(backend, sandbox.id)
     samples.fresh_pss_mib.append(pss_bytes(pids) / MiB)
+    samples.fresh_own_mib.append(own_pss_bytes(pids) / MiB)
     parts: dict[str, float] = {}
     for pid in pids:
         parts[f"host: {runsc_role(pid)}"] = parts.get(f"host: {runsc_role(pid)}", 0.0) + pss_bytes([pid]) / MiB
@@ -41,6 +42,29 @@ async def fresh_memory(manager: SandboxManager, sandbox: Sandbox, samples: Sampl
             parts[key] = parts.get(key, 0.0) + int(pages) * 4096 / MiB
     for name, mib in parts.items():
         samples.fresh_parts.setdefault(name, []).append(mib)
+
+
+def own_pss_bytes(pids: set[int]) -> int:
+    """The PSS of what only this sandbox holds: its processes' anonymous mappings and the sentry's
+    memory files (`memfd:`), shared among its own processes only. The rest of its PSS is host files
+    (the runsc binary, the Python and its libraries inside), whose pages every process mapping them
+    shares: their part of a sandbox's PSS falls as more sandboxes (or anything else) run, so the
+    total swings by 20 MiB with the host's load, while this part does not."""
+    total = 0
+    for pid in pids:
+        try:
+            smaps = Path(f"/proc/{pid}/smaps").read_text()
+        except OSError:
+            continue
+        host_file = False
+        for line in smaps.splitlines():
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+                path = fields[5] if len(fields) > 5 else ""
+                host_file = path.startswith("/") and not path.startswith("/memfd:")
+            elif fields and fields[0] == "Pss:" and not host_file:
+                total += int(fields[1]) * 1024
+    return total
 
 
 INSIDE_RSS = "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(tr '\\0' ' ' < $p/cmdline | cut -c1-60) $(cut -d' ' -f2 $p/statm)\"; done"

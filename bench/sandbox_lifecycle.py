@@ -24,7 +24,11 @@ Each configuration is measured with its servers started at boot (MCPFLEET_START_
 baseline) and on first use (--start-servers both, the default): a fresh sandbox's memory is read
 after `ensure` and an idle pause, before its first call (by runsc process, and by process inside
 the sandbox), and that first call, which then starts the workspace server, is timed on its own.
-The cold start is `ensure` plus that first call (the pause left out).
+The cold start is `ensure` plus that first call (the pause left out). A sandbox's PSS counts its
+share of the pages it maps from host files (the runsc binary, the Python inside), which every
+other process mapping them splits: alone on the host, a fresh sandbox reads about 20 MiB more than
+beside others. `--neighbours N` starts N idle sandboxes first and keeps them running, so each
+figure is read as in a fleet; the "own memory" row leaves host files out and varies with neither.
 
 The first gVisor is measured a second time with its checkpoint images sealed (core.sealed_images,
 as the fleet does), against an embedded OpenBao the bench starts under its temporary home and
@@ -41,7 +45,7 @@ under each configuration); the other configurations also measure a resume woken 
 handshake (`SandboxManager.wake`) whose first call comes WAKE_GAP_S later.
 
     .venv/bin/python bench/sandbox_lifecycle.py [--runs 5] [--density 10] [--gvisor runsc:ptrace ...] [--fork-server both|on|off]
-        [--start-servers both|boot|first-use] [--no-before] [--no-sealed] [--keep]
+        [--start-servers both|boot|first-use] [--neighbours N] [--no-before] [--no-sealed] [--keep]
 
 p99 is nearest-rank: with fewer than 100 samples it is the slowest one.
 """
@@ -411,7 +415,7 @@ async def bench(
     # No housekeeping during the bench: nothing should hibernate or reclaim on its own.
     lifecycle = Lifecycle(
         warm_pool_size=0,
-        max_running=max(50, args.density + 2),
+        max_running=max(50, args.density + args.neighbours + 2),
         housekeeping_interval_s=3600.0,
     )
     images = TimedSealer(SealedImages(secrets), samples) if config.sealed and secrets else None
@@ -422,6 +426,8 @@ async def bench(
     try:
         await manager.start()
         users = Users(manager, prefix=f"g{index}-")
+        for _ in range(args.neighbours):  # idle for the whole run; torn down with the rest
+            await manager.ensure(*await users.new("idle"))
         await lifecycle_runs(manager, users, args.runs, samples, config)
         # Sealing touches only hibernate and resume: density and the warm pool are the unsealed run's.
         if args.density > 0 and not config.sealed:
@@ -510,6 +516,10 @@ if __name__ == "__main__":
         help="each configuration with its servers started at boot (the baseline) and on first use (default both)",
     )
     cli.add_argument(
+        "--neighbours", type=int, default=0, metavar="N",
+        help="idle sandboxes kept running beside the measured ones, as in a fleet (default 0)",
+    )
+    cli.add_argument(
         "--servers", default="", metavar="NAME,...",
         help="only these built-in servers (default all; the workspace server answers the first call)",
     )
@@ -538,7 +548,7 @@ if __name__ == "__main__":
         f"# Sandbox lifecycle on runsc ({os.cpu_count()} CPUs, {mem_info('MemTotal') / 2**30:.1f} GiB)\n"
     )
     print(
-        f"--runs {args.runs} --density {args.density} --servers {args.servers or 'all'}; load average before (1, 5, 15 min): {load}; "
+        f"--runs {args.runs} --density {args.density} --neighbours {args.neighbours} --servers {args.servers or 'all'}; load average before (1, 5, 15 min): {load}; "
         f"first tool result = `{FIRST_CALL[0]}` `{FIRST_CALL[1]}`; home {home}{' (kept)' if args.keep else ''}"
     )
     asyncio.run(main(home, url, args))

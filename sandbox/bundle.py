@@ -27,7 +27,7 @@ from sandbox import wire
 from sandbox.backends.base import SandboxSpec
 from sandbox.limits import Limits
 from sandbox.runtime import PythonRuntime, current_python
-from sandbox.supervisor.config import PYTHON_FLAGS
+from sandbox.supervisor.config import SUPERVISOR_FLAGS
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def compile_packages(python: Path, packages: tuple[Path, ...]) -> None:
     Where the packages cannot be written (an install owned by root, which pip compiled), nothing changes."""
     try:
         done = subprocess.run(
-            [str(python), "-I", "-m", "compileall", "-q", *map(str, packages)], capture_output=True, text=True, timeout=300
+            [str(python), "-I", "-m", "compileall", "-q", "-o", "0", "-o", "2", *map(str, packages)], capture_output=True, text=True, timeout=300
         )
     except (OSError, subprocess.SubprocessError) as exc:
         log.info("the product's packages were not byte-compiled: %s", exc)
@@ -129,7 +129,7 @@ def compile_packages(python: Path, packages: tuple[Path, ...]) -> None:
 
 
 def supervisor_argv() -> list[str]:
-    python = [f"{BIN}/python", *PYTHON_FLAGS, "-m", "sandbox.supervisor", f"{wire.CHANNEL_DIR}/{wire.CONFIG_NAME}"]
+    python = [f"{BIN}/python", *SUPERVISOR_FLAGS, "-m", "sandbox.supervisor", f"{wire.CHANNEL_DIR}/{wire.CONFIG_NAME}"]
     return [*init_argv(), *python]
 
 

@@ -8,8 +8,10 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path  # only where the gateway writes it: the supervisor does without pathlib's import
 
 PROTOCOL_VERSION = "2025-11-25"
 """The MCP revision the supervisor offers its servers in the initialize handshake."""
@@ -23,6 +25,14 @@ import path: `-s`, no user site dir (HOME is /workspace: a `.pth` file or `userc
 ~/.local would run at every start); `-P`, no working directory, script or `-c`/`-m` dir first on
 sys.path (a planted /workspace/sandbox/ would replace the supervisor, a /workspace/mcp/ the SDK).
 What remains on the path is read-only: PYTHONPATH as the bundle sets it, the stdlib, site-packages."""
+
+SUPERVISOR_FLAGS = (*PYTHON_FLAGS, "-OO", "-S")
+"""How the supervisor itself starts: as the product's Python, without docstrings and asserts (`-OO`:
+about 1 MiB less of a fresh sandbox's own memory, bench/fresh_memory.py; its asserts only narrow
+types), and without `site` (`-S`: it imports only the stdlib and its own package, which PYTHONPATH
+names, so no .pth file of site-packages runs at its start). Its own .pyc files are compiled at both
+levels (`bundle.compile_packages`); the fork server and the servers it starts are executed with
+PYTHON_FLAGS alone (the SDK reads docstrings as tool descriptions, and they need site-packages)."""
 
 _PYTHON = re.compile(r"^python(3(\.[0-9]+)?)?$")
 
@@ -110,7 +120,8 @@ class SupervisorConfig:
 
     @classmethod
     def read(cls, path: str | Path) -> SupervisorConfig:
-        return cls.from_json(Path(path).read_text())
+        with open(path) as f:
+            return cls.from_json(f.read())
 
     @classmethod
     def consume(cls, path: str | Path) -> SupervisorConfig:
@@ -118,7 +129,7 @@ class SupervisorConfig:
         out of reach of code run in the sandbox later and off the host's disk."""
         config = cls.read(path)
         try:
-            Path(path).unlink()
+            os.unlink(path)
         except OSError as exc:
             if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -117,6 +116,8 @@ class ForkServer:
         changed = {k for k, v in own_env.items() if os.environ.get(k) != v}
         if any(k.startswith("PYTHON") for k in changed):
             return None  # its own import path or interpreter settings: not what the fork server has
+        import shutil  # on a server's first start: not held by an idle supervisor
+
         found = shutil.which(argv[0], path=own_env.get("PATH", os.environ.get("PATH")))
         if found is None or os.path.realpath(found) != os.path.realpath(sys.executable):
             return None

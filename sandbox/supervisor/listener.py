@@ -10,7 +10,8 @@ gateway going away ends it (`drop_gateway`); requests other gateways relay go on
 from __future__ import annotations
 
 import asyncio
-import secrets
+import base64
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -64,7 +65,9 @@ class LoopbackListener:
             sock.listen(64)
             sock.setblocking(False)
             self._sock = sock
-        token = secrets.token_urlsafe(24)
+        # What `secrets.token_urlsafe(24)` returns, without the import of `secrets` (and `random`,
+        # `hashlib`) that an idle supervisor would otherwise hold.
+        token = base64.urlsafe_b64encode(os.urandom(24)).rstrip(b"=").decode()
         self._servers_by_token[token] = server
         return token
 

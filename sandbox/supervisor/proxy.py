@@ -28,7 +28,6 @@ import hmac
 import itertools
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from sandbox import wire
 from sandbox.supervisor.listener import Gateway, LoopbackListener
@@ -108,6 +107,8 @@ class EgressProxy(LoopbackListener):
             host, _, port_text = target.rpartition(":")
             host = host.strip("[]")
         else:
+            from urllib.parse import urlsplit  # only for a plain http:// request: not held by an idle supervisor
+
             url = urlsplit(target)
             if url.scheme != "http" or not url.hostname:
                 return await _reply(writer, 400, "only CONNECT and http://host/... requests are proxied")
