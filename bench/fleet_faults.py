@@ -21,6 +21,7 @@ import psycopg
 
 from bench.load_traffic import Record, call
 from core.db import RestartableEmbedded, start_embedded
+from core.openbao import EmbeddedOpenBao
 from gateway.call_audit import arguments_hash
 from sandbox.lease import APPLICATION
 
@@ -119,6 +120,8 @@ class Fleet:
                         process.kill()
                     except (ProcessLookupError, psutil.NoSuchProcess):
                         pass
+        # Its OpenBao, if the replica that started it was killed by a fault and could not stop it.
+        EmbeddedOpenBao(self.home).stop_left()
 
 
 def add_users(fleet: Fleet, count: int) -> dict[str, str]:

@@ -70,6 +70,14 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _alive(pid: int) -> bool:
+    """Running, not exited (a zombie left to a parent that does not wait is gone as far as we care)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -220,6 +228,27 @@ class EmbeddedOpenBao:
             proc.wait()
         for name in ("addr", "pid"):
             (self.dir / name).unlink(missing_ok=True)
+
+    def stop_left(self, grace: float = 10.0) -> bool:
+        """Stop the server a gateway of this home started and left behind (it was killed, so it could
+        not stop it): for whoever tears a fleet down for good, never while a gateway of it runs.
+        Only a `bao` serving this home's config is signalled; False if none was running."""
+        try:
+            pid = int((self.dir / "pid").read_text())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return False
+        if str(self.dir / "config.hcl").encode() not in command:
+            return False  # the pid is someone else's by now
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        for name in ("addr", "pid"):
+            (self.dir / name).unlink(missing_ok=True)
+        return True
 
     def memory_bytes(self) -> int | None:
         """Resident memory of the server process, if this process started it (for `up`'s log and benches)."""

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from core.db import migrate, start_embedded
+from core.openbao import EmbeddedOpenBao
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every fleet a test opens would start its own llama-server (350 MB, two threads): only the model tests
@@ -124,6 +125,10 @@ class Fleet:
             self.process.kill()
             self.process.wait()
         self.process = None
+        if sig == signal.SIGTERM:
+            # A gateway stopped cleanly stops the OpenBao it started; one it attached to, left by a
+            # gateway killed before it, would outlive the suite: it goes too (the next start spawns one).
+            EmbeddedOpenBao(self.home).stop_left()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

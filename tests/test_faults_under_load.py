@@ -43,7 +43,7 @@ def loaded(tmp_path_factory):
     work = tmp_path_factory.mktemp("faults")
     redis = Redis(work)
     redis.start()
-    fleet = None
+    fleet = pg = None
     try:
         pg = Postgres(work / "pg")
         env = {**os.environ, **SETTINGS, "MCPFLEET_HOME": str(work / "fleet"), "MCPFLEET_PORT": str(free_port()),
@@ -56,6 +56,8 @@ def loaded(tmp_path_factory):
     finally:
         if fleet is not None:
             fleet.stop()
+        if pg is not None and pg.running():
+            pg.stop()  # its own server, not the suite's: it would outlive the run
         redis.stop()
 
 

@@ -216,3 +216,15 @@ def test_a_seal_or_unseal_cut_short_is_finished_by_sealing_again(bao, tmp_path, 
     assert all(p.name.endswith(SUFFIX) or p.name == KEY_FILE for p in image.iterdir())
     images.unseal(image)
     assert {p.name: p.read_bytes() for p in image.iterdir()} == contents
+
+
+def test_an_openbao_left_by_a_killed_gateway_is_stopped_and_nothing_else_is(bao, tmp_path: Path):
+    pid = int((bao.dir / "pid").read_text())
+    left = EmbeddedOpenBao(tmp_path)  # a later process of the same home, which did not start it
+    # A pid file naming another process (the pid was reused) signals nothing.
+    (bao.dir / "pid").write_text(str(os.getpid()))
+    assert not left.stop_left()
+    (bao.dir / "pid").write_text(str(pid))
+    assert left.stop_left()
+    assert left.running() is None and not (bao.dir / "pid").exists()
+    assert not EmbeddedOpenBao(tmp_path).stop_left()  # nothing left now
