@@ -27,6 +27,7 @@ bench:
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
 	.venv/bin/python bench/gateway_overhead.py
 	.venv/bin/python bench/sandbox_lifecycle.py
+	.venv/bin/python bench/clone_start.py
 	.venv/bin/python bench/registry_guard.py
 	.venv/bin/python bench/models.py
 	.venv/bin/python bench/load_faults.py $(LOAD_FAULTS_ARGS)
