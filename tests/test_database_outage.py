@@ -35,6 +35,7 @@ def outage(tmp_path_factory):
     if not server.running():  # a failure left it stopped
         server.start()
     fleet.stop()
+    server.stop()  # the module's own server, not the suite's: it would outlive the run
 
 
 def audited_calls(fleet) -> list[dict]:
