@@ -82,6 +82,7 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
     manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle)
     times: dict[str, list[float]] = {"start": [], "hibernate": [], "image": [], "resume": []}
     available_before = mem_info("MemAvailable")
+    free_before = shutil.disk_usage(home).free
     try:
         async with pool.connection() as conn:
             await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT DO NOTHING", (TENANT,))
@@ -96,6 +97,7 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
             rows = [r for r in await store.list_sandboxes(conn) if r["tenant"] == TENANT]
         hibernated = sum(r["state"] == State.HIBERNATED for r in rows)
         on_disk = tree_bytes(home / "sandboxes")
+        used = free_before - shutil.disk_usage(home).free  # workspaces and the database too
         running = len(await backend.list())
         available_after = mem_info("MemAvailable")
         for user in random.Random(1).sample(users, min(args.resumes, len(users))):
@@ -109,7 +111,8 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
         await tear_down(manager, backend, home, cgroup_parent, pool)
     if hibernated != args.sandboxes:
         raise RuntimeError(f"{hibernated} of {args.sandboxes} sandboxes are Hibernated")
-    print(f"\n{hibernated} sandboxes hibernated in {filled_s / 60:.1f} min; sandboxes dir {on_disk / GiB:.2f} GiB on disk; "
+    print(f"\n{hibernated} sandboxes hibernated in {filled_s / 60:.1f} min; sandboxes dir {on_disk / GiB:.2f} GiB, "
+          f"{used / GiB:.2f} GiB of disk used in all (workspaces, database); "
           f"runsc sandboxes running meanwhile: {running}; host memory available {available_before / GiB:.1f} GiB "
           f"before, {available_after / GiB:.1f} GiB with all hibernated; load average after {os.getloadavg()[0]:.2f}\n")
     print("| measure | median | p99 | n | target | |")
