@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import contextlib
 import json
 import logging
 import os
@@ -37,12 +36,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sandbox_lifecycle import tear_down  # beside this script
+
 from core.accounts import add_user
 from core.db import migrate, open_pool, start_embedded
 from core.models.local import LocalProvider
 from core.models.router import Router
 from gateway.model_relay import SandboxModels
-from sandbox.backends.runsc import CGROUP_ROOT, RunscBackend
+from sandbox.backends.runsc import RunscBackend
 from sandbox.bundle import TOOLS
 from sandbox.factory import sandbox_python
 from sandbox.manager import Lifecycle, SandboxManager
@@ -159,17 +160,8 @@ async def main(home: Path, runs: int, tokens: int) -> int:
             results["direct"].append(await asyncio.to_thread(direct))
             results["relay"].append(await relayed())
     finally:
-        with contextlib.suppress(Exception):
-            await manager.close()
-        with contextlib.suppress(Exception):
-            for container in await backend.list():
-                await backend.destroy(container.id)
-        backend.kill_strays(keep=set())
-        for controller in [CGROUP_ROOT, *CGROUP_ROOT.glob("*")] if CGROUP_ROOT.is_dir() else []:
-            with contextlib.suppress(OSError):
-                (controller / cgroup_parent.lstrip("/")).rmdir()
         await router.close()
-        await pool.close()
+        await tear_down(manager, backend, home, cgroup_parent, pool)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"# Models for tools: the sandbox relay against llama-server directly\n\nmodel {model}, llama-server with "
           f"{local.threads} threads, {runs} runs of {tokens} tokens each, streamed (OpenAI SSE); load average after: {load}\n")
