@@ -17,21 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from embedded_home import run_in_home  # beside this script
 from fresh_memory import sandbox_pids  # beside this script
 from lifecycle_report import MiB, row  # beside this script
 from sandbox_lifecycle import first_result, tear_down  # beside this script
 
 from core.accounts import add_user
-from core.db import migrate, open_pool, start_embedded
+from core.db import open_pool
 from sandbox import tiers
 from sandbox.backends.runsc import RunscBackend
 from sandbox.factory import sandbox_python
@@ -123,12 +122,4 @@ if __name__ == "__main__":
     cli.add_argument("--runs", type=int, default=10, help="new users per kind of start (default 10)")
     cli.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
     args = cli.parse_args()
-    if shutil.which("runsc") is None:
-        raise SystemExit("runsc is not installed")
-    home = Path(tempfile.mkdtemp(prefix="cs-", dir="/tmp"))
-    try:
-        url = start_embedded(home / "pg")
-        migrate(url)
-        asyncio.run(asyncio.wait_for(bench(home, url, args.runs), args.timeout))
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    run_in_home("cs-", lambda home, url: bench(home, url, args.runs), args.timeout)

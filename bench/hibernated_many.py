@@ -16,22 +16,21 @@ embedded PostgreSQL, removed at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from embedded_home import run_in_home  # beside this script
 from lifecycle_report import MiB, mem_info, row  # beside this script
 from sandbox_lifecycle import first_result, tear_down  # beside this script
 
 from core.accounts import add_user
-from core.db import migrate, open_pool, start_embedded
+from core.db import open_pool
 from sandbox import store
 from sandbox.backends.runsc import RunscBackend
 from sandbox.factory import sandbox_python
@@ -132,12 +131,4 @@ if __name__ == "__main__":
     cli.add_argument("--reserve-gib", type=float, default=5.0, help="disk left free at the least (default 5)")
     cli.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600)")
     args = cli.parse_args()
-    if shutil.which("runsc") is None:
-        raise SystemExit("runsc is not installed")
-    home = Path(tempfile.mkdtemp(prefix="hm-", dir="/tmp"))
-    try:
-        url = start_embedded(home / "pg")
-        migrate(url)
-        asyncio.run(asyncio.wait_for(bench(home, url, args), args.timeout))
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    run_in_home("hm-", lambda home, url: bench(home, url, args), args.timeout)
