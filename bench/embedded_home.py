@@ -1,9 +1,10 @@
 """Where the runsc benches run: a temporary home under /tmp (short: the channel's socket path must
-stay within 107 bytes) with an embedded PostgreSQL of its own, removed at the end."""
+stay within 107 bytes) with an embedded PostgreSQL of its own, removed at exit."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import shutil
 import sys
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.db import RestartableEmbedded, migrate, start_embedded
+from core.db import migrate, start_embedded
 
 
 def run_in_home(prefix: str, bench: Callable[[Path, str], Awaitable[None]], timeout: float) -> None:
@@ -20,13 +21,9 @@ def run_in_home(prefix: str, bench: Callable[[Path, str], Awaitable[None]], time
     if shutil.which("runsc") is None:
         raise SystemExit("runsc is not installed")
     home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    try:
-        url = start_embedded(home / "pg")
-        migrate(url)
-        asyncio.run(asyncio.wait_for(bench(home, url), timeout))
-    finally:
-        # Stopped before its data dir goes: the wheel's own stop at exit would find nothing to stop by.
-        server = RestartableEmbedded(home / "pg") if (home / "pg" / "postmaster.pid").exists() else None
-        if server is not None and server.running():
-            server.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    # Registered before the embedded PostgreSQL registers its own stop: exit handlers run last
+    # registered first, so the server is down before its data dir goes.
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    url = start_embedded(home / "pg")
+    migrate(url)
+    asyncio.run(asyncio.wait_for(bench(home, url), timeout))
