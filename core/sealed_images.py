@@ -6,6 +6,11 @@ encrypts every file of the image with AES-GCM and only its wrapped form is kept 
 larger than memory should hold at once), each chunk's nonce and associated data binding it to its
 file, its place and whether it is the last, so that chunks cannot be reordered, moved between
 files, or cut off unnoticed.
+
+Each chunk is compressed (zstd) before it is encrypted: a sandbox's memory compresses about 4-5x,
+and hibernated sandboxes cost disk, not memory. Whether a file's chunks are compressed is said by
+its header and bound into every chunk's associated data, so it cannot be flipped either. Images
+sealed without compression (`compress=False`, and those of earlier gateways) unseal as before.
 """
 
 from __future__ import annotations
@@ -15,8 +20,14 @@ import logging
 import os
 import struct
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from io import BufferedReader
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
+import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -24,25 +35,71 @@ from core.errors import FleetError
 from core.vault import SecretStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SUFFIX = ".sealed"
 KEY_FILE = "sealed.key"
 STAGED = ".staged"
 """A file being written under its final name plus this: renamed once whole."""
 MAGIC = b"MFS1"
+"""A file whose chunks were sealed as they are."""
+MAGIC_ZSTD = b"MFS2"
+"""A file whose chunks were each compressed with zstd, then sealed."""
 CHUNK = 4 * 2**20
+IN_FLIGHT = 4
+"""Chunks being (de)compressed at once, by WORKERS threads."""
+WORKERS = 2
+ZSTD_LEVEL = 1
+"""zstd's fastest level: it left a 147 MiB image of a used sandbox at 32 MiB in 0.30 s, its default
+(3) at 29 MiB in 0.40 s; the seal runs in every hibernation."""
 
 
 class SealError(FleetError):
     """An image could not be encrypted or decrypted (Vault down, a changed file)."""
 
 
-def _aad(name: str, index: int, last: bool) -> bytes:
-    return f"{name}\x00{index}\x00{int(last)}".encode()
+def _aad(name: str, index: int, last: bool, compressed: bool) -> bytes:
+    return f"{name}\x00{index}\x00{int(last)}{chr(0) + 'zstd' if compressed else ''}".encode()
 
 
-def _seal_file(aes: AESGCM, path: Path, name: str) -> None:
-    """`path` → `path.sealed`, written under a staging name and renamed: a `.sealed` file is whole."""
+def _compress(chunk: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(chunk)  # one per call: they are not thread-safe
+
+
+def _decompress(chunk: bytes) -> bytes:
+    # Authenticated before this, so written by a seal: never more than CHUNK bytes in the clear.
+    return zstandard.ZstdDecompressor().decompress(chunk, max_output_size=CHUNK)
+
+
+def _in_order(work: Executor, fn: Callable[[bytes], bytes], items: Iterator[tuple[T, bytes]]) -> Iterator[tuple[T, bytes]]:
+    """(where, fn(chunk)) for each (where, chunk), in order, with up to IN_FLIGHT chunks being worked
+    on at once: zstd lets go of the GIL, so chunks are (de)compressed on both cores while this thread
+    reads, encrypts or decrypts, and writes; and no more than IN_FLIGHT chunks are held in memory."""
+    pending: deque[tuple[T, Future[bytes]]] = deque()
+    for where, chunk in items:
+        pending.append((where, work.submit(fn, chunk)))
+        if len(pending) > IN_FLIGHT:
+            done, result = pending.popleft()
+            yield done, result.result()
+    while pending:
+        done, result = pending.popleft()
+        yield done, result.result()
+
+
+def _chunks(src: BinaryIO) -> Iterator[tuple[tuple[int, bool], bytes]]:
+    """((index, whether it is the last), chunk) of a clear file; an empty file is one empty chunk."""
+    index, chunk = 0, src.read(CHUNK)
+    while True:
+        following = src.read(CHUNK)
+        yield (index, not following), chunk
+        if not following:
+            return
+        chunk, index = following, index + 1
+
+
+def _seal_file(aes: AESGCM, path: Path, name: str, work: Executor | None) -> None:
+    """`path` → `path.sealed`, written under a staging name and renamed: a `.sealed` file is whole.
+    Each chunk is compressed first when `work` (threads for it) is given."""
     prefix = os.urandom(8)
     target = path.with_name(path.name + SUFFIX)
     if target.exists():  # sealed before an interruption: only the clear copy was left to remove
@@ -50,52 +107,56 @@ def _seal_file(aes: AESGCM, path: Path, name: str) -> None:
         return
     staged = path.with_name(path.name + STAGED)
     with open(path, "rb") as src, open(staged, "wb") as out:
-        out.write(MAGIC + prefix)
-        index = 0
-        chunk = src.read(CHUNK)
-        while True:
-            following = src.read(CHUNK)
-            last = not following
-            sealed = aes.encrypt(prefix + struct.pack(">I", index), chunk, _aad(name, index, last))
+        out.write((MAGIC if work is None else MAGIC_ZSTD) + prefix)
+        chunks = _chunks(src) if work is None else _in_order(work, _compress, _chunks(src))
+        for (index, last), plain in chunks:
+            sealed = aes.encrypt(prefix + struct.pack(">I", index), plain, _aad(name, index, last, work is not None))
             out.write(struct.pack(">I", len(sealed)) + sealed)
-            if last:
-                break
-            chunk, index = following, index + 1
     os.replace(staged, target)
     path.unlink()
 
 
-def _unseal_file(aes: AESGCM, target: Path, name: str) -> None:
+def _unseal_file(aes: AESGCM, target: Path, name: str, work: Executor) -> None:
     """`target.sealed` → `target`, staged and renamed likewise: a clear file is whole too."""
     source = target.with_name(target.name + SUFFIX)
     staged = target.with_name(target.name + STAGED)
     with open(source, "rb") as src, open(staged, "wb") as out:
         head = src.read(12)
-        if head[:4] != MAGIC:
+        if head[:4] not in (MAGIC, MAGIC_ZSTD):
             raise SealError(f"{source.name} is not a sealed checkpoint file")
-        prefix, index = head[4:], 0
-        while True:
-            size = src.read(4)
-            if len(size) < 4:
-                raise SealError(f"{source.name} ends early: the image is cut off")
-            sealed = src.read(struct.unpack(">I", size)[0])
-            last = not src.peek(1)
-            try:
-                out.write(aes.decrypt(prefix + struct.pack(">I", index), sealed, _aad(name, index, last)))
-            except InvalidTag:
-                raise SealError(f"{source.name} was changed (chunk {index} does not authenticate)") from None
-            if last:
-                break
-            index += 1
+        compressed = head[:4] == MAGIC_ZSTD
+        opened = _opened(aes, src, source.name, head[4:], name, compressed)
+        for _, clear in _in_order(work, _decompress, opened) if compressed else opened:
+            out.write(clear)
     os.replace(staged, target)
     source.unlink()
 
 
-class SealedImages:
-    """`seal` and `unseal` a checkpoint dir in place, with data keys from `store`'s transit engine. Blocking."""
+def _opened(aes: AESGCM, src: BufferedReader, file: str, prefix: bytes, name: str, compressed: bool) -> Iterator[tuple[int, bytes]]:
+    """(index, decrypted chunk) of a sealed file, each authenticated before it is given out."""
+    index = 0
+    while True:
+        size = src.read(4)
+        if len(size) < 4:
+            raise SealError(f"{file} ends early: the image is cut off")
+        sealed = src.read(struct.unpack(">I", size)[0])
+        last = not src.peek(1)
+        try:
+            yield index, aes.decrypt(prefix + struct.pack(">I", index), sealed, _aad(name, index, last, compressed))
+        except InvalidTag:
+            raise SealError(f"{file} was changed (chunk {index} does not authenticate)") from None
+        if last:
+            return
+        index += 1
 
-    def __init__(self, store: SecretStore):
+
+class SealedImages:
+    """`seal` and `unseal` a checkpoint dir in place, with data keys from `store`'s transit engine;
+    `compress` (the fleet's way) compresses each chunk first. Blocking."""
+
+    def __init__(self, store: SecretStore, compress: bool = True):
         self.store = store
+        self.compress = compress
 
     def seal(self, directory: Path) -> None:
         """Seal every file of `directory` still in the clear. The wrapped key is written first, so a
@@ -118,17 +179,19 @@ class SealedImages:
             staged = key_file.with_name(KEY_FILE + STAGED)
             staged.write_text(json.dumps({"wrapped": wrapped}))
             os.replace(staged, key_file)
-        for path in clear:
-            _seal_file(aes, path, str(path.relative_to(directory)))
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="seal") as work:
+            for path in clear:
+                _seal_file(aes, path, str(path.relative_to(directory)), work if self.compress else None)
         log.info("checkpoint %s sealed in %.2fs", directory.name, time.perf_counter() - started)
 
     def unseal(self, directory: Path) -> None:
         started = time.perf_counter()
         aes = AESGCM(self.store.unwrap(_wrapped(directory / KEY_FILE)))
         _drop_staged(directory)
-        for source in sorted(directory.rglob("*" + SUFFIX)):
-            target = source.with_name(source.name[: -len(SUFFIX)])
-            _unseal_file(aes, target, str(target.relative_to(directory)))
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="unseal") as work:
+            for source in sorted(directory.rglob("*" + SUFFIX)):
+                target = source.with_name(source.name[: -len(SUFFIX)])
+                _unseal_file(aes, target, str(target.relative_to(directory)), work)
         (directory / KEY_FILE).unlink()
         log.info("checkpoint %s unsealed in %.2fs", directory.name, time.perf_counter() - started)
 

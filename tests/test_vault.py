@@ -161,6 +161,44 @@ def test_a_checkpoint_image_is_sealed_with_a_transit_data_key_and_unsealed_intac
         images.unseal(cut)
 
 
+def test_a_sealed_image_is_compressed_and_its_compression_cannot_be_flipped(bao, tmp_path):
+    """Images are compressed before they are encrypted (memory pages compress; ciphertext does not),
+    the header's claim of compression is bound into every chunk, and an image sealed without
+    compression, as earlier gateways did, still unseals."""
+    from core.sealed_images import CHUNK, MAGIC, MAGIC_ZSTD, SealedImages, SealError
+
+    store = store_of(bao)
+    # Memory-like content: repeated structures with some noise, over several chunks.
+    pages = b"".join(os.urandom(64) + bytes(range(256)) * 16 + i.to_bytes(4, "big") * 64 for i in range(3 * CHUNK // 4416))
+    contents = {"pages.img": pages + b"tail", "checkpoint.img": b"state" * 1000, "empty": b""}
+
+    def image_at(name: str) -> Path:
+        image = tmp_path / name
+        image.mkdir()
+        for file, data in contents.items():
+            (image / file).write_bytes(data)
+        return image
+
+    compressed, plain = image_at("compressed"), image_at("plain")
+    SealedImages(store).seal(compressed)
+    SealedImages(store, compress=False).seal(plain)
+    size = (compressed / "pages.img.sealed").stat().st_size
+    assert (compressed / "pages.img.sealed").read_bytes()[:4] == MAGIC_ZSTD and size < len(pages) / 4
+    assert (plain / "pages.img.sealed").read_bytes()[:4] == MAGIC and (plain / "pages.img.sealed").stat().st_size > len(pages)
+    print(f"\nsealed {len(pages) / 2**20:.1f} MiB into {size / 2**20:.2f} MiB compressed")
+    for image in (compressed, plain):  # whichever way it was sealed, the fleet unseals it
+        SealedImages(store).unseal(image)
+        assert {p.name: p.read_bytes() for p in image.iterdir()} == contents
+
+    # Saying a compressed file is not compressed (or the reverse) is a change like any other.
+    for image, claim in ((compressed, MAGIC), (plain, MAGIC_ZSTD)):
+        SealedImages(store, compress=claim == MAGIC).seal(image)
+        sealed = image / "pages.img.sealed"
+        sealed.write_bytes(claim + sealed.read_bytes()[4:])
+        with pytest.raises(SealError, match="changed"):
+            SealedImages(store).unseal(image)
+
+
 def test_a_seal_or_unseal_cut_short_is_finished_by_sealing_again(bao, tmp_path, monkeypatch):
     """A gateway killed while it sealed (or unsealed) a checkpoint: recovery seals the directory
     again, which must finish the work under the first key without losing or garbling a file."""
@@ -178,11 +216,11 @@ def test_a_seal_or_unseal_cut_short_is_finished_by_sealing_again(bao, tmp_path, 
     real_seal = sealed_images._seal_file
     done: list[str] = []
 
-    def dies_on_the_third(aes, path, name):
+    def dies_on_the_third(aes, path, name, work):
         if len(done) == 2:
-            (path.with_name(path.name + sealed_images.STAGED)).write_bytes(b"MFS1half")
+            (path.with_name(path.name + sealed_images.STAGED)).write_bytes(b"MFS2half")
             raise KeyboardInterrupt
-        real_seal(aes, path, name)
+        real_seal(aes, path, name, work)
         done.append(name)
 
     monkeypatch.setattr(sealed_images, "_seal_file", dies_on_the_third)
@@ -200,11 +238,11 @@ def test_a_seal_or_unseal_cut_short_is_finished_by_sealing_again(bao, tmp_path, 
     real_unseal = sealed_images._unseal_file
     opened: list[str] = []
 
-    def dies_on_the_second(aes, target, name):
+    def dies_on_the_second(aes, target, name, work):
         if opened:
             (target.with_name(target.name + sealed_images.STAGED)).write_bytes(b"half")
             raise KeyboardInterrupt
-        real_unseal(aes, target, name)
+        real_unseal(aes, target, name, work)
         opened.append(name)
 
     monkeypatch.setattr(sealed_images, "_unseal_file", dies_on_the_second)
