@@ -3,6 +3,8 @@ another, then a sample of them resumed to a tool result, on real runsc.
 
 Each sandbox is started for a new user and hibernated at once, before any call (`--called` makes
 one call first: its fork server and workspace server are then in its image, about 8x the disk).
+`--sealed` seals each image as the fleet does (core.sealed_images: compressed, then encrypted under
+a data key from an OpenBao the bench starts under its temporary home).
 Hibernated sandboxes hold no memory and no process: what they cost is disk, which is checked
 before each one; the bench stops, failing, when the next image would leave less than
 `--reserve-gib` free. A start, hibernation or resume that fails ends the bench with an error.
@@ -16,6 +18,7 @@ embedded PostgreSQL, removed at the end.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import shutil
@@ -27,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from embedded_home import run_in_home  # beside this script
 from lifecycle_report import MiB, mem_info, row  # beside this script
-from sandbox_lifecycle import first_result, tear_down  # beside this script
+from sandbox_lifecycle import first_result, tear_down, vault  # beside this script
 
 from core.accounts import add_user
 from core.db import open_pool
+from core.openbao import EmbeddedOpenBao
+from core.sealed_images import KEY_FILE, SealedImages
 from sandbox import store
 from sandbox.backends.runsc import RunscBackend
 from sandbox.factory import sandbox_python
@@ -43,7 +48,8 @@ TENANT = "many"
 GiB = 1024**3
 
 
-async def hibernate_many(manager: SandboxManager, n: int, called: bool, reserve: int, times: dict[str, list[float]]) -> list[int]:
+async def hibernate_many(manager: SandboxManager, n: int, called: bool, sealed: bool, reserve: int,
+                         times: dict[str, list[float]]) -> list[int]:
     """Start and hibernate n new users' sandboxes one by one; their user ids."""
     users: list[int] = []
     image = 0
@@ -65,6 +71,8 @@ async def hibernate_many(manager: SandboxManager, n: int, called: bool, reserve:
             raise RuntimeError(f"the sandbox of {name} did not hibernate")
         times["hibernate"].append((time.perf_counter() - started) * 1e3)
         image = tree_bytes(sandbox.layout.checkpoint)
+        if sealed and not (sandbox.layout.checkpoint / KEY_FILE).is_file():
+            raise RuntimeError(f"the image of {name} was not sealed")
         times["image"].append(image / MiB)
         users.append(user)
         if (i + 1) % 100 == 0:
@@ -74,11 +82,20 @@ async def hibernate_many(manager: SandboxManager, n: int, called: bool, reserve:
 
 
 async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
+    bao = EmbeddedOpenBao(home / "vault")
+    try:
+        images = SealedImages(vault(home, bao)) if args.sealed else None
+        await fill(home, url, args, images)
+    finally:
+        await asyncio.to_thread(bao.stop)
+
+
+async def fill(home: Path, url: str, args: argparse.Namespace, images: SealedImages | None) -> None:
     pool = await open_pool(url)
     cgroup_parent = f"/mcpfleet-many-{os.getpid()}"
     backend = RunscBackend(home / "runsc", cgroup_parent=cgroup_parent, python=sandbox_python())
     lifecycle = Lifecycle(warm_pool_size=0, housekeeping_interval_s=3600.0, clone_templates=not args.boot)
-    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle)
+    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle, images=images)
     times: dict[str, list[float]] = {"start": [], "hibernate": [], "image": [], "resume": []}
     available_before = mem_info("MemAvailable")
     free_before = shutil.disk_usage(home).free
@@ -87,10 +104,11 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
             await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT DO NOTHING", (TENANT,))
         await manager.start()
         print(f"runsc {backend.gvisor.release} on {backend.platform}; {args.sandboxes} sandboxes, "
-              f"{'booted' if args.boot else 'cloned'}, hibernated {'after one call' if args.called else 'before any call'}; "
+              f"{'booted' if args.boot else 'cloned'}, hibernated {'after one call' if args.called else 'before any call'}"
+              f"{', images sealed (compressed, encrypted)' if images else ''}; "
               f"{shutil.disk_usage(home).free / GiB:.1f} GiB free\n", flush=True)
         started = time.perf_counter()
-        users = await hibernate_many(manager, args.sandboxes, args.called, int(args.reserve_gib * GiB), times)
+        users = await hibernate_many(manager, args.sandboxes, args.called, images is not None, int(args.reserve_gib * GiB), times)
         filled_s = time.perf_counter() - started
         async with pool.connection() as conn:
             rows = [r for r in await store.list_sandboxes(conn) if r["tenant"] == TENANT]
@@ -128,6 +146,7 @@ if __name__ == "__main__":
     cli.add_argument("--resumes", type=int, default=20, help="random ones resumed at the end (default 20)")
     cli.add_argument("--called", action="store_true", help="one tool call before each hibernation")
     cli.add_argument("--boot", action="store_true", help="boot each sandbox rather than clone it")
+    cli.add_argument("--sealed", action="store_true", help="seal each image as the fleet does (compressed, encrypted)")
     cli.add_argument("--reserve-gib", type=float, default=5.0, help="disk left free at the least (default 5)")
     cli.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600)")
     args = cli.parse_args()
