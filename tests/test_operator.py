@@ -640,7 +640,8 @@ def test_pod_is_hardened_and_sized_by_the_tier() -> None:
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert c["args"][:7] == ["/usr/bin/tini-static", "--", "python", "-s", "-P", "-m", "sandbox.supervisor"] and "0.0.0.0:7070" in c["args"]
+    assert c["args"][:9] == ["/usr/bin/tini-static", "--", "python", "-s", "-P", "-OO", "-S", "-m", "sandbox.supervisor"]
+    assert "0.0.0.0:7070" in c["args"]
     assert c["resources"]["limits"] == {"cpu": "2", "memory": "1024Mi", "ephemeral-storage": "2048Mi"}
     vols = {v["name"]: v for v in spec["volumes"]}
     assert vols["workspace"]["persistentVolumeClaim"]["claimName"] == "acme-alice-workspace"

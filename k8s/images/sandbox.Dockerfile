@@ -1,6 +1,6 @@
 # A sandbox pod: the supervisor in TCP mode and the built-in servers, with only what runs inside a sandbox
 # (the standard library, the mcp SDK, sandbox.wire and sandbox.supervisor: pyproject.toml's import contracts).
-# The operator starts it as `/usr/bin/tini-static -- python -s -P -m sandbox.supervisor --listen 0.0.0.0:7070 <config>`
+# The operator starts it as `/usr/bin/tini-static -- python -s -P -OO -S -m sandbox.supervisor --listen 0.0.0.0:7070 <config>`
 # (SPEC.md): tini, from the base image, is PID 1.
 ARG BASE=mcpfleet-base:local
 FROM ${BASE}
@@ -16,9 +16,10 @@ RUN python3 -m venv /opt/sandbox && /opt/sandbox/bin/pip install --no-cache-dir 
 COPY sandbox/__init__.py sandbox/wire.py /opt/mcpfleet/sandbox/
 COPY sandbox/supervisor /opt/mcpfleet/sandbox/supervisor
 COPY mcp_servers /opt/mcpfleet/mcp_servers
-# Compiled here: the pod's root is read-only, and a supervisor compiling its modules at every start held
-# about 9 MiB more (sandbox/bundle.py compile_packages does the same for sandboxes on one box).
-RUN python -m compileall -q /opt/mcpfleet
+# Compiled here, at both levels: the pod's root is read-only, and a supervisor compiling its modules at every
+# start held about 9 MiB more; the supervisor runs with -OO (its .opt-2.pyc), its servers without (their
+# .pyc). sandbox/bundle.py compile_packages does the same for sandboxes on one box.
+RUN python -m compileall -q -o 0 -o 2 /opt/mcpfleet
 USER 1000:1000
 WORKDIR /workspace
 EXPOSE 7070

@@ -254,8 +254,10 @@ def pod(name: str, *, image: str, tier: Mapping[str, Any] | None, workspace_clai
                 "image": image,
                 # The token file is read at every attach: a claim swaps a pool pod's Secret in place.
                 # PID 1 is tini (reaps orphans, passes signals on), as in a sandbox on one box: a forked
-                # Python for that job cost the pod about 11-15 MiB (sandbox/bundle.py INIT).
-                "args": ["/usr/bin/tini-static", "--", "python", "-s", "-P", "-m", "sandbox.supervisor",
+                # Python for that job cost the pod about 11-15 MiB (sandbox/bundle.py INIT). The supervisor
+                # starts as on one box (sandbox/supervisor/config.py SUPERVISOR_FLAGS): without docstrings
+                # and asserts, and without `site`; the image holds its .pyc at both levels.
+                "args": ["/usr/bin/tini-static", "--", "python", "-s", "-P", "-OO", "-S", "-m", "sandbox.supervisor",
                          "--listen", f"0.0.0.0:{PORT}", "--token-file", f"{TOKEN_DIR}/token", SUPERVISOR_CONFIG],
                 "ports": [{"name": "supervisor", "containerPort": PORT, "protocol": "TCP"}],
                 "readinessProbe": {"tcpSocket": {"port": PORT}, "periodSeconds": 2},
