@@ -33,6 +33,9 @@ class Catalogs:
         self._generation: dict[str, int] = {}
 
     async def of(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        cached = self._catalog
+        if all(name in cached for name in names):  # every call asks: no task per server when nothing is to fetch
+            return {name: cached[name] for name in names}
         entries = await asyncio.gather(*(self._server_catalog(name) for name in names))
         return dict(zip(names, entries))
 
