@@ -12,8 +12,10 @@ The fleet runs with the rate limits lifted (LOAD_SETTINGS); any answer that is n
 (a 429, a JSON-RPC error, an isError result, a socket error) stops the run with what it said.
 
 Each gateway variant (`--variants`) is a fleet of its own, started and measured one after the other in
-this run: by default the general path (`MCPFLEET_FAST_PATH=off`, the baseline) and the fast path
-(gateway/fast_call.py); `replicas2` adds `up --replicas 2`. The fast path's own counter
+this run: by default the general path (`MCPFLEET_FAST_PATH=off`, the baseline), the fast path
+(gateway/fast_call.py) and `session`: the same calls in one 2025-11-25 session (the bench opens it
+with `initialize`; each call a POST with its `Mcp-Session-Id`, answered as an event stream), which
+the SDK's session transport serves. `replicas2` adds `up --replicas 2`. The fast path's own counter
 (`mcpfleet_tool_calls_by_path_total` on /metrics) must show it served every call of the fast runs
 and none of the baseline's, or the run stops. `--profile` samples each gateway with py-spy.
 
@@ -58,15 +60,14 @@ wrk.method = "POST"
 wrk.body = [==[%(body)s]==]
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Accept"] = "application/json, text/event-stream"
-wrk.headers["MCP-Protocol-Version"] = "2026-07-28"
-wrk.headers["Mcp-Method"] = "tools/call"
-wrk.headers["Mcp-Name"] = "%(tool)s"
+%(revision)s
 %(auth)s
 -- Every answer is read: a 200 that carries a JSON-RPC error or an isError result is a failed call,
 -- never a fast answer. Each thread counts its own; done() adds them up.
 local threads = {}
-function setup(thread) table.insert(threads, thread) end
-function init(args) failed = 0; sample = "" end
+function setup(thread) table.insert(threads, thread); thread:set("tid", #threads) end
+function init(args) failed = 0; sample = ""; sent = 0 end
+%(ids)s
 function response(status, headers, body)
   if status ~= 200 or not string.find(body, '"result"', 1, true) or string.find(body, '"isError"%%s*:%%s*true')
       or string.find(body, '"error"%%s*:%%s*{') then
@@ -83,6 +84,14 @@ done = function(summary, latency, requests)
   io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(99), summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout, failed_total))
   if first ~= "" then io.write("FIRST-FAILURE " .. string.gsub(first, "\\n", " ") .. "\\n") end
+end
+"""
+
+SESSION_IDS = """
+-- Requests in flight in one session need ids of their own (the session routes each answer by its id).
+request = function()
+  sent = sent + 1
+  return wrk.format(nil, nil, nil, (string.gsub(wrk.body, '"id": 1,', '"id": "' .. tid .. '-' .. sent .. '",', 1)))
 end
 """
 
@@ -106,27 +115,61 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 90) -> None
     raise SystemExit(f"{url} did not come up")
 
 
-def call_body(tool: str, arguments: dict) -> str:
-    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                       "params": {"name": tool, "arguments": arguments, "_meta": META}})
+def call_body(tool: str, arguments: dict, session: str | None = None) -> str:
+    """A stateless 2026-07-28 call (its envelope in `_meta`), or one in a 2025-11-25 session."""
+    params = {"name": tool, "arguments": arguments} if session else {"name": tool, "arguments": arguments, "_meta": META}
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params})
 
 
-def check_call(url: str, tool: str, arguments: dict, key: str | None) -> None:
+def call_headers(tool: str, session: str | None) -> dict[str, str]:
+    if session:
+        return {"MCP-Protocol-Version": "2025-11-25", "Mcp-Session-Id": session}
+    return {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": tool}
+
+
+def answer_of(response: httpx.Response) -> dict:
+    """The JSON-RPC answer of a POST: its JSON body, or the last `data:` event of its event stream."""
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        events = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
+        return json.loads(events[-1]) if events else {}
+    return response.json()
+
+
+def check_call(url: str, tool: str, arguments: dict, key: str | None, session: str | None = None) -> None:
     """One call by hand first: the load must measure successful calls, not fast errors."""
-    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-               "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": tool}
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream", **call_headers(tool, session)}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    response = httpx.post(url, content=call_body(tool, arguments), headers=headers, timeout=120)
-    reply = response.json()
+    response = httpx.post(url, content=call_body(tool, arguments, session), headers=headers, timeout=120)
+    reply = answer_of(response)
     if response.status_code != 200 or "result" not in reply or reply["result"].get("isError"):
         raise SystemExit(f"{url} {tool}: not a successful call: {response.status_code} {response.text[:300]}")
 
 
-def wrk(url: str, tool: str, arguments: dict, key: str | None, connections: int, seconds: int, workdir: Path) -> dict:
+def open_session(url: str, key: str) -> str:
+    """A 2025-11-25 session (initialize, then notifications/initialized); its id."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "MCP-Protocol-Version": "2025-11-25", "Authorization": f"Bearer {key}"}
+    hello = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}}
+    response = httpx.post(url, json=hello, headers=headers, timeout=120)
+    session = response.headers.get("mcp-session-id")
+    if response.status_code != 200 or not session or "result" not in answer_of(response):
+        raise SystemExit(f"{url}: no session opened: {response.status_code} {response.text[:300]}")
+    done = httpx.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                      headers={**headers, "Mcp-Session-Id": session}, timeout=60)
+    if done.status_code != 202:
+        raise SystemExit(f"{url}: notifications/initialized got {done.status_code} {done.text[:300]}")
+    return session
+
+
+def wrk(url: str, tool: str, arguments: dict, key: str | None, connections: int, seconds: int, workdir: Path,
+        session: str | None = None) -> dict:
     script = workdir / f"{tool}-{connections}.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
-    script.write_text(WRK_SCRIPT % {"body": call_body(tool, arguments), "tool": tool, "auth": auth})
+    revision = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in call_headers(tool, session).items())
+    script.write_text(WRK_SCRIPT % {"body": call_body(tool, arguments, session), "revision": revision, "auth": auth,
+                                    "ids": SESSION_IDS if session else ""})
     threads = 1 if connections == 1 else 2
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
@@ -285,6 +328,7 @@ class Fleet:
 VARIANTS = {
     "general": ("gateway, general path (MCPFLEET_FAST_PATH=off)", {"MCPFLEET_FAST_PATH": "off"}, []),
     "fast": ("gateway, fast path", {"MCPFLEET_FAST_PATH": "on"}, []),
+    "session": ("gateway, 2025-11-25 session (general path)", {"MCPFLEET_FAST_PATH": "on"}, []),
     "replicas2": ("gateway, fast path, up --replicas 2", {"MCPFLEET_FAST_PATH": "on"}, ["--replicas", "2"]),
 }
 
@@ -294,7 +338,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10, help="length of each load run")
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--profile", action="store_true", help="profile each gateway with py-spy under load")
-    parser.add_argument("--variants", default="general,fast",
+    parser.add_argument("--variants", default="general,fast,session",
                         help=f"gateway runs to compare, in order, comma-separated, of: {', '.join(VARIANTS)}")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -332,14 +376,15 @@ def main() -> int:
             label, settings, up_args = VARIANTS[variant]
             fleet = Fleet(work, variant, settings, up_args)
             colds[variant] = fleet.cold_ms
-            check_call(fleet.url, "workspace__read_file", read, fleet.key)
+            session = open_session(fleet.url, fleet.key) if variant == "session" else None
+            check_call(fleet.url, "workspace__read_file", read, fleet.key, session)
             sandbox = sandbox_pids(fleet.home)
             gateway = gateway_pids(fleet.process.pid)
             fast_before = fleet.fast_calls()
             results[variant] = {}
             for connections in levels:
                 before = (cpu_seconds(gateway), cpu_seconds(sandbox))
-                row = wrk(fleet.url, "workspace__read_file", read, fleet.key, connections, args.seconds, work)
+                row = wrk(fleet.url, "workspace__read_file", read, fleet.key, connections, args.seconds, work, session)
                 after = (cpu_seconds(gateway), cpu_seconds(sandbox))
                 row["gateway_cpu_ms"] = (after[0] - before[0]) * 1e3 / max(row["calls"], 1)
                 row["sandbox_cpu_ms"] = (after[1] - before[1]) * 1e3 / max(row["calls"], 1)
@@ -348,7 +393,7 @@ def main() -> int:
             served_fast = fleet.fast_calls() - fast_before
             measured = sum(r["calls"] for r in results[variant].values())
             # (A standby replica keeps its own counter: `replicas2` is not checked.)
-            if (variant == "general" and served_fast) or (variant == "fast" and served_fast < measured):
+            if (variant in ("general", "session") and served_fast) or (variant == "fast" and served_fast < measured):
                 raise SystemExit(f"{label}: the fast path served {served_fast:.0f} of {measured} calls")
             if args.profile:
                 load = subprocess.Popen(["wrk", "-t", "2", "-c", str(args.concurrency), "-d", f"{args.seconds + 2}s",
@@ -361,7 +406,8 @@ def main() -> int:
             fleet.stop()
             fleet = None
 
-        print(f"\nGateway overhead: one workspace read_file call (2026-07-28, stateless), {args.seconds} s per run, "
+        print(f"\nGateway overhead: one workspace read_file call (2026-07-28, stateless, but for the session "
+              f"variant), {args.seconds} s per run, "
               f"wrk, this machine ({os.cpu_count()} cores; load = 1/5/15-minute load average after the run).")
         print("First call through each gateway (cold sandbox start): "
               + ", ".join(f"{v} {colds[v]:.0f} ms" for v in variants) + ".\n")
