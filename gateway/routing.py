@@ -311,19 +311,22 @@ class Router:
     async def call_tool(self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> dict[str, Any]:
         if params.name == SEARCH_TOOL and self._fleet.search is not None:
             return await self._search_tools(ctx, params.arguments or {})
+        found = None
         if self._tasks is not None and not RUNNING_AS_TASK.get():  # a task's own run comes back here
-            _, _, catalog = await self._catalog(ctx)
+            found = await self._catalog_in_set(ctx)
             task = await self._tasks.dispatch(
-                ctx, params.name, tool_definition(catalog, params.name), lambda c: self.call_tool(c, params)
+                ctx, params.name, tool_definition(found[2], params.name), lambda c: self.call_tool(c, params)
             )
             if task is not None:
-                return task
+                return task  # (a call that stays a plain one was not awaited on: `found` is still this call's)
         registry = self._fleet.registry
         if self._calls is None and registry is None:
-            return tool_errors.readable(await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments), params.name)
+            return tool_errors.readable(
+                await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments, found=found), params.name
+            )
         started, outcome, code, where = time.perf_counter(), "sandbox failure", None, {}
         try:
-            result = await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments, where)
+            result = await self._call_named(ctx, "tool", "tools/call", params.name, params.arguments, where, found=found)
             outcome = "tool error" if result.get("isError") else "ok"
             return tool_errors.readable(result, params.name)
         except MCPError as exc:
@@ -351,10 +354,11 @@ class Router:
 
     async def _call_named(
         self, ctx: ServerRequestContext[Any, Any], kind: str, method: str, name: str, arguments: Any,
-        where: dict[str, str] | None = None,
+        where: dict[str, str] | None = None, found: tuple[Identity, SandboxClient, Catalog, ActiveSet | None] | None = None,
     ) -> dict[str, Any]:
-        """A tool call or a prompt: find the server by the public name, pass on the server's own name."""
-        identity, client, catalog, active = await self._catalog_in_set(ctx)
+        """A tool call or a prompt: find the server by the public name, pass on the server's own name.
+        `found`: the caller's catalog as this request just found it (else it is looked up here)."""
+        identity, client, catalog, active = found if found is not None else await self._catalog_in_set(ctx)
         registry = self._fleet.registry
         owners = catalog.tool_owner if kind == "tool" else catalog.prompt_owner
         if kind == "tool" and active is not None and not active.allows(name):
