@@ -28,6 +28,7 @@ bench:
 	.venv/bin/python bench/gateway_overhead.py
 	.venv/bin/python bench/sandbox_lifecycle.py
 	.venv/bin/python bench/clone_start.py
+	.venv/bin/python bench/image_seal.py
 	.venv/bin/python bench/registry_guard.py
 	.venv/bin/python bench/models.py
 	.venv/bin/python bench/load_faults.py $(LOAD_FAULTS_ARGS)
