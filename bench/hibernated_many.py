@@ -9,7 +9,7 @@ Hibernated sandboxes hold no memory and no process: what they cost is disk, whic
 before each one; the bench stops, failing, when the next image would leave less than
 `--reserve-gib` free. A start, hibernation or resume that fails ends the bench with an error.
 
-    .venv/bin/python bench/hibernated_many.py [--sandboxes 1000] [--resumes 20] [--timeout 3600]
+    .venv/bin/python bench/hibernated_many.py [--sandboxes 1000] [--resumes 20] [--called] [--sealed] [--boot] [--timeout 3600]
 
 Everything lives in a temporary home under /tmp with its own runsc root, cgroup parent and
 embedded PostgreSQL, removed at the end.
