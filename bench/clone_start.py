@@ -24,20 +24,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from embedded_home import run_in_home  # beside this script
+from embedded_home import home_manager, run_in_home  # beside this script
 from fresh_memory import sandbox_pids  # beside this script
 from lifecycle_report import MiB, row  # beside this script
-from sandbox_lifecycle import first_result, tear_down  # beside this script
+from sandbox_lifecycle import first_result  # beside this script
 
 from core.accounts import add_user
-from core.db import open_pool
 from sandbox import tiers
 from sandbox.backends.runsc import RunscBackend
-from sandbox.factory import sandbox_python
 from sandbox.layout import tree_bytes
-from sandbox.manager import Lifecycle, SandboxManager
+from sandbox.manager import SandboxManager
 from sandbox.memory import pss_bytes
-from sandbox.servers import BUILTIN_SERVERS
 from sandbox.templates import Templates
 
 TENANT = "clones"
@@ -69,16 +66,10 @@ async def start_one(manager: SandboxManager, name: str, templates: Templates | N
 
 
 async def bench(home: Path, url: str, runs: int) -> None:
-    pool = await open_pool(url)
-    cgroup_parent = f"/mcpfleet-clones-{os.getpid()}"
-    backend = RunscBackend(home / "runsc", cgroup_parent=cgroup_parent, python=sandbox_python())
-    lifecycle = Lifecycle(warm_pool_size=0, housekeeping_interval_s=3600.0, clone_templates=True)
-    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle)
     booted: dict[str, list[float]] = {"ensure": [], "first": [], "fresh": [], "pss": []}
     cloned: dict[str, list[float]] = {"ensure": [], "first": [], "fresh": [], "pss": []}
-    try:
-        async with pool.connection() as conn:
-            await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT DO NOTHING", (TENANT,))
+    async with home_manager(home, url, "clones", TENANT) as (manager, backend):
+        async with manager.pool.connection() as conn:
             tier = await tiers.get(conn, tiers.DEFAULT_TIER)
         started = time.perf_counter()
         await manager.start()
@@ -101,8 +92,6 @@ async def bench(home: Path, url: str, runs: int) -> None:
             raise RuntimeError("a clone failed during the bench and booted instead: see the log above")
         if len(births["boot"]) != runs:
             raise RuntimeError("a booted start was a clone")
-    finally:
-        await tear_down(manager, backend, home, cgroup_parent, pool)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print("| measure | median | p99 | n | target | × booted |")
     print("|---|---:|---:|---:|---|---:|")

@@ -28,20 +28,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from embedded_home import run_in_home  # beside this script
+from embedded_home import home_manager, run_in_home  # beside this script
 from lifecycle_report import MiB, mem_info, row  # beside this script
-from sandbox_lifecycle import first_result, tear_down, vault  # beside this script
+from sandbox_lifecycle import first_result, vault  # beside this script
 
 from core.accounts import add_user
-from core.db import open_pool
 from core.openbao import EmbeddedOpenBao
 from core.sealed_images import KEY_FILE, SealedImages
 from sandbox import store
-from sandbox.backends.runsc import RunscBackend
-from sandbox.factory import sandbox_python
 from sandbox.layout import tree_bytes
-from sandbox.manager import Lifecycle, SandboxManager
-from sandbox.servers import BUILTIN_SERVERS
+from sandbox.manager import SandboxManager
 from sandbox.store import State
 
 TENANT = "many"
@@ -91,17 +87,10 @@ async def bench(home: Path, url: str, args: argparse.Namespace) -> None:
 
 
 async def fill(home: Path, url: str, args: argparse.Namespace, images: SealedImages | None) -> None:
-    pool = await open_pool(url)
-    cgroup_parent = f"/mcpfleet-many-{os.getpid()}"
-    backend = RunscBackend(home / "runsc", cgroup_parent=cgroup_parent, python=sandbox_python())
-    lifecycle = Lifecycle(warm_pool_size=0, housekeeping_interval_s=3600.0, clone_templates=not args.boot)
-    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle, images=images)
     times: dict[str, list[float]] = {"start": [], "hibernate": [], "image": [], "resume": []}
     available_before = mem_info("MemAvailable")
     free_before = shutil.disk_usage(home).free
-    try:
-        async with pool.connection() as conn:
-            await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT DO NOTHING", (TENANT,))
+    async with home_manager(home, url, "many", TENANT, clone_templates=not args.boot, images=images) as (manager, backend):
         await manager.start()
         print(f"runsc {backend.gvisor.release} on {backend.platform}; {args.sandboxes} sandboxes, "
               f"{'booted' if args.boot else 'cloned'}, hibernated {'after one call' if args.called else 'before any call'}"
@@ -110,7 +99,7 @@ async def fill(home: Path, url: str, args: argparse.Namespace, images: SealedIma
         started = time.perf_counter()
         users = await hibernate_many(manager, args.sandboxes, args.called, images is not None, int(args.reserve_gib * GiB), times)
         filled_s = time.perf_counter() - started
-        async with pool.connection() as conn:
+        async with manager.pool.connection() as conn:
             rows = [r for r in await store.list_sandboxes(conn) if r["tenant"] == TENANT]
         hibernated = sum(r["state"] == State.HIBERNATED for r in rows)
         on_disk = tree_bytes(home / "sandboxes")
@@ -124,8 +113,6 @@ async def fill(home: Path, url: str, args: argparse.Namespace, images: SealedIma
             times["resume"].append((time.perf_counter() - started) * 1e3)
             if not await manager.hibernate(user):
                 raise RuntimeError(f"sandbox {sandbox.id} did not hibernate again")
-    finally:
-        await tear_down(manager, backend, home, cgroup_parent, pool)
     if hibernated != args.sandboxes:
         raise RuntimeError(f"{hibernated} of {args.sandboxes} sandboxes are Hibernated")
     print(f"\n{hibernated} sandboxes hibernated in {filled_s / 60:.1f} min; sandboxes dir {on_disk / GiB:.2f} GiB, "

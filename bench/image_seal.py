@@ -26,33 +26,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from embedded_home import run_in_home  # beside this script
+from embedded_home import home_manager, run_in_home  # beside this script
 from lifecycle_report import MiB, row  # beside this script
-from sandbox_lifecycle import first_result, tear_down, vault  # beside this script
+from sandbox_lifecycle import first_result, vault  # beside this script
 
 from core.accounts import add_user
-from core.db import open_pool
 from core.openbao import EmbeddedOpenBao
 from core.sealed_images import SealedImages
-from sandbox.backends.runsc import RunscBackend
-from sandbox.factory import sandbox_python
 from sandbox.layout import tree_bytes
-from sandbox.manager import Lifecycle, SandboxManager
-from sandbox.servers import BUILTIN_SERVERS
 
 TENANT = "seal"
 
 
 async def used_image(home: Path, url: str, into: Path) -> None:
     """A clone's clear checkpoint after calls to its servers, copied to `into`."""
-    pool = await open_pool(url)
-    cgroup_parent = f"/mcpfleet-seal-{os.getpid()}"
-    backend = RunscBackend(home / "runsc", cgroup_parent=cgroup_parent, python=sandbox_python())
-    lifecycle = Lifecycle(warm_pool_size=0, housekeeping_interval_s=3600.0, clone_templates=True)
-    manager = SandboxManager(home, pool, backend, BUILTIN_SERVERS, lifecycle=lifecycle)
-    try:
-        async with pool.connection() as conn:
-            await conn.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT DO NOTHING", (TENANT,))
+    async with home_manager(home, url, "seal", TENANT) as (manager, _):
+        async with manager.pool.connection() as conn:
             user = (await add_user(conn, "user", tenant=TENANT)).user_id
         await manager.start()
         sandbox = await manager.ensure(user, TENANT, "user")
@@ -63,8 +52,6 @@ async def used_image(home: Path, url: str, into: Path) -> None:
         if not await manager.hibernate(user):
             raise RuntimeError("the sandbox did not hibernate")
         shutil.copytree(sandbox.layout.checkpoint, into)
-    finally:
-        await tear_down(manager, backend, home, cgroup_parent, pool)
 
 
 def digest(directory: Path) -> dict[str, str]:
