@@ -17,10 +17,11 @@ sandbox, registry guard, pins, policy, tool sets, breakers, audit, input_require
 helper task watches for the client going away and keeps a long call's stream alive with pings, as
 the SDK's does. The answer is written by the SDK's own functions, so its bytes are the general path's.
 
-What this path does not take goes to the general path untouched, before anything is read or sent:
-another method or revision (2025-11-25 sessions keep the SDK's session transport: their
-server-to-client requests travel on the session's back-channel), a body the limits middleware did
-not parse, and any request a check above would refuse (the general path refuses it, in its words).
+A `tools/call` in a 2025-11-25 session takes its own fast path (gateway/fast_session_call.py), and
+so do the client's answers to that call's server requests and its cancellation of it.
+
+What these paths do not take goes to the general path untouched, before anything is read or sent:
+another method or revision, a body the limits middleware did not parse, and any request a check above would refuse (the general path refuses it, in its words).
 `MCPFLEET_FAST_PATH=off` sends everything the general way (the benchmark's baseline).
 `mcpfleet_tool_calls_by_path_total` counts the calls each path served.
 """
@@ -35,8 +36,6 @@ from typing import Any, TypeGuard
 
 import anyio
 from mcp.server._streamable_http_modern import (
-    _SSE_HEADERS,
-    _SSE_PING_INTERVAL,
     _SingleExchangeDispatchContext,
     _sse_event,
     _to_jsonrpc_response,
@@ -75,14 +74,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import identity_of
 from gateway.catalog import Catalog
+from gateway.event_stream import PING, PING_S, EventStream
+from gateway.fast_session_call import FastSessionCalls
 from gateway.limits import PARSED_BODY
 from gateway.metrics import Metrics
 from gateway.routing import Router
+from gateway.sessions import session_id_of
 
-# The SDK's own (private) pieces of the general path, so both paths answer with the same bytes.
-PING_S = _SSE_PING_INTERVAL
-"""A call silent this long commits its answer to an event stream and pings on it."""
-_PING = b": ping\r\n\r\n"
 _VERSION_HEADER = MCP_PROTOCOL_VERSION_HEADER.lower().encode()
 _PARAM_PREFIX = MCP_PARAM_HEADER_PREFIX.lower()
 _ENVELOPE_KEYS = frozenset({"jsonrpc", "id", "method", "params"})
@@ -102,19 +100,27 @@ class FastToolCall:
         self.metrics = metrics
         self.enabled = enabled
         self.security = TransportSecurityMiddleware(sessions.security_settings)
+        self.session_calls = FastSessionCalls(sessions)
         # tool name -> definition, per catalog (a catalog is rebuilt, not changed, when a listing changes).
         self._by_name: weakref.WeakKeyDictionary[Catalog, dict[str, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         payload = scope.get(PARSED_BODY)
-        if scope["type"] != "http" or not _is_tool_call(payload):
+        if scope["type"] != "http" or not isinstance(payload, dict):
             await self.app(scope, receive, send)
+            return
+        session_id = session_id_of(scope) if self.enabled and identity_of(scope) is not None else None
+        if not is_tool_call(payload):
+            # A client's answer to a session call's server request, or its cancel of one, is taken there.
+            if session_id is None or not await self.session_calls.take(scope, receive, send, payload, session_id):
+                await self.app(scope, receive, send)
             return
         version = next((v.decode("latin-1") for k, v in scope["headers"] if k == _VERSION_HEADER), None)
         revision = version if version in MODERN_PROTOCOL_VERSIONS or version in HANDSHAKE_PROTOCOL_VERSIONS else "other"
-        if (
-            self.enabled and version in MODERN_PROTOCOL_VERSIONS and identity_of(scope) is not None
-            and await self._modern(scope, receive, send, payload)
+        if self.enabled and identity_of(scope) is not None and (
+            await self._modern(scope, receive, send, payload) if version in MODERN_PROTOCOL_VERSIONS
+            else session_id is not None and version is not None
+            and await self.session_calls.serve(scope, receive, send, payload, session_id, version)
         ):
             self.metrics.call_path("fast", revision)
             return
@@ -152,7 +158,7 @@ class FastToolCall:
                 server, dctx, "tools/call", params, connection=connection, lifespan_state=lifespan_state)), scope, receive, send)
             return True
 
-        stream = _Stream(send)
+        stream = EventStream(send)
         dctx.sink = stream  # type: ignore[assignment]  # the SDK only calls its send()
         with anyio.CancelScope() as call:
             watcher = asyncio.create_task(_watch(receive, stream, call))
@@ -166,7 +172,7 @@ class FastToolCall:
         if call.cancelled_caught:
             return True  # the client went away: nobody to answer (the SDK's general path does the same)
         if stream.committed:
-            await send({"type": "http.response.body", "body": _sse_event(reply), "more_body": False})
+            await stream.send(_sse_event(reply), more=False)
         else:
             await _write(reply, scope, receive, send)
         return True
@@ -177,6 +183,7 @@ class FastToolCall:
 
         Here it runs inside the call's MCP span, so a sandbox brought up for the catalog is traced in
         the call, and a mismatch is that span's error; on the wire it is the general path's 400."""
+        self.session_calls.note(ctx)
         scope = getattr(ctx.request, "scope", None)
         if ctx.method == "tools/call" and isinstance(scope, dict) and scope.get(_FAST) and isinstance(ctx.params, Mapping):
             rejection = await self._param_rejection(ctx, ctx.params, ctx.request.headers)
@@ -210,7 +217,7 @@ class FastToolCall:
         return validate_mcp_param_headers(tool.get("inputSchema"), arguments or {}, headers)
 
 
-def _is_tool_call(payload: Any) -> TypeGuard[dict[str, Any]]:
+def is_tool_call(payload: Any) -> TypeGuard[dict[str, Any]]:
     """A single well-formed `tools/call` request (anything else is the general path's to judge)."""
     if not isinstance(payload, dict) or payload.get("method") != "tools/call" or payload.get("jsonrpc") != "2.0":
         return False
@@ -222,23 +229,7 @@ def _is_tool_call(payload: Any) -> TypeGuard[dict[str, Any]]:
     return isinstance(params, dict) and isinstance(params.get("name"), str)
 
 
-class _Stream:
-    """The call's notifications and pings, written as they come: the first commits `text/event-stream`."""
-
-    def __init__(self, send: Send):
-        self._send = send
-        self._lock = asyncio.Lock()
-        self.committed = False
-
-    async def send(self, event: bytes) -> None:
-        async with self._lock:
-            if not self.committed:
-                self.committed = True
-                await self._send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-            await self._send({"type": "http.response.body", "body": event, "more_body": True})
-
-
-async def _watch(receive: Receive, stream: _Stream, call: anyio.CancelScope) -> None:
+async def _watch(receive: Receive, stream: EventStream, call: anyio.CancelScope) -> None:
     """Cancel the call when the client goes away; ping while it is silent."""
     while True:
         with anyio.move_on_after(PING_S):
@@ -246,4 +237,4 @@ async def _watch(receive: Receive, stream: _Stream, call: anyio.CancelScope) -> 
                 pass
             call.cancel()
             return
-        await stream.send(_PING)
+        await stream.send(PING)

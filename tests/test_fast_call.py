@@ -3,8 +3,10 @@
 Two fleets: one with the fast path (the default) and one with `MCPFLEET_FAST_PATH=off`, whose answers
 are the general path's. A 2026-07-28 call must be served by the fast path (its counter on /metrics
 says so) and answer byte for byte as the general path does: results, tool errors, unknown tools,
-malformed arguments. Around it nothing may change: rate limits, audit entries, the rug-pull guard,
-and 2025-11-25 sessions (served by the general path, counted as such).
+malformed arguments. A call in a 2025-11-25 session too (gateway/fast_session_call.py): the same
+events as the SDK's session transport sends, a cancel from its client (and from no one else), a
+server request answered by the client. Around it nothing may change: rate limits, audit entries,
+the rug-pull guard.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from mcp.shared.exceptions import MCPError
 
 from tests.clients import connect, text_of
 from tests.conftest import Fleet, make_fleet
+from tests.test_attacks_transport import headers as session_headers
+from tests.test_attacks_transport import open_session
 from tests.test_audit_calls import wait_for
 from tests.test_registry import RUG_PULL, cli, project
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed")
 
 REVISION = "2026-07-28"
+SESSION_REVISION = "2025-11-25"
 RATE_LIMITED = -32029
 TOOL_LIMIT = 30  # tools/call per tool per minute, per user: only the rate-limit test calls workspace__delete
 
@@ -102,8 +107,7 @@ async def test_the_sdk_clients_of_both_revisions_get_their_results(fast):
         assert text_of(await session.call_tool("workspace__read_file", {"path": "a.txt"})) == "hi\n"
     after = served(fast)
     assert counted(before, after, "fast") == 1
-    # 2025-11-25 sessions stay on the SDK's session transport (their back-channel lives there).
-    assert counted(before, after, "general", "2025-11-25") == 1
+    assert counted(before, after, "fast", SESSION_REVISION) == 1 and counted(before, after, "general", SESSION_REVISION) == 0
 
 
 @pytest.mark.parametrize("name, arguments", [
@@ -207,3 +211,77 @@ async def test_a_tool_whose_definition_drifted_is_withheld_on_the_fast_path(fast
     async with connect(fast.mcp_url, member) as session:  # and the same on a 2025-11-25 session
         with pytest.raises(MCPError, match="units__convert is withheld: its definition differs"):
             await session.call_tool("units__convert", {"celsius": 20})
+
+
+def in_session(fleet: Fleet, key: str, session: str, message: dict, **extra: str) -> httpx.Response:
+    """One POST of a 2025-11-25 session, as a client sends it."""
+    sent = session_headers(key, session, **{"MCP-Protocol-Version": SESSION_REVISION, **extra})
+    return httpx.post(fleet.mcp_url, json=message, headers=sent, timeout=120)
+
+
+def tool_call(name: str, arguments: object, request_id: int | str = 7) -> dict:
+    return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {"name": name, "arguments": arguments}}
+
+
+@pytest.mark.parametrize("name, arguments", [
+    ("workspace__read_file", {"path": "s.txt"}),
+    ("nosuch__tool", {}),
+    ("workspace__read_file", {"path": "missing.txt"}),
+    ("workspace__read_file", {"path": 3}),
+    ("workspace__read_file", "not an object"),
+])
+def test_a_session_call_takes_the_fast_path_and_sends_what_the_sdks_session_path_sends(fast, general, name, arguments):
+    replies = []
+    for fleet in (fast, general):
+        key = fleet.keys["member"]
+        session = open_session(fleet, key).headers["mcp-session-id"]
+        assert in_session(fleet, key, session, tool_call("workspace__write_file", {"path": "s.txt", "content": "s\n"})).status_code == 200
+        before = served(fleet)
+        reply = in_session(fleet, key, session, tool_call(name, arguments))
+        assert counted(before, served(fleet), "fast" if fleet is fast else "general", SESSION_REVISION) == 1
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream"), reply.text
+        assert reply.headers["mcp-session-id"] == session
+        replies.append(events(reply))
+    assert replies[0] == replies[1]
+    assert replies[0][-1]["id"] == 7
+
+
+async def test_a_session_call_is_cancelled_by_its_client_and_by_no_one_else(fast):
+    key, intruder = fast.keys["member"], fast.add_user("canceller")
+    session = open_session(fast, key).headers["mcp-session-id"]
+    legacy = {"MCP-Protocol-Version": SESSION_REVISION}
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "slow", "reason": "enough"}}
+    async with httpx.AsyncClient(timeout=60) as http:
+        slow = http.build_request("POST", fast.mcp_url, headers=session_headers(key, session, **legacy),
+                                  json=tool_call("exec__run", {"command": "sleep 40", "timeout_s": 60}, "slow"))
+        started = time.monotonic()
+        reply = await http.send(slow, stream=True)  # the fast path opens the event stream as the call starts
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        # Another user naming the session is refused as if it did not exist; the call goes on.
+        assert (await http.post(fast.mcp_url, json=cancel, headers=session_headers(intruder, session, **legacy))).status_code == 404
+        assert (await http.post(fast.mcp_url, json=cancel, headers=session_headers(key, session, **legacy))).status_code == 202
+        body = (await reply.aread()).decode()
+    assert time.monotonic() - started < 30, "the cancelled call ran on"
+    assert "data:" not in body, body  # a cancelled request is never answered
+    after = in_session(fast, key, session, tool_call("workspace__write_file", {"path": "after.txt", "content": "on\n"}))
+    assert "result" in events(after)[-1], after.text  # and the session goes on
+
+
+def test_a_session_busy_with_a_fast_call_does_not_idle_out_and_idles_out_after(tmp_path_factory, postgres_url):
+    idle_s = 3
+    running = make_fleet(tmp_path_factory, postgres_url, MCPFLEET_SESSION_IDLE_S=str(idle_s))
+    running.start()
+    try:
+        key = running.add_user("idler")
+        session = open_session(running, key).headers["mcp-session-id"]
+        before = served(running)
+        slow = in_session(running, key, session, tool_call("exec__run", {"command": f"sleep {idle_s + 2}", "timeout_s": 60}))
+        assert "exit code 0" in events(slow)[-1]["result"]["content"][0]["text"], slow.text
+        assert counted(before, served(running), "fast", SESSION_REVISION) == 1
+        # The call outlasted the idle timeout: the session is still there.
+        assert in_session(running, key, session, tool_call("workspace__list_dir", {"path": "."})).status_code == 200
+        time.sleep(idle_s + 2)  # and once idle that long, it is gone as the SDK's sessions go
+        gone = in_session(running, key, session, tool_call("workspace__list_dir", {"path": "."}))
+        assert gone.status_code == 404, gone.text
+    finally:
+        running.stop()

@@ -184,7 +184,12 @@ def test_older_clients_are_asked_as_before(fleet: Any, keys: dict[str, str]) -> 
             result = await client.call_tool(ELICIT, {})
             return result.content[0].text  # type: ignore[union-attr]
 
+    from tests.test_fast_call import counted, served
+
+    before = served(fleet)
     assert asyncio.run(run()) == "Hello, Legacy!"
+    # On the session's fast path: the server's request went on the call's stream, the answer was taken there.
+    assert counted(before, served(fleet), "fast", "2025-11-25") == 1
 
 
 def test_one_user_cannot_hold_servers_without_bound(fleet: Any, keys: dict[str, str]) -> None:
