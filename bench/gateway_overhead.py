@@ -13,13 +13,14 @@ The fleet runs with the rate limits lifted (LOAD_SETTINGS); any answer that is n
 
 Each gateway variant (`--variants`) is a fleet of its own, started and measured one after the other in
 this run: by default the general path (`MCPFLEET_FAST_PATH=off`, the baseline), the fast path
-(gateway/fast_call.py) and `session`: the same calls in one 2025-11-25 session (the bench opens it
-with `initialize`; each call a POST with its `Mcp-Session-Id`, answered as an event stream), which
-the SDK's session transport serves. `replicas2` adds `up --replicas 2`. The fast path's own counter
-(`mcpfleet_tool_calls_by_path_total` on /metrics) must show it served every call of the fast runs
-and none of the baseline's, or the run stops. `--profile` samples each gateway with py-spy.
+(gateway/fast_call.py), then the same calls in one 2025-11-25 session (the bench opens it with
+`initialize`; each call a POST with its `Mcp-Session-Id`, answered as an event stream): `session-general`
+served by the SDK's session transport (`MCPFLEET_FAST_PATH=off`, the sessions' baseline) and `session`
+by the session fast path (gateway/fast_session_call.py). `replicas2` adds `up --replicas 2`. The fast
+paths' own counter (`mcpfleet_tool_calls_by_path_total` on /metrics) must show they served every
+call of the fast runs and none of the baselines', or the run stops. `--profile` samples each gateway with py-spy.
 
-    .venv/bin/python bench/gateway_overhead.py [--seconds 10] [--profile] [--variants general,fast,replicas2]
+    .venv/bin/python bench/gateway_overhead.py [--seconds 10] [--profile] [--variants general,fast,session-general,session,replicas2]
 """
 
 from __future__ import annotations
@@ -328,7 +329,9 @@ class Fleet:
 VARIANTS = {
     "general": ("gateway, general path (MCPFLEET_FAST_PATH=off)", {"MCPFLEET_FAST_PATH": "off"}, []),
     "fast": ("gateway, fast path", {"MCPFLEET_FAST_PATH": "on"}, []),
-    "session": ("gateway, 2025-11-25 session (general path)", {"MCPFLEET_FAST_PATH": "on"}, []),
+    "session-general": ("gateway, 2025-11-25 session, SDK's session path (MCPFLEET_FAST_PATH=off)",
+                        {"MCPFLEET_FAST_PATH": "off"}, []),
+    "session": ("gateway, 2025-11-25 session, fast path", {"MCPFLEET_FAST_PATH": "on"}, []),
     "replicas2": ("gateway, fast path, up --replicas 2", {"MCPFLEET_FAST_PATH": "on"}, ["--replicas", "2"]),
 }
 
@@ -338,7 +341,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10, help="length of each load run")
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--profile", action="store_true", help="profile each gateway with py-spy under load")
-    parser.add_argument("--variants", default="general,fast,session",
+    parser.add_argument("--variants", default="general,fast,session-general,session",
                         help=f"gateway runs to compare, in order, comma-separated, of: {', '.join(VARIANTS)}")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -376,7 +379,7 @@ def main() -> int:
             label, settings, up_args = VARIANTS[variant]
             fleet = Fleet(work, variant, settings, up_args)
             colds[variant] = fleet.cold_ms
-            session = open_session(fleet.url, fleet.key) if variant == "session" else None
+            session = open_session(fleet.url, fleet.key) if variant.startswith("session") else None
             check_call(fleet.url, "workspace__read_file", read, fleet.key, session)
             sandbox = sandbox_pids(fleet.home)
             gateway = gateway_pids(fleet.process.pid)
@@ -393,7 +396,8 @@ def main() -> int:
             served_fast = fleet.fast_calls() - fast_before
             measured = sum(r["calls"] for r in results[variant].values())
             # (A standby replica keeps its own counter: `replicas2` is not checked.)
-            if (variant in ("general", "session") and served_fast) or (variant == "fast" and served_fast < measured):
+            if (variant in ("general", "session-general") and served_fast) or (
+                    variant in ("fast", "session") and served_fast < measured):
                 raise SystemExit(f"{label}: the fast path served {served_fast:.0f} of {measured} calls")
             if args.profile:
                 load = subprocess.Popen(["wrk", "-t", "2", "-c", str(args.concurrency), "-d", f"{args.seconds + 2}s",
@@ -407,7 +411,7 @@ def main() -> int:
             fleet = None
 
         print(f"\nGateway overhead: one workspace read_file call (2026-07-28, stateless, but for the session "
-              f"variant), {args.seconds} s per run, "
+              f"variants), {args.seconds} s per run, "
               f"wrk, this machine ({os.cpu_count()} cores; load = 1/5/15-minute load average after the run).")
         print("First call through each gateway (cold sandbox start): "
               + ", ".join(f"{v} {colds[v]:.0f} ms" for v in variants) + ".\n")
@@ -423,12 +427,15 @@ def main() -> int:
                 print(f"| {connections} | {VARIANTS[variant][0]} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | {b['rate']:.0f} "
                       f"| {b['p50_ms'] / a['p50_ms']:.2f}x | {b['rate'] / a['rate']:.2f}x | {b['gateway_cpu_ms']:.2f} "
                       f"| {b['sandbox_cpu_ms']:.2f} | {b['load']} |")
-        if "general" in results and "fast" in results:
-            print("\nFast path against the general path (same run):\n")
+        for fast, general, what in (("fast", "general", "Fast path against the general path"),
+                                    ("session", "session-general", "Session fast path against the SDK's session path")):
+            if general not in results or fast not in results:
+                continue
+            print(f"\n{what} (same run):\n")
             print("| clients | p50 | p99 | calls/s | gateway CPU per call |")
             print("|---:|---:|---:|---:|---:|")
             for connections in levels:
-                g, f = results["general"][connections], results["fast"][connections]
+                g, f = results[general][connections], results[fast][connections]
                 print(f"| {connections} | {f['p50_ms'] / g['p50_ms']:.2f}x | {f['p99_ms'] / g['p99_ms']:.2f}x "
                       f"| {f['rate'] / g['rate']:.2f}x | {f['gateway_cpu_ms'] / max(g['gateway_cpu_ms'], 1e-9):.2f}x |")
         for variant, text in profiles.items():
