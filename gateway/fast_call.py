@@ -21,7 +21,8 @@ A `tools/call` in a 2025-11-25 session takes its own fast path (gateway/fast_ses
 so do the client's answers to that call's server requests and its cancellation of it.
 
 What these paths do not take goes to the general path untouched, before anything is read or sent:
-another method or revision, a body the limits middleware did not parse, and any request a check above would refuse (the general path refuses it, in its words).
+another method or revision, a body the limits middleware did not parse, and any request a check
+above would refuse (the general path refuses it, in its words).
 `MCPFLEET_FAST_PATH=off` sends everything the general way (the benchmark's baseline).
 `mcpfleet_tool_calls_by_path_total` counts the calls each path served.
 """
@@ -110,7 +111,7 @@ class FastToolCall:
             await self.app(scope, receive, send)
             return
         session_id = session_id_of(scope) if self.enabled and identity_of(scope) is not None else None
-        if not is_tool_call(payload):
+        if not _is_tool_call(payload):
             # A client's answer to a session call's server request, or its cancel of one, is taken there.
             if session_id is None or not await self.session_calls.take(scope, receive, send, payload, session_id):
                 await self.app(scope, receive, send)
@@ -217,7 +218,7 @@ class FastToolCall:
         return validate_mcp_param_headers(tool.get("inputSchema"), arguments or {}, headers)
 
 
-def is_tool_call(payload: Any) -> TypeGuard[dict[str, Any]]:
+def _is_tool_call(payload: Any) -> TypeGuard[dict[str, Any]]:
     """A single well-formed `tools/call` request (anything else is the general path's to judge)."""
     if not isinstance(payload, dict) or payload.get("method") != "tools/call" or payload.get("jsonrpc") != "2.0":
         return False

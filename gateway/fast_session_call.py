@@ -56,6 +56,7 @@ from mcp.shared.message import ServerMessageMetadata
 from mcp.shared.transport_context import TransportContext
 from mcp_types import (
     CONNECTION_CLOSED,
+    INTERNAL_ERROR,
     REQUEST_TIMEOUT,
     ErrorData,
     JSONRPCError,
@@ -279,9 +280,11 @@ def _outcome(payload: dict[str, Any]) -> dict[str, Any] | ErrorData:
         try:
             return ErrorData.model_validate(payload["error"])
         except ValidationError:
-            return ErrorData(code=-32603, message="The client's error answer was malformed")
+            return ErrorData(code=INTERNAL_ERROR, message="The client's error answer was malformed")
     result = payload["result"]
-    return result if isinstance(result, dict) else {}
+    if not isinstance(result, dict):  # the call's server request fails saying so, rather than wait on
+        return ErrorData(code=INTERNAL_ERROR, message="The client's answer was not a JSON object")
+    return result
 
 
 @contextlib.contextmanager
