@@ -8,10 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mcpfleet_sdk.secrets import SecretError, secret
-
 if TYPE_CHECKING:
+    from mcpfleet_sdk.secrets import SecretError, secret
     from registry.manifest import FleetMeta, Manifest
+
+
+def __getattr__(name: str) -> object:
+    # `secret` and `SecretError` need the mcp SDK (a secret's error is a ToolError), which takes most
+    # of a second to import: loaded when a tool server asks for them, never by the CLI's own commands.
+    if name in ("secret", "SecretError"):
+        from mcpfleet_sdk import secrets
+
+        return getattr(secrets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def manifest(project: str | Path | None = None) -> Manifest:
