@@ -30,13 +30,15 @@ WITHIN = 60.0
 """Each test's bound: a test that waits longer fails instead of hanging."""
 
 
-def traced_servers(workdir: Path) -> StaticServers:
+def traced_servers(workdir: Path, export_timeout_s: int = 10) -> StaticServers:
     """The traced server, run by the pod's supervisor with the test's Python (which has the SDK).
     Told of no endpoint, its SDK exports to its default (localhost:4318, where nothing listens) and
-    retries each span until its timeout: one second, not ten, so that the test does not wait."""
+    retries each span until its timeout: a server told of none is given one second, not ten, so that
+    the test does not wait. A server that exports to the relay keeps the SDK's ten: on a loaded machine
+    one second can end an export that would have landed, and its spans are then dropped."""
     code = workdir / "traced_tool.py"
     code.write_text(TRACED)
-    env = {"TRACED_RUN": "1", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "1"}
+    env = {"TRACED_RUN": "1", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": str(export_timeout_s)}
     return StaticServers([ServerSpec("traced", (sys.executable, str(code)), env=env, revision="traced-r1")])
 
 
@@ -69,7 +71,7 @@ async def test_a_sandbox_made_without_traces_is_switched_when_a_tracing_gateway_
     that exports them wakes it with `spec.traces` in the same patch, and the new pod relays."""
     provider, relay, server_spans = exporting
     async with asyncio.timeout(WITHIN):
-        quiet = KubernetesSandboxes(api_client(api), traced_servers(workdir), tier_of, KEY, namespace=NS)
+        quiet = KubernetesSandboxes(api_client(api), traced_servers(workdir, export_timeout_s=1), tier_of, KEY, namespace=NS)
         async with Operator(api, workdir, pod=PodSupervisor) as operator:
             sandbox = await quiet.ensure(32, "acme", "quinn")
             assert stored(api, "acme-quinn")["spec"]["traces"] is False
