@@ -10,10 +10,14 @@ run:
 	@scripts/setup.sh run
 	.venv/bin/mcpfleet up
 
+# The suite's files are shared out among TEST_WORKERS processes (pytest-xdist), each file whole in one
+# of them, so a module's fixtures are set up once. TEST_WORKERS=0 runs it all in this one process.
+TEST_WORKERS ?= 3
+
 test:
 	@scripts/setup.sh test
 	@$(MAKE) --no-print-directory lint
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 # Style and likely bugs (ruff), the layers' import contracts (import-linter), types of core and sandbox (mypy).
 lint:
