@@ -12,7 +12,7 @@ run:
 
 # The suite's files are shared out among TEST_WORKERS processes (pytest-xdist), each file whole in one
 # of them, so a module's fixtures are set up once. TEST_WORKERS=0 runs it all in this one process.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 
 test:
 	@scripts/setup.sh test
