@@ -123,3 +123,17 @@ def test_claude_desktop_snippet_allows_plain_http_only_where_mcp_remote_needs_it
     assert "--allow-http" in json.loads(claude_desktop("http://fleet.internal:8080/mcp", "k")[0])["mcpServers"]["mcpfleet"]["args"]
     for url in ("http://127.0.0.1:8080/mcp", "https://fleet.example/mcp"):
         assert "--allow-http" not in json.loads(claude_desktop(url, "k")[0])["mcpServers"]["mcpfleet"]["args"]
+
+
+def test_the_cli_starts_without_loading_the_mcp_sdk():
+    """Admins' commands start in well under a second: the mcp SDK (most of a second of imports) is
+    loaded only by the commands that speak MCP, and by tool servers asking for `secret`."""
+    import subprocess
+    import sys
+
+    probe = "import sys, cli.main, mcpfleet_sdk; print(sorted(m for m in sys.modules if m == 'mcp' or m.startswith('mcp.')))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", loaded
+    secret = subprocess.run([sys.executable, "-c", "from mcpfleet_sdk import secret, SecretError; print(SecretError.__mro__[1].__name__)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert secret == "ToolError", secret
