@@ -57,9 +57,19 @@ def namespace_copied_now(*options: str) -> Iterator[int]:
         other.wait()
 
 
-def devices_in(pid: int) -> set[str]:
+def devices_in(pid: int, below: Path | None = None) -> set[str]:
+    """The devices mounted in the mount namespace of `pid`; only at or below `below`, if given.
+
+    `below` matters when other tests run beside this one: a loop device this test lets go of is
+    attached and mounted again by another test's workspace elsewhere on the host, and that mount
+    reaches a namespace copied from the host too. Under this test's own directory it is no other's.
+    """
     with open(f"/proc/{pid}/mountinfo") as f:
-        return {line.split()[2] for line in f}
+        fields = [line.split() for line in f]
+    return {
+        each[2] for each in fields
+        if below is None or each[4] == str(below) or each[4].startswith(f"{below}/")
+    }
 
 
 def loop_device(workspaces: Workspaces, key: str) -> str:
@@ -108,22 +118,22 @@ def test_an_unmount_below_the_shared_mount_reaches_a_namespace_copied_while_it_w
     channel = mounted.device
     shared, private = loop_device(workspaces, "shared"), loop_device(workspaces, "private")
     with namespace_copied_now(*options) as other:
-        assert {shared, private, channel} <= devices_in(other)
+        assert {shared, private, channel} <= devices_in(other, below=tmp)
         workspaces.unmount(parent / "a")
         workspaces.unmount(tmp / "private")
         tmpfs.unmount(parent / "channel")
-        assert shared not in devices_in(other) and channel not in devices_in(other)
+        assert shared not in devices_in(other, below=tmp) and channel not in devices_in(other, below=tmp)
         mount_unheld(workspaces, "shared", parent / "b")  # the copy went with the unmount here
         # The control: the copy of the private mount stays in the namespace, holding the image.
-        assert private in devices_in(other)
+        assert private in devices_in(other, below=tmp)
         with pytest.raises(WorkspaceInUse, match=rf"mounted by pid {other} \(sleep\)"):
             workspaces.mount("private", tmp / "again")
         # Mounted anew, the workspace reaches the copy too (the namespace has not pivoted away), and
         # its unmount takes it away again: at no time does the namespace keep it alone.
         again = loop_device(workspaces, "shared")
-        assert again in devices_in(other)
+        assert again in devices_in(other, below=tmp)
         workspaces.unmount(parent / "b")
-        assert again not in devices_in(other) and released(workspaces, "shared")
+        assert again not in devices_in(other, below=tmp) and released(workspaces, "shared")
     mount_unheld(workspaces, "private", tmp / "again")  # the namespace is gone, and its copy with it
     workspaces.unmount(tmp / "again")
 
