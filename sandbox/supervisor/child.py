@@ -192,6 +192,7 @@ class ChildServer:
         pipes.watch(proc)
         self._proc, self._pipes = proc, pipes
         self._stdin = transports[2]  # type: ignore[assignment]
+        reason: str | None = describe_exit(None)  # what it says if this task is cancelled meanwhile
         try:
             reason = await self._initialize(pipes)
             if reason is None:
@@ -238,6 +239,10 @@ class ChildServer:
         return None
 
     async def _own_request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        # A server that exits at once may close its stdout while its pipes are being connected: then
+        # nothing would fail this request, and it would wait out its timeout instead of telling the exit.
+        if self._pipes is None or self._pipes.stdout_closed:
+            raise EOFError
         self._next_id += 1
         request_id = f"supervisor-{self._next_id}"
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

@@ -67,6 +67,11 @@ class Pipes:
             self._stdout_closed.set_result(None)
             self._child.on_stdout_closed()
 
+    @property
+    def stdout_closed(self) -> bool:
+        """Whether the child's stdout has ended (its owner was told, by `on_stdout_closed`)."""
+        return self._stdout_closed.done()
+
     def process_exited(self) -> None:
         if not self._exited.done():
             self._exited.set_result(None)
