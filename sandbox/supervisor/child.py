@@ -204,6 +204,8 @@ class ChildServer:
             await pipes.finished()
             reason = reason or describe_exit(proc.returncode)
         finally:
+            if proc.returncode is None:
+                self.kill()  # cancelled meanwhile: once forgotten here, nothing else could stop it
             self._stdin = None
             self._proc = self._pipes = None
             for transport in transports:
