@@ -78,7 +78,14 @@ class NodeLease:
 
     async def release(self) -> None:
         if self._conn is not None:
-            await self._conn.close()  # ends the session, and with it the lock
+            # Unlock before closing: a closed session's backend lets its locks go only as it exits, after
+            # the client's close has returned, so a standby trying at once could still find the lock taken.
+            if not self._conn.closed:
+                try:
+                    await self._conn.execute("SELECT pg_advisory_unlock_all()")
+                except psycopg.Error:
+                    pass  # the connection is gone already, and the lock with its session
+            await self._conn.close()  # ends the session
         self._conn, self.held = None, False
 
     async def keep(self) -> None:
